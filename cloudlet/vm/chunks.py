@@ -1,0 +1,68 @@
+"""Guest memory as 4 KiB chunks with 64-bit digests: the unit we hash, diff and move.
+
+Why hashes and not a shadow copy: xxh3 over a 4 KiB chunk is memory-bound
+(~0.2 us), so scanning 64 MiB costs ~3.6 ms here and 8 bytes of state per
+chunk (128 KiB per 64 MiB VM), where comparing against a copy costs ~6 ms
+and doubles the VM's memory. A 64-bit digest collision would hide a changed
+chunk; at 2^-64 per chunk per scan that is below the rate of undetected
+memory errors in the hardware itself.
+
+Memory is always read through a zero-copy view over wasmtime's linear memory;
+nothing here copies guest memory wholesale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+CHUNK_BYTES = 4096  # the x86/arm page: a guest's write dirties pages, so chunks match them
+WASM_PAGE_BYTES = 65536
+CHUNKS_PER_PAGE = WASM_PAGE_BYTES // CHUNK_BYTES
+
+Hashes = npt.NDArray[np.uint64]
+ChunkIds = npt.NDArray[np.uint32]
+
+_hash = xxhash.xxh3_64_intdigest
+ZERO_CHUNK_HASH = _hash(bytes(CHUNK_BYTES))
+
+
+def hash_chunks(view: memoryview) -> Hashes:
+    """Digest of every chunk of `view` (whose length is a multiple of CHUNK_BYTES)."""
+    n = len(view) // CHUNK_BYTES
+    return np.fromiter(
+        (_hash(view[i : i + CHUNK_BYTES]) for i in range(0, n * CHUNK_BYTES, CHUNK_BYTES)),
+        dtype=np.uint64,
+        count=n,
+    )
+
+
+def hash_chunk_data(data: bytes | memoryview) -> Hashes:
+    """Digests of a concatenation of whole chunks (e.g. a snapshot's chunk payload)."""
+    return hash_chunks(memoryview(data))
+
+
+def extend_hashes(hashes: Hashes, n_chunks: int) -> Hashes:
+    """`hashes` for a memory grown to `n_chunks`: new chunks are zero."""
+    if len(hashes) >= n_chunks:
+        return hashes[:n_chunks]
+    out = np.full(n_chunks, ZERO_CHUNK_HASH, dtype=np.uint64)
+    out[: len(hashes)] = hashes
+    return out
+
+
+def changed_chunks(current: Hashes, base: Hashes) -> tuple[ChunkIds, ChunkIds]:
+    """(ids whose content must be sent, ids that are now zero) going from `base` to `current`."""
+    base = extend_hashes(base, len(current))
+    differ = np.flatnonzero(current != base).astype(np.uint32)
+    is_zero = current[differ] == np.uint64(ZERO_CHUNK_HASH)
+    return differ[~is_zero], differ[is_zero]
+
+
+def as_chunk_array(view: memoryview) -> npt.NDArray[np.uint8]:
+    """A zero-copy (n_chunks, CHUNK_BYTES) array over guest memory."""
+    arr: Any = np.frombuffer(view, dtype=np.uint8)
+    return arr.reshape(-1, CHUNK_BYTES)  # type: ignore[no-any-return]

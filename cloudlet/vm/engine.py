@@ -1,0 +1,113 @@
+"""The one wasmtime Engine a process uses, its host-function Linker, and the epoch clock.
+
+An Engine's configuration decides how code is compiled, so it is shared by all
+VMs and is part of the compiled-image cache key. Both limits are compiled in:
+fuel (deterministic: a guest runs out at the same instruction everywhere) and
+epoch interruption (wall-clock deadlines). Epochs only advance when someone
+increments them, so `EpochTicker` does that from a background thread every
+`EPOCH_TICK_S`; a call's wall-clock deadline is a number of ticks.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import wasmtime
+from wasmtime import _ffi as ffi
+from wasmtime import _value
+
+from cloudlet.vm.hostfns import ALLOWED_IMPORTS, HOST_FUNCTIONS, WASI_MODULE, HostState
+
+# 10 ms: fine enough for deadlines of tens of milliseconds, coarse enough that
+# the ticker thread's wake-ups (100/s) cost nothing measurable.
+EPOCH_TICK_S = 0.010
+
+_VALTYPES = {"i32": wasmtime.ValType.i32, "i64": wasmtime.ValType.i64,
+             "f32": wasmtime.ValType.f32, "f64": wasmtime.ValType.f64}
+
+
+def _config() -> wasmtime.Config:
+    config = wasmtime.Config()
+    config.consume_fuel = True
+    config.epoch_interruption = True
+    config.cranelift_opt_level = "speed"
+    return config
+
+
+class EpochTicker:
+    """Advances the engine's epoch every tick while started. Owned by `Runtime`."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self._engine = engine
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def ensure_started(self) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None:
+                self._stop.clear()
+                thread = threading.Thread(target=self._run, name="cloudlet-epoch", daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def _run(self) -> None:
+        while not self._stop.wait(EPOCH_TICK_S):
+            self._engine.increment_epoch()
+
+    def stop(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+            self._stop.set()
+        if thread is not None:
+            thread.join()
+
+
+def host_state_of(caller: Any) -> HostState:
+    """The HostState a store was created with (see `Store(engine, data=...)`)."""
+    data = ffi.wasmtime_context_get_data(caller._context())
+    state = _value._unintern(data)
+    assert isinstance(state, HostState)
+    return state
+
+
+def _bind(fn: Any) -> Any:
+    def host_call(caller: Any, *args: Any) -> Any:
+        return fn(host_state_of(caller), *args)
+
+    return host_call
+
+
+class Runtime:
+    """Process-wide wasmtime state: engine, linker with our host functions, ticker."""
+
+    def __init__(self) -> None:
+        self.engine = wasmtime.Engine(_config())
+        self.linker = wasmtime.Linker(self.engine)
+        for name, (params, results) in ALLOWED_IMPORTS.items():
+            ty = wasmtime.FuncType([_VALTYPES[p]() for p in params],
+                                   [_VALTYPES[r]() for r in results])
+            self.linker.define_func(WASI_MODULE, name, ty, _bind(HOST_FUNCTIONS[name]),
+                                    access_caller=True)
+        self.ticker = EpochTicker(self.engine)
+        # Compiled code depends on this configuration: part of the image cache key.
+        self.fingerprint = "fuel-epoch-speed-v1"
+
+    def close(self) -> None:
+        self.ticker.stop()
+
+
+_default: Runtime | None = None
+_default_lock = threading.Lock()
+
+
+def default_runtime() -> Runtime:
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Runtime()
+    return _default

@@ -1,0 +1,192 @@
+"""Registration-time rewrite that makes all of a module's mutable state reachable.
+
+A snapshot must capture every memory and every mutable global, but wasmtime
+only lets the host touch *exported* items, and clang keeps the C stack pointer
+(`__stack_pointer`) in a global it never exports. So, once per image, we add an
+export for every memory (`__cloudlet_memory_N`) and every mutable global
+(`__cloudlet_global_N`), N being the item's index in the module's index space.
+Nothing else in the module changes, so its behaviour is untouched.
+
+Tables hold function references that cannot be named from the host, so a table
+whose contents can change cannot be captured; modules that mutate tables (or
+drop data or element segments, which is state too) are rejected with the
+instruction and offset named, rather than snapshotted wrongly. Immutable tables
+(all clang C output) need no capture: they are rebuilt by instantiation.
+
+Imports are checked here too: only the documented WASI preview1 subset, as
+functions; imported memories, tables and globals would be state we cannot own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cloudlet.errors import ImageRejected
+from cloudlet.vm import wasm_binary as wb
+from cloudlet.vm.hostfns import ALLOWED_IMPORTS, WASI_MODULE
+
+EXPORT_PREFIX = "__cloudlet_"
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    export: str
+    min_pages: int
+    max_pages: int | None
+
+
+@dataclass(frozen=True)
+class GlobalInfo:
+    export: str
+    index: int
+    valtype: str  # "i32" | "i64" | "f32" | "f64"
+
+
+@dataclass(frozen=True)
+class Instrumented:
+    """The rewritten module and what the runtime needs to know about its state."""
+
+    wasm: bytes
+    memories: tuple[MemoryInfo, ...]
+    globals: tuple[GlobalInfo, ...]
+    imports: tuple[str, ...]  # WASI function names the module imports
+
+
+def memory_export(index: int) -> str:
+    return f"{EXPORT_PREFIX}memory_{index}"
+
+
+def global_export(index: int) -> str:
+    return f"{EXPORT_PREFIX}global_{index}"
+
+
+def instrument(module: bytes) -> Instrumented:
+    """Rewrite `module`; raise `ImageRejected` naming the problem if it cannot be hosted."""
+    try:
+        return _instrument(module)
+    except wb.WasmFormatError as exc:
+        raise ImageRejected(f"malformed module: {exc}") from exc
+
+
+def _instrument(module: bytes) -> Instrumented:
+    sections = wb.split_sections(module)
+    by_id = {s.id: s for s in sections if s.id != wb.SEC_CUSTOM}
+
+    imports = _check_imports(by_id.get(wb.SEC_IMPORT))
+    _check_tables_and_code(by_id.get(wb.SEC_CODE))
+
+    memories: list[MemoryInfo] = []
+    if wb.SEC_MEMORY in by_id:
+        r = wb.Reader(by_id[wb.SEC_MEMORY].payload)
+        for index in range(r.uleb()):
+            minimum, maximum, flags = wb.read_limits(r)
+            if flags & 0x02:
+                raise ImageRejected(f"memory {index} is shared: threads are not supported")
+            if flags & 0x04:
+                raise ImageRejected(f"memory {index} is 64-bit: memory64 is not supported")
+            memories.append(MemoryInfo(memory_export(index), minimum, maximum))
+
+    globals_: list[GlobalInfo] = []
+    if wb.SEC_GLOBAL in by_id:
+        r = wb.Reader(by_id[wb.SEC_GLOBAL].payload)
+        for index in range(r.uleb()):
+            valtype = wb.read_valtype(r)
+            mutable = r.byte()
+            if mutable not in (0, 1):
+                raise ImageRejected(f"global {index} has a bad mutability flag")
+            wb.skip_const_expr(r)
+            if not mutable:
+                continue
+            if valtype not in ("i32", "i64", "f32", "f64"):
+                raise ImageRejected(
+                    f"global {index} is a mutable {valtype}: only numeric mutable globals "
+                    "can be snapshotted"
+                )
+            globals_.append(GlobalInfo(global_export(index), index, valtype))
+
+    existing: list[bytes] = []
+    if wb.SEC_EXPORT in by_id:
+        r = wb.Reader(by_id[wb.SEC_EXPORT].payload)
+        for _ in range(r.uleb()):
+            start = r.pos
+            name = r.name()
+            r.byte()
+            r.uleb()
+            if name.startswith(EXPORT_PREFIX):
+                raise ImageRejected(f"export {name!r} uses the reserved prefix {EXPORT_PREFIX!r}")
+            existing.append(bytes(r.data[start : r.pos]))
+
+    added = [wb.encode_name(m.export) + bytes([wb.KIND_MEMORY]) + wb.uleb_encode(i)
+             for i, m in enumerate(memories)]
+    added += [wb.encode_name(g.export) + bytes([wb.KIND_GLOBAL]) + wb.uleb_encode(g.index)
+              for g in globals_]
+    entries = existing + added
+    payload = wb.uleb_encode(len(entries)) + b"".join(entries)
+    new_export = wb.Section(wb.SEC_EXPORT, payload, 0)
+
+    rewritten: list[wb.Section] = []
+    placed = False
+    export_rank = wb.SECTION_ORDER.index(wb.SEC_EXPORT)
+    for s in sections:
+        if s.id == wb.SEC_EXPORT:
+            rewritten.append(new_export)
+            placed = True
+            continue
+        if (not placed and s.id != wb.SEC_CUSTOM
+                and wb.SECTION_ORDER.index(s.id) > export_rank):
+            rewritten.append(new_export)
+            placed = True
+        rewritten.append(s)
+    if not placed:
+        rewritten.append(new_export)
+
+    return Instrumented(wb.join_sections(rewritten), tuple(memories), tuple(globals_),
+                        tuple(imports))
+
+
+def _check_imports(section: wb.Section | None) -> list[str]:
+    if section is None:
+        return []
+    names: list[str] = []
+    r = wb.Reader(section.payload)
+    kinds = {wb.KIND_TABLE: "table", wb.KIND_MEMORY: "memory", wb.KIND_GLOBAL: "global",
+             wb.KIND_TAG: "tag"}
+    for _ in range(r.uleb()):
+        module, name = r.name(), r.name()
+        kind = r.byte()
+        if kind != wb.KIND_FUNC:
+            raise ImageRejected(
+                f"import {module}.{name} is a {kinds.get(kind, 'unknown item')}: images may "
+                "import only the documented WASI functions"
+            )
+        r.uleb()
+        if module != WASI_MODULE or name not in ALLOWED_IMPORTS:
+            raise ImageRejected(
+                f"import {module}.{name} is not allowed: images may import only "
+                f"{WASI_MODULE} functions {', '.join(sorted(ALLOWED_IMPORTS))} "
+                "(no filesystem, no sockets)"
+            )
+        names.append(name)
+    return names
+
+
+def _check_tables_and_code(code: wb.Section | None) -> None:
+    if code is None:
+        return
+    r = wb.Reader(code.payload)
+    for func in range(r.uleb()):
+        size = r.uleb()
+        end = r.pos + size
+        body = wb.Reader(r.data, r.pos, end)
+        for _ in range(body.uleb()):
+            body.uleb()
+            wb.read_valtype(body)
+        mutators = wb.find_state_mutators(body)
+        if mutators:
+            name, at = mutators[0]
+            raise ImageRejected(
+                f"function {func} uses {name} (code offset {code.offset + at}): table "
+                "contents and dropped segments cannot be snapshotted, so modules that change "
+                "them are not supported"
+            )
+        r.pos = end

@@ -1,0 +1,489 @@
+"""A VM: one running instance of an image, with limits, a call sequence and its state.
+
+Calls go straight to wasmtime's C API (`wasmtime_func_call_unchecked`) with
+argument arrays built once per export: the stock Python wrapper spends most of
+a call converting arguments (~24 us for two i32s here), the C call itself is
+~2 us. Types are checked once, from the export's signature, not per call.
+
+Each VM has its own wasmtime Store, so a runaway or trapping guest can only
+hurt itself: per-call fuel and a wall-clock epoch deadline stop loops, the
+store's limiter caps memory, and a trap leaves the instance usable.
+
+A call that entered the guest counts as applied, whatever its outcome (a trap
+may leave writes behind): it advances `seq`. A call rejected before entering
+(unknown function, wrong arguments) does not. `proc_exit` marks the VM failed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import wasmtime
+from wasmtime import _ffi as ffi
+from wasmtime import _func as wasmtime_func
+
+from cloudlet.errors import (
+    BadCall,
+    SnapshotCorrupt,
+    SnapshotImageMismatch,
+    VMDeadlineExceeded,
+    VMError,
+    VMExited,
+    VMFailed,
+    VMMemoryLimit,
+    VMOutOfFuel,
+    VMStackOverflow,
+    VMTrapped,
+)
+from cloudlet.vm import chunks
+from cloudlet.vm.engine import EPOCH_TICK_S
+from cloudlet.vm.hostfns import GuestExit, HostState
+
+if TYPE_CHECKING:
+    from cloudlet.vm.image import Image
+    from cloudlet.vm.snapshot import Snapshot
+
+MiB = 1 << 20
+INPUT_EXPORT = "cloudlet_input"  # bytes ABI: guest returns a buffer for `len` input bytes
+INITIALIZE_EXPORT = "_initialize"  # WASI reactor convention: run once at boot
+MAX_FUEL = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class VMLimits:
+    """Per-VM limits. Defaults suit an interactive session; each is documented in docs/abi.md."""
+
+    memory_bytes: int = 256 * MiB  # cap on all linear memory; memory.grow fails past it
+    fuel_per_call: int | None = 10_000_000_000  # ~seconds of compute; None = unlimited
+    deadline_ms: int = 2_000  # wall clock per call (resolution: the 10 ms epoch tick)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.memory_bytes, int) or self.memory_bytes < chunks.WASM_PAGE_BYTES:
+            raise ValueError("memory_bytes must be an integer of at least one wasm page (65536)")
+        if self.fuel_per_call is not None and (
+            not isinstance(self.fuel_per_call, int) or self.fuel_per_call <= 0
+        ):
+            raise ValueError("fuel_per_call must be a positive integer or None")
+        if not isinstance(self.deadline_ms, int) or self.deadline_ms <= 0:
+            raise ValueError("deadline_ms must be a positive integer")
+
+    @property
+    def deadline_ticks(self) -> int:
+        # +1: the current tick may be about to end, so one tick is always partial.
+        return -(-self.deadline_ms // int(EPOCH_TICK_S * 1000)) + 1
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"memory_bytes": self.memory_bytes, "fuel_per_call": self.fuel_per_call,
+                "deadline_ms": self.deadline_ms}
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> VMLimits:
+        return cls(memory_bytes=d["memory_bytes"], fuel_per_call=d["fuel_per_call"],
+                   deadline_ms=d["deadline_ms"])
+
+
+@dataclass(frozen=True)
+class FuncSig:
+    params: tuple[str, ...]
+    results: tuple[str, ...]
+
+
+_RAW_FIELD = {"i32": "i32", "i64": "i64", "f32": "f32", "f64": "f64"}
+
+
+class _BoundFunc:
+    """An export resolved in one store, with its argument/result array built once."""
+
+    __slots__ = ("fields", "func", "func_ref", "name", "nparams", "raw", "raw_len",
+                 "result_fields", "sig")
+
+    def __init__(self, name: str, func: Any, sig: FuncSig) -> None:
+        self.name = name
+        self.sig = sig
+        self.func = func
+        self.func_ref = ctypes.byref(func)
+        self.nparams = len(sig.params)
+        self.raw_len = max(len(sig.params), len(sig.results), 1)
+        self.raw = (ffi.wasmtime_val_raw * self.raw_len)()
+        self.fields = tuple(_RAW_FIELD[p] for p in sig.params)
+        self.result_fields = tuple(_RAW_FIELD[r] for r in sig.results)
+
+
+class VM:
+    """A running instance of an image. Not thread-safe: one call at a time."""
+
+    def __init__(self, image: Image, limits: VMLimits, vm_id: str | None,
+                 owner: str | None) -> None:
+        # Use VM.create / VM.restore; this only allocates.
+        self.image = image
+        self.limits = limits
+        self.id = vm_id or secrets.token_hex(8)
+        self.owner = owner
+        self.seq = 0
+        self.fuel_used = 0
+        self.failed: str | None = None
+        self.host = HostState(clock="virtual",
+                              random_key=hashlib.blake2b(image.digest.encode(),
+                                                         digest_size=32).digest())
+        self.host.view = self._memory0_view
+        self._store: wasmtime.Store | None = wasmtime.Store(image.runtime.engine, data=self.host)
+        self._ctx = self._store._context()
+        self._funcs: dict[str, _BoundFunc] = {}
+        self._memories: list[Any] = []
+        self._views: list[tuple[int, int, memoryview] | None] = []
+        self._globals: dict[str, wasmtime.Global] = {}
+        self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        self._trap_ref = ctypes.byref(self._trap)
+        self._fuel_left = ctypes.c_uint64(0)
+        self._fuel_left_ref = ctypes.byref(self._fuel_left)
+        # Chunk digests at the last snapshot (or restore): the base of `dirty_chunks`.
+        self.last_snapshot_id: str | None = None
+        self._last_hashes: list[chunks.Hashes] | None = None
+        self._instance: Any = None
+
+    # --- construction -----------------------------------------------------------------
+
+    @classmethod
+    def create(cls, image: Image, limits: VMLimits | None = None, *, vm_id: str | None = None,
+               owner: str | None = None, clock: str = "real",
+               random_seed: bytes | None = None) -> VM:
+        """Boot a fresh VM from `image`. `clock="virtual"` makes time deterministic."""
+        if clock not in ("real", "virtual"):
+            raise ValueError("clock must be 'real' or 'virtual'")
+        vm = cls._boot(image, limits or VMLimits(), vm_id, owner)
+        vm.host.clock = clock
+        vm.host.random_key = random_seed if random_seed is not None else os.urandom(32)
+        vm.host.random_counter = 0
+        vm.host.virtual_ns = 0
+        return vm
+
+    @classmethod
+    def _boot(cls, image: Image, limits: VMLimits, vm_id: str | None,
+              owner: str | None) -> VM:
+        """Instantiate and run `_initialize` with a fixed host state, so every boot of an
+        image yields the same memory: the pristine state overlays are taken against."""
+        image.runtime.ticker.ensure_started()
+        vm = cls(image, limits, vm_id, owner)
+        store = vm._store
+        assert store is not None
+        store.set_limits(memory_size=limits.memory_bytes, instances=1,
+                         memories=max(1, len(image.memories)))
+        vm._arm()
+        try:
+            vm._instance = image.pre.instantiate(store)
+        except wasmtime.Trap as exc:
+            vm.close()
+            raise VMTrapped(f"image {image.digest[:12]} trapped while instantiating: "
+                            f"{exc.message}") from None
+        except wasmtime.WasmtimeError as exc:
+            vm.close()
+            raise VMMemoryLimit(f"cannot instantiate image {image.digest[:12]} within "
+                                f"{limits.memory_bytes} bytes: {exc}") from None
+        for mem in image.memories:
+            vm._memories.append(vm._export(mem.export, ffi.WASMTIME_EXTERN_MEMORY).of.memory)
+            vm._views.append(None)
+        if INITIALIZE_EXPORT in image.functions:
+            try:
+                vm._invoke(INITIALIZE_EXPORT, ())
+            except VMError:
+                vm.close()
+                raise
+            vm.seq = 0
+        return vm
+
+    def _export(self, name: str, kind: Any) -> Any:
+        item = ffi.wasmtime_extern_t()
+        raw = name.encode()
+        found = ffi.wasmtime_instance_export_get(self._ctx, ctypes.byref(self._instance._instance),
+                                                 raw, len(raw), ctypes.byref(item))
+        if not found or item.kind != kind.value:
+            raise BadCall(f"image has no export {name!r} of that kind")
+        return item
+
+    # --- calls ----------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        """Refill per-call fuel and restart the wall-clock deadline."""
+        fuel = self.limits.fuel_per_call or MAX_FUEL
+        err = ffi.wasmtime_context_set_fuel(self._ctx, fuel)
+        if err:
+            raise VMError(str(wasmtime.WasmtimeError._from_ptr(err)))
+        ffi.wasmtime_context_set_epoch_deadline(self._ctx, self.limits.deadline_ticks)
+
+    def _bound(self, name: str) -> _BoundFunc:
+        bound = self._funcs.get(name)
+        if bound is None:
+            sig = self.image.functions.get(name)
+            if sig is None:
+                raise BadCall(f"image {self.image.digest[:12]} exports no function {name!r}")
+            item = self._export(name, ffi.WASMTIME_EXTERN_FUNC)
+            bound = self._funcs[name] = _BoundFunc(name, item.of.func, sig)
+        return bound
+
+    def call(self, name: str, *args: int | float) -> Any:
+        """Call a numeric export. Returns None, one value, or a tuple for multi-value."""
+        result = self._invoke(name, args)
+        self.seq += 1
+        return result
+
+    def call_bytes(self, name: str, data: bytes) -> bytes:
+        """Bytes-in/bytes-out call (docs/abi.md): one applied call, one `seq` step."""
+        fn = self._bound(name)
+        if fn.sig != FuncSig(("i32", "i32"), ("i64",)):
+            raise BadCall(f"{name!r} is not a bytes function: its type is "
+                          f"{fn.sig.params} -> {fn.sig.results}, expected (i32, i32) -> i64")
+        if INPUT_EXPORT not in self.image.functions:
+            raise BadCall(f"image exports no {INPUT_EXPORT!r}, so it takes no bytes input")
+        if len(data) > self.limits.memory_bytes:
+            raise BadCall(f"input of {len(data)} bytes exceeds the VM's memory cap")
+        try:
+            ptr = self._invoke(INPUT_EXPORT, (len(data),)) & 0xFFFFFFFF
+            view = self._memory0_view()
+            if ptr == 0 or ptr + len(data) > len(view):
+                raise VMMemoryLimit(f"guest could not provide a {len(data)}-byte input buffer")
+            view[ptr : ptr + len(data)] = data
+            packed = self._invoke(name, (ptr, len(data))) & 0xFFFFFFFFFFFFFFFF
+        finally:
+            self.seq += 1
+        out_ptr, out_len = packed >> 32, packed & 0xFFFFFFFF
+        view = self._memory0_view()
+        if out_ptr + out_len > len(view):
+            raise VMTrapped(f"{name!r} returned an output range outside memory "
+                            f"({out_ptr}+{out_len} > {len(view)})")
+        return bytes(view[out_ptr : out_ptr + out_len])
+
+    def _invoke(self, name: str, args: tuple[int | float, ...]) -> Any:
+        if self.failed is not None:
+            raise VMFailed(f"VM {self.id} has failed: {self.failed}")
+        fn = self._bound(name)
+        if len(args) != fn.nparams:
+            raise BadCall(f"{name!r} takes {fn.nparams} arguments, got {len(args)}")
+        raw = fn.raw
+        try:
+            for i, field in enumerate(fn.fields):
+                setattr(raw[i], field, args[i])
+        except TypeError:
+            raise BadCall(f"arguments to {name!r} must be {fn.sig.params}, got {args!r}") from None
+        ctx = self._ctx
+        self._arm()
+        err = ffi.wasmtime_func_call_unchecked(ctx, fn.func_ref, raw, fn.raw_len, self._trap_ref)
+        if self.limits.fuel_per_call is not None:
+            ffi.wasmtime_context_get_fuel(ctx, self._fuel_left_ref)
+            self.fuel_used += self.limits.fuel_per_call - self._fuel_left.value
+        if err or self._trap:
+            self._raise_trap(name, err)
+        nres = len(fn.result_fields)
+        if nres == 1:
+            return getattr(raw[0], fn.result_fields[0])
+        if nres == 0:
+            return None
+        return tuple(getattr(raw[i], f) for i, f in enumerate(fn.result_fields))
+
+    def _raise_trap(self, name: str, err: Any) -> None:
+        host_exc = wasmtime_func.LAST_EXCEPTION
+        wasmtime_func.LAST_EXCEPTION = None
+        if err:
+            message = str(wasmtime.WasmtimeError._from_ptr(err))
+            code = None
+        else:
+            trap = wasmtime.Trap._from_ptr(self._trap)
+            self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
+            self._trap_ref = ctypes.byref(self._trap)
+            message, code = trap.message, trap.trap_code
+        if isinstance(host_exc, GuestExit):
+            self.failed = f"guest exited with status {host_exc.status}"
+            raise VMExited(f"{name!r}: {self.failed}")
+        if host_exc is not None:
+            raise VMTrapped(f"{name!r}: host function failed: {host_exc!r}")
+        if code == wasmtime.TrapCode.OUT_OF_FUEL:
+            raise VMOutOfFuel(f"{name!r} used all {self.limits.fuel_per_call} units of fuel")
+        if code == wasmtime.TrapCode.INTERRUPT:
+            raise VMDeadlineExceeded(f"{name!r} ran past its {self.limits.deadline_ms} ms deadline")
+        if code == wasmtime.TrapCode.STACK_OVERFLOW:
+            raise VMStackOverflow(f"{name!r} overflowed the wasm stack")
+        first_line = message.splitlines()[0] if message else "trap"
+        if self.memory_bytes + chunks.WASM_PAGE_BYTES > self.limits.memory_bytes:
+            first_line += (f" (memory is at its cap of {self.limits.memory_bytes} bytes: "
+                           "a failed memory.grow is the likely cause)")
+        raise VMTrapped(f"{name!r} trapped: {first_line}")
+
+    # --- memory ---------------------------------------------------------------------
+
+    def _view(self, index: int) -> memoryview:
+        """Zero-copy view of linear memory `index`; rebuilt only after it grows (or moves)."""
+        mem_ref = ctypes.byref(self._memories[index])
+        size = ffi.wasmtime_memory_data_size(self._ctx, mem_ref)
+        cached = self._views[index]
+        if cached is not None and cached[1] == size:
+            return cached[2]
+        addr = ctypes.addressof(ffi.wasmtime_memory_data(self._ctx, mem_ref).contents)
+        view = memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")
+        self._views[index] = (addr, size, view)
+        return view
+
+    def _memory0_view(self) -> memoryview:
+        return self._view(0) if self._memories else memoryview(b"")
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(len(self._view(i)) for i in range(len(self._memories)))
+
+    def memory_view(self, index: int = 0) -> memoryview:
+        """Zero-copy view of a linear memory (valid until the next call that grows it)."""
+        return self._view(index)
+
+    def _grow_to(self, index: int, pages: int) -> None:
+        current = len(self._view(index)) // chunks.WASM_PAGE_BYTES
+        if pages < current:
+            raise SnapshotCorrupt(f"memory {index} has {current} pages, more than the "
+                                  f"snapshot's {pages}: memories cannot shrink")
+        if pages == current:
+            return
+        prev = ctypes.c_uint64(0)
+        err = ffi.wasmtime_memory_grow(self._ctx, ctypes.byref(self._memories[index]),
+                                       pages - current, ctypes.byref(prev))
+        if err:
+            msg = str(wasmtime.WasmtimeError._from_ptr(err))
+            raise VMMemoryLimit(f"cannot grow memory {index} to {pages} pages within the "
+                                f"VM's cap of {self.limits.memory_bytes} bytes: {msg}")
+
+    def hint_hugepages(self, index: int) -> None:
+        """Ask for transparent huge pages before writing most of a memory: first-touch
+        page faults dominate restoring a big, full memory, and huge pages cut them ~5x.
+        (Not for sparse writes: each huge-page fault zeroes 2 MiB.)"""
+        view = self._view(index)
+        cached = self._views[index]
+        assert cached is not None
+        _madvise_hugepage(cached[0], len(view))
+
+    # --- globals --------------------------------------------------------------------
+
+    def _global(self, export: str) -> wasmtime.Global:
+        g = self._globals.get(export)
+        if g is None:
+            item = self._export(export, ffi.WASMTIME_EXTERN_GLOBAL)
+            g = self._globals[export] = wasmtime.Global._from_raw(item.of.global_)
+        return g
+
+    def globals_state(self) -> dict[str, int | float]:
+        store = self._store
+        return {g.export: self._global(g.export).value(store) for g in self.image.globals}
+
+    # --- chunks, snapshots ------------------------------------------------------------
+
+    def chunk_hashes(self) -> list[chunks.Hashes]:
+        """Digest of every chunk of every memory: one full scan."""
+        return [chunks.hash_chunks(self._view(i)) for i in range(len(self._memories))]
+
+    def dirty_chunks(self) -> list[chunks.ChunkIds]:
+        """Chunks written since the last snapshot or restore (one scan, state unchanged)."""
+        base = self._last_hashes or [p.hashes for p in self.image.pristine]
+        return [np.flatnonzero(h != chunks.extend_hashes(b, len(h))).astype(np.uint32)
+                for h, b in zip(self.chunk_hashes(), base, strict=True)]
+
+    def snapshot(self, *, delta: bool = False) -> Snapshot:
+        """Capture the whole state between calls.
+
+        An overlay (default) holds the chunks that differ from the image's pristine
+        boot state; a delta holds the chunks changed since this VM's last snapshot
+        (`base_id`), and is applied on top of it.
+        """
+        from cloudlet.vm.snapshot import capture
+
+        if self.failed is not None:
+            raise VMFailed(f"VM {self.id} has failed: {self.failed}")
+        if delta and self._last_hashes is None:
+            raise VMError("a delta needs an earlier snapshot of this VM as its base")
+        return capture(self, delta=delta)
+
+    def _set_snapshot_base(self, snapshot_id: str, hashes: list[chunks.Hashes]) -> None:
+        self.last_snapshot_id = snapshot_id
+        self._last_hashes = hashes
+
+    @classmethod
+    def restore(cls, image: Image, snapshot: Snapshot, *deltas: Snapshot,
+                vm_id: str | None = None, owner: str | None = None) -> VM:
+        """A new VM in exactly the state `snapshot` (then each delta) captured.
+
+        Everything is checked before anything is applied, and the VM is only
+        returned once whole: an error leaves nothing half-restored behind.
+        """
+        from cloudlet.vm.snapshot import apply_snapshot, check_restorable
+
+        if snapshot.kind != "overlay":
+            raise SnapshotImageMismatch("restore starts from an overlay snapshot, not a delta")
+        check_restorable(image, snapshot)
+        base_id = snapshot.snapshot_id
+        for d in deltas:
+            check_restorable(image, d)
+            if d.kind != "delta" or d.base_id != base_id:
+                raise SnapshotImageMismatch(
+                    f"delta {d.snapshot_id[:12]} does not apply on {base_id[:12]}")
+            base_id = d.snapshot_id
+        vm = cls._boot(image, snapshot.limits, vm_id or snapshot.vm_id,
+                       owner if owner is not None else snapshot.owner)
+        try:
+            for snap in (snapshot, *deltas):
+                apply_snapshot(vm, snap)
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
+    def apply_delta(self, delta: Snapshot) -> None:
+        """Bring this VM forward by a delta taken against its current state."""
+        from cloudlet.vm.snapshot import apply_snapshot, check_restorable
+
+        check_restorable(self.image, delta)
+        if delta.kind != "delta" or delta.base_id != self.last_snapshot_id:
+            raise SnapshotImageMismatch(
+                f"delta {delta.snapshot_id[:12]} does not apply on this VM's state "
+                f"({(self.last_snapshot_id or 'none')[:12]})")
+        apply_snapshot(self, delta)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the VM's store (memory, instance). The VM is unusable afterwards."""
+        self._funcs.clear()
+        self._globals.clear()
+        self._views = [None] * len(self._views)
+        self._memories = []
+        self.host.view = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self.failed is None:
+            self.failed = "closed"
+
+    def with_limits(self, limits: VMLimits) -> None:
+        """Change limits for later calls (the memory cap cannot go below current use)."""
+        if limits.memory_bytes < self.memory_bytes:
+            raise VMMemoryLimit("the new memory cap is below the memory the VM already uses")
+        self.limits = replace(limits)
+        assert self._store is not None
+        self._store.set_limits(memory_size=limits.memory_bytes)
+
+
+_MADV_HUGEPAGE = 14
+_libc: Any = None
+
+
+def _madvise_hugepage(addr: int, length: int) -> None:
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _libc = False
+    if not _libc:
+        return
+    page = 4096
+    start = addr & ~(page - 1)
+    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length + addr - start), _MADV_HUGEPAGE)

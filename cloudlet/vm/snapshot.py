@@ -1,0 +1,407 @@
+"""Snapshots: a VM's whole state between calls, as an overlay or a delta, and its wire format.
+
+What a snapshot holds: for every memory its size and the chunks that differ
+from a base (the image's pristine boot state for an overlay, the VM's previous
+snapshot for a delta), with all-zero chunks named rather than sent; every
+mutable global (the unexported C stack pointer included, thanks to the
+instrumentation); the host-function state (clock, random generator, log); the
+sequence number of the last applied call; the limits and fuel used.
+
+Wire format (version 1)::
+
+    b"CLDSNAP\\n" | u32 LE header length | header (msgpack) | body
+
+The header names the format version, the compression ("none" or "zstd"), the
+body's stored and raw sizes and the SHA-256 of the stored body. The body is
+msgpack. Everything is checked (magic, version, sizes against a cap, digest,
+then every field's type and range) before any VM is touched, so a bad file
+costs an error, never a crash or a half-restored VM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import numpy as np
+import zstandard
+
+from cloudlet.errors import (
+    SnapshotCorrupt,
+    SnapshotImageMismatch,
+    SnapshotTooLarge,
+    SnapshotVersionUnsupported,
+    VMMemoryLimit,
+)
+from cloudlet.fsutil import atomic_write
+from cloudlet.vm import chunks
+from cloudlet.vm.machine import VMLimits
+
+if TYPE_CHECKING:
+    from cloudlet.vm.image import Image
+    from cloudlet.vm.machine import VM
+
+MAGIC = b"CLDSNAP\n"
+FORMAT_VERSION = 1
+_HEADER_LEN = struct.Struct("<I")
+MAX_HEADER_BYTES = 4096
+# A wasm32 guest has at most 4 GiB of memory; the rest is globals, host state, framing.
+MAX_SNAPSHOT_BYTES = (4 << 30) + (16 << 20)
+# Compression must pay: try zstd on a sample of the chunk data first, and keep it
+# only if it saves at least this share. Level 1 compresses at ~1 GB/s here.
+ZSTD_LEVEL = 1
+COMPRESS_SAMPLE_BYTES = 64 * 1024
+COMPRESS_MIN_SAVING = 0.10
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    pages: int
+    chunk_ids: chunks.ChunkIds  # ascending, their data follows in `data`
+    zero_ids: chunks.ChunkIds  # ascending, all-zero chunks (not sent)
+    data: bytes
+
+    @property
+    def size_bytes(self) -> int:
+        return self.pages * chunks.WASM_PAGE_BYTES
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    image_digest: str
+    kind: str  # "overlay" or "delta"
+    base_id: str | None  # the snapshot a delta applies on
+    seq: int
+    limits: VMLimits
+    fuel_used: int
+    host: dict[str, Any]
+    globals: dict[str, int | float]
+    memories: tuple[MemoryState, ...]
+    vm_id: str | None = None
+    owner: str | None = None
+    snapshot_id: str = field(default_factory=lambda: secrets.token_hex(16))
+    created_unix_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(m.size_bytes for m in self.memories)
+
+    @property
+    def overlay_bytes(self) -> int:
+        """Bytes of chunk data carried (zero chunks are named, not carried)."""
+        return sum(len(m.data) for m in self.memories)
+
+    @property
+    def chunk_count(self) -> int:
+        return sum(len(m.chunk_ids) for m in self.memories)
+
+    # --- wire format ------------------------------------------------------------------
+
+    def to_bytes(self, compression: str = "auto") -> bytes:
+        body = msgpack.packb(_to_wire(self))
+        stored, used = _compress(body, self, compression)
+        header = msgpack.packb({
+            "format": FORMAT_VERSION,
+            "compression": used,
+            "body_bytes": len(stored),
+            "raw_bytes": len(body),
+            "sha256": hashlib.sha256(stored).hexdigest(),
+        })
+        return b"".join((MAGIC, _HEADER_LEN.pack(len(header)), header, stored))
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview,
+                   max_bytes: int = MAX_SNAPSHOT_BYTES) -> Snapshot:
+        return _parse(memoryview(data), max_bytes)
+
+    def write(self, path: str | Path, compression: str = "auto") -> int:
+        """Write atomically (write, fsync, rename); returns the file's size."""
+        data = self.to_bytes(compression)
+        atomic_write(path, data)
+        return len(data)
+
+    @classmethod
+    def read(cls, path: str | Path, max_bytes: int = MAX_SNAPSHOT_BYTES) -> Snapshot:
+        p = Path(path)
+        try:
+            size = p.stat().st_size
+            if size > max_bytes:
+                raise SnapshotTooLarge(f"{p} is {size} bytes; the limit is {max_bytes}")
+            data = p.read_bytes()
+        except OSError as exc:
+            raise SnapshotCorrupt(f"cannot read snapshot {p}: {exc.strerror}") from None
+        return cls.from_bytes(data, max_bytes)
+
+
+def read_header(data: bytes | memoryview) -> dict[str, Any]:
+    """The checked header of an encoded snapshot (for `cloudlet vm inspect`)."""
+    header, _ = _split(memoryview(data), MAX_SNAPSHOT_BYTES)
+    return header
+
+
+# --- capture and apply -------------------------------------------------------------------
+
+
+def capture(vm: VM, *, delta: bool) -> Snapshot:
+    hashes = vm.chunk_hashes()
+    bases = vm._last_hashes if delta else [p.hashes for p in vm.image.pristine]
+    assert bases is not None
+    memories = []
+    for i, (current, base) in enumerate(zip(hashes, bases, strict=True)):
+        send, zero = chunks.changed_chunks(current, base)
+        data = chunks.as_chunk_array(vm.memory_view(i))[send].tobytes()
+        memories.append(MemoryState(len(current) // chunks.CHUNKS_PER_PAGE, send, zero, data))
+    snap = Snapshot(
+        image_digest=vm.image.digest,
+        kind="delta" if delta else "overlay",
+        base_id=vm.last_snapshot_id if delta else None,
+        seq=vm.seq,
+        limits=vm.limits,
+        fuel_used=vm.fuel_used,
+        host=vm.host.to_wire(),
+        globals=vm.globals_state(),
+        memories=tuple(memories),
+        vm_id=vm.id,
+        owner=vm.owner,
+    )
+    vm._set_snapshot_base(snap.snapshot_id, hashes)
+    return snap
+
+
+def check_restorable(image: Image, snap: Snapshot) -> None:
+    """Everything that could make applying `snap` to `image` fail, checked up front."""
+    if snap.image_digest != image.digest:
+        raise SnapshotImageMismatch(
+            f"snapshot is of image {snap.image_digest[:12]}, not {image.digest[:12]}")
+    if len(snap.memories) != len(image.memories):
+        raise SnapshotImageMismatch(
+            f"snapshot has {len(snap.memories)} memories, the image {len(image.memories)}")
+    for i, (mem, info, pristine) in enumerate(
+            zip(snap.memories, image.memories, image.pristine, strict=True)):
+        if mem.pages < pristine.pages:
+            raise SnapshotImageMismatch(
+                f"memory {i} has {mem.pages} pages, fewer than the image boots with")
+        if info.max_pages is not None and mem.pages > info.max_pages:
+            raise SnapshotImageMismatch(f"memory {i} has {mem.pages} pages, over the image's "
+                                        f"maximum of {info.max_pages}")
+        n_chunks = mem.pages * chunks.CHUNKS_PER_PAGE
+        for name, ids in (("chunk", mem.chunk_ids), ("zero chunk", mem.zero_ids)):
+            if len(ids) and (int(ids[-1]) >= n_chunks or np.any(np.diff(ids) <= 0)):
+                raise SnapshotCorrupt(f"memory {i}: {name} ids are out of range or unsorted")
+        if len(mem.data) != len(mem.chunk_ids) * chunks.CHUNK_BYTES:
+            raise SnapshotCorrupt(f"memory {i}: {len(mem.data)} bytes of data for "
+                                  f"{len(mem.chunk_ids)} chunks")
+    if snap.memory_bytes > snap.limits.memory_bytes:
+        raise VMMemoryLimit(f"snapshot holds {snap.memory_bytes} bytes of memory, over its "
+                            f"cap of {snap.limits.memory_bytes}")
+    expected = {g.export: g.valtype for g in image.globals}
+    if set(snap.globals) != set(expected):
+        raise SnapshotImageMismatch("snapshot's globals do not match the image's")
+    for name, value in snap.globals.items():
+        want_int = expected[name] in ("i32", "i64")
+        if want_int != isinstance(value, int) or isinstance(value, bool):
+            raise SnapshotCorrupt(f"global {name} should be {expected[name]}, got {value!r}")
+        if want_int:
+            bits = 32 if expected[name] == "i32" else 64
+            if not -(1 << (bits - 1)) <= value < (1 << (bits - 1)):
+                raise SnapshotCorrupt(f"global {name} value {value} does not fit {expected[name]}")
+
+
+def apply_snapshot(vm: VM, snap: Snapshot) -> None:
+    """Write `snap` into `vm` (whose state must be the snapshot's base)."""
+    if snap.kind == "overlay":
+        bases = [p.hashes for p in vm.image.pristine]
+    else:
+        assert vm._last_hashes is not None
+        bases = vm._last_hashes
+    new_hashes = []
+    for i, mem in enumerate(snap.memories):
+        vm._grow_to(i, mem.pages)
+        arr = chunks.as_chunk_array(vm.memory_view(i))
+        if len(mem.chunk_ids) * 4 > len(arr):
+            vm.hint_hugepages(i)
+        if len(mem.chunk_ids):
+            arr[mem.chunk_ids] = np.frombuffer(mem.data, dtype=np.uint8).reshape(
+                -1, chunks.CHUNK_BYTES)
+        if len(mem.zero_ids):
+            arr[mem.zero_ids] = 0
+        hashes = chunks.extend_hashes(bases[i], len(arr)).copy()
+        hashes[mem.chunk_ids] = chunks.hash_chunk_data(mem.data)
+        hashes[mem.zero_ids] = chunks.ZERO_CHUNK_HASH
+        new_hashes.append(hashes)
+    store = vm._store
+    for name, value in snap.globals.items():
+        vm._global(name).set_value(store, value)
+    vm.host.load(snap.host)  # in place: the store's host functions hold this object
+    vm.seq = snap.seq
+    vm.fuel_used = snap.fuel_used
+    vm.limits = snap.limits
+    vm._set_snapshot_base(snap.snapshot_id, new_hashes)
+
+
+# --- encoding -------------------------------------------------------------------------
+
+
+def _to_wire(s: Snapshot) -> dict[str, Any]:
+    return {
+        "snapshot_id": s.snapshot_id,
+        "kind": s.kind,
+        "base_id": s.base_id,
+        "image": s.image_digest,
+        "vm_id": s.vm_id,
+        "owner": s.owner,
+        "seq": s.seq,
+        "fuel_used": s.fuel_used,
+        "limits": s.limits.to_wire(),
+        "host": s.host,
+        "globals": s.globals,
+        "memories": [
+            {"pages": m.pages, "chunk_ids": m.chunk_ids.astype("<u4").tobytes(),
+             "zero_ids": m.zero_ids.astype("<u4").tobytes(), "data": m.data}
+            for m in s.memories
+        ],
+        "created_unix_ms": s.created_unix_ms,
+    }
+
+
+def _compress(body: bytes, snap: Snapshot, compression: str) -> tuple[bytes, str]:
+    if compression == "none":
+        return body, "none"
+    if compression not in ("auto", "zstd"):
+        raise ValueError("compression must be 'auto', 'zstd' or 'none'")
+    if compression == "auto":
+        sample = b"".join(m.data[:COMPRESS_SAMPLE_BYTES] for m in snap.memories)
+        sample = sample[:COMPRESS_SAMPLE_BYTES] or body[:COMPRESS_SAMPLE_BYTES]
+        probe = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(sample)
+        if len(probe) > len(sample) * (1 - COMPRESS_MIN_SAVING):
+            return body, "none"
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(body), "zstd"
+
+
+def _split(data: memoryview, max_bytes: int) -> tuple[dict[str, Any], memoryview]:
+    if len(data) > max_bytes:
+        raise SnapshotTooLarge(f"snapshot is {len(data)} bytes; the limit is {max_bytes}")
+    if len(data) < len(MAGIC) + _HEADER_LEN.size:
+        raise SnapshotCorrupt("not a Cloudlet snapshot (too short)")
+    if bytes(data[: len(MAGIC)]) != MAGIC:
+        raise SnapshotCorrupt("not a Cloudlet snapshot (bad magic)")
+    (header_len,) = _HEADER_LEN.unpack_from(data, len(MAGIC))
+    start = len(MAGIC) + _HEADER_LEN.size
+    if header_len > MAX_HEADER_BYTES or start + header_len > len(data):
+        raise SnapshotCorrupt("snapshot header is truncated or corrupt")
+    try:
+        header = msgpack.unpackb(data[start : start + header_len])
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise SnapshotCorrupt(f"snapshot header is corrupt: {exc}") from None
+    if not isinstance(header, dict):
+        raise SnapshotCorrupt("snapshot header is not a map")
+    version = header.get("format")
+    if version != FORMAT_VERSION:
+        raise SnapshotVersionUnsupported(
+            f"snapshot format version {version!r}; this Cloudlet reads version {FORMAT_VERSION}")
+    for key, typ in (("compression", str), ("body_bytes", int), ("raw_bytes", int),
+                     ("sha256", str)):
+        if not isinstance(header.get(key), typ):
+            raise SnapshotCorrupt(f"snapshot header field {key!r} is missing or not {typ.__name__}")
+    body = data[start + header_len :]
+    if len(body) != header["body_bytes"]:
+        raise SnapshotCorrupt(f"snapshot is truncated: body has {len(body)} of "
+                              f"{header['body_bytes']} bytes")
+    if header["raw_bytes"] > max_bytes:
+        raise SnapshotTooLarge(f"snapshot expands to {header['raw_bytes']} bytes; "
+                               f"the limit is {max_bytes}")
+    return header, body
+
+
+def _parse(data: memoryview, max_bytes: int) -> Snapshot:
+    header, body = _split(data, max_bytes)
+    if hashlib.sha256(body).hexdigest() != header["sha256"]:
+        raise SnapshotCorrupt("snapshot digest does not match: the file is corrupted")
+    if header["compression"] == "zstd":
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(
+                body, max_output_size=header["raw_bytes"])
+        except zstandard.ZstdError as exc:
+            raise SnapshotCorrupt(f"snapshot body does not decompress: {exc}") from None
+    elif header["compression"] == "none":
+        raw = bytes(body)
+    else:
+        raise SnapshotCorrupt(f"unknown compression {header['compression']!r}")
+    if len(raw) != header["raw_bytes"]:
+        raise SnapshotCorrupt("snapshot body has the wrong size after decompression")
+    try:
+        d = msgpack.unpackb(raw)
+        return _from_wire(d)
+    except SnapshotCorrupt:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
+        raise SnapshotCorrupt(f"snapshot body is malformed: {exc!r}") from None
+
+
+def _want(d: Any, key: str, typ: type | tuple[type, ...]) -> Any:
+    if not isinstance(d, dict) or key not in d:
+        raise SnapshotCorrupt(f"snapshot field {key!r} is missing")
+    value = d[key]
+    if not isinstance(value, typ) or (isinstance(value, bool) and typ is int):
+        raise SnapshotCorrupt(f"snapshot field {key!r} has the wrong type")
+    return value
+
+
+def _ids(raw: bytes, what: str) -> chunks.ChunkIds:
+    if len(raw) % 4:
+        raise SnapshotCorrupt(f"snapshot {what} is not a list of u32")
+    return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+
+
+def _from_wire(d: Any) -> Snapshot:
+    kind = _want(d, "kind", str)
+    if kind not in ("overlay", "delta"):
+        raise SnapshotCorrupt(f"unknown snapshot kind {kind!r}")
+    limits_d = _want(d, "limits", dict)
+    try:
+        limits = VMLimits.from_wire(limits_d)
+    except (ValueError, KeyError) as exc:
+        raise SnapshotCorrupt(f"snapshot limits are invalid: {exc}") from None
+    host = _want(d, "host", dict)
+    for key, typ in (("clock", str), ("monotonic_ns", int), ("virtual_ns", int),
+                     ("random_key", bytes), ("random_counter", int), ("log", bytes),
+                     ("log_dropped_bytes", int)):
+        _want(host, key, typ)
+    if host["clock"] not in ("real", "virtual") or len(host["random_key"]) != 32:
+        raise SnapshotCorrupt("snapshot host state is invalid")
+    globals_ = _want(d, "globals", dict)
+    memories = []
+    for m in _want(d, "memories", list):
+        pages = _want(m, "pages", int)
+        if not 0 <= pages <= 65536:
+            raise SnapshotCorrupt(f"memory size of {pages} pages is impossible for wasm32")
+        memories.append(MemoryState(pages, _ids(_want(m, "chunk_ids", bytes), "chunk ids"),
+                                    _ids(_want(m, "zero_ids", bytes), "zero ids"),
+                                    _want(m, "data", bytes)))
+    base_id = d.get("base_id")
+    if kind == "delta" and not isinstance(base_id, str):
+        raise SnapshotCorrupt("a delta snapshot must name its base")
+    seq = _want(d, "seq", int)
+    if seq < 0:
+        raise SnapshotCorrupt("negative sequence number")
+    return Snapshot(
+        image_digest=_want(d, "image", str),
+        kind=kind,
+        base_id=base_id,
+        seq=seq,
+        limits=limits,
+        fuel_used=_want(d, "fuel_used", int),
+        host=host,
+        globals=globals_,
+        memories=tuple(memories),
+        vm_id=d.get("vm_id") if isinstance(d.get("vm_id"), str) else None,
+        owner=d.get("owner") if isinstance(d.get("owner"), str) else None,
+        snapshot_id=_want(d, "snapshot_id", str),
+        created_unix_ms=_want(d, "created_unix_ms", int),
+    )
