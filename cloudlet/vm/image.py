@@ -158,6 +158,8 @@ class ImageStore:
 
     def _compile(self, digest: str, wasm: bytes) -> Image:
         engine = self.runtime.engine
+        if wasm[:4] != b"\x00asm":
+            raise ImageRejected("not a WebAssembly module (no \\0asm magic number)")
         try:
             wasmtime.Module.validate(engine, wasm)
         except wasmtime.WasmtimeError as exc:

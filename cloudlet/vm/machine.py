@@ -145,6 +145,7 @@ class VM:
         # Chunk digests at the last snapshot (or restore): the base of `dirty_chunks`.
         self.last_snapshot_id: str | None = None
         self._last_hashes: list[chunks.Hashes] | None = None
+        self._base_seq = 0
         self._instance: Any = None
 
     # --- construction -----------------------------------------------------------------
@@ -228,12 +229,16 @@ class VM:
 
     def call(self, name: str, *args: int | float) -> Any:
         """Call a numeric export. Returns None, one value, or a tuple for multi-value."""
-        result = self._invoke(name, args)
-        self.seq += 1
-        return result
+        fn = self._prepare(name, args)
+        try:
+            return self._enter(fn)
+        finally:
+            self.seq += 1
 
     def call_bytes(self, name: str, data: bytes) -> bytes:
         """Bytes-in/bytes-out call (docs/abi.md): one applied call, one `seq` step."""
+        if self.failed is not None:
+            raise VMFailed(f"VM {self.id} has failed: {self.failed}")
         fn = self._bound(name)
         if fn.sig != FuncSig(("i32", "i32"), ("i64",)):
             raise BadCall(f"{name!r} is not a bytes function: its type is "
@@ -242,13 +247,15 @@ class VM:
             raise BadCall(f"image exports no {INPUT_EXPORT!r}, so it takes no bytes input")
         if len(data) > self.limits.memory_bytes:
             raise BadCall(f"input of {len(data)} bytes exceeds the VM's memory cap")
+        alloc = self._prepare(INPUT_EXPORT, (len(data),))
         try:
-            ptr = self._invoke(INPUT_EXPORT, (len(data),)) & 0xFFFFFFFF
+            ptr = self._enter(alloc) & 0xFFFFFFFF
             view = self._memory0_view()
             if ptr == 0 or ptr + len(data) > len(view):
                 raise VMMemoryLimit(f"guest could not provide a {len(data)}-byte input buffer")
             view[ptr : ptr + len(data)] = data
-            packed = self._invoke(name, (ptr, len(data))) & 0xFFFFFFFFFFFFFFFF
+            fn = self._prepare(name, (ptr, len(data)))
+            packed = self._enter(fn) & 0xFFFFFFFFFFFFFFFF
         finally:
             self.seq += 1
         out_ptr, out_len = packed >> 32, packed & 0xFFFFFFFF
@@ -259,6 +266,11 @@ class VM:
         return bytes(view[out_ptr : out_ptr + out_len])
 
     def _invoke(self, name: str, args: tuple[int | float, ...]) -> Any:
+        """Call without counting it (boot-time `_initialize`)."""
+        return self._enter(self._prepare(name, args))
+
+    def _prepare(self, name: str, args: tuple[int | float, ...]) -> _BoundFunc:
+        """Everything that can reject a call before the guest runs; loads the arguments."""
         if self.failed is not None:
             raise VMFailed(f"VM {self.id} has failed: {self.failed}")
         fn = self._bound(name)
@@ -270,14 +282,19 @@ class VM:
                 setattr(raw[i], field, args[i])
         except TypeError:
             raise BadCall(f"arguments to {name!r} must be {fn.sig.params}, got {args!r}") from None
+        return fn
+
+    def _enter(self, fn: _BoundFunc) -> Any:
+        """Run the guest: from here on the call counts as applied."""
         ctx = self._ctx
+        raw = fn.raw
         self._arm()
         err = ffi.wasmtime_func_call_unchecked(ctx, fn.func_ref, raw, fn.raw_len, self._trap_ref)
         if self.limits.fuel_per_call is not None:
             ffi.wasmtime_context_get_fuel(ctx, self._fuel_left_ref)
             self.fuel_used += self.limits.fuel_per_call - self._fuel_left.value
         if err or self._trap:
-            self._raise_trap(name, err)
+            self._raise_trap(fn.name, err)
         nres = len(fn.result_fields)
         if nres == 1:
             return getattr(raw[0], fn.result_fields[0])
@@ -307,7 +324,7 @@ class VM:
             raise VMDeadlineExceeded(f"{name!r} ran past its {self.limits.deadline_ms} ms deadline")
         if code == wasmtime.TrapCode.STACK_OVERFLOW:
             raise VMStackOverflow(f"{name!r} overflowed the wasm stack")
-        first_line = message.splitlines()[0] if message else "trap"
+        first_line = _trap_reason(message)
         if self.memory_bytes + chunks.WASM_PAGE_BYTES > self.limits.memory_bytes:
             first_line += (f" (memory is at its cap of {self.limits.memory_bytes} bytes: "
                            "a failed memory.grow is the likely cause)")
@@ -405,6 +422,7 @@ class VM:
     def _set_snapshot_base(self, snapshot_id: str, hashes: list[chunks.Hashes]) -> None:
         self.last_snapshot_id = snapshot_id
         self._last_hashes = hashes
+        self._base_seq = self.seq
 
     @classmethod
     def restore(cls, image: Image, snapshot: Snapshot, *deltas: Snapshot,
@@ -441,6 +459,10 @@ class VM:
         from cloudlet.vm.snapshot import apply_snapshot, check_restorable
 
         check_restorable(self.image, delta)
+        if self.seq != self._base_seq:
+            raise SnapshotImageMismatch(
+                f"VM {self.id} has applied calls since its last snapshot, so its state is no "
+                f"longer the base of delta {delta.snapshot_id[:12]}")
         if delta.kind != "delta" or delta.base_id != self.last_snapshot_id:
             raise SnapshotImageMismatch(
                 f"delta {delta.snapshot_id[:12]} does not apply on this VM's state "
@@ -469,6 +491,12 @@ class VM:
         self.limits = replace(limits)
         assert self._store is not None
         self._store.set_limits(memory_size=limits.memory_bytes)
+
+
+def _trap_reason(message: str) -> str:
+    """The line of a wasmtime trap report that says why (it ends the report)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    return lines[-1] if lines else "trap"
 
 
 _MADV_HUGEPAGE = 14

@@ -1,0 +1,1 @@
+"""Subcommands of the `cloudlet` command line, one module per group."""

@@ -1,0 +1,168 @@
+"""Snapshots: complete state, overlay and delta sizes that track writes, the wire format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloudlet.errors import (
+    SnapshotCorrupt,
+    SnapshotImageMismatch,
+    SnapshotTooLarge,
+    SnapshotVersionUnsupported,
+)
+from cloudlet.vm import CHUNK_BYTES, VM, Image, ImageStore, Snapshot
+from tests.conftest import wat_file
+
+SEED = bytes(32)
+PAGE = 4096
+
+
+def test_fresh_vm_overlay_is_near_empty(workload: dict[str, Image]) -> None:
+    for image in workload.values():
+        snap = VM.create(image).snapshot()
+        # Booting is deterministic, so a fresh VM equals the pristine state exactly.
+        assert snap.overlay_bytes == 0, image.digest
+        assert len(snap.to_bytes()) < 2048
+
+
+def test_overlay_tracks_what_the_guest_wrote(workload: dict[str, Image]) -> None:
+    vm = VM.create(workload["memhog"])
+    vm.call("hog_grow", 16)
+    grown = vm.snapshot()
+    assert grown.memory_bytes >= 16 << 20
+    assert grown.overlay_bytes <= 2 * PAGE  # growing alone writes nothing
+    vm.call("hog_fill", 0, 100, 0x5A5A5A5A)
+    filled = vm.snapshot()
+    assert 100 * PAGE <= filled.overlay_bytes <= 102 * PAGE
+    vm.call("hog_fill", 0, 100, 0)  # back to zero: named as zero chunks, not sent
+    zeroed = vm.snapshot()
+    assert zeroed.overlay_bytes <= 2 * PAGE
+    assert sum(len(m.zero_ids) for m in zeroed.memories) == 0  # zero == pristine here
+
+
+def test_delta_tracks_chunks_dirtied_since_last_snapshot(workload: dict[str, Image]) -> None:
+    vm = VM.create(workload["memhog"])
+    vm.call("hog_grow", 8)
+    vm.call("hog_fill", 0, 300, 1)
+    base = vm.snapshot()
+    vm.call("hog_dirty", 20, 42)
+    assert sum(len(d) for d in vm.dirty_chunks()) <= 22
+    delta = vm.snapshot(delta=True)
+    assert delta.kind == "delta" and delta.base_id == base.snapshot_id
+    assert 20 * PAGE <= delta.overlay_bytes <= 22 * PAGE
+    vm.call("hog_fill", 0, 5, 0)
+    delta2 = vm.snapshot(delta=True)
+    assert sum(len(m.zero_ids) for m in delta2.memories) == 5  # became zero: named only
+
+    restored = VM.restore(workload["memhog"], base, delta, delta2)
+    assert restored.call("hog_checksum") == vm.call("hog_checksum")
+    assert restored.seq == vm.seq
+
+
+def test_delta_applies_onto_a_running_copy(workload: dict[str, Image]) -> None:
+    """The migration pattern: restore the overlay, then bring it forward by deltas."""
+    src = VM.create(workload["kvstore"], clock="virtual", random_seed=SEED)
+    for k in range(50):
+        src.call("kv_put", k, k)
+    dst = VM.restore(workload["kvstore"], src.snapshot())
+    for k in range(50, 80):
+        src.call("kv_put", k, -k)
+    dst.apply_delta(src.snapshot(delta=True))
+    assert dst.call("kv_checksum") == src.call("kv_checksum")
+    src.call("kv_put", 1000, 1)
+    with pytest.raises(SnapshotImageMismatch, match="since its last snapshot"):
+        dst.apply_delta(src.snapshot(delta=True))  # dst ran kv_checksum: no longer the base
+
+
+def test_unexported_stack_pointer_and_heap_resume(store: ImageStore) -> None:
+    image = store.add(wat_file("stackdep.wat"))
+    vm = VM.create(image)
+    for v in (11, 22, 33):
+        vm.call("push", v)
+        vm.call("alloc", v * 10)
+    snap = Snapshot.from_bytes(vm.snapshot().to_bytes())
+    resumed = VM.restore(image, snap)
+    assert [resumed.call("pop") for _ in range(4)] == [33, 22, 11, -1]
+    assert resumed.call("heap_sum") == 660
+    assert resumed.call("calls") == vm.call("calls") + 4
+
+
+def test_host_state_resumes_exactly(store: ImageStore) -> None:
+    image = store.add(wat_file("wasi.wat"))
+    a = VM.create(image, clock="virtual", random_seed=SEED)
+    a.call("rand")
+    a.call("log")
+    a.call("now", 1)
+    b = VM.restore(image, Snapshot.from_bytes(a.snapshot().to_bytes()))
+    for fn, args in (("rand", ()), ("now", (1,)), ("log", ()), ("rand", ()), ("now", (0,))):
+        assert a.call(fn, *args) == b.call(fn, *args)
+    assert a.host.log == b.host.log and a.seq == b.seq
+
+
+def test_real_monotonic_clock_never_goes_back_after_restore(store: ImageStore) -> None:
+    image = store.add(wat_file("wasi.wat"))
+    a = VM.create(image)
+    a.host.monotonic_offset_ns = 10**15  # as if it had run on a host with a later clock
+    before = a.call("now", 1)
+    b = VM.restore(image, a.snapshot())
+    assert b.call("now", 1) >= before
+
+
+def test_limits_and_identity_travel(workload: dict[str, Image]) -> None:
+    from cloudlet.vm import VMLimits
+
+    limits = VMLimits(memory_bytes=32 << 20, fuel_per_call=5_000_000, deadline_ms=123)
+    vm = VM.create(workload["kvstore"], limits, vm_id="vm-1", owner="alice")
+    vm.call("kv_put", 1, 2)
+    b = VM.restore(workload["kvstore"], Snapshot.from_bytes(vm.snapshot().to_bytes()))
+    assert (b.limits, b.id, b.owner, b.seq) == (limits, "vm-1", "alice", 1)
+    assert b.fuel_used == vm.fuel_used > 0
+
+
+def test_wire_format_checks(workload: dict[str, Image], tmp_path: Path) -> None:
+    vm = VM.create(workload["memhog"])
+    vm.call("hog_grow", 2)
+    vm.call("hog_dirty", 30, 1)
+    data = vm.snapshot().to_bytes()
+    with pytest.raises(SnapshotCorrupt, match="truncated"):
+        Snapshot.from_bytes(data[:-1])
+    flipped = bytearray(data)
+    flipped[-10] ^= 0xFF
+    with pytest.raises(SnapshotCorrupt, match="digest"):
+        Snapshot.from_bytes(bytes(flipped))
+    with pytest.raises(SnapshotCorrupt, match="magic"):
+        Snapshot.from_bytes(b"X" + data[1:])
+    with pytest.raises(SnapshotTooLarge):
+        Snapshot.from_bytes(data, max_bytes=len(data) - 1)
+    with pytest.raises(SnapshotVersionUnsupported):
+        Snapshot.from_bytes(data.replace(b"\xa6format\x01", b"\xa6format\x07", 1))
+    with pytest.raises(SnapshotImageMismatch):
+        VM.restore(workload["kvstore"], Snapshot.from_bytes(data))
+
+
+def test_compression_only_where_it_pays(workload: dict[str, Image]) -> None:
+    from cloudlet.vm.snapshot import read_header
+
+    vm = VM.create(workload["memhog"])
+    vm.call("hog_grow", 4)
+    vm.call("hog_fill", 0, 64, 7)  # repetitive: compresses
+    assert read_header(vm.snapshot().to_bytes())["compression"] == "zstd"
+    view = vm.memory_view()
+    base = vm.call("hog_base")
+    rng = np.random.default_rng(1)
+    view[base : base + 64 * CHUNK_BYTES] = rng.bytes(64 * CHUNK_BYTES)  # random: does not
+    assert read_header(vm.snapshot().to_bytes())["compression"] == "none"
+
+
+def test_write_is_atomic_and_complete(workload: dict[str, Image], tmp_path: Path) -> None:
+    vm = VM.create(workload["kvstore"])
+    path = tmp_path / "vm.snap"
+    for k in range(3):
+        vm.call("kv_put", k, k)
+        size = vm.snapshot().write(path)
+        assert path.stat().st_size == size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vm.snap"]
+    assert VM.restore(workload["kvstore"], Snapshot.read(path)).call("kv_count") == 3
