@@ -43,14 +43,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--from-snapshot", metavar="FILE", help="resume the VM in this snapshot")
     run.add_argument("--snapshot-out", metavar="FILE", help="write a snapshot after the calls")
     run.add_argument("--image-store", metavar="DIR",
-                     help="image cache (default: $CLOUDLET_HOME/images or ~/.cache/cloudlet/images)")
+                     help="image cache (default $CLOUDLET_HOME/images, ~/.cache/cloudlet/images)")
     run.add_argument("--memory-mib", type=int, help="memory cap (default 256)")
     run.add_argument("--fuel", type=int, help="fuel per call (default 10e9)")
     run.add_argument("--deadline-ms", type=int, help="wall-clock deadline per call (default 2000)")
     run.add_argument("--clock", choices=("real", "virtual"), default="real",
                      help="guest clock: real, or virtual (deterministic)")
     run.add_argument("--random-seed", metavar="HEX",
-                     help="seed (32 bytes as hex) for the guest's random_get: makes runs repeatable")
+                     help="seed (32 bytes as hex) for the guest's random_get: repeatable runs")
     run.add_argument("--show-log", action="store_true",
                      help="print what the guest wrote to stdout/stderr to stderr at the end")
     run.set_defaults(handler=cmd_run)
@@ -62,9 +62,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _limits(args: argparse.Namespace, base: VMLimits) -> VMLimits:
+    memory = args.memory_mib * MiB if args.memory_mib is not None else base.memory_bytes
     try:
         return VMLimits(
-            memory_bytes=args.memory_mib * MiB if args.memory_mib is not None else base.memory_bytes,
+            memory_bytes=memory,
             fuel_per_call=args.fuel if args.fuel is not None else base.fuel_per_call,
             deadline_ms=args.deadline_ms if args.deadline_ms is not None else base.deadline_ms,
         )
@@ -118,8 +119,8 @@ def apply_call(vm: VM, spec: str) -> str:
     name, raw_args = words[0], words[1:]
     sig = vm.image.functions.get(name)
     if sig is None:
-        raise BadCall(f"image exports no function {name!r}; it has: "
-                      f"{', '.join(sorted(n for n in vm.image.functions if not n.startswith('_')))}")
+        public = sorted(n for n in vm.image.functions if not n.startswith("_"))
+        raise BadCall(f"image exports no function {name!r}; it has: {', '.join(public)}")
     if sig == BYTES_SIG and len(raw_args) == 1 and _is_bytes_arg(raw_args[0]):
         return "x:" + vm.call_bytes(name, _bytes_arg(raw_args[0])).hex()
     if len(raw_args) != len(sig.params):

@@ -9,10 +9,19 @@ memory errors in the hardware itself.
 
 Memory is always read through a zero-copy view over wasmtime's linear memory;
 nothing here copies guest memory wholesale.
+
+Never-touched memory is not read at all. Hashing a page the guest never
+touched would fault it in (16,384 faults, ~30 ms, for a freshly grown 64 MiB
+guest, ten times the hashing itself). Linux's /proc/self/pagemap tells, per
+4 KiB page, whether it is present or swapped; an anonymous page that is neither
+was never written (or was discarded) and reads as zero, so its digest is the
+zero digest without looking. Where pagemap is unavailable, every chunk is hashed.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -38,6 +47,67 @@ def hash_chunks(view: memoryview) -> Hashes:
         dtype=np.uint64,
         count=n,
     )
+
+
+def hash_touched_chunks(view: memoryview, touched: npt.NDArray[np.bool_]) -> Hashes:
+    """Like `hash_chunks`, reading only chunks marked touched; the rest are zero."""
+    n = len(view) // CHUNK_BYTES
+    ids = np.flatnonzero(touched[:n])
+    if len(ids) * 8 > n * 7:  # nearly all touched: the plain scan is cheaper
+        return hash_chunks(view)
+    out = np.full(n, ZERO_CHUNK_HASH, dtype=np.uint64)
+    offsets = (ids * CHUNK_BYTES).tolist()
+    out[ids] = np.fromiter((_hash(view[o : o + CHUNK_BYTES]) for o in offsets),
+                           dtype=np.uint64, count=len(ids))
+    return out
+
+
+class PageMap:
+    """Which 4 KiB pages of this process's memory were ever touched (/proc/self/pagemap)."""
+
+    _PRESENT = np.uint64(1 << 63)
+    _SWAPPED = np.uint64(1 << 62)
+    _ENTRY_BYTES = 8
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        if os.sysconf("SC_PAGE_SIZE") != CHUNK_BYTES:
+            return  # chunks must be exactly the host's pages for the answer to be per chunk
+        try:
+            self._fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = None
+
+    @property
+    def available(self) -> bool:
+        return self._fd is not None
+
+    def touched(self, addr: int, length: int) -> npt.NDArray[np.bool_] | None:
+        """Per page of [addr, addr+length): present or swapped. None if unknown."""
+        if self._fd is None or addr % CHUNK_BYTES:
+            return None
+        n = length // CHUNK_BYTES
+        want = n * self._ENTRY_BYTES
+        try:
+            raw = os.pread(self._fd, want, (addr // CHUNK_BYTES) * self._ENTRY_BYTES)
+        except OSError:
+            return None
+        if len(raw) != want:
+            return None
+        entries = np.frombuffer(raw, dtype=np.uint64)
+        touched: npt.NDArray[np.bool_] = (entries & (self._PRESENT | self._SWAPPED)) != 0
+        return touched
+
+
+_pagemap: PageMap | None = None
+
+
+def pagemap() -> PageMap:
+    global _pagemap
+    if _pagemap is None:
+        _pagemap = PageMap()
+    return _pagemap
 
 
 def hash_chunk_data(data: bytes | memoryview) -> Hashes:

@@ -68,7 +68,7 @@ class EpochTicker:
 
 def host_state_of(caller: Any) -> HostState:
     """The HostState a store was created with (see `Store(engine, data=...)`)."""
-    data = ffi.wasmtime_context_get_data(caller._context())
+    data: Any = ffi.wasmtime_context_get_data(caller._context())
     state = _value._unintern(data)
     assert isinstance(state, HostState)
     return state

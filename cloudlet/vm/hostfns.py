@@ -44,7 +44,7 @@ ALLOWED_IMPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-class GuestExit(Exception):  # noqa: N818 - it is a signal, not an error of ours
+class GuestExit(Exception):
     """Raised inside `proc_exit` to unwind the guest; the VM turns it into VMExited."""
 
     def __init__(self, status: int) -> None:

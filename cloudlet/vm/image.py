@@ -173,7 +173,7 @@ class ImageStore:
                                  inst.imports, _functions_of(module))
         image.pristine = self._boot_pristine(image)
         atomic_write(self._wasm_path(digest), wasm)
-        atomic_write(self._cwasm_path(digest), module.serialize())
+        atomic_write(self._cwasm_path(digest), bytes(module.serialize()))
         atomic_write(self._meta_path(digest), msgpack.packb(_meta_to_wire(image)))
         return image
 

@@ -381,6 +381,11 @@ class VM:
 
     # --- globals --------------------------------------------------------------------
 
+    def _live_store(self) -> wasmtime.Store:
+        if self._store is None:
+            raise VMFailed(f"VM {self.id} is closed")
+        return self._store
+
     def _global(self, export: str) -> wasmtime.Global:
         g = self._globals.get(export)
         if g is None:
@@ -389,14 +394,30 @@ class VM:
         return g
 
     def globals_state(self) -> dict[str, int | float]:
-        store = self._store
+        store = self._live_store()
         return {g.export: self._global(g.export).value(store) for g in self.image.globals}
 
     # --- chunks, snapshots ------------------------------------------------------------
 
     def chunk_hashes(self) -> list[chunks.Hashes]:
-        """Digest of every chunk of every memory: one full scan."""
-        return [chunks.hash_chunks(self._view(i)) for i in range(len(self._memories))]
+        """Digest of every chunk of every memory: one scan, skipping never-touched pages."""
+        return [self._memory_hashes(i) for i in range(len(self._memories))]
+
+    def _memory_hashes(self, index: int) -> chunks.Hashes:
+        view = self._view(index)
+        cached = self._views[index]
+        assert cached is not None
+        touched = chunks.pagemap().touched(cached[0], len(view))
+        if touched is None:
+            return chunks.hash_chunks(view)
+        # The boot image is a copy-on-write file mapping: its untouched pages are not
+        # zero, so the pristine region is always hashed.
+        pristine = self.image.pristine
+        if index < len(pristine):
+            touched[: pristine[index].pages * chunks.CHUNKS_PER_PAGE] = True
+        else:
+            touched[:] = True
+        return chunks.hash_touched_chunks(view, touched)
 
     def dirty_chunks(self) -> list[chunks.ChunkIds]:
         """Chunks written since the last snapshot or restore (one scan, state unchanged)."""

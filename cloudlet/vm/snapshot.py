@@ -235,7 +235,7 @@ def apply_snapshot(vm: VM, snap: Snapshot) -> None:
         hashes[mem.chunk_ids] = chunks.hash_chunk_data(mem.data)
         hashes[mem.zero_ids] = chunks.ZERO_CHUNK_HASH
         new_hashes.append(hashes)
-    store = vm._store
+    store = vm._live_store()
     for name, value in snap.globals.items():
         vm._global(name).set_value(store, value)
     vm.host.load(snap.host)  # in place: the store's host functions hold this object
