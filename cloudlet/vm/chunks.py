@@ -29,6 +29,7 @@ import numpy.typing as npt
 import xxhash
 
 CHUNK_BYTES = 4096  # the x86/arm page: a guest's write dirties pages, so chunks match them
+CHUNK_SHIFT = 12
 WASM_PAGE_BYTES = 65536
 CHUNKS_PER_PAGE = WASM_PAGE_BYTES // CHUNK_BYTES
 
@@ -36,6 +37,7 @@ Hashes = npt.NDArray[np.uint64]
 ChunkIds = npt.NDArray[np.uint32]
 
 _hash = xxhash.xxh3_64_intdigest
+hash_one = _hash
 ZERO_CHUNK_HASH = _hash(bytes(CHUNK_BYTES))
 
 

@@ -64,8 +64,10 @@ class HostState:
     log: bytearray | None = None
     log_dropped_bytes: int = 0
     exit_status: int | None = None
-    # Set by the VM: a zero-copy view of memory 0 (host functions read and write it).
+    # Set by the VM: a zero-copy view of memory 0 (host functions read and write it),
+    # and the hook that records host writes for dirty tracking.
     view: Callable[[], memoryview] | None = None
+    on_write: Callable[[int, int], None] | None = None
 
     # --- clock ------------------------------------------------------------------
     def now_ns(self, clock_id: int) -> int:
@@ -151,6 +153,8 @@ def _store(state: HostState, packer: struct.Struct, ptr: int, *values: int) -> i
     if ptr + packer.size > len(mem):
         return EFAULT
     packer.pack_into(mem, ptr, *values)
+    if state.on_write is not None:
+        state.on_write(ptr, packer.size)
     return ESUCCESS
 
 
@@ -181,6 +185,8 @@ def _random_get(state: HostState, buf: int, length: int) -> int:
     if buf + length > len(mem):
         return EFAULT
     mem[buf : buf + length] = state.random_bytes(length)
+    if state.on_write is not None:
+        state.on_write(buf, length)
     return ESUCCESS
 
 

@@ -33,7 +33,7 @@ from cloudlet.vm.instrument import GlobalInfo, MemoryInfo, instrument
 from cloudlet.vm.machine import VM, FuncSig, VMLimits
 
 MAX_IMAGE_BYTES = 16 * 1024 * 1024  # clang -O2 guests are KiBs to a few MiB; 16 MiB is generous
-META_FORMAT = 1
+META_FORMAT = 2
 _NUMERIC = ("i32", "i64", "f32", "f64")
 WASMTIME_VERSION = importlib.metadata.version("wasmtime")
 
@@ -67,6 +67,7 @@ class Image:
     globals: tuple[GlobalInfo, ...]
     imports: tuple[str, ...]
     functions: dict[str, FuncSig]
+    dirty_export: str | None = None  # write-tracking bitmap (None: dirty chunks by hashing)
     pristine: tuple[PristineMemory, ...] = ()
 
     @property
@@ -78,13 +79,18 @@ class ImageStore:
     """Validates, compiles and caches images under `root`; thread-safe."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *,
-                 max_image_bytes: int = MAX_IMAGE_BYTES, runtime: Runtime | None = None) -> None:
+                 max_image_bytes: int = MAX_IMAGE_BYTES, runtime: Runtime | None = None,
+                 track_writes: bool = True) -> None:
         self.root = Path(root) if root is not None else default_store_dir()
         self.max_image_bytes = max_image_bytes
         self.runtime = runtime or default_runtime()
         self._loaded: dict[str, Image] = {}
         self._lock = threading.Lock()
-        fingerprint = f"{WASMTIME_VERSION}-{self.runtime.fingerprint}"
+        # Write tracking costs guest stores some speed for O(written) dirty detection;
+        # see cloudlet/vm/write_tracking.py and the benchmark's figures.
+        self.track_writes = track_writes
+        mode = "tracked" if track_writes else "hashed"
+        fingerprint = f"{WASMTIME_VERSION}-{self.runtime.fingerprint}-{mode}"
         self._compiled_dir = self.root / "compiled" / fingerprint
         self._wasm_dir = self.root / "wasm"
 
@@ -164,13 +170,13 @@ class ImageStore:
             wasmtime.Module.validate(engine, wasm)
         except wasmtime.WasmtimeError as exc:
             raise ImageRejected(f"invalid WebAssembly module: {_first_line(exc)}") from None
-        inst = instrument(wasm)
+        inst = instrument(wasm, track_writes=self.track_writes)
         try:
             module = wasmtime.Module(engine, inst.wasm)
         except wasmtime.WasmtimeError as exc:
             raise ImageRejected(f"module does not compile: {_first_line(exc)}") from None
         image = self._make_image(digest, len(wasm), module, inst.memories, inst.globals,
-                                 inst.imports, _functions_of(module))
+                                 inst.imports, _functions_of(module), inst.dirty_export)
         image.pristine = self._boot_pristine(image)
         atomic_write(self._wasm_path(digest), wasm)
         atomic_write(self._cwasm_path(digest), bytes(module.serialize()))
@@ -179,14 +185,15 @@ class ImageStore:
 
     def _make_image(self, digest: str, size: int, module: wasmtime.Module,
                     memories: tuple[MemoryInfo, ...], globals_: tuple[GlobalInfo, ...],
-                    imports: tuple[str, ...], functions: dict[str, FuncSig]) -> Image:
+                    imports: tuple[str, ...], functions: dict[str, FuncSig],
+                    dirty_export: str | None) -> Image:
         try:
             pre = self.runtime.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise ImageRejected(f"imports do not match Cloudlet's host functions: "
                                 f"{_first_line(exc)}") from None
         return Image(digest, size, self.runtime, module, pre, memories, globals_, imports,
-                     functions)
+                     functions, dirty_export)
 
     def _boot_pristine(self, image: Image) -> tuple[PristineMemory, ...]:
         try:
@@ -218,6 +225,7 @@ class ImageStore:
             tuple(GlobalInfo(*g) for g in meta["globals"]),
             tuple(meta["imports"]),
             {k: FuncSig(tuple(p), tuple(r)) for k, (p, r) in meta["functions"].items()},
+            meta["dirty_export"],
         )
         image.pristine = tuple(PristineMemory(pages, np.frombuffer(h, dtype=np.uint64).copy())
                                for pages, h in meta["pristine"])
@@ -234,6 +242,7 @@ def _meta_to_wire(image: Image) -> dict[str, Any]:
         "imports": list(image.imports),
         "functions": {k: [list(s.params), list(s.results)] for k, s in image.functions.items()},
         "pristine": [[p.pages, p.hashes.tobytes()] for p in image.pristine],
+        "dirty_export": image.dirty_export,
     }
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from cloudlet.errors import ImageRejected
 from cloudlet.vm import wasm_binary as wb
 from cloudlet.vm.hostfns import ALLOWED_IMPORTS, WASI_MODULE
+from cloudlet.vm.write_tracking import DIRTY_EXPORT, add_write_tracking
 
 EXPORT_PREFIX = "__cloudlet_"
 
@@ -50,6 +51,7 @@ class Instrumented:
     memories: tuple[MemoryInfo, ...]
     globals: tuple[GlobalInfo, ...]
     imports: tuple[str, ...]  # WASI function names the module imports
+    dirty_export: str | None = None  # the write-tracking bitmap memory, if tracked
 
 
 def memory_export(index: int) -> str:
@@ -60,15 +62,19 @@ def global_export(index: int) -> str:
     return f"{EXPORT_PREFIX}global_{index}"
 
 
-def instrument(module: bytes) -> Instrumented:
-    """Rewrite `module`; raise `ImageRejected` naming the problem if it cannot be hosted."""
+def instrument(module: bytes, *, track_writes: bool = True) -> Instrumented:
+    """Rewrite `module`; raise `ImageRejected` naming the problem if it cannot be hosted.
+
+    With `track_writes`, a single-memory module also gets a dirty bitmap that every
+    store marks (see `write_tracking`); other modules are left to hashing.
+    """
     try:
-        return _instrument(module)
+        return _instrument(module, track_writes)
     except wb.WasmFormatError as exc:
         raise ImageRejected(f"malformed module: {exc}") from exc
 
 
-def _instrument(module: bytes) -> Instrumented:
+def _instrument(module: bytes, track_writes: bool) -> Instrumented:
     sections = wb.split_sections(module)
     by_id = {s.id: s for s in sections if s.id != wb.SEC_CUSTOM}
 
@@ -116,8 +122,15 @@ def _instrument(module: bytes) -> Instrumented:
                 raise ImageRejected(f"export {name!r} uses the reserved prefix {EXPORT_PREFIX!r}")
             existing.append(bytes(r.data[start : r.pos]))
 
+    dirty_export = None
+    if track_writes and len(memories) == 1:
+        sections = add_write_tracking(sections, len(imports))
+        dirty_export = DIRTY_EXPORT
     added = [wb.encode_name(m.export) + bytes([wb.KIND_MEMORY]) + wb.uleb_encode(i)
              for i, m in enumerate(memories)]
+    if dirty_export:
+        added.append(wb.encode_name(dirty_export) + bytes([wb.KIND_MEMORY])
+                     + wb.uleb_encode(len(memories)))
     added += [wb.encode_name(g.export) + bytes([wb.KIND_GLOBAL]) + wb.uleb_encode(g.index)
               for g in globals_]
     entries = existing + added
@@ -141,7 +154,7 @@ def _instrument(module: bytes) -> Instrumented:
         rewritten.append(new_export)
 
     return Instrumented(wb.join_sections(rewritten), tuple(memories), tuple(globals_),
-                        tuple(imports))
+                        tuple(imports), dirty_export)
 
 
 def _check_imports(section: wb.Section | None) -> list[str]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import wasmtime
 from wasmtime import _ffi as ffi
 from wasmtime import _func as wasmtime_func
@@ -53,19 +54,23 @@ MiB = 1 << 20
 INPUT_EXPORT = "cloudlet_input"  # bytes ABI: guest returns a buffer for `len` input bytes
 INITIALIZE_EXPORT = "_initialize"  # WASI reactor convention: run once at boot
 MAX_FUEL = (1 << 63) - 1
+MIN_MEMORY_BYTES = MiB
 
 
 @dataclass(frozen=True)
 class VMLimits:
     """Per-VM limits. Defaults suit an interactive session; each is documented in docs/abi.md."""
 
-    memory_bytes: int = 256 * MiB  # cap on all linear memory; memory.grow fails past it
+    # Cap on each linear memory; memory.grow fails past it. At least 1 MiB: the
+    # write-tracking bitmap is a 1 MiB memory under the same per-memory cap.
+    memory_bytes: int = 256 * MiB
     fuel_per_call: int | None = 10_000_000_000  # ~seconds of compute; None = unlimited
     deadline_ms: int = 2_000  # wall clock per call (resolution: the 10 ms epoch tick)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.memory_bytes, int) or self.memory_bytes < chunks.WASM_PAGE_BYTES:
-            raise ValueError("memory_bytes must be an integer of at least one wasm page (65536)")
+        if not isinstance(self.memory_bytes, int) or self.memory_bytes < MIN_MEMORY_BYTES:
+            raise ValueError(f"memory_bytes must be an integer of at least {MIN_MEMORY_BYTES} "
+                             "(1 MiB)")
         if self.fuel_per_call is not None and (
             not isinstance(self.fuel_per_call, int) or self.fuel_per_call <= 0
         ):
@@ -132,6 +137,7 @@ class VM:
                               random_key=hashlib.blake2b(image.digest.encode(),
                                                          digest_size=32).digest())
         self.host.view = self._memory0_view
+        self.host.on_write = self.mark_written
         self._store: wasmtime.Store | None = wasmtime.Store(image.runtime.engine, data=self.host)
         self._ctx = self._store._context()
         self._funcs: dict[str, _BoundFunc] = {}
@@ -145,6 +151,10 @@ class VM:
         # Chunk digests at the last snapshot (or restore): the base of `dirty_chunks`.
         self.last_snapshot_id: str | None = None
         self._last_hashes: list[chunks.Hashes] | None = None
+        # Write tracking (images instrumented with a dirty bitmap): the digests of
+        # memory 0 as of the last sync; marked chunks are rehashed on the next one.
+        self._dirty_bitmap: Any = None
+        self._tracked_hashes: chunks.Hashes | None = None
         self._base_seq = 0
         self._instance: Any = None
 
@@ -174,7 +184,7 @@ class VM:
         store = vm._store
         assert store is not None
         store.set_limits(memory_size=limits.memory_bytes, instances=1,
-                         memories=max(1, len(image.memories)))
+                         memories=max(1, len(image.memories) + bool(image.dirty_export)))
         vm._arm()
         try:
             vm._instance = image.pre.instantiate(store)
@@ -189,6 +199,8 @@ class VM:
         for mem in image.memories:
             vm._memories.append(vm._export(mem.export, ffi.WASMTIME_EXTERN_MEMORY).of.memory)
             vm._views.append(None)
+        if image.dirty_export:
+            vm._dirty_bitmap = vm._export(image.dirty_export, ffi.WASMTIME_EXTERN_MEMORY).of.memory
         if INITIALIZE_EXPORT in image.functions:
             try:
                 vm._invoke(INITIALIZE_EXPORT, ())
@@ -196,6 +208,10 @@ class VM:
                 vm.close()
                 raise
             vm.seq = 0
+        if image.pristine and vm._dirty_bitmap is not None:
+            # Boot writes are the pristine state itself: start tracking from here.
+            vm._bitmap()[:] = 0
+            vm._tracked_hashes = image.pristine[0].hashes
         return vm
 
     def _export(self, name: str, kind: Any) -> Any:
@@ -254,6 +270,7 @@ class VM:
             if ptr == 0 or ptr + len(data) > len(view):
                 raise VMMemoryLimit(f"guest could not provide a {len(data)}-byte input buffer")
             view[ptr : ptr + len(data)] = data
+            self.mark_written(ptr, len(data))
             fn = self._prepare(name, (ptr, len(data)))
             packed = self._enter(fn) & 0xFFFFFFFFFFFFFFFF
         finally:
@@ -352,8 +369,40 @@ class VM:
         return sum(len(self._view(i)) for i in range(len(self._memories)))
 
     def memory_view(self, index: int = 0) -> memoryview:
-        """Zero-copy view of a linear memory (valid until the next call that grows it)."""
-        return self._view(index)
+        """Read-only zero-copy view of a linear memory (valid until it next grows).
+
+        Read-only because writes that bypass `write_memory` would escape dirty
+        tracking, and snapshots would miss them.
+        """
+        return self._view(index).toreadonly()
+
+    def write_memory(self, offset: int, data: bytes, index: int = 0) -> None:
+        """Write guest memory from the host, keeping dirty tracking exact."""
+        view = self._view(index)
+        if offset < 0 or offset + len(data) > len(view):
+            raise BadCall(f"write of {len(data)} bytes at {offset} is outside memory {index} "
+                          f"({len(view)} bytes)")
+        view[offset : offset + len(data)] = data
+        if index == 0:
+            self.mark_written(offset, len(data))
+
+    def _bitmap(self) -> npt.NDArray[np.uint8]:
+        """The dirty bitmap's first byte per chunk of memory 0, as a writable array."""
+        mem_ref = ctypes.byref(self._dirty_bitmap)
+        size = ffi.wasmtime_memory_data_size(self._ctx, mem_ref)
+        addr = ctypes.addressof(ffi.wasmtime_memory_data(self._ctx, mem_ref).contents)
+        n = min(size, len(self._view(0)) // chunks.CHUNK_BYTES)
+        arr: npt.NDArray[np.uint8] = np.ctypeslib.as_array(
+            (ctypes.c_uint8 * n).from_address(addr))
+        return arr
+
+    def mark_written(self, offset: int, length: int) -> None:
+        """Record a host write into memory 0 (a no-op without write tracking)."""
+        if self._dirty_bitmap is None or length <= 0:
+            return
+        first = offset >> chunks.CHUNK_SHIFT
+        last = (offset + length - 1) >> chunks.CHUNK_SHIFT
+        self._bitmap()[first : last + 1] = 1
 
     def _grow_to(self, index: int, pages: int) -> None:
         current = len(self._view(index)) // chunks.WASM_PAGE_BYTES
@@ -404,6 +453,8 @@ class VM:
         return [self._memory_hashes(i) for i in range(len(self._memories))]
 
     def _memory_hashes(self, index: int) -> chunks.Hashes:
+        if index == 0 and self._tracked_hashes is not None:
+            return self._sync_tracked_hashes()
         view = self._view(index)
         cached = self._views[index]
         assert cached is not None
@@ -418,6 +469,24 @@ class VM:
         else:
             touched[:] = True
         return chunks.hash_touched_chunks(view, touched)
+
+    def _sync_tracked_hashes(self) -> chunks.Hashes:
+        """Digests of memory 0 from the bitmap: rehash only the chunks marked since the
+        last sync (new chunks from growth are zero), then clear their marks."""
+        assert self._tracked_hashes is not None
+        view = self._view(0)
+        n = len(view) // chunks.CHUNK_BYTES
+        hashes = chunks.extend_hashes(self._tracked_hashes, n).copy()
+        bitmap = self._bitmap()
+        marked = np.flatnonzero(bitmap)
+        if len(marked):
+            offsets = (marked * chunks.CHUNK_BYTES).tolist()
+            hashes[marked] = np.fromiter(
+                (chunks.hash_one(view[o : o + chunks.CHUNK_BYTES]) for o in offsets),
+                dtype=np.uint64, count=len(marked))
+            bitmap[marked] = 0
+        self._tracked_hashes = hashes
+        return hashes.copy()  # callers keep theirs; ours changes on the next sync
 
     def dirty_chunks(self) -> list[chunks.ChunkIds]:
         """Chunks written since the last snapshot or restore (one scan, state unchanged)."""
@@ -439,6 +508,12 @@ class VM:
         if delta and self._last_hashes is None:
             raise VMError("a delta needs an earlier snapshot of this VM as its base")
         return capture(self, delta=delta)
+
+    def _restart_tracking(self, hashes: list[chunks.Hashes]) -> None:
+        """After the host rewrote memory wholesale (restore): digests are known, no marks."""
+        if self._dirty_bitmap is not None:
+            self._bitmap()[:] = 0
+            self._tracked_hashes = hashes[0].copy()
 
     def _set_snapshot_base(self, snapshot_id: str, hashes: list[chunks.Hashes]) -> None:
         self.last_snapshot_id = snapshot_id
@@ -499,6 +574,9 @@ class VM:
         self._views = [None] * len(self._views)
         self._memories = []
         self.host.view = None
+        self.host.on_write = None
+        self._dirty_bitmap = None
+        self._tracked_hashes = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -223,7 +223,7 @@ def apply_snapshot(vm: VM, snap: Snapshot) -> None:
     new_hashes = []
     for i, mem in enumerate(snap.memories):
         vm._grow_to(i, mem.pages)
-        arr = chunks.as_chunk_array(vm.memory_view(i))
+        arr = chunks.as_chunk_array(vm._view(i))
         if len(mem.chunk_ids) * 4 > len(arr):
             vm.hint_hugepages(i)
         if len(mem.chunk_ids):
@@ -243,6 +243,7 @@ def apply_snapshot(vm: VM, snap: Snapshot) -> None:
     vm.fuel_used = snap.fuel_used
     vm.limits = snap.limits
     vm._set_snapshot_base(snap.snapshot_id, new_hashes)
+    vm._restart_tracking(new_hashes)
 
 
 # --- encoding -------------------------------------------------------------------------

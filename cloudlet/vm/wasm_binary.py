@@ -14,6 +14,7 @@ safe on invalid ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 MAGIC = b"\x00asm"
@@ -221,32 +222,40 @@ STATE_MUTATORS = {
 }
 
 
-def _memarg(r: Reader) -> None:
+@dataclass(frozen=True)
+class Instr:
+    """One decoded instruction: where it is, what it is, and its memory operand if any."""
+
+    start: int
+    end: int
+    op: int  # the first byte
+    sub: int = -1  # the sub-opcode of 0xFC / 0xFD prefixed instructions
+    memidx: int = -1  # memory of a load/store (-1: no memarg)
+    offset: int = 0  # memarg offset
+    mem2: int = -1  # second memory immediate (memory.copy's source)
+
+
+def _memarg(r: Reader) -> tuple[int, int]:
     align = r.uleb()
-    if align & 0x40:  # multi-memory: an explicit memory index follows
-        r.uleb()
-    r.uleb(64)
+    memidx = r.uleb() if align & 0x40 else 0  # multi-memory: an explicit memory index
+    return memidx, r.uleb(64)
 
 
-def find_state_mutators(body: Reader) -> list[tuple[str, int]]:
-    """Scan one function body's instructions; return (name, offset) of each state mutator.
-
-    The scan decodes every immediate so that a byte inside an immediate is never
-    taken for an opcode.
-    """
-    found: list[tuple[str, int]] = []
-    r = body
+def iter_instructions(r: Reader) -> Iterator[Instr]:
+    """Decode every instruction up to `r.end`, immediates included, so that a byte
+    inside an immediate is never taken for an opcode."""
     while not r.at_end():
         at = r.pos
         op = r.byte()
+        sub, memidx, offset, mem2 = -1, -1, 0, -1
         if op in (0x02, 0x03, 0x04):  # block/loop/if: block type is s33
             r.sleb(33)
         elif op in _ONE_ULEB:
-            r.uleb()
-            if op == 0x26:
-                found.append(("table.set", at))
+            value = r.uleb()
+            if op in (0x3F, 0x40):
+                memidx = value
         elif op in _MEMARG:
-            _memarg(r)
+            memidx, offset = _memarg(r)
         elif op == 0x0E:  # br_table
             for _ in range(r.uleb()):
                 r.uleb()
@@ -271,34 +280,47 @@ def find_state_mutators(body: Reader) -> list[tuple[str, int]]:
             sub = r.uleb()
             if sub <= 7:
                 pass
-            elif sub in (8, 12, 14):
+            elif sub == 8:  # memory.init seg mem
+                r.uleb()
+                memidx = r.uleb()
+            elif sub == 10:  # memory.copy dst src
+                memidx = r.uleb()
+                mem2 = r.uleb()
+            elif sub == 11:  # memory.fill mem
+                memidx = r.uleb()
+            elif sub in (12, 14):
                 r.uleb()
                 r.uleb()
-            elif sub in (9, 13, 11, 15, 16, 17):
-                r.uleb()
-            elif sub == 10:
-                r.uleb()
+            elif sub in (9, 13, 15, 16, 17):
                 r.uleb()
             else:
                 raise WasmFormatError(f"unsupported instruction 0xfc {sub} at offset {at}")
-            name = STATE_MUTATORS.get(("fc", sub))
-            if name:
-                found.append((name, at))
         elif op == 0xFD:
             sub = r.uleb()
             if sub in _SIMD_MEMARG:
-                _memarg(r)
+                memidx, offset = _memarg(r)
             elif sub in (0x0C, 0x0D):
                 r.skip(16)
             elif sub in _SIMD_LANE:
                 r.skip(1)
             elif sub in _SIMD_MEMARG_LANE:
-                _memarg(r)
+                memidx, offset = _memarg(r)
                 r.skip(1)
         elif op == 0xFE:
             raise WasmFormatError(f"atomics (threads) are not supported (offset {at})")
         elif op in _EXCEPTIONS:
             raise WasmFormatError(f"exception handling is not supported (offset {at})")
-        elif op > 0xD2 and op not in (0xFC, 0xFD):
+        elif op > 0xD2:
             raise WasmFormatError(f"unknown opcode 0x{op:02x} at offset {at}")
+        yield Instr(at, r.pos, op, sub, memidx, offset, mem2)
+
+
+def find_state_mutators(body: Reader) -> list[tuple[str, int]]:
+    """(name, offset) of each instruction in a body that changes tables or drops segments."""
+    found = []
+    for ins in iter_instructions(body):
+        key = ("fc", ins.sub) if ins.op == 0xFC else ("", ins.op)
+        name = STATE_MUTATORS.get(key)
+        if name:
+            found.append((name, ins.start))
     return found

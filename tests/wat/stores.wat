@@ -1,0 +1,33 @@
+;; Every way a guest can write memory, for the write-tracking tests: each store
+;; width and type, SIMD stores and lane stores, the bulk operations, and memarg
+;; offsets, at any address (including ones that straddle two 4 KiB chunks).
+(module
+  (memory 2 64)
+  (data $seg "0123456789abcdef0123456789abcdef")
+  (func (export "grow") (param $pages i32) (result i32) (memory.grow (local.get $pages)))
+  (func (export "st_i32") (param $a i32) (param $v i32) (i32.store (local.get $a) (local.get $v)))
+  (func (export "st_i64") (param $a i32) (param $v i64) (i64.store (local.get $a) (local.get $v)))
+  (func (export "st_f32") (param $a i32) (param $v f32) (f32.store (local.get $a) (local.get $v)))
+  (func (export "st_f64") (param $a i32) (param $v f64) (f64.store (local.get $a) (local.get $v)))
+  (func (export "st_i32_8") (param $a i32) (param $v i32) (i32.store8 (local.get $a) (local.get $v)))
+  (func (export "st_i32_16") (param $a i32) (param $v i32)
+    (i32.store16 (local.get $a) (local.get $v)))
+  (func (export "st_i64_8") (param $a i32) (param $v i64) (i64.store8 (local.get $a) (local.get $v)))
+  (func (export "st_i64_16") (param $a i32) (param $v i64)
+    (i64.store16 (local.get $a) (local.get $v)))
+  (func (export "st_i64_32") (param $a i32) (param $v i64)
+    (i64.store32 (local.get $a) (local.get $v)))
+  (func (export "st_off") (param $a i32) (param $v i64)  ;; offset past a chunk boundary
+    (i64.store offset=8190 (local.get $a) (local.get $v)))
+  (func (export "st_v128") (param $a i32) (param $v i64)
+    (v128.store (local.get $a) (i64x2.splat (local.get $v))))
+  (func (export "st_lane") (param $a i32) (param $v i64)
+    (v128.store64_lane 1 (local.get $a) (i64x2.splat (local.get $v))))
+  (func (export "fill") (param $a i32) (param $v i32) (param $n i32)
+    (memory.fill (local.get $a) (local.get $v) (local.get $n)))
+  (func (export "copy") (param $dst i32) (param $src i32) (param $n i32)
+    (memory.copy (local.get $dst) (local.get $src) (local.get $n)))
+  (func (export "init") (param $dst i32) (param $n i32)
+    (memory.init $seg (local.get $dst) (i32.const 0) (local.get $n)))
+  (func (export "size") (result i32) (memory.size))
+)
