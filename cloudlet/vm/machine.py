@@ -210,7 +210,7 @@ class VM:
             vm.seq = 0
         if image.pristine and vm._dirty_bitmap is not None:
             # Boot writes are the pristine state itself: start tracking from here.
-            vm._bitmap()[:] = 0
+            vm._clear_bitmap()
             vm._tracked_hashes = image.pristine[0].hashes
         return vm
 
@@ -396,6 +396,12 @@ class VM:
             (ctypes.c_uint8 * n).from_address(addr))
         return arr
 
+    def _clear_bitmap(self) -> None:
+        mem_ref = ctypes.byref(self._dirty_bitmap)
+        n = min(ffi.wasmtime_memory_data_size(self._ctx, mem_ref),
+                len(self._view(0)) // chunks.CHUNK_BYTES)
+        ctypes.memset(ffi.wasmtime_memory_data(self._ctx, mem_ref), 0, n)
+
     def mark_written(self, offset: int, length: int) -> None:
         """Record a host write into memory 0 (a no-op without write tracking)."""
         if self._dirty_bitmap is None or length <= 0:
@@ -512,7 +518,7 @@ class VM:
     def _restart_tracking(self, hashes: list[chunks.Hashes]) -> None:
         """After the host rewrote memory wholesale (restore): digests are known, no marks."""
         if self._dirty_bitmap is not None:
-            self._bitmap()[:] = 0
+            self._clear_bitmap()
             self._tracked_hashes = hashes[0].copy()
 
     def _set_snapshot_base(self, snapshot_id: str, hashes: list[chunks.Hashes]) -> None:
