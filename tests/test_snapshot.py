@@ -186,3 +186,18 @@ def test_skipping_untouched_pages_gives_the_same_digests(workload: dict[str, Ima
     restored = VM.restore(workload["memhog"], vm.snapshot())
     assert [(a == b).all() for a, b in zip(restored.chunk_hashes(), full(), strict=True)]
     assert restored.call("hog_checksum") == vm.call("hog_checksum")
+
+
+def test_limits_from_a_delta_reach_the_store(workload: dict[str, Image]) -> None:
+    """A delta carries the VM's limits; the copy's memory cap must follow, not just its field."""
+    from cloudlet.vm import VMLimits
+
+    vm = VM.create(workload["memhog"], VMLimits(memory_bytes=64 << 20))
+    copy = VM.restore(workload["memhog"], vm.snapshot())
+    assert copy.call("hog_grow", 16) > 0  # 64 MiB cap: fine
+    copy.close()
+    copy = VM.restore(workload["memhog"], vm.snapshot())
+    vm.set_limits(VMLimits(memory_bytes=8 << 20))
+    copy.apply_delta(vm.snapshot(delta=True))
+    assert copy.limits.memory_bytes == 8 << 20
+    assert copy.call("hog_grow", 16) == -1  # the store's limiter enforces the new cap

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         image = store.add_file(args.image) if args.image else store.get(snap.image_digest)
         vm = VM.restore(image, snap)
         if any(x is not None for x in (args.memory_mib, args.fuel, args.deadline_ms)):
-            vm.with_limits(_limits(args, vm.limits))
+            vm.set_limits(_limits(args, vm.limits))
     else:
         if not args.image:
             raise BadCall("give IMAGE.wasm, or --from-snapshot FILE")
@@ -136,7 +137,7 @@ def _is_bytes_arg(arg: str) -> bool:
 
 def _bytes_arg(arg: str) -> bytes:
     if arg.startswith("s:"):
-        return arg[2:].encode("utf-8")
+        return os.fsencode(arg[2:])  # the argument's original bytes, UTF-8 or not
     if arg.startswith("x:"):
         try:
             return bytes.fromhex(arg[2:])

@@ -55,6 +55,16 @@ INPUT_EXPORT = "cloudlet_input"  # bytes ABI: guest returns a buffer for `len` i
 INITIALIZE_EXPORT = "_initialize"  # WASI reactor convention: run once at boot
 MAX_FUEL = (1 << 63) - 1
 MIN_MEMORY_BYTES = MiB
+MAX_MEMORY_BYTES = 1 << 32
+MAX_DEADLINE_MS = 24 * 3600 * 1000  # a call running for a day is a bug, not a workload
+# _initialize runs under these, not the VM's own limits: it already completed once
+# at registration, and a snapshot's limits must never make its image unbootable.
+BOOT_FUEL = 10_000_000_000
+BOOT_DEADLINE_MS = 10_000
+
+
+def _int_in(value: object, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
 
 
 @dataclass(frozen=True)
@@ -68,15 +78,14 @@ class VMLimits:
     deadline_ms: int = 2_000  # wall clock per call (resolution: the 10 ms epoch tick)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.memory_bytes, int) or self.memory_bytes < MIN_MEMORY_BYTES:
-            raise ValueError(f"memory_bytes must be an integer of at least {MIN_MEMORY_BYTES} "
-                             "(1 MiB)")
-        if self.fuel_per_call is not None and (
-            not isinstance(self.fuel_per_call, int) or self.fuel_per_call <= 0
-        ):
-            raise ValueError("fuel_per_call must be a positive integer or None")
-        if not isinstance(self.deadline_ms, int) or self.deadline_ms <= 0:
-            raise ValueError("deadline_ms must be a positive integer")
+        # bool is an int subclass; and ctypes would silently wrap values past 64 bits.
+        if not _int_in(self.memory_bytes, MIN_MEMORY_BYTES, MAX_MEMORY_BYTES):
+            raise ValueError(f"memory_bytes must be an integer from {MIN_MEMORY_BYTES} (1 MiB) "
+                             f"to {MAX_MEMORY_BYTES} (4 GiB, all a wasm32 memory can address)")
+        if self.fuel_per_call is not None and not _int_in(self.fuel_per_call, 1, MAX_FUEL):
+            raise ValueError(f"fuel_per_call must be an integer from 1 to {MAX_FUEL}, or None")
+        if not _int_in(self.deadline_ms, 1, MAX_DEADLINE_MS):
+            raise ValueError(f"deadline_ms must be an integer from 1 to {MAX_DEADLINE_MS}")
 
     @property
     def deadline_ticks(self) -> int:
@@ -180,7 +189,8 @@ class VM:
         """Instantiate and run `_initialize` with a fixed host state, so every boot of an
         image yields the same memory: the pristine state overlays are taken against."""
         image.runtime.ticker.ensure_started()
-        vm = cls(image, limits, vm_id, owner)
+        boot_limits = replace(limits, fuel_per_call=BOOT_FUEL, deadline_ms=BOOT_DEADLINE_MS)
+        vm = cls(image, boot_limits, vm_id, owner)
         store = vm._store
         assert store is not None
         store.set_limits(memory_size=limits.memory_bytes, instances=1,
@@ -196,6 +206,10 @@ class VM:
             vm.close()
             raise VMMemoryLimit(f"cannot instantiate image {image.digest[:12]} within "
                                 f"{limits.memory_bytes} bytes: {exc}") from None
+        except GuestExit as exc:  # proc_exit in a start function
+            vm.close()
+            raise VMExited(f"image {image.digest[:12]} exited while instantiating "
+                           f"(status {exc.status})") from None
         for mem in image.memories:
             vm._memories.append(vm._export(mem.export, ffi.WASMTIME_EXTERN_MEMORY).of.memory)
             vm._views.append(None)
@@ -212,6 +226,7 @@ class VM:
             # Boot writes are the pristine state itself: start tracking from here.
             vm._clear_bitmap()
             vm._tracked_hashes = image.pristine[0].hashes
+        vm.limits = limits
         return vm
 
     def _export(self, name: str, kind: Any) -> Any:
@@ -534,7 +549,7 @@ class VM:
         Everything is checked before anything is applied, and the VM is only
         returned once whole: an error leaves nothing half-restored behind.
         """
-        from cloudlet.vm.snapshot import apply_snapshot, check_restorable
+        from cloudlet.vm.snapshot import apply_snapshot, check_applicable, check_restorable
 
         if snapshot.kind != "overlay":
             raise SnapshotImageMismatch("restore starts from an overlay snapshot, not a delta")
@@ -550,6 +565,7 @@ class VM:
                        owner if owner is not None else snapshot.owner)
         try:
             for snap in (snapshot, *deltas):
+                check_applicable(vm, snap)
                 apply_snapshot(vm, snap)
         except BaseException:
             vm.close()
@@ -558,9 +574,11 @@ class VM:
 
     def apply_delta(self, delta: Snapshot) -> None:
         """Bring this VM forward by a delta taken against its current state."""
-        from cloudlet.vm.snapshot import apply_snapshot, check_restorable
+        from cloudlet.vm.snapshot import apply_snapshot, check_applicable
 
-        check_restorable(self.image, delta)
+        if self.failed is not None:
+            raise VMFailed(f"VM {self.id} has failed: {self.failed}")
+        check_applicable(self, delta)
         if self.seq != self._base_seq:
             raise SnapshotImageMismatch(
                 f"VM {self.id} has applied calls since its last snapshot, so its state is no "
@@ -569,7 +587,11 @@ class VM:
             raise SnapshotImageMismatch(
                 f"delta {delta.snapshot_id[:12]} does not apply on this VM's state "
                 f"({(self.last_snapshot_id or 'none')[:12]})")
-        apply_snapshot(self, delta)
+        try:
+            apply_snapshot(self, delta)
+        except BaseException:
+            self.failed = f"delta {delta.snapshot_id[:12]} failed midway: state unknown"
+            raise
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -589,13 +611,12 @@ class VM:
         if self.failed is None:
             self.failed = "closed"
 
-    def with_limits(self, limits: VMLimits) -> None:
+    def set_limits(self, limits: VMLimits) -> None:
         """Change limits for later calls (the memory cap cannot go below current use)."""
-        if limits.memory_bytes < self.memory_bytes:
+        if any(len(self._view(i)) > limits.memory_bytes for i in range(len(self._memories))):
             raise VMMemoryLimit("the new memory cap is below the memory the VM already uses")
-        self.limits = replace(limits)
-        assert self._store is not None
-        self._store.set_limits(memory_size=limits.memory_bytes)
+        self._live_store().set_limits(memory_size=limits.memory_bytes)
+        self.limits = limits
 
 
 def _trap_reason(message: str) -> str:

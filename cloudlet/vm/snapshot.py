@@ -41,6 +41,7 @@ from cloudlet.errors import (
 )
 from cloudlet.fsutil import atomic_write
 from cloudlet.vm import chunks
+from cloudlet.vm.hostfns import LOG_CAP_BYTES
 from cloudlet.vm.machine import VMLimits
 
 if TYPE_CHECKING:
@@ -192,8 +193,9 @@ def check_restorable(image: Image, snap: Snapshot) -> None:
                                         f"maximum of {info.max_pages}")
         n_chunks = mem.pages * chunks.CHUNKS_PER_PAGE
         for name, ids in (("chunk", mem.chunk_ids), ("zero chunk", mem.zero_ids)):
-            if len(ids) and (int(ids[-1]) >= n_chunks or np.any(np.diff(ids) <= 0)):
-                raise SnapshotCorrupt(f"memory {i}: {name} ids are out of range or unsorted")
+            _check_ids(ids, n_chunks, f"memory {i}: {name} ids")
+        if len(np.intersect1d(mem.chunk_ids, mem.zero_ids)):
+            raise SnapshotCorrupt(f"memory {i}: a chunk is listed both with data and as zero")
         if len(mem.data) != len(mem.chunk_ids) * chunks.CHUNK_BYTES:
             raise SnapshotCorrupt(f"memory {i}: {len(mem.data)} bytes of data for "
                                   f"{len(mem.chunk_ids)} chunks")
@@ -213,16 +215,37 @@ def check_restorable(image: Image, snap: Snapshot) -> None:
                 raise SnapshotCorrupt(f"global {name} value {value} does not fit {expected[name]}")
 
 
+def _check_ids(ids: chunks.ChunkIds, n_chunks: int, what: str) -> None:
+    wide = ids.astype(np.int64)  # differences of unsigned ids would wrap around
+    if len(wide) and (wide.min() < 0 or wide.max() >= n_chunks or np.any(np.diff(wide) <= 0)):
+        raise SnapshotCorrupt(f"{what} must be ascending and below {n_chunks}")
+
+
+def check_applicable(vm: VM, snap: Snapshot) -> None:
+    """`check_restorable`, plus what depends on the VM's current state (for a delta)."""
+    check_restorable(vm.image, snap)
+    for i, mem in enumerate(snap.memories):
+        current = len(vm._view(i)) // chunks.WASM_PAGE_BYTES
+        if mem.pages < current:
+            raise SnapshotCorrupt(f"memory {i} has {current} pages, more than the snapshot's "
+                                  f"{mem.pages}: memories cannot shrink")
+
+
 def apply_snapshot(vm: VM, snap: Snapshot) -> None:
-    """Write `snap` into `vm` (whose state must be the snapshot's base)."""
+    """Write `snap` into `vm` (whose state must be the snapshot's base, checked with
+    `check_applicable`). Memories are all grown before anything is written, so the
+    only failure left midway is the host running out of memory."""
     if snap.kind == "overlay":
         bases = [p.hashes for p in vm.image.pristine]
     else:
         assert vm._last_hashes is not None
         bases = vm._last_hashes
-    new_hashes = []
+    if snap.limits != vm.limits:
+        vm.set_limits(snap.limits)
     for i, mem in enumerate(snap.memories):
         vm._grow_to(i, mem.pages)
+    new_hashes = []
+    for i, mem in enumerate(snap.memories):
         arr = chunks.as_chunk_array(vm._view(i))
         if len(mem.chunk_ids) * 4 > len(arr):
             vm.hint_hugepages(i)
@@ -241,7 +264,6 @@ def apply_snapshot(vm: VM, snap: Snapshot) -> None:
     vm.host.load(snap.host)  # in place: the store's host functions hold this object
     vm.seq = snap.seq
     vm.fuel_used = snap.fuel_used
-    vm.limits = snap.limits
     vm._set_snapshot_base(snap.snapshot_id, new_hashes)
     vm._restart_tracking(new_hashes)
 
@@ -303,7 +325,7 @@ def _split(data: memoryview, max_bytes: int) -> tuple[dict[str, Any], memoryview
     if not isinstance(header, dict):
         raise SnapshotCorrupt("snapshot header is not a map")
     version = header.get("format")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise SnapshotVersionUnsupported(
             f"snapshot format version {version!r}; this Cloudlet reads version {FORMAT_VERSION}")
     for key, typ in (("compression", str), ("body_bytes", int), ("raw_bytes", int),
@@ -325,11 +347,7 @@ def _parse(data: memoryview, max_bytes: int) -> Snapshot:
     if hashlib.sha256(body).hexdigest() != header["sha256"]:
         raise SnapshotCorrupt("snapshot digest does not match: the file is corrupted")
     if header["compression"] == "zstd":
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(
-                body, max_output_size=header["raw_bytes"])
-        except zstandard.ZstdError as exc:
-            raise SnapshotCorrupt(f"snapshot body does not decompress: {exc}") from None
+        raw = _decompress(body, header["raw_bytes"])
     elif header["compression"] == "none":
         raw = bytes(body)
     else:
@@ -343,6 +361,26 @@ def _parse(data: memoryview, max_bytes: int) -> Snapshot:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
         raise SnapshotCorrupt(f"snapshot body is malformed: {exc!r}") from None
+
+
+def _decompress(body: memoryview, raw_bytes: int) -> bytes:
+    """Decompress at most `raw_bytes` (+1 to detect a lie): a frame's own size claim
+    is never trusted, so a small body cannot make us allocate gigabytes."""
+    try:
+        declared = zstandard.frame_content_size(body)
+        if declared not in (-1, raw_bytes):
+            raise SnapshotCorrupt(f"snapshot body expands to {declared} bytes, "
+                                  f"but its header says {raw_bytes}")
+        out = bytearray()
+        with zstandard.ZstdDecompressor().stream_reader(body) as reader:
+            while len(out) <= raw_bytes:
+                piece = reader.read(min(raw_bytes + 1 - len(out), 1 << 24))
+                if not piece:
+                    break
+                out += piece
+    except (zstandard.ZstdError, MemoryError) as exc:
+        raise SnapshotCorrupt(f"snapshot body does not decompress: {exc}") from None
+    return bytes(out)
 
 
 def _want(d: Any, key: str, typ: type | tuple[type, ...]) -> Any:
@@ -374,8 +412,11 @@ def _from_wire(d: Any) -> Snapshot:
                      ("random_key", bytes), ("random_counter", int), ("log", bytes),
                      ("log_dropped_bytes", int)):
         _want(host, key, typ)
-    if host["clock"] not in ("real", "virtual") or len(host["random_key"]) != 32:
-        raise SnapshotCorrupt("snapshot host state is invalid")
+    if (host["clock"] not in ("real", "virtual") or len(host["random_key"]) != 32
+            or not 0 <= host["random_counter"] < 1 << 64 or not 0 <= host["virtual_ns"] < 1 << 64
+            or not 0 <= host["monotonic_ns"] < 1 << 64 or host["log_dropped_bytes"] < 0
+            or len(host["log"]) > LOG_CAP_BYTES):
+        raise SnapshotCorrupt("snapshot host state is out of range")
     globals_ = _want(d, "globals", dict)
     memories = []
     for m in _want(d, "memories", list):
@@ -389,8 +430,8 @@ def _from_wire(d: Any) -> Snapshot:
     if kind == "delta" and not isinstance(base_id, str):
         raise SnapshotCorrupt("a delta snapshot must name its base")
     seq = _want(d, "seq", int)
-    if seq < 0:
-        raise SnapshotCorrupt("negative sequence number")
+    if not 0 <= seq < 1 << 63 or not 0 <= _want(d, "fuel_used", int) < 1 << 64:
+        raise SnapshotCorrupt("sequence number or fuel used out of range")
     return Snapshot(
         image_digest=_want(d, "image", str),
         kind=kind,

@@ -70,18 +70,12 @@ class Reader:
         self.pos += n
 
     def uleb(self, max_bits: int = 32) -> int:
-        result = shift = 0
-        while True:
-            b = self.byte()
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
-            if shift >= max_bits + 7:
-                raise WasmFormatError(f"LEB128 too long at offset {self.pos}")
-        return result
+        return self._leb(max_bits, signed=False)
 
     def sleb(self, max_bits: int = 64) -> int:
+        return self._leb(max_bits, signed=True)
+
+    def _leb(self, max_bits: int, signed: bool) -> int:
         result = shift = 0
         while True:
             b = self.byte()
@@ -91,7 +85,7 @@ class Reader:
                 break
             if shift >= max_bits + 7:
                 raise WasmFormatError(f"LEB128 too long at offset {self.pos}")
-        if b & 0x40:
+        if signed and b & 0x40:
             result -= 1 << shift
         return result
 
@@ -200,8 +194,13 @@ def skip_const_expr(r: Reader) -> None:
 
 # --- instruction scanning ---------------------------------------------------------
 
-# Opcodes whose only immediate is one unsigned LEB128.
-_ONE_ULEB = {0x0C, 0x0D, 0x10, 0x12, 0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26, 0x3F, 0x40, 0xD2}
+# Opcodes whose only immediate is one unsigned LEB128 (0x14/0x15: call_ref and
+# return_call_ref, from typed function references, take a type index).
+_ONE_ULEB = {0x0C, 0x0D, 0x10, 0x12, 0x14, 0x15, 0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26,
+             0x3F, 0x40, 0xD2}
+# Single-byte opcodes in the range we decode that no proposal we accept assigns:
+# refuse them rather than guess their immediates.
+_UNASSIGNED = {0x16, 0x17, 0x1D, 0x1E, 0x27}
 _MEMARG = set(range(0x28, 0x3F))
 _EXCEPTIONS = {0x06, 0x07, 0x08, 0x09, 0x18, 0x19, 0x1F, 0x0A}
 # SIMD (0xFD) sub-opcodes with immediates; every other SIMD op has none.
@@ -310,7 +309,7 @@ def iter_instructions(r: Reader) -> Iterator[Instr]:
             raise WasmFormatError(f"atomics (threads) are not supported (offset {at})")
         elif op in _EXCEPTIONS:
             raise WasmFormatError(f"exception handling is not supported (offset {at})")
-        elif op > 0xD2:
+        elif op > 0xD2 or op in _UNASSIGNED:
             raise WasmFormatError(f"unknown opcode 0x{op:02x} at offset {at}")
         yield Instr(at, r.pos, op, sub, memidx, offset, mem2)
 
