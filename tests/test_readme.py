@@ -1,0 +1,24 @@
+"""The README's examples must run as written: docs that drift from the code are a bug."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def test_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "the README lost its Python example"
+    (tmp_path / "workloads").symlink_to(ROOT / "workloads")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLOUDLET_HOME", str(tmp_path / "home"))
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert (tmp_path / "base.snap").exists()
+    assert os.listdir(tmp_path / "home" / "images")
