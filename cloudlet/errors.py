@@ -135,6 +135,12 @@ class ConfigError(CloudletError):
     code = "config_error"
 
 
+class InvalidArgument(CloudletError, ValueError):
+    """A value given to the API is out of its documented range (also a ValueError)."""
+
+    code = "invalid_argument"
+
+
 def _all_subclasses(cls: type[CloudletError]) -> list[type[CloudletError]]:
     found: list[type[CloudletError]] = [cls]
     for sub in cls.__subclasses__():

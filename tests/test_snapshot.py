@@ -201,3 +201,24 @@ def test_limits_from_a_delta_reach_the_store(workload: dict[str, Image]) -> None
     copy.apply_delta(vm.snapshot(delta=True))
     assert copy.limits.memory_bytes == 8 << 20
     assert copy.call("hog_grow", 16) == -1  # the store's limiter enforces the new cap
+
+
+def test_float_globals_and_per_memory_caps_are_checked(store: ImageStore) -> None:
+    import dataclasses
+
+    from cloudlet.vm import VMLimits
+    from tests.conftest import wat
+
+    image = store.add(wat("""(module (memory 10) (memory 10)
+      (global $f (mut f64) (f64.const 1.5))
+      (func (export "set") (param f64) (global.set $f (local.get 0)))
+      (func (export "get") (result f64) (global.get $f)))"""))
+    vm = VM.create(image, VMLimits(memory_bytes=1 << 20))  # two 640 KiB memories, 1 MiB cap
+    vm.call("set", 2.5)
+    snap = vm.snapshot()
+    assert VM.restore(image, Snapshot.from_bytes(snap.to_bytes())).call("get") == 2.5
+    (name,) = snap.globals
+    for bad in ("x", None, b"", [], 3):
+        forged = dataclasses.replace(snap, globals={name: bad})
+        with pytest.raises(SnapshotCorrupt):
+            VM.restore(image, forged)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -124,3 +125,36 @@ def _stores_image() -> Image:
 
         _cache["img"] = ImageStore(tempfile.mkdtemp()).add(wat_file("stores.wat"))
     return _cache["img"]
+
+
+def test_a_cap_that_changes_the_boot_is_refused(store: ImageStore) -> None:
+    """An _initialize that grows memory boots differently under a small cap: that VM
+    would not be in the pristine state overlays and tracking assume."""
+    from cloudlet.errors import VMMemoryLimit
+    from cloudlet.vm import VMLimits
+    from tests.conftest import wat
+
+    image = store.add(wat("""(module (memory 1)
+      (func (export "_initialize") (i32.store (i32.const 0) (memory.grow (i32.const 20))))
+      (func (export "get") (result i32) (i32.load (i32.const 0))))"""))
+    with pytest.raises(VMMemoryLimit, match="needs"):
+        VM.create(image, VMLimits(memory_bytes=1 << 20))
+    vm = VM.create(image, VMLimits(memory_bytes=4 << 20))
+    assert vm.call("get") == 1
+    assert_tracked_exact(vm)
+
+
+def test_a_module_at_the_locals_limit_falls_back_to_hashing(tmp_path: object) -> None:
+    """Tracking adds locals; a valid module already at wasmtime's 50,000 must still load."""
+    from pathlib import Path
+
+    from tests.conftest import wat
+
+    locals_ = " ".join(["i32"] * 49_999)
+    image = ImageStore(Path(str(tmp_path))).add(wat(
+        f"""(module (memory 1) (func (export "f") (param i32) (local {locals_})
+          (i32.store (local.get 0) (i32.const 5))))"""))
+    assert image.dirty_export is None
+    vm = VM.create(image)
+    vm.call("f", 8192)
+    assert (vm.chunk_hashes()[0] == full_hashes(vm)).all()

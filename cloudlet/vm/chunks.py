@@ -21,7 +21,6 @@ zero digest without looking. Where pagemap is unavailable, every chunk is hashed
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
 import numpy as np
@@ -37,7 +36,6 @@ Hashes = npt.NDArray[np.uint64]
 ChunkIds = npt.NDArray[np.uint32]
 
 _hash = xxhash.xxh3_64_intdigest
-hash_one = _hash
 ZERO_CHUNK_HASH = _hash(bytes(CHUNK_BYTES))
 
 
@@ -58,10 +56,15 @@ def hash_touched_chunks(view: memoryview, touched: npt.NDArray[np.bool_]) -> Has
     if len(ids) * 8 > n * 7:  # nearly all touched: the plain scan is cheaper
         return hash_chunks(view)
     out = np.full(n, ZERO_CHUNK_HASH, dtype=np.uint64)
-    offsets = (ids * CHUNK_BYTES).tolist()
-    out[ids] = np.fromiter((_hash(view[o : o + CHUNK_BYTES]) for o in offsets),
-                           dtype=np.uint64, count=len(ids))
+    out[ids] = hash_chunk_ids(view, ids)
     return out
+
+
+def hash_chunk_ids(view: memoryview, ids: npt.NDArray[np.intp]) -> Hashes:
+    """Digests of the chunks `ids` of `view`, in that order."""
+    offsets = (ids * CHUNK_BYTES).tolist()
+    return np.fromiter((_hash(view[o : o + CHUNK_BYTES]) for o in offsets),
+                       dtype=np.uint64, count=len(offsets))
 
 
 class PageMap:
@@ -73,7 +76,6 @@ class PageMap:
 
     def __init__(self) -> None:
         self._fd: int | None = None
-        self._lock = threading.Lock()
         if os.sysconf("SC_PAGE_SIZE") != CHUNK_BYTES:
             return  # chunks must be exactly the host's pages for the answer to be per chunk
         try:

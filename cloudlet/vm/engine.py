@@ -2,8 +2,9 @@
 
 An Engine's configuration decides how code is compiled, so it is shared by all
 VMs and is part of the compiled-image cache key. Both limits are compiled in:
-fuel (deterministic: a guest runs out at the same instruction everywhere) and
-epoch interruption (wall-clock deadlines). Epochs only advance when someone
+fuel (deterministic: a guest runs out at the same instruction on every cloudlet
+that uses the same instrumentation mode) and epoch interruption (wall-clock
+deadlines). Epochs only advance when someone
 increments them, so `EpochTicker` does that from a background thread every
 `EPOCH_TICK_S`; a call's wall-clock deadline is a number of ticks.
 """

@@ -63,7 +63,6 @@ class HostState:
     random_counter: int = 0
     log: bytearray | None = None
     log_dropped_bytes: int = 0
-    exit_status: int | None = None
     # Set by the VM: a zero-copy view of memory 0 (host functions read and write it),
     # and the hook that records host writes for dirty tracking.
     view: Callable[[], memoryview] | None = None
@@ -128,7 +127,6 @@ class HostState:
         self.random_counter = d["random_counter"]
         self.log = bytearray(d["log"]) if d["log"] else None
         self.log_dropped_bytes = d["log_dropped_bytes"]
-        self.exit_status = None
         self.resume_monotonic_at(d["monotonic_ns"])
 
 
@@ -223,7 +221,6 @@ def _fd_fdstat_get(state: HostState, fd: int, stat_ptr: int) -> int:
 
 
 def _proc_exit(state: HostState, status: int) -> None:
-    state.exit_status = status
     raise GuestExit(status)
 
 

@@ -174,7 +174,15 @@ class ImageStore:
         try:
             module = wasmtime.Module(engine, inst.wasm)
         except wasmtime.WasmtimeError as exc:
-            raise ImageRejected(f"module does not compile: {_first_line(exc)}") from None
+            if inst.dirty_export is None:
+                raise ImageRejected(f"module does not compile: {_first_line(exc)}") from None
+            # Tracking adds locals and code; a module at an engine limit (e.g. 50,000
+            # locals in a function) may only fit without it: fall back to hashing.
+            inst = instrument(wasm, track_writes=False)
+            try:
+                module = wasmtime.Module(engine, inst.wasm)
+            except wasmtime.WasmtimeError as exc2:
+                raise ImageRejected(f"module does not compile: {_first_line(exc2)}") from None
         image = self._make_image(digest, len(wasm), module, inst.memories, inst.globals,
                                  inst.imports, _functions_of(module), inst.dirty_export)
         image.pristine = self._boot_pristine(image)

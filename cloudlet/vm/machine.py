@@ -20,6 +20,7 @@ import ctypes
 import hashlib
 import os
 import secrets
+import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ from wasmtime import _func as wasmtime_func
 
 from cloudlet.errors import (
     BadCall,
-    SnapshotCorrupt,
+    InvalidArgument,
     SnapshotImageMismatch,
     VMDeadlineExceeded,
     VMError,
@@ -80,12 +81,13 @@ class VMLimits:
     def __post_init__(self) -> None:
         # bool is an int subclass; and ctypes would silently wrap values past 64 bits.
         if not _int_in(self.memory_bytes, MIN_MEMORY_BYTES, MAX_MEMORY_BYTES):
-            raise ValueError(f"memory_bytes must be an integer from {MIN_MEMORY_BYTES} (1 MiB) "
-                             f"to {MAX_MEMORY_BYTES} (4 GiB, all a wasm32 memory can address)")
+            raise InvalidArgument(
+                f"memory_bytes must be an integer from {MIN_MEMORY_BYTES} (1 MiB) to "
+                f"{MAX_MEMORY_BYTES} (4 GiB, all a wasm32 memory can address)")
         if self.fuel_per_call is not None and not _int_in(self.fuel_per_call, 1, MAX_FUEL):
-            raise ValueError(f"fuel_per_call must be an integer from 1 to {MAX_FUEL}, or None")
+            raise InvalidArgument(f"fuel_per_call must be an integer from 1 to {MAX_FUEL}, or None")
         if not _int_in(self.deadline_ms, 1, MAX_DEADLINE_MS):
-            raise ValueError(f"deadline_ms must be an integer from 1 to {MAX_DEADLINE_MS}")
+            raise InvalidArgument(f"deadline_ms must be an integer from 1 to {MAX_DEADLINE_MS}")
 
     @property
     def deadline_ticks(self) -> int:
@@ -108,14 +110,15 @@ class FuncSig:
     results: tuple[str, ...]
 
 
-_RAW_FIELD = {"i32": "i32", "i64": "i64", "f32": "f32", "f64": "f64"}
+# Accepted integer arguments: signed or unsigned forms of the type's bit pattern.
+_INT_RANGE = {"i32": (-(1 << 31), (1 << 32) - 1), "i64": (-(1 << 63), (1 << 64) - 1)}
 
 
 class _BoundFunc:
     """An export resolved in one store, with its argument/result array built once."""
 
-    __slots__ = ("fields", "func", "func_ref", "name", "nparams", "raw", "raw_len",
-                 "result_fields", "sig")
+    __slots__ = ("fields", "func", "func_ref", "int_ranges", "name", "nparams", "raw",
+                 "raw_len", "result_fields", "sig")
 
     def __init__(self, name: str, func: Any, sig: FuncSig) -> None:
         self.name = name
@@ -125,8 +128,9 @@ class _BoundFunc:
         self.nparams = len(sig.params)
         self.raw_len = max(len(sig.params), len(sig.results), 1)
         self.raw = (ffi.wasmtime_val_raw * self.raw_len)()
-        self.fields = tuple(_RAW_FIELD[p] for p in sig.params)
-        self.result_fields = tuple(_RAW_FIELD[r] for r in sig.results)
+        self.fields = sig.params  # the wasmtime_val_raw union's fields are named by type
+        self.result_fields = sig.results
+        self.int_ranges = tuple(_INT_RANGE.get(p) for p in sig.params)
 
 
 class VM:
@@ -145,8 +149,12 @@ class VM:
         self.host = HostState(clock="virtual",
                               random_key=hashlib.blake2b(image.digest.encode(),
                                                          digest_size=32).digest())
-        self.host.view = self._memory0_view
-        self.host.on_write = self.mark_written
+        # wasmtime keeps a store's data (the HostState) in a process-wide table until the
+        # store dies; hooks holding the VM strongly would keep it, and so the store,
+        # alive forever. They hold it weakly instead.
+        self_ref = weakref.ref(self)
+        self.host.view = lambda: _live(self_ref)._memory0_view()
+        self.host.on_write = lambda offset, length: _live(self_ref).mark_written(offset, length)
         self._store: wasmtime.Store | None = wasmtime.Store(image.runtime.engine, data=self.host)
         self._ctx = self._store._context()
         self._funcs: dict[str, _BoundFunc] = {}
@@ -175,7 +183,7 @@ class VM:
                random_seed: bytes | None = None) -> VM:
         """Boot a fresh VM from `image`. `clock="virtual"` makes time deterministic."""
         if clock not in ("real", "virtual"):
-            raise ValueError("clock must be 'real' or 'virtual'")
+            raise InvalidArgument("clock must be 'real' or 'virtual'")
         vm = cls._boot(image, limits or VMLimits(), vm_id, owner)
         vm.host.clock = clock
         vm.host.random_key = random_seed if random_seed is not None else os.urandom(32)
@@ -188,15 +196,14 @@ class VM:
               owner: str | None) -> VM:
         """Instantiate and run `_initialize` with a fixed host state, so every boot of an
         image yields the same memory: the pristine state overlays are taken against."""
-        image.runtime.ticker.ensure_started()
         boot_limits = replace(limits, fuel_per_call=BOOT_FUEL, deadline_ms=BOOT_DEADLINE_MS)
         vm = cls(image, boot_limits, vm_id, owner)
         store = vm._store
         assert store is not None
         store.set_limits(memory_size=limits.memory_bytes, instances=1,
                          memories=max(1, len(image.memories) + bool(image.dirty_export)))
-        vm._arm()
         try:
+            vm._arm()
             vm._instance = image.pre.instantiate(store)
         except wasmtime.Trap as exc:
             vm.close()
@@ -210,18 +217,25 @@ class VM:
             vm.close()
             raise VMExited(f"image {image.digest[:12]} exited while instantiating "
                            f"(status {exc.status})") from None
-        for mem in image.memories:
-            vm._memories.append(vm._export(mem.export, ffi.WASMTIME_EXTERN_MEMORY).of.memory)
-            vm._views.append(None)
-        if image.dirty_export:
-            vm._dirty_bitmap = vm._export(image.dirty_export, ffi.WASMTIME_EXTERN_MEMORY).of.memory
-        if INITIALIZE_EXPORT in image.functions:
-            try:
+        try:
+            for mem in image.memories:
+                vm._memories.append(vm._export(mem.export, ffi.WASMTIME_EXTERN_MEMORY).of.memory)
+                vm._views.append(None)
+            if image.dirty_export:
+                vm._dirty_bitmap = vm._export(image.dirty_export,
+                                              ffi.WASMTIME_EXTERN_MEMORY).of.memory
+            if INITIALIZE_EXPORT in image.functions:
                 vm._invoke(INITIALIZE_EXPORT, ())
-            except VMError:
-                vm.close()
-                raise
-            vm.seq = 0
+        except BaseException:
+            vm.close()
+            raise
+        booted = [len(vm._view(i)) // chunks.WASM_PAGE_BYTES for i in range(len(vm._memories))]
+        if image.pristine and booted != [p.pages for p in image.pristine]:
+            # A cap can only change a boot by failing a memory.grow: then this VM is not
+            # in the pristine state that overlays and tracking assume.
+            vm.close()
+            raise VMMemoryLimit(f"image {image.digest[:12]} needs {image.pristine_bytes} bytes "
+                                f"of memory at boot; the cap of {limits.memory_bytes} is too small")
         if image.pristine and vm._dirty_bitmap is not None:
             # Boot writes are the pristine state itself: start tracking from here.
             vm._clear_bitmap()
@@ -242,6 +256,7 @@ class VM:
 
     def _arm(self) -> None:
         """Refill per-call fuel and restart the wall-clock deadline."""
+        self.image.runtime.ticker.ensure_started()  # deadlines need a running epoch clock
         fuel = self.limits.fuel_per_call or MAX_FUEL
         err = ffi.wasmtime_context_set_fuel(self._ctx, fuel)
         if err:
@@ -274,8 +289,9 @@ class VM:
         if fn.sig != FuncSig(("i32", "i32"), ("i64",)):
             raise BadCall(f"{name!r} is not a bytes function: its type is "
                           f"{fn.sig.params} -> {fn.sig.results}, expected (i32, i32) -> i64")
-        if INPUT_EXPORT not in self.image.functions:
-            raise BadCall(f"image exports no {INPUT_EXPORT!r}, so it takes no bytes input")
+        if self.image.functions.get(INPUT_EXPORT) != FuncSig(("i32",), ("i32",)):
+            raise BadCall(f"image exports no {INPUT_EXPORT!r} of type (i32) -> i32, so it takes "
+                          "no bytes input")
         if len(data) > self.limits.memory_bytes:
             raise BadCall(f"input of {len(data)} bytes exceeds the VM's memory cap")
         alloc = self._prepare(INPUT_EXPORT, (len(data),))
@@ -311,8 +327,12 @@ class VM:
         raw = fn.raw
         try:
             for i, field in enumerate(fn.fields):
-                setattr(raw[i], field, args[i])
-        except TypeError:
+                value = args[i]
+                bounds = fn.int_ranges[i]
+                if bounds is not None and not bounds[0] <= value <= bounds[1]:
+                    raise BadCall(f"argument {i} to {name!r} does not fit {field}: {value!r}")
+                setattr(raw[i], field, value)
+        except (TypeError, OverflowError):
             raise BadCall(f"arguments to {name!r} must be {fn.sig.params}, got {args!r}") from None
         return fn
 
@@ -357,7 +377,8 @@ class VM:
         if code == wasmtime.TrapCode.STACK_OVERFLOW:
             raise VMStackOverflow(f"{name!r} overflowed the wasm stack")
         first_line = _trap_reason(message)
-        if self.memory_bytes + chunks.WASM_PAGE_BYTES > self.limits.memory_bytes:
+        if any(len(self._view(i)) + chunks.WASM_PAGE_BYTES > self.limits.memory_bytes
+               for i in range(len(self._memories))):
             first_line += (f" (memory is at its cap of {self.limits.memory_bytes} bytes: "
                            "a failed memory.grow is the likely cause)")
         raise VMTrapped(f"{name!r} trapped: {first_line}")
@@ -372,7 +393,11 @@ class VM:
         if cached is not None and cached[1] == size:
             return cached[2]
         addr = ctypes.addressof(ffi.wasmtime_memory_data(self._ctx, mem_ref).contents)
-        view = memoryview((ctypes.c_ubyte * size).from_address(addr)).cast("B")
+        array = (ctypes.c_ubyte * size).from_address(addr)
+        # The memory lives as long as the store: a view handed out must keep the
+        # store alive, or reading it after close() would touch unmapped memory.
+        array._cloudlet_store = self._store  # type: ignore[attr-defined]
+        view = memoryview(array).cast("B")
         self._views[index] = (addr, size, view)
         return view
 
@@ -383,39 +408,49 @@ class VM:
     def memory_bytes(self) -> int:
         return sum(len(self._view(i)) for i in range(len(self._memories)))
 
+    def _memory_index(self, index: object) -> int:
+        if self._store is None:
+            raise VMFailed(f"VM {self.id} is closed")
+        if type(index) is not int or not 0 <= index < len(self._memories):
+            raise BadCall(f"no memory {index!r}: the image has {len(self._memories)}")
+        return index
+
     def memory_view(self, index: int = 0) -> memoryview:
         """Read-only zero-copy view of a linear memory (valid until it next grows).
 
         Read-only because writes that bypass `write_memory` would escape dirty
-        tracking, and snapshots would miss them.
+        tracking, and snapshots would miss them. The view keeps the VM's memory
+        mapped even after `close()`.
         """
-        return self._view(index).toreadonly()
+        return self._view(self._memory_index(index)).toreadonly()
 
     def write_memory(self, offset: int, data: bytes, index: int = 0) -> None:
         """Write guest memory from the host, keeping dirty tracking exact."""
-        view = self._view(index)
-        if offset < 0 or offset + len(data) > len(view):
+        view = self._view(self._memory_index(index))
+        if type(offset) is not int or offset < 0 or offset + len(data) > len(view):
             raise BadCall(f"write of {len(data)} bytes at {offset} is outside memory {index} "
                           f"({len(view)} bytes)")
         view[offset : offset + len(data)] = data
         if index == 0:
             self.mark_written(offset, len(data))
 
-    def _bitmap(self) -> npt.NDArray[np.uint8]:
-        """The dirty bitmap's first byte per chunk of memory 0, as a writable array."""
+    def _bitmap_region(self) -> tuple[int, int]:
+        """(address, length) of the dirty bitmap's bytes for memory 0's current chunks."""
         mem_ref = ctypes.byref(self._dirty_bitmap)
         size = ffi.wasmtime_memory_data_size(self._ctx, mem_ref)
         addr = ctypes.addressof(ffi.wasmtime_memory_data(self._ctx, mem_ref).contents)
-        n = min(size, len(self._view(0)) // chunks.CHUNK_BYTES)
+        return addr, min(size, len(self._view(0)) // chunks.CHUNK_BYTES)
+
+    def _bitmap(self) -> npt.NDArray[np.uint8]:
+        """The dirty bitmap as a writable array, one byte per chunk of memory 0."""
+        addr, n = self._bitmap_region()
         arr: npt.NDArray[np.uint8] = np.ctypeslib.as_array(
             (ctypes.c_uint8 * n).from_address(addr))
         return arr
 
     def _clear_bitmap(self) -> None:
-        mem_ref = ctypes.byref(self._dirty_bitmap)
-        n = min(ffi.wasmtime_memory_data_size(self._ctx, mem_ref),
-                len(self._view(0)) // chunks.CHUNK_BYTES)
-        ctypes.memset(ffi.wasmtime_memory_data(self._ctx, mem_ref), 0, n)
+        addr, n = self._bitmap_region()
+        ctypes.memset(addr, 0, n)  # cheaper than a numpy view for the boot-time clear
 
     def mark_written(self, offset: int, length: int) -> None:
         """Record a host write into memory 0 (a no-op without write tracking)."""
@@ -427,9 +462,7 @@ class VM:
 
     def _grow_to(self, index: int, pages: int) -> None:
         current = len(self._view(index)) // chunks.WASM_PAGE_BYTES
-        if pages < current:
-            raise SnapshotCorrupt(f"memory {index} has {current} pages, more than the "
-                                  f"snapshot's {pages}: memories cannot shrink")
+        assert pages >= current, "check_applicable rules out shrinking"
         if pages == current:
             return
         prev = ctypes.c_uint64(0)
@@ -471,6 +504,7 @@ class VM:
 
     def chunk_hashes(self) -> list[chunks.Hashes]:
         """Digest of every chunk of every memory: one scan, skipping never-touched pages."""
+        self._live_store()
         return [self._memory_hashes(i) for i in range(len(self._memories))]
 
     def _memory_hashes(self, index: int) -> chunks.Hashes:
@@ -501,10 +535,7 @@ class VM:
         bitmap = self._bitmap()
         marked = np.flatnonzero(bitmap)
         if len(marked):
-            offsets = (marked * chunks.CHUNK_BYTES).tolist()
-            hashes[marked] = np.fromiter(
-                (chunks.hash_one(view[o : o + chunks.CHUNK_BYTES]) for o in offsets),
-                dtype=np.uint64, count=len(marked))
+            hashes[marked] = chunks.hash_chunk_ids(view, marked)
             bitmap[marked] = 0
         self._tracked_hashes = hashes
         return hashes.copy()  # callers keep theirs; ours changes on the next sync
@@ -605,9 +636,9 @@ class VM:
         self.host.on_write = None
         self._dirty_bitmap = None
         self._tracked_hashes = None
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        # Dropping our reference frees the store (memory, instance) at once unless
+        # a memory view handed out still holds it; never free memory under a view.
+        self._store = None
         if self.failed is None:
             self.failed = "closed"
 
@@ -617,6 +648,13 @@ class VM:
             raise VMMemoryLimit("the new memory cap is below the memory the VM already uses")
         self._live_store().set_limits(memory_size=limits.memory_bytes)
         self.limits = limits
+
+
+def _live(ref: weakref.ReferenceType[VM]) -> VM:
+    vm = ref()
+    if vm is None:  # only reachable if a store outlives its VM mid-call
+        raise VMFailed("the VM of this host call is gone")
+    return vm
 
 
 def _trap_reason(message: str) -> str:

@@ -33,6 +33,7 @@ import numpy as np
 import zstandard
 
 from cloudlet.errors import (
+    InvalidArgument,
     SnapshotCorrupt,
     SnapshotImageMismatch,
     SnapshotTooLarge,
@@ -199,15 +200,16 @@ def check_restorable(image: Image, snap: Snapshot) -> None:
         if len(mem.data) != len(mem.chunk_ids) * chunks.CHUNK_BYTES:
             raise SnapshotCorrupt(f"memory {i}: {len(mem.data)} bytes of data for "
                                   f"{len(mem.chunk_ids)} chunks")
-    if snap.memory_bytes > snap.limits.memory_bytes:
-        raise VMMemoryLimit(f"snapshot holds {snap.memory_bytes} bytes of memory, over its "
-                            f"cap of {snap.limits.memory_bytes}")
+    for i, mem in enumerate(snap.memories):  # the cap is per linear memory, as in wasmtime
+        if mem.size_bytes > snap.limits.memory_bytes:
+            raise VMMemoryLimit(f"snapshot's memory {i} holds {mem.size_bytes} bytes, over its "
+                                f"cap of {snap.limits.memory_bytes}")
     expected = {g.export: g.valtype for g in image.globals}
     if set(snap.globals) != set(expected):
         raise SnapshotImageMismatch("snapshot's globals do not match the image's")
     for name, value in snap.globals.items():
         want_int = expected[name] in ("i32", "i64")
-        if want_int != isinstance(value, int) or isinstance(value, bool):
+        if type(value) is not (int if want_int else float):
             raise SnapshotCorrupt(f"global {name} should be {expected[name]}, got {value!r}")
         if want_int:
             bits = 32 if expected[name] == "i32" else 64
@@ -297,7 +299,7 @@ def _compress(body: bytes, snap: Snapshot, compression: str) -> tuple[bytes, str
     if compression == "none":
         return body, "none"
     if compression not in ("auto", "zstd"):
-        raise ValueError("compression must be 'auto', 'zstd' or 'none'")
+        raise InvalidArgument("compression must be 'auto', 'zstd' or 'none'")
     if compression == "auto":
         sample = b"".join(m.data[:COMPRESS_SAMPLE_BYTES] for m in snap.memories)
         sample = sample[:COMPRESS_SAMPLE_BYTES] or body[:COMPRESS_SAMPLE_BYTES]

@@ -1,10 +1,11 @@
-"""Just enough of the WebAssembly binary format to rewrite a module's exports.
+"""Just enough of the WebAssembly binary format to instrument a module.
 
 Why our own reader: the instrumentation needs to see every memory, global and
-table (including unexported ones) and to scan function bodies for instructions
-that mutate tables. The binary format is a list of length-prefixed sections,
-so a few hundred lines cover it, and no maintained Python library exposes the
-pieces we need without pulling in a whole toolchain.
+table (including unexported ones), to scan function bodies for instructions
+that mutate tables, and to rewrite stores for write tracking. The binary format
+is a list of length-prefixed sections, so a few hundred lines cover it, and no
+maintained Python library exposes the pieces we need without pulling in a whole
+toolchain.
 
 Everything raises `WasmFormatError` (caught and turned into `ImageRejected`
 by the instrumentation) on malformed input; wasmtime validates the module
@@ -231,7 +232,6 @@ class Instr:
     sub: int = -1  # the sub-opcode of 0xFC / 0xFD prefixed instructions
     memidx: int = -1  # memory of a load/store (-1: no memarg)
     offset: int = 0  # memarg offset
-    mem2: int = -1  # second memory immediate (memory.copy's source)
 
 
 def _memarg(r: Reader) -> tuple[int, int]:
@@ -246,7 +246,7 @@ def iter_instructions(r: Reader) -> Iterator[Instr]:
     while not r.at_end():
         at = r.pos
         op = r.byte()
-        sub, memidx, offset, mem2 = -1, -1, 0, -1
+        sub, memidx, offset = -1, -1, 0
         if op in (0x02, 0x03, 0x04):  # block/loop/if: block type is s33
             r.sleb(33)
         elif op in _ONE_ULEB:
@@ -284,7 +284,7 @@ def iter_instructions(r: Reader) -> Iterator[Instr]:
                 memidx = r.uleb()
             elif sub == 10:  # memory.copy dst src
                 memidx = r.uleb()
-                mem2 = r.uleb()
+                r.uleb()
             elif sub == 11:  # memory.fill mem
                 memidx = r.uleb()
             elif sub in (12, 14):
@@ -311,7 +311,7 @@ def iter_instructions(r: Reader) -> Iterator[Instr]:
             raise WasmFormatError(f"exception handling is not supported (offset {at})")
         elif op > 0xD2 or op in _UNASSIGNED:
             raise WasmFormatError(f"unknown opcode 0x{op:02x} at offset {at}")
-        yield Instr(at, r.pos, op, sub, memidx, offset, mem2)
+        yield Instr(at, r.pos, op, sub, memidx, offset)
 
 
 def find_state_mutators(body: Reader) -> list[tuple[str, int]]:

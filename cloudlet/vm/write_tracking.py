@@ -68,10 +68,6 @@ def sleb_i32(value: int) -> bytes:
         out.append(b | 0x80)
 
 
-def _uleb(v: int) -> bytes:
-    return wb.uleb_encode(v)
-
-
 def _mark(addr_local: bytes, offset: int) -> bytes:
     """bitmap[(addr + offset) >> 12] = 1"""
     return b"".join((
@@ -109,10 +105,10 @@ def _rewrite_body(body: bytes, nparams: int, mark_range: int) -> bytes:
         nlocals += r.uleb()
         wb.read_valtype(r)
     locals_end = r.pos
-    local = [_uleb(nlocals + i) for i in range(len(_LOCAL_TYPES))]
+    local = [wb.uleb_encode(nlocals + i) for i in range(len(_LOCAL_TYPES))]
     addr, t1, t2 = local[0], local[1], local[2]
 
-    out = bytearray(_uleb(groups + len(_LOCAL_TYPES)))
+    out = bytearray(wb.uleb_encode(groups + len(_LOCAL_TYPES)))
     out += body[after_count:locals_end]
     for t in _LOCAL_TYPES:
         out += bytes([0x01, t])
@@ -134,7 +130,7 @@ def _rewrite_body(body: bytes, nparams: int, mark_range: int) -> bytes:
         elif ins.op == 0xFC and ins.sub in _BULK_WRITES and ins.memidx == 0:
             # operands: dest, (value | source), length
             out += bytes([_LOCAL_SET]) + t2 + bytes([_LOCAL_SET]) + t1 + bytes([_LOCAL_TEE]) + addr
-            out += bytes([_LOCAL_GET]) + t2 + bytes([_CALL]) + _uleb(mark_range)
+            out += bytes([_LOCAL_GET]) + t2 + bytes([_CALL]) + wb.uleb_encode(mark_range)
             out += (bytes([_LOCAL_GET]) + addr + bytes([_LOCAL_GET]) + t1
                     + bytes([_LOCAL_GET]) + t2 + original)
         else:
@@ -165,7 +161,7 @@ def add_write_tracking(sections: list[wb.Section], imported_funcs: int) -> list[
             type_params.append(n)
         type_entries = bytes(types.data[after_count:])
     mark_type = len(type_params)
-    new_types = (_uleb(len(type_params) + 1) + type_entries
+    new_types = (wb.uleb_encode(len(type_params) + 1) + type_entries
                  + bytes([0x60, 0x02, 0x7F, 0x7F, 0x00]))
 
     funcs = wb.Reader(by_id[wb.SEC_FUNCTION].payload) if wb.SEC_FUNCTION in by_id else None
@@ -173,7 +169,8 @@ def add_write_tracking(sections: list[wb.Section], imported_funcs: int) -> list[
     if funcs is not None:
         func_types = [funcs.uleb() for _ in range(funcs.uleb())]
     mark_range = imported_funcs + len(func_types)
-    new_funcs = _uleb(len(func_types) + 1) + b"".join(_uleb(t) for t in [*func_types, mark_type])
+    new_funcs = wb.uleb_encode(len(func_types) + 1) + b"".join(
+        wb.uleb_encode(t) for t in [*func_types, mark_type])
 
     bodies: list[bytes] = []
     if wb.SEC_CODE in by_id:
@@ -183,14 +180,14 @@ def add_write_tracking(sections: list[wb.Section], imported_funcs: int) -> list[
             body = code.bytes(size)
             bodies.append(_rewrite_body(body, type_params[func_types[i]], mark_range))
     bodies.append(_mark_range_body())
-    new_code = _uleb(len(bodies)) + b"".join(_uleb(len(b)) + b for b in bodies)
+    new_code = wb.uleb_encode(len(bodies)) + b"".join(wb.uleb_encode(len(b)) + b for b in bodies)
 
     mem = wb.Reader(by_id[wb.SEC_MEMORY].payload)
     n_mem = mem.uleb()
     if n_mem != 1:
         raise wb.WasmFormatError("write tracking needs exactly one memory")
-    new_memory = (_uleb(2) + bytes(mem.data[mem.pos :])
-                  + bytes([0x01]) + _uleb(BITMAP_PAGES) + _uleb(BITMAP_PAGES))
+    new_memory = (wb.uleb_encode(2) + bytes(mem.data[mem.pos :])
+                  + bytes([0x01]) + wb.uleb_encode(BITMAP_PAGES) + wb.uleb_encode(BITMAP_PAGES))
 
     replaced = {wb.SEC_TYPE: new_types, wb.SEC_FUNCTION: new_funcs, wb.SEC_CODE: new_code,
                 wb.SEC_MEMORY: new_memory}
