@@ -9,6 +9,7 @@ script should be able to match on the stable code.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -30,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     vm_commands.register(sub)
+    # The daemon adds its own commands when installed; cloudlet never imports it directly.
+    try:
+        daemon_cli = importlib.import_module("edge_agent.cli")
+    except ImportError:
+        pass
+    else:
+        daemon_cli.register(sub)
     return parser
 
 

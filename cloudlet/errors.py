@@ -141,6 +141,59 @@ class InvalidArgument(CloudletError, ValueError):
     code = "invalid_argument"
 
 
+# --- requests (the daemon's data plane) ---------------------------------------------
+
+
+class RequestError(CloudletError):
+    code = "request_error"
+
+
+class MalformedRequest(RequestError):
+    """The body is not the msgpack (or fields) the endpoint takes."""
+
+    code = "malformed_request"
+
+
+class RequestTooLarge(RequestError):
+    code = "request_too_large"
+
+
+class RequestTimeout(RequestError):
+    """The request (or a slow client sending it) ran past the daemon's deadline."""
+
+    code = "request_timeout"
+
+
+class Unauthorized(RequestError):
+    """Missing, malformed, expired or forged credentials."""
+
+    code = "unauthorized"
+
+
+class Forbidden(RequestError):
+    """Valid credentials, but not for this: someone else's VM, or a peer-only route."""
+
+    code = "forbidden"
+
+
+class VMNotFound(RequestError):
+    code = "vm_not_found"
+
+
+class ImageInUse(RequestError):
+    code = "image_in_use"
+
+
+class CapacityExceeded(RequestError):
+    """The cloudlet is full (VM count or memory); try another."""
+
+    code = "capacity_exceeded"
+
+
+class ShuttingDown(RequestError):
+    code = "shutting_down"
+
+
 def _all_subclasses(cls: type[CloudletError]) -> list[type[CloudletError]]:
     found: list[type[CloudletError]] = [cls]
     for sub in cls.__subclasses__():

@@ -11,6 +11,9 @@ import wasmtime
 
 from cloudlet.vm import Image, ImageStore
 
+# Broker fixtures (mosquitto, the embedded broker, both) for control-plane tests.
+pytest_plugins = ["tests.mqtt_brokers"]
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ROOT / "workloads"
 WAT_DIR = Path(__file__).resolve().parent / "wat"

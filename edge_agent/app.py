@@ -1,0 +1,345 @@
+"""The data plane: an aiohttp application for clients (images, VMs, calls) and peers.
+
+Handlers are thin: parse, call `VMHost`, answer. Everything that can go wrong
+is a `CloudletError` with a stable code, answered as `{"code", "message"}` with
+an HTTP status by meaning (see `STATUS`), so the SDK can raise the daemon's own
+exception class. Bodies are msgpack; management answers are JSON when the
+client asks for `application/json`. Every request has a size cap and a
+deadline, and nothing but `/health` answers without credentials.
+The API is described in docs/openapi.yaml.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+from aiohttp import WSMsgType, web
+
+from cloudlet import errors
+from cloudlet.errors import CloudletError
+from edge_agent.auth import Authority, Principal
+from edge_agent.config import NodeConfig
+from edge_agent.metrics import Metrics
+from edge_agent.vm_host import HostedVM, VMHost
+
+log = logging.getLogger(__name__)
+
+HOST = web.AppKey("host", VMHost)
+AUTHORITY = web.AppKey("authority", Authority)
+METRICS = web.AppKey("metrics", Metrics)
+CONFIG = web.AppKey("config", NodeConfig)
+class OpenStreams:
+    """WebSockets being served, so shutdown can close them (they would outlive it)."""
+
+    def __init__(self) -> None:
+        self.sockets: set[web.WebSocketResponse] = set()
+
+
+STREAMS = web.AppKey("streams", OpenStreams)
+
+MSGPACK = "application/msgpack"
+PUBLIC_PATHS = frozenset({"/health"})
+
+# HTTP status by error meaning; the most specific class wins.
+STATUS: list[tuple[type[CloudletError], int]] = [
+    (errors.Unauthorized, 401),
+    (errors.Forbidden, 403),
+    (errors.VMNotFound, 404),
+    (errors.ImageNotFound, 404),
+    (errors.ImageInUse, 409),
+    (errors.RequestTooLarge, 413),
+    (errors.ImageTooLarge, 413),
+    (errors.RequestTimeout, 408),
+    (errors.CapacityExceeded, 503),
+    (errors.ShuttingDown, 503),
+    (errors.BadCall, 400),
+    (errors.VMError, 422),  # the call reached the guest and failed there
+    (errors.CloudletError, 400),
+]
+
+
+def status_of(exc: CloudletError) -> int:
+    return next(code for cls, code in STATUS if isinstance(exc, cls))
+
+
+def wants_json(request: web.Request) -> bool:
+    return "application/json" in request.headers.get("Accept", "")
+
+
+def answer(request: web.Request, body: Any, status: int = 200) -> web.Response:
+    if wants_json(request):
+        return web.json_response(body, status=status)
+    return web.Response(body=msgpack.packb(body), status=status, content_type=MSGPACK)
+
+
+# --- middlewares -----------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    try:
+        return await handler(request)
+    except CloudletError as exc:
+        metrics.errors.labels(exc.code).inc()
+        return answer(request, exc.to_wire(), status_of(exc))
+    except web.HTTPException as exc:
+        if exc.status == 413:
+            metrics.errors.labels("request_too_large").inc()
+            return answer(request, errors.RequestTooLarge(
+                f"the body is over this endpoint's limit ({exc.text})").to_wire(), 413)
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        metrics.errors.labels("internal_error").inc()
+        return answer(request, {"code": "internal_error",
+                                "message": "internal error (logged by the cloudlet)"}, 500)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path not in PUBLIC_PATHS:
+        request["principal"] = request.app[AUTHORITY].check(request.headers.get("Authorization"))
+    return await handler(request)
+
+
+@web.middleware
+async def deadline_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return await handler(request)  # a stream lives long; each call has the VM's deadline
+    deadline_s = request.app[CONFIG].request_deadline_s
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await handler(request)
+    except TimeoutError:
+        raise errors.RequestTimeout(
+            f"the request took longer than {deadline_s} s (a slow client, or a slow call)"
+        ) from None
+
+
+def principal(request: web.Request) -> Principal:
+    who: Principal = request["principal"]
+    return who
+
+
+def peer_only(request: web.Request) -> Principal:
+    who = principal(request)
+    if not who.is_peer:
+        raise errors.Forbidden("this route is for peer cloudlets only")
+    return who
+
+
+async def read_body(request: web.Request, cap_bytes: int) -> bytes:
+    if request.content_length is not None and request.content_length > cap_bytes:
+        raise errors.RequestTooLarge(f"body of {request.content_length} bytes; this endpoint "
+                                     f"takes at most {cap_bytes}")
+    body = bytearray()
+    async for piece in request.content.iter_chunked(64 * 1024):
+        body += piece
+        if len(body) > cap_bytes:
+            raise errors.RequestTooLarge(f"body over this endpoint's limit of {cap_bytes} bytes")
+    return bytes(body)
+
+
+def unpack_map(raw: bytes) -> dict[str, Any]:
+    try:
+        body = msgpack.unpackb(raw)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise errors.MalformedRequest(f"body is not msgpack ({type(exc).__name__})") from None
+    if not isinstance(body, dict):
+        raise errors.MalformedRequest("body must be a msgpack map")
+    return body
+
+
+def field(body: dict[str, Any], key: str, typ: type | tuple[type, ...],
+          default: Any = ...) -> Any:
+    if key not in body:
+        if default is ...:
+            raise errors.MalformedRequest(f"missing field {key!r}")
+        return default
+    value = body[key]
+    if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
+        raise errors.MalformedRequest(f"field {key!r} has the wrong type")
+    return value
+
+
+# --- handlers ------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    host = request.app[HOST]
+    status = "shutting_down" if host.closing else "ok"
+    return web.json_response({"status": status, "node": request.app[CONFIG].name,
+                              "vms": len(host.vms)})
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    host, metrics = request.app[HOST], request.app[METRICS]
+    metrics.vms.set(len(host.vms))
+    metrics.memory.set(sum(h.vm.memory_bytes for h in host.vms.values()))
+    metrics.images.set(len(host.images.list()))
+    return web.Response(body=metrics.render(),
+                        content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def upload_image(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    wasm = await read_body(request, config.max_image_mib << 20)
+    image = await request.app[HOST].add_image(wasm, request.headers.get("X-Image-Digest"))
+    return answer(request, {"digest": image.digest, "size_bytes": image.size_bytes,
+                            "exports": sorted(n for n in image.functions
+                                              if not n.startswith("_"))}, 201)
+
+
+async def list_images(request: web.Request) -> web.Response:
+    return answer(request, {"images": request.app[HOST].images.list()})
+
+
+async def delete_image(request: web.Request) -> web.Response:
+    request.app[HOST].delete_image(request.match_info["digest"])
+    return web.Response(status=204)
+
+
+async def create_vm(request: web.Request) -> web.Response:
+    body = unpack_map(await read_body(request, request.app[CONFIG].max_request_kib << 10))
+    hosted = await request.app[HOST].create(
+        principal(request), field(body, "image", str), field(body, "limits", dict, None),
+        field(body, "clock", str, "real"))
+    return answer(request, hosted.describe(), 201)
+
+
+async def list_vms(request: web.Request) -> web.Response:
+    vms = request.app[HOST].owned_by(principal(request))
+    return answer(request, {"vms": [h.describe() for h in vms]})
+
+
+def hosted_vm(request: web.Request) -> HostedVM:
+    return request.app[HOST].get(request.match_info["vm"], principal(request))
+
+
+async def vm_info(request: web.Request) -> web.Response:
+    return answer(request, hosted_vm(request).describe())
+
+
+async def apply_call(app: web.Application, hosted: HostedVM, body: dict[str, Any],
+                     transport: str) -> dict[str, Any]:
+    """One call from a decoded request; shared by HTTP and the WebSocket stream."""
+    host, metrics = app[HOST], app[METRICS]
+    started = time.perf_counter()
+    fn = field(body, "fn", str)
+    outcome = "error"
+    try:
+        if "data" in body:
+            out, seq = await host.call_bytes(hosted, fn, field(body, "data", bytes))
+            reply: dict[str, Any] = {"data": out, "seq": seq}
+        else:
+            args = field(body, "args", list, [])
+            if not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
+                raise errors.MalformedRequest("args must be numbers")
+            result, seq = await host.call(hosted, fn, args)
+            reply = {"result": list(result) if isinstance(result, tuple) else result, "seq": seq}
+        outcome = "ok"
+        return reply
+    finally:
+        metrics.calls.labels(transport, outcome).inc()
+        metrics.latency.labels(transport).observe(time.perf_counter() - started)
+
+
+async def call_vm(request: web.Request) -> web.Response:
+    hosted = hosted_vm(request)
+    body = unpack_map(await read_body(request, request.app[CONFIG].max_request_kib << 10))
+    reply = await apply_call(request.app, hosted, body, "http")
+    return web.Response(body=msgpack.packb(reply), content_type=MSGPACK)
+
+
+async def stream_vm(request: web.Request) -> web.WebSocketResponse:
+    """The low-latency path: one WebSocket, binary msgpack messages, one call each.
+
+    Request `{"id", "fn", "args" | "data"}`, answer `{"id", "result" | "data", "seq"}`
+    or `{"id", "error": {"code", "message"}}`. Errors end the call, not the stream.
+    """
+    hosted = hosted_vm(request)
+    config = request.app[CONFIG]
+    ws = web.WebSocketResponse(max_msg_size=config.max_request_kib << 10, heartbeat=30.0)
+    await ws.prepare(request)
+    sockets = request.app[STREAMS].sockets
+    sockets.add(ws)
+    packb, unpackb = msgpack.packb, msgpack.unpackb
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.BINARY:
+                if msg.type == WSMsgType.TEXT:
+                    await ws.send_bytes(packb({"id": None, "error": errors.MalformedRequest(
+                        "send binary msgpack messages").to_wire()}))
+                continue
+            req_id = None
+            try:
+                body = unpackb(msg.data)
+                if not isinstance(body, dict):
+                    raise errors.MalformedRequest("a message must be a msgpack map")
+                req_id = body.get("id")
+                reply = await apply_call(request.app, hosted, body, "ws")
+                reply["id"] = req_id
+            except CloudletError as exc:
+                request.app[METRICS].errors.labels(exc.code).inc()
+                reply = {"id": req_id, "error": exc.to_wire()}
+            except (ValueError, msgpack.UnpackException) as exc:
+                reply = {"id": None, "error": errors.MalformedRequest(
+                    f"message is not msgpack ({type(exc).__name__})").to_wire()}
+            await ws.send_bytes(packb(reply))
+    finally:
+        sockets.discard(ws)
+    return ws
+
+
+async def download_snapshot(request: web.Request) -> web.Response:
+    data = await request.app[HOST].snapshot_bytes(hosted_vm(request))
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
+async def destroy_vm(request: web.Request) -> web.Response:
+    await request.app[HOST].destroy(hosted_vm(request))
+    return web.Response(status=204)
+
+
+async def peer_vms(request: web.Request) -> web.Response:
+    peer_only(request)
+    return answer(request, {"node": request.app[CONFIG].name,
+                            "vms": [h.describe() for h in request.app[HOST].vms.values()]})
+
+
+def build_app(config: NodeConfig, host: VMHost, authority: Authority,
+              metrics: Metrics) -> web.Application:
+    # The largest body any route takes is an image; routes check their own caps.
+    app = web.Application(middlewares=[error_middleware, auth_middleware, deadline_middleware],
+                          client_max_size=(config.max_image_mib << 20) + 4096)
+    app[HOST], app[AUTHORITY], app[METRICS], app[CONFIG] = host, authority, metrics, config
+    app[STREAMS] = OpenStreams()
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_text)
+    app.router.add_post("/v1/images", upload_image)
+    app.router.add_get("/v1/images", list_images)
+    app.router.add_delete("/v1/images/{digest}", delete_image)
+    app.router.add_post("/v1/vms", create_vm)
+    app.router.add_get("/v1/vms", list_vms)
+    app.router.add_get("/v1/vms/{vm}", vm_info)
+    app.router.add_post("/v1/vms/{vm}/call", call_vm)
+    app.router.add_get("/v1/vms/{vm}/stream", stream_vm)
+    app.router.add_get("/v1/vms/{vm}/snapshot", download_snapshot)
+    app.router.add_delete("/v1/vms/{vm}", destroy_vm)
+    app.router.add_get("/v1/peer/vms", peer_vms)
+    app.on_shutdown.append(_close_sockets)
+    return app
+
+
+async def _close_sockets(app: web.Application) -> None:
+    for ws in list(app[STREAMS].sockets):
+        await ws.close(code=1001, message=b"cloudlet shutting down")

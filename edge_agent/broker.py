@@ -1,0 +1,311 @@
+"""The MQTT broker `cloudlet up` embeds, so one machine needs no separate broker.
+
+It is amqtt (pure Python, runs in our event loop), wrapped so that starting and
+stopping it is an `async with`, it listens only where we say (amqtt's default
+listener is 0.0.0.0:1883), and it enforces credentials when given some.
+
+amqtt 0.12.1 has two bugs our control plane trips over; `_PatchedBroker` fixes
+both, narrowly, and this module warns if another amqtt version is installed,
+since the fixes override amqtt internals (see the notes on each override):
+
+(a) Retained messages leak across clients. On every CONNECT, amqtt
+    (broker.py, `Broker._handle_client_session`) replays the retained messages
+    of *every* topic filter in the broker's global subscription table, that is,
+    filters other clients hold, to the newcomer. MQTT 3.1.1 sends retained
+    messages only when a SUBSCRIBE establishes a subscription, and only those
+    matching it [MQTT-3.3.1-6]. A daemon subscribed to its own commands would otherwise
+    receive every retained presence and VM location.
+(b) Keepalive is never enforced. amqtt's reader loop (mqtt/protocol/handler.py,
+    `ProtocolHandler._reader_loop`) times out reading a fixed header after one
+    keepalive period and calls `handle_read_timeout`, which the broker's handler
+    (mqtt/protocol/broker_handler.py, `BrokerProtocolHandler`) defines as
+    `pass`; the loop then simply reads again, forever. A client that hangs
+    without closing its socket is never disconnected, so its Will (our nodes'
+    "offline" presence) never fires. MQTT 3.1.1 requires the server to
+    disconnect a client silent for 1.5 times its keepalive, as if the network
+    had failed, which publishes the Will [MQTT-3.1.2-24].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import hmac
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.broker import Broker
+from amqtt.errors import BrokerError
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
+
+from cloudlet.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# The amqtt release whose internals the overrides below were written against.
+AMQTT_VERSION = "0.12.1"
+
+# [MQTT-3.1.2-24]: disconnect after one and a half keepalive periods of silence.
+KEEPALIVE_GRACE = 1.5
+# Bounds on shutdown: amqtt's own shutdown can block on a stuck client's socket.
+SHUTDOWN_TIMEOUT_S = 10.0
+CONNECTION_DRAIN_TIMEOUT_S = 2.0
+
+
+@functools.cache
+def check_amqtt_version() -> bool:
+    """Warn (once) if the installed amqtt is not the release the workarounds target."""
+    try:
+        installed = importlib.metadata.version("amqtt")
+    except importlib.metadata.PackageNotFoundError:
+        installed = "unknown"
+    if installed == AMQTT_VERSION:
+        return True
+    log.warning("amqtt %s is installed but edge_agent/broker.py patches amqtt %s: check that "
+                "its two workarounds (retained delivery, keepalive) still apply and still "
+                "override the right methods (tests/test_broker.py proves both)",
+                installed, AMQTT_VERSION)
+    return False
+
+
+class _CredentialsAuth(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type information
+    """Accept a client only if it presents the one configured username and password.
+
+    amqtt loads plugins by dotted path and builds `Config` from the dict we give.
+    """
+
+    @dataclass
+    class Config:
+        username: str = ""
+        password: str = ""
+
+    async def authenticate(self, *, session: Session) -> bool:
+        config: _CredentialsAuth.Config = self.config
+        # compare_digest: the time taken must not tell how much of a guess was right.
+        user_ok = hmac.compare_digest((session.username or "").encode(), config.username.encode())
+        password_ok = hmac.compare_digest((session.password or "").encode(),
+                                          config.password.encode())
+        return user_ok and password_ok
+
+
+class _KeepaliveReader(StreamReaderAdapter):  # type: ignore[misc]
+    """The socket reader of one connection, reporting EOF once the client falls silent.
+
+    Workaround (b). Every byte amqtt reads from a client goes through this
+    adapter, so it is the one place that sees all traffic without copying any of
+    amqtt's reader loop. Once `enforce` knows the keepalive (from the CONNECT),
+    each read must complete within 1.5 keepalives of the previous one; if not,
+    the read fails as the end of the stream would (`IncompleteReadError`, which
+    amqtt turns into `NoDataError`), and keeps failing. amqtt then takes the
+    very path it takes for a client that vanished: its reader loop ends, the
+    broker publishes the Will and closes the socket. amqtt's own wait_for (one
+    keepalive) still fires and restarts reads in between; the deadline is kept
+    from the last byte received, so that does not move it.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self._limit_s: float | None = None
+        self._last_rx = 0.0
+        self._expired = False
+
+    def enforce(self, keepalive_s: float) -> None:
+        """Start the deadline (from now, just after the CONNECT); 0 means no keepalive."""
+        if keepalive_s > 0:
+            self._limit_s = KEEPALIVE_GRACE * keepalive_s
+            self._last_rx = asyncio.get_running_loop().time()
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._expired:
+            raise asyncio.IncompleteReadError(b"", n if n >= 0 else None)
+        if self._limit_s is None:
+            data: bytes = await super().read(n)
+            return data
+        try:
+            async with asyncio.timeout_at(self._last_rx + self._limit_s):
+                data = await super().read(n)
+        except TimeoutError:
+            self._expired = True
+            log.info("MQTT client silent for %.1f s (1.5 x keepalive): disconnecting it",
+                     self._limit_s)
+            raise asyncio.IncompleteReadError(b"", n if n >= 0 else None) from None
+        self._last_rx = asyncio.get_running_loop().time()
+        return data
+
+
+# Set while the broker handles a SUBSCRIBE, in that connection's task (workaround (a)).
+_handling_subscribe: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "cloudlet_broker_handling_subscribe", default=False)
+
+
+class _PatchedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
+    """amqtt's Broker with the two workarounds, and connections it can wait for."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        # asyncio.Server.wait_closed (3.11) does not wait for connection handlers,
+        # and amqtt's shutdown does not either: we track them to end them all.
+        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               listener_name: str) -> None:
+        # amqtt's version is this one line without the tracking and with a plain
+        # StreamReaderAdapter; ours gives the connection the keepalive deadline.
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = writer
+        try:
+            await self._client_connected(listener_name, _KeepaliveReader(reader),
+                                         StreamWriterAdapter(writer))
+        finally:
+            del self._connections[task]
+
+    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
+                                         remote_port: int) -> tuple[Any, Session]:
+        # Workaround (b): once the CONNECT is parsed the session knows the
+        # client's keepalive; hand it to the connection's reader.
+        handler, session = await super()._initialize_client_session(
+            reader, writer, remote_address, remote_port)
+        if isinstance(reader, _KeepaliveReader):
+            reader.enforce(session.keep_alive)
+        return handler, session
+
+    async def _handle_subscription(self, client_session: Session, handler: Any,
+                                   subscribe_waiter: asyncio.Future[Any]) -> None:
+        token = _handling_subscribe.set(True)
+        try:
+            await super()._handle_subscription(client_session, handler, subscribe_waiter)
+        finally:
+            _handling_subscribe.reset(token)
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Session) -> None:
+        # Workaround (a). amqtt calls this from two places: `_handle_subscription`
+        # with the filter the client just subscribed to (right), and
+        # `_handle_client_session` on CONNECT, once for every filter in
+        # `self._subscriptions`, which holds *all* clients' filters (wrong; see the
+        # module docstring). The context variable tells the two apart: only the
+        # first sends. A resumed persistent session thus gets no retained replay
+        # on reconnect, as in MQTT 3.1.1 and mosquitto; what it missed while
+        # away is queued separately (`_publish_session_retained_messages`).
+        if not _handling_subscribe.get():
+            return
+        await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    def bound_port(self) -> int:
+        """The port the listener got (the real one if 0 was asked for)."""
+        sockets = self._servers["default"].instance.sockets
+        port: int = sockets[0].getsockname()[1]
+        return port
+
+    async def stop(self) -> None:
+        """amqtt's shutdown, bounded, then every connection handler ended, listener closed."""
+        try:
+            async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+                await self.shutdown()
+        except TimeoutError:
+            log.warning("embedded MQTT broker did not shut down within %.0f s; "
+                        "closing its connections", SHUTDOWN_TIMEOUT_S)
+        finally:
+            # All idempotent; they matter when shutdown timed out partway.
+            for server in self._servers.values():
+                await server.close_instance()
+            await self._end_background_tasks()
+            await self._end_connections()
+
+    async def _end_background_tasks(self) -> None:
+        # The broadcast loop and session monitor amqtt starts in `start` and
+        # ends near the end of `shutdown`. The loop is ended amqtt's way
+        # (bounded inside): cancelling it would orphan the broadcast it runs.
+        if self._broadcast_task is not None and not self._broadcast_task.done():
+            await self._shutdown_broadcast_loop()
+        monitor = self._session_monitor_task
+        if monitor is not None and not monitor.done():
+            monitor.cancel()
+            await asyncio.wait([monitor], timeout=CONNECTION_DRAIN_TIMEOUT_S)
+
+    async def _end_connections(self) -> None:
+        # Handlers still running after shutdown are finishing their bookkeeping,
+        # or are stuck reading from a client that never sent CONNECT (not a
+        # session, so shutdown did not close it). Abort the sockets so every read
+        # ends, give the handlers a moment, then cancel what is left.
+        if not self._connections:
+            return
+        for writer in self._connections.values():
+            writer.transport.abort()
+        tasks = set(self._connections)
+        _, pending = await asyncio.wait(tasks, timeout=CONNECTION_DRAIN_TIMEOUT_S)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=CONNECTION_DRAIN_TIMEOUT_S)
+
+
+def _broker_config(host: str, port: int, username: str | None,
+                   password: str | None) -> dict[str, Any]:
+    auth: dict[str, Any]
+    if username is not None and password is not None:
+        auth = {f"{__name__}._CredentialsAuth": {"username": username, "password": password}}
+    else:
+        auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+    return {
+        # IPv6 without brackets: amqtt splits on the last colon, and keeps
+        # brackets in the address it binds (which then fails to resolve).
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        # `plugins` replaces amqtt's defaults (packet logging, $SYS every 20 s,
+        # anonymous auth); with no auth plugin at all amqtt refuses everyone.
+        "plugins": auth,
+        # Added to every keepalive by amqtt; 0 keeps the 1.5 x rule exact.
+        "timeout_disconnect_delay": 0,
+    }
+
+
+class EmbeddedBroker:
+    """async with EmbeddedBroker(host="127.0.0.1", port=1883) as broker: ... broker.url
+
+    With a username and password, clients presenting anything else (or nothing)
+    are refused; without, anyone may connect.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *,
+                 username: str | None = None, password: str | None = None) -> None:
+        if (username is None) != (password is None):
+            raise ConfigError("the embedded broker needs both a username and a password, "
+                              "or neither")
+        self._host = host
+        self._port = port
+        self._username = username
+        self._password = password
+        self._broker: _PatchedBroker | None = None
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        if self._broker is not None:
+            raise RuntimeError("EmbeddedBroker is already running")
+        check_amqtt_version()
+        # amqtt binds its loop at construction: it must happen inside the running loop.
+        broker = _PatchedBroker(_broker_config(self._host, self._port,
+                                               self._username, self._password))
+        try:
+            await broker.start()
+        except BrokerError as exc:
+            await broker.plugins_manager.close()
+            raise ConfigError(f"cannot start the embedded MQTT broker on "
+                              f"{self._host}:{self._port}: {exc.__cause__ or exc}") from exc
+        self._port = broker.bound_port()
+        self._broker = broker
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        broker, self._broker = self._broker, None
+        if broker is not None:
+            await broker.stop()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"mqtt://{host}:{self._port}"

@@ -1,0 +1,208 @@
+"""A cloudlet daemon's configuration: TOML, validated completely before anything starts.
+
+Every setting has a default (the table in docs/daemon.md is generated from the
+same `FIELDS` below), so a config file only says what differs. Unknown keys,
+wrong types, out-of-range values and missing files are `ConfigError`s that
+name the file and the key: a typo must not silently become a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from cloudlet.errors import ConfigError, InvalidArgument
+from cloudlet.vm.machine import VMLimits
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Settings of one cloudlet daemon. Units are in the names."""
+
+    name: str = "cloudlet-1"
+    host: str = "127.0.0.1"  # loopback unless told otherwise: never expose by accident
+    port: int = 8600
+    # Where the daemon keeps images, VM checkpoints and its secrets.
+    state_dir: str = "~/.cache/cloudlet/node"
+    # The cluster secret (32+ random bytes, hex or raw): signs client tokens and
+    # authenticates peers. `cloudlet up` generates one.
+    secret_file: str = ""
+    # MQTT control plane; empty = run without one (data plane only).
+    broker_url: str = ""
+    broker_username: str = ""
+    broker_password: str = ""
+    broker_tls: bool = False
+    broker_ca_file: str = ""
+    mqtt_keepalive_s: int = 10  # a killed daemon shows offline within ~1.5x this
+    telemetry_interval_s: float = 5.0
+    # Where this cloudlet is, for the placer.
+    position_x_m: float = 0.0
+    position_y_m: float = 0.0
+    zone: str = ""
+    # Capacity.
+    max_vms: int = 1000
+    max_memory_mib: int = 8192  # sum of all VMs' memory caps
+    # Defaults for VMs created without explicit limits.
+    vm_memory_mib: int = 64
+    vm_fuel_per_call: int = 10_000_000_000
+    vm_deadline_ms: int = 50  # interactive calls; longer ones run off the event loop
+    # Calls of VMs whose deadline is at most this run on the event loop (lowest
+    # latency); longer ones go to a thread pool so they cannot stall other clients.
+    inline_deadline_ms: int = 100
+    call_threads: int = 2
+    # Request limits.
+    max_image_mib: int = 16
+    max_request_kib: int = 1024  # call bodies and WebSocket messages
+    request_deadline_s: float = 10.0
+    # Persistence: every VM that changed is checkpointed this often; a kill -9
+    # loses at most the calls applied since the last checkpoint.
+    checkpoint_interval_s: float = 2.0
+    # HTTPS when both are set.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool]] = [
+            ("name", bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name)),
+            ("port", 0 <= self.port <= 65535),
+            ("mqtt_keepalive_s", 1 <= self.mqtt_keepalive_s <= 3600),
+            ("telemetry_interval_s", 0.1 <= self.telemetry_interval_s <= 3600),
+            ("max_vms", self.max_vms >= 1),
+            ("max_memory_mib", self.max_memory_mib >= 1),
+            ("vm_memory_mib", 1 <= self.vm_memory_mib <= 4096),
+            ("vm_fuel_per_call", self.vm_fuel_per_call >= 1),
+            ("vm_deadline_ms", 1 <= self.vm_deadline_ms <= 86_400_000),
+            ("inline_deadline_ms", self.inline_deadline_ms >= 0),
+            ("call_threads", 1 <= self.call_threads <= 64),
+            ("max_image_mib", 1 <= self.max_image_mib <= 1024),
+            ("max_request_kib", 1 <= self.max_request_kib <= 1 << 20),
+            ("request_deadline_s", 0.1 <= self.request_deadline_s <= 3600),
+            ("checkpoint_interval_s", 0.1 <= self.checkpoint_interval_s <= 86400),
+            ("tls_cert_file", bool(self.tls_cert_file) == bool(self.tls_key_file)),
+        ]
+        for key, ok in checks:
+            if not ok:
+                raise ConfigError(f"{key} = {getattr(self, key)!r} is out of range")
+
+    @property
+    def state_path(self) -> Path:
+        return Path(os.path.expanduser(self.state_dir))
+
+    @property
+    def endpoint(self) -> str:
+        scheme = "https" if self.tls_cert_file else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    @property
+    def default_limits(self) -> VMLimits:
+        return VMLimits(memory_bytes=self.vm_memory_mib * MiB,
+                        fuel_per_call=self.vm_fuel_per_call, deadline_ms=self.vm_deadline_ms)
+
+
+FIELDS = {f.name: f for f in fields(NodeConfig)}
+
+
+def node_config_from_dict(data: dict[str, Any], source: str = "<config>") -> NodeConfig:
+    """Validate a [node] table: names, types, ranges; errors name `source` and the key."""
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r} in [node] "
+                          f"(known: {', '.join(sorted(FIELDS))})")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        want = FIELDS[key].type
+        want_type = {"str": str, "int": int, "float": float, "bool": bool}[str(want)]
+        if want_type is float and type(value) is int:
+            value = float(value)
+        if type(value) is not want_type:
+            raise ConfigError(f"{source}: [node] {key} must be a {want_type.__name__}, "
+                              f"got {type(value).__name__} {value!r}")
+        values[key] = value
+    try:
+        config = NodeConfig(**values)
+    except (ConfigError, InvalidArgument) as exc:
+        raise ConfigError(f"{source}: [node] {exc.message}") from None
+    for key in ("secret_file", "broker_ca_file", "tls_cert_file", "tls_key_file"):
+        path = getattr(config, key)
+        if path and not Path(os.path.expanduser(path)).is_file():
+            raise ConfigError(f"{source}: [node] {key} = {path!r}: no such file")
+    return config
+
+
+def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+
+
+def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
+    """A node config file: one [node] table. Relative paths are relative to the file."""
+    data = load_toml(path)
+    extra = sorted(set(data) - {"node"})
+    if extra:
+        raise ConfigError(f"{path}: unknown table or key {extra[0]!r} (expected [node])")
+    node = data.get("node", {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path}: [node] must be a table")
+    base = Path(path).resolve().parent
+    for key in ("state_dir", "secret_file", "broker_ca_file", "tls_cert_file", "tls_key_file"):
+        value = node.get(key)
+        if isinstance(value, str) and value and not value.startswith(("~", "/")):
+            node = {**node, key: str(base / value)}
+    return node_config_from_dict(node, str(path))
+
+
+def default_state_dir() -> Path:
+    """Where `cloudlet up` and `cloudlet token` keep the metro's state and secret."""
+    home = os.environ.get("CLOUDLET_HOME")
+    return (Path(home) if home else Path.home() / ".cache" / "cloudlet") / "metro"
+
+
+@dataclass(frozen=True)
+class MetroNode:
+    name: str
+    position_x_m: float
+    position_y_m: float
+    zone: str
+
+
+@dataclass(frozen=True)
+class MetroConfig:
+    """A local metro: several cloudlets on this machine, for `cloudlet up`."""
+
+    nodes: tuple[MetroNode, ...]
+    node_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def load_metro_config(path: str | os.PathLike[str]) -> MetroConfig:
+    data = load_toml(path)
+    extra = sorted(set(data) - {"metro", "node_defaults"})
+    if extra:
+        raise ConfigError(f"{path}: unknown table or key {extra[0]!r}")
+    defaults = data.get("node_defaults", {})
+    node_config_from_dict(defaults, f"{path} [node_defaults]")  # validate early
+    nodes = []
+    for i, n in enumerate(data.get("metro", {}).get("nodes", [])):
+        unknown = sorted(set(n) - {"name", "position_x_m", "position_y_m", "zone"})
+        if unknown:
+            raise ConfigError(f"{path}: metro.nodes[{i}] has unknown key {unknown[0]!r}")
+        try:
+            nodes.append(MetroNode(str(n["name"]), float(n.get("position_x_m", 0.0)),
+                                   float(n.get("position_y_m", 0.0)), str(n.get("zone", ""))))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: metro.nodes[{i}] is invalid: {exc}") from None
+    if not nodes:
+        raise ConfigError(f"{path}: [[metro.nodes]] lists no cloudlet")
+    return MetroConfig(tuple(nodes), dict(defaults))

@@ -1,0 +1,111 @@
+"""Run one cloudlet daemon: data plane, control plane, checkpoints, clean shutdown.
+
+Shutdown order (SIGTERM or Ctrl-C) is what makes a restart lose nothing: stop
+listening, close WebSocket streams, let in-flight requests finish, checkpoint
+every VM (write, fsync, rename), mark the node offline on the broker, exit.
+The next start restores every checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import sys
+from dataclasses import replace
+from typing import Any
+
+from aiohttp import web
+
+from edge_agent.app import build_app
+from edge_agent.auth import Authority, ensure_secret, load_secret
+from edge_agent.config import NodeConfig
+from edge_agent.control import CommandHandler, ControlPlane
+from edge_agent.metrics import Metrics
+from edge_agent.vm_host import VMHost
+
+log = logging.getLogger(__name__)
+
+SECRET_FILE = "cluster.key"  # in the state directory unless secret_file says otherwise
+SHUTDOWN_GRACE_S = 10.0  # in-flight requests get this long to finish
+
+
+def cluster_secret(config: NodeConfig) -> bytes:
+    if config.secret_file:
+        return load_secret(config.secret_file)
+    return ensure_secret(config.state_path / SECRET_FILE)
+
+
+async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set (or SIGTERM/SIGINT when run as the main program)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    authority = Authority(cluster_secret(config))
+    metrics = Metrics()
+    ssl_context = None
+    if config.tls_cert_file:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    async with VMHost(config) as host:
+        app = build_app(config, host, authority, metrics)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                               shutdown_timeout=SHUTDOWN_GRACE_S)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
+            await site.start()
+            port = runner.addresses[0][1]
+            config = replace(config, port=port)  # the real port when 0 was asked for
+            control = (ControlPlane(config, host, metrics, _commands(host))
+                       if config.broker_url else None)
+            # A parent process (cloudlet up, tests) waits for this line.
+            print(f"ready {config.name} {config.endpoint}", flush=True)
+            log.info("cloudlet %s serving on %s with %d VMs", config.name, config.endpoint,
+                     len(host.vms))
+            async with asyncio.TaskGroup() as tg:
+                background = [tg.create_task(_checkpoint_loop(host, config, metrics))]
+                if control is not None:
+                    background.append(tg.create_task(control.run()))
+                await stop.wait()
+                log.info("shutting down: finishing requests, checkpointing VMs")
+                await runner.cleanup()  # stop listening, close streams, finish requests
+                await host.shutdown()
+                if control is not None:
+                    await control.say_goodbye()
+                for task in background:
+                    task.cancel()
+        finally:
+            await runner.cleanup()
+
+
+async def _checkpoint_loop(host: VMHost, config: NodeConfig, metrics: Metrics) -> None:
+    while True:
+        await asyncio.sleep(config.checkpoint_interval_s)
+        metrics.checkpoints.inc(await host.checkpoint_all())
+
+
+def _commands(host: VMHost) -> dict[str, CommandHandler]:
+    async def ping(command: dict[str, Any]) -> dict[str, Any]:
+        return {"vms": len(host.vms)}
+
+    async def checkpoint(command: dict[str, Any]) -> dict[str, Any]:
+        return {"written": await host.checkpoint_all(force=True)}
+
+    return {"ping": ping, "checkpoint": checkpoint}
+
+
+def run(config: NodeConfig) -> None:
+    """Run the daemon in this process, under uvloop where available."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {config.name} %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))

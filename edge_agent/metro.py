@@ -1,0 +1,161 @@
+"""`cloudlet up`: a local metro of cloudlets on this machine, each its own process.
+
+It starts an embedded MQTT broker (unless given one), writes a node config per
+cloudlet under the state directory, starts one `cloudlet agent` process per
+node, waits until each says it is ready, prints the endpoints, and runs until
+Ctrl-C or SIGTERM, when every daemon shuts down cleanly (checkpointing its VMs).
+Secrets are generated on first run and kept in the state directory, so a
+restart keeps tokens valid and VMs restored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from cloudlet.errors import ConfigError
+from edge_agent.auth import ensure_secret
+from edge_agent.broker import EmbeddedBroker
+from edge_agent.config import MetroConfig, MetroNode, load_metro_config, node_config_from_dict
+from edge_agent.daemon import SECRET_FILE
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+DEFAULT_METRO = Path(__file__).resolve().parent.parent / "configs" / "local-metro.toml"
+
+
+def plan_nodes(metro: MetroConfig, count: int | None) -> list[MetroNode]:
+    """The metro's nodes, cut or extended (on a 1 km grid) to `count`."""
+    nodes = list(metro.nodes)
+    n = count if count is not None else len(nodes)
+    if n < 1:
+        raise ConfigError("--nodes must be at least 1")
+    while len(nodes) < n:
+        i = len(nodes)
+        nodes.append(MetroNode(f"cloudlet-{i + 1}", 1000.0 * (i % 4), 1000.0 * (i // 4), ""))
+    return nodes[:n]
+
+
+def write_node_config(state: Path, node: MetroNode, port: int, broker_url: str,
+                      defaults: dict[str, Any]) -> Path:
+    table = {**defaults, "name": node.name, "host": "127.0.0.1", "port": port,
+             "state_dir": str(state / "nodes" / node.name),
+             "secret_file": str(state / SECRET_FILE), "broker_url": broker_url,
+             "position_x_m": node.position_x_m, "position_y_m": node.position_y_m,
+             "zone": node.zone}
+    node_config_from_dict(table, f"generated config of {node.name}")  # fail here, not in a child
+    path = state / "nodes" / node.name / "node.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# Written by `cloudlet up`; edit configs/local-metro.toml instead.", "[node]"]
+    for key, value in table.items():
+        lines.append(f"{key} = {_toml(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+async def up(metro_file: Path, state: Path, nodes: int | None, base_port: int,
+             broker_url: str | None, broker_port: int) -> int:
+    metro = load_metro_config(metro_file)
+    planned = plan_nodes(metro, nodes)
+    state.mkdir(parents=True, exist_ok=True)
+    ensure_secret(state / SECRET_FILE)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        if broker_url is None:
+            broker = await stack.enter_async_context(EmbeddedBroker("127.0.0.1", broker_port))
+            broker_url = broker.url
+            print(f"broker   {broker_url} (embedded amqtt)", flush=True)
+        else:
+            print(f"broker   {broker_url}", flush=True)
+        configs = [write_node_config(state, node, base_port + i, broker_url,
+                                     metro.node_defaults) for i, node in enumerate(planned)]
+        children = await _start_all(configs)
+        try:
+            for (name, endpoint, proc) in children:
+                print(f"cloudlet {name:<12} {endpoint}  (pid {proc.pid})", flush=True)
+            print(f"\nstate in {state}\nget a client token with:\n"
+                  f"  cloudlet token --client NAME --state-dir {state}\n"
+                  "Ctrl-C stops the metro (VMs are checkpointed and come back on the next up).",
+                  flush=True)
+            await _wait(stop, children)
+        finally:
+            await _stop_all(children)
+    return 0
+
+
+async def _start_all(configs: list[Path]) -> list[tuple[str, str, asyncio.subprocess.Process]]:
+    children: list[tuple[str, str, asyncio.subprocess.Process]] = []
+    try:
+        for config in configs:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cloudlet.cli", "agent", "--config", str(config),
+                stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+            name, endpoint = await _ready(proc, config)
+            children.append((name, endpoint, proc))
+    except BaseException:
+        await _stop_all(children)
+        raise
+    return children
+
+
+async def _ready(proc: asyncio.subprocess.Process, config: Path) -> tuple[str, str]:
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            while True:
+                line = (await proc.stdout.readline()).decode().strip()
+                if not line:
+                    raise ConfigError(f"the cloudlet of {config} exited before it was ready "
+                                      f"(status {await proc.wait()}); see its log above")
+                if line.startswith("ready "):
+                    _, name, endpoint = line.split()
+                    return name, endpoint
+    except TimeoutError:
+        proc.kill()
+        raise ConfigError(
+            f"the cloudlet of {config} was not ready in {READY_TIMEOUT_S} s") from None
+
+
+async def _wait(stop: asyncio.Event, children: list[tuple[str, str, Any]]) -> None:
+    async def watch(name: str, proc: asyncio.subprocess.Process) -> None:
+        status = await proc.wait()
+        if not stop.is_set():
+            print(f"cloudlet {name} exited with status {status}; the others keep running",
+                  file=sys.stderr, flush=True)
+
+    async with asyncio.TaskGroup() as tg:
+        watchers = [tg.create_task(watch(name, proc)) for name, _, proc in children]
+        await stop.wait()
+        for task in watchers:
+            task.cancel()
+
+
+async def _stop_all(children: list[tuple[str, str, asyncio.subprocess.Process]]) -> None:
+    for _, _, proc in children:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    for name, _, proc in children:
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await proc.wait()
+        except TimeoutError:
+            print(f"cloudlet {name} did not stop in {STOP_TIMEOUT_S} s; killing it",
+                  file=sys.stderr)
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,264 @@
+"""The VMs a cloudlet hosts: who owns them, how their calls run, and how none is lost.
+
+Calls: a VM is not thread-safe, so each has an asyncio lock. Calls of VMs whose
+deadline is short (interactive sessions) run right on the event loop: a
+wasmtime call is microseconds, and a thread hand-off would cost more than the
+call. Calls that may run long go to a small thread pool (wasmtime releases the
+GIL while guest code runs), so they cannot stall every other client.
+
+Nothing lost: every VM that applied calls since its last checkpoint is
+snapshotted every `checkpoint_interval_s` and at shutdown, to
+`STATE/vms/ID.snap`, atomically (write, fsync, rename). On start every
+checkpoint is restored. So a clean restart loses nothing, and a kill -9 loses
+at most the calls applied in the last checkpoint interval (docs/daemon.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cloudlet.errors import (
+    BadCall,
+    CapacityExceeded,
+    CloudletError,
+    Forbidden,
+    ImageInUse,
+    ImageRejected,
+    ShuttingDown,
+    VMNotFound,
+)
+from cloudlet.fsutil import atomic_write
+from cloudlet.vm import VM, Image, ImageStore, Snapshot, VMLimits
+from edge_agent.auth import Principal
+from edge_agent.config import NodeConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class HostedVM:
+    vm: VM
+    owner: str
+    inline: bool  # short deadline: calls run on the event loop
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    checkpointed_seq: int = -1
+    checkpointed_at: float = field(default_factory=time.monotonic)
+    calls: int = 0  # applied calls, for telemetry rates
+
+    @property
+    def id(self) -> str:
+        return self.vm.id
+
+    def describe(self) -> dict[str, Any]:
+        return {"vm": self.vm.id, "owner": self.owner, "image": self.vm.image.digest,
+                "seq": self.vm.seq, "memory_bytes": self.vm.memory_bytes,
+                "limits": self.vm.limits.to_wire()}
+
+
+class VMHost:
+    """Images and VMs of one cloudlet. Use as `async with VMHost(config) as host`."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        state = config.state_path
+        self.images = ImageStore(state / "images", max_image_bytes=config.max_image_mib << 20)
+        self.vm_dir = state / "vms"
+        self.vms: dict[str, HostedVM] = {}
+        self.closing = False
+        self._pool = ThreadPoolExecutor(config.call_threads, thread_name_prefix="cloudlet-call")
+        self.on_change: Callable[[str, HostedVM | None], None] = lambda vm_id, hosted: None
+
+    async def __aenter__(self) -> VMHost:
+        self.vm_dir.mkdir(parents=True, exist_ok=True)
+        await self._restore_checkpoints()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # --- images ----------------------------------------------------------------------
+
+    async def add_image(self, wasm: bytes, expected_digest: str | None) -> Image:
+        from cloudlet.vm import image_digest
+
+        if expected_digest is not None and image_digest(wasm) != expected_digest.lower():
+            raise ImageRejected(f"the upload's SHA-256 is {image_digest(wasm)}, not the "
+                                f"{expected_digest} it was announced as")
+        # Compiling takes milliseconds to seconds: off the event loop.
+        return await self._off_loop(self.images.add, wasm)
+
+    def delete_image(self, digest: str) -> None:
+        users = [h.id for h in self.vms.values() if h.vm.image.digest == digest]
+        if users:
+            raise ImageInUse(f"image {digest[:12]} is used by {len(users)} VMs, e.g. {users[0]}")
+        self.images.delete(digest)
+
+    # --- VMs ----------------------------------------------------------------------------
+
+    def get(self, vm_id: str, who: Principal) -> HostedVM:
+        hosted = self.vms.get(vm_id)
+        if hosted is None:
+            raise VMNotFound(f"no VM {vm_id!r} on this cloudlet")
+        if not who.is_peer and hosted.owner != who.name:
+            raise Forbidden(f"VM {vm_id} belongs to another client")
+        return hosted
+
+    def owned_by(self, who: Principal) -> list[HostedVM]:
+        return [h for h in self.vms.values() if who.is_peer or h.owner == who.name]
+
+    async def create(self, who: Principal, digest: str, limits: dict[str, Any] | None,
+                     clock: str = "real") -> HostedVM:
+        self._check_open()
+        image = await self._off_loop(self.images.get, digest)
+        vm_limits = self._limits(limits)
+        if len(self.vms) >= self.config.max_vms:
+            raise CapacityExceeded(f"this cloudlet hosts its maximum of {self.config.max_vms} VMs")
+        committed = sum(h.vm.limits.memory_bytes for h in self.vms.values())
+        if committed + vm_limits.memory_bytes > self.config.max_memory_mib << 20:
+            raise CapacityExceeded("this cloudlet's memory is fully committed")
+        vm = VM.create(image, vm_limits, owner=who.name, clock=clock)
+        hosted = self._adopt(vm)
+        self.on_change(vm.id, hosted)
+        return hosted
+
+    def _limits(self, given: dict[str, Any] | None) -> VMLimits:
+        base = self.config.default_limits
+        if not given:
+            return base
+        if not isinstance(given, dict) or set(given) - {"memory_bytes", "fuel_per_call",
+                                                          "deadline_ms"}:
+            raise BadCall("limits take memory_bytes, fuel_per_call and deadline_ms")
+        return VMLimits.from_wire({**base.to_wire(), **given})
+
+    def _adopt(self, vm: VM) -> HostedVM:
+        hosted = HostedVM(vm, vm.owner or "",
+                          inline=vm.limits.deadline_ms <= self.config.inline_deadline_ms)
+        self.vms[vm.id] = hosted
+        return hosted
+
+    async def call(self, hosted: HostedVM, fn: str, args: list[Any]) -> tuple[Any, int]:
+        self._check_open()
+        async with hosted.lock:
+            self._check_alive(hosted)
+            try:
+                if hosted.inline:
+                    result = hosted.vm.call(fn, *args)
+                else:
+                    result = await self._off_loop(hosted.vm.call, fn, *args)
+            finally:
+                hosted.calls = hosted.vm.seq
+            return result, hosted.vm.seq
+
+    async def call_bytes(self, hosted: HostedVM, fn: str, data: bytes) -> tuple[bytes, int]:
+        self._check_open()
+        async with hosted.lock:
+            self._check_alive(hosted)
+            try:
+                if hosted.inline:
+                    out = hosted.vm.call_bytes(fn, data)
+                else:
+                    out = await self._off_loop(hosted.vm.call_bytes, fn, data)
+            finally:
+                hosted.calls = hosted.vm.seq
+            return out, hosted.vm.seq
+
+    async def snapshot_bytes(self, hosted: HostedVM) -> bytes:
+        async with hosted.lock:
+            self._check_alive(hosted)
+            snap = hosted.vm.snapshot()
+        return await self._off_loop(snap.to_bytes)
+
+    async def dirty_rate(self, hosted: HostedVM) -> float:
+        """Chunks written per second since the VM's last checkpoint (for the placer's
+        migration-cost model). Cheap with write tracking: it reads the dirty bitmap."""
+        async with hosted.lock:
+            if self.vms.get(hosted.id) is not hosted or hosted.vm.failed is not None:
+                return 0.0
+            dirty = sum(len(ids) for ids in hosted.vm.dirty_chunks())
+        return dirty / max(time.monotonic() - hosted.checkpointed_at, 1e-3)
+
+    async def destroy(self, hosted: HostedVM) -> None:
+        async with hosted.lock:
+            if self.vms.pop(hosted.id, None) is None:
+                return
+            hosted.vm.close()
+            await self._off_loop(self._checkpoint_path(hosted.id).unlink, missing_ok=True)
+        self.on_change(hosted.id, None)
+
+    def _check_open(self) -> None:
+        if self.closing:
+            raise ShuttingDown("this cloudlet is shutting down; its VMs will be back on restart")
+
+    def _check_alive(self, hosted: HostedVM) -> None:
+        if self.vms.get(hosted.id) is not hosted:
+            raise VMNotFound(f"VM {hosted.id} was destroyed")
+
+    # --- persistence ------------------------------------------------------------------
+
+    def _checkpoint_path(self, vm_id: str) -> Path:
+        return self.vm_dir / f"{vm_id}.snap"
+
+    async def checkpoint(self, hosted: HostedVM, *, force: bool = False) -> bool:
+        """Snapshot `hosted` to disk if it applied calls since its last checkpoint."""
+        async with hosted.lock:
+            if self.vms.get(hosted.id) is not hosted or hosted.vm.failed is not None:
+                return False
+            if not force and hosted.vm.seq == hosted.checkpointed_seq:
+                return False
+            snap = hosted.vm.snapshot()
+        data = await self._off_loop(snap.to_bytes)
+        await self._off_loop(atomic_write, self._checkpoint_path(hosted.id), data)
+        hosted.checkpointed_seq = snap.seq
+        hosted.checkpointed_at = time.monotonic()
+        return True
+
+    async def checkpoint_all(self, *, force: bool = False) -> int:
+        written = 0
+        for hosted in list(self.vms.values()):
+            try:
+                written += await self.checkpoint(hosted, force=force)
+            except CloudletError as exc:
+                log.error("checkpoint of VM %s failed: %s", hosted.id, exc)
+        return written
+
+    async def _restore_checkpoints(self) -> None:
+        for path in sorted(self.vm_dir.glob("*.snap")):
+            try:
+                snap = await self._off_loop(Snapshot.read, path)
+                image = await self._off_loop(self.images.get, snap.image_digest)
+                vm = VM.restore(image, snap)
+            except CloudletError as exc:
+                # Keep the file for a human to look at; never delete state we cannot read.
+                aside = path.with_suffix(".unreadable")
+                path.rename(aside)
+                log.error("cannot restore %s (%s); moved aside to %s", path.name, exc, aside.name)
+                continue
+            hosted = self._adopt(vm)
+            hosted.checkpointed_seq = vm.seq
+            log.info("restored VM %s (owner %s, seq %d)", vm.id, vm.owner, vm.seq)
+
+    async def shutdown(self) -> None:
+        """Stop taking calls, let in-flight ones finish, checkpoint every VM, free them."""
+        if self._pool is None:
+            return
+        self.closing = True
+        written = await self.checkpoint_all(force=True)
+        log.info("checkpointed %d VMs", written)
+        for hosted in list(self.vms.values()):
+            async with hosted.lock:
+                hosted.vm.close()
+        self.vms.clear()
+        pool, self._pool = self._pool, None  # type: ignore[assignment]
+        pool.shutdown(wait=True)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))

@@ -1,0 +1,139 @@
+"""Real cloudlet daemons for tests: each its own `cloudlet agent` process on a free port."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from edge_agent.auth import Authority, load_secret
+
+READY_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Daemon:
+    name: str
+    config_path: Path
+    state_dir: Path
+    secret_path: Path
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def token(self, client: str, ttl_s: int = 3600) -> str:
+        return Authority(load_secret(self.secret_path)).issue(client, ttl_s)
+
+    def peer_token(self, node: str = "peer-node") -> str:
+        return Authority(load_secret(self.secret_path)).issue_peer(node)
+
+    def start(self) -> Daemon:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cloudlet.cli", "agent", "--config", str(self.config_path)],
+            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        line = b""
+        while not line.startswith(b"ready "):
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(remaining, 0))
+            if not ready:
+                self.kill()
+                raise AssertionError(f"daemon {self.name} not ready: {self.log()}")
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"daemon {self.name} exited: {self.log()}")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout_s)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.proc is not None and self.proc.stdout:
+            self.proc.stdout.close()
+
+    # --- a tiny synchronous client -------------------------------------------------------
+
+    def request(self, method: str, path: str, body: Any = None, *, token: str | None = None,
+                raw: bytes | None = None, headers: dict[str, str] | None = None,
+                timeout_s: float = 30.0) -> tuple[int, Any]:
+        """(status, decoded body). `body` is msgpack-encoded; `raw` is sent as is."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
+        try:
+            hdrs = dict(headers or {})
+            if token is not None:
+                hdrs["Authorization"] = f"Bearer {token}"
+            data = raw if raw is not None else (msgpack.packb(body) if body is not None else None)
+            conn.request(method, path, body=data, headers=hdrs)
+            resp = conn.getresponse()
+            payload = resp.read()
+            ctype = resp.getheader("Content-Type", "")
+            if "msgpack" in ctype and payload:
+                return resp.status, msgpack.unpackb(payload)
+            if "json" in ctype:
+                import json
+
+                return resp.status, json.loads(payload)
+            return resp.status, payload
+        finally:
+            conn.close()
+
+
+def make_daemon(tmp: Path, name: str = "t1", *, secret_path: Path | None = None,
+                **settings: Any) -> Daemon:
+    """Write a config for a daemon (not started). `settings` are [node] keys."""
+    state = tmp / name
+    state.mkdir(parents=True, exist_ok=True)
+    secret = secret_path or tmp / "cluster.key"
+    if not secret.exists():
+        secret.write_text(os.urandom(32).hex())
+    port = free_port()
+    table = {"name": name, "port": port, "state_dir": str(state), "secret_file": str(secret),
+             "checkpoint_interval_s": 0.5, "telemetry_interval_s": 0.5, **settings}
+    lines = ["[node]"]
+    for key, value in table.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, int | float):
+            lines.append(f"{key} = {value!r}")
+        else:
+            lines.append(f'{key} = "{value}"')
+    config = state / "node.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return Daemon(name, config, state, secret, port, state / "daemon.log")
