@@ -249,8 +249,8 @@ async def apply_call(app: web.Application, hosted: HostedVM, body: dict[str, Any
         outcome = "ok"
         return reply
     finally:
-        metrics.calls.labels(transport, outcome).inc()
-        metrics.latency.labels(transport).observe(time.perf_counter() - started)
+        metrics.call_outcome[transport, outcome].inc()
+        metrics.call_latency[transport].observe(time.perf_counter() - started)
 
 
 async def call_vm(request: web.Request) -> web.Response:

@@ -118,12 +118,18 @@ class ControlPlane:
         host_name, port, tls = broker_address(self.config.broker_url)
         backoff = BACKOFF_START_S
         while True:
+            # Errors arrive wrapped in ExceptionGroups from the session's TaskGroup.
+            # None may end the daemon: the data plane must outlive the broker.
             try:
                 await self._session(host_name, port, tls or self.config.broker_tls)
-            except aiomqtt.MqttError as exc:
-                log.warning("broker %s unreachable (%s); retrying in %.1f s",
-                            self.config.broker_url, exc, backoff)
+            except* (aiomqtt.MqttError, OSError) as group:
+                log.warning("broker %s lost or unreachable (%s); retrying in %.1f s",
+                            self.config.broker_url, group.exceptions[0], backoff)
+            except* Exception:
+                log.exception("control plane failed; retrying in %.1f s", backoff)
             finally:
+                if self.connected.is_set():  # it was up: start backing off afresh
+                    backoff = BACKOFF_START_S
                 self.connected.clear()
                 self.metrics.mqtt_connected.set(0)
                 self._client = None

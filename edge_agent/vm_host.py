@@ -146,6 +146,16 @@ class VMHost:
 
     async def call(self, hosted: HostedVM, fn: str, args: list[Any]) -> tuple[Any, int]:
         self._check_open()
+        if hosted.inline and not hosted.lock.locked():
+            # Nothing awaits between here and the return, so no other task can touch
+            # the VM meanwhile: the lock is only needed while someone holds it across
+            # an await (a thread-pool call, a checkpoint write).
+            self._check_alive(hosted)
+            try:
+                result = hosted.vm.call(fn, *args)
+            finally:
+                hosted.calls = hosted.vm.seq
+            return result, hosted.vm.seq
         async with hosted.lock:
             self._check_alive(hosted)
             try:
@@ -159,6 +169,13 @@ class VMHost:
 
     async def call_bytes(self, hosted: HostedVM, fn: str, data: bytes) -> tuple[bytes, int]:
         self._check_open()
+        if hosted.inline and not hosted.lock.locked():  # see call()
+            self._check_alive(hosted)
+            try:
+                out = hosted.vm.call_bytes(fn, data)
+            finally:
+                hosted.calls = hosted.vm.seq
+            return out, hosted.vm.seq
         async with hosted.lock:
             self._check_alive(hosted)
             try:

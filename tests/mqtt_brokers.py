@@ -162,7 +162,8 @@ def _accepts_mqtt(host: str, port: int) -> bool:
 class Mosquitto:
     """The real `mosquitto` on a free loopback port: `with Mosquitto(binary, dir) as url:`."""
 
-    def __init__(self, binary: str, work_dir: Path) -> None:
+    def __init__(self, binary: str, work_dir: Path, port: int | None = None) -> None:
+        self._port = port  # None: a free one
         self._binary = binary
         self._dir = work_dir
         self.log_path = work_dir / "mosquitto.log"
@@ -188,7 +189,7 @@ class Mosquitto:
 
     def __enter__(self) -> str:
         for _ in range(START_ATTEMPTS):
-            port = free_port()
+            port = self._port or free_port()
             config = self._dir / "mosquitto.conf"
             config.write_text(self._config(port))
             self._proc = subprocess.Popen([self._binary, "-c", str(config)],

@@ -1,0 +1,180 @@
+"""The MQTT control plane of real daemons, against the embedded broker and a real Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import msgpack
+
+from tests.conftest import WORKLOADS
+from tests.daemons import free_port, make_daemon
+from tests.mqtt_brokers import Mosquitto, address, require_binary
+
+P = "cloudlet/v1"
+Message = tuple[str, Any, bool]  # topic, decoded payload (None if empty), retained
+
+
+def collect(url: str, topics: list[str], until: Callable[[list[Message]], bool],
+            timeout_s: float = 15.0, publish: list[tuple[str, bytes]] | None = None
+            ) -> list[Message]:
+    """Subscribe, optionally publish, and gather messages until `until` holds."""
+    host, port = address(url)
+
+    async def run() -> list[Message]:
+        got: list[Message] = []
+        async with aiomqtt.Client(host, port, identifier=f"test-{time.time_ns()}") as c:
+            for t in topics:
+                await c.subscribe(t, qos=1)
+            for topic, payload in publish or []:
+                await c.publish(topic, payload, qos=1)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    async for m in c.messages:
+                        raw = m.payload if isinstance(m.payload, bytes | bytearray) else b""
+                        got.append((str(m.topic), msgpack.unpackb(raw) if raw else None,
+                                    m.retain))
+                        if until(got):
+                            return got
+            except TimeoutError:
+                pass
+        return got
+
+    return asyncio.run(run())
+
+
+def test_presence_telemetry_commands_locations(any_broker: str, tmp_path: Path) -> None:
+    d = make_daemon(tmp_path, "cp1", broker_url=any_broker, mqtt_keepalive_s=2,
+                    telemetry_interval_s=0.3, position_x_m=12.5, zone="z1").start()
+    try:
+        got = collect(any_broker, [f"{P}/nodes/cp1/presence"],
+                      lambda g: any(p and p["status"] == "online" for _, p, _ in g))
+        online = next(p for _, p, _ in got if p and p["status"] == "online")
+        assert online["endpoint"] == d.endpoint and online["position"] == [12.5, 0.0]
+        assert online["zone"] == "z1" and online["capacity"]["max_vms"] == 1000
+        assert online["v"] == 1
+
+        alice = d.token("alice")
+        digest = d.request("POST", "/v1/images", raw=(WORKLOADS / "kvstore.wasm").read_bytes(),
+                           token=alice)[1]["digest"]
+        vm = d.request("POST", "/v1/vms", {"image": digest}, token=alice)[1]["vm"]
+        d.request("POST", f"/v1/vms/{vm}/call", {"fn": "kv_put", "args": [1, 1]}, token=alice)
+        got = collect(any_broker, [f"{P}/vms/{vm}/location", f"{P}/nodes/cp1/telemetry"],
+                      lambda g: {t.rsplit("/", 1)[1] for t, _, _ in g} >= {"location",
+                                                                           "telemetry"})
+        location = next(p for t, p, _ in got if t.endswith("location"))
+        assert location["node"] == "cp1" and location["endpoint"] == d.endpoint
+        telemetry = next(p for t, p, _ in got if t.endswith("telemetry"))
+        assert telemetry["vms"] == 1 and vm in telemetry["per_vm"]
+        assert {"calls_per_s", "dirty_chunks_per_s"} <= set(telemetry["per_vm"][vm])
+
+        commands = f"{P}/nodes/cp1/commands"
+        got = collect(any_broker, [f"{P}/nodes/cp1/events"],
+                      lambda g: {p["id"] for _, p, _ in g} >= {"c1", "c3"},
+                      publish=[(commands, msgpack.packb({"v": 1, "id": "c1", "op": "ping"})),
+                               (commands, b"\xc1 not msgpack"),
+                               (commands, msgpack.packb({"v": 99, "id": "c2", "op": "ping"})),
+                               (commands, msgpack.packb({"v": 1, "id": "c3", "op": "dance"}))])
+        events = {p["id"]: p for _, p, _ in got}
+        assert events["c1"]["ok"] and events["c1"]["result"] == {"vms": 1}
+        assert not events["c3"]["ok"] and events["c3"]["error"]["code"] == "unknown_command"
+        assert "c2" not in events  # wrong schema: logged and dropped
+        assert d.request("GET", "/health")[0] == 200  # malformed control input: still healthy
+
+        d.request("DELETE", f"/v1/vms/{vm}", token=alice)
+        got = collect(any_broker, [f"{P}/vms/{vm}/location"], lambda g: False, timeout_s=1.0)
+        assert all(p is None for _, p, _ in got)  # cleared
+
+        assert d.stop() == 0
+        got = collect(any_broker, [f"{P}/nodes/cp1/presence"], lambda g: bool(g))
+        assert got[0][1]["status"] == "offline" and got[0][2]  # retained
+    finally:
+        d.kill()
+
+
+def test_data_plane_survives_losing_the_broker(tmp_path: Path) -> None:
+    binary = require_binary("mosquitto", "mosquitto")
+    port = free_port()
+    with Mosquitto(binary, tmp_path, port) as url:
+        d = make_daemon(tmp_path, "cp2", broker_url=url, mqtt_keepalive_s=2).start()
+        collect(url, [f"{P}/nodes/cp2/presence"], lambda g: bool(g))
+    try:
+        alice = d.token("alice")  # broker gone: the data plane goes on
+        status, body = d.request("POST", "/v1/images",
+                                 raw=(WORKLOADS / "kvstore.wasm").read_bytes(), token=alice)
+        assert status == 201
+        vm = d.request("POST", "/v1/vms", {"image": body["digest"]}, token=alice)[1]["vm"]
+        with Mosquitto(binary, tmp_path, port) as url:  # back, empty (no persistence)
+            got = collect(url, [f"{P}/nodes/cp2/presence", f"{P}/vms/{vm}/location"],
+                          lambda g: len({t for t, _, _ in g}) == 2, timeout_s=25)
+            topics = {t: p for t, p, _ in got}
+            assert topics[f"{P}/nodes/cp2/presence"]["status"] == "online"
+            assert topics[f"{P}/vms/{vm}/location"]["node"] == "cp2"
+    finally:
+        d.kill()
+
+
+def test_cloudlet_up_presence_and_last_will_seen_by_mosquitto_sub(tmp_path: Path) -> None:
+    sub = require_binary("mosquitto_sub", "mosquitto-clients")
+    broker_port, base_port = free_port(), free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "cloudlet.cli", "up", "--nodes", "3", "--base-port",
+         str(base_port), "--broker-port", str(broker_port), "--state-dir", str(tmp_path / "m")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert up.stdout is not None
+        pids: dict[str, int] = {}
+        deadline = time.monotonic() + 60
+        while len(pids) < 3 and time.monotonic() < deadline:
+            line = up.stdout.readline()
+            assert line, "cloudlet up exited early"
+            m = re.match(r"cloudlet (\S+)\s+(\S+)\s+\(pid (\d+)\)", line)
+            if m:
+                pids[m.group(1)] = int(m.group(3))
+        assert len(pids) == 3
+
+        def presence(count: int, wait_s: str) -> dict[str, str]:
+            out = subprocess.run(
+                [sub, "-h", "127.0.0.1", "-p", str(broker_port), "-t", f"{P}/nodes/+/presence",
+                 "-F", "%t %x", "-C", str(count), "-W", wait_s],
+                capture_output=True, text=True, timeout=60)
+            seen = {}
+            for line in out.stdout.splitlines():
+                topic, hexed = line.split(" ", 1)
+                seen[topic.split("/")[3]] = msgpack.unpackb(bytes.fromhex(hexed))["status"]
+            return seen
+
+        assert presence(3, "10") == dict.fromkeys(pids, "online")
+        victim = sorted(pids)[0]
+        watcher = subprocess.Popen(
+            [sub, "-h", "127.0.0.1", "-p", str(broker_port), "-t", f"{P}/nodes/{victim}/presence",
+             "-F", "%x", "-C", "2", "-W", "20"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # the watcher has its retained "online"
+        import os
+
+        os.kill(pids[victim], signal.SIGKILL)
+        out, _ = watcher.communicate(timeout=30)
+        statuses = [msgpack.unpackb(bytes.fromhex(h))["status"] for h in out.split()]
+        assert statuses == ["online", "offline"]
+
+        status = subprocess.run([sys.executable, "-m", "cloudlet.cli", "status", "--broker",
+                                 f"mqtt://127.0.0.1:{broker_port}"],
+                                capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0
+        for name in pids:
+            assert name in status.stdout
+        assert "offline" in status.stdout
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            assert up.wait(60) == 0
+        finally:
+            up.kill()
