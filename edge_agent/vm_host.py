@@ -144,18 +144,26 @@ class VMHost:
         self.vms[vm.id] = hosted
         return hosted
 
+    def can_call_now(self, hosted: HostedVM) -> bool:
+        """True when `call_now` may run: an interactive VM nobody holds across an await."""
+        return hosted.inline and not hosted.lock.locked() and not self.closing
+
+    def call_now(self, hosted: HostedVM, fn: str, args: list[Any]) -> tuple[Any, int]:
+        """The fast path, synchronous: nothing awaits between the check and the return,
+        so no other task can touch the VM meanwhile. The lock is only needed while
+        someone holds it across an await (a thread-pool call, a checkpoint write)."""
+        self._check_alive(hosted)
+        vm = hosted.vm
+        try:
+            result = vm.call(fn, *args)
+        finally:
+            hosted.calls = vm.seq
+        return result, vm.seq
+
     async def call(self, hosted: HostedVM, fn: str, args: list[Any]) -> tuple[Any, int]:
         self._check_open()
-        if hosted.inline and not hosted.lock.locked():
-            # Nothing awaits between here and the return, so no other task can touch
-            # the VM meanwhile: the lock is only needed while someone holds it across
-            # an await (a thread-pool call, a checkpoint write).
-            self._check_alive(hosted)
-            try:
-                result = hosted.vm.call(fn, *args)
-            finally:
-                hosted.calls = hosted.vm.seq
-            return result, hosted.vm.seq
+        if self.can_call_now(hosted):
+            return self.call_now(hosted, fn, args)
         async with hosted.lock:
             self._check_alive(hosted)
             try:

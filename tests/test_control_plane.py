@@ -24,14 +24,16 @@ Message = tuple[str, Any, bool]  # topic, decoded payload (None if empty), retai
 
 
 def collect(url: str, topics: list[str], until: Callable[[list[Message]], bool],
-            timeout_s: float = 15.0, publish: list[tuple[str, bytes]] | None = None
-            ) -> list[Message]:
+            timeout_s: float = 15.0, publish: list[tuple[str, bytes]] | None = None,
+            auth: tuple[str, str] | None = None) -> list[Message]:
     """Subscribe, optionally publish, and gather messages until `until` holds."""
     host, port = address(url)
 
     async def run() -> list[Message]:
         got: list[Message] = []
-        async with aiomqtt.Client(host, port, identifier=f"test-{time.time_ns()}") as c:
+        async with aiomqtt.Client(host, port, identifier=f"test-{time.time_ns()}",
+                                  username=auth[0] if auth else None,
+                                  password=auth[1] if auth else None) as c:
             for t in topics:
                 await c.subscribe(t, qos=1)
             for topic, payload in publish or []:
@@ -178,3 +180,39 @@ def test_cloudlet_up_presence_and_last_will_seen_by_mosquitto_sub(tmp_path: Path
             assert up.wait(60) == 0
         finally:
             up.kill()
+
+
+def test_https_and_broker_credentials(tmp_path: Path) -> None:
+    """TLS for HTTP and credentials for the broker, when configured."""
+    import http.client
+    import ssl
+
+    from tests.mqtt_brokers import BrokerThread
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    with BrokerThread(username="edge", password="s3cret") as url:
+        d = make_daemon(tmp_path, "tls1", broker_url=url, broker_username="edge",
+                        broker_password="s3cret", tls_cert_file=str(cert),
+                        tls_key_file=str(key)).start()
+        try:
+            got = collect(url, [f"{P}/nodes/tls1/presence"], lambda g: bool(g),
+                          auth=("edge", "s3cret"))
+            assert got and got[0][1]["endpoint"] == f"https://127.0.0.1:{d.port}"
+            context = ssl.create_default_context(cafile=str(cert))
+            conn = http.client.HTTPSConnection("127.0.0.1", d.port, context=context, timeout=10)
+            conn.request("GET", "/health")
+            assert conn.getresponse().status == 200
+            conn.close()
+            plain = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+            try:  # plain HTTP to a TLS port gets nowhere
+                plain.request("GET", "/health")
+                assert plain.getresponse().status != 200
+            except (ConnectionError, http.client.HTTPException, OSError):
+                pass
+            finally:
+                plain.close()
+        finally:
+            d.kill()
