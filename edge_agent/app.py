@@ -238,7 +238,7 @@ async def apply_call(app: web.Application, hosted: HostedVM, body: dict[str, Any
     fn = body.get("fn")
     if type(fn) is not str:
         raise errors.MalformedRequest("field 'fn' must be a function name")
-    outcome = "error"
+    ok = False
     try:
         if "data" in body:
             out, seq = await host.call_bytes(hosted, fn, field(body, "data", bytes))
@@ -252,11 +252,10 @@ async def apply_call(app: web.Application, hosted: HostedVM, body: dict[str, Any
             else:
                 result, seq = await host.call(hosted, fn, args)
             reply = {"result": list(result) if isinstance(result, tuple) else result, "seq": seq}
-        outcome = "ok"
+        ok = True
         return reply
     finally:
-        metrics.call_outcome[transport, outcome].inc()
-        metrics.call_latency[transport].observe(time.perf_counter() - started)
+        metrics.calls.record(transport, ok, time.perf_counter() - started)
 
 
 async def call_vm(request: web.Request) -> web.Response:
