@@ -213,7 +213,8 @@ async def delete_image(request: web.Request) -> web.Response:
 async def create_vm(request: web.Request) -> web.Response:
     body = unpack_map(await read_body(request, request.app[CONFIG].max_request_kib << 10))
     hosted = await request.app[HOST].create(
-        principal(request), field(body, "image", str), field(body, "limits", dict, None),
+        principal(request), field(body, "image", str),
+        field(body, "limits", (dict, type(None)), None),
         field(body, "clock", str, "real"))
     return answer(request, hosted.describe(), 201)
 

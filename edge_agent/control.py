@@ -176,14 +176,14 @@ class ControlPlane:
                 pass
 
     async def _flush_locations(self, client: aiomqtt.Client) -> None:
-        while self._dirty_locations:
-            vm_id = self._dirty_locations.pop()
+        for vm_id in list(self._dirty_locations):
             if vm_id in self.host.vms:
                 payload = encode({"vm": vm_id, "node": self.config.name,
                                   "endpoint": self.config.endpoint, "ts": time.time()})
             else:
                 payload = b""  # an empty retained message clears the topic
             await client.publish(location_topic(vm_id), payload, qos=1, retain=True)
+            self._dirty_locations.discard(vm_id)  # only once published: a drop retries it
 
     async def _telemetry(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -229,6 +229,10 @@ class ControlPlane:
             return {**event, "ok": True, "result": await handler(command)}
         except CloudletError as exc:
             return {**event, "ok": False, "error": exc.to_wire()}
+        except Exception as exc:
+            log.exception("command %r failed", op)
+            return {**event, "ok": False, "error": {"code": "internal_error",
+                                                    "message": repr(exc)}}
 
     async def say_goodbye(self) -> None:
         """On a clean shutdown: mark this node offline now rather than by its Will."""

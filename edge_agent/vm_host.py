@@ -16,6 +16,7 @@ at most the calls applied in the last checkpoint interval (docs/daemon.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -49,9 +50,13 @@ class HostedVM:
     owner: str
     inline: bool  # short deadline: calls run on the event loop
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Serialises a checkpoint's snapshot-to-file and destroy: without it a write in
+    # flight could resurrect a destroyed VM, or an older write land after a newer one.
+    persist_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     checkpointed_seq: int = -1
     checkpointed_at: float = field(default_factory=time.monotonic)
     calls: int = 0  # applied calls, for telemetry rates
+    last_dirty_rate: float = 0.0
 
     @property
     def id(self) -> str:
@@ -73,6 +78,8 @@ class VMHost:
         self.vm_dir = state / "vms"
         self.vms: dict[str, HostedVM] = {}
         self.closing = False
+        self.checkpoint_failures = 0
+        self._creating: dict[str, int] = {}  # image digest -> creates in flight
         self._pool = ThreadPoolExecutor(config.call_threads, thread_name_prefix="cloudlet-call")
         self.on_change: Callable[[str, HostedVM | None], None] = lambda vm_id, hosted: None
 
@@ -97,6 +104,8 @@ class VMHost:
 
     def delete_image(self, digest: str) -> None:
         users = [h.id for h in self.vms.values() if h.vm.image.digest == digest]
+        if self._creating.get(digest):
+            users.append("(a VM being created)")
         if users:
             raise ImageInUse(f"image {digest[:12]} is used by {len(users)} VMs, e.g. {users[0]}")
         self.images.delete(digest)
@@ -117,6 +126,14 @@ class VMHost:
     async def create(self, who: Principal, digest: str, limits: dict[str, Any] | None,
                      clock: str = "real") -> HostedVM:
         self._check_open()
+        self._creating[digest] = self._creating.get(digest, 0) + 1
+        try:
+            return await self._create(who, digest, limits, clock)
+        finally:
+            self._creating[digest] -= 1
+
+    async def _create(self, who: Principal, digest: str, limits: dict[str, Any] | None,
+                      clock: str) -> HostedVM:
         image = await self._off_loop(self.images.get, digest)
         vm_limits = self._limits(limits)
         if len(self.vms) >= self.config.max_vms:
@@ -136,7 +153,14 @@ class VMHost:
         if not isinstance(given, dict) or set(given) - {"memory_bytes", "fuel_per_call",
                                                           "deadline_ms"}:
             raise BadCall("limits take memory_bytes, fuel_per_call and deadline_ms")
-        return VMLimits.from_wire({**base.to_wire(), **given})
+        limits = VMLimits.from_wire({**base.to_wire(), **given})
+        longest_ms = int(self.config.request_deadline_s * 1000 * 0.9)
+        if limits.deadline_ms > longest_ms:
+            # A call must be able to answer within the request's deadline; otherwise
+            # the client would get a timeout for a call that was applied.
+            raise BadCall(f"deadline_ms {limits.deadline_ms} is over this cloudlet's longest "
+                          f"call ({longest_ms} ms, 90% of its request deadline)")
+        return limits
 
     def _adopt(self, vm: VM) -> HostedVM:
         hosted = HostedVM(vm, vm.owner or "",
@@ -170,7 +194,7 @@ class VMHost:
                 if hosted.inline:
                     result = hosted.vm.call(fn, *args)
                 else:
-                    result = await self._off_loop(hosted.vm.call, fn, *args)
+                    result = await self._run_guest(hosted.vm.call, fn, *args)
             finally:
                 hosted.calls = hosted.vm.seq
             return result, hosted.vm.seq
@@ -190,7 +214,7 @@ class VMHost:
                 if hosted.inline:
                     out = hosted.vm.call_bytes(fn, data)
                 else:
-                    out = await self._off_loop(hosted.vm.call_bytes, fn, data)
+                    out = await self._run_guest(hosted.vm.call_bytes, fn, data)
             finally:
                 hosted.calls = hosted.vm.seq
             return out, hosted.vm.seq
@@ -204,14 +228,17 @@ class VMHost:
     async def dirty_rate(self, hosted: HostedVM) -> float:
         """Chunks written per second since the VM's last checkpoint (for the placer's
         migration-cost model). Cheap with write tracking: it reads the dirty bitmap."""
+        if hosted.lock.locked():
+            return hosted.last_dirty_rate  # busy (a long call): telemetry must not wait
         async with hosted.lock:
             if self.vms.get(hosted.id) is not hosted or hosted.vm.failed is not None:
                 return 0.0
             dirty = sum(len(ids) for ids in hosted.vm.dirty_chunks())
-        return dirty / max(time.monotonic() - hosted.checkpointed_at, 1e-3)
+        hosted.last_dirty_rate = dirty / max(time.monotonic() - hosted.checkpointed_at, 1e-3)
+        return hosted.last_dirty_rate
 
     async def destroy(self, hosted: HostedVM) -> None:
-        async with hosted.lock:
+        async with hosted.persist_lock, hosted.lock:
             if self.vms.pop(hosted.id, None) is None:
                 return
             hosted.vm.close()
@@ -233,25 +260,27 @@ class VMHost:
 
     async def checkpoint(self, hosted: HostedVM, *, force: bool = False) -> bool:
         """Snapshot `hosted` to disk if it applied calls since its last checkpoint."""
-        async with hosted.lock:
-            if self.vms.get(hosted.id) is not hosted or hosted.vm.failed is not None:
-                return False
-            if not force and hosted.vm.seq == hosted.checkpointed_seq:
-                return False
-            snap = hosted.vm.snapshot()
-        data = await self._off_loop(snap.to_bytes)
-        await self._off_loop(atomic_write, self._checkpoint_path(hosted.id), data)
-        hosted.checkpointed_seq = snap.seq
-        hosted.checkpointed_at = time.monotonic()
-        return True
+        async with hosted.persist_lock:
+            async with hosted.lock:
+                if self.vms.get(hosted.id) is not hosted or hosted.vm.failed is not None:
+                    return False
+                if not force and hosted.vm.seq == hosted.checkpointed_seq:
+                    return False
+                snap = hosted.vm.snapshot()
+            data = await self._off_loop(snap.to_bytes)
+            await self._off_loop(atomic_write, self._checkpoint_path(hosted.id), data)
+            hosted.checkpointed_seq = snap.seq
+            hosted.checkpointed_at = time.monotonic()
+            return True
 
     async def checkpoint_all(self, *, force: bool = False) -> int:
         written = 0
         for hosted in list(self.vms.values()):
             try:
                 written += await self.checkpoint(hosted, force=force)
-            except CloudletError as exc:
-                log.error("checkpoint of VM %s failed: %s", hosted.id, exc)
+            except Exception as exc:  # a full disk must not stop the daemon: retry next round
+                self.checkpoint_failures += 1
+                log.error("checkpoint of VM %s failed: %r", hosted.id, exc)
         return written
 
     async def _restore_checkpoints(self) -> None:
@@ -283,6 +312,19 @@ class VMHost:
         self.vms.clear()
         pool, self._pool = self._pool, None  # type: ignore[assignment]
         pool.shutdown(wait=True)
+
+    async def _run_guest(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a VM call in the pool. If the caller is cancelled (a request deadline),
+        the guest still runs in its thread, so the VM's lock must stay held until it
+        is done: a second thread in the same wasmtime store would corrupt it."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._pool, lambda: fn(*args))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await future
+            raise
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()

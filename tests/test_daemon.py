@@ -325,3 +325,73 @@ def test_docs_cover_every_setting_and_route() -> None:
     routes = set(re.findall(r'add_(get|post|delete)\("([^"]+)"', source))
     for method, path in routes:
         assert method in spec["paths"][path], f"openapi.yaml lacks {method.upper()} {path}"
+
+
+def test_timed_out_requests_never_let_two_threads_into_a_vm(tmp_path: Path) -> None:
+    """Calls queued behind a long call time out while the guest may be running; the VM
+    must stay consistent (a second thread in one wasmtime store corrupts it)."""
+    d = make_daemon(tmp_path, request_deadline_s=1.0).start()
+    try:
+        alice = d.token("alice")
+        digest = upload(d, alice, HOG)
+        status, body = d.request("POST", "/v1/vms", {"image": digest,
+                                 "limits": {"deadline_ms": 5000}}, token=alice)
+        assert (status, body["code"]) == (400, "bad_call")  # over the request deadline
+        vm = create(d, alice, digest, limits={"deadline_ms": 800, "fuel_per_call": 10**12})
+
+        async def overlap() -> tuple[list[int], tuple[int, dict]]:  # type: ignore[type-arg]
+            loop = asyncio.get_running_loop()
+            # Two spins: the second starts at ~0.8 s and its request times out at 1 s
+            # while its guest runs on until ~1.6 s. A call arriving at 1.15 s must wait
+            # for that guest, not enter the same store beside it.
+            spins = [loop.run_in_executor(None, call, d, alice, vm, "hog_spin")
+                     for _ in range(2)]
+            await asyncio.sleep(1.15)
+            late = await loop.run_in_executor(None, call, d, alice, vm, "add", 2, 3)
+            return [status for status, _ in await asyncio.gather(*spins)], late
+
+        statuses, late = asyncio.run(overlap())
+        assert set(statuses) <= {408, 422} and 408 in statuses
+        assert late[0] == 200 and late[1]["result"] == 5, late
+        assert call(d, alice, vm, "hog_trap", 0)[1]["result"] == 7
+        assert healthy(d)
+    finally:
+        d.kill()
+
+
+def test_destroyed_vms_stay_destroyed_across_checkpoints(tmp_path: Path) -> None:
+    d = make_daemon(tmp_path, checkpoint_interval_s=0.1, vm_memory_mib=64).start()
+    try:
+        alice = d.token("alice")
+        digest = upload(d, alice, HOG)
+        destroyed = []
+        for i in range(8):
+            vm = create(d, alice, digest)
+            call(d, alice, vm, "hog_grow", 16)
+            call(d, alice, vm, "hog_fill", 0, 4096, i + 1)  # big checkpoints: slow writes
+            time.sleep(0.02 * i)
+            assert d.request("DELETE", f"/v1/vms/{vm}", token=alice)[0] == 204
+            destroyed.append(vm)
+        assert d.stop() == 0
+        d.start()
+        assert d.request("GET", "/v1/vms", token=alice)[1]["vms"] == []
+    finally:
+        d.kill()
+
+
+def test_a_failing_checkpoint_write_does_not_stop_the_daemon(tmp_path: Path) -> None:
+    d = make_daemon(tmp_path, checkpoint_interval_s=0.2).start()
+    try:
+        alice = d.token("alice")
+        vm = create(d, alice, upload(d, alice))
+        time.sleep(0.5)
+        snap = d.state_dir / "vms" / f"{vm}.snap"
+        snap.unlink(missing_ok=True)
+        snap.mkdir()  # the next write cannot replace a directory: an OSError
+        for k in range(5):
+            assert call(d, alice, vm, "kv_put", k, k)[0] == 200
+            time.sleep(0.2)
+        assert healthy(d) and d.proc is not None and d.proc.poll() is None
+        snap.rmdir()
+    finally:
+        d.kill()
