@@ -232,6 +232,20 @@ async def vm_info(request: web.Request) -> web.Response:
     return answer(request, hosted_vm(request).describe())
 
 
+def function_name(body: dict[str, Any]) -> str:
+    fn = body.get("fn")
+    if type(fn) is not str:
+        raise errors.MalformedRequest("field 'fn' must be a function name")
+    return fn
+
+
+def numeric_args(body: dict[str, Any]) -> list[Any]:
+    args = body.get("args", [])
+    if type(args) is not list or not all(type(a) in NUMBERS for a in args):
+        raise errors.MalformedRequest("args must be a list of numbers")
+    return args
+
+
 def apply_call_now(host: VMHost, metrics: Metrics, hosted: HostedVM, body: dict[str, Any],
                    transport: str) -> dict[str, Any] | None:
     """A numeric call to an interactive VM, done synchronously: most of the daemon's
@@ -241,12 +255,7 @@ def apply_call_now(host: VMHost, metrics: Metrics, hosted: HostedVM, body: dict[
     started = time.perf_counter()
     ok = False
     try:
-        fn, args = body.get("fn"), body.get("args", [])
-        if type(fn) is not str:
-            raise errors.MalformedRequest("field 'fn' must be a function name")
-        if type(args) is not list or not all(type(a) in NUMBERS for a in args):
-            raise errors.MalformedRequest("args must be a list of numbers")
-        result, seq = host.call_now(hosted, fn, args)
+        result, seq = host.call_now(hosted, function_name(body), numeric_args(body))
         ok = True
         return {"result": list(result) if isinstance(result, tuple) else result, "seq": seq}
     finally:
@@ -263,17 +272,12 @@ async def apply_call(app: web.Application, hosted: HostedVM, body: dict[str, Any
     started = time.perf_counter()
     ok = False
     try:
-        fn = body.get("fn")
-        if type(fn) is not str:
-            raise errors.MalformedRequest("field 'fn' must be a function name")
+        fn = function_name(body)
         if "data" in body:
             out, seq = await host.call_bytes(hosted, fn, field(body, "data", bytes))
             reply = {"data": out, "seq": seq}
         else:
-            args = body.get("args", [])
-            if type(args) is not list or not all(type(a) in NUMBERS for a in args):
-                raise errors.MalformedRequest("args must be a list of numbers")
-            result, seq = await host.call(hosted, fn, args)
+            result, seq = await host.call(hosted, fn, numeric_args(body))
             reply = {"result": list(result) if isinstance(result, tuple) else result, "seq": seq}
         ok = True
         return reply
