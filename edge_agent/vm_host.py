@@ -176,48 +176,34 @@ class VMHost:
         """The fast path, synchronous: nothing awaits between the check and the return,
         so no other task can touch the VM meanwhile. The lock is only needed while
         someone holds it across an await (a thread-pool call, a checkpoint write)."""
-        self._check_alive(hosted)
-        vm = hosted.vm
-        try:
-            result = vm.call(fn, *args)
-        finally:
-            hosted.calls = vm.seq
-        return result, vm.seq
+        return self._apply_now(hosted, hosted.vm.call, fn, *args)
 
     async def call(self, hosted: HostedVM, fn: str, args: list[Any]) -> tuple[Any, int]:
-        self._check_open()
-        if self.can_call_now(hosted):
-            return self.call_now(hosted, fn, args)
-        async with hosted.lock:
-            self._check_alive(hosted)
-            try:
-                if hosted.inline:
-                    result = hosted.vm.call(fn, *args)
-                else:
-                    result = await self._run_guest(hosted.vm.call, fn, *args)
-            finally:
-                hosted.calls = hosted.vm.seq
-            return result, hosted.vm.seq
+        return await self._apply(hosted, hosted.vm.call, fn, *args)
 
     async def call_bytes(self, hosted: HostedVM, fn: str, data: bytes) -> tuple[bytes, int]:
+        return await self._apply(hosted, hosted.vm.call_bytes, fn, data)
+
+    def _apply_now(self, hosted: HostedVM, run: Callable[..., T], *args: Any) -> tuple[T, int]:
+        self._check_alive(hosted)
+        try:
+            return run(*args), hosted.vm.seq
+        finally:
+            hosted.calls = hosted.vm.seq
+
+    async def _apply(self, hosted: HostedVM, run: Callable[..., T], *args: Any) -> tuple[T, int]:
+        """One VM call: on the event loop for interactive VMs, else in the thread pool."""
         self._check_open()
-        if hosted.inline and not hosted.lock.locked():  # see call()
-            self._check_alive(hosted)
-            try:
-                out = hosted.vm.call_bytes(fn, data)
-            finally:
-                hosted.calls = hosted.vm.seq
-            return out, hosted.vm.seq
+        if self.can_call_now(hosted):
+            return self._apply_now(hosted, run, *args)
         async with hosted.lock:
+            if hosted.inline:
+                return self._apply_now(hosted, run, *args)
             self._check_alive(hosted)
             try:
-                if hosted.inline:
-                    out = hosted.vm.call_bytes(fn, data)
-                else:
-                    out = await self._run_guest(hosted.vm.call_bytes, fn, data)
+                return await self._run_guest(run, *args), hosted.vm.seq
             finally:
                 hosted.calls = hosted.vm.seq
-            return out, hosted.vm.seq
 
     async def snapshot_bytes(self, hosted: HostedVM) -> bytes:
         async with hosted.lock:

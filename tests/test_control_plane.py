@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -160,8 +163,6 @@ def test_cloudlet_up_presence_and_last_will_seen_by_mosquitto_sub(tmp_path: Path
             [sub, "-h", "127.0.0.1", "-p", str(broker_port), "-t", f"{P}/nodes/{victim}/presence",
              "-F", "%x", "-C", "2", "-W", "20"], stdout=subprocess.PIPE, text=True)
         time.sleep(0.5)  # the watcher has its retained "online"
-        import os
-
         os.kill(pids[victim], signal.SIGKILL)
         out, _ = watcher.communicate(timeout=30)
         statuses = [msgpack.unpackb(bytes.fromhex(h))["status"] for h in out.split()]
@@ -185,7 +186,6 @@ def test_cloudlet_up_presence_and_last_will_seen_by_mosquitto_sub(tmp_path: Path
 def test_https_and_broker_credentials(tmp_path: Path) -> None:
     """TLS for HTTP and credentials for the broker, when configured."""
     import http.client
-    import ssl
 
     from tests.mqtt_brokers import BrokerThread
 
@@ -216,3 +216,43 @@ def test_https_and_broker_credentials(tmp_path: Path) -> None:
                 plain.close()
         finally:
             d.kill()
+
+
+def test_control_plane_over_tls(tmp_path: Path) -> None:
+    """mqtts:// with a CA file: presence reaches a TLS-only Mosquitto listener."""
+    binary = require_binary("mosquitto", "mosquitto")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    key.chmod(0o644)  # mosquitto drops to our user, who must read it
+    port = free_port()
+    conf = tmp_path / "tls.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n"
+                    f"allow_anonymous true\npersistence false\n"
+                    f"user {pwd.getpwuid(os.geteuid()).pw_name}\n")
+    broker = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    d = None
+    try:
+        time.sleep(0.5)
+        d = make_daemon(tmp_path, "tls2", broker_url=f"mqtts://127.0.0.1:{port}",
+                        broker_ca_file=str(cert)).start()
+
+        async def presence() -> dict[str, Any]:
+            context = ssl.create_default_context(cafile=str(cert))
+            async with aiomqtt.Client("127.0.0.1", port, tls_context=context) as c:
+                await c.subscribe(f"{P}/nodes/tls2/presence")
+                async with asyncio.timeout(15):
+                    async for m in c.messages:
+                        assert isinstance(m.payload, bytes)
+                        decoded: dict[str, Any] = msgpack.unpackb(m.payload)
+                        return decoded
+            raise AssertionError("no presence")
+
+        assert asyncio.run(presence())["status"] == "online"
+    finally:
+        if d is not None:
+            d.kill()
+        broker.terminate()
+        broker.wait(10)

@@ -57,6 +57,26 @@
  * Input buffer
  * ------------------------------------------------------------------------- */
 
+/* Make *buf (of capacity *cap) hold at least `need` bytes, never handing out a
+ * null buffer for 0 bytes, so that NULL unambiguously means "could not
+ * allocate". Grows geometrically so a stream of slightly larger requests does
+ * not reallocate every call; free+malloc rather than realloc, because the old
+ * contents (the previous input or output) are dead and copying them is waste. */
+static inline uint8_t *cloudlet_grow(uint8_t **buf, uint32_t *cap, uint32_t need)
+{
+    if (need == 0)
+        need = 1u;
+    if (need > *cap) {
+        uint32_t c = *cap ? *cap : 256u;
+        while (c < need)
+            c = c > 0x40000000u ? need : c * 2u;
+        free(*buf);
+        *buf = malloc(c);
+        *cap = *buf ? c : 0;
+    }
+    return *buf;
+}
+
 #ifdef CLOUDLET_INPUT_STATIC
 static uint8_t cloudlet_in_buf[CLOUDLET_INPUT_STATIC];
 
@@ -76,24 +96,8 @@ int32_t cloudlet_input(int32_t len)
 {
     if (len < 0)
         return 0;
-    /* Always hand out a real (non-null) buffer, even for len == 0, so that
-     * 0 unambiguously means "could not allocate". */
-    uint32_t need = len ? (uint32_t)len : 1u;
-    if (need > cloudlet_in_cap) {
-        /* Grow geometrically so a stream of slightly larger inputs does not
-         * realloc (and copy) on every call. */
-        uint32_t cap = cloudlet_in_cap ? cloudlet_in_cap : 256u;
-        while (cap < need)
-            cap = cap > 0x40000000u ? need : cap * 2u;
-        /* free+malloc rather than realloc: the previous input is dead by
-         * now, so copying it would be wasted work. */
-        free(cloudlet_in_buf);
-        cloudlet_in_buf = malloc(cap);
-        cloudlet_in_cap = cloudlet_in_buf ? cap : 0;
-        if (!cloudlet_in_buf)
-            return 0;
-    }
-    return (int32_t)(uintptr_t)cloudlet_in_buf;
+    return (int32_t)(uintptr_t)cloudlet_grow(&cloudlet_in_buf, &cloudlet_in_cap,
+                                             (uint32_t)len);
 }
 #endif
 
@@ -131,20 +135,7 @@ static uint32_t cloudlet_out_cap;
  * Returns NULL if it cannot be allocated. */
 static inline uint8_t *cloudlet_out_reserve(uint32_t n)
 {
-    uint32_t need = n ? n : 1u;
-    if (need > cloudlet_out_cap) {
-        uint32_t cap = cloudlet_out_cap ? cloudlet_out_cap : 256u;
-        while (cap < need)
-            cap = cap > 0x40000000u ? need : cap * 2u;
-        /* free+malloc rather than realloc: the old contents are dead, so
-         * there is no point paying for a copy. */
-        free(cloudlet_out_buf);
-        cloudlet_out_buf = malloc(cap);
-        cloudlet_out_cap = cloudlet_out_buf ? cap : 0;
-        if (!cloudlet_out_buf)
-            return NULL;
-    }
-    return cloudlet_out_buf;
+    return cloudlet_grow(&cloudlet_out_buf, &cloudlet_out_cap, n);
 }
 
 /* Copy n bytes into the shared output buffer and return them; on allocation
