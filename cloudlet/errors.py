@@ -135,6 +135,12 @@ class ConfigError(CloudletError):
     code = "config_error"
 
 
+class ScenarioError(ConfigError):
+    """A simulation scenario file is wrong; the message names the file and the key."""
+
+    code = "scenario_invalid"
+
+
 class InvalidArgument(CloudletError, ValueError):
     """A value given to the API is out of its documented range (also a ValueError)."""
 
