@@ -8,21 +8,29 @@ Codes are part of the wire contract: never rename one, only add.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class CloudletError(Exception):
-    """Base of every error Cloudlet raises on purpose."""
+    """Base of every error Cloudlet raises on purpose.
+
+    `details` carries what a program needs to act on the error (where a VM moved
+    to, which sequence number the VM expects); it travels in the wire answer.
+    """
 
     code: ClassVar[str] = "cloudlet_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
         self.message = message
+        self.details: dict[str, Any] = details
 
-    def to_wire(self) -> dict[str, str]:
+    def to_wire(self) -> dict[str, Any]:
         """The typed answer a daemon sends for this error."""
-        return {"code": self.code, "message": self.message}
+        wire: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            wire["details"] = self.details
+        return wire
 
 
 # --- images --------------------------------------------------------------------
@@ -200,6 +208,97 @@ class ShuttingDown(RequestError):
     code = "shutting_down"
 
 
+class VMMoved(RequestError):
+    """The VM lives on another cloudlet now; `details` names it (`node`, `endpoint`)."""
+
+    code = "vm_moved"
+
+
+# --- sessions: exactly-once calls (the SDK and the daemon agree on these) ----------
+
+
+class SequenceError(RequestError):
+    code = "sequence_error"
+
+
+class SequenceGap(SequenceError):
+    """A call's sequence number is ahead of the VM's: calls in between were never
+    applied here (or were lost with a kill -9). `details["expected"]` is the number
+    the VM takes next, so a client holding the missing calls can resend them."""
+
+    code = "sequence_gap"
+
+
+class ReplyExpired(SequenceError):
+    """The call was applied long ago and its answer is no longer kept: a client
+    resent a call far older than the daemon's reply window."""
+
+    code = "reply_expired"
+
+
+class SessionLost(SequenceError):
+    """The session's VM rolled back past calls the client no longer holds, or can
+    be found on no cloudlet: its state is gone, and the SDK says so rather than guess."""
+
+    code = "session_lost"
+
+
+class CallTimeout(RequestTimeout):
+    """The client's deadline for one call passed. The call may still be applied
+    (exactly once): the session keeps resending it until it is answered."""
+
+    code = "call_timeout"
+
+
+class NoCloudletAvailable(RequestError):
+    """Discovery knows no reachable cloudlet (and local execution was not allowed)."""
+
+    code = "no_cloudlet_available"
+
+
+# --- migration (cloudlet/migration) -------------------------------------------------------
+
+
+class MigrationError(CloudletError):
+    code = "migration_error"
+
+
+class MigrationAborted(MigrationError):
+    """The migration did not commit: the VM runs on at its source (the destination
+    discarded everything it received)."""
+
+    code = "migration_aborted"
+
+
+class MigrationProtocolError(MigrationError):
+    """A peer sent a malformed, unknown or out-of-order migration message."""
+
+    code = "migration_protocol_error"
+
+
+class MigrationVersionUnsupported(MigrationProtocolError):
+    code = "migration_version_unsupported"
+
+
+class MigrationTimeout(MigrationAborted):
+    """A wait for the peer ran past its deadline; the migration aborted."""
+
+    code = "migration_timeout"
+
+
+class MigrationChannelLost(MigrationAborted):
+    """The channel to the peer closed before the commit; the migration aborted."""
+
+    code = "migration_channel_lost"
+
+
+class MigrationInDoubt(MigrationError):
+    """The destination holds a restored VM but lost the channel between `Ready` and
+    `Commit`: only the source knows whether it committed. Ask it, then `resolve()`."""
+
+    code = "migration_in_doubt"
+
+
 def _all_subclasses(cls: type[CloudletError]) -> list[type[CloudletError]]:
     found: list[type[CloudletError]] = [cls]
     for sub in cls.__subclasses__():
@@ -207,9 +306,24 @@ def _all_subclasses(cls: type[CloudletError]) -> list[type[CloudletError]]:
     return found
 
 
-def error_for_code(code: str, message: str) -> CloudletError:
+def error_for_code(code: str, message: str,
+                   details: dict[str, Any] | None = None) -> CloudletError:
     """Rebuild the error a peer reported, by its stable code (unknown codes -> base class)."""
     for cls in _all_subclasses(CloudletError):
         if cls.code == code:
-            return cls(message)
-    return CloudletError(f"[{code}] {message}")
+            exc = cls(message)
+            break
+    else:
+        exc = CloudletError(f"[{code}] {message}")
+    exc.details = dict(details or {})
+    return exc
+
+
+def error_from_wire(wire: Any) -> CloudletError:
+    """The error a daemon's `{"code", "message", "details"?}` answer stands for; any
+    other shape is itself reported, as a `CloudletError`, never a crash."""
+    if not isinstance(wire, dict) or not isinstance(wire.get("code"), str):
+        return CloudletError(f"malformed error answer: {wire!r}"[:300])
+    details = wire.get("details")
+    return error_for_code(wire["code"], str(wire.get("message", "")),
+                          details if isinstance(details, dict) else None)

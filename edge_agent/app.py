@@ -12,10 +12,11 @@ The API is described in docs/openapi.yaml.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -25,8 +26,9 @@ from cloudlet import errors
 from cloudlet.errors import CloudletError
 from edge_agent.auth import Authority, Principal
 from edge_agent.config import NodeConfig
+from edge_agent.handoff import Mover
 from edge_agent.metrics import Metrics
-from edge_agent.vm_host import HostedVM, VMHost
+from edge_agent.vm_host import Call, HostedVM, Location, VMHost
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +36,54 @@ HOST = web.AppKey("host", VMHost)
 AUTHORITY = web.AppKey("authority", Authority)
 METRICS = web.AppKey("metrics", Metrics)
 CONFIG = web.AppKey("config", NodeConfig)
+
+
 class OpenStreams:
-    """WebSockets being served, so shutdown can close them (they would outlive it)."""
+    """WebSockets being served, by VM: shutdown closes them (they would outlive it),
+    and a VM that moves tells its streams where it went."""
 
     def __init__(self) -> None:
-        self.sockets: set[web.WebSocketResponse] = set()
+        self.by_vm: dict[str, set[web.WebSocketResponse]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def add(self, vm_id: str, ws: web.WebSocketResponse) -> None:
+        self.by_vm.setdefault(vm_id, set()).add(ws)
+
+    def discard(self, vm_id: str, ws: web.WebSocketResponse) -> None:
+        streams = self.by_vm.get(vm_id)
+        if streams is not None:
+            streams.discard(ws)
+            if not streams:
+                del self.by_vm[vm_id]
+
+    def all(self) -> list[web.WebSocketResponse]:
+        return [ws for streams in self.by_vm.values() for ws in streams]
+
+    def vm_moved(self, vm_id: str, where: Location) -> None:
+        """Send each stream of the VM a `moved` notice, then close it; the SDK
+        reconnects to `where` and resends what was not answered."""
+        notice = msgpack.packb({"id": None, "moved": {"vm": vm_id, **where.to_wire()}})
+        for ws in list(self.by_vm.get(vm_id, ())):
+            task = asyncio.get_running_loop().create_task(_notify_and_close(ws, notice))
+            self._closing.add(task)  # owned here until done; shutdown waits for them
+            task.add_done_callback(self._closing.discard)
+
+    async def drain(self) -> None:
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def _notify_and_close(ws: web.WebSocketResponse, notice: bytes) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await ws.send_bytes(notice)
+        await ws.close(code=MOVED_CLOSE_CODE, message=b"vm moved")
 
 
 STREAMS = web.AppKey("streams", OpenStreams)
+MOVER = web.AppKey("mover", Mover)
 
 MSGPACK = "application/msgpack"
+MOVED_CLOSE_CODE = 4001  # private-use WebSocket close code: "the VM moved; see the notice"
 NUMBERS = frozenset({int, float})  # exact types: bool is an int subclass, and not a number
 PUBLIC_PATHS = frozenset({"/health"})
 
@@ -52,6 +92,8 @@ STATUS: list[tuple[type[CloudletError], int]] = [
     (errors.Unauthorized, 401),
     (errors.Forbidden, 403),
     (errors.VMNotFound, 404),
+    (errors.VMMoved, 410),
+    (errors.SequenceError, 409),
     (errors.ImageNotFound, 404),
     (errors.ImageInUse, 409),
     (errors.RequestTooLarge, 413),
@@ -116,7 +158,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def deadline_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await handler(request)  # a stream lives long; each call has the VM's deadline
-    deadline_s = request.app[CONFIG].request_deadline_s
+    config = request.app[CONFIG]
+    moving = request.method == "POST" and (request.path.endswith("/migrate")
+                                           or request.path == "/v1/peer/vms")
+    deadline_s = config.move_deadline_s if moving else config.request_deadline_s
     try:
         async with asyncio.timeout(deadline_s):
             return await handler(request)
@@ -232,32 +277,46 @@ async def vm_info(request: web.Request) -> web.Response:
     return answer(request, hosted_vm(request).describe())
 
 
-def function_name(body: dict[str, Any]) -> str:
+def parse_call(body: dict[str, Any]) -> Call:
+    """A call from its request map `{"fn", "args" | "data", "seq"?}`.
+
+    A malformed call that carries a valid sequence number is not refused here:
+    it becomes a `Call` whose answer is that error, so it uses up its number like
+    any other outcome (see `VMHost._admit`)."""
+    seq = body.get("seq")
+    if seq is not None and (type(seq) is not int or seq < 1):
+        raise errors.MalformedRequest("field 'seq' must be a positive integer")
     fn = body.get("fn")
-    if type(fn) is not str:
-        raise errors.MalformedRequest("field 'fn' must be a function name")
-    return fn
-
-
-def numeric_args(body: dict[str, Any]) -> list[Any]:
-    args = body.get("args", [])
-    if type(args) is not list or not all(type(a) in NUMBERS for a in args):
-        raise errors.MalformedRequest("args must be a list of numbers")
-    return args
+    try:
+        if type(fn) is not str:
+            raise errors.MalformedRequest("field 'fn' must be a function name")
+        if "data" in body:
+            data = body["data"]
+            if type(data) is not bytes:
+                raise errors.MalformedRequest("field 'data' must be bytes")
+            return Call(fn, (), data, seq)
+        args = body.get("args", [])
+        if type(args) is not list or not all(type(a) in NUMBERS for a in args):
+            raise errors.MalformedRequest("args must be a list of numbers")
+        return Call(fn, tuple(args), None, seq)
+    except errors.MalformedRequest as exc:
+        if seq is None:
+            raise
+        return Call(str(fn), seq=seq, refused=exc)
 
 
 def apply_call_now(host: VMHost, metrics: Metrics, hosted: HostedVM, body: dict[str, Any],
                    transport: str) -> dict[str, Any] | None:
-    """A numeric call to an interactive VM, done synchronously: most of the daemon's
-    work, so it costs no coroutine. None if the call must take `apply_call`."""
-    if "data" in body or not host.can_call_now(hosted):
+    """A call to an interactive VM, done synchronously: most of the daemon's work,
+    so it costs no coroutine. None if the call must take `apply_call`."""
+    if not host.can_call_now(hosted):
         return None
     started = time.perf_counter()
     ok = False
     try:
-        result, seq = host.call_now(hosted, function_name(body), numeric_args(body))
+        reply = host.call_now(hosted, parse_call(body))
         ok = True
-        return {"result": list(result) if isinstance(result, tuple) else result, "seq": seq}
+        return reply
     finally:
         metrics.calls.record(transport, ok, time.perf_counter() - started)
 
@@ -272,13 +331,7 @@ async def apply_call(app: web.Application, hosted: HostedVM, body: dict[str, Any
     started = time.perf_counter()
     ok = False
     try:
-        fn = function_name(body)
-        if "data" in body:
-            out, seq = await host.call_bytes(hosted, fn, field(body, "data", bytes))
-            reply = {"data": out, "seq": seq}
-        else:
-            result, seq = await host.call(hosted, fn, numeric_args(body))
-            reply = {"result": list(result) if isinstance(result, tuple) else result, "seq": seq}
+        reply = await host.call(hosted, parse_call(body))
         ok = True
         return reply
     finally:
@@ -295,8 +348,11 @@ async def call_vm(request: web.Request) -> web.Response:
 async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     """The low-latency path: one WebSocket, binary msgpack messages, one call each.
 
-    Request `{"id", "fn", "args" | "data"}`, answer `{"id", "result" | "data", "seq"}`
-    or `{"id", "error": {"code", "message"}}`. Errors end the call, not the stream.
+    Request `{"id", "fn", "args" | "data", "seq"?}`, answer `{"id", "result" |
+    "data", "seq"}` or `{"id", "error": {"code", "message", "details"?}}`. Errors
+    end the call, not the stream. Messages are handled one at a time, in order, so
+    a client's calls apply in the order it sent them. If the VM moves, the stream
+    gets `{"id": null, "moved": {"vm", "node", "endpoint"}}` and is closed.
     """
     hosted = hosted_vm(request)
     config = request.app[CONFIG]
@@ -306,8 +362,8 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=config.max_request_kib << 10)
     await ws.prepare(request)
     _keepalive(request)
-    sockets = request.app[STREAMS].sockets
-    sockets.add(ws)
+    streams = request.app[STREAMS]
+    streams.add(hosted.id, ws)
     host, metrics = request.app[HOST], request.app[METRICS]
     packb, unpackb = msgpack.packb, msgpack.unpackb
     try:
@@ -325,16 +381,18 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
                 req_id = body.get("id")
                 reply = (apply_call_now(host, metrics, hosted, body, "ws")
                          or await apply_call(request.app, hosted, body, "ws"))
-                reply["id"] = req_id
+                reply = {**reply, "id": req_id}  # the kept answer is shared: copy it
             except CloudletError as exc:
                 metrics.errors.labels(exc.code).inc()
                 reply = {"id": req_id, "error": exc.to_wire()}
             except (ValueError, msgpack.UnpackException) as exc:
                 reply = {"id": None, "error": errors.MalformedRequest(
                     f"message is not msgpack ({type(exc).__name__})").to_wire()}
+            if ws.closed:
+                break  # moved or shutting down: the client resends on its next stream
             await ws.send_bytes(packb(reply))
     finally:
-        sockets.discard(ws)
+        streams.discard(hosted.id, ws)
     return ws
 
 
@@ -358,6 +416,26 @@ async def destroy_vm(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def move_vm(request: web.Request) -> web.Response:
+    """Move a VM to another cloudlet: `{"to": NODE}` (found on the control plane)
+    or `{"endpoint": URL}`. Its owner or a peer (the orchestrator) may ask."""
+    hosted = hosted_vm(request)
+    body = unpack_map(await read_body(request, request.app[CONFIG].max_request_kib << 10))
+    mover = request.app[MOVER]
+    where = mover.resolve(field(body, "to", (str, type(None)), None),
+                          field(body, "endpoint", (str, type(None)), None))
+    return answer(request, await mover.move(hosted, where))
+
+
+async def adopt_vm(request: web.Request) -> web.Response:
+    """A peer hands a VM over as a whole snapshot (the stop-and-copy path)."""
+    peer_only(request)
+    cap_bytes = request.app[CONFIG].max_snapshot_mib << 20
+    data = await read_body(request, cap_bytes)
+    hosted = await request.app[HOST].adopt_snapshot(data, cap_bytes)
+    return answer(request, hosted.describe(), 201)
+
+
 async def peer_vms(request: web.Request) -> web.Response:
     peer_only(request)
     return answer(request, {"node": request.app[CONFIG].name,
@@ -370,7 +448,10 @@ def build_app(config: NodeConfig, host: VMHost, authority: Authority,
     app = web.Application(middlewares=[error_middleware, auth_middleware, deadline_middleware],
                           client_max_size=(config.max_image_mib << 20) + 4096)
     app[HOST], app[AUTHORITY], app[METRICS], app[CONFIG] = host, authority, metrics, config
-    app[STREAMS] = OpenStreams()
+    streams = app[STREAMS] = OpenStreams()
+    host.on_moved = streams.vm_moved
+    app[MOVER] = Mover(config, host, authority)
+    app.cleanup_ctx.append(_mover_session)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_text)
     app.router.add_post("/v1/images", upload_image)
@@ -383,11 +464,19 @@ def build_app(config: NodeConfig, host: VMHost, authority: Authority,
     app.router.add_get("/v1/vms/{vm}/stream", stream_vm)
     app.router.add_get("/v1/vms/{vm}/snapshot", download_snapshot)
     app.router.add_delete("/v1/vms/{vm}", destroy_vm)
+    app.router.add_post("/v1/vms/{vm}/migrate", move_vm)
+    app.router.add_post("/v1/peer/vms", adopt_vm)
     app.router.add_get("/v1/peer/vms", peer_vms)
     app.on_shutdown.append(_close_sockets)
     return app
 
 
 async def _close_sockets(app: web.Application) -> None:
-    for ws in list(app[STREAMS].sockets):
+    await app[STREAMS].drain()
+    for ws in app[STREAMS].all():
         await ws.close(code=1001, message=b"cloudlet shutting down")
+
+
+async def _mover_session(app: web.Application) -> AsyncIterator[None]:
+    async with app[MOVER]:
+        yield

@@ -59,6 +59,10 @@ class NodeConfig:
     max_image_mib: int = 16
     max_request_kib: int = 1024  # call bodies and WebSocket messages
     request_deadline_s: float = 10.0
+    # Largest VM snapshot a peer may hand over (a whole wasm32 memory is 4 GiB).
+    max_snapshot_mib: int = 4160
+    # A move (handing a VM to another cloudlet) must finish within this.
+    move_deadline_s: float = 60.0
     # Persistence: every VM that changed is checkpointed this often; a kill -9
     # loses at most the calls applied since the last checkpoint.
     checkpoint_interval_s: float = 2.0
@@ -82,6 +86,8 @@ class NodeConfig:
             ("max_image_mib", 1 <= self.max_image_mib <= 1024),
             ("max_request_kib", 1 <= self.max_request_kib <= 1 << 20),
             ("request_deadline_s", 0.1 <= self.request_deadline_s <= 3600),
+            ("max_snapshot_mib", 1 <= self.max_snapshot_mib <= 8192),
+            ("move_deadline_s", 0.1 <= self.move_deadline_s <= 3600),
             ("checkpoint_interval_s", 0.1 <= self.checkpoint_interval_s <= 86400),
             ("tls_cert_file", bool(self.tls_cert_file) == bool(self.tls_key_file)),
         ]

@@ -81,8 +81,12 @@ def broker_address(url: str) -> tuple[str, int, bool]:
 
 class ControlPlane:
     def __init__(self, config: NodeConfig, host: VMHost, metrics: Metrics,
-                 commands: dict[str, CommandHandler]) -> None:
+                 commands: dict[str, CommandHandler],
+                 peers: dict[str, str] | None = None) -> None:
         self.config = config
+        # Online cloudlets (node -> endpoint) from their retained presence, so a
+        # move can be ordered by node name. Shared with the mover, updated in place.
+        self.peers: dict[str, str] = peers if peers is not None else {}
         self.host = host
         self.metrics = metrics
         self.commands = commands
@@ -149,6 +153,7 @@ class ControlPlane:
         ) as client:
             self._client = client
             await client.subscribe(f"{self.topic}/commands", qos=1)
+            await client.subscribe(f"{PREFIX}/nodes/+/presence", qos=1)
             await client.publish(presence_topic(c.name), encode(self._presence()), qos=1,
                                  retain=True)
             self._dirty_locations.update(self.host.vms)  # a broker restart may have lost them
@@ -177,9 +182,15 @@ class ControlPlane:
 
     async def _flush_locations(self, client: aiomqtt.Client) -> None:
         for vm_id in list(self._dirty_locations):
+            moved_to = self.host.tombstones.get(vm_id)
             if vm_id in self.host.vms:
                 payload = encode({"vm": vm_id, "node": self.config.name,
                                   "endpoint": self.config.endpoint, "ts": time.time()})
+            elif moved_to is not None:
+                # The destination says the same; saying it here too means a source
+                # that publishes last cannot clear what the destination published.
+                payload = encode({"vm": vm_id, "node": moved_to.node,
+                                  "endpoint": moved_to.endpoint, "ts": time.time()})
             else:
                 payload = b""  # an empty retained message clears the topic
             await client.publish(location_topic(vm_id), payload, qos=1, retain=True)
@@ -210,6 +221,9 @@ class ControlPlane:
             if not isinstance(payload, bytes | bytearray):
                 log.warning("dropped a control message with a non-binary payload")
                 continue
+            if message.topic.matches(f"{PREFIX}/nodes/+/presence"):
+                self._note_presence(str(message.topic), payload)
+                continue
             command = decode(payload)
             if command is None:
                 continue
@@ -233,6 +247,20 @@ class ControlPlane:
             log.exception("command %r failed", op)
             return {**event, "ok": False, "error": {"code": "internal_error",
                                                     "message": repr(exc)}}
+
+    def _note_presence(self, topic: str, payload: bytes | bytearray) -> None:
+        node = topic.split("/")[-2]
+        if not payload:
+            self.peers.pop(node, None)
+            return
+        presence = decode(payload)
+        if presence is None:
+            return
+        endpoint = presence.get("endpoint")
+        if presence.get("status") == "online" and isinstance(endpoint, str):
+            self.peers[node] = endpoint
+        else:
+            self.peers.pop(node, None)
 
     async def say_goodbye(self) -> None:
         """On a clean shutdown: mark this node offline now rather than by its Will."""

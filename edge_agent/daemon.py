@@ -19,15 +19,18 @@ from typing import Any
 
 from aiohttp import web
 
-from edge_agent.app import build_app
-from edge_agent.auth import Authority, ensure_secret, load_secret
+from cloudlet.errors import MalformedRequest
+from edge_agent.app import MOVER, build_app
+from edge_agent.auth import Authority, Principal, ensure_secret, load_secret
 from edge_agent.config import NodeConfig
 from edge_agent.control import CommandHandler, ControlPlane
+from edge_agent.handoff import Mover
 from edge_agent.metrics import Metrics
 from edge_agent.vm_host import VMHost
 
 log = logging.getLogger(__name__)
 
+PEER = Principal("control-plane", is_peer=True)  # commands come from the cluster's broker
 SECRET_FILE = "cluster.key"  # in the state directory unless secret_file says otherwise
 SHUTDOWN_GRACE_S = 10.0  # in-flight requests get this long to finish
 
@@ -61,7 +64,9 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
             await site.start()
             port = runner.addresses[0][1]
             config = replace(config, port=port)  # the real port when 0 was asked for
-            control = (ControlPlane(config, host, metrics, _commands(host))
+            mover = app[MOVER]
+            control = (ControlPlane(config, host, metrics, _commands(host, mover),
+                                    peers=mover.peers)
                        if config.broker_url else None)
             # A parent process (cloudlet up, tests) waits for this line.
             print(f"ready {config.name} {config.endpoint}", flush=True)
@@ -89,14 +94,23 @@ async def _checkpoint_loop(host: VMHost, config: NodeConfig, metrics: Metrics) -
         metrics.checkpoints.inc(await host.checkpoint_all())
 
 
-def _commands(host: VMHost) -> dict[str, CommandHandler]:
+def _commands(host: VMHost, mover: Mover) -> dict[str, CommandHandler]:
     async def ping(command: dict[str, Any]) -> dict[str, Any]:
         return {"vms": len(host.vms)}
 
     async def checkpoint(command: dict[str, Any]) -> dict[str, Any]:
         return {"written": await host.checkpoint_all(force=True)}
 
-    return {"ping": ping, "checkpoint": checkpoint}
+    async def migrate(command: dict[str, Any]) -> dict[str, Any]:
+        """`{"op": "migrate", "vm": ID, "to": NODE | "endpoint": URL}` (the orchestrator)."""
+        vm_id, to, endpoint = command.get("vm"), command.get("to"), command.get("endpoint")
+        if not isinstance(vm_id, str) or not isinstance(to, str | None) or not isinstance(
+                endpoint, str | None):
+            raise MalformedRequest("migrate takes 'vm' and 'to' (a node) or 'endpoint'")
+        hosted = host.get(vm_id, PEER)
+        return await mover.move(hosted, mover.resolve(to, endpoint))
+
+    return {"ping": ping, "checkpoint": checkpoint, "migrate": migrate}
 
 
 def run(config: NodeConfig) -> None:

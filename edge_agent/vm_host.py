@@ -6,6 +6,16 @@ wasmtime call is microseconds, and a thread hand-off would cost more than the
 call. Calls that may run long go to a small thread pool (wasmtime releases the
 GIL while guest code runs), so they cannot stall every other client.
 
+Exactly once: a call may carry a sequence number (`Call.seq`); the VM applies
+it only if it is the VM's next, and answers a number it already applied from
+its `ReplyLog` (edge_agent/replies.py). The check and the call happen with no
+await in between, or under the VM's lock, so two connections racing to resend
+the same call cannot both apply it.
+
+Moves: a VM handed over to another cloudlet leaves a tombstone here (kept on
+disk, `STATE/vms/ID.moved`) that answers `vm_moved` with the new address, so a
+client that comes back here is sent on.
+
 Nothing lost: every VM that applied calls since its last checkpoint is
 snapshotted every `checkpoint_interval_s` and at shutdown, to
 `STATE/vms/ID.snap`, atomically (write, fsync, rename). On start every
@@ -17,13 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from cloudlet.errors import (
     BadCall,
@@ -33,15 +44,41 @@ from cloudlet.errors import (
     ImageInUse,
     ImageRejected,
     ShuttingDown,
+    VMMoved,
     VMNotFound,
 )
 from cloudlet.fsutil import atomic_write
 from cloudlet.vm import VM, Image, ImageStore, Snapshot, VMLimits
 from edge_agent.auth import Principal
 from edge_agent.config import NodeConfig
+from edge_agent.replies import ANNEX_KEY, ReplyLog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One call as a client asked for it. `refused` holds the reason a malformed
+    request cannot run: with a sequence number, that is the call's final answer
+    (it uses up its number like any other outcome)."""
+
+    fn: str
+    args: tuple[Any, ...] = ()
+    data: bytes | None = None  # a bytes-in/bytes-out call when set
+    seq: int | None = None
+    refused: CloudletError | None = None
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a VM lives: a cloudlet's node name and its endpoint."""
+
+    node: str
+    endpoint: str
+
+    def to_wire(self) -> dict[str, str]:
+        return {"node": self.node, "endpoint": self.endpoint}
 
 
 @dataclass
@@ -57,6 +94,7 @@ class HostedVM:
     checkpointed_at: float = field(default_factory=time.monotonic)
     calls: int = 0  # applied calls, for telemetry rates
     last_dirty_rate: float = 0.0
+    replies: ReplyLog = field(default_factory=ReplyLog)
 
     @property
     def id(self) -> str:
@@ -77,15 +115,19 @@ class VMHost:
         self.images = ImageStore(state / "images", max_image_bytes=config.max_image_mib << 20)
         self.vm_dir = state / "vms"
         self.vms: dict[str, HostedVM] = {}
+        self.tombstones: dict[str, Location] = {}  # VMs moved away -> where they went
         self.closing = False
         self.checkpoint_failures = 0
         self._creating: dict[str, int] = {}  # image digest -> creates in flight
         self._pool = ThreadPoolExecutor(config.call_threads, thread_name_prefix="cloudlet-call")
         self.on_change: Callable[[str, HostedVM | None], None] = lambda vm_id, hosted: None
+        # Told when a VM leaves for another cloudlet (the app tells its open streams).
+        self.on_moved: Callable[[str, Location], None] = lambda vm_id, where: None
 
     async def __aenter__(self) -> VMHost:
         self.vm_dir.mkdir(parents=True, exist_ok=True)
         await self._restore_checkpoints()
+        self._load_tombstones()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -115,7 +157,7 @@ class VMHost:
     def get(self, vm_id: str, who: Principal) -> HostedVM:
         hosted = self.vms.get(vm_id)
         if hosted is None:
-            raise VMNotFound(f"no VM {vm_id!r} on this cloudlet")
+            self._raise_gone(vm_id)
         if not who.is_peer and hosted.owner != who.name:
             raise Forbidden(f"VM {vm_id} belongs to another client")
         return hosted
@@ -136,15 +178,18 @@ class VMHost:
                       clock: str) -> HostedVM:
         image = await self._off_loop(self.images.get, digest)
         vm_limits = self._limits(limits)
-        if len(self.vms) >= self.config.max_vms:
-            raise CapacityExceeded(f"this cloudlet hosts its maximum of {self.config.max_vms} VMs")
-        committed = sum(h.vm.limits.memory_bytes for h in self.vms.values())
-        if committed + vm_limits.memory_bytes > self.config.max_memory_mib << 20:
-            raise CapacityExceeded("this cloudlet's memory is fully committed")
+        self._check_capacity(vm_limits)
         vm = VM.create(image, vm_limits, owner=who.name, clock=clock)
         hosted = self._adopt(vm)
         self.on_change(vm.id, hosted)
         return hosted
+
+    def _check_capacity(self, limits: VMLimits) -> None:
+        if len(self.vms) >= self.config.max_vms:
+            raise CapacityExceeded(f"this cloudlet hosts its maximum of {self.config.max_vms} VMs")
+        committed = sum(h.vm.limits.memory_bytes for h in self.vms.values())
+        if committed + limits.memory_bytes > self.config.max_memory_mib << 20:
+            raise CapacityExceeded("this cloudlet's memory is fully committed")
 
     def _limits(self, given: dict[str, Any] | None) -> VMLimits:
         base = self.config.default_limits
@@ -172,44 +217,89 @@ class VMHost:
         """True when `call_now` may run: an interactive VM nobody holds across an await."""
         return hosted.inline and not hosted.lock.locked() and not self.closing
 
-    def call_now(self, hosted: HostedVM, fn: str, args: list[Any]) -> tuple[Any, int]:
-        """The fast path, synchronous: nothing awaits between the check and the return,
-        so no other task can touch the VM meanwhile. The lock is only needed while
-        someone holds it across an await (a thread-pool call, a checkpoint write)."""
-        return self._apply_now(hosted, hosted.vm.call, fn, *args)
-
-    async def call(self, hosted: HostedVM, fn: str, args: list[Any]) -> tuple[Any, int]:
-        return await self._apply(hosted, hosted.vm.call, fn, *args)
-
-    async def call_bytes(self, hosted: HostedVM, fn: str, data: bytes) -> tuple[bytes, int]:
-        return await self._apply(hosted, hosted.vm.call_bytes, fn, data)
-
-    def _apply_now(self, hosted: HostedVM, run: Callable[..., T], *args: Any) -> tuple[T, int]:
-        self._check_alive(hosted)
+    def call_now(self, hosted: HostedVM, call: Call) -> dict[str, Any]:
+        """The fast path, synchronous: nothing awaits between the sequence check and
+        the answer, so no other task can touch the VM meanwhile. The lock is only
+        needed while someone holds it across an await (a thread-pool call, a
+        checkpoint write, a move)."""
+        replayed = self._admit(hosted, call)
+        if replayed is not None:
+            return replayed
         try:
-            return run(*args), hosted.vm.seq
-        finally:
-            hosted.calls = hosted.vm.seq
+            out = self._run(hosted, call)
+        except Exception as exc:
+            self._fail(hosted, call, exc)
+        return self._answer(hosted, call, out)
 
-    async def _apply(self, hosted: HostedVM, run: Callable[..., T], *args: Any) -> tuple[T, int]:
-        """One VM call: on the event loop for interactive VMs, else in the thread pool."""
+    async def call(self, hosted: HostedVM, call: Call) -> dict[str, Any]:
+        """One call: on the event loop for interactive VMs, else in the thread pool.
+        Returns the answer `{"result" | "data", "seq"}`; errors are raised."""
         self._check_open()
         if self.can_call_now(hosted):
-            return self._apply_now(hosted, run, *args)
+            return self.call_now(hosted, call)
         async with hosted.lock:
             if hosted.inline:
-                return self._apply_now(hosted, run, *args)
-            self._check_alive(hosted)
+                return self.call_now(hosted, call)
+            replayed = self._admit(hosted, call)
+            if replayed is not None:
+                return replayed
             try:
-                return await self._run_guest(run, *args), hosted.vm.seq
-            finally:
-                hosted.calls = hosted.vm.seq
+                out = await self._run_guest(self._run, hosted, call)
+            except Exception as exc:
+                self._fail(hosted, call, exc)
+            return self._answer(hosted, call, out)
+
+    def _admit(self, hosted: HostedVM, call: Call) -> dict[str, Any] | None:
+        """None if the call is to run now; a kept answer if it was applied already."""
+        self._check_alive(hosted)
+        if call.seq is not None and call.seq != hosted.vm.seq + 1:
+            return hosted.replies.replay(call.seq, hosted.vm.seq)
+        if call.refused is not None:
+            self._fail(hosted, call, call.refused)
+        return None
+
+    @staticmethod
+    def _run(hosted: HostedVM, call: Call) -> Any:
+        if call.data is not None:
+            return hosted.vm.call_bytes(call.fn, call.data)
+        return hosted.vm.call(call.fn, *call.args)
+
+    @staticmethod
+    def _answer(hosted: HostedVM, call: Call, out: Any) -> dict[str, Any]:
+        hosted.calls = hosted.vm.seq
+        if call.data is not None:
+            reply = {"data": out, "seq": hosted.vm.seq}
+        else:
+            reply = {"result": list(out) if isinstance(out, tuple) else out,
+                     "seq": hosted.vm.seq}
+        if call.seq is not None:
+            hosted.replies.add(call.seq, reply)
+        return reply
+
+    @staticmethod
+    def _fail(hosted: HostedVM, call: Call, exc: Exception) -> NoReturn:
+        """A call's error is its answer: with a sequence number, it is kept like a
+        result, and the number is used up even if the call never entered the guest."""
+        hosted.calls = hosted.vm.seq
+        if not isinstance(exc, CloudletError):
+            log.exception("call %s on VM %s failed inside the cloudlet", call.fn, hosted.id)
+            exc = CloudletError(f"the cloudlet failed running {call.fn!r}: {exc!r}")
+        if call.seq is not None:
+            if hosted.vm.seq < call.seq:
+                hosted.vm.consume_seq()
+            hosted.replies.add(call.seq, {"error": exc.to_wire(), "seq": call.seq})
+        raise exc
 
     async def snapshot_bytes(self, hosted: HostedVM) -> bytes:
         async with hosted.lock:
             self._check_alive(hosted)
-            snap = hosted.vm.snapshot()
+            snap = self.snapshot_with_annex(hosted)
         return await self._off_loop(snap.to_bytes)
+
+    @staticmethod
+    def snapshot_with_annex(hosted: HostedVM) -> Snapshot:
+        """A full snapshot carrying the VM's reply log (call under the VM's lock)."""
+        return replace(hosted.vm.snapshot(), annex={ANNEX_KEY: hosted.replies.to_wire()})
 
     async def dirty_rate(self, hosted: HostedVM) -> float:
         """Chunks written per second since the VM's last checkpoint (for the placer's
@@ -237,7 +327,73 @@ class VMHost:
 
     def _check_alive(self, hosted: HostedVM) -> None:
         if self.vms.get(hosted.id) is not hosted:
-            raise VMNotFound(f"VM {hosted.id} was destroyed")
+            self._raise_gone(hosted.id)
+
+    def _raise_gone(self, vm_id: str) -> NoReturn:
+        where = self.tombstones.get(vm_id)
+        if where is not None:
+            raise VMMoved(f"VM {vm_id} moved to cloudlet {where.node} ({where.endpoint})",
+                          vm=vm_id, **where.to_wire())
+        raise VMNotFound(f"no VM {vm_id!r} on this cloudlet")
+
+    # --- moves --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def paused(self, hosted: HostedVM) -> AsyncIterator[None]:
+        """Hold the VM between calls: calls wait (and then follow it if it moved),
+        no checkpoint runs. For the stop-and-copy phase of a move."""
+        async with hosted.persist_lock, hosted.lock:
+            self._check_alive(hosted)
+            yield
+
+    async def hand_over(self, hosted: HostedVM, where: Location) -> None:
+        """The destination committed: forget the VM here, durably, and leave a
+        tombstone. Call while `paused`: no call can slip in after the last snapshot."""
+        self._write_tombstone(hosted.id, where)
+        self.vms.pop(hosted.id, None)
+        hosted.vm.close()
+        await self._off_loop(self._checkpoint_path(hosted.id).unlink, missing_ok=True)
+        self.on_change(hosted.id, None)
+        self.on_moved(hosted.id, where)
+
+    async def adopt_snapshot(self, data: bytes, max_bytes: int) -> HostedVM:
+        """Take in a VM handed over by a peer (or synthesized by a client): restore it
+        with its id, owner, sequence number and reply log, and checkpoint it before
+        answering, so once the peer hears "committed" a crash here loses nothing."""
+        self._check_open()
+        snap = await self._off_loop(Snapshot.from_bytes, data, max_bytes)
+        if snap.vm_id is None or snap.vm_id in self.vms:
+            raise BadCall(f"a VM {snap.vm_id!r} is already here (or the snapshot names none)")
+        self._check_capacity(snap.limits)
+        image = await self._off_loop(self.images.get, snap.image_digest)
+        vm = await self._off_loop(VM.restore, image, snap)
+        hosted = self._adopt(vm)
+        hosted.replies = ReplyLog.from_wire(snap.annex.get(ANNEX_KEY))
+        try:
+            await self.checkpoint(hosted, force=True)
+        except BaseException:
+            self.vms.pop(vm.id, None)
+            vm.close()
+            raise
+        if self.tombstones.pop(vm.id, None) is not None:  # it came back
+            await self._off_loop(self._tombstone_path(vm.id).unlink, missing_ok=True)
+        self.on_change(vm.id, hosted)
+        return hosted
+
+    def _tombstone_path(self, vm_id: str) -> Path:
+        return self.vm_dir / f"{vm_id}.moved"
+
+    def _write_tombstone(self, vm_id: str, where: Location) -> None:
+        atomic_write(self._tombstone_path(vm_id), json.dumps(where.to_wire()).encode())
+        self.tombstones[vm_id] = where
+
+    def _load_tombstones(self) -> None:
+        for path in self.vm_dir.glob("*.moved"):
+            try:
+                wire = json.loads(path.read_bytes())
+                self.tombstones[path.stem] = Location(str(wire["node"]), str(wire["endpoint"]))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("ignoring unreadable tombstone %s: %r", path.name, exc)
 
     # --- persistence ------------------------------------------------------------------
 
@@ -252,7 +408,7 @@ class VMHost:
                     return False
                 if not force and hosted.vm.seq == hosted.checkpointed_seq:
                     return False
-                snap = hosted.vm.snapshot()
+                snap = self.snapshot_with_annex(hosted)
             data = await self._off_loop(snap.to_bytes)
             await self._off_loop(atomic_write, self._checkpoint_path(hosted.id), data)
             hosted.checkpointed_seq = snap.seq
@@ -283,6 +439,7 @@ class VMHost:
                 continue
             hosted = self._adopt(vm)
             hosted.checkpointed_seq = vm.seq
+            hosted.replies = ReplyLog.from_wire(snap.annex.get(ANNEX_KEY))
             log.info("restored VM %s (owner %s, seq %d)", vm.id, vm.owner, vm.seq)
 
     async def shutdown(self) -> None:

@@ -144,6 +144,13 @@ class ImageStore:
                 self._loaded[digest] = image
             return image
 
+    def wasm_bytes(self, digest: str) -> bytes:
+        """The image's original module, as uploaded (to send it to another cloudlet)."""
+        path = self._wasm_path(digest)
+        if not _is_digest(digest) or not path.exists():
+            raise ImageNotFound(f"no image {digest[:12]} in {self.root}")
+        return path.read_bytes()
+
     def __contains__(self, digest: str) -> bool:
         return digest in self._loaded or (_is_digest(digest) and self._wasm_path(digest).exists())
 

@@ -300,6 +300,15 @@ class VM:
         finally:
             self.seq += 1
 
+    def consume_seq(self) -> int:
+        """Use up a sequence number for a call refused before it entered the guest.
+
+        A session numbers its calls; a refused one (unknown function, bad
+        arguments) is still that number's final outcome, so the VM's count moves
+        on with the client's and the next call is not taken for a gap."""
+        self.seq += 1
+        return self.seq
+
     def call_bytes(self, name: str, data: bytes) -> bytes:
         """Bytes-in/bytes-out call (docs/abi.md): one applied call, one `seq` step."""
         if self.failed is not None:

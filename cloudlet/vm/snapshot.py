@@ -89,6 +89,10 @@ class Snapshot:
     owner: str | None = None
     snapshot_id: str = field(default_factory=lambda: secrets.token_hex(16))
     created_unix_ms: int = field(default_factory=lambda: int(time.time() * 1000))
+    # State that belongs with the VM but not to the runtime, carried verbatim: the
+    # daemon keeps a VM's recent call answers here (exactly-once survives a restart
+    # or a move). Any msgpack map; the VM layer never reads it.
+    annex: dict[str, Any] = field(default_factory=dict)
 
     @property
     def memory_bytes(self) -> int:
@@ -292,6 +296,7 @@ def _to_wire(s: Snapshot) -> dict[str, Any]:
             for m in s.memories
         ],
         "created_unix_ms": s.created_unix_ms,
+        "annex": s.annex,
     }
 
 
@@ -432,6 +437,9 @@ def _from_wire(d: Any) -> Snapshot:
     if kind == "delta" and not isinstance(base_id, str):
         raise SnapshotCorrupt("a delta snapshot must name its base")
     seq = _want(d, "seq", int)
+    annex = d.get("annex", {})  # absent in files written before it existed
+    if not isinstance(annex, dict):
+        raise SnapshotCorrupt("snapshot field 'annex' has the wrong type")
     if not 0 <= seq < 1 << 63 or not 0 <= _want(d, "fuel_used", int) < 1 << 64:
         raise SnapshotCorrupt("sequence number or fuel used out of range")
     return Snapshot(
@@ -448,4 +456,5 @@ def _from_wire(d: Any) -> Snapshot:
         owner=d.get("owner") if isinstance(d.get("owner"), str) else None,
         snapshot_id=_want(d, "snapshot_id", str),
         created_unix_ms=_want(d, "created_unix_ms", int),
+        annex=annex,
     )
