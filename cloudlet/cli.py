@@ -31,13 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     vm_commands.register(sub)
-    # The daemon adds its own commands when installed; cloudlet never imports it directly.
-    try:
-        daemon_cli = importlib.import_module("edge_agent.cli")
-    except ImportError:
-        pass
-    else:
-        daemon_cli.register(sub)
+    # The daemon and the SDK add their own commands when installed; cloudlet never
+    # imports them directly (dependencies flow one way).
+    for name in ("edge_agent.cli", "mobile_client.cli"):
+        try:
+            extra = importlib.import_module(name)
+        except ImportError:
+            continue
+        extra.register(sub)
     return parser
 
 

@@ -14,6 +14,7 @@ VM keeps serving while the largest piece travels.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -83,6 +84,9 @@ class Mover:
         headers = {"Authorization": "Bearer " + self.authority.issue_peer(
             self.config.name, PEER_TOKEN_TTL_S)}
         try:
+            if where.node == where.endpoint:  # given by URL: learn its name for the record
+                health = await self._get(f"{where.endpoint}/health", headers)
+                where = Location(str(health.get("node", where.node)), where.endpoint)
             image_bytes = await self._ensure_image(hosted, where, headers)
             async with self.host.paused(hosted):
                 paused_at = time.perf_counter()
@@ -138,7 +142,10 @@ class Mover:
 async def _decoded(resp: aiohttp.ClientResponse, expect: int) -> dict[str, Any]:
     raw = await resp.read()
     try:
-        body = msgpack.unpackb(raw) if raw else {}
+        if "json" in resp.headers.get("Content-Type", ""):
+            body = json.loads(raw)
+        else:
+            body = msgpack.unpackb(raw) if raw else {}
     except (ValueError, msgpack.UnpackException):
         body = {"code": "malformed_answer", "message": raw[:200].decode(errors="replace")}
     if resp.status != expect:

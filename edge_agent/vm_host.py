@@ -273,6 +273,8 @@ class VMHost:
             reply = {"result": list(out) if isinstance(out, tuple) else out,
                      "seq": hosted.vm.seq}
         if call.seq is not None:
+            # The client may forget answered calls up to here: they survive a kill -9.
+            reply["durable"] = hosted.checkpointed_seq
             hosted.replies.add(call.seq, reply)
         return reply
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 from pathlib import Path
 from typing import Any
 
+from cloudlet.commands.callspec import bytes_arg, format_result, is_bytes_arg, split_call
 from cloudlet.errors import BadCall, CloudletError
 from cloudlet.vm.chunks import CHUNK_BYTES
 from cloudlet.vm.image import ImageStore
@@ -111,42 +110,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def apply_call(vm: VM, spec: str) -> str:
     """Apply one `"FN ARG..."` call and format its result as one line."""
-    try:
-        words = shlex.split(spec)
-    except ValueError as exc:
-        raise BadCall(f"cannot parse call {spec!r}: {exc}") from None
-    if not words:
-        raise BadCall("empty --call")
-    name, raw_args = words[0], words[1:]
+    name, raw_args = split_call(spec)
     sig = vm.image.functions.get(name)
     if sig is None:
         public = sorted(n for n in vm.image.functions if not n.startswith("_"))
         raise BadCall(f"image exports no function {name!r}; it has: {', '.join(public)}")
-    if sig == BYTES_SIG and len(raw_args) == 1 and _is_bytes_arg(raw_args[0]):
-        return "x:" + vm.call_bytes(name, _bytes_arg(raw_args[0])).hex()
+    if sig == BYTES_SIG and len(raw_args) == 1 and is_bytes_arg(raw_args[0]):
+        return "x:" + vm.call_bytes(name, bytes_arg(raw_args[0])).hex()
     if len(raw_args) != len(sig.params):
         raise BadCall(f"{name} takes {len(sig.params)} arguments ({', '.join(sig.params)}), "
                       f"got {len(raw_args)}")
     values = [_convert(a, t, name) for a, t in zip(raw_args, sig.params, strict=True)]
     return format_result(vm.call(name, *values))
-
-
-def _is_bytes_arg(arg: str) -> bool:
-    return arg.startswith(("s:", "x:", "@"))
-
-
-def _bytes_arg(arg: str) -> bytes:
-    if arg.startswith("s:"):
-        return os.fsencode(arg[2:])  # the argument's original bytes, UTF-8 or not
-    if arg.startswith("x:"):
-        try:
-            return bytes.fromhex(arg[2:])
-        except ValueError:
-            raise BadCall(f"{arg!r} is not valid hex") from None
-    try:
-        return Path(arg[1:]).read_bytes()
-    except OSError as exc:
-        raise BadCall(f"cannot read {arg[1:]}: {exc.strerror}") from None
 
 
 def _convert(arg: str, valtype: str, fn: str) -> int | float:
@@ -161,16 +136,6 @@ def _convert(arg: str, valtype: str, fn: str) -> int | float:
         return float(arg)
     except ValueError:
         raise BadCall(f"{fn}: {arg!r} is not a valid {valtype}") from None
-
-
-def format_result(result: Any) -> str:
-    if result is None:
-        return ""
-    if isinstance(result, tuple):
-        return " ".join(format_result(r) for r in result)
-    if isinstance(result, float):
-        return repr(result)
-    return str(result)
 
 
 def describe(path: str) -> dict[str, Any]:

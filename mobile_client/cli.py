@@ -1,0 +1,150 @@
+"""The SDK's commands for the `cloudlet` command line: `offload` and `session`.
+
+    cloudlet offload [--endpoint URL] IMAGE.wasm FN [ARGS...]
+    cloudlet session [--endpoint URL] IMAGE.wasm        (one call per stdin line)
+
+Cloudlets are found at `--endpoint` (repeatable), else through `--broker`
+(default: the broker of `cloudlet up`). The token is `--token`, else
+`$CLOUDLET_TOKEN`, else, on a machine that runs the cloudlets (`cloudlet up`),
+one minted from the metro's secret for client `--client`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from cloudlet.commands.callspec import (
+    bytes_arg,
+    format_result,
+    is_bytes_arg,
+    number_arg,
+    split_call,
+)
+from cloudlet.errors import CloudletError, ConfigError
+from mobile_client.client import POLICIES, CloudletClient
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+DISCOVERY_WAIT_S = 3.0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    offload = sub.add_parser("offload", help="run one task on a cloudlet and print the result",
+                             description="Offload one call of IMAGE.wasm to the nearest "
+                                         "cloudlet; print its result and the latency.")
+    _common(offload)
+    offload.add_argument("image", metavar="IMAGE.wasm")
+    offload.add_argument("fn", metavar="FN")
+    offload.add_argument("args", nargs="*", metavar="ARG",
+                         help="numbers, or one bytes argument: s:TEXT, x:HEX or @FILE")
+    offload.add_argument("--policy", choices=POLICIES, default="remote",
+                         help="where to run: remote (default), local, or auto (measured)")
+    offload.add_argument("--deadline-ms", type=float, default=5000.0)
+    offload.set_defaults(handler=cmd_offload)
+
+    session = sub.add_parser("session", help="an interactive session: one call per stdin line",
+                             description="Start a VM of IMAGE.wasm on the nearest cloudlet and "
+                                         "apply each line of standard input ('FN ARG...') to "
+                                         "it, printing each result; latency stats at the end.")
+    _common(session)
+    session.add_argument("image", metavar="IMAGE.wasm")
+    session.add_argument("--budget-ms", type=float, default=30.0)
+    session.set_defaults(handler=cmd_session)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", action="append", default=[], metavar="URL",
+                        help="a cloudlet's URL (repeatable); default: discover via --broker")
+    parser.add_argument("--broker", metavar="mqtt://HOST:PORT",
+                        help=f"find cloudlets through this broker (default {DEFAULT_BROKER})")
+    parser.add_argument("--token", help="bearer token (default $CLOUDLET_TOKEN, or minted "
+                                        "from the local metro's secret)")
+    parser.add_argument("--client", default="cli", help="client name for a minted token")
+    parser.add_argument("--state-dir", metavar="DIR", help="the local metro's state directory")
+
+
+def _token(args: argparse.Namespace) -> str:
+    token: str | None = args.token or os.environ.get("CLOUDLET_TOKEN")
+    if token:
+        return token
+    try:  # only where the daemon is installed: the secret lives with the cloudlets
+        auth = importlib.import_module("edge_agent.auth")
+        config = importlib.import_module("edge_agent.config")
+    except ImportError:
+        raise ConfigError("no token: pass --token or set CLOUDLET_TOKEN") from None
+    state = Path(args.state_dir) if args.state_dir else config.default_state_dir()
+    secret = state / "cluster.key"
+    if not secret.exists():
+        raise ConfigError(f"no token: pass --token, set CLOUDLET_TOKEN, or run 'cloudlet up' "
+                          f"(no metro secret at {secret})")
+    minted: str = auth.Authority(auth.load_secret(secret)).issue(args.client, 3600)
+    return minted
+
+
+def _client(args: argparse.Namespace, policy: str = "remote") -> CloudletClient:
+    broker = None if args.endpoint else (args.broker or DEFAULT_BROKER)
+    return CloudletClient(_token(args), endpoints=args.endpoint, broker=broker, policy=policy)
+
+
+async def _discovered(client: CloudletClient) -> None:
+    if client.discovery.broker:
+        await client.discovery.wait_for(lambda d: bool(d.online()), DISCOVERY_WAIT_S)
+
+
+def _payload(fn: str, raw: list[str]) -> bytes | list[int | float]:
+    if len(raw) == 1 and is_bytes_arg(raw[0]):
+        return bytes_arg(raw[0])
+    return [number_arg(a, fn) for a in raw]
+
+
+def cmd_offload(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client(args, args.policy) as client:
+            await _discovered(client)
+            out = await client.offload(args.image, args.fn, _payload(args.fn, args.args),
+                                       deadline_ms=args.deadline_ms)
+        print(format_result(out.value))
+        print(f"latency {out.latency_ms:.2f} ms on {out.where} ({out.decision.reason})",
+              file=sys.stderr)
+        return 0
+    return asyncio.run(run())
+
+
+def cmd_session(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        failures = 0
+        async with _client(args) as client:
+            await _discovered(client)
+            async with client.session(args.image, budget_ms=args.budget_ms) as s:
+                print(f"session: VM {s.vm_id} on {s.location.node}", file=sys.stderr)
+                loop = asyncio.get_running_loop()
+                while line := await loop.run_in_executor(None, sys.stdin.readline):
+                    if not line.strip() or line.lstrip().startswith("#"):
+                        continue
+                    started = time.perf_counter()
+                    try:
+                        fn, raw = split_call(line)
+                        result = await s.call(fn, *_call_args(fn, raw))
+                    except CloudletError as exc:
+                        failures += 1
+                        print(f"error [{exc.code}]: {exc.message}", flush=True)
+                        continue
+                    print(format_result(result), flush=True)
+                    print(f"  {(time.perf_counter() - started) * 1000:.2f} ms",
+                          file=sys.stderr)
+                st = s.stats()
+                print(f"{st.calls} calls: p50 {st.p50_ms:.2f} ms, p99 {st.p99_ms:.2f} ms, "
+                      f"{st.within_budget:.0%} within {args.budget_ms:g} ms; "
+                      f"{st.moves_followed} moves followed", file=sys.stderr)
+        return 1 if failures else 0
+    return asyncio.run(run())
+
+
+def _call_args(fn: str, raw: list[str]) -> list[int | float | bytes]:
+    payload = _payload(fn, raw)
+    return [payload] if isinstance(payload, bytes) else list(payload)

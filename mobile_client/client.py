@@ -1,0 +1,279 @@
+"""`CloudletClient`: what an application uses to offload work to cloudlets.
+
+    async with CloudletClient(token, broker="mqtt://127.0.0.1:1883") as client:
+        async with client.session("workloads/kvstore.wasm", budget_ms=30) as s:
+            await s.call("kv_put", 1, 65)
+        result = await client.offload("workloads/filter.wasm", "filter_frame", frame)
+
+A session starts on the cloudlet with the lowest measured RTT that has room,
+and follows its VM from then on (see `mobile_client.session`). `offload` runs a
+stateless task once, remotely or (with `policy="auto"`) wherever the measured
+costs say is faster. Closing the client closes every session, destroys the
+VMs it created for offloading, and leaves no task, thread or socket behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cloudlet.errors import (
+    CapacityExceeded,
+    CloudletError,
+    ImageNotFound,
+    InvalidArgument,
+    NoCloudletAvailable,
+    VMNotFound,
+)
+from mobile_client import local as local_exec
+from mobile_client.discovery import Discovery
+from mobile_client.policy import Decider, Decision
+from mobile_client.probe import Prober
+from mobile_client.session import DEFAULT_CALL_DEADLINE_MS, Session
+from mobile_client.transport import Http, Location, client_name, image_digest
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("remote", "local", "auto")
+ImageRef = str | os.PathLike[str] | bytes
+Payload = bytes | Sequence[int | float]
+
+
+@dataclass(frozen=True)
+class OffloadResult:
+    """A task's answer, where it ran, why there, and how long it took end to end."""
+
+    value: Any
+    where: str  # "local", or the node name of the cloudlet
+    latency_ms: float
+    decision: Decision
+
+
+class CloudletClient:
+    """Sessions and offloading against a cluster of cloudlets."""
+
+    def __init__(self, token: str, *, endpoints: Sequence[str] = (), broker: str | None = None,
+                 policy: str = "remote", probe_interval_s: float = 5.0,
+                 local_store_dir: str | None = None) -> None:
+        if policy not in POLICIES:
+            raise InvalidArgument(f"policy must be one of {', '.join(POLICIES)}")
+        self.token = token
+        self.name = client_name(token)
+        self.policy = policy
+        self.http = Http(token)
+        self.discovery = Discovery(endpoints, broker, client_id=self.name)
+        self.prober = Prober(self.http, self.discovery, interval_s=probe_interval_s)
+        self.decider = Decider()
+        self._local_store_dir = local_store_dir
+        self._local: local_exec.LocalRunner | None = None
+        self._images: dict[str, bytes] = {}
+        self._offload_vms: dict[tuple[str, str], str] = {}  # (digest, endpoint) -> vm
+        self._sessions: set[Session] = set()
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> CloudletClient:
+        await self._stack.enter_async_context(self.http)
+        await self._stack.enter_async_context(self.discovery)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for session in list(self._sessions):
+            await session.close()
+        for (_, endpoint), vm_id in list(self._offload_vms.items()):
+            with contextlib.suppress(CloudletError):
+                await self.http.request("DELETE", Location(endpoint, endpoint),
+                                        f"/v1/vms/{vm_id}", timeout_s=2.0)
+        self._offload_vms.clear()
+        if self._local is not None:
+            await asyncio.to_thread(self._local.close)
+            self._local = None
+        await self._stack.aclose()
+
+    # --- images ---------------------------------------------------------------------
+
+    def image(self, ref: ImageRef) -> tuple[str, bytes]:
+        """(digest, bytes) of an image given as a path or as the module's bytes."""
+        if isinstance(ref, bytes):
+            wasm = ref
+        else:
+            try:
+                wasm = Path(ref).read_bytes()
+            except OSError as exc:
+                raise ImageNotFound(f"cannot read image {ref}: {exc.strerror}") from None
+        digest = image_digest(wasm)
+        self._images.setdefault(digest, wasm)
+        return digest, wasm
+
+    async def _create_vm(self, where: Location, digest: str,
+                         limits: dict[str, Any] | None, clock: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"image": digest, "clock": clock}
+        if limits:
+            body["limits"] = limits
+        try:
+            created: dict[str, Any] = await self.http.request("POST", where, "/v1/vms", body=body)
+            return created
+        except ImageNotFound:
+            pass  # first use of this image on that cloudlet: upload, then create
+        await self.http.request("POST", where, "/v1/images", raw=self._images[digest],
+                                headers={"X-Image-Digest": digest})
+        created = await self.http.request("POST", where, "/v1/vms", body=body)
+        return created
+
+    # --- sessions ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def session(self, image: ImageRef, *, budget_ms: float = 30.0,
+                      limits: dict[str, Any] | None = None, clock: str = "real",
+                      call_deadline_ms: float = DEFAULT_CALL_DEADLINE_MS,
+                      keep: bool = False) -> AsyncIterator[Session]:
+        """A new VM of `image` on the best cloudlet, and a session to it. The VM is
+        destroyed when the block ends, unless `keep` (then `attach` finds it again)."""
+        digest, _ = self.image(image)
+        ranked = await self.prober.ranked()
+        if not ranked:
+            raise NoCloudletAvailable("no cloudlet answered a probe "
+                                      f"(known: {[c.node for c in self.discovery.candidates()]})")
+        created = where = None
+        for info, rtt_ms in ranked:
+            try:
+                created = await self._create_vm(info.location, digest, limits, clock)
+                where = info.location
+                log.info("session: VM %s on %s (RTT %.2f ms)", created["vm"], info.node, rtt_ms)
+                break
+            except (CapacityExceeded, NoCloudletAvailable) as exc:
+                log.info("session: %s cannot take the VM (%s); trying the next", info.node,
+                         exc.message)
+        if created is None or where is None:
+            raise NoCloudletAvailable("every reachable cloudlet refused the VM (full)")
+        async with self._session(created["vm"], where, budget_ms, int(created.get("seq", 0)),
+                                 call_deadline_ms) as s:
+            try:
+                yield s
+            finally:
+                if not keep:
+                    with contextlib.suppress(CloudletError):
+                        await self.http.request("DELETE", s.location, f"/v1/vms/{s.vm_id}",
+                                                timeout_s=5.0)
+
+    @contextlib.asynccontextmanager
+    async def attach(self, vm_id: str, endpoint: str, *, budget_ms: float = 30.0,
+                     call_deadline_ms: float = DEFAULT_CALL_DEADLINE_MS
+                     ) -> AsyncIterator[Session]:
+        """A session to an existing VM of this client (it follows the VM if it moved)."""
+        where = Location(endpoint, endpoint.rstrip("/"))
+        info = await self.http.vm_info(where, vm_id)
+        async with self._session(vm_id, where, budget_ms, int(info["seq"]),
+                                 call_deadline_ms) as s:
+            yield s
+
+    @contextlib.asynccontextmanager
+    async def _session(self, vm_id: str, where: Location, budget_ms: float, seq: int,
+                       call_deadline_ms: float) -> AsyncIterator[Session]:
+        s = Session(self.http, vm_id, where, budget_ms=budget_ms, seq=seq,
+                    locate=self._locate, call_deadline_ms=call_deadline_ms)
+        stop_watching = self.discovery.watch(vm_id, s.notice_location)
+        self._sessions.add(s)
+        try:
+            async with s:
+                yield s
+        finally:
+            stop_watching()
+            self._sessions.discard(s)
+
+    async def _locate(self, vm_id: str) -> Location | None:
+        """Where a VM is when its last cloudlet does not know it: its retained location,
+        else the first known cloudlet that has it."""
+        known = self.discovery.location_of(vm_id)
+        if known is not None:
+            return known
+        for info in self.discovery.candidates():
+            try:
+                await self.http.vm_info(info.location, vm_id)
+                return info.location
+            except CloudletError:
+                continue
+        return None
+
+    # --- one-shot offload ---------------------------------------------------------------
+
+    async def offload(self, image: ImageRef, fn: str, payload: Payload = (), *,
+                      deadline_ms: float = 5000.0, policy: str | None = None) -> OffloadResult:
+        """Run one stateless task: `fn(payload)` (a bytes call for bytes, else the
+        numbers as arguments), remotely, locally, or as `policy="auto"` decides."""
+        policy = policy or self.policy
+        if policy not in POLICIES:
+            raise InvalidArgument(f"policy must be one of {', '.join(POLICIES)}")
+        digest, wasm = self.image(image)
+        args: bytes | tuple[int | float, ...] = (bytes(payload) if isinstance(
+            payload, bytes | bytearray) else tuple(payload))
+        size = len(args) if isinstance(args, bytes) else 8 * len(args)
+        started = time.perf_counter()
+        ranked = await self.prober.ranked() if policy != "local" else []
+        best = ranked[0] if ranked else None
+        if policy == "local":
+            decision = Decision("local", "policy is 'local'", None, None)
+        elif policy == "remote":
+            decision = Decision("remote", "policy is 'remote'", None, None)
+        else:
+            decision = self.decider.decide(digest, fn, payload_bytes=size,
+                                           rtt_ms=best[1] if best else None,
+                                           local_available=local_exec.available())
+        async with asyncio.timeout(deadline_ms / 1000):
+            if decision.where == "local":
+                value, elapsed_ms = await self._local_runner().run(digest, wasm, fn, args)
+                self.decider.observe_local(digest, fn, elapsed_ms)
+                where = "local"
+            else:
+                if best is None:
+                    raise NoCloudletAvailable("no cloudlet answered a probe")
+                info, rtt_ms = best
+                t0 = time.perf_counter()
+                value = await self._offload_remote(info.location, digest, fn, args)
+                self.decider.observe_remote(digest, fn, (time.perf_counter() - t0) * 1000,
+                                            rtt_ms, size)
+                where = info.node
+        return OffloadResult(value, where, (time.perf_counter() - started) * 1000, decision)
+
+    def _local_runner(self) -> local_exec.LocalRunner:
+        if not local_exec.available():
+            raise InvalidArgument("local execution needs wasmtime: pip install "
+                                  "'cloudlet[local]'")
+        if self._local is None:
+            self._local = local_exec.LocalRunner(self._local_store_dir)
+        return self._local
+
+    async def _offload_remote(self, where: Location, digest: str, fn: str,
+                              args: bytes | tuple[int | float, ...]) -> Any:
+        """One call on this client's offload VM of `digest` at `where` (created on first
+        use and kept: a task is stateless, so reusing a warm VM saves two round trips)."""
+        body: dict[str, Any] = {"fn": fn}
+        if isinstance(args, bytes):
+            body["data"] = args
+        else:
+            body["args"] = list(args)
+        for attempt in range(2):
+            vm_id = self._offload_vms.get((digest, where.endpoint))
+            if vm_id is None:
+                created = await self._create_vm(where, digest, None, "real")
+                vm_id = self._offload_vms[(digest, where.endpoint)] = created["vm"]
+            try:
+                reply = await self.http.request("POST", where, f"/v1/vms/{vm_id}/call",
+                                                body=body)
+            except VMNotFound:
+                # The cloudlet lost or dropped our warm VM: make another, once.
+                self._offload_vms.pop((digest, where.endpoint), None)
+                if attempt:
+                    raise
+                continue
+            return reply.get("data", reply.get("result"))
+        raise AssertionError("unreachable")

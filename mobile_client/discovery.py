@@ -1,0 +1,261 @@
+"""Finding cloudlets: from the broker's retained presence, or from a static list.
+
+With a broker, every cloudlet's retained `nodes/{node}/presence` says where it
+is and whether it is online; its Last Will flips it offline when it dies, so a
+killed cloudlet drops out of `online()` within the broker's keepalive window.
+Sessions also watch their VM's retained `vms/{vm}/location` here, so a move is
+followed even when no `moved` notice reached the client.
+
+Without a broker (`endpoints=[...]`), the list is fixed and a cloudlet's
+liveness is what probing finds (`mark_reachable`). aiomqtt is imported only
+when a broker is used: a phone that talks to fixed endpoints does not need it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import urlparse
+
+import msgpack
+
+from cloudlet.errors import ConfigError
+from mobile_client.transport import Location
+
+log = logging.getLogger(__name__)
+
+PREFIX = "cloudlet/v1"
+SCHEMA_VERSION = 1
+BACKOFF_MAX_S = 5.0
+
+LocationListener = Callable[[str, Location], None]
+
+
+@dataclass(frozen=True)
+class CloudletInfo:
+    """One cloudlet as discovery knows it."""
+
+    node: str
+    endpoint: str
+    online: bool = True
+    position_m: tuple[float, float] | None = None
+    zone: str = ""
+    seen_at: float = 0.0  # time.monotonic() of the last news
+
+    @property
+    def location(self) -> Location:
+        return Location(self.node, self.endpoint)
+
+
+class Discovery:
+    """The cloudlets a client can use. `async with` starts and stops its MQTT task."""
+
+    def __init__(self, endpoints: Sequence[str] = (), broker: str | None = None,
+                 client_id: str = "client") -> None:
+        if not endpoints and not broker:
+            raise ConfigError("give cloudlet endpoints or a broker URL to find cloudlets")
+        self._cloudlets: dict[str, CloudletInfo] = {}
+        for url in endpoints:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"endpoint {url!r} must be an http(s) URL")
+            url = url.rstrip("/")
+            self._cloudlets[url] = CloudletInfo(url, url, seen_at=time.monotonic())
+        self.broker = broker
+        self.client_id = client_id
+        self.changed = asyncio.Event()  # set on every change; waiters clear it
+        self._locations: dict[str, Location] = {}
+        self._listeners: dict[str, list[LocationListener]] = {}
+        self._mqtt: Any = None  # aiomqtt.Client while connected
+        self._task: asyncio.Task[None] | None = None
+        self._subscribing: set[asyncio.Task[None]] = set()
+        self.connected = asyncio.Event()
+
+    async def __aenter__(self) -> Discovery:
+        if self.broker:
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name="cloudlet-discovery")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        tasks = [t for t in (self._task, *self._subscribing) if t is not None]
+        self._task = None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # --- what is known ----------------------------------------------------------------
+
+    def online(self) -> list[CloudletInfo]:
+        return sorted((c for c in self._cloudlets.values() if c.online), key=lambda c: c.node)
+
+    def candidates(self) -> list[CloudletInfo]:
+        """What to probe: the online cloudlets, or with a static list all of them (a
+        probe is the only way to see one come back)."""
+        if self.broker:
+            return self.online()
+        return sorted(self._cloudlets.values(), key=lambda c: c.node)
+
+    def get(self, node: str) -> CloudletInfo | None:
+        return self._cloudlets.get(node)
+
+    def location_of(self, vm_id: str) -> Location | None:
+        return self._locations.get(vm_id)
+
+    async def wait_for(self, predicate: Callable[[Discovery], bool], timeout_s: float) -> bool:
+        """Wait until `predicate(self)` holds (e.g. two cloudlets online)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not predicate(self):
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def mark_reachable(self, endpoint: str, node: str | None, reachable: bool) -> None:
+        """What probing found. With a static list, probing is the only liveness news;
+        it also learns each endpoint's node name from its health answer."""
+        for key, info in list(self._cloudlets.items()):
+            if info.endpoint != endpoint:
+                continue
+            if self.broker:
+                return  # presence and the Will say who is online
+            new = replace(info, online=reachable, node=node or info.node,
+                          seen_at=time.monotonic())
+            if new != info:
+                self._cloudlets[key] = new
+                self.changed.set()
+            return
+
+    # --- VM locations ----------------------------------------------------------------
+
+    def watch(self, vm_id: str, listener: LocationListener) -> Callable[[], None]:
+        """Call `listener(vm_id, location)` when the VM's retained location changes.
+        Returns the function that stops watching."""
+        self._listeners.setdefault(vm_id, []).append(listener)
+        if self._mqtt is not None:
+            self._subscribe_later(vm_id)
+
+        def stop() -> None:
+            listeners = self._listeners.get(vm_id, [])
+            with contextlib.suppress(ValueError):
+                listeners.remove(listener)
+            if not listeners:
+                self._listeners.pop(vm_id, None)
+                self._locations.pop(vm_id, None)
+        return stop
+
+    def _subscribe_later(self, vm_id: str) -> None:
+        client = self._mqtt
+        if client is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._subscribe(client, vm_id))
+        self._subscribing.add(task)  # owned: cancelled on exit
+        task.add_done_callback(self._subscribing.discard)
+
+    @staticmethod
+    async def _subscribe(client: Any, vm_id: str) -> None:
+        # A subscribe lost with the connection is redone on reconnect (see `_run`).
+        with contextlib.suppress(Exception):
+            await client.subscribe(f"{PREFIX}/vms/{vm_id}/location", qos=1)
+
+    async def publish_rtt(self, rtt_ms: dict[str, float]) -> None:
+        """Tell the placer what this client measured (`clients/{client}/rtt`)."""
+        client = self._mqtt
+        if client is None:
+            return
+        payload = msgpack.packb({"v": SCHEMA_VERSION, "client": self.client_id,
+                                 "rtt_ms": rtt_ms, "ts": time.time()})
+        with contextlib.suppress(Exception):  # telemetry: never worth failing a call
+            await client.publish(f"{PREFIX}/clients/{self.client_id}/rtt", payload, qos=0)
+
+    # --- the broker ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        import aiomqtt  # only with a broker: keeps remote-only clients light
+
+        assert self.broker is not None
+        url = urlparse(self.broker)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise ConfigError(f"broker URL {self.broker!r} must be mqtt://host:port")
+        tls = url.scheme == "mqtts"
+        backoff = 0.2
+        while True:
+            try:
+                async with aiomqtt.Client(
+                        url.hostname, url.port or (8883 if tls else 1883),
+                        identifier=f"cloudlet-client-{self.client_id}-{secrets.token_hex(3)}",
+                        username=url.username, password=url.password,
+                        tls_params=aiomqtt.TLSParameters() if tls else None,
+                        keepalive=10) as client:
+                    await client.subscribe(f"{PREFIX}/nodes/+/presence", qos=1)
+                    for vm_id in self._listeners:
+                        await client.subscribe(f"{PREFIX}/vms/{vm_id}/location", qos=1)
+                    self._mqtt = client
+                    self.connected.set()
+                    backoff = 0.2
+                    async for message in client.messages:
+                        self._handle(str(message.topic), message.payload)
+            except aiomqtt.MqttError as exc:
+                log.info("discovery: broker %s lost (%s); retrying in %.1f s", self.broker,
+                         exc, backoff)
+            finally:
+                self._mqtt = None
+                self.connected.clear()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _handle(self, topic: str, payload: Any) -> None:
+        parts = topic.split("/")
+        if not isinstance(payload, bytes | bytearray):
+            return
+        msg: Any = None
+        if payload:
+            try:
+                msg = msgpack.unpackb(payload)
+            except (ValueError, msgpack.UnpackException):
+                log.warning("discovery: dropped a message on %s that is not msgpack", topic)
+                return
+            if not isinstance(msg, dict) or msg.get("v") != SCHEMA_VERSION:
+                log.warning("discovery: dropped a message on %s with an unknown schema", topic)
+                return
+        if len(parts) == 5 and parts[2] == "nodes" and parts[4] == "presence":
+            self._presence(parts[3], msg)
+        elif len(parts) == 5 and parts[2] == "vms" and parts[4] == "location" and msg:
+            self._location(parts[3], msg)
+
+    def _presence(self, node: str, msg: dict[str, Any] | None) -> None:
+        if msg is None:
+            self._cloudlets.pop(node, None)
+        else:
+            endpoint = msg.get("endpoint")
+            old = self._cloudlets.get(node)
+            if not isinstance(endpoint, str):
+                endpoint = old.endpoint if old else ""
+            position = msg.get("position")
+            pos = (float(position[0]), float(position[1])) if (
+                isinstance(position, list) and len(position) == 2
+                and all(isinstance(v, int | float) for v in position)) else None
+            self._cloudlets[node] = CloudletInfo(
+                node, endpoint, online=msg.get("status") == "online" and bool(endpoint),
+                position_m=pos, zone=str(msg.get("zone", "")), seen_at=time.monotonic())
+        self.changed.set()
+
+    def _location(self, vm_id: str, msg: dict[str, Any]) -> None:
+        node, endpoint = msg.get("node"), msg.get("endpoint")
+        if not isinstance(node, str) or not isinstance(endpoint, str):
+            return
+        where = Location(node, endpoint)
+        if self._locations.get(vm_id) == where:
+            return
+        self._locations[vm_id] = where
+        for listener in list(self._listeners.get(vm_id, ())):
+            listener(vm_id, where)

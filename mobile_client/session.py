@@ -1,0 +1,392 @@
+"""A session: a client's long-lived binding to one VM, which survives drops and moves.
+
+Every call carries a sequence number, the VM's `seq` after it. The session
+keeps every call it has sent and not had answered (`_pending`) and, until the
+cloudlet says it has checkpointed them (`durable` in the answers), the calls it
+had answered (`_journal`). That is all it needs to make each call apply exactly
+once, whatever breaks:
+
+- a dropped connection (either side): reconnect, resend what is pending; the
+  daemon answers numbers it already applied from its reply log;
+- the VM moved (a `moved` notice, or `410 vm_moved` from the old cloudlet, or
+  its retained location): reconnect to the new cloudlet, resend;
+- the cloudlet was killed and came back from an older checkpoint (its `seq` is
+  behind calls already answered): resend those from the journal first, so the
+  VM's state catches up to what the application was told.
+
+The application sees latency, never an error, for all of these; it sees an
+error only when a call's deadline passes (`CallTimeout`, and the call may
+still apply later, exactly once) or when the VM's state is really gone
+(`SessionLost`). A session's connection work is one task, owned by the session
+and ended by `close()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgpack
+
+from cloudlet.errors import (
+    CallTimeout,
+    CloudletError,
+    SequenceGap,
+    SessionLost,
+    VMMoved,
+    VMNotFound,
+    error_from_wire,
+)
+from mobile_client.transport import Http, Location
+
+log = logging.getLogger(__name__)
+
+# A call's deadline when the application gives none: long enough to ride out a
+# reconnection and a move, short enough that a dead session is noticed.
+DEFAULT_CALL_DEADLINE_MS = 10_000
+# Reconnection backoff: quick first (a move takes milliseconds), capped so a
+# cloudlet that comes back is found within a second.
+BACKOFF_START_S = 0.02
+BACKOFF_MAX_S = 1.0
+# Answered calls kept until the cloudlet says they are checkpointed. Bounded, so
+# a cloudlet that never checkpoints cannot make a session grow without end; past
+# it, a rollback of the cloudlet is reported (`SessionLost`) rather than hidden.
+JOURNAL_MAX_CALLS = 4096
+JOURNAL_MAX_BYTES = 16 << 20
+# Latencies kept for percentiles (a ring: recent interactions matter most).
+LATENCY_WINDOW = 100_000
+
+Locator = Callable[[str], Awaitable[Location | None]]
+
+
+@dataclass
+class _Pending:
+    seq: int
+    message: bytes
+    future: asyncio.Future[Any]
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    """What a session measured: interaction latencies against its budget."""
+
+    calls: int
+    within_budget: float  # share of calls answered within the budget
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    reconnects: int
+    moves_followed: int
+    resent: int
+
+
+class Session:
+    """Calls to one VM. Made by `CloudletClient.session()`; use as `async with`."""
+
+    def __init__(self, http: Http, vm_id: str, location: Location, *, budget_ms: float,
+                 seq: int = 0, locate: Locator | None = None,
+                 call_deadline_ms: float = DEFAULT_CALL_DEADLINE_MS) -> None:
+        self.vm_id = vm_id
+        self.location = location
+        self.budget_ms = budget_ms
+        self.call_deadline_ms = call_deadline_ms
+        self._http = http
+        self._locate = locate
+        self._next_seq = seq + 1
+        self._pending: dict[int, _Pending] = {}
+        self._journal: OrderedDict[int, bytes] = OrderedDict()
+        self._journal_bytes = 0
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._connected = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._lost: CloudletError | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[bool]] = set()
+        self._latencies_ms: list[float] = []
+        self._over_budget = 0
+        self._calls = 0
+        self.reconnects = 0
+        self.moves_followed = 0
+        self.resent = 0
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Session:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(
+                self._run(), name=f"cloudlet-session-{self.vm_id}")
+
+    async def close(self) -> None:
+        """Stop the connection task and close the stream. Calls still waiting fail."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        if self._ws is not None:
+            await self._ws.close()
+            self._ws = None
+        for task in list(self._closing):
+            with contextlib.suppress(Exception):
+                await task
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_exception(SessionLost(f"session of VM {self.vm_id} was closed"))
+        self._pending.clear()
+
+    # --- calls ----------------------------------------------------------------------------
+
+    async def call(self, fn: str, *args: int | float | bytes,
+                   deadline_ms: float | None = None) -> Any:
+        """Apply `fn` to the VM exactly once. Numeric arguments make a numeric call;
+        a single `bytes` argument a bytes-in/bytes-out call, which returns bytes."""
+        if self._lost is not None:
+            raise self._lost
+        if self._runner is None:
+            raise SessionLost("the session is not started (use `async with`)")
+        seq = self._next_seq
+        self._next_seq += 1
+        body: dict[str, Any] = {"id": seq, "fn": fn, "seq": seq}
+        if len(args) == 1 and isinstance(args[0], bytes | bytearray):
+            body["data"] = bytes(args[0])
+        else:
+            body["args"] = list(args)
+        message: bytes = msgpack.packb(body)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[seq] = _Pending(seq, message, future)
+        started = time.perf_counter()
+        # Under the send lock: either `_resend` (which holds it) saw this call in
+        # `_pending`, or the connection is up by the time this runs and sends it.
+        async with self._send_lock:
+            ws = self._ws
+            if ws is not None and self._connected.is_set():
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.send_bytes(message)  # a failure: the reconnect resends it
+        deadline_s = (deadline_ms or self.call_deadline_ms) / 1000
+        try:
+            async with asyncio.timeout(deadline_s):
+                result = await asyncio.shield(future)
+        except TimeoutError:
+            # The answer may still come; nobody will read it, and that is fine.
+            future.add_done_callback(_consume)
+            raise CallTimeout(
+                f"call {seq} ({fn}) to VM {self.vm_id} got no answer within "
+                f"{deadline_s * 1000:.0f} ms; it stays queued and applies at most once"
+            ) from None
+        self._record((time.perf_counter() - started) * 1000)
+        return result
+
+    def _record(self, latency_ms: float) -> None:
+        self._calls += 1
+        if latency_ms > self.budget_ms:
+            self._over_budget += 1
+        if len(self._latencies_ms) >= LATENCY_WINDOW:
+            del self._latencies_ms[: LATENCY_WINDOW // 10]
+        self._latencies_ms.append(latency_ms)
+
+    def stats(self) -> SessionStats:
+        ordered = sorted(self._latencies_ms)
+
+        def pct(q: float) -> float:
+            if not ordered:
+                return float("nan")
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+        within = 1 - self._over_budget / self._calls if self._calls else float("nan")
+        return SessionStats(self._calls, within, pct(0.50), pct(0.95), pct(0.99),
+                            self.reconnects, self.moves_followed, self.resent)
+
+    @property
+    def seq(self) -> int:
+        """The sequence number of the last call this session sent."""
+        return self._next_seq - 1
+
+    # --- connection ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Stay connected to wherever the VM is, until closed."""
+        backoff = BACKOFF_START_S
+        first = True
+        while True:
+            try:
+                vm_seq = await self._find_vm()
+                ws = await self._http.ws_connect(self.location, self.vm_id)
+            except (VMMoved, VMNotFound):
+                continue  # `_find_vm` updated the location, or will give up
+            except CloudletError as exc:
+                if isinstance(exc, SessionLost):
+                    self._give_up(exc)
+                    return
+                log.info("VM %s: cannot reach %s (%s); retrying in %.2f s", self.vm_id,
+                         self.location.node, exc.message, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                continue
+            backoff = BACKOFF_START_S
+            if not first:
+                self.reconnects += 1
+            first = False
+            self._ws = ws
+            try:
+                await self._resend(ws, vm_seq)
+                await self._read(ws)
+            except SessionLost as exc:
+                self._give_up(exc)
+                return
+            except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
+                log.info("VM %s: stream to %s broke (%r); reconnecting", self.vm_id,
+                         self.location.node, exc)
+            finally:
+                self._connected.clear()
+                self._ws = None
+                await ws.close()
+
+    async def _find_vm(self) -> int:
+        """The VM's current `seq` at `self.location`, following moves; raises
+        `VMMoved`/`VMNotFound` after updating the location, to be tried again."""
+        try:
+            info = await self._http.vm_info(self.location, self.vm_id)
+        except VMMoved as moved:
+            self._follow(moved.details)
+            raise
+        except VMNotFound:
+            found = await self._locate(self.vm_id) if self._locate else None
+            if found is None or found == self.location:
+                raise SessionLost(f"VM {self.vm_id} is on no cloudlet this client knows "
+                                  f"(last seen on {self.location.node})") from None
+            self._move_to(found)
+            raise
+        seq = info.get("seq")
+        if type(seq) is not int:
+            raise SessionLost(f"cloudlet {self.location.node} described VM {self.vm_id} "
+                              "without a sequence number")
+        return seq
+
+    def _follow(self, details: dict[str, Any]) -> None:
+        endpoint, node = details.get("endpoint"), details.get("node")
+        if not isinstance(endpoint, str):
+            raise SessionLost(f"VM {self.vm_id} moved, but the notice says not where")
+        self._move_to(Location(str(node or endpoint), endpoint))
+
+    def _move_to(self, where: Location) -> None:
+        if where != self.location:
+            log.info("VM %s: following it from %s to %s", self.vm_id, self.location.node,
+                     where.node)
+            self.location = where
+            self.moves_followed += 1
+
+    def notice_location(self, vm_id: str, where: Location) -> None:
+        """The VM's retained location changed: if it is elsewhere now, reconnect there.
+        (A stale location costs one round trip: the old cloudlet answers `vm_moved`.)"""
+        if vm_id != self.vm_id or where == self.location:
+            return
+        self._move_to(where)
+        ws = self._ws
+        if ws is not None:
+            # Ending the stream makes `_run` reconnect to the new location.
+            task = asyncio.get_running_loop().create_task(ws.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _resend(self, ws: aiohttp.ClientWebSocketResponse, vm_seq: int) -> None:
+        """Bring the VM up to date: journaled calls it lost (a rollback), then every
+        call not yet answered, in order. Numbers it already applied are answered
+        from its reply log, not applied again."""
+        lowest_needed = min(self._pending, default=self._next_seq)
+        if vm_seq + 1 < lowest_needed:
+            missing = range(vm_seq + 1, lowest_needed)
+            if any(seq not in self._journal for seq in missing):
+                raise SessionLost(
+                    f"VM {self.vm_id} on {self.location.node} is at call {vm_seq}: it lost "
+                    f"calls up to {lowest_needed - 1} that were answered and are no longer "
+                    "kept by this client (it came back from an older checkpoint)")
+            log.warning("VM %s rolled back to %d; replaying %d answered calls", self.vm_id,
+                        vm_seq, len(missing))
+            async with self._send_lock:
+                for seq in missing:
+                    await ws.send_bytes(self._journal[seq])
+            self.resent += len(missing)
+        async with self._send_lock:
+            for seq in sorted(self._pending):
+                await ws.send_bytes(self._pending[seq].message)
+                self.resent += 1
+            self._connected.set()
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                continue
+            reply = msgpack.unpackb(msg.data)
+            if not isinstance(reply, dict):
+                continue
+            moved = reply.get("moved")
+            if isinstance(moved, dict):
+                self._follow(moved)
+                return
+            seq = reply.get("id")
+            if type(seq) is not int or seq not in self._pending:
+                continue  # a replayed call's answer, or a duplicate: already delivered
+            pending = self._pending.pop(seq)
+            error = reply.get("error")
+            if error is not None:
+                exc = error_from_wire(error)
+                if isinstance(exc, SequenceGap):
+                    # The cloudlet rolled back while we were connected: resync.
+                    self._pending[seq] = pending
+                    return
+                if isinstance(exc, VMMoved):
+                    self._pending[seq] = pending
+                    self._follow(exc.details)
+                    return
+                self._journal_add(seq, pending.message)
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            else:
+                self._journal_add(seq, pending.message)
+                if not pending.future.done():
+                    pending.future.set_result(reply.get("data", reply.get("result")))
+            durable = reply.get("durable")
+            if type(durable) is int:
+                self._journal_trim(durable)
+
+    def _journal_add(self, seq: int, message: bytes) -> None:
+        self._journal[seq] = message
+        self._journal_bytes += len(message)
+        while len(self._journal) > JOURNAL_MAX_CALLS or self._journal_bytes > JOURNAL_MAX_BYTES:
+            _, old = self._journal.popitem(last=False)
+            self._journal_bytes -= len(old)
+
+    def _journal_trim(self, durable_seq: int) -> None:
+        while self._journal:
+            seq = next(iter(self._journal))
+            if seq > durable_seq:
+                break
+            self._journal_bytes -= len(self._journal.pop(seq))
+
+    def _give_up(self, exc: CloudletError) -> None:
+        log.error("session of VM %s lost: %s", self.vm_id, exc.message)
+        self._lost = exc
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_exception(exc)
+        self._pending.clear()
+
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: no "never retrieved" warning for an abandoned call
