@@ -30,6 +30,8 @@ from cloudlet.errors import (
     ImageNotFound,
     InvalidArgument,
     NoCloudletAvailable,
+    SessionLost,
+    VMMoved,
     VMNotFound,
 )
 from mobile_client import local as local_exec
@@ -42,6 +44,7 @@ from mobile_client.transport import Http, Location, client_name, image_digest
 log = logging.getLogger(__name__)
 
 POLICIES = ("remote", "local", "auto")
+MAX_FORWARDS = 8  # tombstones followed in a row before giving up (a loop, or a bug)
 ImageRef = str | os.PathLike[str] | bytes
 Payload = bytes | Sequence[int | float]
 
@@ -171,7 +174,15 @@ class CloudletClient:
                      ) -> AsyncIterator[Session]:
         """A session to an existing VM of this client (it follows the VM if it moved)."""
         where = Location(endpoint, endpoint.rstrip("/"))
-        info = await self.http.vm_info(where, vm_id)
+        for _ in range(MAX_FORWARDS):
+            try:
+                info = await self.http.vm_info(where, vm_id)
+                break
+            except VMMoved as moved:  # follow the tombstones to where it lives now
+                where = Location(str(moved.details.get("node")),
+                                 str(moved.details.get("endpoint")))
+        else:
+            raise SessionLost(f"VM {vm_id} moved more than {MAX_FORWARDS} times in a row")
         async with self._session(vm_id, where, budget_ms, int(info["seq"]),
                                  call_deadline_ms) as s:
             yield s
