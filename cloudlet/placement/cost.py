@@ -1,0 +1,126 @@
+"""What a live migration costs: bytes, time and downtime under pre-copy.
+
+A placer that ignores migration cost ping-pongs and floods the backhaul; one that
+guesses it wrong starts handoffs too late. This model follows the same steps as
+the migration state machine (DESIGN.md, "Migration"), so its estimate can be set
+against what a live migration measures:
+
+    B  = bandwidth_mbit_s * 1e6 / 8          wire bytes per second
+    r  = wire_ratio                          wire bytes per byte of state
+    q  = dirty_rate_bytes_s * r / B          dirty bytes made per byte sent
+    V0 = overlay_bytes                       round 0: what the destination lacks
+    Vi = min(q * V(i-1), memory_bytes)       round i: chunks dirtied meanwhile
+    stop at the first i >= 1 with Vi <= stop_bytes, or Vi >= V(i-1) (no progress,
+    q >= 1), or i == max_rounds; round i is then the stop-and-copy round:
+
+    precopy_s  = r * (V0 + ... + V(i-1)) / B  (the VM keeps serving)
+    downtime_s = r * Vi / B + resume_s        (the VM is paused)
+    duration_s = precopy_s + downtime_s
+    wire_bytes = r * (V0 + ... + Vi)
+
+For q < 1 the series is geometric and has a closed form, so one call estimates
+10,000 migrations with a few array operations (`estimate`); the simulator runs
+the same rounds one at a time under changing shared bandwidth (`next_round`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cloudlet.errors import InvalidArgument
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+
+MiB = 1 << 20
+# Stop-and-copy once the dirty set fits in 1 MiB: at 1 Gbit/s that is ~8 ms of
+# downtime, below one interaction's budget.
+STOP_BYTES = 1 * MiB
+# Pre-copy rounds before forcing stop-and-copy: convergence is geometric, so a VM
+# that has not converged by then (dirty rate near the bandwidth) never will.
+MAX_ROUNDS = 30
+# Restore at the destination plus the commit message: a restore of a few MiB
+# takes a few ms (benchmarks/results/vm_runtime.json), the commit one RTT.
+RESUME_S = 0.010
+
+
+class MigrationEstimate(NamedTuple):
+    """Arrays, one entry per migration: the model's answer."""
+
+    wire_bytes: FloatArray
+    precopy_s: FloatArray
+    downtime_s: FloatArray
+    duration_s: FloatArray
+    rounds: IntArray  # pre-copy rounds, round 0 included; stop-and-copy not counted
+
+
+@dataclass(frozen=True)
+class PrecopyModel:
+    """Parameters of pre-copy; every field is documented in docs/placement.md."""
+
+    stop_bytes: float = STOP_BYTES
+    max_rounds: int = MAX_ROUNDS
+    resume_s: float = RESUME_S
+    wire_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.stop_bytes >= 0:
+            raise InvalidArgument(f"stop_bytes must be >= 0 (got {self.stop_bytes})")
+        if self.max_rounds < 1:
+            raise InvalidArgument(f"max_rounds must be >= 1 (got {self.max_rounds})")
+        if not self.resume_s >= 0:
+            raise InvalidArgument(f"resume_s must be >= 0 (got {self.resume_s})")
+        if not self.wire_ratio > 0:
+            raise InvalidArgument(f"wire_ratio must be > 0 (got {self.wire_ratio})")
+
+    def estimate(self, overlay_bytes: FloatArray, memory_bytes: FloatArray,
+                 dirty_rate_bytes_s: FloatArray,
+                 bandwidth_mbit_s: FloatArray) -> MigrationEstimate:
+        """The closed form of the rounds above, at a constant bandwidth (broadcasts)."""
+        v0, mem, dirty, bw = np.broadcast_arrays(
+            np.asarray(overlay_bytes, dtype=np.float64),
+            np.asarray(memory_bytes, dtype=np.float64),
+            np.asarray(dirty_rate_bytes_s, dtype=np.float64),
+            np.asarray(bandwidth_mbit_s, dtype=np.float64))
+        r = self.wire_ratio
+        rate = np.maximum(bw, 1e-9) * (1e6 / 8.0)
+        q = dirty * r / rate
+        converging = q < 1.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # First i >= 1 with V0 q^i <= stop_bytes.
+            need = np.log(np.maximum(self.stop_bytes, 1e-300) / v0) / np.log(q)
+            need = np.where((v0 <= self.stop_bytes) | (q <= 0.0), 1.0, need)
+            need = np.where(np.isfinite(need), need, float(self.max_rounds))
+        i_stop = np.clip(np.ceil(need - 1e-9), 1, self.max_rounds)
+        i_stop = np.where(converging, i_stop, 1.0)
+        qi = np.where(converging, q ** i_stop, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            series = np.where(converging & (q > 0), (1.0 - qi) / (1.0 - q), 1.0)
+        precopy_bytes = v0 * series
+        final = np.where(converging, v0 * qi, np.minimum(q * v0, mem))
+        precopy_s = r * precopy_bytes / rate
+        downtime_s = r * final / rate + self.resume_s
+        return MigrationEstimate(
+            wire_bytes=r * (precopy_bytes + final),
+            precopy_s=precopy_s,
+            downtime_s=downtime_s,
+            duration_s=precopy_s + downtime_s,
+            rounds=i_stop.astype(np.int64),
+        )
+
+    def next_round(self, sent_bytes: FloatArray, round_s: FloatArray,
+                   memory_bytes: FloatArray, dirty_rate_bytes_s: FloatArray,
+                   rounds_done: IntArray) -> tuple[FloatArray, NDArray[np.bool_]]:
+        """After a pre-copy round: the next round's bytes, and whether it is stop-and-copy.
+
+        `sent_bytes` is the state the round carried and `round_s` how long it took;
+        the simulator calls this when a round ends under whatever bandwidth it got.
+        """
+        nxt: FloatArray = np.minimum(dirty_rate_bytes_s * round_s, memory_bytes)
+        stop = ((nxt <= self.stop_bytes) | (nxt >= sent_bytes)
+                | (rounds_done >= self.max_rounds))
+        return nxt, stop

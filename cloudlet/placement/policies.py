@@ -1,0 +1,364 @@
+"""The placement policies, behind one interface: `decide(state) -> Moves`.
+
+Four policies, from doing nothing to planning ahead, so the simulator can show
+what each step of sophistication buys (DESIGN.md, "Placement"):
+
+- `never`: a session stays where it started. The baseline.
+- `nearest` (follow-me): the VM follows its user to the cloudlet with the lowest
+  RTT now, whenever that changes. Reacts at once, and ping-pongs on borders.
+- `threshold`: move only when the session is over its budget, to a cloudlet at
+  least `hysteresis_ms` better, and not within `cooldown_s` of its last move.
+- `predictive`: extrapolate each user's motion over `horizon_s`, and start a
+  migration when the budget is predicted to break within the migration's own
+  duration (plus `lead_s`), so the handoff completes before it breaks; move only
+  when the interactions it keeps within budget outweigh what the migration costs.
+
+Every policy is pure (state in, moves out, no I/O, no clock, no randomness),
+deterministic (ties break by cloudlet and session index) and vectorised: per
+session it considers its host and a few candidates (the cloudlets closest to its
+access point), then one capacity-aware greedy assignment serves every policy.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cloudlet.errors import InvalidArgument
+from cloudlet.placement.state import ClusterState, Move, Moves, Sessions
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+BoolArray = NDArray[np.bool_]
+
+GiB = float(1 << 30)
+
+
+class Policy(ABC):
+    """A placer: cluster state in, moves out."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def decide(self, state: ClusterState) -> Moves:
+        """The moves to start now, as arrays (the simulator's fast path)."""
+
+    def plan(self, state: ClusterState) -> list[Move]:
+        """The moves to start now, as objects (what a live orchestrator carries out)."""
+        return self.decide(state).list()
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    cand: IntArray  # (m, C) cloudlet rows; column 0 is the host
+    rtt_ms: FloatArray  # (m, C) RTT now
+
+
+def _rtt_now(state: ClusterState, cand: IntArray, attach: IntArray,
+             access_ms: FloatArray, queue_ms: FloatArray) -> FloatArray:
+    net = state.network
+    rtt: FloatArray = (access_ms[:, None] + net.backhaul_rtt_ms[attach[:, None], cand]
+                       + queue_ms[cand])
+    measured = state.sessions.rtt_ms
+    if measured is not None:
+        rows = np.arange(len(cand))[:, None]
+        got = measured[rows, cand]
+        rtt = np.where(np.isnan(got), rtt, got)
+    return rtt
+
+
+def _candidates(state: ClusterState, queue_ms: FloatArray) -> tuple[_Candidates, IntArray]:
+    s = state.sessions
+    net = state.network
+    attach, dist = net.index.nearest(s.position_m)
+    access_ms = net.latency.access_rtt_ms(dist)
+    cand = np.concatenate([s.host[:, None], net.near[attach]], axis=1)
+    return _Candidates(cand, _rtt_now(state, cand, attach, access_ms, queue_ms)), attach
+
+
+def _assign(state: ClusterState, cand: IntArray, score: FloatArray, ok: BoolArray,
+            priority: FloatArray) -> tuple[IntArray, IntArray]:
+    """Greedy, capacity-aware: each session takes its best acceptable candidate with room.
+
+    Rounds go down the preference lists; within a round, proposals to one cloudlet
+    are granted in priority order (then session index) while its free VM slots and
+    memory last. Room freed by sessions leaving is not counted: a source keeps its
+    VM until the destination commits. Returns (target, column), -1 where no move.
+    """
+    m, c = cand.shape
+    net = state.network
+    target = np.full(m, -1, dtype=np.int64)
+    column = np.full(m, -1, dtype=np.int64)
+    ok = ok & (cand != state.sessions.host[:, None])
+    active = np.flatnonzero(ok.any(axis=1))
+    if len(active) == 0:
+        return target, column
+    free_vms = (net.capacity_vms - state.vms).astype(np.float64)
+    free_mem = net.capacity_memory_bytes - state.memory_used_bytes
+    memory = state.sessions.memory_bytes
+    sub_ok = ok[active]
+    sub_cand = cand[active]
+    masked = np.where(sub_ok, score[active], np.inf)
+    order = np.argsort(masked, axis=1, kind="stable")
+    pending = np.ones(len(active), dtype=bool)
+    for rank in range(c):
+        col = order[:, rank]
+        rows = np.flatnonzero(pending & sub_ok[np.arange(len(active)), col])
+        if len(rows) == 0:
+            break
+        t = sub_cand[rows, col[rows]]
+        sess = active[rows]
+        o = np.lexsort((sess, -priority[sess], t))
+        rows, t, sess = rows[o], t[o], sess[o]
+        mem = memory[sess]
+        starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
+        group = np.repeat(starts, np.diff(np.r_[starts, len(t)]))
+        cum_n = np.arange(len(t)) - group + 1
+        cum_mem = np.cumsum(mem)
+        cum_mem = cum_mem - (cum_mem[group] - mem[group])
+        accept = (cum_n <= free_vms[t]) & (cum_mem <= free_mem[t])
+        got_rows, got_t, got_sess = rows[accept], t[accept], sess[accept]
+        target[got_sess] = got_t
+        column[got_sess] = col[got_rows]
+        pending[got_rows] = False
+        np.subtract.at(free_vms, got_t, 1.0)
+        np.subtract.at(free_mem, got_t, mem[accept])
+    return target, column
+
+
+def _moves(state: ClusterState, target: IntArray, gain_ms: FloatArray,
+           score: FloatArray) -> Moves:
+    chosen = np.flatnonzero(target >= 0)
+    if len(chosen) == 0:
+        return Moves.empty()
+    s = state.sessions
+    net = state.network
+    src = s.host[chosen]
+    dst = target[chosen]
+    est = net.cost.estimate(s.overlay_bytes[chosen], s.memory_bytes[chosen],
+                            s.dirty_rate_bytes_s[chosen],
+                            net.path_bandwidth_mbit_s[src, dst])
+    return Moves(session=chosen, source=src, target=dst,
+                 expected_gain_ms=gain_ms[chosen], score=score[chosen],
+                 wire_bytes=est.wire_bytes, duration_s=est.duration_s,
+                 downtime_s=est.downtime_s, rounds=est.rounds)
+
+
+def _pick(values: FloatArray, column: IntArray) -> FloatArray:
+    out: FloatArray = np.where(
+        column >= 0, values[np.arange(len(column)), np.maximum(column, 0)], 0.0)
+    return out
+
+
+@dataclass(frozen=True)
+class NeverPolicy(Policy):
+    """Sessions stay where they started: what a cloud without handoff gives."""
+
+    name: ClassVar[str] = "never"
+
+    def decide(self, state: ClusterState) -> Moves:
+        return Moves.empty()
+
+
+@dataclass(frozen=True)
+class NearestPolicy(Policy):
+    """Follow-me: move to the lowest-RTT cloudlet whenever it is not the host.
+
+    `score` is the RTT saved now (ms).
+    """
+
+    name: ClassVar[str] = "nearest"
+
+    def decide(self, state: ClusterState) -> Moves:
+        if state.sessions.count == 0:
+            return Moves.empty()
+        queue = state.network.latency.queue_ms(state.load)
+        c, _ = _candidates(state, queue)
+        gain = c.rtt_ms[:, :1] - c.rtt_ms
+        ok = state.sessions.movable[:, None] & (gain > 1e-9)
+        target, column = _assign(state, c.cand, c.rtt_ms, ok, gain.max(axis=1))
+        g = _pick(gain, column)
+        return _moves(state, target, g, g)
+
+
+@dataclass(frozen=True)
+class ThresholdPolicy(Policy):
+    """React to a broken budget: over budget -> the best cloudlet, with hysteresis.
+
+    A session moves when its latency (RTT plus service time) is over its budget
+    less `margin_ms` (room for jitter the mean RTT does not show), its last move
+    was at least `cooldown_s` ago, and the target's RTT is at least
+    `hysteresis_ms` lower. `score` is the RTT saved now (ms).
+    """
+
+    name: ClassVar[str] = "threshold"
+    hysteresis_ms: float = 3.0
+    cooldown_s: float = 30.0
+    margin_ms: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.hysteresis_ms < 0 or self.cooldown_s < 0 or self.margin_ms < 0:
+            raise InvalidArgument("hysteresis_ms, cooldown_s and margin_ms must be >= 0")
+
+    def decide(self, state: ClusterState) -> Moves:
+        s = state.sessions
+        if s.count == 0:
+            return Moves.empty()
+        queue = state.network.latency.queue_ms(state.load)
+        c, _ = _candidates(state, queue)
+        host_rtt = c.rtt_ms[:, 0]
+        over = host_rtt + s.service_ms > s.budget_ms - self.margin_ms
+        ready = s.movable & over & (state.time_s - s.last_move_s >= self.cooldown_s)
+        gain = host_rtt[:, None] - c.rtt_ms
+        ok = ready[:, None] & (gain >= max(self.hysteresis_ms, 1e-9))
+        target, column = _assign(state, c.cand, c.rtt_ms, ok,
+                                 host_rtt + s.service_ms - s.budget_ms)
+        g = _pick(gain, column)
+        return _moves(state, target, g, g)
+
+
+@dataclass(frozen=True)
+class PredictivePolicy(Policy):
+    """Plan ahead: hand off before the budget breaks, when it pays.
+
+    Positions are extrapolated linearly (position + velocity x t) at `samples`+1
+    instants over `horizon_s`. For the host and each candidate the latency model
+    predicts each instant's latency; an instant over budget (less `margin_ms`, room
+    for jitter) costs one violating
+    interaction per interaction (`interaction_rate_hz`), plus `latency_weight` per
+    ms so that among equals the faster wins. A move to a candidate takes the cost
+    model's `duration_s`; until then the host serves. Its value:
+
+        gain  = interactions x (penalty staying - penalty moving), over the horizon
+        cost  = interactions stalled by the downtime + gib_cost x GiB moved
+        score = gain - cost   (unit: violating interactions avoided)
+
+    A move starts when score > min_gain, the session is not in its cool-down,
+    and the host's latency is predicted to break the budget within the move's
+    duration plus `lead_s` (earlier would serve from the target while the user is
+    still closer to the host; later would break the budget).
+    """
+
+    name: ClassVar[str] = "predictive"
+    horizon_s: float = 30.0
+    samples: int = 15
+    lead_s: float = 2.0
+    cooldown_s: float = 10.0
+    min_gain: float = 1.0
+    latency_weight: float = 0.001
+    gib_cost: float = 0.5
+    margin_ms: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.horizon_s > 0 or self.samples < 1:
+            raise InvalidArgument("horizon_s must be > 0 and samples >= 1")
+        for name in ("lead_s", "cooldown_s", "latency_weight", "gib_cost", "margin_ms"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must be >= 0")
+
+    def decide(self, state: ClusterState) -> Moves:
+        s = state.sessions
+        m = s.count
+        if m == 0:
+            return Moves.empty()
+        net = state.network
+        queue = net.latency.queue_ms(state.load)
+        k = self.samples
+        taus = np.linspace(0.0, self.horizon_s, k + 1)
+        future = (s.position_m[:, None, :]
+                  + s.velocity_m_s[:, None, :] * taus[None, :, None]).reshape(-1, 2)
+        attach_k, dist_k = net.index.nearest(future)
+        attach_k = attach_k.reshape(m, k + 1)
+        access_k = net.latency.access_rtt_ms(dist_k).reshape(m, k + 1)
+        # Only sessions whose host is predicted to break the budget can be due: the
+        # rest (nearly all, in a steady state) cost one (m, samples) pass.
+        host_rtt = (access_k + net.backhaul_rtt_ms[attach_k, s.host[:, None]]
+                    + queue[s.host][:, None])
+        if s.rtt_ms is not None:
+            measured = s.rtt_ms[np.arange(m), s.host]
+            host_rtt = host_rtt + np.where(np.isnan(measured), 0.0,
+                                           measured - host_rtt[:, 0])[:, None]
+        host_viol = host_rtt + s.service_ms[:, None] > s.budget_ms[:, None] - self.margin_ms
+        ready = s.movable & (state.time_s - s.last_move_s >= self.cooldown_s)
+        rows = np.flatnonzero(ready & host_viol.any(axis=1))
+        target = np.full(m, -1, dtype=np.int64)
+        gain_ms = np.zeros(m)
+        score = np.zeros(m)
+        if len(rows) == 0:
+            return Moves.empty()
+        first = taus[np.argmax(host_viol[rows], axis=1)]
+        att = attach_k[rows]
+        acc = access_k[rows]
+        host = s.host[rows]
+        half = max(net.near.shape[1] // 2, 1)
+        cand = np.concatenate([host[:, None], net.near[att[:, 0], :half],
+                               net.near[att[:, -1], :half]], axis=1)
+        rtt = (acc[:, None, :] + net.backhaul_rtt_ms[att[:, None, :], cand[:, :, None]]
+               + queue[cand][:, :, None])
+        if s.rtt_ms is not None:
+            # Measurements correct the model by a per-(session, cloudlet) offset.
+            got = s.rtt_ms[rows[:, None], cand]
+            rtt = rtt + np.where(np.isnan(got), 0.0, got - rtt[:, :, 0])[:, :, None]
+        service = s.service_ms[rows]
+        budget = s.budget_ms[rows] - self.margin_ms
+        lat = rtt + service[:, None, None]
+        pen = (lat > budget[:, None, None]) + self.latency_weight * lat
+        est = net.cost.estimate(s.overlay_bytes[rows, None], s.memory_bytes[rows, None],
+                                s.dirty_rate_bytes_s[rows, None],
+                                net.path_bandwidth_mbit_s[host[:, None], cand])
+        served = taus[None, None, :] >= est.duration_s[:, :, None]
+        stay = pen[:, :1, :]
+        dt = self.horizon_s / k
+        rate = s.interaction_rate_hz[rows, None]
+        gain = rate * dt * ((stay - pen) * served).sum(axis=2)
+        cost = rate * est.downtime_s + self.gib_cost * est.wire_bytes / GiB
+        net_gain = gain - cost
+        due = first[:, None] <= est.duration_s + self.lead_s
+        ok = due & (net_gain > self.min_gain)
+        sub = _Subset(state, rows)
+        sub_target, column = _assign(sub.state, cand, -net_gain, ok, net_gain.max(axis=1))
+        n_served = np.maximum(served.sum(axis=2), 1)
+        saved_ms = ((rtt[:, :1, :] - rtt) * served).sum(axis=2) / n_served
+        target[rows] = sub_target
+        gain_ms[rows] = _pick(saved_ms, column)
+        score[rows] = _pick(net_gain, column)
+        return _moves(state, target, gain_ms, score)
+
+
+class _Subset:
+    """A view of the state restricted to some sessions, for `_assign`."""
+
+    def __init__(self, state: ClusterState, rows: IntArray) -> None:
+        s = state.sessions
+        self.state = ClusterState(
+            time_s=state.time_s, network=state.network, vms=state.vms,
+            memory_used_bytes=state.memory_used_bytes,
+            sessions=Sessions(
+                host=s.host[rows], position_m=s.position_m[rows],
+                velocity_m_s=s.velocity_m_s[rows], memory_bytes=s.memory_bytes[rows],
+                overlay_bytes=s.overlay_bytes[rows],
+                dirty_rate_bytes_s=s.dirty_rate_bytes_s[rows], budget_ms=s.budget_ms[rows],
+                service_ms=s.service_ms[rows],
+                interaction_rate_hz=s.interaction_rate_hz[rows],
+                last_move_s=s.last_move_s[rows], previous_host=s.previous_host[rows],
+                movable=s.movable[rows]))
+
+
+POLICIES: dict[str, type[Policy]] = {
+    p.name: p for p in (NeverPolicy, NearestPolicy, ThresholdPolicy, PredictivePolicy)
+}
+
+
+def make_policy(name: str, **params: Any) -> Policy:
+    """A policy by name with its parameters (unknown names or parameters are errors)."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise InvalidArgument(f"unknown policy {name!r} (known: {', '.join(POLICIES)})")
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise InvalidArgument(f"policy {name!r}: {exc}") from None

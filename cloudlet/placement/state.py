@@ -1,0 +1,190 @@
+"""What the placer sees and what it answers: cluster state in, moves out.
+
+The same objects serve the simulator (which rebuilds a `ClusterState` from its
+arrays every tick) and a live orchestrator (which fills one from telemetry and
+the clients' RTT reports, then carries out `Move`s). State is a structure of
+arrays, one row per session or per cloudlet, because a decision round for
+10,000 sessions has to be a handful of numpy operations; `Move` is a plain
+frozen object because that is what an orchestrator logs and sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cloudlet.errors import InvalidArgument
+from cloudlet.placement.cost import PrecopyModel
+from cloudlet.placement.latency import AccessIndex, LatencyModel
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+BoolArray = NDArray[np.bool_]
+
+# Candidate cloudlets per session besides its host: the K closest (by backhaul RTT)
+# to its access point. The best cloudlet is nearly always its access point or a
+# neighbour; 8 keeps a full cloudlet's overflow inside the list.
+CANDIDATES = 8
+
+
+@dataclass(frozen=True, eq=False)
+class Network:
+    """The part of the cluster that does not change between rounds.
+
+    `backhaul_rtt_ms[a, j]` is the shortest-path RTT from cloudlet `a` to `j`;
+    `path_bandwidth_mbit_s[a, j]` the bottleneck bandwidth along that path (what a
+    migration from `a` to `j` can get when alone). Build with `Network.build`.
+    """
+
+    position_m: FloatArray
+    capacity_vms: IntArray
+    capacity_memory_bytes: FloatArray
+    backhaul_rtt_ms: FloatArray
+    path_bandwidth_mbit_s: FloatArray
+    latency: LatencyModel
+    cost: PrecopyModel
+    index: AccessIndex
+    near: IntArray  # (n, K): each cloudlet's K closest cloudlets by backhaul RTT
+    names: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def build(cls, position_m: FloatArray, capacity_vms: IntArray,
+              capacity_memory_bytes: FloatArray, backhaul_rtt_ms: FloatArray,
+              path_bandwidth_mbit_s: FloatArray, latency: LatencyModel | None = None,
+              cost: PrecopyModel | None = None, names: tuple[str, ...] = (),
+              extent_m: tuple[float, float, float, float] | None = None,
+              candidates: int = CANDIDATES) -> Network:
+        pos = np.asarray(position_m, dtype=np.float64)
+        n = len(pos)
+        rtt = np.asarray(backhaul_rtt_ms, dtype=np.float64)
+        bw = np.asarray(path_bandwidth_mbit_s, dtype=np.float64)
+        cap_vms = np.asarray(capacity_vms, dtype=np.int64)
+        cap_mem = np.asarray(capacity_memory_bytes, dtype=np.float64)
+        if rtt.shape != (n, n) or bw.shape != (n, n):
+            raise InvalidArgument(f"backhaul matrices must be ({n}, {n})")
+        if cap_vms.shape != (n,) or cap_mem.shape != (n,):
+            raise InvalidArgument(f"capacities must have one entry per cloudlet ({n})")
+        if names and len(names) != n:
+            raise InvalidArgument(f"names must have one entry per cloudlet ({n})")
+        k = min(candidates, n)
+        # Stable sort with the index as tie-break: the same layout, the same lists.
+        near = np.argsort(rtt, axis=1, kind="stable")[:, :k].astype(np.int64)
+        return cls(position_m=pos, capacity_vms=cap_vms, capacity_memory_bytes=cap_mem,
+                   backhaul_rtt_ms=rtt, path_bandwidth_mbit_s=bw,
+                   latency=latency or LatencyModel(), cost=cost or PrecopyModel(),
+                   index=AccessIndex(pos, extent_m=extent_m), near=near, names=names)
+
+    @property
+    def size(self) -> int:
+        return len(self.position_m)
+
+
+@dataclass(frozen=True, eq=False)
+class Sessions:
+    """One row per session. Indices (`host`, `previous_host`) are cloudlet rows.
+
+    `movable` is False for sessions a migration is already carrying (or that the
+    orchestrator pinned). `rtt_ms`, when given, is an (m, n) matrix of measured
+    RTTs with NaN where nothing was measured; the model fills the gaps.
+    `last_move_s` is -inf for a session never moved.
+    """
+
+    host: IntArray
+    position_m: FloatArray
+    velocity_m_s: FloatArray
+    memory_bytes: FloatArray
+    overlay_bytes: FloatArray
+    dirty_rate_bytes_s: FloatArray
+    budget_ms: FloatArray
+    service_ms: FloatArray
+    interaction_rate_hz: FloatArray
+    last_move_s: FloatArray
+    previous_host: IntArray
+    movable: BoolArray
+    rtt_ms: FloatArray | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.host)
+
+
+@dataclass(frozen=True, eq=False)
+class ClusterState:
+    """Everything one decision round reads. `vms` and `memory_used_bytes` count VMs
+    hosted plus those being migrated in (a destination reserves room at the start)."""
+
+    time_s: float
+    network: Network
+    vms: IntArray
+    memory_used_bytes: FloatArray
+    sessions: Sessions
+
+    @property
+    def load(self) -> FloatArray:
+        """Utilisation, the queueing model's input: VMs over VM capacity."""
+        load: FloatArray = self.vms / np.maximum(self.network.capacity_vms, 1)
+        return load
+
+
+@dataclass(frozen=True)
+class MigrationCost:
+    """The cost model's estimate for one move (docs/placement.md)."""
+
+    wire_bytes: float
+    duration_s: float
+    downtime_s: float
+    rounds: int
+
+
+@dataclass(frozen=True)
+class Move:
+    """One migration to carry out: the session (row), from where, to where, why, at what cost.
+
+    `expected_gain_ms` is the RTT the session is expected to save once the move
+    completes (now for reactive policies, averaged over the horizon for
+    `predictive`); `score` is what the policy ranked moves by (its docstring says
+    in which unit).
+    """
+
+    session: int
+    source: int
+    target: int
+    expected_gain_ms: float
+    score: float
+    cost: MigrationCost
+
+
+@dataclass(frozen=True, eq=False)
+class Moves:
+    """A round's moves as arrays (the simulator's view); `list()` gives `Move`s."""
+
+    session: IntArray
+    source: IntArray
+    target: IntArray
+    expected_gain_ms: FloatArray
+    score: FloatArray
+    wire_bytes: FloatArray
+    duration_s: FloatArray
+    downtime_s: FloatArray
+    rounds: IntArray
+
+    @classmethod
+    def empty(cls) -> Moves:
+        i = np.zeros(0, dtype=np.int64)
+        f = np.zeros(0, dtype=np.float64)
+        return cls(i, i, i, f, f, f, f, f, i)
+
+    def __len__(self) -> int:
+        return len(self.session)
+
+    def list(self) -> list[Move]:
+        return [
+            Move(session=int(s), source=int(a), target=int(b), expected_gain_ms=float(g),
+                 score=float(sc), cost=MigrationCost(wire_bytes=float(w), duration_s=float(d),
+                                                     downtime_s=float(dt), rounds=int(r)))
+            for s, a, b, g, sc, w, d, dt, r in zip(
+                self.session, self.source, self.target, self.expected_gain_ms, self.score,
+                self.wire_bytes, self.duration_s, self.downtime_s, self.rounds, strict=True)
+        ]

@@ -1,0 +1,253 @@
+"""The simulated cloudlets and the backhaul between them.
+
+Built once per run from the scenario: where the cloudlets stand (a grid or a
+random layout spanning the mobility's area, a list, or a CSV file), their
+capacity, and a backhaul graph (grid mesh or k-nearest mesh, a star through a
+core router, a full mesh, or explicit links). From the graph it derives what
+the placer needs (`Network`: all-pairs RTT, bottleneck bandwidth) and what the
+simulator needs to share bandwidth between overlapping migrations: each
+directed link's capacity and each (source, destination) path as link ids.
+Links are full duplex, so migrations in opposite directions do not compete.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cloudlet.errors import ScenarioError
+from cloudlet.placement import LatencyModel, Network, PrecopyModel, all_pairs_rtt_ms
+from cloudlet.sim.scenario import BackhaulSpec, CloudletSpec, Scenario, TopologySpec
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass(eq=False)
+class Topology:
+    """Cloudlets 0..n-1 (plus, for a star, one core router as node n)."""
+
+    names: tuple[str, ...]
+    position_m: FloatArray
+    node_position_m: FloatArray
+    link_a: IntArray
+    link_b: IntArray
+    link_bandwidth_mbit_s: FloatArray
+    link_rtt_ms: FloatArray
+    next_hop: IntArray
+    network: Network
+    _paths: dict[tuple[int, int], IntArray] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.position_m)
+
+    @property
+    def directed_bandwidth_mbit_s(self) -> FloatArray:
+        """Capacity per directed link: id 2e is a->b of link e, 2e+1 is b->a."""
+        bw: FloatArray = np.repeat(self.link_bandwidth_mbit_s, 2)
+        return bw
+
+    def path_links(self, src: int, dst: int) -> IntArray:
+        """The directed link ids from `src` to `dst` along the shortest-RTT path."""
+        key = (src, dst)
+        got = self._paths.get(key)
+        if got is not None:
+            return got
+        if not hasattr(self, "_link_id"):
+            ids: dict[tuple[int, int], int] = {}
+            for e, (a, b) in enumerate(zip(self.link_a.tolist(), self.link_b.tolist(),
+                                           strict=True)):
+                ids.setdefault((a, b), 2 * e)
+                ids.setdefault((b, a), 2 * e + 1)
+            self._link_id = ids
+        out: list[int] = []
+        cur = src
+        while cur != dst:
+            nxt = int(self.next_hop[cur, dst])
+            out.append(self._link_id[(cur, nxt)])
+            cur = nxt
+        arr = np.array(out, dtype=np.int64)
+        self._paths[key] = arr
+        return arr
+
+
+def build_topology(sc: Scenario, extent_m: tuple[float, float, float, float],
+                   rng: np.random.Generator) -> Topology:
+    spec = sc.topology
+    cloudlets, cols = _layout(spec, extent_m, rng, sc.path)
+    n = len(cloudlets)
+    names = tuple(c.name for c in cloudlets)
+    pos = np.array([[c.x_m, c.y_m] for c in cloudlets], dtype=np.float64)
+    cap_vms = np.array([spec.capacity_vms if c.capacity_vms is None else c.capacity_vms
+                        for c in cloudlets], dtype=np.int64)
+    cap_mem = np.array([(spec.memory_gib if c.memory_gib is None else c.memory_gib) * GiB
+                        for c in cloudlets], dtype=np.float64)
+    latency = LatencyModel(
+        radio_rtt_ms=spec.radio_rtt_ms,
+        propagation_rtt_ms_per_km=sc.latency.propagation_rtt_ms_per_km,
+        access_range_m=spec.access_range_m, out_of_range_rtt_ms=spec.out_of_range_rtt_ms,
+        hop_rtt_ms=sc.backhaul.hop_rtt_ms, service_ms=sc.latency.queue_service_ms,
+        max_utilisation=sc.latency.max_utilisation)
+    bh = sc.backhaul
+    node_pos = pos
+    a, b, bw, own = _links(bh, cols, names, pos, sc.path)
+    if bh.kind == "star":
+        node_pos = np.vstack([pos, pos.mean(axis=0)])
+    nodes = len(node_pos)
+    length = np.hypot(*(node_pos[a] - node_pos[b]).T)
+    link_rtt = latency.link_rtt_ms(length, own)
+    rtt, nxt = all_pairs_rtt_ms(nodes, a, b, link_rtt)
+    if not np.isfinite(rtt[:n, :n]).all():
+        i, j = np.argwhere(~np.isfinite(rtt[:n, :n]))[0]
+        raise ScenarioError(f"{sc.path}: key 'backhaul': cloudlets {names[i]!r} and "
+                            f"{names[j]!r} are not connected")
+    # Bottleneck bandwidth along every path, all pairs at once, one hop per pass.
+    link_bw = np.zeros((nodes, nodes))
+    link_bw[a, b] = np.maximum(link_bw[a, b], bw)
+    link_bw[b, a] = link_bw[a, b]
+    dst = np.broadcast_to(np.arange(nodes), (nodes, nodes))
+    cur = np.broadcast_to(np.arange(nodes)[:, None], (nodes, nodes)).copy()
+    path_bw = np.full((nodes, nodes), np.inf)
+    for _ in range(nodes):
+        moving = cur != dst
+        if not moving.any():
+            break
+        step = np.where(moving, nxt[cur, dst], cur)
+        path_bw = np.where(moving, np.minimum(path_bw, link_bw[cur, step]), path_bw)
+        cur = step
+    cost = PrecopyModel(stop_bytes=sc.migration.stop_mib * MiB,
+                        max_rounds=sc.migration.max_rounds,
+                        resume_s=sc.migration.resume_ms / 1000.0,
+                        wire_ratio=sc.migration.wire_ratio)
+    network = Network.build(pos, cap_vms, cap_mem, rtt[:n, :n], path_bw[:n, :n],
+                            latency=latency, cost=cost, names=names, extent_m=extent_m)
+    return Topology(names=names, position_m=pos, node_position_m=node_pos, link_a=a,
+                    link_b=b, link_bandwidth_mbit_s=bw, link_rtt_ms=link_rtt,
+                    next_hop=nxt, network=network)
+
+
+def _layout(spec: TopologySpec, extent: tuple[float, float, float, float],
+            rng: np.random.Generator, file: Path) -> tuple[list[CloudletSpec], int | None]:
+    """The cloudlets, and the number of columns when they form a grid."""
+    x0, y0, x1, y1 = extent
+    w, h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+    if spec.layout == "list":
+        return list(spec.cloudlets), None
+    if spec.layout == "file":
+        assert spec.file is not None
+        return _read_cloudlets(spec.file, file), None
+    if spec.layout == "random":
+        pts = rng.uniform((x0, y0), (x1, y1), (spec.count, 2))
+        return [CloudletSpec(f"c{i}", float(x), float(y)) for i, (x, y) in enumerate(pts)], None
+    rows = spec.rows or max(1, round(math.sqrt(spec.count * h / w)))
+    cols = math.ceil(spec.count / rows)
+    out = []
+    for i in range(spec.count):
+        r, c = divmod(i, cols)
+        out.append(CloudletSpec(f"c{i}", x0 + (c + 0.5) * w / cols, y0 + (r + 0.5) * h / rows))
+    return out, cols
+
+
+def _read_cloudlets(path: Path, scenario: Path) -> list[CloudletSpec]:
+    out: list[CloudletSpec] = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.reader(f):
+                if not row or row[0].strip().lower() in ("name", "#"):
+                    continue
+                try:
+                    out.append(CloudletSpec(
+                        row[0].strip(), float(row[1]), float(row[2]),
+                        int(row[3]) if len(row) > 3 and row[3].strip() else None,
+                        float(row[4]) if len(row) > 4 and row[4].strip() else None))
+                except (IndexError, ValueError):
+                    raise ScenarioError(
+                        f"{scenario}: key 'topology.file': {path}: bad row {row!r} "
+                        "(expected name,x_m,y_m[,capacity_vms,memory_gib])") from None
+    except OSError as exc:
+        raise ScenarioError(f"{scenario}: key 'topology.file': cannot read {path}: {exc}") \
+            from None
+    if not out:
+        raise ScenarioError(f"{scenario}: key 'topology.file': {path} lists no cloudlet")
+    return out
+
+
+def _links(bh: BackhaulSpec, cols: int | None, names: tuple[str, ...], pos: FloatArray,
+           file: Path) -> tuple[IntArray, IntArray, FloatArray, FloatArray]:
+    n = len(pos)
+    pairs: list[tuple[int, int]] = []
+    bws: list[float] = []
+    owns: list[float] = []
+    if bh.kind == "links":
+        index = {name: i for i, name in enumerate(names)}
+        for k, link in enumerate(bh.links):
+            for end in (link.a, link.b):
+                if end not in index:
+                    raise ScenarioError(f"{file}: key 'backhaul.links[{k}]': no cloudlet "
+                                        f"named {end!r}")
+            pairs.append((index[link.a], index[link.b]))
+            bws.append(link.bandwidth_mbit_s or bh.bandwidth_mbit_s)
+            owns.append(bh.link_rtt_ms if link.rtt_ms is None else link.rtt_ms)
+    elif bh.kind == "star":
+        pairs = [(i, n) for i in range(n)]
+        bws = [bh.bandwidth_mbit_s] * n
+        owns = [bh.core_rtt_ms] * n
+    elif bh.kind == "full":
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    elif cols is not None:
+        for i in range(n):
+            c = i % cols
+            if c + 1 < cols and i + 1 < n:
+                pairs.append((i, i + 1))
+            if i + cols < n:
+                pairs.append((i, i + cols))
+    else:
+        pairs = _knn_connected(pos, bh.neighbours)
+    if bh.kind in ("mesh", "full"):
+        bws = [bh.bandwidth_mbit_s] * len(pairs)
+        owns = [bh.link_rtt_ms] * len(pairs)
+    if not pairs and n > 1:
+        raise ScenarioError(f"{file}: key 'backhaul': no links between {n} cloudlets")
+    a = np.array([p[0] for p in pairs], dtype=np.int64)
+    b = np.array([p[1] for p in pairs], dtype=np.int64)
+    return a, b, np.array(bws, dtype=np.float64), np.array(owns, dtype=np.float64)
+
+
+def _knn_connected(pos: FloatArray, k: int) -> list[tuple[int, int]]:
+    """Each cloudlet to its k nearest, then the closest pair between components
+    joined until one component is left (a random layout must stay connected)."""
+    n = len(pos)
+    d = np.hypot(*(pos[:, None, :] - pos[None, :, :]).transpose(2, 0, 1))
+    np.fill_diagonal(d, np.inf)
+    edges: set[tuple[int, int]] = set()
+    for i in range(n):
+        for j in np.argsort(d[i], kind="stable")[:min(k, n - 1)].tolist():
+            edges.add((min(i, j), max(i, j)))
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, j in edges:
+        parent[find(i)] = find(j)
+    while True:
+        roots = np.array([find(i) for i in range(n)])
+        if len(set(roots.tolist())) <= 1:
+            break
+        mask = roots[:, None] != roots[None, :]
+        flat = int(np.argmin(np.where(mask, d, np.inf)))
+        u, v = divmod(flat, n)
+        edges.add((min(u, v), max(u, v)))
+        parent[find(u)] = find(v)
+    return sorted(edges)
