@@ -299,7 +299,7 @@ def parse_scenario(data: dict[str, Any], file: Path) -> Scenario:
     if len(set(policies)) != len(policies):
         sc.fail("policies", "lists a policy twice")
     ping_pong = sc.number("ping_pong_window_s", 120.0, lo=0.0)
-    trajectories = sc.integer("trajectories", 30, lo=0)
+    trajectories = sc.integer("trajectories", 12, lo=0)
     sc.done()
 
     area: tuple[float, float] | None = None
