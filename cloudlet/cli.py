@@ -21,6 +21,7 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cloudlet.commands import sim as sim_commands
     from cloudlet.commands import vm as vm_commands
 
     parser = argparse.ArgumentParser(
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     vm_commands.register(sub)
+    sim_commands.register(sub)
     # The daemon and the SDK add their own commands when installed; cloudlet never
     # imports them directly (dependencies flow one way).
     for name in ("edge_agent.cli", "mobile_client.cli"):
