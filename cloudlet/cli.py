@@ -11,19 +11,32 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cloudlet import __version__
-from cloudlet.errors import CloudletError
+from cloudlet.errors import CloudletError, MissingDependency
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from cloudlet.commands import sim as sim_commands
-    from cloudlet.commands import vm as vm_commands
+# Each family of commands, the commands it adds, and the extra that installs what it
+# needs. The daemon and the SDK register their own commands; cloudlet never
+# imports them directly (dependencies flow one way), and a device with only the
+# client installed still gets a working `cloudlet` that says what is missing.
+COMMANDS: list[tuple[str, tuple[str, ...], str]] = [
+    ("cloudlet.commands.vm", ("vm",), "local"),
+    ("cloudlet.commands.sim", ("sim",), "sim"),
+    ("edge_agent.cli", ("agent", "up", "token", "status"), "edge"),
+    ("mobile_client.cli", ("offload", "session"), ""),
+]
+# Third-party modules and the extra that brings each (for the error that names it).
+EXTRA_OF_MODULE = {"wasmtime": "local", "numpy": "local", "xxhash": "local",
+                   "zstandard": "local", "matplotlib": "sim", "tqdm": "sim",
+                   "amqtt": "edge", "uvloop": "edge", "prometheus_client": "edge"}
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cloudlet",
         description="VM-based cloudlets for edge computing.",
@@ -31,17 +44,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cloudlet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    vm_commands.register(sub)
-    sim_commands.register(sub)
-    # The daemon and the SDK add their own commands when installed; cloudlet never
-    # imports them directly (dependencies flow one way).
-    for name in ("edge_agent.cli", "mobile_client.cli"):
+    for module, names, extra in COMMANDS:
         try:
-            extra = importlib.import_module(name)
-        except ImportError:
+            commands = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] in ("cloudlet", "edge_agent",
+                                                       "mobile_client"):
+                continue  # that part of Cloudlet is not installed at all
+            for name in names:
+                missing = sub.add_parser(name, help=f"(needs: pip install 'cloudlet[{extra}]')")
+                missing.add_argument("rest", nargs=argparse.REMAINDER)
+                missing.set_defaults(handler=_needs(extra, exc.name or "?"))
             continue
-        extra.register(sub)
+        commands.register(sub)
+        for name in names:  # what to suggest if a handler finds a package missing
+            if name in sub.choices:
+                sub.choices[name].set_defaults(extra=extra)
     return parser
+
+
+def _needs(extra: str, module: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        raise MissingDependency(f"this command needs {module}: pip install 'cloudlet[{extra}]'")
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,6 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except CloudletError as exc:
         print(f"cloudlet: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF_MODULE.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        extra = getattr(args, "extra", None) or extra
+        err = MissingDependency(f"this command needs {exc.name}: pip install 'cloudlet[{extra}]'")
+        print(f"cloudlet: error [{err.code}]: {err.message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("cloudlet: interrupted", file=sys.stderr)

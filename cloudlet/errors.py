@@ -149,6 +149,12 @@ class ScenarioError(ConfigError):
     code = "scenario_invalid"
 
 
+class MissingDependency(ConfigError):
+    """A command needs a package this install lacks; the message names the extra."""
+
+    code = "missing_dependency"
+
+
 class InvalidArgument(CloudletError, ValueError):
     """A value given to the API is out of its documented range (also a ValueError)."""
 
