@@ -85,6 +85,7 @@ class SessionStats:
     reconnects: int
     moves_followed: int
     resent: int
+    replayed: int
 
 
 class Session:
@@ -114,7 +115,8 @@ class Session:
         self._calls = 0
         self.reconnects = 0
         self.moves_followed = 0
-        self.resent = 0
+        self.resent = 0  # unanswered calls sent again on a new connection
+        self.replayed = 0  # answered calls sent again to a cloudlet that lost them
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -208,7 +210,8 @@ class Session:
 
         within = 1 - self._over_budget / self._calls if self._calls else float("nan")
         return SessionStats(self._calls, within, pct(0.50), pct(0.95), pct(0.99),
-                            self.reconnects, self.moves_followed, self.resent)
+                            self.reconnects, self.moves_followed, self.resent,
+                            self.replayed)
 
     @property
     def seq(self) -> int:
@@ -319,11 +322,11 @@ class Session:
             async with self._send_lock:
                 for seq in missing:
                     await ws.send_bytes(self._journal[seq])
-            self.resent += len(missing)
+            self.replayed += len(missing)
         async with self._send_lock:
             for seq in sorted(self._pending):
                 await ws.send_bytes(self._pending[seq].message)
-                self.resent += 1
+                self.resent += self.reconnects > 0  # a first connection sends, not resends
             self._connected.set()
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:

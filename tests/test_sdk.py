@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import msgpack
@@ -146,6 +147,42 @@ def test_exactly_once_under_connections_killed_mid_call(daemon: Daemon) -> None:
             assert proxy.kills >= kills_wanted
 
     asyncio.run(run())
+
+
+def test_session_replays_calls_a_sigkilled_cloudlet_lost(tmp_path: Path) -> None:
+    """kill -9 loses what the daemon applied since its last checkpoint; the session
+    still holds those calls (until the daemon reports them durable) and replays
+    them, so the VM ends as if nothing had happened."""
+    d = make_daemon(tmp_path, "fragile", checkpoint_interval_s=0.3).start()
+    token = d.token("kim")
+    rng = random.Random(3)
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    async def some_calls(s: Any, n: int) -> None:
+        for _ in range(n):
+            op = kv_op(len(calls), rng)
+            calls.append(op)
+            await s.call(op[0], *op[1])
+
+    async def run() -> None:
+        async with CloudletClient(token, endpoints=[d.endpoint]) as client, \
+                client.session(KVSTORE, call_deadline_ms=30_000) as s:
+            await some_calls(s, 50)
+            await asyncio.sleep(1.0)  # checkpointed; the next answer says so (durable)
+            await some_calls(s, 1)
+            await some_calls(s, 300)  # most of these are not checkpointed yet ...
+            d.kill()  # ... when the cloudlet dies
+            d.start()
+            await some_calls(s, 50)
+            status, info = d.request("GET", f"/v1/vms/{s.vm_id}", token=token)
+            assert status == 200 and info["seq"] == len(calls)
+            assert s.stats().replayed > 0  # the journal filled the hole the kill left
+            assert (await s.call("kv_checksum"), await s.call("kv_count")) == twin_checksum(calls)
+
+    try:
+        asyncio.run(run())
+    finally:
+        d.stop()
 
 
 def test_session_follows_a_moved_vm_without_errors(two_daemons: tuple[Daemon, Daemon]) -> None:
