@@ -570,7 +570,9 @@ def _run(sc: Scenario, mobility: Mobility, info: TraceInfo | None,
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=ticks, unit="tick", desc=sc.name, leave=False, mininterval=0.2)
+        # disable=None: a bar on a terminal, nothing in a log file or a pipe.
+        bar = tqdm(total=ticks, unit="tick", desc=sc.name, leave=False, mininterval=0.2,
+                   disable=None)
     try:
         for tick in range(ticks):
             t_s = tick * dt
