@@ -1,0 +1,328 @@
+"""The destination side of a live migration: a pure state machine that rebuilds the VM.
+
+It answers the source's offer with what it already holds (the image, chunk
+digests in the cloudlet's `ChunkStore`), then keeps a restored, never-called
+copy of the VM current round by round: round 0 is restored as an overlay
+(`VM.restore`), every later round is applied as a delta (`vm.apply_delta`). So
+the stop-and-copy round only applies its few chunks and the state, which keeps
+the downtime short. Every snapshot is built through `cloudlet.vm.snapshot`'s
+own wire checks, so a lying peer costs an `Abort`, never a corrupt VM.
+
+After `Final` is applied it says `Ready` and holds the VM; `Commit` makes it
+`ActivateVM`. If the channel goes between the two, only the source knows whether
+it passed its commit point: the machine is then in doubt until the driver asks
+the source (its tombstone, or its lack of one) and calls `resolve()`.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import zstandard
+
+from cloudlet.errors import (
+    CloudletError,
+    MigrationError,
+    MigrationInDoubt,
+    MigrationProtocolError,
+)
+from cloudlet.migration import compression
+from cloudlet.migration.chunkstore import ChunkStore, chunk_digests
+from cloudlet.migration.events import ActivateVM, DiscardVM, Done, Event, NeedData, Send
+from cloudlet.migration.messages import (
+    DIGEST_BYTES,
+    Abort,
+    Accept,
+    Ack,
+    Chunks,
+    Commit,
+    Final,
+    ImageData,
+    Message,
+    Offer,
+    Ready,
+    RoundEnd,
+    decode,
+    encode,
+)
+from cloudlet.migration.stats import MigrationStats, RoundStats
+from cloudlet.vm import VM, Image, chunks, image_digest
+from cloudlet.vm.snapshot import _from_wire as snapshot_from_wire  # the one checked parser
+
+MAX_MEMORY_BYTES = 1 << 32  # a wasm32 memory's limit; a daemon passes its own capacity
+
+
+class ImageSource(Protocol):
+    """Where the destination finds images (`cloudlet.vm.ImageStore` is one)."""
+
+    def __contains__(self, digest: str) -> bool: ...
+    def get(self, digest: str) -> Image: ...
+    def add(self, wasm: bytes) -> Image: ...
+
+
+class DestinationState(enum.Enum):
+    WAITING = "waiting"  # for the offer
+    RECEIVING = "receiving"  # rounds
+    READY = "ready"  # VM restored and held, Ready sent, waiting for Commit
+    IN_DOUBT = "in_doubt"  # the channel went after Ready: ask the source, then resolve()
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+
+
+class DestinationMigration:
+    """Receive one VM. Drive it with `next_event()` and `receive()`."""
+
+    def __init__(self, images: ImageSource, store: ChunkStore, *,
+                 max_memory_bytes: int = MAX_MEMORY_BYTES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.images = images
+        self.store = store
+        self.max_memory_bytes = max_memory_bytes
+        self._clock = clock
+        self.state = DestinationState.WAITING
+        self.migration_id = ""
+        self.offer: Offer | None = None
+        self.vm: VM | None = None  # the restored copy, held until the commit
+        self.annex: dict[str, Any] = {}
+        self.stats = MigrationStats("", "")
+        self._events: deque[Event] = deque()
+        self._local: dict[bytes, bytes] = {}  # content this migration relies on
+        self._next_round = 0
+        self._batches = 0
+        # Per memory, this round's (chunk ids, their content as (n, CHUNK_BYTES)).
+        self._parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._zeros: dict[int, list[np.ndarray]] = {}
+
+    @property
+    def outcome(self) -> str:
+        return self.stats.outcome
+
+    # --- driver API ---------------------------------------------------------------------
+
+    def next_event(self) -> Event:
+        if self._events:
+            return self._events.popleft()
+        if self.state in (DestinationState.COMMITTED, DestinationState.ABORTED,
+                          DestinationState.IN_DOUBT):
+            return Done(self.stats.outcome)
+        return NeedData()
+
+    def receive(self, data: bytes) -> None:
+        try:
+            msg = decode(data)
+            if self.migration_id and msg.migration_id != self.migration_id:
+                raise MigrationProtocolError("message for another migration")
+            self._handle(msg)
+        except CloudletError as exc:
+            self._abort(exc.code, exc.message)
+
+    def abort(self, code: str, reason: str, *, tell_peer: bool = True) -> None:
+        """Give up (timeout, lost channel). After `Ready` this cannot discard: the
+        source may already have committed, so the machine goes in doubt instead."""
+        if self.state is DestinationState.READY:
+            self.state = DestinationState.IN_DOUBT
+            self.stats.outcome = "in_doubt"
+            return
+        if self.state in (DestinationState.WAITING, DestinationState.RECEIVING):
+            self._abort(code, reason, tell_peer=tell_peer)
+
+    def resolve(self, committed: bool) -> None:
+        """The source's answer for an in-doubt migration: activate or discard the VM."""
+        if self.state not in (DestinationState.IN_DOUBT, DestinationState.READY):
+            raise MigrationInDoubt(f"resolve() in state {self.state.value}")
+        if committed:
+            self._activate()
+        else:
+            self._abort("migration_aborted", "the source did not commit", tell_peer=False)
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _send(self, msg: Message) -> None:
+        self._events.append(Send(encode(msg), msg))
+
+    def _abort(self, code: str, reason: str, *, tell_peer: bool = True) -> None:
+        if self.state in (DestinationState.COMMITTED, DestinationState.ABORTED):
+            return
+        self._events.clear()
+        if tell_peer and self.migration_id:
+            self._send(Abort(self.migration_id, code=code, reason=reason))
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        self._local.clear()
+        self._parts.clear()
+        self._zeros.clear()
+        self._events.append(DiscardVM(code, reason))
+        self.state = DestinationState.ABORTED
+        self.stats.outcome, self.stats.abort_code = "aborted", code
+        self.stats.ended_s = self._clock()
+
+    def _activate(self) -> None:
+        assert self.vm is not None
+        now = self._clock()
+        self.state = DestinationState.COMMITTED
+        self.stats.outcome = "committed"
+        self.stats.committed_s = self.stats.ended_s = now
+        self._events.append(ActivateVM(self.vm, self.annex))
+
+    def _handle(self, msg: Message) -> None:
+        s = self.state
+        if isinstance(msg, Abort):
+            if s in (DestinationState.READY, DestinationState.IN_DOUBT):
+                self.resolve(committed=False)  # the source says so: it never committed
+            else:
+                self._abort(msg.code, f"source aborted: {msg.reason}", tell_peer=False)
+        elif isinstance(msg, Offer) and s is DestinationState.WAITING:
+            self._offered(msg)
+        elif isinstance(msg, ImageData) and s is DestinationState.RECEIVING:
+            self._image(msg)
+        elif isinstance(msg, Chunks) and s is DestinationState.RECEIVING:
+            self._chunks(msg)
+        elif isinstance(msg, RoundEnd) and s is DestinationState.RECEIVING:
+            self._round_end(msg)
+        elif isinstance(msg, Commit) and s is DestinationState.READY:
+            self._activate()
+        else:
+            raise MigrationProtocolError(
+                f"unexpected {msg.TYPE!r} while the destination is {s.value}")
+
+    def _offered(self, msg: Offer) -> None:
+        self.migration_id = msg.migration_id
+        self.offer = msg
+        self.stats = MigrationStats(msg.migration_id, msg.vm_id, memory_bytes=msg.memory_bytes,
+                                    overlay_bytes=msg.overlay_bytes, started_s=self._clock())
+        self.state = DestinationState.RECEIVING
+        if msg.memory_bytes > self.max_memory_bytes:
+            raise MigrationError(f"the VM's {msg.memory_bytes} bytes of memory exceed this "
+                                 f"cloudlet's limit of {self.max_memory_bytes}")
+        if len(msg.digests) % DIGEST_BYTES:
+            raise MigrationProtocolError("offer: digests are not whole")
+        digests = [msg.digests[i : i + DIGEST_BYTES]
+                   for i in range(0, len(msg.digests), DIGEST_BYTES)]
+        held = []
+        for d in digests:
+            chunk = self.store.get(d)
+            if chunk is not None:
+                self._local[d] = chunk  # ours now, whatever the store evicts
+            held.append(chunk is not None)
+        self.stats.held_chunks = sum(held)
+        bitmap = np.packbits(np.array(held, dtype=bool)).tobytes()
+        self._send(Accept(self.migration_id, has_image=msg.image_digest in self.images,
+                          held=bitmap))
+
+    def _image(self, msg: ImageData) -> None:
+        assert self.offer is not None
+        if image_digest(msg.wasm) != self.offer.image_digest:
+            raise MigrationProtocolError("image: the module's digest is not the offered one")
+        self.images.add(msg.wasm)
+
+    def _chunks(self, msg: Chunks) -> None:
+        if msg.round != self._next_round or msg.batch != self._batches:
+            raise MigrationProtocolError(f"batch {msg.round}/{msg.batch} out of order")
+        if not 0 <= msg.memory < 64:  # wasm allows many memories; our images have one or two
+            raise MigrationProtocolError(f"batch for memory {msg.memory}")
+        data_ids, ref_ids, zero_ids = (_ids(b) for b in (msg.data_ids, msg.ref_ids, msg.zero_ids))
+        if len(msg.ref_digests) != len(ref_ids) * DIGEST_BYTES:
+            raise MigrationProtocolError("batch: references and digests do not match")
+        raw_bytes = len(data_ids) * chunks.CHUNK_BYTES
+        try:
+            raw = compression.decompress(msg.compression, msg.payload, raw_bytes)
+        except (ValueError, zstandard.ZstdError) as exc:
+            raise MigrationProtocolError(f"batch does not decompress: {exc}") from None
+        if len(raw) != raw_bytes:
+            raise MigrationProtocolError(f"batch has {len(raw)} bytes for {len(data_ids)} chunks")
+        content = [np.frombuffer(raw, dtype=np.uint8).reshape(-1, chunks.CHUNK_BYTES)]
+        for d, piece in zip(chunk_digests(raw), _split_chunks(raw), strict=True):
+            self._local[d] = piece
+            self.store.put(d, piece)
+        refs = []
+        for i in range(len(ref_ids)):
+            d = msg.ref_digests[i * DIGEST_BYTES : (i + 1) * DIGEST_BYTES]
+            chunk = self._local.get(d)
+            if chunk is None:
+                raise MigrationProtocolError("batch refers to a chunk the destination lacks")
+            refs.append(chunk)
+        if refs:
+            content.append(np.frombuffer(b"".join(refs), dtype=np.uint8).reshape(
+                -1, chunks.CHUNK_BYTES))
+        self._parts.setdefault(msg.memory, []).append(
+            (np.concatenate([data_ids, ref_ids]), np.concatenate(content)))
+        self._zeros.setdefault(msg.memory, []).append(zero_ids)
+        self._batches += 1
+        self._record(msg.round, len(data_ids), len(ref_ids), len(zero_ids), raw_bytes,
+                     len(msg.payload), msg.compression)
+        self._send(Ack(self.migration_id, round=msg.round, batch=msg.batch))
+
+    def _record(self, rnd: int, data: int, refs: int, zeros: int, raw: int, wire: int,
+                codec: str) -> None:
+        while len(self.stats.rounds) <= rnd:
+            self.stats.rounds.append(RoundStats(len(self.stats.rounds), 0, 0, 0, 0, 0,
+                                                started_s=self._clock()))
+        r = self.stats.rounds[rnd]
+        r.chunks += data + refs + zeros
+        r.data_chunks += data
+        r.ref_chunks += refs
+        r.raw_bytes += raw
+        r.bytes_sent += wire
+        r.compression[codec] = r.compression.get(codec, 0) + 1
+        r.ended_s = self._clock()
+
+    def _round_end(self, msg: RoundEnd) -> None:
+        if msg.round != self._next_round or msg.batches != self._batches:
+            raise MigrationProtocolError(
+                f"round {msg.round} ended after {self._batches} of {msg.batches} batches")
+        final = isinstance(msg, Final)
+        assert self.offer is not None
+        memories = []
+        for i, pages in enumerate(msg.pages):
+            parts = self._parts.get(i, [])
+            ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint32)
+            order = np.argsort(ids, kind="stable")
+            data = (np.concatenate([p[1] for p in parts])[order].tobytes() if parts else b"")
+            zeros = self._zeros.get(i, [])
+            zero_ids = np.sort(np.concatenate(zeros)) if zeros else np.zeros(0, np.uint32)
+            memories.append({"pages": pages, "chunk_ids": ids[order].astype("<u4").tobytes(),
+                             "zero_ids": zero_ids.astype("<u4").tobytes(), "data": data})
+        self._parts.clear()
+        self._zeros.clear()
+        wire = {
+            "snapshot_id": secrets.token_hex(16),
+            "kind": "overlay" if self.vm is None else "delta",
+            "base_id": None if self.vm is None else self.vm.last_snapshot_id,
+            "image": self.offer.image_digest, "vm_id": self.offer.vm_id,
+            "owner": self.offer.owner, "seq": msg.seq, "fuel_used": msg.fuel_used,
+            "limits": msg.limits, "host": msg.host, "globals": msg.globals,
+            "memories": memories, "created_unix_ms": int(time.time() * 1000),
+        }
+        try:
+            snap = snapshot_from_wire(wire)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MigrationProtocolError(f"round {msg.round}: malformed state: {exc!r}") from None
+        if self.vm is None:
+            self.vm = VM.restore(self.images.get(self.offer.image_digest), snap)
+        else:
+            self.vm.apply_delta(snap)
+        self._next_round += 1
+        self._batches = 0
+        if final:
+            assert isinstance(msg, Final)
+            self.annex = msg.annex
+            self.state = DestinationState.READY
+            self._send(Ready(self.migration_id))
+
+
+def _ids(raw: bytes) -> np.ndarray:
+    if len(raw) % 4:
+        raise MigrationProtocolError("chunk ids are not a list of u32")
+    return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+
+
+def _split_chunks(raw: bytes) -> list[bytes]:
+    step = chunks.CHUNK_BYTES
+    return [raw[o : o + step] for o in range(0, len(raw), step)]

@@ -1,0 +1,305 @@
+"""Async drivers: run a migration's state machine over a `Channel`, with deadlines.
+
+Why: the daemon should only have to adapt its peer WebSocket to a `Channel`
+(`send(bytes)`, `recv() -> bytes`) and supply a few hooks; the loop that moves
+bytes, the deadline on every wait, and what a failure means (before the commit:
+abort, and the VM resumes at the source) live here, once, tested over memory
+and over real TCP.
+
+Hooks, source side (`SourceHooks`): `pause()` stops calls into the VM and
+returns once none is running; `resume()` lets them in again; `tombstone()`
+records durably that the VM moved, before the `Commit` goes out; `annex()` is the
+opaque state that travels with the VM (e.g. the reply cache). `VMGate` is a
+ready-made gate for VMs called from the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cloudlet.errors import MigrationChannelLost, MigrationProtocolError
+from cloudlet.migration.chunkstore import ChunkStore
+from cloudlet.migration.destination import DestinationMigration, ImageSource
+from cloudlet.migration.events import (
+    ActivateVM,
+    BecomeTombstone,
+    DiscardVM,
+    Done,
+    NeedData,
+    PauseVM,
+    ResumeVM,
+    Send,
+)
+from cloudlet.migration.messages import MAX_MESSAGE_BYTES
+from cloudlet.migration.source import PreCopyPolicy, SourceMigration
+from cloudlet.migration.stats import MigrationStats
+from cloudlet.vm import VM
+
+# Every wait on the peer: a round's window of 4 MiB needs ~1.3 s at 25 Mbit/s;
+# ten seconds of silence means the peer or the path is gone.
+DEFAULT_DEADLINE_S = 10.0
+ABORT_NOTICE_DEADLINE_S = 1.0  # telling the peer we gave up is best effort
+# What a failing channel raises (a protocol error here is a channel's framing check).
+_CHANNEL_ERRORS = (MigrationChannelLost, MigrationProtocolError, ConnectionError, OSError,
+                   EOFError, asyncio.IncompleteReadError)
+
+
+class Channel(Protocol):
+    """One ordered, reliable, message-framed connection to the peer."""
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def recv(self) -> bytes:
+        """The next message; raises (MigrationChannelLost, OSError, ...) once closed."""
+        ...
+
+
+class SourceHooks(Protocol):
+    async def pause(self) -> None: ...
+    async def resume(self) -> None: ...
+    async def tombstone(self, event: BecomeTombstone) -> None: ...
+    def annex(self) -> dict[str, Any]: ...
+
+
+class VMGate:
+    """Source hooks for a VM called from the event loop: calls go through `call()`,
+    which waits while the VM is paused; `pause()` waits for the running call."""
+
+    def __init__(self, annex: dict[str, Any] | None = None) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+        self._lock = asyncio.Lock()
+        self._annex = annex or {}
+        self.tombstoned: BecomeTombstone | None = None
+
+    @asynccontextmanager
+    async def call(self) -> AsyncIterator[None]:
+        while True:
+            await self._open.wait()
+            await self._lock.acquire()
+            if self._open.is_set():
+                break
+            self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @property
+    def paused(self) -> bool:
+        return not self._open.is_set()
+
+    async def pause(self) -> None:
+        self._open.clear()
+        async with self._lock:  # the running call, if any, has finished
+            pass
+
+    async def resume(self) -> None:
+        if self.tombstoned is None:
+            self._open.set()
+
+    async def tombstone(self, event: BecomeTombstone) -> None:
+        self.tombstoned = event  # calls stay paused: the VM lives elsewhere now
+
+    def annex(self) -> dict[str, Any]:
+        return self._annex
+
+
+async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = None,
+                     policy: PreCopyPolicy | None = None,
+                     image_wasm: bytes | Callable[[], bytes] | None = None,
+                     migration_id: str | None = None, deadline_s: float = DEFAULT_DEADLINE_S,
+                     clock: Callable[[], float] = time.monotonic) -> MigrationStats:
+    """Migrate `vm` out over `channel`. Returns the stats; `stats.outcome` is
+    "committed" (the VM is the destination's now: drop it) or "aborted" (it
+    serves here again, `hooks.resume()` was called). Never raises for a peer's
+    or the channel's failure; a cancellation resumes the VM and propagates."""
+    hooks = hooks or VMGate()
+    mig = SourceMigration(vm, migration_id=migration_id, policy=policy, image_wasm=image_wasm,
+                          clock=clock)
+    mig.start()
+    try:
+        while True:
+            ev = mig.next_event()
+            try:
+                if isinstance(ev, Done):
+                    return mig.stats
+                if isinstance(ev, Send):
+                    async with asyncio.timeout(deadline_s):
+                        await channel.send(ev.data)
+                elif isinstance(ev, NeedData):
+                    async with asyncio.timeout(deadline_s):
+                        data = await channel.recv()
+                    mig.receive(data)
+                elif isinstance(ev, PauseVM):
+                    async with asyncio.timeout(deadline_s):
+                        await hooks.pause()
+                    mig.paused(hooks.annex())
+                elif isinstance(ev, ResumeVM):
+                    await hooks.resume()
+                    mig.stats.mark_resumed(clock())
+                    return mig.stats
+                elif isinstance(ev, BecomeTombstone):
+                    await hooks.tombstone(ev)
+            except TimeoutError:
+                if mig.outcome == "committed":
+                    return mig.stats  # the Commit may be late; the destination will ask
+                mig.abort("migration_timeout", f"no progress within {deadline_s} s")
+                await _notify_abort(mig, channel)
+            except _CHANNEL_ERRORS as exc:
+                if mig.outcome == "committed":
+                    return mig.stats
+                mig.abort("migration_channel_lost", f"channel lost: {exc!r}", tell_peer=False)
+    except BaseException:
+        if mig.outcome != "committed":  # cancelled or a hook failed: never strand the VM
+            mig.abort("migration_aborted", "the source driver stopped", tell_peer=False)
+            await hooks.resume()
+        raise
+
+
+async def _notify_abort(mig: SourceMigration | DestinationMigration, channel: Channel) -> None:
+    """Send the queued Abort best effort, leaving the other events queued."""
+    ev = mig.next_event()
+    if isinstance(ev, Send):
+        with suppress(TimeoutError, *_CHANNEL_ERRORS):
+            async with asyncio.timeout(ABORT_NOTICE_DEADLINE_S):
+                await channel.send(ev.data)
+    else:
+        mig._events.appendleft(ev)
+
+
+@dataclass
+class Received:
+    """What `run_destination` ends with."""
+
+    outcome: str  # "committed", "aborted" or "in_doubt"
+    stats: MigrationStats
+    vm: VM | None = None  # committed: serve it
+    annex: dict[str, Any] = field(default_factory=dict)
+    migration: DestinationMigration | None = None  # in doubt: `resolve()` it later
+
+
+async def run_destination(channel: Channel, images: ImageSource, store: ChunkStore, *,
+                          resolve: Callable[[str], Awaitable[bool]] | None = None,
+                          max_memory_bytes: int | None = None,
+                          deadline_s: float = DEFAULT_DEADLINE_S,
+                          clock: Callable[[], float] = time.monotonic) -> Received:
+    """Receive one VM over `channel`. If the channel fails between `Ready` and
+    `Commit`, `resolve(migration_id)` asks the source whether it committed; without
+    it (or if it fails) the outcome is "in_doubt" and the held VM is in
+    `migration.vm` until someone calls `migration.resolve()`."""
+    kwargs: dict[str, Any] = {"clock": clock}
+    if max_memory_bytes is not None:
+        kwargs["max_memory_bytes"] = max_memory_bytes
+    mig = DestinationMigration(images, store, **kwargs)
+    activated: ActivateVM | None = None
+    try:
+        while True:
+            ev = mig.next_event()
+            try:
+                if isinstance(ev, Done):
+                    if mig.state.value == "in_doubt" and resolve is not None:
+                        with suppress(Exception):
+                            async with asyncio.timeout(deadline_s):
+                                mig.resolve(await resolve(mig.migration_id))
+                            continue
+                    break
+                if isinstance(ev, Send):
+                    async with asyncio.timeout(deadline_s):
+                        await channel.send(ev.data)
+                elif isinstance(ev, NeedData):
+                    async with asyncio.timeout(deadline_s):
+                        data = await channel.recv()
+                    mig.receive(data)
+                elif isinstance(ev, ActivateVM):
+                    activated = ev
+                    mig.stats.mark_resumed(clock())
+                elif isinstance(ev, DiscardVM):
+                    pass  # the machine dropped everything already
+            except TimeoutError:
+                mig.abort("migration_timeout", f"no progress within {deadline_s} s")
+                await _notify_abort(mig, channel)
+            except _CHANNEL_ERRORS as exc:
+                mig.abort("migration_channel_lost", f"channel lost: {exc!r}", tell_peer=False)
+    except BaseException:
+        mig.abort("migration_aborted", "the destination driver stopped", tell_peer=False)
+        raise
+    if activated is not None:
+        return Received("committed", mig.stats, activated.vm, activated.annex)
+    if mig.outcome == "in_doubt":
+        return Received("in_doubt", mig.stats, migration=mig)
+    return Received(mig.outcome, mig.stats)
+
+
+# --- channels ------------------------------------------------------------------------
+
+
+class MemoryChannel:
+    """One end of an in-process channel pair (for tests and same-process moves)."""
+
+    _CLOSED = b""
+
+    def __init__(self, inbox: asyncio.Queue[bytes], outbox: asyncio.Queue[bytes]) -> None:
+        self._inbox, self._outbox = inbox, outbox
+        self.closed = False
+
+    async def send(self, data: bytes) -> None:
+        if self.closed:
+            raise MigrationChannelLost("channel is closed")
+        await self._outbox.put(bytes(data))
+
+    async def recv(self) -> bytes:
+        if self.closed:
+            raise MigrationChannelLost("channel is closed")
+        data = await self._inbox.get()
+        if data == self._CLOSED:
+            self.closed = True
+            raise MigrationChannelLost("the peer closed the channel")
+        return data
+
+    def close(self) -> None:
+        """Close both directions, as a dropped connection would."""
+        if not self.closed:
+            self.closed = True
+            self._outbox.put_nowait(self._CLOSED)
+            self._inbox.put_nowait(self._CLOSED)
+
+
+def memory_channel_pair() -> tuple[MemoryChannel, MemoryChannel]:
+    a: asyncio.Queue[bytes] = asyncio.Queue()
+    b: asyncio.Queue[bytes] = asyncio.Queue()
+    return MemoryChannel(a, b), MemoryChannel(b, a)
+
+
+class StreamChannel:
+    """A channel over an asyncio stream (TCP): each message is a u32 length + bytes."""
+
+    _LEN = struct.Struct(">I")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.reader, self.writer = reader, writer
+        self.max_message_bytes = max_message_bytes
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(self._LEN.pack(len(data)))
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self) -> bytes:
+        (n,) = self._LEN.unpack(await self.reader.readexactly(self._LEN.size))
+        if n > self.max_message_bytes:
+            raise MigrationProtocolError(f"message of {n} bytes; the limit is "
+                                         f"{self.max_message_bytes}")
+        return await self.reader.readexactly(n)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with suppress(*_CHANNEL_ERRORS):
+            await self.writer.wait_closed()

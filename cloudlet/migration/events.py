@@ -1,0 +1,80 @@
+"""What the state machines ask of their driver: send bytes, wait for bytes, or act.
+
+Why objects and not callbacks: the protocol stays a pure function of the
+messages it is fed (h11's design), and the order of outputs is the contract.
+A driver loops on `next_event()` and does what each event says, in order:
+above all, it performs `BecomeTombstone` (durably) before sending the `Commit`
+that follows it, because that message is what makes the move irrevocable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudlet.migration.messages import Message
+from cloudlet.vm import VM
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send `data` (the encoded `message`) to the peer, as one channel message."""
+
+    data: bytes
+    message: Message
+
+
+@dataclass(frozen=True)
+class NeedData:
+    """Nothing to do until the peer's next message: `receive()` it (with a deadline)."""
+
+
+@dataclass(frozen=True)
+class PauseVM:
+    """Source: stop calls into the VM (incoming calls wait), then call `paused()`."""
+
+
+@dataclass(frozen=True)
+class ResumeVM:
+    """Source: the migration aborted; serve calls at the source again. Idempotent:
+    it comes with every abort, also when the VM was never paused."""
+
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class BecomeTombstone:
+    """Source: the VM now lives at the destination. Record that durably (the tombstone
+    answers "where did it go?" and "did migration X commit?"), redirect waiting
+    calls, drop the VM; only then send the `Commit` that follows this event."""
+
+    migration_id: str
+    vm_id: str
+
+
+@dataclass(frozen=True)
+class ActivateVM:
+    """Destination: the migration committed; serve `vm` from now on. `annex` is the
+    source driver's opaque state (e.g. the reply cache for exactly-once calls)."""
+
+    vm: VM
+    annex: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DiscardVM:
+    """Destination: the migration aborted; everything received is already dropped."""
+
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The migration is over (see the machine's `outcome`); no more events."""
+
+    outcome: str
+
+
+Event = Send | NeedData | PauseVM | ResumeVM | BecomeTombstone | ActivateVM | DiscardVM | Done

@@ -1,0 +1,231 @@
+"""The migration protocol's messages and their wire encoding.
+
+Why a module of its own: the state machines speak in these frozen dataclasses and
+never see bytes, and the wire format (msgpack, with a schema version) lives in one
+place, where every field of every message is checked on the way in. A malformed,
+unknown or wrong-version message costs a `MigrationProtocolError`, never a crash.
+
+Wire form: one msgpack map per message, ``{"v": SCHEMA_VERSION, "t": <type>, ...}``
+with the dataclass's fields by name. Arrays (chunk ids, digests) travel as raw
+little-endian bytes, not msgpack lists: a 64 MiB round has 16,384 ids, and a list
+would cost ~10x the bytes and time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
+
+import msgpack
+
+from cloudlet.errors import MigrationProtocolError, MigrationVersionUnsupported
+
+SCHEMA_VERSION = 1
+DIGEST_BYTES = 16  # see chunkstore.py: SHA-256 truncated to 128 bits
+# The largest message a peer accepts. A batch carries at most `batch_bytes` of
+# chunk data (1 MiB by default) plus ids; an Offer carries 16 bytes per overlay
+# chunk (16 MiB covers a full 4 GiB guest); an image is at most 16 MiB.
+MAX_MESSAGE_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+    migration_id: str
+
+
+@dataclass(frozen=True)
+class Offer(Message):
+    """Source -> destination: what would move, and the digests of the overlay's chunks
+    (unique, non-zero), so the destination can say which it already holds."""
+
+    TYPE: ClassVar[str] = "offer"
+    vm_id: str
+    owner: str | None
+    image_digest: str
+    memory_bytes: int  # the VM's memory size now (for the destination's admission)
+    overlay_bytes: int  # the overlay's chunk data, before any dedup or compression
+    digests: bytes  # DIGEST_BYTES each
+
+
+@dataclass(frozen=True)
+class Accept(Message):
+    """Destination -> source: whether it holds the image, and a bitmap (numpy
+    `packbits`, big-endian bit order) over `Offer.digests` of the chunks it holds."""
+
+    TYPE: ClassVar[str] = "accept"
+    has_image: bool
+    held: bytes
+
+
+@dataclass(frozen=True)
+class ImageData(Message):
+    """Source -> destination, only if the destination lacks the image: its module."""
+
+    TYPE: ClassVar[str] = "image"
+    wasm: bytes
+
+
+@dataclass(frozen=True)
+class Chunks(Message):
+    """Source -> destination: one batch of a round, for one memory.
+
+    `data_ids` have their content in `payload` (after decompression, 4 KiB each, in
+    order); `ref_ids` name content the destination holds, by digest; `zero_ids`
+    are all-zero now. Ids are little-endian u32 chunk indexes.
+    """
+
+    TYPE: ClassVar[str] = "chunks"
+    round: int
+    batch: int
+    memory: int
+    data_ids: bytes
+    ref_ids: bytes
+    ref_digests: bytes
+    zero_ids: bytes
+    compression: str  # "none" or "zstd"
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """Destination -> source: batch `batch` of round `round` is applied."""
+
+    TYPE: ClassVar[str] = "ack"
+    round: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class RoundEnd(Message):
+    """Source -> destination: a pre-copy round is complete. Carries the rest of the
+    VM's state as of the round's capture, so the destination can keep a restored
+    copy current round by round and the stop-and-copy round has little left to do."""
+
+    TYPE: ClassVar[str] = "round_end"
+    round: int
+    batches: int
+    pages: list[int]
+    seq: int
+    fuel_used: int
+    limits: dict[str, Any]
+    globals: dict[str, int | float]
+    host: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Final(RoundEnd):
+    """Source -> destination: the end of the stop-and-copy round (taken with the VM
+    paused), with the source driver's opaque annex for the destination's driver."""
+
+    TYPE: ClassVar[str] = "final"
+    annex: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ready(Message):
+    """Destination -> source: the VM is restored and held, not serving yet."""
+
+    TYPE: ClassVar[str] = "ready"
+
+
+@dataclass(frozen=True)
+class Commit(Message):
+    """Source -> destination: the commit point has passed; serve the VM."""
+
+    TYPE: ClassVar[str] = "commit"
+
+
+@dataclass(frozen=True)
+class Abort(Message):
+    """Either way, before the commit: stop; the VM stays (or resumes) at the source."""
+
+    TYPE: ClassVar[str] = "abort"
+    code: str
+    reason: str
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (Offer, Accept, ImageData, Chunks, Ack, RoundEnd, Final, Ready, Commit, Abort)
+}
+
+
+def encode(msg: Message) -> bytes:
+    body: dict[str, Any] = {"v": SCHEMA_VERSION, "t": msg.TYPE}
+    for f in dataclasses.fields(msg):
+        body[f.name] = getattr(msg, f.name)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
+
+
+def decode(data: bytes | bytearray | memoryview,
+           max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """The message in `data`, every field type-checked; else MigrationProtocolError."""
+    if len(data) > max_bytes:
+        raise MigrationProtocolError(f"message of {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        # Integer keys are allowed: the annex (a reply cache) is keyed by sequence number.
+        body = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise MigrationProtocolError(f"message is not msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise MigrationProtocolError("message is not a map")
+    version = body.pop("v", None)
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise MigrationVersionUnsupported(
+            f"migration schema version {version!r}; this Cloudlet speaks {SCHEMA_VERSION}")
+    cls = MESSAGE_TYPES.get(str(body.pop("t", "")))
+    if cls is None:
+        raise MigrationProtocolError("unknown message type")
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in body:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise MigrationProtocolError(f"{cls.TYPE}: field {f.name!r} is missing")
+        value = body.pop(f.name)
+        if not _fits(value, hints[f.name]):
+            raise MigrationProtocolError(f"{cls.TYPE}: field {f.name!r} has the wrong type")
+        kwargs[f.name] = value
+    if body:
+        raise MigrationProtocolError(f"{cls.TYPE}: unknown fields {sorted(map(str, body))}")
+    return cls(**kwargs)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = get_type_hints(cls)
+    return hints
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Shallow check of a decoded value against a field's annotation."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, arm) for arm in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is int:
+        return type(value) is int
+    if hint is float:
+        return type(value) is float
+    if hint in (str, bytes, bool):
+        return type(value) is hint
+    if origin is list:
+        (item,) = get_args(hint)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if origin is dict:
+        key, item = get_args(hint)
+        return isinstance(value, dict) and all(
+            _fits(k, key) and _fits(v, item) for k, v in value.items())
+    raise TypeError(f"no wire check for {hint!r}")  # a programming error, caught by tests

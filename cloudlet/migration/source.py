@@ -1,0 +1,399 @@
+"""The source side of a live migration: a pure state machine around one VM.
+
+Pre-copy, then stop-and-copy (DESIGN.md, issue 5):
+
+1. `start()` captures the overlay (round 0) and offers its chunk digests; the
+   destination answers which it holds and whether it has the image.
+2. Round 0 sends the overlay's chunks, as content or as a reference by digest
+   when the destination holds it, while the VM keeps serving.
+3. After each round is acknowledged, the chunks dirtied since its capture are
+   counted; another round sends them, until the dirty set is small (bytes, or
+   time at the measured link rate), stops shrinking, or the round limit is hit.
+4. Then `PauseVM`: the driver stops calls and calls `paused(annex)`, which sends
+   the last chunks and the rest of the state (`Final`). On the destination's
+   `Ready` the source passes the commit point: `BecomeTombstone`, then `Commit`.
+
+Any failure before that point (an `Abort` from the peer, a protocol error, the
+driver's `abort()` on a timeout or a lost channel) yields `ResumeVM`: the VM,
+untouched but for the snapshots taken of it, serves on here.
+
+Everything here runs between calls on the driver's thread: no I/O, no clock
+but the one injected, so each edge case is a few lines of test.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cloudlet.errors import CloudletError, MigrationError, MigrationProtocolError
+from cloudlet.migration.chunkstore import chunk_digests
+from cloudlet.migration.compression import CompressionChooser, LinkMeter
+from cloudlet.migration.events import (
+    BecomeTombstone,
+    Done,
+    Event,
+    NeedData,
+    PauseVM,
+    ResumeVM,
+    Send,
+)
+from cloudlet.migration.messages import (
+    Abort,
+    Accept,
+    Ack,
+    Chunks,
+    Commit,
+    Final,
+    ImageData,
+    Message,
+    Offer,
+    Ready,
+    RoundEnd,
+    decode,
+    encode,
+)
+from cloudlet.migration.stats import MigrationStats, RoundStats
+from cloudlet.vm import VM, Snapshot, chunks
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class PreCopyPolicy:
+    """When to stop pre-copying, and how big a batch is. Defaults and their reasons:"""
+
+    # QEMU stops after ~30 iterations; our rounds are cheaper but a guest that
+    # dirties faster than the link drains never converges, so stop well before.
+    max_rounds: int = 12
+    # Stop-and-copy when the dirty set is this small: 64 chunks cost ~0.3 ms to
+    # capture and send on loopback, well inside a 10 ms downtime budget.
+    stop_dirty_bytes: int = 256 * KiB
+    # ... or when the measured link would send it within this time.
+    target_downtime_s: float = 0.005
+    # A round must shrink the dirty set below this share of the previous round's,
+    # or pre-copy is not converging and more rounds only add bytes.
+    min_shrink: float = 0.9
+    # Chunk data per batch: big enough that per-message costs vanish, small
+    # enough for aiohttp's default 4 MiB WebSocket message cap and a fine-grained
+    # link measurement.
+    batch_bytes: int = 1 * MiB
+    # Batches in flight before waiting for acks: keeps a 25-100 Mbit/s link busy
+    # across a few ms of round trip without queueing seconds of data in buffers.
+    window_batches: int = 4
+    compression: bool = True
+
+
+class SourceState(enum.Enum):
+    IDLE = "idle"
+    NEGOTIATING = "negotiating"  # offer sent, waiting for accept
+    PRECOPY = "precopy"  # sending rounds while the VM serves
+    STOPPING = "stopping"  # PauseVM emitted, waiting for paused()
+    FINAL = "final"  # final round sent, waiting for Ready
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+
+
+@dataclass
+class _Round:
+    number: int
+    snap: Snapshot
+    digests: list[list[bytes]]  # per memory, per data chunk
+    batches: deque[tuple[int, int, int]]  # (memory, start, end) slices of chunk_ids
+    sent_batches: int = 0
+    end_sent: bool = False
+
+
+class SourceMigration:
+    """Migrate `vm` out. Drive it with `start()`, `next_event()`, `receive()`, `paused()`."""
+
+    def __init__(self, vm: VM, *, migration_id: str | None = None,
+                 policy: PreCopyPolicy | None = None,
+                 image_wasm: bytes | Callable[[], bytes] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 cpu_clock: Callable[[], float] = time.perf_counter) -> None:
+        self.vm = vm
+        self.migration_id = migration_id or secrets.token_hex(8)
+        self.policy = policy or PreCopyPolicy()
+        self._image_wasm = image_wasm
+        self._clock = clock
+        self.state = SourceState.IDLE
+        self.stats = MigrationStats(self.migration_id, vm.id)
+        self._events: deque[Event] = deque()
+        self._round: _Round | None = None
+        self._dest_has: set[bytes] = set()
+        self._offered: list[bytes] = []
+        self._in_flight: dict[tuple[int, int], int] = {}  # (round, batch) -> bytes
+        self._meter = LinkMeter()
+        self._chooser = CompressionChooser(enabled=self.policy.compression, clock=cpu_clock)
+        self._dirtied: list[set[int]] = []
+        self._last_dirty_bytes: int | None = None
+        self._precopy_rounds = 0
+
+    # --- driver API -----------------------------------------------------------------
+
+    @property
+    def outcome(self) -> str:
+        return self.stats.outcome
+
+    def start(self) -> None:
+        """Capture round 0 (the overlay) and queue the offer."""
+        if self.state is not SourceState.IDLE:
+            raise MigrationError("start() was already called")
+        self.stats.started_s = self._clock()
+        try:
+            snap = self.vm.snapshot()
+        except CloudletError as exc:
+            self._abort(exc.code, f"cannot snapshot the VM: {exc.message}", tell_peer=False)
+            return
+        rnd = self._round = self._new_round(0, snap)
+        unique = list(dict.fromkeys(d for ds in rnd.digests for d in ds))
+        self._offered = unique
+        self.stats.memory_bytes = snap.memory_bytes
+        self.stats.overlay_bytes = snap.overlay_bytes
+        self._dirtied = [set() for _ in snap.memories]
+        self._send(Offer(self.migration_id, vm_id=self.vm.id, owner=self.vm.owner,
+                         image_digest=self.vm.image.digest, memory_bytes=snap.memory_bytes,
+                         overlay_bytes=snap.overlay_bytes, digests=b"".join(unique)))
+        self.state = SourceState.NEGOTIATING
+
+    def next_event(self) -> Event:
+        """What the driver must do next (call again after doing it)."""
+        if self._events:
+            return self._events.popleft()
+        if self.state in (SourceState.COMMITTED, SourceState.ABORTED):
+            return Done(self.stats.outcome)
+        if self.state is SourceState.STOPPING:
+            return PauseVM()
+        if self.state in (SourceState.PRECOPY, SourceState.FINAL) and self._round is not None:
+            try:
+                self._pump()
+            except CloudletError as exc:
+                self._abort(exc.code, exc.message)
+            if self._events:
+                return self._events.popleft()
+            if self._stopping():
+                return PauseVM()
+        return NeedData()
+
+    def receive(self, data: bytes) -> None:
+        """Feed one message from the destination."""
+        try:
+            msg = decode(data)
+            if msg.migration_id != self.migration_id:
+                raise MigrationProtocolError("message for another migration")
+            self._handle(msg)
+        except MigrationProtocolError as exc:
+            self._abort(exc.code, exc.message)
+
+    def paused(self, annex: dict[str, Any] | None = None) -> None:
+        """The driver has stopped calls (after `PauseVM`): capture and queue the final round."""
+        if self.state is not SourceState.STOPPING:
+            raise MigrationError(f"paused() in state {self.state.value}")
+        self.stats.mark_paused(self._clock())
+        try:
+            snap = self.vm.snapshot(delta=True)
+        except CloudletError as exc:
+            self._abort(exc.code, f"cannot snapshot the VM: {exc.message}")
+            return
+        self._note_dirtied(snap)
+        self._round = self._new_round(len(self.stats.rounds), snap)
+        self._annex = dict(annex or {})
+        self.state = SourceState.FINAL
+
+    def abort(self, code: str, reason: str, *, tell_peer: bool = True) -> None:
+        """Give up (timeout, lost channel, shutdown). A no-op once committed or aborted."""
+        if self.state in (SourceState.COMMITTED, SourceState.ABORTED):
+            return
+        self._abort(code, reason, tell_peer=tell_peer)
+
+    # --- internals --------------------------------------------------------------------
+
+    def _send(self, msg: Message, round_stats: RoundStats | None = None) -> int:
+        data = encode(msg)
+        self._events.append(Send(data, msg))
+        if round_stats is None:
+            self.stats.control_bytes += len(data)
+        else:
+            round_stats.bytes_sent += len(data)
+        return len(data)
+
+    def _abort(self, code: str, reason: str, *, tell_peer: bool = True) -> None:
+        self._events.clear()
+        if tell_peer and self.state is not SourceState.IDLE:
+            self._send(Abort(self.migration_id, code=code, reason=reason))
+        self._events.append(ResumeVM(code, reason))
+        self.state = SourceState.ABORTED
+        self.stats.outcome, self.stats.abort_code = "aborted", code
+        self.stats.ended_s = self._clock()
+
+    def _handle(self, msg: Message) -> None:
+        if isinstance(msg, Abort):
+            if self.state not in (SourceState.COMMITTED, SourceState.ABORTED):
+                self._abort(msg.code, f"destination aborted: {msg.reason}", tell_peer=False)
+            return
+        if isinstance(msg, Accept) and self.state is SourceState.NEGOTIATING:
+            self._accepted(msg)
+        elif isinstance(msg, Ack) and self.state in (SourceState.PRECOPY, SourceState.STOPPING,
+                                                     SourceState.FINAL):
+            self._acked(msg)
+        elif isinstance(msg, Ready) and self.state is SourceState.FINAL and self._final_sent():
+            self._commit()
+        else:
+            raise MigrationProtocolError(
+                f"unexpected {msg.TYPE!r} while the source is {self.state.value}")
+
+    def _accepted(self, msg: Accept) -> None:
+        n = len(self._offered)
+        if len(msg.held) != (n + 7) // 8:
+            raise MigrationProtocolError("accept: the held bitmap does not match the offer")
+        held = np.unpackbits(np.frombuffer(msg.held, dtype=np.uint8), count=n).astype(bool)
+        self._dest_has = {d for d, h in zip(self._offered, held.tolist(), strict=True) if h}
+        self.stats.held_chunks = int(held.sum())
+        if not msg.has_image:
+            wasm = self._image_wasm() if callable(self._image_wasm) else self._image_wasm
+            if wasm is None:
+                self._abort("image_not_found", "the destination lacks the image and the "
+                            "source has no module bytes to send")
+                return
+            self._send(ImageData(self.migration_id, wasm=wasm))
+        self.state = SourceState.PRECOPY
+
+    def _acked(self, msg: Ack) -> None:
+        size = self._in_flight.pop((msg.round, msg.batch), None)
+        if size is None:
+            raise MigrationProtocolError(f"ack of a batch never sent: {msg.round}/{msg.batch}")
+        now = self._clock()
+        self._meter.acked(size, now, idle=not self._in_flight)
+        self.stats.link_rate_bytes_s = self._meter.rate_bytes_s
+        if msg.round < len(self.stats.rounds):
+            self.stats.rounds[msg.round].ended_s = now
+
+    def _stopping(self) -> bool:  # a method, so that type checkers see the state may change
+        return self.state is SourceState.STOPPING
+
+    def _final_sent(self) -> bool:
+        return self._round is not None and self._round.end_sent
+
+    def _commit(self) -> None:
+        now = self._clock()
+        self.state = SourceState.COMMITTED
+        self.stats.outcome = "committed"
+        self.stats.committed_s = self.stats.ended_s = now
+        self.stats.rounds[-1].ended_s = now
+        self._events.append(BecomeTombstone(self.migration_id, self.vm.id))
+        self._send(Commit(self.migration_id))
+
+    def _new_round(self, number: int, snap: Snapshot) -> _Round:
+        self._chooser.measure(b"".join(m.data[: 64 * chunks.CHUNK_BYTES] for m in snap.memories))
+        per_batch = max(1, self.policy.batch_bytes // chunks.CHUNK_BYTES)
+        batches: deque[tuple[int, int, int]] = deque()
+        for i, mem in enumerate(snap.memories):
+            n = len(mem.chunk_ids)
+            if n == 0 and len(mem.zero_ids):
+                batches.append((i, 0, 0))
+            for start in range(0, n, per_batch):
+                batches.append((i, start, min(n, start + per_batch)))
+        rnd = _Round(number, snap, [chunk_digests(m.data) for m in snap.memories], batches)
+        self.stats.rounds.append(RoundStats(round=number, chunks=0, data_chunks=0, ref_chunks=0,
+                                            raw_bytes=0, bytes_sent=0, started_s=self._clock(),
+                                            final=self.state is SourceState.STOPPING))
+        return rnd
+
+    def _note_dirtied(self, snap: Snapshot) -> None:
+        for seen, mem in zip(self._dirtied, snap.memories, strict=True):
+            seen.update(mem.chunk_ids.tolist())
+        self.stats.dirtied_bytes = sum(map(len, self._dirtied)) * chunks.CHUNK_BYTES
+
+    def _pump(self) -> None:
+        """Queue what the window allows: batches, then the round's end, then decide."""
+        rnd = self._round
+        assert rnd is not None
+        while rnd.batches and len(self._in_flight) < self.policy.window_batches:
+            self._send_batch(rnd, *rnd.batches.popleft())
+        if rnd.batches or self._events:
+            return
+        if not rnd.end_sent:
+            rnd.end_sent = True
+            self._send_round_end(rnd)
+            if self.state is SourceState.FINAL:
+                return
+        if self.state is SourceState.PRECOPY and not self._in_flight:
+            self._next_round()
+
+    def _send_batch(self, rnd: _Round, memory: int, start: int, end: int) -> None:
+        mem = rnd.snap.memories[memory]
+        stats = self.stats.rounds[rnd.number]
+        ids = mem.chunk_ids[start:end]
+        digests = rnd.digests[memory][start:end]
+        is_ref = np.fromiter((d in self._dest_has for d in digests), dtype=bool, count=len(ids))
+        data_pos = np.flatnonzero(~is_ref)
+        arr = np.frombuffer(mem.data, dtype=np.uint8).reshape(-1, chunks.CHUNK_BYTES)
+        raw = arr[start + data_pos].tobytes()
+        self._dest_has.update(digests[i] for i in data_pos.tolist())
+        codec = self._chooser.choose(len(data_pos), self._meter.rate_bytes_s)
+        payload = self._chooser.compress(codec, raw)
+        if len(payload) >= len(raw):
+            codec, payload = self._chooser.costs[0].codec, raw
+        zero = mem.zero_ids if start == 0 else mem.zero_ids[:0]
+        batch = rnd.sent_batches
+        rnd.sent_batches += 1
+        size = self._send(Chunks(
+            self.migration_id, round=rnd.number, batch=batch, memory=memory,
+            data_ids=ids[~is_ref].astype("<u4").tobytes(),
+            ref_ids=ids[is_ref].astype("<u4").tobytes(),
+            ref_digests=b"".join(d for d, r in zip(digests, is_ref.tolist(), strict=True) if r),
+            zero_ids=zero.astype("<u4").tobytes(), compression=codec.name, payload=payload),
+            stats)
+        stats.chunks += len(ids) + len(zero)
+        stats.data_chunks += len(data_pos)
+        stats.ref_chunks += int(is_ref.sum())
+        stats.raw_bytes += len(raw)
+        stats.compression[codec.label] = stats.compression.get(codec.label, 0) + 1
+        if not self._in_flight:
+            self._meter.busy(self._clock())
+        self._in_flight[(rnd.number, batch)] = size
+
+    def _send_round_end(self, rnd: _Round) -> None:
+        snap = rnd.snap
+        fields: dict[str, Any] = dict(
+            round=rnd.number, batches=rnd.sent_batches, pages=[m.pages for m in snap.memories],
+            seq=snap.seq, fuel_used=snap.fuel_used, limits=snap.limits.to_wire(),
+            globals=snap.globals, host=snap.host)
+        stats = self.stats.rounds[rnd.number]
+        if self.state is SourceState.FINAL:
+            self._send(Final(self.migration_id, annex=self._annex, **fields), stats)
+        else:
+            self._send(RoundEnd(self.migration_id, **fields), stats)
+        if not rnd.sent_batches:
+            stats.ended_s = self._clock()
+
+    def _next_round(self) -> None:
+        """Every batch is acked: another pre-copy round, or stop and copy."""
+        dirty_bytes = sum(len(ids) for ids in self.vm.dirty_chunks()) * chunks.CHUNK_BYTES
+        p = self.policy
+        rate = self._meter.rate_bytes_s
+        previous = self._last_dirty_bytes
+        stop = (
+            self._precopy_rounds >= p.max_rounds
+            or dirty_bytes <= p.stop_dirty_bytes
+            or (rate is not None and dirty_bytes / rate <= p.target_downtime_s)
+            or (previous is not None and dirty_bytes > p.min_shrink * previous)
+        )
+        if stop:
+            self.state = SourceState.STOPPING
+            return
+        self._last_dirty_bytes = dirty_bytes
+        self._precopy_rounds += 1
+        snap = self.vm.snapshot(delta=True)
+        self._note_dirtied(snap)
+        self._round = self._new_round(len(self.stats.rounds), snap)
+
