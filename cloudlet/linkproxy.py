@@ -1,0 +1,186 @@
+"""A loopback TCP proxy that shapes a link: bandwidth per direction and added delay.
+
+Why: migration's figures on a 100 or 25 Mbit/s link (and the emulation's
+per-client delays) must come from real sockets on one machine, without root
+(`tc netem` needs CAP_NET_ADMIN). Each direction of each connection is a token
+bucket (rate in Mbit/s, a small burst), and every piece of data is held back
+`delay_ms` after it arrived, like propagation delay: delay does not cut the
+throughput of a long transfer, as on a real link.
+
+Backpressure is real: the proxy reads only as fast as the bucket lets it
+forward, and has at most `BUFFER_BYTES` in flight per direction, so a sender's
+`drain()` blocks as it would behind a slow link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+
+from cloudlet.errors import InvalidArgument
+
+READ_BYTES = 16 * 1024  # one read; small enough that the bucket's grain stays fine
+# Bytes a direction may hold (read, not yet forwarded): about a real router's
+# queue at these rates, and what the sender sees as the link's buffer.
+BUFFER_BYTES = 256 * 1024
+# Burst the bucket allows after idling: 2 reads, so an idle link does not
+# later send a second's worth at once and overshoot the rate.
+BURST_BYTES = 2 * READ_BYTES
+
+
+@dataclass(frozen=True)
+class LinkShape:
+    rate_mbit_s: float | None = None  # None: unlimited
+    delay_ms: float = 0.0  # one way, added to every byte
+
+    def __post_init__(self) -> None:
+        if self.rate_mbit_s is not None and not self.rate_mbit_s > 0:
+            raise InvalidArgument("rate_mbit_s must be positive (or None for unlimited)")
+        if self.delay_ms < 0:
+            raise InvalidArgument("delay_ms must be >= 0")
+
+    @property
+    def rate_bytes_s(self) -> float | None:
+        return None if self.rate_mbit_s is None else self.rate_mbit_s * 1e6 / 8
+
+
+class TokenBucket:
+    """`take(n)` waits until n bytes may pass at `rate_bytes_s`."""
+
+    def __init__(self, rate_bytes_s: float, burst_bytes: int = BURST_BYTES) -> None:
+        self.rate_bytes_s = rate_bytes_s
+        self.burst_bytes = burst_bytes
+        self._tokens = float(burst_bytes)
+        self._at = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst_bytes, self._tokens + (now - self._at) * self.rate_bytes_s)
+        self._at = now
+        self._tokens -= n  # may go negative: wait off the debt
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate_bytes_s)
+
+
+class LinkProxy:
+    """Listen on 127.0.0.1:`port` (0: any), forward to `target`, shaped by `up`
+    (client to target) and `down` (target to client). Use `async with`."""
+
+    def __init__(self, target_host: str, target_port: int, *, up: LinkShape | None = None,
+                 down: LinkShape | None = None, listen_host: str = "127.0.0.1",
+                 listen_port: int = 0) -> None:
+        self.target = (target_host, target_port)
+        self.up = up or LinkShape()
+        self.down = down or LinkShape()
+        self._listen = (listen_host, listen_port)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    @classmethod
+    def symmetric(cls, target_host: str, target_port: int, rate_mbit_s: float | None,
+                  delay_ms: float = 0.0) -> LinkProxy:
+        shape = LinkShape(rate_mbit_s, delay_ms)
+        return cls(target_host, target_port, up=shape, down=shape)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, *self._listen)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> LinkProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.get_running_loop().create_task(self._connection(reader, writer))
+        self._tasks.add(task)  # owned: close() cancels and awaits every connection
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connection(self, client_r: asyncio.StreamReader,
+                          client_w: asyncio.StreamWriter) -> None:
+        try:
+            target_r, target_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_w.close()
+            return
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(_pipe(client_r, target_w, self.up))
+                tg.create_task(_pipe(target_r, client_w, self.down))
+        except* (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for w in (client_w, target_w):
+                w.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                shape: LinkShape) -> None:
+    """Forward one direction: rate-limit on the way in, delay on the way out."""
+    rate = shape.rate_bytes_s
+    bucket = TokenBucket(rate) if rate is not None else None
+    delay_s = shape.delay_ms / 1000
+    if delay_s == 0:
+        while data := await reader.read(READ_BYTES):
+            if bucket is not None:
+                await bucket.take(len(data))
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        return
+    queue: deque[tuple[float, bytes]] = deque()
+    ready = asyncio.Event()
+    room = asyncio.Semaphore(BUFFER_BYTES // READ_BYTES)
+
+    async def deliver() -> None:
+        while True:
+            while not queue:
+                ready.clear()
+                await ready.wait()
+            due_s, data = queue.popleft()
+            if not data:
+                writer.write_eof()
+                return
+            wait_s = due_s - time.monotonic()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            writer.write(data)
+            await writer.drain()
+            room.release()
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(deliver())
+        while True:
+            await room.acquire()
+            data = await reader.read(READ_BYTES)
+            if data and bucket is not None:
+                await bucket.take(len(data))
+            queue.append((time.monotonic() + delay_s, data))
+            ready.set()
+            if not data:
+                break
+
+
+@asynccontextmanager
+async def shaped_link(target_host: str, target_port: int, rate_mbit_s: float | None,
+                      delay_ms: float = 0.0) -> AsyncIterator[LinkProxy]:
+    """`async with shaped_link(host, port, 25) as proxy:` connect to proxy.port."""
+    async with LinkProxy.symmetric(target_host, target_port, rate_mbit_s, delay_ms) as proxy:
+        yield proxy
