@@ -135,6 +135,7 @@ def decompress(name: str, payload: bytes, raw_bytes: int) -> bytes:
         return payload
     if name != "zstd":
         raise ValueError(f"unknown compression {name!r}")
-    out: bytes = zstandard.ZstdDecompressor().decompress(payload,
-                                                         max_output_size=raw_bytes + 1)
+    # Not `decompress(max_output_size=...)`: it trusts a frame's own size claim.
+    with zstandard.ZstdDecompressor().stream_reader(payload) as reader:
+        out: bytes = reader.read(raw_bytes + 1)
     return out
