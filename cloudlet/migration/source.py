@@ -324,10 +324,11 @@ class SourceMigration:
         if not rnd.end_sent:
             rnd.end_sent = True
             self._send_round_end(rnd)
-            if self.state is SourceState.FINAL:
-                return
+            return  # decide on a later call: the VM serves while the driver sends this
         if self.state is SourceState.PRECOPY and not self._in_flight:
             self._next_round()
+            if self.state is SourceState.PRECOPY:
+                self._pump()  # the new round's first batches
 
     def _send_batch(self, rnd: _Round, memory: int, start: int, end: int) -> None:
         mem = rnd.snap.memories[memory]

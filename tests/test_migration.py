@@ -1,0 +1,218 @@
+"""The migration state machines with real VMs, driven by hand: no asyncio, no sockets.
+
+A migrated VM must end in the state of an un-migrated twin that applied the
+same calls, with calls applied between rounds; bytes sent must stay within
+1.1x of the overlay plus the chunks dirtied during the migration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from cloudlet.migration import (
+    ActivateVM,
+    BecomeTombstone,
+    ChunkStore,
+    DestinationMigration,
+    DiscardVM,
+    Done,
+    NeedData,
+    PauseVM,
+    PreCopyPolicy,
+    ResumeVM,
+    Send,
+    SourceMigration,
+)
+from cloudlet.migration.messages import Abort, Chunks, RoundEnd
+from cloudlet.vm import VM, Image, ImageStore
+
+Call = tuple[str, tuple[int, ...]]
+
+
+def fingerprint(vm: VM) -> tuple[Any, ...]:
+    mem = hashlib.sha256(vm.memory_view()).hexdigest()
+    return mem, vm.globals_state(), vm.seq, vm.host.to_wire()
+
+
+def pair(image: Image, setup: list[Call]) -> tuple[VM, VM]:
+    vms = (VM.create(image, clock="virtual", random_seed=bytes(32)),
+           VM.create(image, clock="virtual", random_seed=bytes(32)))
+    for vm in vms:
+        for name, args in setup:
+            vm.call(name, *args)
+    return vms
+
+
+def drive(src: SourceMigration, dst: DestinationMigration, *,
+          between_rounds: Callable[[int], None] = lambda r: None,
+          annex: dict[str, Any] | None = None) -> list[object]:
+    """Run both machines to the end, in process; returns the actions they asked for."""
+    actions: list[object] = []
+    src.start()
+    while True:
+        progressed = False
+        ev = src.next_event()
+        if isinstance(ev, Send):
+            dst.receive(ev.data)
+            if isinstance(ev.message, RoundEnd) and ev.message.TYPE == "round_end":
+                between_rounds(ev.message.round)
+            progressed = True
+        elif isinstance(ev, PauseVM):
+            actions.append(ev)
+            src.paused(annex)
+            progressed = True
+        elif isinstance(ev, ResumeVM | BecomeTombstone):
+            actions.append(ev)
+            progressed = True
+        dev = dst.next_event()
+        if isinstance(dev, Send):
+            src.receive(dev.data)
+            progressed = True
+        elif isinstance(dev, ActivateVM | DiscardVM):
+            actions.append(dev)
+            progressed = True
+        if isinstance(ev, Done) and isinstance(dev, Done):
+            return actions
+        if not progressed:
+            assert isinstance(ev, NeedData | Done) and isinstance(dev, NeedData | Done)
+            if isinstance(ev, NeedData) and isinstance(dev, NeedData):
+                raise AssertionError("deadlock: both sides wait")
+
+
+@pytest.mark.parametrize("compression", [False, True])
+def test_memhog_migrates_with_calls_between_rounds(store: ImageStore,
+                                                   workload: dict[str, Image],
+                                                   compression: bool) -> None:
+    image = workload["memhog"]
+    vm, twin = pair(image, [("hog_grow", (8,)), ("hog_dirty", (1500, 1))])
+    calls: list[Call] = []
+
+    def between(round_no: int) -> None:  # the VM keeps serving while rounds go out
+        for i in range(3):
+            call = ("hog_dirty", (40 - 10 * round_no, 100 * round_no + i))
+            vm.call(call[0], *call[1])
+            calls.append(call)
+
+    policy = PreCopyPolicy(stop_dirty_bytes=16 * 4096, target_downtime_s=0.0,
+                           batch_bytes=256 * 1024, compression=compression)
+    src = SourceMigration(vm, policy=policy)
+    dst = DestinationMigration(store, ChunkStore())
+    actions = drive(src, dst, between_rounds=between, annex={"replies": {1: b"ok"}})
+    kinds = [type(a).__name__ for a in actions]
+    assert kinds == ["PauseVM", "BecomeTombstone", "ActivateVM"]
+    moved = actions[-1]
+    assert isinstance(moved, ActivateVM) and moved.annex == {"replies": {1: b"ok"}}
+    for name, args in calls:
+        twin.call(name, *args)
+    assert fingerprint(moved.vm) == fingerprint(twin)
+    assert moved.vm.call("hog_checksum") == twin.call("hog_checksum")
+    assert moved.vm.id == vm.id and src.outcome == dst.outcome == "committed"
+    stats = src.stats
+    assert len(stats.rounds) >= 3 and stats.rounds[-1].final
+    assert stats.dirtied_bytes > 0
+    if not compression:
+        assert stats.bytes_sent <= 1.1 * stats.overlay_plus_dirty_bytes
+        assert all(r.codec == "none" for r in stats.rounds)
+
+
+def test_kvstore_state_and_later_calls_match_the_twin(store: ImageStore,
+                                                       workload: dict[str, Image]) -> None:
+    setup = [("kv_put", (k, k * k)) for k in range(2000)]
+    vm, twin = pair(workload["kvstore"], setup)
+    calls: list[Call] = []
+
+    def between(round_no: int) -> None:
+        for k in range(50):
+            call = ("kv_put", (10_000 + 100 * round_no + k, round_no))
+            vm.call(call[0], *call[1])
+            calls.append(call)
+
+    src = SourceMigration(vm, policy=PreCopyPolicy(stop_dirty_bytes=0, target_downtime_s=0,
+                                                   max_rounds=3, min_shrink=100.0))
+    actions = drive(src, DestinationMigration(store, ChunkStore()), between_rounds=between)
+    moved = actions[-1]
+    assert isinstance(moved, ActivateVM)
+    for name, args in calls:
+        twin.call(name, *args)
+    assert fingerprint(moved.vm) == fingerprint(twin)
+    for k in (3, 1999, 10_001, 99_999):  # later calls answer the same
+        assert moved.vm.call("kv_get", k) == twin.call("kv_get", k)
+    assert moved.vm.call("kv_count") == twin.call("kv_count")
+    assert len(src.stats.rounds) == 5  # round 0, three pre-copy rounds (the limit), final
+
+
+def test_chunks_the_destination_holds_are_sent_by_reference(store: ImageStore,
+                                                            workload: dict[str, Image]) -> None:
+    vm, twin = pair(workload["memhog"], [("hog_grow", (4,)), ("hog_dirty", (800, 5))])
+    chunk_store = ChunkStore()
+    chunk_store.add_vm(twin)  # e.g. the same VM came through this cloudlet before
+    src = SourceMigration(vm)
+    actions = drive(src, DestinationMigration(store, chunk_store))
+    moved = actions[-1]
+    assert isinstance(moved, ActivateVM) and fingerprint(moved.vm) == fingerprint(twin)
+    assert src.stats.held_chunks >= 800
+    assert src.stats.rounds[0].data_chunks == 0
+    assert src.stats.bytes_sent < 0.05 * src.stats.overlay_bytes
+
+
+def test_destination_without_the_image_receives_it(tmp_path: Any,
+                                                   workload: dict[str, Image]) -> None:
+    from tests.conftest import WORKLOADS
+
+    wasm = (WORKLOADS / "kvstore.wasm").read_bytes()
+    vm, _ = pair(workload["kvstore"], [("kv_put", (1, 2))])
+    empty = ImageStore(tmp_path / "images")
+    actions = drive(SourceMigration(vm, image_wasm=lambda: wasm),
+                    DestinationMigration(empty, ChunkStore()))
+    moved = actions[-1]
+    assert isinstance(moved, ActivateVM) and moved.vm.call("kv_get", 1) == 2
+
+
+def test_destination_without_the_image_and_no_bytes_aborts(tmp_path: Any,
+                                                            workload: dict[str, Image]) -> None:
+    vm, _ = pair(workload["kvstore"], [("kv_put", (1, 2))])
+    before = fingerprint(vm)
+    src = SourceMigration(vm)
+    actions = drive(src, DestinationMigration(ImageStore(tmp_path / "i"), ChunkStore()))
+    assert sorted(type(a).__name__ for a in actions) == ["DiscardVM", "ResumeVM"]
+    assert src.stats.abort_code == "image_not_found" and fingerprint(vm) == before
+
+
+def test_a_lying_source_gets_an_abort_not_a_corrupt_vm(store: ImageStore,
+                                                       workload: dict[str, Image]) -> None:
+    vm, _ = pair(workload["memhog"], [("hog_grow", (1,)), ("hog_dirty", (10, 1))])
+    src = SourceMigration(vm)
+    dst = DestinationMigration(store, ChunkStore())
+    src.start()
+    dst.receive(_next_send(src).data)
+    src.receive(_next_send(dst).data)
+    batch = _next_send(src).message
+    assert isinstance(batch, Chunks)
+    forged = Chunks(**{**batch.__dict__, "data_ids": (1 << 30).to_bytes(4, "little") * 10})
+    from cloudlet.migration.messages import encode
+    dst.receive(encode(forged))
+    assert isinstance(_next_send(dst).message, Abort)
+    assert dst.outcome == "aborted" and dst.vm is None
+
+
+def _next_send(machine: SourceMigration | DestinationMigration) -> Send:
+    ev = machine.next_event()
+    assert isinstance(ev, Send), ev
+    return ev
+
+
+def test_precopy_stops_when_the_dirty_set_stops_shrinking(store: ImageStore,
+                                                          workload: dict[str, Image]) -> None:
+    vm, _ = pair(workload["kvstore"], [("kv_put", (k, k)) for k in range(500)])
+
+    def between(round_no: int) -> None:  # the same hot chunks, every round
+        for k in range(50):
+            vm.call("kv_put", k, round_no)
+
+    src = SourceMigration(vm, policy=PreCopyPolicy(stop_dirty_bytes=0, target_downtime_s=0))
+    drive(src, DestinationMigration(store, ChunkStore()), between_rounds=between)
+    assert len(src.stats.rounds) == 3  # round 0, one that did not shrink the set, final
