@@ -242,6 +242,13 @@ class ReplyExpired(SequenceError):
     code = "reply_expired"
 
 
+class SequenceConflict(SequenceError):
+    """The call's number was already used by a different call: two clients number
+    calls on one VM. This call was not applied; `details["vm_seq"]` is the VM's."""
+
+    code = "sequence_conflict"
+
+
 class SessionLost(SequenceError):
     """The session's VM rolled back past calls the client no longer holds, or can
     be found on no cloudlet: its state is gone, and the SDK says so rather than guess."""

@@ -83,6 +83,7 @@ STREAMS = web.AppKey("streams", OpenStreams)
 MOVER = web.AppKey("mover", Mover)
 
 MSGPACK = "application/msgpack"
+OVERSIZE_SLACK_BYTES = 64 << 10
 MOVED_CLOSE_CODE = 4001  # private-use WebSocket close code: "the VM moved; see the notice"
 NUMBERS = frozenset({int, float})  # exact types: bool is an int subclass, and not a number
 PUBLIC_PATHS = frozenset({"/health"})
@@ -274,7 +275,9 @@ def hosted_vm(request: web.Request) -> HostedVM:
 
 
 async def vm_info(request: web.Request) -> web.Response:
-    return answer(request, hosted_vm(request).describe())
+    # The largest call this cloudlet takes: a client checks before it numbers a call.
+    return answer(request, {**hosted_vm(request).describe(),
+                            "max_request_bytes": request.app[CONFIG].max_request_kib << 10})
 
 
 def parse_call(body: dict[str, Any]) -> Call:
@@ -283,26 +286,30 @@ def parse_call(body: dict[str, Any]) -> Call:
     A malformed call that carries a valid sequence number is not refused here:
     it becomes a `Call` whose answer is that error, so it uses up its number like
     any other outcome (see `VMHost._admit`)."""
-    seq = body.get("seq")
+    seq, ack = body.get("seq"), body.get("ack")
     if seq is not None and (type(seq) is not int or seq < 1):
         raise errors.MalformedRequest("field 'seq' must be a positive integer")
+    if ack is not None and (type(ack) is not int or ack < 0):
+        raise errors.MalformedRequest("field 'ack' must be a non-negative integer")
     fn = body.get("fn")
     try:
+        if "too_large" in body:
+            raise errors.RequestTooLarge(body["too_large"])
         if type(fn) is not str:
             raise errors.MalformedRequest("field 'fn' must be a function name")
         if "data" in body:
             data = body["data"]
             if type(data) is not bytes:
                 raise errors.MalformedRequest("field 'data' must be bytes")
-            return Call(fn, (), data, seq)
+            return Call(fn, (), data, seq, ack=ack)
         args = body.get("args", [])
         if type(args) is not list or not all(type(a) in NUMBERS for a in args):
             raise errors.MalformedRequest("args must be a list of numbers")
-        return Call(fn, tuple(args), None, seq)
-    except errors.MalformedRequest as exc:
+        return Call(fn, tuple(args), None, seq, ack=ack)
+    except (errors.MalformedRequest, errors.RequestTooLarge) as exc:
         if seq is None:
             raise
-        return Call(str(fn), seq=seq, refused=exc)
+        return Call(str(fn)[:200], seq=seq, refused=exc, ack=ack)
 
 
 def apply_call_now(host: VMHost, metrics: Metrics, hosted: HostedVM, body: dict[str, Any],
@@ -359,7 +366,10 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     # No WebSocket heartbeat: aiohttp schedules an extra loop callback for every
     # received message to keep it, a few percent of a call. The kernel finds dead
     # peers for free instead: TCP keepalive after 30 s idle, 3 probes 10 s apart.
-    ws = web.WebSocketResponse(max_msg_size=config.max_request_kib << 10)
+    cap_bytes = config.max_request_kib << 10
+    # Messages up to twice the cap are read and refused with a typed answer (one
+    # that carries a sequence number uses it up); only larger ones end the stream.
+    ws = web.WebSocketResponse(max_msg_size=2 * cap_bytes + OVERSIZE_SLACK_BYTES)
     await ws.prepare(request)
     _keepalive(request)
     streams = request.app[STREAMS]
@@ -379,6 +389,8 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
                 if not isinstance(body, dict):
                     raise errors.MalformedRequest("a message must be a msgpack map")
                 req_id = body.get("id")
+                if len(msg.data) > cap_bytes:
+                    body = _too_large(body, len(msg.data), cap_bytes)
                 reply = (apply_call_now(host, metrics, hosted, body, "ws")
                          or await apply_call(request.app, hosted, body, "ws"))
                 reply = {**reply, "id": req_id}  # the kept answer is shared: copy it
@@ -394,6 +406,13 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     finally:
         streams.discard(hosted.id, ws)
     return ws
+
+
+def _too_large(body: dict[str, Any], size_bytes: int, cap_bytes: int) -> dict[str, Any]:
+    """A stand-in for a call over the size cap: it keeps the call's number (so the
+    refusal uses it up) and nothing else, so `parse_call` refuses it."""
+    return {"seq": body.get("seq"), "ack": body.get("ack"), "fn": None,
+            "too_large": f"message of {size_bytes} bytes; the cap is {cap_bytes}"}
 
 
 def _keepalive(request: web.Request) -> None:

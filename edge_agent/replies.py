@@ -3,9 +3,17 @@
 A session numbers its calls (1, 2, 3, ...; the number a call takes is the VM's
 `seq` after it). When a connection drops, the client cannot know whether its
 last calls were applied, so it sends them again with the same numbers. The
-daemon applies a number only when it is the VM's next one; for a number it has
+daemon applies a number only when it is the VM's next; for a number it has
 already applied it answers from this log instead, so nothing is applied twice
 and the client gets the very answer it missed.
+
+The log keeps an answer until the client acknowledges it (`ack` on a later
+call: every answer up to that number arrived), so however many calls a client
+has in flight when its connection drops, each can be answered. Caps bound it
+for clients that never acknowledge. Each answer remembers which call it
+answered, so a different call resent under a used number (a second client
+numbering calls on the same VM) is refused, not answered with someone else's
+result.
 
 The log travels with the VM: it is kept in the snapshot's annex at every
 checkpoint and migration, so a restart or a move does not turn a resent call
@@ -14,61 +22,95 @@ into a second application.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import Any
 
-from cloudlet.errors import ReplyExpired, SequenceGap, error_from_wire
+from cloudlet.errors import ReplyExpired, SequenceConflict, SequenceGap, error_from_wire
 
-# How many answers a VM keeps. A client resends at most the calls it has in
-# flight, and the SDK keeps at most 64 in flight per session, so 256 leaves room
-# for several clients racing after a reconnect.
-REPLY_WINDOW = 256
-# Answers can be large (a frame); past this many bytes the oldest are dropped
-# even inside the window, so a VM's log never holds more than this in memory.
-REPLY_BYTES_CAP = 4 << 20
+# Answers kept for a client that never acknowledges (the SDK does, and keeps at
+# most 64 calls in flight). Past either cap the oldest answers are dropped, and a
+# resend of one gets `reply_expired`.
+REPLY_WINDOW = 1024
+REPLY_BYTES_CAP = 16 << 20
 ANNEX_KEY = "replies"
+_FIXED_BYTES = 96  # per answer: the map, its keys, the call's identity
 
 
-def _size_of(reply: dict[str, Any]) -> int:
+def call_identity(fn: str, args: tuple[Any, ...], data: bytes | None) -> list[Any]:
+    """What makes two calls the same call (msgpack-able, compared on a resend)."""
+    if data is not None:
+        return [fn, hashlib.blake2b(data, digest_size=16).digest()]
+    return [fn, list(args)]
+
+
+def _size_of(entry: list[Any]) -> int:
+    reply: dict[str, Any] = entry[1]
+    size = _FIXED_BYTES + len(str(entry[0][0]))
     data = reply.get("data")
-    return 64 + (len(data) if isinstance(data, bytes | bytearray) else 0)
+    if isinstance(data, bytes | bytearray):
+        size += len(data)
+    error = reply.get("error")
+    if isinstance(error, dict):
+        size += len(str(error.get("message", ""))) + len(str(error.get("details", "")))
+    return size
 
 
 class ReplyLog:
     """The recent answers of one VM, by sequence number."""
 
     def __init__(self) -> None:
-        self._replies: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._entries: OrderedDict[int, list[Any]] = OrderedDict()  # seq -> [identity, reply]
         self._bytes = 0
 
     def __len__(self) -> int:
-        return len(self._replies)
+        return len(self._entries)
 
-    def add(self, seq: int, reply: dict[str, Any]) -> None:
-        self._replies[seq] = reply
-        self._bytes += _size_of(reply)
-        while len(self._replies) > REPLY_WINDOW or (self._bytes > REPLY_BYTES_CAP
-                                                    and len(self._replies) > 1):
-            _, old = self._replies.popitem(last=False)
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def add(self, seq: int, identity: list[Any], reply: dict[str, Any]) -> None:
+        entry = [identity, reply]
+        self._entries[seq] = entry
+        self._bytes += _size_of(entry)
+        while len(self._entries) > REPLY_WINDOW or (self._bytes > REPLY_BYTES_CAP
+                                                    and len(self._entries) > 1):
+            _, old = self._entries.popitem(last=False)
             self._bytes -= _size_of(old)
 
-    def replay(self, seq: int, vm_seq: int) -> dict[str, Any]:
+    def acknowledge(self, upto_seq: int) -> None:
+        """The client has every answer up to `upto_seq`: forget them."""
+        entries = self._entries
+        while entries:
+            seq = next(iter(entries))
+            if seq > upto_seq:
+                return
+            self._bytes -= _size_of(entries.pop(seq))
+
+    def replay(self, seq: int, vm_seq: int, identity: list[Any]) -> dict[str, Any]:
         """The answer to call `seq` that is not the VM's next (`vm_seq + 1`): the
         kept answer of an applied call (its error raised again), or a typed error."""
         if seq > vm_seq + 1:
             raise SequenceGap(f"call {seq} is ahead of this VM, which takes call {vm_seq + 1} "
                               "next: calls in between were never applied here",
                               expected=vm_seq + 1)
-        reply = self._replies.get(seq)
-        if reply is None:
+        entry = self._entries.get(seq)
+        if entry is None:
             raise ReplyExpired(f"call {seq} was applied (the VM is at {vm_seq}), but its "
-                               f"answer is no longer kept (the last {REPLY_WINDOW} are)")
+                               "answer is no longer kept (acknowledged, or past the log's "
+                               f"caps of {REPLY_WINDOW} answers and {REPLY_BYTES_CAP >> 20} MiB)")
+        if entry[0] != identity:
+            raise SequenceConflict(f"call number {seq} was used by a different call "
+                                   f"({entry[0][0]!r:.60}): another client numbers calls on "
+                                   "this VM; this call was not applied", vm_seq=vm_seq)
+        reply: dict[str, Any] = entry[1]
         if "error" in reply:
             raise error_from_wire(reply["error"])
         return reply
 
     def to_wire(self) -> list[list[Any]]:
-        return [[seq, reply] for seq, reply in self._replies.items()]
+        return [[seq, identity, reply] for seq, (identity, reply) in self._entries.items()]
 
     @classmethod
     def from_wire(cls, wire: Any) -> ReplyLog:
@@ -77,7 +119,7 @@ class ReplyLog:
         log = cls()
         if isinstance(wire, list):
             for item in wire:
-                if (isinstance(item, list) and len(item) == 2 and type(item[0]) is int
-                        and isinstance(item[1], dict)):
-                    log.add(item[0], item[1])
+                if (isinstance(item, list) and len(item) == 3 and type(item[0]) is int
+                        and isinstance(item[1], list) and isinstance(item[2], dict)):
+                    log.add(item[0], item[1], item[2])
         return log

@@ -51,7 +51,7 @@ from cloudlet.fsutil import atomic_write
 from cloudlet.vm import VM, Image, ImageStore, Snapshot, VMLimits
 from edge_agent.auth import Principal
 from edge_agent.config import NodeConfig
-from edge_agent.replies import ANNEX_KEY, ReplyLog
+from edge_agent.replies import ANNEX_KEY, ReplyLog, call_identity
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,6 +68,10 @@ class Call:
     data: bytes | None = None  # a bytes-in/bytes-out call when set
     seq: int | None = None
     refused: CloudletError | None = None
+    ack: int | None = None  # the client has every answer up to this number
+
+    def identity(self) -> list[Any]:
+        return call_identity(self.fn, self.args, self.data)
 
 
 @dataclass(frozen=True)
@@ -252,8 +256,10 @@ class VMHost:
     def _admit(self, hosted: HostedVM, call: Call) -> dict[str, Any] | None:
         """None if the call is to run now; a kept answer if it was applied already."""
         self._check_alive(hosted)
+        if call.ack is not None:
+            hosted.replies.acknowledge(min(call.ack, hosted.vm.seq))
         if call.seq is not None and call.seq != hosted.vm.seq + 1:
-            return hosted.replies.replay(call.seq, hosted.vm.seq)
+            return hosted.replies.replay(call.seq, hosted.vm.seq, call.identity())
         if call.refused is not None:
             self._fail(hosted, call, call.refused)
         return None
@@ -275,7 +281,7 @@ class VMHost:
         if call.seq is not None:
             # The client may forget answered calls up to here: they survive a kill -9.
             reply["durable"] = hosted.checkpointed_seq
-            hosted.replies.add(call.seq, reply)
+            hosted.replies.add(call.seq, call.identity(), reply)
         return reply
 
     @staticmethod
@@ -289,7 +295,8 @@ class VMHost:
         if call.seq is not None:
             if hosted.vm.seq < call.seq:
                 hosted.vm.consume_seq()
-            hosted.replies.add(call.seq, {"error": exc.to_wire(), "seq": call.seq})
+            hosted.replies.add(call.seq, call.identity(),
+                               {"error": exc.to_wire(), "seq": call.seq})
         raise exc
 
     async def snapshot_bytes(self, hosted: HostedVM) -> bytes:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudlet.errors import (
+    CallTimeout,
     CapacityExceeded,
     CloudletError,
     ImageNotFound,
@@ -35,7 +36,7 @@ from cloudlet.errors import (
     VMNotFound,
 )
 from mobile_client import local as local_exec
-from mobile_client.discovery import Discovery
+from mobile_client.discovery import CloudletInfo, Discovery
 from mobile_client.policy import Decider, Decision
 from mobile_client.probe import Prober
 from mobile_client.session import DEFAULT_CALL_DEADLINE_MS, Session
@@ -67,7 +68,6 @@ class CloudletClient:
                  local_store_dir: str | None = None) -> None:
         if policy not in POLICIES:
             raise InvalidArgument(f"policy must be one of {', '.join(POLICIES)}")
-        self.token = token
         self.name = client_name(token)
         self.policy = policy
         self.http = Http(token)
@@ -94,13 +94,22 @@ class CloudletClient:
             await session.close()
         for (_, endpoint), vm_id in list(self._offload_vms.items()):
             with contextlib.suppress(CloudletError):
-                await self.http.request("DELETE", Location(endpoint, endpoint),
-                                        f"/v1/vms/{vm_id}", timeout_s=2.0)
+                await self.http.delete_vm(Location(endpoint, endpoint), vm_id)
         self._offload_vms.clear()
         if self._local is not None:
             await asyncio.to_thread(self._local.close)
             self._local = None
         await self._stack.aclose()
+
+    @property
+    def token(self) -> str:
+        return self.http.token
+
+    @token.setter
+    def token(self, value: str) -> None:
+        """Replace the token (before it expires): every later request and reconnect
+        uses it. An expired token ends sessions with `Unauthorized`."""
+        self.http.token = value
 
     # --- images ---------------------------------------------------------------------
 
@@ -165,8 +174,7 @@ class CloudletClient:
             finally:
                 if not keep:
                     with contextlib.suppress(CloudletError):
-                        await self.http.request("DELETE", s.location, f"/v1/vms/{s.vm_id}",
-                                                timeout_s=5.0)
+                        await self.http.delete_vm(s.location, s.vm_id)
 
     @contextlib.asynccontextmanager
     async def attach(self, vm_id: str, endpoint: str, *, budget_ms: float = 30.0,
@@ -239,20 +247,33 @@ class CloudletClient:
             decision = self.decider.decide(digest, fn, payload_bytes=size,
                                            rtt_ms=best[1] if best else None,
                                            local_available=local_exec.available())
-        async with asyncio.timeout(deadline_ms / 1000):
-            if decision.where == "local":
-                value, elapsed_ms = await self._local_runner().run(digest, wasm, fn, args)
-                self.decider.observe_local(digest, fn, elapsed_ms)
-                where = "local"
-            else:
-                if best is None:
-                    raise NoCloudletAvailable("no cloudlet answered a probe")
-                info, rtt_ms = best
-                t0 = time.perf_counter()
-                value = await self._offload_remote(info.location, digest, fn, args)
-                self.decider.observe_remote(digest, fn, (time.perf_counter() - t0) * 1000,
-                                            rtt_ms, size)
-                where = info.node
+        if not deadline_ms > 0:
+            raise InvalidArgument(f"deadline_ms must be positive, not {deadline_ms!r}")
+        try:
+            async with asyncio.timeout(deadline_ms / 1000):
+                return await self._run_offload(decision, best, digest, wasm, fn, args, size,
+                                               started)
+        except TimeoutError:
+            raise CallTimeout(f"offload of {fn} got no answer within {deadline_ms:g} ms "
+                              f"({decision.where}: {decision.reason})") from None
+
+    async def _run_offload(self, decision: Decision, best: tuple[CloudletInfo, float] | None,
+                           digest: str, wasm: bytes, fn: str,
+                           args: bytes | tuple[int | float, ...], size: int,
+                           started: float) -> OffloadResult:
+        if decision.where == "local":
+            value, elapsed_ms = await self._local_runner().run(digest, wasm, fn, args)
+            self.decider.observe_local(digest, fn, elapsed_ms)
+            where = "local"
+        else:
+            if best is None:
+                raise NoCloudletAvailable("no cloudlet answered a probe")
+            info, rtt_ms = best
+            t0 = time.perf_counter()
+            value = await self._offload_remote(info.location, digest, fn, args)
+            self.decider.observe_remote(digest, fn, (time.perf_counter() - t0) * 1000,
+                                        rtt_ms, size)
+            where = info.node
         return OffloadResult(value, where, (time.perf_counter() - started) * 1000, decision)
 
     def _local_runner(self) -> local_exec.LocalRunner:
@@ -280,8 +301,11 @@ class CloudletClient:
             try:
                 reply = await self.http.request("POST", where, f"/v1/vms/{vm_id}/call",
                                                 body=body)
-            except VMNotFound:
-                # The cloudlet lost or dropped our warm VM: make another, once.
+            except (VMNotFound, VMMoved):
+                # The cloudlet lost our warm VM, or it was moved (say by the placer): a
+                # stateless task does not follow it; let it go and make another, once.
+                with contextlib.suppress(CloudletError):
+                    await self.http.delete_vm(where, vm_id)
                 self._offload_vms.pop((digest, where.endpoint), None)
                 if attempt:
                     raise

@@ -38,8 +38,13 @@ import msgpack
 from cloudlet.errors import (
     CallTimeout,
     CloudletError,
+    Forbidden,
+    InvalidArgument,
+    RequestTooLarge,
+    SequenceConflict,
     SequenceGap,
     SessionLost,
+    Unauthorized,
     VMMoved,
     VMNotFound,
     error_from_wire,
@@ -62,6 +67,19 @@ JOURNAL_MAX_CALLS = 4096
 JOURNAL_MAX_BYTES = 16 << 20
 # Latencies kept for percentiles (a ring: recent interactions matter most).
 LATENCY_WINDOW = 100_000
+# Calls in flight at most: past it, `call` waits. Bounds what a reconnect resends
+# and what the cloudlet must keep answers for (it keeps them until acknowledged).
+MAX_IN_FLIGHT = 64
+# The largest call a cloudlet takes unless it says otherwise (its max_request_kib).
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+MESSAGE_OVERHEAD_BYTES = 128  # id, seq, ack and the map around the call
+# A stream that ends sooner than this without a single answer counts as a failed
+# connection (backoff applies): else a cloudlet that closes every stream at once
+# would be hammered.
+STABLE_STREAM_S = 1.0
+LOCATE_AFTER_FAILURES = 3  # connects to one cloudlet in a row, then ask where the VM is
+INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1  # what a wasm i64 (signed or not) can take
+FINAL_ERRORS = (SessionLost, Unauthorized, Forbidden)  # retrying cannot help
 
 Locator = Callable[[str], Awaitable[Location | None]]
 
@@ -101,12 +119,14 @@ class Session:
         self._http = http
         self._locate = locate
         self._next_seq = seq + 1
+        self._acked = seq  # every answer up to here has arrived (sent as `ack`)
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self._pending: dict[int, _Pending] = {}
         self._journal: OrderedDict[int, bytes] = OrderedDict()
         self._journal_bytes = 0
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._connected = asyncio.Event()
-        self._send_lock = asyncio.Lock()
         self._lost: CloudletError | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[bool]] = set()
@@ -114,6 +134,7 @@ class Session:
         self._over_budget = 0
         self._calls = 0
         self.reconnects = 0
+        self._calls_answered = 0
         self.moves_followed = 0
         self.resent = 0  # unanswered calls sent again on a new connection
         self.replayed = 0  # answered calls sent again to a cloudlet that lost them
@@ -160,37 +181,62 @@ class Session:
             raise self._lost
         if self._runner is None:
             raise SessionLost("the session is not started (use `async with`)")
+        if deadline_ms is not None and not deadline_ms > 0:
+            raise InvalidArgument(f"deadline_ms must be positive, not {deadline_ms!r}")
+        body = self._body(fn, args)  # checked before it takes a number: a refusal uses none
+        started = time.perf_counter()
+        await self._slots.acquire()
         seq = self._next_seq
         self._next_seq += 1
-        body: dict[str, Any] = {"id": seq, "fn": fn, "seq": seq}
-        if len(args) == 1 and isinstance(args[0], bytes | bytearray):
-            body["data"] = bytes(args[0])
-        else:
-            body["args"] = list(args)
+        body["id"] = body["seq"] = seq
+        body["ack"] = self._acked
         message: bytes = msgpack.packb(body)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(self._release_slot)
         self._pending[seq] = _Pending(seq, message, future)
-        started = time.perf_counter()
-        # Under the send lock: either `_resend` (which holds it) saw this call in
-        # `_pending`, or the connection is up by the time this runs and sends it.
-        async with self._send_lock:
-            ws = self._ws
-            if ws is not None and self._connected.is_set():
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await ws.send_bytes(message)  # a failure: the reconnect resends it
-        deadline_s = (deadline_ms or self.call_deadline_ms) / 1000
+        # Either `_resend` sees this call in `_pending` (the stream is not marked
+        # connected until it has sent every pending call), or the stream is up and
+        # this sends it. An uncompressed frame is written before `send_bytes` first
+        # awaits, so frames leave in the order calls took their numbers.
+        ws = self._ws
+        if ws is not None and self._connected.is_set():
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.send_bytes(message)  # a failure: the reconnect resends it
+        deadline_s = (self.call_deadline_ms if deadline_ms is None else deadline_ms) / 1000
         try:
             async with asyncio.timeout(deadline_s):
-                result = await asyncio.shield(future)
+                # On a timeout this future is cancelled, not the call: it stays in
+                # `_pending`, is resent on reconnects, and its answer is dropped.
+                result = await future
         except TimeoutError:
-            # The answer may still come; nobody will read it, and that is fine.
-            future.add_done_callback(_consume)
             raise CallTimeout(
                 f"call {seq} ({fn}) to VM {self.vm_id} got no answer within "
                 f"{deadline_s * 1000:.0f} ms; it stays queued and applies at most once"
             ) from None
         self._record((time.perf_counter() - started) * 1000)
         return result
+
+    def _body(self, fn: str, args: tuple[Any, ...]) -> dict[str, Any]:
+        if type(fn) is not str:
+            raise InvalidArgument(f"a function name is a str, not {type(fn).__name__}")
+        if len(args) == 1 and isinstance(args[0], bytes | bytearray):
+            data = bytes(args[0])
+            size = len(data) + len(fn) + MESSAGE_OVERHEAD_BYTES
+            if size > self.max_message_bytes:
+                raise RequestTooLarge(f"a call of {size} bytes; cloudlet {self.location.node} "
+                                      f"takes at most {self.max_message_bytes}")
+            return {"fn": fn, "data": data}
+        for a in args:
+            if type(a) is int:
+                if not INT_MIN <= a <= INT_MAX:
+                    raise InvalidArgument(f"{fn}: {a} does not fit a 64-bit integer")
+            elif type(a) is not float:
+                raise InvalidArgument(f"{fn}: arguments are numbers or one bytes value, not "
+                                      f"{type(a).__name__}")
+        return {"fn": fn, "args": list(args)}
+
+    def _release_slot(self, future: asyncio.Future[Any]) -> None:
+        self._slots.release()
 
     def _record(self, latency_ms: float) -> None:
         self._calls += 1
@@ -223,6 +269,7 @@ class Session:
     async def _run(self) -> None:
         """Stay connected to wherever the VM is, until closed."""
         backoff = BACKOFF_START_S
+        failures = 0
         first = True
         while True:
             try:
@@ -230,24 +277,30 @@ class Session:
                 ws = await self._http.ws_connect(self.location, self.vm_id)
             except (VMMoved, VMNotFound):
                 continue  # `_find_vm` updated the location, or will give up
+            except FINAL_ERRORS as exc:
+                self._give_up(exc)
+                return
             except CloudletError as exc:
-                if isinstance(exc, SessionLost):
-                    self._give_up(exc)
-                    return
+                failures += 1
+                if failures % LOCATE_AFTER_FAILURES == 0 and await self._relocate():
+                    continue
                 log.info("VM %s: cannot reach %s (%s); retrying in %.2f s", self.vm_id,
                          self.location.node, exc.message, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
-            backoff = BACKOFF_START_S
+            failures = 0
             if not first:
                 self.reconnects += 1
             first = False
             self._ws = ws
+            opened = time.monotonic()
+            answered_before = self._calls_answered
+            ended = "closed"
             try:
                 await self._resend(ws, vm_seq)
-                await self._read(ws)
-            except SessionLost as exc:
+                ended = await self._read(ws)
+            except FINAL_ERRORS as exc:
                 self._give_up(exc)
                 return
             except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
@@ -257,6 +310,21 @@ class Session:
                 self._connected.clear()
                 self._ws = None
                 await ws.close()
+            lived_s = time.monotonic() - opened
+            if (ended == "closed" and lived_s < STABLE_STREAM_S
+                    and self._calls_answered == answered_before):
+                await asyncio.sleep(backoff)  # it closes at once: do not hammer it
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+            else:
+                backoff = BACKOFF_START_S
+
+    async def _relocate(self) -> bool:
+        """The VM's cloudlet keeps failing: is the VM somewhere else now?"""
+        found = await self._locate(self.vm_id) if self._locate else None
+        if found is None or found == self.location:
+            return False
+        self._move_to(found)
+        return True
 
     async def _find_vm(self) -> int:
         """The VM's current `seq` at `self.location`, following moves; raises
@@ -274,6 +342,9 @@ class Session:
             self._move_to(found)
             raise
         seq = info.get("seq")
+        cap = info.get("max_request_bytes")
+        if type(cap) is int and cap > 0:
+            self.max_message_bytes = cap
         if type(seq) is not int:
             raise SessionLost(f"cloudlet {self.location.node} described VM {self.vm_id} "
                               "without a sequence number")
@@ -319,17 +390,23 @@ class Session:
                     "kept by this client (it came back from an older checkpoint)")
             log.warning("VM %s rolled back to %d; replaying %d answered calls", self.vm_id,
                         vm_seq, len(missing))
-            async with self._send_lock:
-                for seq in missing:
-                    await ws.send_bytes(self._journal[seq])
+            for seq in missing:
+                await ws.send_bytes(self._journal[seq])
             self.replayed += len(missing)
-        async with self._send_lock:
-            for seq in sorted(self._pending):
-                await ws.send_bytes(self._pending[seq].message)
-                self.resent += self.reconnects > 0  # a first connection sends, not resends
-            self._connected.set()
+        sent_upto = 0
+        while todo := sorted(seq for seq in self._pending if seq > sent_upto):
+            for seq in todo:  # calls made meanwhile are picked up by the next pass
+                pending = self._pending.get(seq)
+                if pending is not None:
+                    await ws.send_bytes(pending.message)
+                    self.resent += self.reconnects > 0  # a first connection sends, not resends
+            sent_upto = todo[-1]
+        # No await since the last look at `_pending`: every later call sends itself.
+        self._connected.set()
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> str:
+        """Deliver answers until the stream ends; returns why: "moved" (go to the
+        new place), "resync" (ask the VM where it is at), or "closed"."""
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.BINARY:
                 continue
@@ -339,7 +416,7 @@ class Session:
             moved = reply.get("moved")
             if isinstance(moved, dict):
                 self._follow(moved)
-                return
+                return "moved"
             seq = reply.get("id")
             if type(seq) is not int or seq not in self._pending:
                 continue  # a replayed call's answer, or a duplicate: already delivered
@@ -347,24 +424,35 @@ class Session:
             error = reply.get("error")
             if error is not None:
                 exc = error_from_wire(error)
-                if isinstance(exc, SequenceGap):
-                    # The cloudlet rolled back while we were connected: resync.
+                if isinstance(exc, SequenceGap | VMNotFound):
+                    # The cloudlet rolled back, or lost the VM: find where it stands.
                     self._pending[seq] = pending
-                    return
+                    return "resync"
                 if isinstance(exc, VMMoved):
                     self._pending[seq] = pending
                     self._follow(exc.details)
-                    return
-                self._journal_add(seq, pending.message)
+                    return "moved"
+                if isinstance(exc, SequenceConflict):
+                    vm_seq = exc.details.get("vm_seq")
+                    if type(vm_seq) is int and vm_seq >= self._next_seq:
+                        self._next_seq = vm_seq + 1  # another writer: number after it
+                self._answered(seq, pending)
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             else:
-                self._journal_add(seq, pending.message)
+                self._answered(seq, pending)
                 if not pending.future.done():
                     pending.future.set_result(reply.get("data", reply.get("result")))
             durable = reply.get("durable")
             if type(durable) is int:
                 self._journal_trim(durable)
+        return "closed"
+
+    def _answered(self, seq: int, pending: _Pending) -> None:
+        self._calls_answered += 1
+        self._journal_add(seq, pending.message)
+        while self._acked + 1 < self._next_seq and self._acked + 1 not in self._pending:
+            self._acked += 1
 
     def _journal_add(self, seq: int, message: bytes) -> None:
         self._journal[seq] = message
@@ -389,7 +477,3 @@ class Session:
         self._pending.clear()
 
 
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved: no "never retrieved" warning for an abandoned call

@@ -48,11 +48,11 @@ class BlockingClient:
     """`CloudletClient` with blocking methods. Takes the same arguments."""
 
     def __init__(self, token: str, **options: Any) -> None:
+        self.client = CloudletClient(token, **options)  # bad options fail before the thread
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever,
                                         name="cloudlet-sdk-loop", daemon=True)
         self._thread.start()
-        self.client = CloudletClient(token, **options)
         try:
             self._run(self.client.__aenter__)
         except BaseException:

@@ -46,7 +46,10 @@ def image_digest(wasm: bytes) -> str:
 
 
 class Http:
-    """Requests to cloudlets with this client's token. `async with` owns the connections."""
+    """Requests to cloudlets with this client's token. `async with` owns the connections.
+
+    The token is read on every request, so an application may replace it
+    (`http.token = new`) before it expires; sessions reconnect with the new one."""
 
     def __init__(self, token: str) -> None:
         self.token = token
@@ -54,7 +57,6 @@ class Http:
 
     async def __aenter__(self) -> Http:
         self._session = aiohttp.ClientSession(
-            headers={"Authorization": f"Bearer {self.token}"},
             timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
         return self
 
@@ -79,6 +81,7 @@ class Http:
         """Decoded msgpack answer; a typed error for anything else."""
         data = raw if raw is not None else (msgpack.packb(body) if body is not None else None)
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
+        headers = {**(headers or {}), "Authorization": f"Bearer {self.token}"}
         try:
             async with self.session.request(method, where.endpoint + path, data=data,
                                             headers=headers, timeout=timeout) as resp:
@@ -96,6 +99,19 @@ class Http:
                 "code": "request_error", "message": f"HTTP {status} from {where.node}"})
         return decoded
 
+    async def delete_vm(self, where: Location, vm_id: str, max_forwards: int = 8) -> None:
+        """Destroy a VM, following it if it moved (a session's VM may have moved a
+        moment before the application let it go)."""
+        from cloudlet.errors import VMMoved
+
+        for _ in range(max_forwards):
+            try:
+                await self.request("DELETE", where, f"/v1/vms/{vm_id}", timeout_s=5.0)
+                return
+            except VMMoved as moved:
+                where = Location(str(moved.details.get("node")),
+                                 str(moved.details.get("endpoint")))
+
     async def vm_info(self, where: Location, vm_id: str) -> dict[str, Any]:
         info: dict[str, Any] = await self.request("GET", where, f"/v1/vms/{vm_id}",
                                                   timeout_s=CONNECT_TIMEOUT_S * 2)
@@ -105,6 +121,7 @@ class Http:
         try:
             return await self.session.ws_connect(
                 f"{where.endpoint}/v1/vms/{vm_id}/stream",
+                headers={"Authorization": f"Bearer {self.token}"},
                 timeout=aiohttp.ClientWSTimeout(ws_close=1.0), max_msg_size=0)
         except aiohttp.WSServerHandshakeError as exc:
             # The handshake's error body is not readable here; ask plainly for the reason.

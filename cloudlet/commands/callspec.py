@@ -15,6 +15,8 @@ from typing import Any
 
 from cloudlet.errors import BadCall
 
+INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1  # a wasm i64, signed or unsigned
+
 
 def split_call(spec: str) -> tuple[str, list[str]]:
     """`"FN ARG..."` -> (FN, [ARG, ...])."""
@@ -49,12 +51,15 @@ def number_arg(arg: str, fn: str) -> int | float:
     """A numeric argument without a signature at hand (the cloudlet checks types):
     an integer (decimal or 0x-hex) if it reads as one, else a float."""
     try:
-        return int(arg, 0)
+        value = int(arg, 0)
     except ValueError:
         try:
             return float(arg)
         except ValueError:
             raise BadCall(f"{fn}: {arg!r} is neither a number nor s:/x:/@ bytes") from None
+    if not INT_MIN <= value <= INT_MAX:
+        raise BadCall(f"{fn}: {arg} does not fit a 64-bit integer")
+    return value
 
 
 def format_result(result: Any) -> str:
