@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cloudlet.errors import MigrationChannelLost, MigrationProtocolError
+from cloudlet.errors import MigrationChannelLost, MigrationProtocolError, VMMoved
 from cloudlet.migration.chunkstore import ChunkStore
 from cloudlet.migration.destination import DestinationMigration, ImageSource
 from cloudlet.migration.events import (
@@ -69,7 +69,8 @@ class SourceHooks(Protocol):
 
 class VMGate:
     """Source hooks for a VM called from the event loop: calls go through `call()`,
-    which waits while the VM is paused; `pause()` waits for the running call."""
+    which waits while the VM is paused; `pause()` waits for the running call.
+    Once the VM has moved, waiting and later calls raise `VMMoved`."""
 
     def __init__(self, annex: dict[str, Any] | None = None) -> None:
         self._open = asyncio.Event()
@@ -83,6 +84,9 @@ class VMGate:
         while True:
             await self._open.wait()
             await self._lock.acquire()
+            if self.tombstoned is not None:
+                self._lock.release()
+                raise VMMoved(f"VM {self.tombstoned.vm_id} has moved", vm=self.tombstoned.vm_id)
             if self._open.is_set():
                 break
             self._lock.release()
@@ -105,7 +109,8 @@ class VMGate:
             self._open.set()
 
     async def tombstone(self, event: BecomeTombstone) -> None:
-        self.tombstoned = event  # calls stay paused: the VM lives elsewhere now
+        self.tombstoned = event
+        self._open.set()  # wake waiting calls: they learn that the VM moved
 
     def annex(self) -> dict[str, Any]:
         return self._annex

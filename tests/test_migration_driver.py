@@ -1,0 +1,246 @@
+"""The async drivers over in-memory channels and real TCP, with faults at each phase.
+
+Table-driven: a message is lost, the channel drops, the destination raises, or
+a wait times out. Before the commit the VM must serve on at the source with its
+state intact; after it, it lives at the destination. Never both, never neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import msgpack
+import pytest
+
+from cloudlet.errors import ImageNotFound, MigrationChannelLost, VMMoved
+from cloudlet.linkproxy import shaped_link
+from cloudlet.migration import (
+    ChunkStore,
+    MemoryChannel,
+    MigrationStats,
+    PreCopyPolicy,
+    Received,
+    StreamChannel,
+    VMGate,
+    memory_channel_pair,
+    run_destination,
+    run_source,
+)
+from cloudlet.vm import VM, Image, ImageStore
+
+DEADLINE_S = 0.3  # faults end in timeouts: keep them short
+
+
+def state(vm: VM) -> tuple[Any, ...]:
+    return hashlib.sha256(vm.memory_view()).hexdigest(), vm.globals_state(), vm.seq
+
+
+class FaultyChannel:
+    """Wraps a channel; on the first message of type `kind` it drops it or closes."""
+
+    def __init__(self, inner: MemoryChannel, kind: str | None, fault: str) -> None:
+        self.inner, self.kind, self.fault, self.fired = inner, kind, fault, False
+
+    async def send(self, data: bytes) -> None:
+        t = msgpack.unpackb(data, strict_map_key=False)["t"]
+        if t == self.kind and not self.fired:
+            self.fired = True
+            if self.fault == "close":
+                self.inner.close()
+                raise MigrationChannelLost("dropped")
+            return  # lost
+        await self.inner.send(data)
+
+    async def recv(self) -> bytes:
+        return await self.inner.recv()
+
+
+class BrokenImages:
+    """A destination whose image lookup raises (e.g. its disk failed)."""
+
+    def __init__(self, real: ImageStore) -> None:
+        self.real = real
+
+    def __contains__(self, digest: str) -> bool:
+        return True
+
+    def get(self, digest: str) -> Image:
+        raise ImageNotFound("the disk is gone")
+
+    def add(self, wasm: bytes) -> Image:
+        return self.real.add(wasm)
+
+
+async def migrate(vm: VM, src_ch: Any, dst_ch: Any, images: Any, *,
+                  calls: int = 0, policy: PreCopyPolicy | None = None,
+                  deadline_s: float = DEADLINE_S) -> tuple[MigrationStats, Received, VMGate, int]:
+    gate = VMGate(annex={"replies": {vm.seq: b"last"}})
+    outcomes: dict[str, bool] = {}
+    served = 0
+
+    async def client() -> None:
+        nonlocal served
+        for i in range(calls):
+            try:
+                async with gate.call():
+                    vm.call("hog_dirty", 8, 1000 + i)
+                    served += 1
+            except VMMoved:
+                return
+            await asyncio.sleep(0.002)
+
+    async def resolve(migration_id: str) -> bool:  # asks the source's tombstone
+        while "source" not in outcomes:
+            await asyncio.sleep(0.01)
+        return outcomes["source"]
+
+    async def source() -> MigrationStats:
+        stats = await run_source(vm, src_ch, hooks=gate, policy=policy, deadline_s=deadline_s)
+        outcomes["source"] = stats.outcome == "committed"
+        return stats
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(client())
+        s = tg.create_task(source())
+        d = tg.create_task(run_destination(dst_ch, images, ChunkStore(), resolve=resolve,
+                                           deadline_s=deadline_s))
+    return s.result(), d.result(), gate, served
+
+
+def make_vm(image: Image) -> VM:
+    vm = VM.create(image, clock="virtual", random_seed=bytes(32))
+    vm.call("hog_grow", 4)
+    vm.call("hog_dirty", 600, 7)
+    return vm
+
+
+def twin_of(image: Image, served: int) -> VM:
+    twin = make_vm(image)
+    for i in range(served):
+        twin.call("hog_dirty", 8, 1000 + i)
+    return twin
+
+
+FAULTS = [  # (direction, message type, fault, where the VM must end up)
+    ("src", "offer", "drop", "source"),
+    ("src", "offer", "close", "source"),
+    ("dst", "accept", "drop", "source"),
+    ("src", "chunks", "drop", "source"),
+    ("src", "chunks", "close", "source"),
+    ("dst", "ack", "close", "source"),
+    ("src", "round_end", "drop", "source"),
+    ("src", "final", "drop", "source"),
+    ("src", "final", "close", "source"),
+    ("dst", "ready", "drop", "source"),
+    ("dst", "ready", "close", "source"),
+    ("src", "commit", "drop", "destination"),
+    ("src", "commit", "close", "destination"),
+]
+
+
+@pytest.mark.parametrize(("side", "kind", "fault", "where"), FAULTS,
+                         ids=[f"{s}-{k}-{f}" for s, k, f, _ in FAULTS])
+def test_fault_at_each_phase(store: ImageStore, workload: dict[str, Image], side: str,
+                             kind: str, fault: str, where: str) -> None:
+    image = workload["memhog"]
+    vm = make_vm(image)
+    a, b = memory_channel_pair()
+    src_ch: Any = FaultyChannel(a, kind, fault) if side == "src" else a
+    dst_ch: Any = FaultyChannel(b, kind, fault) if side == "dst" else b
+    stats, got, gate, served = asyncio.run(migrate(vm, src_ch, dst_ch, store, calls=20))
+    twin = twin_of(image, served)
+    if where == "source":
+        assert stats.outcome == "aborted" and got.outcome == "aborted" and got.vm is None
+        assert not gate.paused and gate.tombstoned is None  # serving again
+        assert state(vm) == state(twin)
+        vm.call("hog_dirty", 1, 1)  # and usable
+    else:
+        assert stats.outcome == "committed" and got.outcome == "committed"
+        assert gate.tombstoned is not None  # never both: the source refuses calls
+        assert got.vm is not None and state(got.vm) == state(twin)
+        assert got.annex == {"replies": {2: b"last"}}
+
+
+def test_destination_raising_aborts_and_the_source_resumes(store: ImageStore,
+                                                           workload: dict[str, Image]) -> None:
+    vm = make_vm(workload["memhog"])
+    before = state(vm)
+    a, b = memory_channel_pair()
+    stats, got, gate, _ = asyncio.run(migrate(vm, a, b, BrokenImages(store)))
+    assert stats.outcome == got.outcome == "aborted" and stats.abort_code == "image_not_found"
+    assert not gate.paused and state(vm) == before
+
+
+def test_destination_silent_times_out_and_the_source_resumes(workload: dict[str, Image]) -> None:
+    vm = make_vm(workload["memhog"])
+    before = state(vm)
+
+    async def main() -> MigrationStats:
+        a, _b = memory_channel_pair()  # nobody answers on the other end
+        return await run_source(vm, a, deadline_s=0.1)
+
+    stats = asyncio.run(main())
+    assert stats.outcome == "aborted" and stats.abort_code == "migration_timeout"
+    assert state(vm) == before
+
+
+def test_cancelling_the_source_driver_resumes_the_vm(workload: dict[str, Image]) -> None:
+    vm = make_vm(workload["memhog"])
+    gate = VMGate()
+
+    async def main() -> None:
+        a, _b = memory_channel_pair()
+        task = asyncio.create_task(run_source(vm, a, hooks=gate))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert not gate.paused
+
+
+async def _tcp_pair(proxy_rate_mbit_s: float | None) -> Any:
+    accepted: asyncio.Queue[StreamChannel] = asyncio.Queue()
+
+    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await accepted.put(StreamChannel(r, w))
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], accepted
+
+
+@pytest.mark.parametrize("rate_mbit_s", [None, 100.0])
+def test_over_real_tcp(store: ImageStore, workload: dict[str, Image],
+                       rate_mbit_s: float | None) -> None:
+    image = workload["memhog"]
+    vm = make_vm(image)
+
+    async def main() -> tuple[MigrationStats, Received, int]:
+        server, port, accepted = await _tcp_pair(rate_mbit_s)
+        async with server:
+            if rate_mbit_s is None:
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                src = StreamChannel(r, w)
+                dst = await accepted.get()
+                stats, got, _, served = await migrate(vm, src, dst, store, calls=30,
+                                                      deadline_s=5)
+            else:
+                async with shaped_link("127.0.0.1", port, rate_mbit_s) as proxy:
+                    r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
+                    src = StreamChannel(r, w)
+                    dst = await accepted.get()
+                    stats, got, _, served = await migrate(vm, src, dst, store, calls=30,
+                                                          deadline_s=5)
+            await src.close()
+            await dst.close()
+        return stats, got, served
+
+    stats, got, served = asyncio.run(main())
+    assert stats.outcome == got.outcome == "committed" and got.vm is not None
+    assert state(got.vm) == state(twin_of(image, served))
+    assert stats.downtime_s is not None and stats.total_s is not None
+    d = stats.to_dict()
+    assert d["bytes_sent"] == stats.bytes_sent and len(d["bytes_per_round"]) == len(stats.rounds)
