@@ -379,6 +379,9 @@ class SourceMigration:
 
     def _next_round(self) -> None:
         """Every batch is acked: another pre-copy round, or stop and copy."""
+        # Free the acked round's data here, while the VM serves: unmapping a 64 MiB
+        # round 0 takes ~5 ms, which would otherwise land inside the downtime.
+        self._round = None
         dirty_bytes = sum(len(ids) for ids in self.vm.dirty_chunks()) * chunks.CHUNK_BYTES
         p = self.policy
         rate = self._meter.rate_bytes_s
