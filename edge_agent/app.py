@@ -24,9 +24,11 @@ from aiohttp import WSMsgType, web
 
 from cloudlet import errors
 from cloudlet.errors import CloudletError
+from cloudlet.migration.messages import MAX_MESSAGE_BYTES
 from edge_agent.auth import Authority, Principal
 from edge_agent.config import NodeConfig
 from edge_agent.handoff import Mover
+from edge_agent.live_migration import peer_of
 from edge_agent.metrics import Metrics
 from edge_agent.vm_host import Call, HostedVM, Location, VMHost
 
@@ -161,7 +163,8 @@ async def deadline_middleware(request: web.Request, handler: Handler) -> web.Str
         return await handler(request)  # a stream lives long; each call has the VM's deadline
     config = request.app[CONFIG]
     moving = request.method == "POST" and (request.path.endswith("/migrate")
-                                           or request.path == "/v1/peer/vms")
+                                           or request.path in ("/v1/peer/vms",
+                                                               "/v1/vms/synthesize"))
     deadline_s = config.move_deadline_s if moving else config.request_deadline_s
     try:
         async with asyncio.timeout(deadline_s):
@@ -275,9 +278,14 @@ def hosted_vm(request: web.Request) -> HostedVM:
 
 
 async def vm_info(request: web.Request) -> web.Response:
-    # The largest call this cloudlet takes: a client checks before it numbers a call.
-    return answer(request, {**hosted_vm(request).describe(),
-                            "max_request_bytes": request.app[CONFIG].max_request_kib << 10})
+    hosted = hosted_vm(request)
+    info = {**hosted.describe(),
+            # The largest call this cloudlet takes: a client checks before it numbers one.
+            "max_request_bytes": request.app[CONFIG].max_request_kib << 10}
+    if hosted.arrival_downtime_ms is not None:
+        # Arrived by live migration: its last call at the source to its first here.
+        info["arrival_downtime_ms"] = hosted.arrival_downtime_ms
+    return answer(request, info)
 
 
 def parse_call(body: dict[str, Any]) -> Call:
@@ -443,7 +451,42 @@ async def move_vm(request: web.Request) -> web.Response:
     mover = request.app[MOVER]
     where = mover.resolve(field(body, "to", (str, type(None)), None),
                           field(body, "endpoint", (str, type(None)), None))
-    return answer(request, await mover.move(hosted, where))
+    return answer(request, await mover.move(hosted, where, field(body, "mode", str, "live")))
+
+
+async def accept_migration(request: web.Request) -> web.StreamResponse:
+    """A peer migrates a VM here live: the protocol runs over this WebSocket."""
+    who = peer_only(request)
+    source_endpoint = request.query.get("endpoint", "")
+    if not source_endpoint.startswith(("http://", "https://")):
+        raise errors.MalformedRequest("say where the source is: ?endpoint=URL")
+    mover = request.app[MOVER]
+    ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES + (64 << 10))
+    await ws.prepare(request)
+    source = Location(peer_of(who.name), source_endpoint)
+    try:
+        outcome = await mover.live.receive(ws, source, mover.http(), mover.peer_headers())
+        log.info("migration from %s: %s", source.node, outcome.get("outcome"))
+    finally:
+        await ws.close()
+    return ws
+
+
+async def migration_outcome(request: web.Request) -> web.Response:
+    """Did migration ID commit? Asked by a destination that is in doubt."""
+    peer_only(request)
+    committed = await request.app[MOVER].live.committed(request.match_info["migration"])
+    return web.json_response({"committed": committed})
+
+
+async def synthesize_vm(request: web.Request) -> web.Response:
+    """VM synthesis: a new VM of this client from an image this cloudlet holds plus
+    an overlay snapshot the client sends (`cloudlet vm run --snapshot-out`)."""
+    cap_bytes = request.app[CONFIG].max_snapshot_mib << 20
+    data = await read_body(request, cap_bytes)
+    hosted = await request.app[HOST].adopt_snapshot(data, cap_bytes,
+                                                    owner=principal(request).name)
+    return answer(request, hosted.describe(), 201)
 
 
 async def adopt_vm(request: web.Request) -> web.Response:
@@ -485,6 +528,9 @@ def build_app(config: NodeConfig, host: VMHost, authority: Authority,
     app.router.add_delete("/v1/vms/{vm}", destroy_vm)
     app.router.add_post("/v1/vms/{vm}/migrate", move_vm)
     app.router.add_post("/v1/peer/vms", adopt_vm)
+    app.router.add_get("/v1/peer/migrate", accept_migration)
+    app.router.add_get("/v1/peer/migrations/{migration}", migration_outcome)
+    app.router.add_post("/v1/vms/synthesize", synthesize_vm)
     app.router.add_get("/v1/peer/vms", peer_vms)
     app.on_shutdown.append(_close_sockets)
     return app

@@ -41,6 +41,7 @@ SCHEMA_VERSION = 1
 PREFIX = "cloudlet/v1"
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 10.0
+MAX_QUEUED_EVENTS = 1000
 
 CommandHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -93,6 +94,7 @@ class ControlPlane:
         self.topic = f"{PREFIX}/nodes/{config.name}"
         self._client: aiomqtt.Client | None = None
         self._dirty_locations: set[str] = set()
+        self._events: list[dict[str, Any]] = []  # outcomes to publish (e.g. migrations)
         self._wake = asyncio.Event()
         self.connected = asyncio.Event()
         self._last_calls: dict[str, int] = {}
@@ -164,10 +166,20 @@ class ControlPlane:
                 tg.create_task(self._receive(client))
                 tg.create_task(self._publish_loop(client))
 
+    def publish_event(self, event: dict[str, Any]) -> None:
+        """Queue an outcome for `nodes/{node}/events` (sent when connected; events
+        past MAX_QUEUED_EVENTS while the broker is away are dropped, oldest first)."""
+        self._events.append({"node": self.config.name, "ts": time.time(), **event})
+        del self._events[:-MAX_QUEUED_EVENTS]
+        self._wake.set()
+
     async def _publish_loop(self, client: aiomqtt.Client) -> None:
         interval = self.config.telemetry_interval_s
         next_telemetry = time.monotonic()
         while True:
+            while self._events:
+                await client.publish(f"{self.topic}/events", encode(self._events[0]), qos=1)
+                self._events.pop(0)  # only once published: a drop retries it
             await self._flush_locations(client)
             now = time.monotonic()
             if now >= next_telemetry:

@@ -14,6 +14,7 @@ import logging
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -68,6 +69,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
             control = (ControlPlane(config, host, metrics, _commands(host, mover),
                                     peers=mover.peers)
                        if config.broker_url else None)
+            mover.on_event = _events_to(control, metrics)
             # A parent process (cloudlet up, tests) waits for this line.
             print(f"ready {config.name} {config.endpoint}", flush=True)
             log.info("cloudlet %s serving on %s with %d VMs", config.name, config.endpoint,
@@ -94,6 +96,15 @@ async def _checkpoint_loop(host: VMHost, config: NodeConfig, metrics: Metrics) -
         metrics.checkpoints.inc(await host.checkpoint_all())
 
 
+def _events_to(control: ControlPlane | None,
+               metrics: Metrics) -> Callable[[dict[str, Any]], None]:
+    def publish(event: dict[str, Any]) -> None:
+        metrics.record_migration(event)
+        if control is not None:
+            control.publish_event(event)
+    return publish
+
+
 def _commands(host: VMHost, mover: Mover) -> dict[str, CommandHandler]:
     async def ping(command: dict[str, Any]) -> dict[str, Any]:
         return {"vms": len(host.vms)}
@@ -102,13 +113,15 @@ def _commands(host: VMHost, mover: Mover) -> dict[str, CommandHandler]:
         return {"written": await host.checkpoint_all(force=True)}
 
     async def migrate(command: dict[str, Any]) -> dict[str, Any]:
-        """`{"op": "migrate", "vm": ID, "to": NODE | "endpoint": URL}` (the orchestrator)."""
+        """`{"op": "migrate", "vm": ID, "to": NODE | "endpoint": URL, "mode"?}` (the
+        orchestrator)."""
         vm_id, to, endpoint = command.get("vm"), command.get("to"), command.get("endpoint")
+        mode = command.get("mode", "live")
         if not isinstance(vm_id, str) or not isinstance(to, str | None) or not isinstance(
-                endpoint, str | None):
+                endpoint, str | None) or not isinstance(mode, str):
             raise MalformedRequest("migrate takes 'vm' and 'to' (a node) or 'endpoint'")
         hosted = host.get(vm_id, PEER)
-        return await mover.move(hosted, mover.resolve(to, endpoint))
+        return await mover.move(hosted, mover.resolve(to, endpoint), mode)
 
     return {"ping": ping, "checkpoint": checkpoint, "migrate": migrate}
 

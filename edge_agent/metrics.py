@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -19,6 +20,9 @@ from prometheus_client.registry import Collector
 TRANSPORTS = ("http", "ws")
 LATENCY_BUCKETS_S = (25e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 25e-3,
                      50e-3, 100e-3, 250e-3, 1.0, 5.0)
+
+
+MIGRATION_PAUSE_BUCKETS_S = (1e-3, 2e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 300e-3, 1.0, 5.0)
 
 
 class Metrics:
@@ -34,7 +38,26 @@ class Metrics:
         self.checkpoints = Counter("cloudlet_checkpoints", "VM checkpoints written", registry=r)
         self.mqtt_connected = Gauge("cloudlet_mqtt_connected",
                                     "1 while connected to the broker", registry=r)
+        self.migrations = Counter("cloudlet_migrations", "VMs moved away, by mode and outcome",
+                                  ["mode", "outcome"], registry=r)
+        self.migration_bytes = Counter("cloudlet_migration_bytes",
+                                       "Bytes sent by migrations", registry=r)
+        self.migration_paused = Histogram(
+            "cloudlet_migration_paused_seconds", "How long a moving VM was paused",
+            buckets=MIGRATION_PAUSE_BUCKETS_S, registry=r)
+        self.migration_rounds = Histogram("cloudlet_migration_rounds", "Rounds per migration",
+                                          buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=r)
 
+    def record_migration(self, event: dict[str, Any]) -> None:
+        """From a `migrated` event (edge_agent.handoff)."""
+        mode = str(event.get("mode", "live"))
+        if not event.get("ok"):
+            self.migrations.labels(mode, "aborted").inc()
+            return
+        self.migrations.labels(mode, "committed").inc()
+        self.migration_bytes.inc(float(event.get("bytes_sent", 0)))
+        self.migration_paused.observe(float(event.get("paused_ms", 0.0)) / 1000)
+        self.migration_rounds.observe(float(event.get("rounds", 1)))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

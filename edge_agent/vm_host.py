@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +100,10 @@ class HostedVM:
     calls: int = 0  # applied calls, for telemetry rates
     last_dirty_rate: float = 0.0
     replies: ReplyLog = field(default_factory=ReplyLog)
+    # Arrived by live migration: when the source served its last call, until the
+    # first call here, which turns it into the migration's downtime as users see it.
+    arrived_last_call_unix: float = 0.0
+    arrival_downtime_ms: float | None = None
 
     @property
     def id(self) -> str:
@@ -120,6 +125,7 @@ class VMHost:
         self.vm_dir = state / "vms"
         self.vms: dict[str, HostedVM] = {}
         self.tombstones: dict[str, Location] = {}  # VMs moved away -> where they went
+        self._moved_by: dict[str, str] = {}  # migration id -> the VM it moved away
         self.closing = False
         self.checkpoint_failures = 0
         self._creating: dict[str, int] = {}  # image digest -> creates in flight
@@ -130,8 +136,8 @@ class VMHost:
 
     async def __aenter__(self) -> VMHost:
         self.vm_dir.mkdir(parents=True, exist_ok=True)
+        self._load_tombstones()  # first: a VM that moved away must not come back to life
         await self._restore_checkpoints()
-        self._load_tombstones()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -273,6 +279,9 @@ class VMHost:
     @staticmethod
     def _answer(hosted: HostedVM, call: Call, out: Any) -> dict[str, Any]:
         hosted.calls = hosted.vm.seq
+        if hosted.arrived_last_call_unix:
+            hosted.arrival_downtime_ms = (time.time() - hosted.arrived_last_call_unix) * 1000
+            hosted.arrived_last_call_unix = 0.0
         if call.data is not None:
             reply = {"data": out, "seq": hosted.vm.seq}
         else:
@@ -300,7 +309,9 @@ class VMHost:
         raise exc
 
     async def snapshot_bytes(self, hosted: HostedVM) -> bytes:
-        async with hosted.lock:
+        # The persist lock: not while the VM migrates (a full snapshot moves the base
+        # of the migration's next delta round).
+        async with hosted.persist_lock, hosted.lock:
             self._check_alive(hosted)
             snap = self.snapshot_with_annex(hosted)
         return await self._off_loop(snap.to_bytes)
@@ -338,6 +349,22 @@ class VMHost:
         if self.vms.get(hosted.id) is not hosted:
             self._raise_gone(hosted.id)
 
+    check_alive = _check_alive
+
+    def admit(self, vm_id: str, memory_bytes: int) -> None:
+        """May a VM of this size arrive here? (Raises why not, with a stable code.)"""
+        self._check_open()
+        if vm_id in self.vms:
+            raise BadCall(f"a VM {vm_id} is already here")
+        if len(self.vms) >= self.config.max_vms:
+            raise CapacityExceeded(f"this cloudlet hosts its maximum of {self.config.max_vms} VMs")
+        if memory_bytes > self.free_memory_bytes():
+            raise CapacityExceeded("this cloudlet's memory is fully committed")
+
+    def free_memory_bytes(self) -> int:
+        committed = sum(h.vm.limits.memory_bytes for h in self.vms.values())
+        return max(0, (self.config.max_memory_mib << 20) - committed)
+
     def _raise_gone(self, vm_id: str) -> NoReturn:
         where = self.tombstones.get(vm_id)
         if where is not None:
@@ -355,22 +382,48 @@ class VMHost:
             self._check_alive(hosted)
             yield
 
+    def record_move(self, vm_id: str, where: Location, migration_id: str | None) -> None:
+        """Durably decide that the VM lives at `where` now (the commit point of a
+        live migration): written before the destination is told to commit."""
+        self._write_tombstone(vm_id, where, migration_id)
+
+    def moved_by_migration(self, migration_id: str) -> bool:
+        return migration_id in self._moved_by
+
+    def activate(self, vm: VM, replies_wire: Any) -> HostedVM:
+        """Serve a VM that arrived by live migration (already durable on disk)."""
+        if vm.id in self.vms:
+            raise BadCall(f"a VM {vm.id} is already here")
+        hosted = self._adopt(vm)
+        hosted.replies = ReplyLog.from_wire(replies_wire)
+        if self.tombstones.pop(vm.id, None) is not None:  # it came back
+            self._tombstone_path(vm.id).unlink(missing_ok=True)
+        self.on_change(vm.id, hosted)
+        return hosted
+
     async def hand_over(self, hosted: HostedVM, where: Location) -> None:
         """The destination committed: forget the VM here, durably, and leave a
         tombstone. Call while `paused`: no call can slip in after the last snapshot."""
-        self._write_tombstone(hosted.id, where)
+        if self.tombstones.get(hosted.id) != where:
+            self._write_tombstone(hosted.id, where, None)
         self.vms.pop(hosted.id, None)
         hosted.vm.close()
         await self._off_loop(self._checkpoint_path(hosted.id).unlink, missing_ok=True)
         self.on_change(hosted.id, None)
         self.on_moved(hosted.id, where)
 
-    async def adopt_snapshot(self, data: bytes, max_bytes: int) -> HostedVM:
-        """Take in a VM handed over by a peer (or synthesized by a client): restore it
-        with its id, owner, sequence number and reply log, and checkpoint it before
-        answering, so once the peer hears "committed" a crash here loses nothing."""
+    async def adopt_snapshot(self, data: bytes, max_bytes: int,
+                             owner: str | None = None) -> HostedVM:
+        """Take in a VM handed over by a peer: restore it with its id, owner,
+        sequence number and reply log, and checkpoint it before answering, so once
+        the peer hears "committed" a crash here loses nothing. With `owner` (VM
+        synthesis by a client), the VM is new: a fresh id, that owner, no replies."""
         self._check_open()
         snap = await self._off_loop(Snapshot.from_bytes, data, max_bytes)
+        if snap.kind != "overlay":
+            raise BadCall("a VM starts from an overlay snapshot, not a delta")
+        if owner is not None:
+            snap = replace(snap, vm_id=secrets.token_hex(8), owner=owner, annex={})
         if snap.vm_id is None or snap.vm_id in self.vms:
             raise BadCall(f"a VM {snap.vm_id!r} is already here (or the snapshot names none)")
         self._check_capacity(snap.limits)
@@ -392,15 +445,20 @@ class VMHost:
     def _tombstone_path(self, vm_id: str) -> Path:
         return self.vm_dir / f"{vm_id}.moved"
 
-    def _write_tombstone(self, vm_id: str, where: Location) -> None:
-        atomic_write(self._tombstone_path(vm_id), json.dumps(where.to_wire()).encode())
+    def _write_tombstone(self, vm_id: str, where: Location, migration_id: str | None) -> None:
+        record = {**where.to_wire(), "migration": migration_id}
+        atomic_write(self._tombstone_path(vm_id), json.dumps(record).encode())
         self.tombstones[vm_id] = where
+        if migration_id:
+            self._moved_by[migration_id] = vm_id
 
     def _load_tombstones(self) -> None:
         for path in self.vm_dir.glob("*.moved"):
             try:
                 wire = json.loads(path.read_bytes())
                 self.tombstones[path.stem] = Location(str(wire["node"]), str(wire["endpoint"]))
+                if isinstance(wire.get("migration"), str):
+                    self._moved_by[wire["migration"]] = path.stem
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("ignoring unreadable tombstone %s: %r", path.name, exc)
 
@@ -436,6 +494,10 @@ class VMHost:
 
     async def _restore_checkpoints(self) -> None:
         for path in sorted(self.vm_dir.glob("*.snap")):
+            if path.stem in self.tombstones:
+                # It moved: the destination owns it (we crashed before dropping it).
+                await self._off_loop(path.unlink, missing_ok=True)
+                continue
             try:
                 snap = await self._off_loop(Snapshot.read, path)
                 image = await self._off_loop(self.images.get, snap.image_digest)

@@ -363,7 +363,8 @@ def test_move_with_bytes_and_numeric_calls_pipelined_from_several_tasks(
 
 
 def test_move_to_a_destination_sigkilled_mid_handover(cluster: Callable[..., Daemon]) -> None:
-    """The destination is SIGKILLed while the source is paused in stop-and-copy, as
+    """(The stop-and-copy path.) The destination is SIGKILLed while the source is
+    paused in stop-and-copy, as
     the snapshot is on its way (before the destination got any of it). The move is
     reported aborted, the VM goes on serving at the source, the session sees only
     latency; a later move to the restarted destination works and is followed."""
@@ -390,7 +391,7 @@ def test_move_to_a_destination_sigkilled_mid_handover(cluster: Callable[..., Dae
                 await asyncio.sleep(0.1)
                 status, body = await asyncio.to_thread(
                     east.request, "POST", f"/v1/vms/{s.vm_id}/migrate",
-                    {"endpoint": to_west.endpoint}, token=token)
+                    {"endpoint": to_west.endpoint, "mode": "stop_and_copy"}, token=token)
                 assert to_west.fired == 1, "the hook should have killed the destination"
                 assert status >= 400 and body["code"] == "migration_aborted", body
                 await asyncio.sleep(0.1)

@@ -70,6 +70,7 @@ from cloudlet.migration.events import (
     Event,
     NeedData,
     PauseVM,
+    PersistRound,
     ResumeVM,
     Send,
 )
@@ -81,7 +82,8 @@ __all__ = [
     "SCHEMA_VERSION", "ActivateVM", "BecomeTombstone", "Channel", "ChunkStore", "Codec",
     "CompressionChooser", "DestinationMigration", "DestinationState", "DiscardVM", "Done",
     "Event", "ImageSource", "MemoryChannel", "Message", "MigrationStats", "NeedData",
-    "PauseVM", "PreCopyPolicy", "Received", "ResumeVM", "RoundStats", "Send",
+    "PauseVM",
+    "PersistRound", "PreCopyPolicy", "Received", "ResumeVM", "RoundStats", "Send",
     "SourceHooks", "SourceMigration", "SourceState", "StreamChannel", "VMGate",
     "chunk_digest", "decode", "encode", "memory_channel_pair", "run_destination",
     "run_source",

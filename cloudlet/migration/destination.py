@@ -21,6 +21,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,9 +35,18 @@ from cloudlet.errors import (
 )
 from cloudlet.migration import compression
 from cloudlet.migration.chunkstore import ChunkStore, chunk_digests
-from cloudlet.migration.events import ActivateVM, DiscardVM, Done, Event, NeedData, Send
+from cloudlet.migration.events import (
+    ActivateVM,
+    DiscardVM,
+    Done,
+    Event,
+    NeedData,
+    PersistRound,
+    Send,
+)
 from cloudlet.migration.messages import (
     DIGEST_BYTES,
+    ROUND_END_BATCH,
     Abort,
     Accept,
     Ack,
@@ -80,10 +90,12 @@ class DestinationMigration:
 
     def __init__(self, images: ImageSource, store: ChunkStore, *,
                  max_memory_bytes: int = MAX_MEMORY_BYTES,
+                 admit: Callable[[Offer], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.images = images
         self.store = store
         self.max_memory_bytes = max_memory_bytes
+        self.admit = admit
         self._clock = clock
         self.state = DestinationState.WAITING
         self.migration_id = ""
@@ -131,6 +143,13 @@ class DestinationMigration:
             return
         if self.state in (DestinationState.WAITING, DestinationState.RECEIVING):
             self._abort(code, reason, tell_peer=tell_peer)
+
+    def persist_failed(self, reason: str) -> None:
+        """The driver could not make a round durable: this cloudlet cannot promise to
+        keep the VM, so the migration aborts (the source keeps serving it)."""
+        if self.state in (DestinationState.READY, DestinationState.RECEIVING):
+            self.state = DestinationState.RECEIVING  # Ready was queued, never sent
+            self._abort("migration_aborted", f"the destination cannot persist: {reason}")
 
     def resolve(self, committed: bool) -> None:
         """The source's answer for an in-doubt migration: activate or discard the VM."""
@@ -201,6 +220,8 @@ class DestinationMigration:
         if msg.memory_bytes > self.max_memory_bytes:
             raise MigrationError(f"the VM's {msg.memory_bytes} bytes of memory exceed this "
                                  f"cloudlet's limit of {self.max_memory_bytes}")
+        if self.admit is not None:
+            self.admit(msg)  # the daemon's say (capacity, a VM by that id already here)
         if len(msg.digests) % DIGEST_BYTES:
             raise MigrationProtocolError("offer: digests are not whole")
         digests = [msg.digests[i : i + DIGEST_BYTES]
@@ -313,8 +334,14 @@ class DestinationMigration:
         if final:
             assert isinstance(msg, Final)
             self.annex = msg.annex
+            snap = replace(snap, annex=dict(msg.annex))
+        self._events.append(PersistRound(self.migration_id, self.offer.vm_id, msg.round, snap,
+                                         final))
+        if final:
             self.state = DestinationState.READY
             self._send(Ready(self.migration_id))
+        else:  # after the round is persisted (the event above comes first)
+            self._send(Ack(self.migration_id, round=msg.round, batch=ROUND_END_BATCH))
 
 
 def _ids(raw: bytes) -> np.ndarray:

@@ -19,7 +19,7 @@ import asyncio
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,10 +33,11 @@ from cloudlet.migration.events import (
     Done,
     NeedData,
     PauseVM,
+    PersistRound,
     ResumeVM,
     Send,
 )
-from cloudlet.migration.messages import MAX_MESSAGE_BYTES
+from cloudlet.migration.messages import MAX_MESSAGE_BYTES, Offer
 from cloudlet.migration.source import PreCopyPolicy, SourceMigration
 from cloudlet.migration.stats import MigrationStats
 from cloudlet.vm import VM
@@ -117,6 +118,7 @@ class VMGate:
 
 
 async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = None,
+                     vm_access: Callable[[], AbstractAsyncContextManager[None]] | None = None,
                      policy: PreCopyPolicy | None = None,
                      image_wasm: bytes | Callable[[], bytes] | None = None,
                      migration_id: str | None = None, deadline_s: float = DEFAULT_DEADLINE_S,
@@ -126,12 +128,15 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
     serves here again, `hooks.resume()` was called). Never raises for a peer's
     or the channel's failure; a cancellation resumes the VM and propagates."""
     hooks = hooks or VMGate()
+    access = vm_access or _no_lock
     mig = SourceMigration(vm, migration_id=migration_id, policy=policy, image_wasm=image_wasm,
                           clock=clock)
-    mig.start()
+    async with access():
+        mig.start()
     try:
         while True:
-            ev = mig.next_event()
+            async with access():  # the machine reads the VM: no call may run meanwhile
+                ev = mig.next_event()
             try:
                 if isinstance(ev, Done):
                     return mig.stats
@@ -141,7 +146,8 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
                 elif isinstance(ev, NeedData):
                     async with asyncio.timeout(deadline_s):
                         data = await channel.recv()
-                    mig.receive(data)
+                    async with access():
+                        mig.receive(data)
                 elif isinstance(ev, PauseVM):
                     async with asyncio.timeout(deadline_s):
                         await hooks.pause()
@@ -168,6 +174,10 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
         raise
 
 
+def _no_lock() -> AbstractAsyncContextManager[None]:
+    return nullcontext()
+
+
 async def _notify_abort(mig: SourceMigration | DestinationMigration, channel: Channel) -> None:
     """Send the queued Abort best effort, leaving the other events queued."""
     ev = mig.next_event()
@@ -192,6 +202,8 @@ class Received:
 
 async def run_destination(channel: Channel, images: ImageSource, store: ChunkStore, *,
                           resolve: Callable[[str], Awaitable[bool]] | None = None,
+                          persist: Callable[[PersistRound], Awaitable[None]] | None = None,
+                          admit: Callable[[Offer], None] | None = None,
                           max_memory_bytes: int | None = None,
                           deadline_s: float = DEFAULT_DEADLINE_S,
                           clock: Callable[[], float] = time.monotonic) -> Received:
@@ -199,7 +211,7 @@ async def run_destination(channel: Channel, images: ImageSource, store: ChunkSto
     `Commit`, `resolve(migration_id)` asks the source whether it committed; without
     it (or if it fails) the outcome is "in_doubt" and the held VM is in
     `migration.vm` until someone calls `migration.resolve()`."""
-    kwargs: dict[str, Any] = {"clock": clock}
+    kwargs: dict[str, Any] = {"clock": clock, "admit": admit}
     if max_memory_bytes is not None:
         kwargs["max_memory_bytes"] = max_memory_bytes
     mig = DestinationMigration(images, store, **kwargs)
@@ -222,6 +234,12 @@ async def run_destination(channel: Channel, images: ImageSource, store: ChunkSto
                     async with asyncio.timeout(deadline_s):
                         data = await channel.recv()
                     mig.receive(data)
+                elif isinstance(ev, PersistRound):
+                    if persist is not None:
+                        try:
+                            await persist(ev)
+                        except Exception as exc:  # a full disk: refuse, the source keeps it
+                            mig.persist_failed(repr(exc))
                 elif isinstance(ev, ActivateVM):
                     activated = ev
                     mig.stats.mark_resumed(clock())

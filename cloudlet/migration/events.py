@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloudlet.migration.messages import Message
-from cloudlet.vm import VM
+from cloudlet.vm import VM, Snapshot
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,19 @@ class BecomeTombstone:
 
 
 @dataclass(frozen=True)
+class PersistRound:
+    """Destination: a round was applied to the held VM. Make `snapshot` (the round's
+    overlay or delta, in order) durable before going on: the `Ready` after the final
+    one promises that a crash here loses nothing the source may commit."""
+
+    migration_id: str
+    vm_id: str
+    round: int
+    snapshot: Snapshot
+    final: bool
+
+
+@dataclass(frozen=True)
 class ActivateVM:
     """Destination: the migration committed; serve `vm` from now on. `annex` is the
     source driver's opaque state (e.g. the reply cache for exactly-once calls)."""
@@ -77,4 +90,5 @@ class Done:
     outcome: str
 
 
-Event = Send | NeedData | PauseVM | ResumeVM | BecomeTombstone | ActivateVM | DiscardVM | Done
+Event = (Send | NeedData | PauseVM | ResumeVM | BecomeTombstone | PersistRound | ActivateVM
+         | DiscardVM | Done)

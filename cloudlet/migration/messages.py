@@ -89,9 +89,15 @@ class Chunks(Message):
     payload: bytes
 
 
+ROUND_END_BATCH = (1 << 31) - 1
+
+
 @dataclass(frozen=True)
 class Ack(Message):
-    """Destination -> source: batch `batch` of round `round` is applied."""
+    """Destination -> source: batch `batch` of round `round` is applied; with `batch`
+    ROUND_END_BATCH, the whole round is applied and durable at the destination (the
+    source starts no next round, and above all no stop-and-copy, before that: the
+    destination's restore and its disk write must not land inside the downtime)."""
 
     TYPE: ClassVar[str] = "ack"
     round: int

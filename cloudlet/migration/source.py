@@ -46,6 +46,7 @@ from cloudlet.migration.events import (
     Send,
 )
 from cloudlet.migration.messages import (
+    ROUND_END_BATCH,
     Abort,
     Accept,
     Ack,
@@ -373,7 +374,12 @@ class SourceMigration:
         if self.state is SourceState.FINAL:
             self._send(Final(self.migration_id, annex=self._annex, **fields), stats)
         else:
-            self._send(RoundEnd(self.migration_id, **fields), stats)
+            size = self._send(RoundEnd(self.migration_id, **fields), stats)
+            # In flight until the destination says the round is applied and durable:
+            # the next round (or the pause) waits for it.
+            if not self._in_flight:
+                self._meter.busy(self._clock())
+            self._in_flight[(rnd.number, ROUND_END_BATCH)] = size
         if not rnd.sent_batches:
             stats.ended_s = self._clock()
 

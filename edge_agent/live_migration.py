@@ -1,0 +1,362 @@
+"""Live migration as a cloudlet carries it out: both ends of `cloudlet.migration`.
+
+The protocol (pre-copy rounds while the VM serves, then stop-and-copy, then an
+atomic commit) is `cloudlet.migration`'s pure state machines; this module only
+connects them to the daemon: a peer WebSocket as the channel, the VM's locks as
+the pause, the daemon's disk for what must survive a crash.
+
+Who decides: the source, when it receives the destination's `Ready`. Before it
+sends `Commit` it writes the tombstone (`STATE/vms/ID.moved`, with the
+migration id), so the decision is durable. The destination makes every round
+durable before it says `Ready` (`STATE/incoming/MIGRATION/NNN.snap`: the overlay,
+then deltas), so once the source decides, a crash of either side cannot lose the
+VM. A destination that lost the channel after `Ready`, or restarted with an
+incoming VM on disk, asks the source (`GET /v1/peer/migrations/ID`); the source
+answers from its tombstones, and for a migration still running that has not
+reached its decision it answers "no" and refuses to commit it later, so the two
+can never disagree. Never both, never neither.
+
+Checkpoints and snapshot downloads of the VM wait while it migrates: each takes
+a full snapshot, which would move the base the next delta round is taken
+against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from cloudlet.errors import (
+    MigrationAborted,
+    MigrationChannelLost,
+    MigrationProtocolError,
+)
+from cloudlet.fsutil import atomic_write
+from cloudlet.migration import (
+    BecomeTombstone,
+    ChunkStore,
+    MigrationStats,
+    PersistRound,
+    PreCopyPolicy,
+    run_destination,
+    run_source,
+)
+from cloudlet.vm import VM, Snapshot
+from edge_agent.replies import ANNEX_KEY
+from edge_agent.vm_host import HostedVM, Location, VMHost
+
+log = logging.getLogger(__name__)
+
+LAST_CALL_KEY = "last_call_unix"  # in the annex: when the source served its last call
+RESOLVE_RETRY_S = 1.0  # an in-doubt destination asks the source again this often
+RESOLVE_TIMEOUT_S = 5.0
+
+
+class WebSocketChannel:
+    """A migration `Channel` over an aiohttp WebSocket (client or server side)."""
+
+    def __init__(self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+
+    async def send(self, data: bytes) -> None:
+        if self.ws.closed:
+            raise MigrationChannelLost("the peer's WebSocket is closed")
+        await self.ws.send_bytes(data)
+
+    async def recv(self) -> bytes:
+        msg = await self.ws.receive()
+        if msg.type == WSMsgType.BINARY:
+            data: bytes = msg.data
+            return data
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
+                        WSMsgType.ERROR):
+            raise MigrationChannelLost(f"the peer's WebSocket ended ({msg.type.name})")
+        raise MigrationProtocolError(f"unexpected WebSocket message {msg.type.name}")
+
+
+class Outgoing:
+    """Source hooks for one migration of a hosted VM: its locks are the pause."""
+
+    def __init__(self, host: VMHost, hosted: HostedVM, where: Location,
+                 migration_id: str) -> None:
+        self.host, self.hosted, self.where = host, hosted, where
+        self.migration_id = migration_id
+        self.state = "running"  # -> "committing" -> "committed", or "refused"
+        self.durable = asyncio.Event()
+        self.paused = False
+        self.last_call_unix = 0.0
+
+    @contextlib.asynccontextmanager
+    async def access(self) -> AsyncIterator[None]:
+        """While pre-copy reads the VM, no call may run in it (a thread-pool call
+        would race the read). Once paused, the pause already holds the lock."""
+        if self.paused:
+            yield
+        else:
+            async with self.hosted.lock:
+                yield
+
+    async def pause(self) -> None:
+        await self.hosted.lock.acquire()
+        self.paused = True
+        self.last_call_unix = time.time()
+
+    async def resume(self) -> None:
+        if self.paused and self.state != "committed":
+            self.paused = False
+            self.hosted.lock.release()
+
+    async def tombstone(self, event: BecomeTombstone) -> None:
+        if self.state == "refused":
+            # The destination asked, in doubt, and was told "not committed".
+            raise MigrationAborted("the destination was told this migration did not commit")
+        self.state = "committing"
+        await asyncio.to_thread(self.host.record_move, self.hosted.id, self.where,
+                                self.migration_id)
+        self.state = "committed"
+        self.durable.set()
+
+    def annex(self) -> dict[str, Any]:
+        return {ANNEX_KEY: self.hosted.replies.to_wire(), LAST_CALL_KEY: self.last_call_unix}
+
+    def release(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.hosted.lock.release()
+
+
+class LiveMigrations:
+    """Both ends of live migration for one cloudlet."""
+
+    def __init__(self, host: VMHost, policy: PreCopyPolicy | None = None,
+                 chunk_store: ChunkStore | None = None) -> None:
+        self.host = host
+        self.policy = policy or PreCopyPolicy()
+        self.chunks = chunk_store or ChunkStore()
+        self.incoming_dir = host.config.state_path / "incoming"
+        self._outgoing: dict[str, Outgoing] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- source ---------------------------------------------------------------------
+
+    async def send(self, hosted: HostedVM, where: Location, ws: aiohttp.ClientWebSocketResponse,
+                   migration_id: str) -> MigrationStats:
+        """Migrate `hosted` over `ws` (connected to `where`'s peer route). On
+        "committed" the VM is gone from here; on "aborted" it serves here again."""
+        hooks = Outgoing(self.host, hosted, where, migration_id)
+        self._outgoing[migration_id] = hooks
+        digest = hosted.vm.image.digest
+        try:
+            # Checkpoints and downloads take full snapshots, which would move the base
+            # the next round is diffed against: they wait for the migration.
+            async with hosted.persist_lock:
+                self.host.check_alive(hosted)
+                try:
+                    stats = await run_source(
+                        hosted.vm, WebSocketChannel(ws), hooks=hooks, vm_access=hooks.access,
+                        policy=self.policy, migration_id=migration_id,
+                        image_wasm=lambda: self.host.images.wasm_bytes(digest))
+                except MigrationAborted:
+                    hooks.release()  # refused at the commit point: it stays here
+                    raise
+                if stats.outcome == "committed":
+                    try:
+                        await self.host.hand_over(hosted, where)
+                    finally:
+                        hooks.release()  # waiting calls now learn where it went
+                return stats
+        finally:
+            self._outgoing.pop(migration_id, None)
+
+    async def committed(self, migration_id: str) -> bool:
+        """The source's answer to "did migration X commit?". Authoritative: a
+        migration that has not decided yet is refused, so it never will."""
+        if self.host.moved_by_migration(migration_id):
+            return True
+        hooks = self._outgoing.get(migration_id)
+        if hooks is None:
+            return False
+        if hooks.state == "running":
+            hooks.state = "refused"
+            return False
+        if hooks.state == "committing":
+            await hooks.durable.wait()
+        return hooks.state == "committed"
+
+    # --- destination ----------------------------------------------------------------
+
+    async def receive(self, ws: web.WebSocketResponse, source: Location,
+                      http: aiohttp.ClientSession, headers: dict[str, str]) -> dict[str, Any]:
+        """Take in one VM over `ws`. Returns what happened (for the events topic)."""
+        incoming = Incoming(self, source, http, headers)
+        got = await run_destination(
+            WebSocketChannel(ws), self.host.images, self.chunks, resolve=incoming.must_ask_source,
+            persist=incoming.persist, max_memory_bytes=self.host.free_memory_bytes(),
+            admit=lambda offer: self.host.admit(offer.vm_id, offer.memory_bytes))
+        if got.outcome == "committed" and got.vm is not None:
+            await self._activate(got.vm, got.annex, incoming.migration_id)
+        elif got.outcome == "in_doubt" and got.migration is not None:
+            migration = got.migration
+            self._spawn(self._settle(incoming, migration.vm, migration.annex))
+            migration.vm = None  # ours now: `_settle` activates or closes it
+        else:
+            incoming.discard()
+        return {"outcome": got.outcome, **got.stats.to_dict()}
+
+    async def _activate(self, vm: VM, annex: dict[str, Any], migration_id: str | None) -> None:
+        hosted = self.host.activate(vm, annex.get(ANNEX_KEY))
+        last_call = annex.get(LAST_CALL_KEY)
+        if isinstance(last_call, float) and last_call > 0:
+            hosted.arrived_last_call_unix = last_call
+        with contextlib.suppress(Exception):
+            self.chunks.add_vm(vm)  # later migrations of similar VMs find these chunks
+        if migration_id:
+            self._spawn(self._checkpoint_then_forget(hosted, migration_id))
+
+    async def _checkpoint_then_forget(self, hosted: HostedVM, migration_id: str) -> None:
+        """The VM's own checkpoint replaces the incoming rounds on disk."""
+        try:
+            await self.host.checkpoint(hosted, force=True)
+        except Exception as exc:
+            log.error("first checkpoint of arrived VM %s failed: %r", hosted.id, exc)
+            return  # the incoming rounds stay: a restart recovers from them
+        await asyncio.to_thread(shutil.rmtree, self.incoming_dir / migration_id, True)
+
+    async def _settle(self, incoming: Incoming, vm: VM | None, annex: dict[str, Any]) -> None:
+        """In doubt: ask the source until it answers, then activate or discard."""
+        while True:
+            answer = await incoming.ask_source(incoming.migration_id or "")
+            if answer is not None:
+                break
+            await asyncio.sleep(RESOLVE_RETRY_S)
+        if answer and vm is not None:
+            await self._activate(vm, annex, incoming.migration_id)
+        else:
+            if vm is not None:
+                vm.close()
+            incoming.discard()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # owned: `close()` cancels what is left
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # --- recovery after a restart ---------------------------------------------------
+
+    async def recover(self, http: aiohttp.ClientSession, headers: dict[str, str]) -> None:
+        """VMs that were arriving when this cloudlet stopped: ask their sources."""
+        if not self.incoming_dir.exists():
+            return
+        for folder in sorted(p for p in self.incoming_dir.iterdir() if p.is_dir()):
+            self._spawn(self._recover_one(folder, http, headers))
+
+    async def _recover_one(self, folder: Path, http: aiohttp.ClientSession,
+                           headers: dict[str, str]) -> None:
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            source = Location(str(meta["node"]), str(meta["endpoint"]))
+            migration_id = folder.name
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("incoming migration %s is unreadable (%r); left for a human",
+                      folder.name, exc)
+            return
+        incoming = Incoming(self, source, http, headers, migration_id=migration_id)
+        while (answer := await incoming.ask_source(migration_id)) is None:
+            await asyncio.sleep(RESOLVE_RETRY_S)
+        if not answer:
+            log.info("migration %s did not commit; dropping what arrived", migration_id)
+            incoming.discard()
+            return
+        if self.host.vms.get(str(meta.get("vm"))) is not None:
+            incoming.discard()  # its checkpoint was written before the stop: it is here
+            return
+        snaps = [await asyncio.to_thread(Snapshot.read, p) for p in sorted(folder.glob("*.snap"))]
+        final = [s for s in snaps if s.annex]
+        if not snaps or not final:
+            log.error("migration %s committed but its rounds are incomplete", migration_id)
+            return
+        image = await asyncio.to_thread(self.host.images.get, snaps[0].image_digest)
+        vm = await asyncio.to_thread(VM.restore, image, snaps[0], *snaps[1:])
+        log.info("recovered VM %s from committed migration %s", vm.id, migration_id)
+        await self._activate(vm, final[-1].annex, migration_id)
+
+
+class Incoming:
+    """One arriving VM: where its rounds go on disk, and how to ask its source."""
+
+    def __init__(self, owner: LiveMigrations, source: Location, http: aiohttp.ClientSession,
+                 headers: dict[str, str], migration_id: str | None = None) -> None:
+        self.owner, self.source, self.http, self.headers = owner, source, http, headers
+        self.migration_id = migration_id
+
+    @property
+    def folder(self) -> Path:
+        return self.owner.incoming_dir / (self.migration_id or "unknown")
+
+    async def persist(self, event: PersistRound) -> None:
+        self.migration_id = event.migration_id
+        await asyncio.to_thread(self._write, event)
+
+    def _write(self, event: PersistRound) -> None:
+        folder = self.folder
+        if event.round == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(folder / "meta.json", json.dumps({
+                "vm": event.vm_id, "node": self.source.node,
+                "endpoint": self.source.endpoint}).encode())
+        # Uncompressed: the final round is on the downtime's path, and zstd of a
+        # large round 0 would only slow pre-copy down; the disk is not the limit.
+        event.snapshot.write(folder / f"{event.round:04d}.snap", compression="none")
+
+    async def ask_source(self, migration_id: str) -> bool | None:
+        """True/False from the source; None if it could not be asked."""
+        url = f"{self.source.endpoint}/v1/peer/migrations/{migration_id}"
+        try:
+            async with self.http.get(url, headers=self.headers,
+                                     timeout=aiohttp.ClientTimeout(total=RESOLVE_TIMEOUT_S)
+                                     ) as resp:
+                if resp.status != 200:
+                    return None
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        committed = body.get("committed") if isinstance(body, dict) else None
+        return committed if isinstance(committed, bool) else None
+
+    async def must_ask_source(self, migration_id: str) -> bool:
+        answer = await self.ask_source(migration_id)
+        if answer is None:
+            raise MigrationChannelLost(f"cannot ask {self.source.node} about {migration_id}")
+        return answer
+
+    def discard(self) -> None:
+        if self.migration_id:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def new_migration_id() -> str:
+    return secrets.token_hex(8)
+
+
+def peer_of(name: str) -> str:
+    """A peer principal's node name (`peer:NODE` -> NODE)."""
+    return name.split(":", 1)[1] if name.startswith("peer:") else name
+
