@@ -63,6 +63,8 @@ class NodeConfig:
     max_snapshot_mib: int = 4160
     # A move (handing a VM to another cloudlet) must finish within this.
     move_deadline_s: float = 60.0
+    # Live migration: a peer silent this long is gone (the VM resumes at the source).
+    migration_deadline_s: float = 10.0
     # Persistence: every VM that changed is checkpointed this often; a kill -9
     # loses at most the calls applied since the last checkpoint.
     checkpoint_interval_s: float = 2.0
@@ -88,6 +90,7 @@ class NodeConfig:
             ("request_deadline_s", 0.1 <= self.request_deadline_s <= 3600),
             ("max_snapshot_mib", 1 <= self.max_snapshot_mib <= 8192),
             ("move_deadline_s", 0.1 <= self.move_deadline_s <= 3600),
+            ("migration_deadline_s", 0.1 <= self.migration_deadline_s <= 3600),
             ("checkpoint_interval_s", 0.1 <= self.checkpoint_interval_s <= 86400),
             ("tls_cert_file", bool(self.tls_cert_file) == bool(self.tls_key_file)),
         ]

@@ -70,6 +70,8 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
                                     peers=mover.peers)
                        if config.broker_url else None)
             mover.on_event = _events_to(control, metrics)
+            # VMs that were arriving when this cloudlet stopped: ask their sources.
+            await mover.live.recover(mover.http(), mover.peer_headers())
             # A parent process (cloudlet up, tests) waits for this line.
             print(f"ready {config.name} {config.endpoint}", flush=True)
             log.info("cloudlet %s serving on %s with %d VMs", config.name, config.endpoint,

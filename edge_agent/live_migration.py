@@ -154,6 +154,9 @@ class LiveMigrations:
                    migration_id: str) -> MigrationStats:
         """Migrate `hosted` over `ws` (connected to `where`'s peer route). On
         "committed" the VM is gone from here; on "aborted" it serves here again."""
+        # Checkpoints wait while the VM migrates, so make what it has applied so far
+        # durable first: a source killed mid-migration restarts from here.
+        await self.host.checkpoint(hosted)
         hooks = Outgoing(self.host, hosted, where, migration_id)
         self._outgoing[migration_id] = hooks
         digest = hosted.vm.image.digest
@@ -166,6 +169,7 @@ class LiveMigrations:
                     stats = await run_source(
                         hosted.vm, WebSocketChannel(ws), hooks=hooks, vm_access=hooks.access,
                         policy=self.policy, migration_id=migration_id,
+                        deadline_s=self.host.config.migration_deadline_s,
                         image_wasm=lambda: self.host.images.wasm_bytes(digest))
                 except MigrationAborted:
                     hooks.release()  # refused at the commit point: it stays here
@@ -203,6 +207,7 @@ class LiveMigrations:
         got = await run_destination(
             WebSocketChannel(ws), self.host.images, self.chunks, resolve=incoming.must_ask_source,
             persist=incoming.persist, max_memory_bytes=self.host.free_memory_bytes(),
+            deadline_s=self.host.config.migration_deadline_s,
             admit=lambda offer: self.host.admit(offer.vm_id, offer.memory_bytes))
         if got.outcome == "committed" and got.vm is not None:
             await self._activate(got.vm, got.annex, incoming.migration_id)

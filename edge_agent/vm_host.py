@@ -191,6 +191,14 @@ class VMHost:
         self._check_capacity(vm_limits)
         vm = VM.create(image, vm_limits, owner=who.name, clock=clock)
         hosted = self._adopt(vm)
+        try:
+            # Durable before it is announced: a kill -9 right after must not lose it
+            # (later calls are then bounded by the checkpoint interval, as promised).
+            await self.checkpoint(hosted, force=True)
+        except BaseException:
+            self.vms.pop(vm.id, None)
+            vm.close()
+            raise
         self.on_change(vm.id, hosted)
         return hosted
 

@@ -40,6 +40,7 @@ from cloudlet.errors import (
     CloudletError,
     Forbidden,
     InvalidArgument,
+    NoCloudletAvailable,
     RequestTooLarge,
     SequenceConflict,
     SequenceGap,
@@ -80,6 +81,9 @@ STABLE_STREAM_S = 1.0
 LOCATE_AFTER_FAILURES = 3  # connects to one cloudlet in a row, then ask where the VM is
 INT_MIN, INT_MAX = -(1 << 63), (1 << 64) - 1  # what a wasm i64 (signed or not) can take
 FINAL_ERRORS = (SessionLost, Unauthorized, Forbidden)  # retrying cannot help
+# How long a VM may be found nowhere before its session is lost: longer than a
+# destination takes to settle an in-doubt migration with a restarting source.
+MISSING_GRACE_S = 15.0
 
 Locator = Callable[[str], Awaitable[Location | None]]
 
@@ -134,6 +138,7 @@ class Session:
         self._over_budget = 0
         self._calls = 0
         self.reconnects = 0
+        self._missing_since: float | None = None
         self._calls_answered = 0
         self.moves_followed = 0
         self.resent = 0  # unanswered calls sent again on a new connection
@@ -337,10 +342,18 @@ class Session:
         except VMNotFound:
             found = await self._locate(self.vm_id) if self._locate else None
             if found is None or found == self.location:
-                raise SessionLost(f"VM {self.vm_id} is on no cloudlet this client knows "
-                                  f"(last seen on {self.location.node})") from None
+                # A VM in flight is briefly nowhere (a destination settling an in-doubt
+                # migration with a restarting source): only a long absence is a loss.
+                now = time.monotonic()
+                self._missing_since = self._missing_since or now
+                if now - self._missing_since > MISSING_GRACE_S:
+                    raise SessionLost(f"VM {self.vm_id} is on no cloudlet this client knows "
+                                      f"(last seen on {self.location.node})") from None
+                raise NoCloudletAvailable(f"VM {self.vm_id} is not at {self.location.node} "
+                                          "(yet)") from None
             self._move_to(found)
             raise
+        self._missing_since = None
         seq = info.get("seq")
         cap = info.get("max_request_bytes")
         if type(cap) is int and cap > 0:

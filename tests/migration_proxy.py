@@ -1,0 +1,195 @@
+"""A TCP proxy between two cloudlets that sees migration messages and breaks things.
+
+The source reaches the destination's peer WebSocket through it. It parses the
+WebSocket frames going by (unmasking the client's), reads each migration
+message's type (`offer`, `chunks`, `round_end`, `final`, `ready`, `commit`,
+...), and when the armed type goes by it acts, for real: SIGKILLs a daemon,
+resets the connection, or stalls it (forwards nothing more) so the migration's
+deadline has to expire. "before" acts with the message still unsent; "after"
+once it was forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+_TYPE = re.compile(rb"\xa1t([\xa0-\xbf])")  # msgpack: the key "t", then a short str
+
+
+@dataclass
+class Trigger:
+    message: str  # the migration message type to act on
+    when: str  # "before" or "after" forwarding it
+    action: Callable[[], None]  # what to do (kill a process, ...); "drop"/"stall" built in
+    kind: str = "call"  # "call", "drop" or "stall"
+
+
+@dataclass
+class MigrationProxy:
+    upstream_port: int
+    trigger: Trigger | None = None
+    port: int = 0
+    seen: list[str] = field(default_factory=list)  # message types, in order
+    fired: bool = False
+    _server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    _stalled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> MigrationProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self._reset_all()
+        await self._server.wait_closed()
+
+    def _reset_all(self) -> None:
+        for w in list(self._writers):
+            _abort(w)
+        self._writers.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1",
+                                                                 self.upstream_port)
+        except OSError:
+            _abort(writer)
+            return
+        self._writers |= {writer, up_writer}
+        pipes = [asyncio.ensure_future(self._pipe(reader, up_writer, masked=True)),
+                 asyncio.ensure_future(self._pipe(up_reader, writer, masked=False))]
+        try:
+            # When one side ends (a daemon died: the kernel reset its sockets), end the
+            # other too, as the network would; else the survivor waits forever.
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            for pipe in pipes:
+                pipe.cancel()
+            _abort(writer)
+            _abort(up_writer)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    masked: bool) -> None:
+        frames = FrameReader(masked)
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                if self._stalled.is_set():
+                    continue  # swallowed: the link is dead but not closed
+                types = frames.feed(data)
+                self.seen.extend(types)
+                trigger = self.trigger
+                hit = (trigger is not None and not self.fired and trigger.message in types)
+                if hit and trigger is not None and trigger.when == "before":
+                    self._act(trigger)
+                    if trigger.kind == "stall":
+                        continue  # swallowed, and everything after it
+                    return  # the message (and what came with it) never arrives
+                writer.write(data)
+                await writer.drain()
+                if hit and trigger is not None and trigger.when == "after":
+                    await asyncio.sleep(0.01)  # let it reach the peer
+                    self._act(trigger)
+                    if trigger.kind == "drop":
+                        return
+
+    def _act(self, trigger: Trigger) -> None:
+        self.fired = True
+        if trigger.kind == "drop":
+            self._reset_all()
+        elif trigger.kind == "stall":
+            self._stalled.set()
+        else:
+            trigger.action()
+
+
+class FrameReader:
+    """Incremental WebSocket frame parser: yields the migration message types of
+    complete binary frames (the first bytes of each payload are enough)."""
+
+    def __init__(self, masked: bool) -> None:
+        self.masked = masked
+        self.buffer = bytearray()
+        # Plain HTTP first (a kept-alive connection may carry requests before the
+        # upgrade): frames start after the upgrade request's, or the 101's, headers.
+        self.marker = b"upgrade: websocket" if masked else b"http/1.1 101"
+        self.in_http = True
+
+    def feed(self, data: bytes) -> list[str]:
+        self.buffer += data
+        if self.in_http:
+            at = bytes(self.buffer).lower().find(self.marker)
+            if at < 0:
+                del self.buffer[: max(0, len(self.buffer) - len(self.marker))]
+                return []
+            end = self.buffer.find(b"\r\n\r\n", at)
+            if end < 0:
+                return []
+            del self.buffer[: end + 4]
+            self.in_http = False
+        types = []
+        while True:
+            parsed = self._frame()
+            if parsed is None:
+                return types
+            if parsed:
+                types.append(parsed)
+
+    def _frame(self) -> str | None:
+        b = self.buffer
+        if len(b) < 2:
+            return None
+        length = b[1] & 0x7F
+        pos = 2
+        if length == 126:
+            if len(b) < 4:
+                return None
+            length = struct.unpack_from(">H", b, 2)[0]
+            pos = 4
+        elif length == 127:
+            if len(b) < 10:
+                return None
+            length = struct.unpack_from(">Q", b, 2)[0]
+            pos = 10
+        mask = b""
+        if b[1] & 0x80:
+            if len(b) < pos + 4:
+                return None
+            mask = bytes(b[pos : pos + 4])
+            pos += 4
+        if len(b) < pos + length:
+            return None
+        head = bytes(b[pos : pos + min(length, 32)])
+        if mask:
+            head = bytes(c ^ mask[i % 4] for i, c in enumerate(head))
+        del b[: pos + length]
+        m = _TYPE.search(head)
+        if m is None:
+            return ""
+        n = m.group(1)[0] & 0x1F
+        return head[m.end() : m.end() + n].decode(errors="replace")
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    transport = writer.transport
+    if transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()

@@ -1,0 +1,173 @@
+"""Live migration between real daemons, broken at each phase, with a client calling.
+
+Each case runs two `cloudlet agent` processes, east (the source) and west (the
+destination, reached through `MigrationProxy`), and a session that calls the VM
+throughout. When the armed migration message goes by, the proxy SIGKILLs a
+daemon, resets the connection, or stalls it until the deadlines expire; killed
+daemons are restarted. Then: the VM lives on exactly one cloudlet (never both,
+never neither), the one the commit point says, and its state equals that of a
+twin that applied every call the application made exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloudlet.vm import VM, ImageStore, VMLimits
+from mobile_client import CloudletClient
+from tests.conftest import WORKLOADS
+from tests.daemons import Daemon, make_daemon
+from tests.migration_proxy import MigrationProxy, Trigger
+
+KVSTORE = WORKLOADS / "kvstore.wasm"
+SETTINGS: dict[str, Any] = {"migration_deadline_s": 1.5, "checkpoint_interval_s": 0.3}
+SETTLE_S = 20.0  # a restarted destination asks the source once a second
+
+# (message, before/after forwarding it, what breaks, where the VM must end up)
+CASES = [
+    ("offer", "before", "kill-destination", "east"),
+    ("chunks", "after", "kill-destination", "east"),
+    ("final", "before", "kill-destination", "east"),
+    ("ready", "before", "kill-destination", "east"),  # Ready never reached the source
+    ("ready", "after", "kill-destination", "west"),  # the source committed
+    ("chunks", "after", "kill-source", "east"),
+    ("final", "before", "kill-source", "east"),  # paused, never decided
+    ("commit", "before", "kill-source", "west"),  # the tombstone was written
+    ("commit", "after", "kill-source", "west"),
+    ("chunks", "after", "drop", "east"),
+    ("ready", "before", "drop", "east"),
+    ("commit", "before", "drop", "west"),
+    ("chunks", "after", "stall", "east"),
+    ("final", "before", "stall", "east"),
+]
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
+    east = make_daemon(tmp_path, "east", **SETTINGS).start()
+    west = make_daemon(tmp_path, "west", **SETTINGS).start()
+    yield east, west
+    for d in (east, west):
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        else:
+            d.kill()
+
+
+class Twin:
+    """The same calls on a local VM, once each, in order."""
+
+    def __init__(self) -> None:
+        self.vm = VM.create(ImageStore(None).add_file(KVSTORE), VMLimits(memory_bytes=64 << 20))
+
+    def state(self, calls: list[tuple[str, tuple[int, ...]]]) -> tuple[int, int]:
+        for fn, args in calls:
+            self.vm.call(fn, *args)
+        return self.vm.call("kv_checksum"), self.vm.call("kv_count")
+
+
+def homes(daemons: dict[str, Daemon], token: str, vm_id: str) -> list[str]:
+    """The cloudlets that serve the VM (200 to GET /v1/vms/ID)."""
+    found = []
+    for name, d in daemons.items():
+        try:
+            status, _ = d.request("GET", f"/v1/vms/{vm_id}", token=token, timeout_s=2)
+        except OSError:
+            continue
+        if status == 200:
+            found.append(name)
+    return found
+
+
+@pytest.mark.parametrize(("message", "when", "fault", "home"), CASES,
+                         ids=[f"{f}-{w}-{m}" for m, w, f, _ in CASES])
+def test_fault_at_each_phase(pair: tuple[Daemon, Daemon], message: str, when: str,
+                             fault: str, home: str) -> None:
+    east, west = pair
+    daemons = {"east": east, "west": west}
+    token = east.token("pat")
+    rng = random.Random(f"{message}{when}{fault}")
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    status, created = east.request("POST", "/v1/vms", {"image": upload(east, token)},
+                                   token=token)
+    assert status == 201, created
+    vm_id = created["vm"]
+
+    def kill(d: Daemon) -> None:
+        assert d.proc is not None
+        os.kill(d.proc.pid, signal.SIGKILL)
+
+    action = {"kill-destination": lambda: kill(west), "kill-source": lambda: kill(east)}
+    kind = fault if fault in ("drop", "stall") else "call"
+
+    async def run() -> None:
+        async with MigrationProxy(west.port) as proxy, \
+                CloudletClient(token, endpoints=[east.endpoint, west.endpoint]) as client, \
+                client.attach(vm_id, east.endpoint, call_deadline_ms=60_000) as s:
+            proxy.trigger = Trigger(message, when, action.get(fault, lambda: None), kind)
+            done = asyncio.Event()
+
+            async def caller() -> None:
+                while not done.is_set():
+                    key = rng.randrange(11)
+                    op = (("kv_del", (key,)) if rng.random() < 0.2
+                          else ("kv_put", (key, len(calls) * 31 + key)))
+                    calls.append(op)
+                    await s.call(op[0], *op[1])
+                    await asyncio.sleep(0.002)
+
+            async def break_a_migration() -> None:
+                await asyncio.sleep(0.2)
+                with contextlib.suppress(OSError):  # the source may die mid-request
+                    await asyncio.to_thread(
+                        east.request, "POST", f"/v1/vms/{vm_id}/migrate",
+                        {"endpoint": proxy.endpoint}, token=token, timeout_s=30)
+                for _ in range(100):  # "after" acts a moment after forwarding
+                    if proxy.fired:
+                        break
+                    await asyncio.sleep(0.02)
+                assert proxy.fired, f"{message} never went by: {proxy.seen}"
+                victim = {"kill-destination": west, "kill-source": east}.get(fault)
+                if victim is not None:  # wait until it is dead, then bring it back
+                    assert victim.proc is not None
+                    assert victim.proc.wait(10) == -signal.SIGKILL
+                    victim.kill()
+                    victim.start()
+                deadline = time.monotonic() + SETTLE_S
+                while homes(daemons, token, vm_id) != [home]:
+                    assert time.monotonic() < deadline, (
+                        f"the VM serves on {homes(daemons, token, vm_id)}, not [{home}]; "
+                        f"messages: {proxy.seen}\neast: {east.log()}\nwest: {west.log()}")
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(0.2)  # the session keeps calling where it lives now
+                done.set()
+
+            try:
+                await asyncio.gather(caller(), break_a_migration())
+            except BaseException:
+                print(f"east log:\n{east.log()}\nwest log:\n{west.log()}")  # for the report
+                raise
+            checksum, count = await s.call("kv_checksum"), await s.call("kv_count")
+            assert homes(daemons, token, vm_id) == [home]  # never both, never neither
+            assert (checksum, count) == Twin().state(calls)  # each call applied once
+            status, info = daemons[home].request("GET", f"/v1/vms/{vm_id}", token=token)
+            assert status == 200 and info["seq"] == len(calls) + 2
+
+    asyncio.run(run())
+
+
+def upload(d: Daemon, token: str) -> str:
+    status, body = d.request("POST", "/v1/images", raw=KVSTORE.read_bytes(), token=token)
+    assert status == 201, body
+    digest: str = body["digest"]
+    return digest
