@@ -50,6 +50,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="lifetime in seconds (default one week)")
     token.set_defaults(handler=cmd_token)
 
+    migrate = sub.add_parser("migrate", help="move a VM to another cloudlet (live migration)",
+                             description="Live-migrate VM to cloudlet NODE: pre-copy while it "
+                                         "serves, a short stop-and-copy, an atomic commit. The "
+                                         "VM and the nodes are found through the broker.")
+    migrate.add_argument("vm", metavar="VM")
+    migrate.add_argument("--to", required=True, metavar="NODE")
+    migrate.add_argument("--mode", choices=("live", "stop_and_copy"), default="live")
+    migrate.add_argument("--broker", default=DEFAULT_BROKER, metavar="mqtt://HOST:PORT")
+    migrate.add_argument("--state-dir", metavar="DIR",
+                         help="where the cluster secret is (default: as for 'up')")
+    migrate.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    migrate.set_defaults(handler=cmd_migrate)
+
     status = sub.add_parser("status", help="list the cloudlets the broker knows, with their VMs")
     status.add_argument("--broker", default=DEFAULT_BROKER, metavar="mqtt://HOST:PORT")
     status.add_argument("--wait-s", type=float, default=1.0,
@@ -111,6 +124,57 @@ def cmd_status(args: argparse.Namespace) -> int:
         for vm in hosted:
             print(f"  {vm}")
     return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    import json
+
+    stats = asyncio.run(migrate_vm(args))
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    rounds = stats.get("bytes_per_round") or [stats.get("bytes_sent", 0)]
+    print(f"moved VM {stats['vm']} to {stats['to']} ({stats['mode']}): "
+          f"{stats['rounds']} rounds, {_mib(stats['bytes_sent'])} sent "
+          f"(memory {_mib(stats.get('memory_bytes', 0))}), "
+          f"paused {stats['downtime_ms']:.1f} ms, total {stats['total_s'] * 1000:.0f} ms")
+    print("bytes per round: " + ", ".join(_mib(b) for b in rounds))
+    return 0
+
+
+def _mib(n: Any) -> str:
+    size = float(n)
+    return f"{size / (1 << 20):.2f} MiB" if size >= 1 << 20 else f"{size / 1024:.1f} KiB"
+
+
+async def migrate_vm(args: argparse.Namespace) -> dict[str, Any]:
+    """Find the VM and the destination through the broker, then ask the VM's cloudlet
+    to migrate it (as a peer: this command runs where the cluster secret is)."""
+    import aiohttp
+    import msgpack
+
+    from cloudlet.errors import VMNotFound, error_from_wire
+    from edge_agent.auth import Authority, load_secret
+    from edge_agent.config import default_state_dir
+    from edge_agent.daemon import SECRET_FILE
+
+    nodes, vms = await collect_status(args.broker, 1.0)
+    where = vms.get(args.vm)
+    if where is None:
+        raise VMNotFound(f"the broker at {args.broker} knows no VM {args.vm!r}")
+    if args.to not in nodes or nodes[args.to].get("status") != "online":
+        raise ConfigError(f"no cloudlet {args.to!r} is online (known: {', '.join(sorted(nodes))})")
+    state = Path(args.state_dir) if args.state_dir else default_state_dir()
+    token = Authority(load_secret(state / SECRET_FILE)).issue_peer("cli", 300)
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{where['endpoint']}/v1/vms/{args.vm}/migrate",
+            data=msgpack.packb({"to": args.to, "mode": args.mode}),
+            headers={"Authorization": f"Bearer {token}"}) as resp:
+        body = msgpack.unpackb(await resp.read())
+    if resp.status != 200:
+        raise error_from_wire(body)
+    result: dict[str, Any] = body
+    return result
 
 
 async def collect_status(broker: str, wait_s: float) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
+import msgpack
 import pytest
 
 from cloudlet.vm import VM, ImageStore, VMLimits
@@ -28,6 +33,7 @@ from mobile_client import CloudletClient
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon
 from tests.migration_proxy import MigrationProxy, Trigger
+from tests.mqtt_brokers import address
 
 KVSTORE = WORKLOADS / "kvstore.wasm"
 SETTINGS: dict[str, Any] = {"migration_deadline_s": 1.5, "checkpoint_interval_s": 0.3}
@@ -171,3 +177,51 @@ def upload(d: Daemon, token: str) -> str:
     assert status == 201, body
     digest: str = body["digest"]
     return digest
+
+
+def test_cloudlet_migrate_command_and_its_event(mosquitto: str, tmp_path: Path) -> None:
+    """`cloudlet migrate VM --to NODE` finds the VM and the node through the broker;
+    the outcome, with its measurements, goes to the source's events topic, and the
+    VM's retained location follows it."""
+    east = make_daemon(tmp_path, "east", broker_url=mosquitto).start()
+    west = make_daemon(tmp_path, "west", broker_url=mosquitto).start()
+    host, port = address(mosquitto)
+    try:
+        token = east.token("quinn")
+        status, created = east.request("POST", "/v1/vms", {"image": upload(east, token)},
+                                       token=token)
+        assert status == 201
+        vm_id = created["vm"]
+        assert east.request("POST", f"/v1/vms/{vm_id}/call",
+                            {"fn": "kv_put", "args": [1, 7]}, token=token)[0] == 200
+
+        async def run() -> tuple[dict[str, Any], dict[str, Any]]:
+            async with aiomqtt.Client(host, port, identifier="migrate-watcher") as watch:
+                await watch.subscribe("cloudlet/v1/nodes/east/events", qos=1)
+                await asyncio.sleep(1.0)  # both daemons' presence is retained by now
+                out = await asyncio.to_thread(subprocess.run, [
+                    sys.executable, "-m", "cloudlet.cli", "migrate", vm_id, "--to", "west",
+                    "--broker", mosquitto, "--state-dir", str(tmp_path), "--json"],
+                    capture_output=True, text=True, timeout=60)
+                assert out.returncode == 0, out.stderr
+                async with asyncio.timeout(10):
+                    async for m in watch.messages:
+                        event = msgpack.unpackb(m.payload)  # type: ignore[arg-type]
+                        if event.get("op") == "migrated":
+                            return json.loads(out.stdout), event
+            raise AssertionError("no migrated event")
+
+        stats, event = asyncio.run(run())
+        assert stats["to"] == "west" and stats["mode"] == "live" and stats["rounds"] >= 2
+        assert event["ok"] and event["vm"] == vm_id and event["bytes_sent"] == stats["bytes_sent"]
+        assert west.request("POST", f"/v1/vms/{vm_id}/call", {"fn": "kv_get", "args": [1]},
+                            token=token)[1]["result"] == 7
+        status, body = east.request("GET", f"/v1/vms/{vm_id}", token=token)
+        assert status == 410 and body["details"]["node"] == "west"
+        out = subprocess.run([sys.executable, "-m", "cloudlet.cli", "migrate", "no-such-vm",
+                              "--to", "west", "--broker", mosquitto, "--state-dir",
+                              str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "error [vm_not_found]" in out.stderr
+    finally:
+        east.stop()
+        west.stop()
