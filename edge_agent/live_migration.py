@@ -52,7 +52,9 @@ from cloudlet.migration import (
     run_destination,
     run_source,
 )
+from cloudlet.migration.chunkstore import chunk_digests
 from cloudlet.vm import VM, Snapshot
+from cloudlet.vm.chunks import CHUNK_BYTES
 from edge_agent.replies import ANNEX_KEY
 from edge_agent.vm_host import HostedVM, Location, VMHost
 
@@ -61,6 +63,7 @@ log = logging.getLogger(__name__)
 LAST_CALL_KEY = "last_call_unix"  # in the annex: when the source served its last call
 RESOLVE_RETRY_S = 1.0  # an in-doubt destination asks the source again this often
 RESOLVE_TIMEOUT_S = 5.0
+CHUNK_STORE_SLICE = 1024  # chunks put into the store between two yields to the loop
 
 
 class WebSocketChannel:
@@ -211,6 +214,7 @@ class LiveMigrations:
             admit=lambda offer: self.host.admit(offer.vm_id, offer.memory_bytes))
         if got.outcome == "committed" and got.vm is not None:
             await self._activate(got.vm, got.annex, incoming.migration_id)
+            self._spawn(self._remember_chunks(incoming.chunk_data))
         elif got.outcome == "in_doubt" and got.migration is not None:
             migration = got.migration
             self._spawn(self._settle(incoming, migration.vm, migration.annex))
@@ -224,15 +228,30 @@ class LiveMigrations:
         last_call = annex.get(LAST_CALL_KEY)
         if isinstance(last_call, float) and last_call > 0:
             hosted.arrived_last_call_unix = last_call
-        with contextlib.suppress(Exception):
-            self.chunks.add_vm(vm)  # later migrations of similar VMs find these chunks
         if migration_id:
             self._spawn(self._checkpoint_then_forget(hosted, migration_id))
 
+    async def _remember_chunks(self, chunk_data: list[bytes]) -> None:
+        """Put what arrived into the chunk store, so later migrations of similar VMs
+        send references instead. Never on the downtime's path: digests are computed
+        in a thread (over the rounds' own bytes, not the live VM), and the store is
+        filled in slices that leave the event loop to the calls."""
+        for data in chunk_data:
+            digests = await asyncio.to_thread(chunk_digests, data)
+            view = memoryview(data)
+            for start in range(0, len(digests), CHUNK_STORE_SLICE):
+                for i in range(start, min(start + CHUNK_STORE_SLICE, len(digests))):
+                    self.chunks.put(digests[i],
+                                    bytes(view[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES]))
+                await asyncio.sleep(0)
+
     async def _checkpoint_then_forget(self, hosted: HostedVM, migration_id: str) -> None:
-        """The VM's own checkpoint replaces the incoming rounds on disk."""
+        """The VM's own checkpoint replaces the incoming rounds on disk. Not at once:
+        a full snapshot of a large VM holds it for a while, and its first calls here
+        are what the user feels; the rounds on disk already make it durable."""
+        await asyncio.sleep(self.host.config.checkpoint_interval_s)
         try:
-            await self.host.checkpoint(hosted, force=True)
+            await self.host.checkpoint(hosted)
         except Exception as exc:
             log.error("first checkpoint of arrived VM %s failed: %r", hosted.id, exc)
             return  # the incoming rounds stay: a restart recovers from them
@@ -311,6 +330,7 @@ class Incoming:
                  headers: dict[str, str], migration_id: str | None = None) -> None:
         self.owner, self.source, self.http, self.headers = owner, source, http, headers
         self.migration_id = migration_id
+        self.chunk_data: list[bytes] = []  # what arrived, for the chunk store afterwards
 
     @property
     def folder(self) -> Path:
@@ -330,6 +350,7 @@ class Incoming:
         # Uncompressed: the final round is on the downtime's path, and zstd of a
         # large round 0 would only slow pre-copy down; the disk is not the limit.
         event.snapshot.write(folder / f"{event.round:04d}.snap", compression="none")
+        self.chunk_data.extend(m.data for m in event.snapshot.memories if m.data)
 
     async def ask_source(self, migration_id: str) -> bool | None:
         """True/False from the source; None if it could not be asked."""

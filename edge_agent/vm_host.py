@@ -415,10 +415,12 @@ class VMHost:
         if self.tombstones.get(hosted.id) != where:
             self._write_tombstone(hosted.id, where, None)
         self.vms.pop(hosted.id, None)
-        hosted.vm.close()
-        await self._off_loop(self._checkpoint_path(hosted.id).unlink, missing_ok=True)
+        # Clients first (they are waiting to follow it), then the cleanup: freeing a
+        # large VM's memory takes milliseconds that are not theirs to wait for.
         self.on_change(hosted.id, None)
         self.on_moved(hosted.id, where)
+        await self._off_loop(hosted.vm.close)
+        await self._off_loop(self._checkpoint_path(hosted.id).unlink, missing_ok=True)
 
     async def adopt_snapshot(self, data: bytes, max_bytes: int,
                              owner: str | None = None) -> HostedVM:
