@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from tests.tcp_proxy import LoopbackProxy, reset, until_either_ends
 
 _TYPE = re.compile(rb"\xa1t([\xa0-\xbf])")  # msgpack: the key "t", then a short str
 
@@ -30,58 +31,25 @@ class Trigger:
     kind: str = "call"  # "call", "drop" or "stall"
 
 
-@dataclass
-class MigrationProxy:
-    upstream_port: int
-    trigger: Trigger | None = None
-    port: int = 0
-    seen: list[str] = field(default_factory=list)  # message types, in order
-    fired: bool = False
-    _server: asyncio.Server | None = None
-    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
-    _stalled: asyncio.Event = field(default_factory=asyncio.Event)
+class MigrationProxy(LoopbackProxy):
+    def __init__(self, upstream_port: int, trigger: Trigger | None = None) -> None:
+        super().__init__(upstream_port)
+        self.trigger = trigger
+        self.seen: list[str] = []  # message types, in order
+        self.fired = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._stalled = asyncio.Event()
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> MigrationProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        self._reset_all()
-        await self._server.wait_closed()
-
-    def _reset_all(self) -> None:
+    def reset_all(self) -> None:
         for w in list(self._writers):
-            _abort(w)
+            reset(w)
         self._writers.clear()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1",
-                                                                 self.upstream_port)
-        except OSError:
-            _abort(writer)
-            return
+    async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
         self._writers |= {writer, up_writer}
-        pipes = [asyncio.ensure_future(self._pipe(reader, up_writer, masked=True)),
-                 asyncio.ensure_future(self._pipe(up_reader, writer, masked=False))]
-        try:
-            # When one side ends (a daemon died: the kernel reset its sockets), end the
-            # other too, as the network would; else the survivor waits forever.
-            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            for pipe in pipes:
-                pipe.cancel()
-            _abort(writer)
-            _abort(up_writer)
+        await until_either_ends(self._pipe(reader, up_writer, masked=True),
+                                self._pipe(up_reader, writer, masked=False))
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     masked: bool) -> None:
@@ -110,7 +78,7 @@ class MigrationProxy:
     def _act(self, trigger: Trigger) -> None:
         self.fired = True
         if trigger.kind == "drop":
-            self._reset_all()
+            self.reset_all()
         elif trigger.kind == "stall":
             self._stalled.set()
         else:
@@ -183,13 +151,3 @@ class FrameReader:
         n = m.group(1)[0] & 0x1F
         return head[m.end() : m.end() + n].decode(errors="replace")
 
-
-def _abort(writer: asyncio.StreamWriter) -> None:
-    transport = writer.transport
-    if transport.is_closing():
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()

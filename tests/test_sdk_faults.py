@@ -22,8 +22,6 @@ import functools
 import os
 import random
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -58,6 +56,7 @@ from mobile_client.session import MAX_IN_FLIGHT
 from mobile_client.sync import BlockingClient
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon
+from tests.tcp_proxy import LoopbackProxy, reset, until_either_ends
 
 KVSTORE = WORKLOADS / "kvstore.wasm"
 CLI = [sys.executable, "-m", "cloudlet.cli"]
@@ -193,17 +192,6 @@ class Recorder:
 # --- a proxy that breaks things on purpose ---------------------------------------------------
 
 
-def _abort(writer: asyncio.StreamWriter) -> None:
-    transport = writer.transport
-    if transport.is_closing():
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-
-
 @dataclass
 class _Conn:
     client: asyncio.StreamWriter
@@ -211,65 +199,42 @@ class _Conn:
     held: list[bytes] = field(default_factory=list)
 
 
-@dataclass
-class FaultProxy:
+class FaultProxy(LoopbackProxy):
     """TCP proxy on loopback. `hold`: answers (server to client) are kept back;
     `cut()`: every live connection is reset (RST) and what was held is dropped;
     `refusing`: new connections are reset at once; `on_request`: when the client
     side sends bytes containing the marker, the hook runs and the connection is
     reset before those bytes reach the server."""
 
-    upstream_port: int
-    port: int = 0
-    hold: bool = False
-    refusing: bool = False
-    on_request: tuple[bytes, Callable[[], None]] | None = None
-    fired: int = 0
-    _live: list[_Conn] = field(default_factory=list)
-    _server: asyncio.Server | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> FaultProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        self.cut()
-        await self._server.wait_closed()
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__(upstream_port)
+        self.hold = False
+        self.refusing = False
+        self.on_request: tuple[bytes, Callable[[], None]] | None = None
+        self.fired = 0
+        self._live: list[_Conn] = []
 
     def cut(self) -> None:
         for conn in list(self._live):
             conn.held.clear()
-            _abort(conn.server)
-            _abort(conn.client)
+            reset(conn.server)
+            reset(conn.client)
         self._live.clear()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing:
-            _abort(writer)
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            _abort(writer)
-            return
+    reset_all = cut
+
+    def refuse(self) -> bool:
+        return self.refusing
+
+    async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
         conn = _Conn(writer, up_writer)
         self._live.append(conn)
         try:
-            await asyncio.gather(self._up(reader, conn), self._down(up_reader, conn))
-        except asyncio.CancelledError:
-            pass
+            await until_either_ends(self._up(reader, conn), self._down(up_reader, conn))
         finally:
             with contextlib.suppress(ValueError):
                 self._live.remove(conn)
-            _abort(writer)
-            _abort(up_writer)
 
     async def _up(self, reader: asyncio.StreamReader, conn: _Conn) -> None:
         tail = b""
@@ -280,8 +245,8 @@ class FaultProxy:
                     self.on_request = None
                     self.fired += 1
                     hook()
-                    _abort(conn.server)
-                    _abort(conn.client)
+                    reset(conn.server)
+                    reset(conn.client)
                     return
                 tail = data[-64:]
                 conn.server.write(data)
