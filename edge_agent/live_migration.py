@@ -64,6 +64,7 @@ LAST_CALL_KEY = "last_call_unix"  # in the annex: when the source served its las
 RESOLVE_RETRY_S = 1.0  # an in-doubt destination asks the source again this often
 RESOLVE_TIMEOUT_S = 5.0
 CHUNK_STORE_SLICE = 1024  # chunks put into the store between two yields to the loop
+CHUNK_STORE_DELAY_S = 1.0  # hashing 64 MiB in a thread still contends for the GIL
 
 
 class WebSocketChannel:
@@ -236,6 +237,7 @@ class LiveMigrations:
         send references instead. Never on the downtime's path: digests are computed
         in a thread (over the rounds' own bytes, not the live VM), and the store is
         filled in slices that leave the event loop to the calls."""
+        await asyncio.sleep(CHUNK_STORE_DELAY_S)  # the VM's first calls come first
         for data in chunk_data:
             digests = await asyncio.to_thread(chunk_digests, data)
             view = memoryview(data)
