@@ -151,6 +151,7 @@ class Mover:
                                    cause=stats.abort_code or "migration_aborted")
         record = stats.to_dict()
         record["migration_id"] = migration_id
+        record["round_stats"] = record.get("rounds", [])  # per round, its codec included
         record["rounds"] = len(stats.rounds)
         record["paused_ms"] = (stats.downtime_s or 0.0) * 1000
         return record
