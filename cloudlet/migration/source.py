@@ -80,9 +80,13 @@ class PreCopyPolicy:
     # written (fsync) at the destination inside the pause, and the client has to
     # reconnect after it: measured on 64 MiB guests, a 1 MiB final round paused the
     # VM ~8 ms, so the budget for the round itself is kept small.
-    stop_dirty_bytes: int = 128 * KiB
-    # ... or when the measured link would send it within this time.
-    target_downtime_s: float = 0.002
+    stop_dirty_bytes: int = 64 * KiB
+    # ... or when the measured link would send it within this time, and it is no
+    # more than `max_final_bytes`: the final round is also captured, applied and
+    # fsynced inside the pause, which the link rate says nothing about (and a
+    # rate measured from a burst of acks on loopback can be wildly high).
+    target_downtime_s: float = 0.0005
+    max_final_bytes: int = 512 * KiB
     # A round must shrink the dirty set below this share of the previous round's,
     # or pre-copy is not converging and more rounds only add bytes.
     min_shrink: float = 0.9
@@ -405,7 +409,8 @@ class SourceMigration:
         stop = (
             self._precopy_rounds >= p.max_rounds
             or dirty_bytes <= p.stop_dirty_bytes
-            or (rate is not None and dirty_bytes / rate <= p.target_downtime_s)
+            or (rate is not None and dirty_bytes <= p.max_final_bytes
+                and dirty_bytes / rate <= p.target_downtime_s)
             or (previous is not None and dirty_bytes > p.min_shrink * previous)
         )
         if stop:
