@@ -269,7 +269,7 @@ class VMHost:
 
     def _admit(self, hosted: HostedVM, call: Call) -> dict[str, Any] | None:
         """None if the call is to run now; a kept answer if it was applied already."""
-        self._check_alive(hosted)
+        self.check_alive(hosted)
         if call.ack is not None:
             hosted.replies.acknowledge(min(call.ack, hosted.vm.seq))
         if call.seq is not None and call.seq != hosted.vm.seq + 1:
@@ -320,7 +320,7 @@ class VMHost:
         # The persist lock: not while the VM migrates (a full snapshot moves the base
         # of the migration's next delta round).
         async with hosted.persist_lock, hosted.lock:
-            self._check_alive(hosted)
+            self.check_alive(hosted)
             snap = self.snapshot_with_annex(hosted)
         return await self._off_loop(snap.to_bytes)
 
@@ -353,11 +353,9 @@ class VMHost:
         if self.closing:
             raise ShuttingDown("this cloudlet is shutting down; its VMs will be back on restart")
 
-    def _check_alive(self, hosted: HostedVM) -> None:
+    def check_alive(self, hosted: HostedVM) -> None:
         if self.vms.get(hosted.id) is not hosted:
             self._raise_gone(hosted.id)
-
-    check_alive = _check_alive
 
     def admit(self, vm_id: str, memory_bytes: int) -> None:
         """May a VM of this size arrive here? (Raises why not, with a stable code.)"""
@@ -387,7 +385,7 @@ class VMHost:
         """Hold the VM between calls: calls wait (and then follow it if it moved),
         no checkpoint runs. For the stop-and-copy phase of a move."""
         async with hosted.persist_lock, hosted.lock:
-            self._check_alive(hosted)
+            self.check_alive(hosted)
             yield
 
     def record_move(self, vm_id: str, where: Location, migration_id: str | None) -> None:

@@ -140,14 +140,11 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
             try:
                 if isinstance(ev, Done):
                     return mig.stats
-                if isinstance(ev, Send):
-                    async with asyncio.timeout(deadline_s):
-                        await channel.send(ev.data)
-                elif isinstance(ev, NeedData):
-                    async with asyncio.timeout(deadline_s):
-                        data = await channel.recv()
-                    async with access():
-                        mig.receive(data)
+                if isinstance(ev, Send | NeedData):
+                    data = await _exchange(ev, channel, deadline_s)
+                    if data is not None:
+                        async with access():
+                            mig.receive(data)
                 elif isinstance(ev, PauseVM):
                     async with asyncio.timeout(deadline_s):
                         await hooks.pause()
@@ -172,6 +169,16 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
             mig.abort("migration_aborted", "the source driver stopped", tell_peer=False)
             await hooks.resume()
         raise
+
+
+async def _exchange(ev: Send | NeedData, channel: Channel, deadline_s: float) -> bytes | None:
+    """Carry out a Send (None back) or a NeedData (the peer's next message), each
+    within the deadline: the one place both drivers touch the channel."""
+    async with asyncio.timeout(deadline_s):
+        if isinstance(ev, Send):
+            await channel.send(ev.data)
+            return None
+        return await channel.recv()
 
 
 def _no_lock() -> AbstractAsyncContextManager[None]:
@@ -227,13 +234,10 @@ async def run_destination(channel: Channel, images: ImageSource, store: ChunkSto
                                 mig.resolve(await resolve(mig.migration_id))
                             continue
                     break
-                if isinstance(ev, Send):
-                    async with asyncio.timeout(deadline_s):
-                        await channel.send(ev.data)
-                elif isinstance(ev, NeedData):
-                    async with asyncio.timeout(deadline_s):
-                        data = await channel.recv()
-                    mig.receive(data)
+                if isinstance(ev, Send | NeedData):
+                    data = await _exchange(ev, channel, deadline_s)
+                    if data is not None:
+                        mig.receive(data)
                 elif isinstance(ev, PersistRound):
                     if persist is not None:
                         try:
