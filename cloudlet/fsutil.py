@@ -8,16 +8,23 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
+Buffer = bytes | bytearray | memoryview
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
+
+def atomic_write(path: str | os.PathLike[str], data: Buffer | Sequence[Buffer]) -> None:
+    """`data` may be one buffer or several written back to back (no joined copy:
+    a 256 MiB snapshot is written from the VM's own chunk bytes)."""
     target = Path(path)
+    parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in parts:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)

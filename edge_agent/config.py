@@ -65,6 +65,10 @@ class NodeConfig:
     move_deadline_s: float = 60.0
     # Live migration: a peer silent this long is gone (the VM resumes at the source).
     migration_deadline_s: float = 10.0
+    # Auto-converge: when a VM dirties memory faster than pre-copy can send it,
+    # space its calls apart (down to 4 a second) until it can, instead of stopping
+    # it for a long final round. Off: such a VM is paused for that round instead.
+    migration_auto_converge: bool = True
     # Persistence: every VM that changed is checkpointed this often; a kill -9
     # loses at most the calls applied since the last checkpoint.
     checkpoint_interval_s: float = 2.0

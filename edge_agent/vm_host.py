@@ -49,6 +49,7 @@ from cloudlet.errors import (
     VMNotFound,
 )
 from cloudlet.fsutil import atomic_write
+from cloudlet.migration.pacing import CallPacer
 from cloudlet.vm import VM, Image, ImageStore, Snapshot, VMLimits
 from edge_agent.auth import Principal
 from edge_agent.config import NodeConfig
@@ -104,6 +105,8 @@ class HostedVM:
     # first call here, which turns it into the migration's downtime as users see it.
     arrived_last_call_unix: float = 0.0
     arrival_downtime_ms: float | None = None
+    # Auto-converge: while a live migration outruns the link, calls are spaced apart.
+    pacer: CallPacer = field(default_factory=CallPacer)
 
     @property
     def id(self) -> str:
@@ -233,7 +236,8 @@ class VMHost:
 
     def can_call_now(self, hosted: HostedVM) -> bool:
         """True when `call_now` may run: an interactive VM nobody holds across an await."""
-        return hosted.inline and not hosted.lock.locked() and not self.closing
+        return (hosted.inline and not hosted.lock.locked() and not hosted.pacer.active
+                and not self.closing)
 
     def call_now(self, hosted: HostedVM, call: Call) -> dict[str, Any]:
         """The fast path, synchronous: nothing awaits between the sequence check and
@@ -255,6 +259,8 @@ class VMHost:
         self._check_open()
         if self.can_call_now(hosted):
             return self.call_now(hosted, call)
+        if hosted.pacer.active:
+            await hosted.pacer.wait_turn()
         async with hosted.lock:
             if hosted.inline:
                 return self.call_now(hosted, call)

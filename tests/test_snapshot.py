@@ -222,3 +222,27 @@ def test_float_globals_and_per_memory_caps_are_checked(store: ImageStore) -> Non
         forged = dataclasses.replace(snap, globals={name: bad})
         with pytest.raises(SnapshotCorrupt):
             VM.restore(image, forged)
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd", "auto"])
+def test_segments_encode_exactly_what_msgpack_would(workload: dict[str, Image], tmp_path: Path,
+                                                    compression: str) -> None:
+    """Snapshots are written as segments (the chunk data is not copied): the body must
+    still be msgpack's own encoding, and the file must read back whole."""
+    import msgpack
+
+    from cloudlet.vm.snapshot import _body_segments, _to_wire
+
+    vm = VM.create(workload["memhog"])
+    vm.call("hog_grow", 4)
+    vm.call("hog_fill", 0, 700, 0x01020304)
+    vm.call("hog_dirty", 50, 7)
+    snap = vm.snapshot()
+    assert b"".join(_body_segments(snap)) == msgpack.packb(_to_wire(snap))
+    written = snap.write(tmp_path / "s.snap", compression=compression)
+    data = (tmp_path / "s.snap").read_bytes()
+    assert written == len(data) and data == snap.to_bytes(compression)
+    back = Snapshot.read(tmp_path / "s.snap")
+    assert back.snapshot_id == snap.snapshot_id
+    assert [m.data for m in back.memories] == [m.data for m in snap.memories]
+    assert VM.restore(workload["memhog"], back).call("hog_checksum") == vm.call("hog_checksum")

@@ -19,7 +19,7 @@ Using it from a daemon (the whole API)::
 A `Channel` is anything with ``async send(bytes)`` and ``async recv() -> bytes``
 (one message each, ordered, reliable; `recv` raises once closed). Source hooks
 (`SourceHooks`; `VMGate` is a ready one) are ``pause()``, ``resume()``,
-``tombstone(event)`` and ``annex()``.
+``tombstone(event)``, ``annex()`` and ``throttle(call_interval_s)``.
 
 Driving the machines directly: call `next_event()` and do what it says, in
 order, until `Done`:
@@ -32,6 +32,8 @@ event                     side    the driver must
 `PauseVM`                 source  stop calls (let the running one finish), then
                                   `paused(annex)`
 `ResumeVM`                source  serve calls at the source again (idempotent)
+`Throttle`                source  let calls in no closer than `call_interval_s`
+                                  (auto-converge; lift it when the migration ends)
 `BecomeTombstone`         source  record durably that the VM moved, redirect its
                                   calls; only then send the `Commit` that follows
 `ActivateVM`              dest    serve `event.vm`; hand over `event.annex`
@@ -73,18 +75,18 @@ from cloudlet.migration.events import (
     PersistRound,
     ResumeVM,
     Send,
+    Throttle,
 )
 from cloudlet.migration.messages import SCHEMA_VERSION, Message, decode, encode
+from cloudlet.migration.pacing import CallPacer
 from cloudlet.migration.source import PreCopyPolicy, SourceMigration, SourceState
 from cloudlet.migration.stats import MigrationStats, RoundStats
 
 __all__ = [
-    "SCHEMA_VERSION", "ActivateVM", "BecomeTombstone", "Channel", "ChunkStore", "Codec",
-    "CompressionChooser", "DestinationMigration", "DestinationState", "DiscardVM", "Done",
-    "Event", "ImageSource", "MemoryChannel", "Message", "MigrationStats", "NeedData",
-    "PauseVM",
-    "PersistRound", "PreCopyPolicy", "Received", "ResumeVM", "RoundStats", "Send",
-    "SourceHooks", "SourceMigration", "SourceState", "StreamChannel", "VMGate",
-    "chunk_digest", "decode", "encode", "memory_channel_pair", "run_destination",
-    "run_source",
+    "SCHEMA_VERSION", "ActivateVM", "BecomeTombstone", "CallPacer", "Channel", "ChunkStore",
+    "Codec", "CompressionChooser", "DestinationMigration", "DestinationState", "DiscardVM", "Done",
+    "Event", "ImageSource", "MemoryChannel", "Message", "MigrationStats", "NeedData", "PauseVM",
+    "PersistRound", "PreCopyPolicy", "Received", "ResumeVM", "RoundStats", "Send", "SourceHooks",
+    "SourceMigration", "SourceState", "StreamChannel", "Throttle", "VMGate", "chunk_digest",
+    "decode", "encode", "memory_channel_pair", "run_destination", "run_source",
 ]

@@ -9,8 +9,10 @@ and over real TCP.
 Hooks, source side (`SourceHooks`): `pause()` stops calls into the VM and
 returns once none is running; `resume()` lets them in again; `tombstone()`
 records durably that the VM moved, before the `Commit` goes out; `annex()` is the
-opaque state that travels with the VM (e.g. the reply cache). `VMGate` is a
-ready-made gate for VMs called from the event loop's thread.
+opaque state that travels with the VM (e.g. the reply cache); `throttle(s)`
+spaces calls at least `s` apart (auto-converge; 0 lifts it, as the driver does
+when the migration ends). `VMGate` is a ready-made gate for VMs called from the
+event loop's thread.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from cloudlet.migration.events import (
     PersistRound,
     ResumeVM,
     Send,
+    Throttle,
 )
 from cloudlet.migration.messages import MAX_MESSAGE_BYTES, Offer
+from cloudlet.migration.pacing import CallPacer
 from cloudlet.migration.source import PreCopyPolicy, SourceMigration
 from cloudlet.migration.stats import MigrationStats
 from cloudlet.vm import VM
@@ -66,6 +70,7 @@ class SourceHooks(Protocol):
     async def resume(self) -> None: ...
     async def tombstone(self, event: BecomeTombstone) -> None: ...
     def annex(self) -> dict[str, Any]: ...
+    def throttle(self, call_interval_s: float) -> None: ...
 
 
 class VMGate:
@@ -79,9 +84,11 @@ class VMGate:
         self._lock = asyncio.Lock()
         self._annex = annex or {}
         self.tombstoned: BecomeTombstone | None = None
+        self.pacer = CallPacer()
 
     @asynccontextmanager
     async def call(self) -> AsyncIterator[None]:
+        await self.pacer.wait_turn()
         while True:
             await self._open.wait()
             await self._lock.acquire()
@@ -115,6 +122,9 @@ class VMGate:
 
     def annex(self) -> dict[str, Any]:
         return self._annex
+
+    def throttle(self, call_interval_s: float) -> None:
+        self.pacer.set_interval(call_interval_s)
 
 
 async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = None,
@@ -153,6 +163,8 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
                     await hooks.resume()
                     mig.stats.mark_resumed(clock())
                     return mig.stats
+                elif isinstance(ev, Throttle):
+                    hooks.throttle(ev.call_interval_s)
                 elif isinstance(ev, BecomeTombstone):
                     await hooks.tombstone(ev)
             except TimeoutError:
@@ -169,6 +181,8 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
             mig.abort("migration_aborted", "the source driver stopped", tell_peer=False)
             await hooks.resume()
         raise
+    finally:
+        hooks.throttle(0.0)  # the spacing was for this migration only
 
 
 async def _exchange(ev: Send | NeedData, channel: Channel, deadline_s: float) -> bytes | None:

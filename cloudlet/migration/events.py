@@ -44,6 +44,17 @@ class ResumeVM:
 
 
 @dataclass(frozen=True)
+class Throttle:
+    """Source: the guest dirties memory faster than pre-copy can follow (auto-converge).
+    Let calls into the VM in no closer together than `call_interval_s` from now on
+    (0: no spacing). The VM keeps serving; the spacing ends with the migration."""
+
+    call_interval_s: float
+    dirty_rate_bytes_s: float
+    link_rate_bytes_s: float
+
+
+@dataclass(frozen=True)
 class BecomeTombstone:
     """Source: the VM now lives at the destination. Record that durably (the tombstone
     answers "where did it go?" and "did migration X commit?"), redirect waiting
@@ -90,5 +101,5 @@ class Done:
     outcome: str
 
 
-Event = (Send | NeedData | PauseVM | ResumeVM | BecomeTombstone | PersistRound | ActivateVM
-         | DiscardVM | Done)
+Event = (Send | NeedData | PauseVM | ResumeVM | Throttle | BecomeTombstone | PersistRound
+         | ActivateVM | DiscardVM | Done)

@@ -8,7 +8,10 @@ Pre-copy, then stop-and-copy (DESIGN.md, issue 5):
    when the destination holds it, while the VM keeps serving.
 3. After each round is acknowledged, the chunks dirtied since its capture are
    counted; another round sends them, until the dirty set is small (bytes, or
-   time at the measured link rate), stops shrinking, or the round limit is hit.
+   time at the measured link rate), stops shrinking, another round would send
+   more than the byte budget allows, or the round limit is hit. While rounds
+   run, the dirty rate is sampled; when it is over half the link's rate,
+   auto-converge spaces the VM's calls apart (`Throttle`) so it falls.
 4. Then `PauseVM`: the driver stops calls and calls `paused(annex)`, which sends
    the last chunks and the rest of the state (`Final`). On the destination's
    `Ready` the source passes the commit point: `BecomeTombstone`, then `Commit`.
@@ -44,6 +47,7 @@ from cloudlet.migration.events import (
     PauseVM,
     ResumeVM,
     Send,
+    Throttle,
 )
 from cloudlet.migration.messages import (
     ROUND_END_BATCH,
@@ -66,6 +70,7 @@ from cloudlet.vm import VM, Snapshot, chunks
 
 KiB = 1 << 10
 MiB = 1 << 20
+MIN_SAMPLE_S = 0.05  # a dirty-rate sample over less time is noise
 
 
 @dataclass(frozen=True)
@@ -90,13 +95,37 @@ class PreCopyPolicy:
     # A round must shrink the dirty set below this share of the previous round's,
     # or pre-copy is not converging and more rounds only add bytes.
     min_shrink: float = 0.9
+    # Every live round resends chunks the guest dirtied again after they were sent.
+    # Stop pre-copying when the next round (and the one its dirtying implies) would
+    # take the bytes sent past this multiple of the least that must be sent: the
+    # overlay plus each dirtied chunk once (issue 5 asks for 1.1; the rest is margin
+    # for the final round and control messages).
+    max_bytes_ratio: float = 1.08
+    # Auto-converge (QEMU's name for it): a guest dirtying memory at more than
+    # `converge_share` of the link's rate outruns pre-copy. Space its calls apart,
+    # multiplying the spacing by 2-4 per measurement (aiming at
+    # `converge_target_share`), between these bounds: it slows, but keeps serving,
+    # where the alternative is a final round of seconds with the VM stopped.
+    auto_converge: bool = True
+    converge_share: float = 0.5
+    converge_target_share: float = 0.125
+    min_call_interval_s: float = 0.005
+    max_call_interval_s: float = 0.25
+    # How often the dirty rate is sampled inside a round (one look at the write
+    # tracker's marks: proportional to what was written, between two calls).
+    sample_interval_s: float = 0.5
     # Chunk data per batch: big enough that per-message costs vanish, small
     # enough for aiohttp's default 4 MiB WebSocket message cap and a fine-grained
     # link measurement.
     batch_bytes: int = 1 * MiB
-    # Batches in flight before waiting for acks: keeps a 25-100 Mbit/s link busy
-    # across a few ms of round trip without queueing seconds of data in buffers.
+    # In flight before waiting for acks: at least `window_batches`, and more while
+    # their encoded size is under `window_bytes`. Four 1 MiB batches keep a
+    # 25-100 Mbit/s link busy across a few ms of round trip without queueing
+    # seconds of data in buffers; but compressed 40x, four batches are 100 KB, a
+    # window the round trip (and the destination's work per batch) would throttle.
     window_batches: int = 4
+    window_bytes: int = 1 * MiB
+    max_window_batches: int = 64
     compression: bool = True
 
 
@@ -145,6 +174,11 @@ class SourceMigration:
         self._dirtied: list[set[int]] = []
         self._last_dirty_bytes: int | None = None
         self._precopy_rounds = 0
+        # Auto-converge: the spacing asked of the driver, and the last dirty sample
+        # (time, bytes dirtied since the current round's capture).
+        self.call_interval_s = 0.0
+        self._sampled_s = 0.0
+        self._sampled_dirty = 0
 
     # --- driver API -----------------------------------------------------------------
 
@@ -156,7 +190,7 @@ class SourceMigration:
         """Capture round 0 (the overlay) and queue the offer."""
         if self.state is not SourceState.IDLE:
             raise MigrationError("start() was already called")
-        self.stats.started_s = self._clock()
+        self.stats.started_s = self._sampled_s = self._clock()
         try:
             snap = self.vm.snapshot()
         except CloudletError as exc:
@@ -315,9 +349,13 @@ class SourceMigration:
             for start in range(0, n, per_batch):
                 batches.append((i, start, min(n, start + per_batch)))
         rnd = _Round(number, snap, [chunk_digests(m.data) for m in snap.memories], batches)
+        now = self._clock()
         self.stats.rounds.append(RoundStats(round=number, chunks=0, data_chunks=0, ref_chunks=0,
-                                            raw_bytes=0, bytes_sent=0, started_s=self._clock(),
-                                            final=self.state is SourceState.STOPPING))
+                                            raw_bytes=0, bytes_sent=0, started_s=now,
+                                            final=self.state is SourceState.STOPPING,
+                                            call_interval_s=self.call_interval_s))
+        if number:  # the capture reset the dirty base (round 0's was the start's)
+            self._sampled_s, self._sampled_dirty = now, 0
         return rnd
 
     def _note_dirtied(self, snap: Snapshot) -> None:
@@ -329,7 +367,8 @@ class SourceMigration:
         """Queue what the window allows: batches, then the round's end, then decide."""
         rnd = self._round
         assert rnd is not None
-        while rnd.batches and len(self._in_flight) < self.policy.window_batches:
+        self._sample_dirty_rate()
+        while rnd.batches and self._window_open():
             self._send_batch(rnd, *rnd.batches.popleft())
         if rnd.batches or self._events:
             return
@@ -344,6 +383,11 @@ class SourceMigration:
             self._next_round()
             if self.state is SourceState.PRECOPY:
                 self._pump()  # the new round's first batches
+
+    def _window_open(self) -> bool:
+        p, n = self.policy, len(self._in_flight)
+        return n < p.window_batches or (
+            n < p.max_window_batches and sum(self._in_flight.values()) < p.window_bytes)
 
     def _send_batch(self, rnd: _Round, memory: int, start: int, end: int) -> None:
         mem = rnd.snap.memories[memory]
@@ -402,18 +446,23 @@ class SourceMigration:
         # Free the acked round's data here, while the VM serves: unmapping a 64 MiB
         # round 0 takes ~5 ms, which would otherwise land inside the downtime.
         self._round = None
-        dirty_bytes = sum(len(ids) for ids in self.vm.dirty_chunks()) * chunks.CHUNK_BYTES
+        dirty_ids = self.vm.dirty_chunks()
+        dirty_bytes = sum(map(len, dirty_ids)) * chunks.CHUNK_BYTES
+        self._observe_dirty(dirty_bytes, self._clock())
         p = self.policy
         rate = self._meter.rate_bytes_s
         previous = self._last_dirty_bytes
-        stop = (
-            self._precopy_rounds >= p.max_rounds
-            or dirty_bytes <= p.stop_dirty_bytes
-            or (rate is not None and dirty_bytes <= p.max_final_bytes
-                and dirty_bytes / rate <= p.target_downtime_s)
-            or (previous is not None and dirty_bytes > p.min_shrink * previous)
+        reasons = (
+            ("max_rounds", self._precopy_rounds >= p.max_rounds),
+            ("small", dirty_bytes <= p.stop_dirty_bytes),
+            ("fast", rate is not None and dirty_bytes <= p.max_final_bytes
+             and dirty_bytes / rate <= p.target_downtime_s),
+            ("not_shrinking", previous is not None and dirty_bytes > p.min_shrink * previous),
+            ("byte_budget", self._over_budget(dirty_ids, dirty_bytes)),
         )
-        if stop:
+        stop_reason = next((name for name, hit in reasons if hit), None)
+        if stop_reason is not None:
+            self.stats.stop_reason = stop_reason
             self.state = SourceState.STOPPING
             return
         self._last_dirty_bytes = dirty_bytes
@@ -422,3 +471,59 @@ class SourceMigration:
         self._note_dirtied(snap)
         self._round = self._new_round(len(self.stats.rounds), snap)
 
+
+    # --- auto-converge and the byte budget ---------------------------------------------
+
+    def _sample_dirty_rate(self) -> None:
+        """Inside a pre-copy round, every `sample_interval_s`: measure, maybe throttle."""
+        p = self.policy
+        if not p.auto_converge or self.state is not SourceState.PRECOPY:
+            return
+        now = self._clock()
+        if now - self._sampled_s >= p.sample_interval_s:
+            dirty = sum(map(len, self.vm.dirty_chunks())) * chunks.CHUNK_BYTES
+            self._observe_dirty(dirty, now)
+
+    def _observe_dirty(self, dirty_bytes: int, now: float) -> None:
+        """`dirty_bytes` were dirtied since the round's capture: the rate since the last
+        sample, and a `Throttle` if it outruns the link (a distinct-chunk rate: a chunk
+        dirtied twice counts once, so a nearly all-dirty memory reads low)."""
+        elapsed = now - self._sampled_s
+        if elapsed < MIN_SAMPLE_S:
+            return  # too short to say anything: keep the last rate
+        rate = max(0, dirty_bytes - self._sampled_dirty) / elapsed
+        self._sampled_s, self._sampled_dirty = now, dirty_bytes
+        self.stats.dirty_rate_bytes_s = rate
+        p = self.policy
+        link = self._meter.rate_bytes_s
+        if not p.auto_converge or link is None or rate <= p.converge_share * link:
+            return
+        factor = min(4.0, max(2.0, rate / (p.converge_target_share * link)))
+        interval = min(p.max_call_interval_s,
+                       max(p.min_call_interval_s, self.call_interval_s * factor))
+        if interval > self.call_interval_s:
+            self.call_interval_s = interval
+            self.stats.max_call_interval_s = interval
+            self._events.append(Throttle(interval, rate, link))
+
+    def _over_budget(self, dirty_ids: list[chunks.ChunkIds], dirty_bytes: int) -> bool:
+        """Would one more live round (sending `dirty_ids`, then the final round its
+        dirtying implies) take the bytes sent past `max_bytes_ratio` x the least a
+        migration must send (the overlay plus each dirtied chunk once)?"""
+        fresh = sum(len(set(ids.tolist()) - seen)
+                    for ids, seen in zip(dirty_ids, self._dirtied, strict=True))
+        floor = self.stats.overlay_bytes + self.stats.dirtied_bytes + fresh * chunks.CHUNK_BYTES
+        link = self._meter.rate_bytes_s
+        rate = self.stats.dirty_rate_bytes_s
+        # The next round lasts dirty_bytes / link; the guest dirties rate x that meanwhile.
+        shrink = 1.0 if not link or rate is None else min(1.0, rate / link)
+        expected = self.stats.bytes_sent + self._wire_ratio() * dirty_bytes * (1.0 + shrink)
+        return expected > self.policy.max_bytes_ratio * floor
+
+    def _wire_ratio(self) -> float:
+        """Bytes on the wire per byte of chunk content, as the last data round went
+        (compression makes it < 1; 1 before anything was measured)."""
+        for r in reversed(self.stats.rounds):
+            if r.raw_bytes:
+                return min(1.05, r.bytes_sent / r.raw_bytes)
+        return 1.0

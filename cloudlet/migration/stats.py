@@ -25,6 +25,7 @@ class RoundStats:
     started_s: float = 0.0
     ended_s: float = 0.0  # last ack of the round (or the Final message sent)
     final: bool = False
+    call_interval_s: float = 0.0  # auto-converge's spacing of calls as the round began
 
     @property
     def duration_s(self) -> float:
@@ -54,6 +55,10 @@ class MigrationStats:
     outcome: str = "running"  # "committed", "aborted"
     abort_code: str | None = None
     link_rate_bytes_s: float | None = None  # last measured
+    dirty_rate_bytes_s: float | None = None  # last measured (distinct chunks per second)
+    max_call_interval_s: float = 0.0  # auto-converge's widest spacing of calls (0: none)
+    # Why pre-copy stopped: "small", "fast", "not_shrinking", "byte_budget", "max_rounds".
+    stop_reason: str | None = None
 
     @property
     def bytes_sent(self) -> int:
