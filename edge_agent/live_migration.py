@@ -339,7 +339,8 @@ class Incoming:
                  headers: dict[str, str], migration_id: str | None = None) -> None:
         self.owner, self.source, self.http, self.headers = owner, source, http, headers
         self.migration_id = migration_id
-        self.chunk_data: list[bytes | memoryview] = []  # what arrived, for the chunk store afterwards
+        # What arrived, for the chunk store afterwards.
+        self.chunk_data: list[bytes | memoryview] = []
 
     @property
     def folder(self) -> Path:

@@ -180,6 +180,7 @@ class VM:
         # Write tracking (images instrumented with a dirty bitmap): the digests of
         # memory 0 as of the last sync; marked chunks are rehashed on the next one.
         self._dirty_bitmap: Any = None
+        self._prefaulted = 0  # bytes of memory 0 touched by `prefault`
         self._tracked_hashes: chunks.Hashes | None = None
         self._base_seq = 0
         self._instance: Any = None
@@ -629,6 +630,56 @@ class VM:
             vm.close()
             raise
         return vm
+
+    @classmethod
+    def prepare_restore(cls, image: Image, memory_bytes: int, *, vm_id: str | None = None,
+                        owner: str | None = None) -> VM:
+        """A booted VM whose memory is already grown to `memory_bytes`, for a restore
+        whose state is still arriving (a migration's round 0): `prefault` its pages
+        while the data travels, then `restore_into` only copies. For a 256 MiB guest
+        the first-touch page faults cost ~0.6 s that would otherwise come after the
+        last byte arrived. Single-memory images only (the split of a total across
+        several memories is not known before the state arrives)."""
+        if len(image.memories) != 1:
+            raise InvalidArgument("prepare_restore needs a single-memory image")
+        pages = -(-memory_bytes // chunks.WASM_PAGE_BYTES)
+        cap = max(VMLimits().memory_bytes, pages * chunks.WASM_PAGE_BYTES)
+        vm = cls._boot(image, VMLimits(memory_bytes=cap), vm_id, owner)
+        try:
+            vm._grow_to(0, max(pages, len(vm._view(0)) // chunks.WASM_PAGE_BYTES))
+            vm.hint_hugepages(0)
+        except BaseException:
+            vm.close()
+            raise
+        vm._prefaulted = 0
+        return vm
+
+    def prefault(self, max_bytes: int) -> bool:
+        """Touch the next `max_bytes` of memory 0 that no one touched yet (one write
+        per 4 KiB page, of the byte already there); False once all of it is."""
+        view = self._view(0)
+        start = self._prefaulted
+        end = min(len(view), start + max_bytes)
+        if start < end:
+            arr = np.frombuffer(view, dtype=np.uint8)
+            touched = arr[start:end:4096]
+            np.bitwise_or(touched, 0, out=touched)  # a write (a plain self-copy is skipped)
+            self._prefaulted = end
+        return end < len(view)
+
+    def restore_into(self, snapshot: Snapshot) -> None:
+        """`restore` into this VM from `prepare_restore`: the same checks, the same
+        state. On failure the VM is closed."""
+        from cloudlet.vm.snapshot import apply_snapshot, check_applicable
+
+        try:
+            if snapshot.kind != "overlay":
+                raise SnapshotImageMismatch("restore starts from an overlay snapshot, not a delta")
+            check_applicable(self, snapshot)
+            apply_snapshot(self, snapshot)
+        except BaseException:
+            self.close()
+            raise
 
     def apply_delta(self, delta: Snapshot) -> None:
         """Bring this VM forward by a delta taken against its current state."""
