@@ -490,8 +490,8 @@ class VMHost:
                 if not force and hosted.vm.seq == hosted.checkpointed_seq:
                     return False
                 snap = self.snapshot_with_annex(hosted)
-            data = await self._off_loop(snap.to_bytes)
-            await self._off_loop(atomic_write, self._checkpoint_path(hosted.id), data)
+            # Written as segments: no joined copy of a big guest's memory.
+            await self._off_loop(snap.write, self._checkpoint_path(hosted.id))
             hosted.checkpointed_seq = snap.seq
             hosted.checkpointed_at = time.monotonic()
             return True
