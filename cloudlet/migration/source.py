@@ -179,6 +179,7 @@ class SourceMigration:
         self.call_interval_s = 0.0
         self._sampled_s = 0.0
         self._sampled_dirty = 0
+        self._captured_s = 0.0  # when the current round was captured
 
     # --- driver API -----------------------------------------------------------------
 
@@ -190,7 +191,7 @@ class SourceMigration:
         """Capture round 0 (the overlay) and queue the offer."""
         if self.state is not SourceState.IDLE:
             raise MigrationError("start() was already called")
-        self.stats.started_s = self._sampled_s = self._clock()
+        self.stats.started_s = self._sampled_s = self._captured_s = self._clock()
         try:
             snap = self.vm.snapshot()
         except CloudletError as exc:
@@ -355,7 +356,7 @@ class SourceMigration:
                                             final=self.state is SourceState.STOPPING,
                                             call_interval_s=self.call_interval_s))
         if number:  # the capture reset the dirty base (round 0's was the start's)
-            self._sampled_s, self._sampled_dirty = now, 0
+            self._sampled_s, self._sampled_dirty, self._captured_s = now, 0, now
         return rnd
 
     def _note_dirtied(self, snap: Snapshot) -> None:
@@ -448,7 +449,7 @@ class SourceMigration:
         self._round = None
         dirty_ids = self.vm.dirty_chunks()
         dirty_bytes = sum(map(len, dirty_ids)) * chunks.CHUNK_BYTES
-        self._observe_dirty(dirty_bytes, self._clock())
+        self._observe_dirty(dirty_bytes, self._clock(), round_end=True)
         p = self.policy
         rate = self._meter.rate_bytes_s
         previous = self._last_dirty_bytes
@@ -484,14 +485,19 @@ class SourceMigration:
             dirty = sum(map(len, self.vm.dirty_chunks())) * chunks.CHUNK_BYTES
             self._observe_dirty(dirty, now)
 
-    def _observe_dirty(self, dirty_bytes: int, now: float) -> None:
+    def _observe_dirty(self, dirty_bytes: int, now: float, *, round_end: bool = False) -> None:
         """`dirty_bytes` were dirtied since the round's capture: the rate since the last
         sample, and a `Throttle` if it outruns the link (a distinct-chunk rate: a chunk
-        dirtied twice counts once, so a nearly all-dirty memory reads low)."""
+        dirtied twice counts once, so a nearly all-dirty memory reads low). At a round's
+        end a sample too recent to say anything gives way to the whole round's rate:
+        a guest writing in bursts between samples must not go unseen."""
         elapsed = now - self._sampled_s
-        if elapsed < MIN_SAMPLE_S:
+        if elapsed >= MIN_SAMPLE_S:
+            rate = max(0, dirty_bytes - self._sampled_dirty) / elapsed
+        elif round_end and now - self._captured_s >= MIN_SAMPLE_S:
+            rate = dirty_bytes / (now - self._captured_s)
+        else:
             return  # too short to say anything: keep the last rate
-        rate = max(0, dirty_bytes - self._sampled_dirty) / elapsed
         self._sampled_s, self._sampled_dirty = now, dirty_bytes
         self.stats.dirty_rate_bytes_s = rate
         p = self.policy
