@@ -236,7 +236,7 @@ class VMHost:
 
     def can_call_now(self, hosted: HostedVM) -> bool:
         """True when `call_now` may run: an interactive VM nobody holds across an await."""
-        return (hosted.inline and not hosted.lock.locked() and not hosted.pacer.active
+        return (hosted.inline and not hosted.lock.locked() and not hosted.pacer.busy
                 and not self.closing)
 
     def call_now(self, hosted: HostedVM, call: Call) -> dict[str, Any]:
@@ -259,8 +259,7 @@ class VMHost:
         self._check_open()
         if self.can_call_now(hosted):
             return self.call_now(hosted, call)
-        if hosted.pacer.active:
-            await hosted.pacer.wait_turn()
+        await hosted.pacer.wait_turn()  # at once unless auto-converge spaces calls
         async with hosted.lock:
             if hosted.inline:
                 return self.call_now(hosted, call)

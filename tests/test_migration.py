@@ -8,6 +8,7 @@ same calls, with calls applied between rounds; bytes sent must stay within
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -257,14 +258,14 @@ def test_a_guest_outrunning_the_link_is_throttled_and_bytes_stay_in_budget(
     calls: list[Call] = []
 
     def between(round_no: int) -> None:
-        call = ("hog_dirty", (3000, 7 + round_no))  # ~12 MiB, faster than the link drains
+        call = ("hog_dirty", (1500, 7 + round_no))  # ~6 MiB in a burst, every round
         vm.call(call[0], *call[1])
         calls.append(call)
 
-    # A guest that writes in bursts between rounds reads as ~0.45 of this link's rate:
-    # act from a fifth (the mechanism is under test here, not the default threshold).
+    # A guest that writes in bursts between rounds reads as ~0.2 of this link's rate:
+    # act from a tenth (the mechanism is under test here, not the default threshold).
     policy = PreCopyPolicy(batch_bytes=256 * 1024, compression=False, sample_interval_s=0.05,
-                           converge_share=0.2)
+                           converge_share=0.1)
     src = SourceMigration(vm, policy=policy, clock=clock)
     actions = drive(src, DestinationMigration(store, ChunkStore()), between_rounds=between)
     throttles = [a for a in actions if isinstance(a, Throttle)]
@@ -318,33 +319,61 @@ def test_without_auto_converge_the_byte_budget_alone_stops_pre_copy(
     assert fingerprint(moved.vm) == fingerprint(twin)
 
 
-def test_call_pacer_spaces_calls_in_arrival_order() -> None:
+def test_call_pacer_spaces_calls_in_order_and_lifts_at_once() -> None:
     import asyncio
+    import time
 
     from cloudlet.migration import CallPacer
 
-    t = [100.0]
-    pacer = CallPacer(clock=lambda: t[0])
-    assert pacer.reserve() == 0.0  # no spacing: no wait
-    pacer.set_interval(0.02)
-    assert [pacer.reserve() for _ in range(3)] == pytest.approx([0.0, 0.02, 0.04])
-    t[0] += 1.0  # idle for a while: the next call goes at once
-    assert pacer.reserve() == 0.0
-    pacer.set_interval(0.0)
-    assert pacer.reserve() == 0.0 and not pacer.active
-    with pytest.raises(ValueError):
-        pacer.set_interval(-1.0)
+    async def main() -> None:
+        pacer = CallPacer()
+        assert not pacer.busy
+        await asyncio.wait_for(pacer.wait_turn(), 0.01)  # no spacing: no wait
+        with pytest.raises(ValueError):
+            pacer.set_interval(-1.0)
 
-    async def main() -> list[int]:
-        real = CallPacer()
-        real.set_interval(0.005)
-        order: list[int] = []
+        pacer.set_interval(0.02)
+        admitted: list[tuple[int, float]] = []
 
         async def call(i: int) -> None:
-            await real.wait_turn()
-            order.append(i)
+            await pacer.wait_turn()
+            admitted.append((i, time.monotonic()))
 
-        await asyncio.gather(*(call(i) for i in range(8)))
-        return order
+        await asyncio.gather(*(call(i) for i in range(5)))
+        assert [i for i, _ in admitted] == list(range(5))  # arrival order
+        gaps = [b - a for (_, a), (_, b) in itertools.pairwise(admitted)]
+        assert min(gaps) >= 0.018, gaps
 
-    assert asyncio.run(main()) == list(range(8))
+        # Calls that give up cost the others nothing (no slot is held for them).
+        pacer.set_interval(0.25)
+        waiters = [asyncio.create_task(pacer.wait_turn()) for _ in range(10)]
+        await asyncio.sleep(0.01)
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        # Lifting the spacing frees every waiting call at once.
+        queued = [asyncio.create_task(call(i)) for i in range(10, 18)]
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        pacer.set_interval(0.0)
+        await asyncio.wait_for(asyncio.gather(*queued), 0.2)
+        assert time.monotonic() - t0 < 0.1
+        assert [i for i, _ in admitted[5:]] == list(range(10, 18))
+        assert not pacer.busy
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("overlay_bytes", [-1, 1 << 40])
+def test_an_offer_whose_overlay_cannot_fit_its_memory_is_refused(
+        store: ImageStore, workload: dict[str, Image], overlay_bytes: int) -> None:
+    """A peer's sizes are checked before anything is allocated for them."""
+    from cloudlet.migration.messages import Offer, decode, encode
+
+    dst = DestinationMigration(store, ChunkStore())
+    dst.receive(encode(Offer("m-lie", vm_id="v1", owner=None,
+                             image_digest=workload["memhog"].digest, memory_bytes=1 << 20,
+                             overlay_bytes=overlay_bytes, digests=b"")))
+    assert dst.outcome == "aborted" and dst.stats.abort_code == "migration_protocol_error"
+    ev = dst.next_event()
+    assert isinstance(ev, Send) and isinstance(decode(ev.data), Abort)

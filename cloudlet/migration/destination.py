@@ -222,6 +222,9 @@ class DestinationMigration:
         self.stats = MigrationStats(msg.migration_id, msg.vm_id, memory_bytes=msg.memory_bytes,
                                     overlay_bytes=msg.overlay_bytes, started_s=self._clock())
         self.state = DestinationState.RECEIVING
+        if not 0 <= msg.overlay_bytes <= msg.memory_bytes:
+            raise MigrationProtocolError(f"offer: an overlay of {msg.overlay_bytes} bytes "
+                                         f"in {msg.memory_bytes} bytes of memory")
         if msg.memory_bytes > self.max_memory_bytes:
             raise MigrationError(f"the VM's {msg.memory_bytes} bytes of memory exceed this "
                                  f"cloudlet's limit of {self.max_memory_bytes}")
@@ -312,7 +315,12 @@ class DestinationMigration:
             except CloudletError:  # e.g. a multi-memory image: restored at the end instead
                 self._staging_off = True
                 return False
-            self._staged = _StagedOverlay(vm, self.offer.overlay_bytes)
+            try:
+                self._staged = _StagedOverlay(vm, self.offer.overlay_bytes)
+            except MemoryError:  # the plain path may still fit: it holds no second copy
+                vm.close()
+                self._staging_off = True
+                return False
         if self._staged.add(memory, ids, content):
             return True
         # Not what staging expects: give what it holds back to the plain path.
@@ -334,9 +342,10 @@ class DestinationMigration:
         final = isinstance(msg, Final)
         assert self.offer is not None
         memories = []
-        staged, self._staged = self._staged, None
+        # Stays in self._staged until the restore succeeded: an abort closes it.
+        staged = self._staged
         if staged is not None and (len(msg.pages) != 1 or self._parts.get(0)):
-            staged.vm.close()  # a sender we did not expect: the plain path has it all
+            self._drop_staged()  # a sender we did not expect: the plain path has it all
             staged = None
         for i, pages in enumerate(msg.pages):
             if staged is not None:
@@ -376,7 +385,7 @@ class DestinationMigration:
             raise MigrationProtocolError(f"round {msg.round}: malformed state: {exc!r}") from None
         if staged is not None:
             staged.vm.restore_into(snap)  # closes it on failure
-            self.vm = staged.vm
+            self.vm, self._staged = staged.vm, None
         elif self.vm is None:
             self.vm = VM.restore(self.images.get(self.offer.image_digest), snap)
         else:

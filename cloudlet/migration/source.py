@@ -466,6 +466,7 @@ class SourceMigration:
             self.stats.stop_reason = stop_reason
             self.state = SourceState.STOPPING
             return
+        self._converge()  # only when going on: spacing calls just before the pause is moot
         self._last_dirty_bytes = dirty_bytes
         self._precopy_rounds += 1
         snap = self.vm.snapshot(delta=True)
@@ -483,34 +484,48 @@ class SourceMigration:
         now = self._clock()
         if now - self._sampled_s >= p.sample_interval_s:
             dirty = sum(map(len, self.vm.dirty_chunks())) * chunks.CHUNK_BYTES
-            self._observe_dirty(dirty, now)
+            if self._observe_dirty(dirty, now):
+                self._converge()
 
-    def _observe_dirty(self, dirty_bytes: int, now: float, *, round_end: bool = False) -> None:
-        """`dirty_bytes` were dirtied since the round's capture: the rate since the last
-        sample, and a `Throttle` if it outruns the link (a distinct-chunk rate: a chunk
-        dirtied twice counts once, so a nearly all-dirty memory reads low). At a round's
-        end a sample too recent to say anything gives way to the whole round's rate:
-        a guest writing in bursts between samples must not go unseen."""
+    def _observe_dirty(self, dirty_bytes: int, now: float, *, round_end: bool = False) -> bool:
+        """`dirty_bytes` were dirtied since the round's capture: record the rate since
+        the last sample (a distinct-chunk rate: a chunk dirtied twice counts once, so
+        a nearly all-dirty memory reads low); True if there was one to record. At a
+        round's end a sample too recent to say anything gives way to the whole
+        round's rate: a guest writing in bursts between samples must not go unseen."""
         elapsed = now - self._sampled_s
         if elapsed >= MIN_SAMPLE_S:
             rate = max(0, dirty_bytes - self._sampled_dirty) / elapsed
         elif round_end and now - self._captured_s >= MIN_SAMPLE_S:
             rate = dirty_bytes / (now - self._captured_s)
         else:
-            return  # too short to say anything: keep the last rate
+            return False  # too short to say anything: keep the last rate
         self._sampled_s, self._sampled_dirty = now, dirty_bytes
         self.stats.dirty_rate_bytes_s = rate
+        return True
+
+    def _dirty_share(self) -> float | None:
+        """The last dirty rate over the link's, both as bytes on the wire (the link is
+        measured through acks of encoded batches: what compresses well drains faster)."""
+        link, rate = self._meter.rate_bytes_s, self.stats.dirty_rate_bytes_s
+        if not link or rate is None:
+            return None
+        return rate * self._wire_ratio() / link
+
+    def _converge(self) -> None:
+        """Auto-converge: widen the spacing of calls while the guest outruns the link."""
         p = self.policy
-        link = self._meter.rate_bytes_s
-        if not p.auto_converge or link is None or rate <= p.converge_share * link:
+        share = self._dirty_share()
+        if not p.auto_converge or share is None or share <= p.converge_share:
             return
-        factor = min(4.0, max(2.0, rate / (p.converge_target_share * link)))
+        factor = min(4.0, max(2.0, share / p.converge_target_share))
         interval = min(p.max_call_interval_s,
                        max(p.min_call_interval_s, self.call_interval_s * factor))
         if interval > self.call_interval_s:
             self.call_interval_s = interval
             self.stats.max_call_interval_s = interval
-            self._events.append(Throttle(interval, rate, link))
+            self._events.append(Throttle(interval, self.stats.dirty_rate_bytes_s or 0.0,
+                                         self._meter.rate_bytes_s or 0.0))
 
     def _over_budget(self, dirty_ids: list[chunks.ChunkIds], dirty_bytes: int) -> bool:
         """Would one more live round (sending `dirty_ids`, then the final round its
@@ -519,11 +534,13 @@ class SourceMigration:
         fresh = sum(len(set(ids.tolist()) - seen)
                     for ids, seen in zip(dirty_ids, self._dirtied, strict=True))
         floor = self.stats.overlay_bytes + self.stats.dirtied_bytes + fresh * chunks.CHUNK_BYTES
-        link = self._meter.rate_bytes_s
-        rate = self.stats.dirty_rate_bytes_s
         # The next round lasts dirty_bytes / link; the guest dirties rate x that meanwhile.
-        shrink = 1.0 if not link or rate is None else min(1.0, rate / link)
-        expected = self.stats.bytes_sent + self._wire_ratio() * dirty_bytes * (1.0 + shrink)
+        share = self._dirty_share()
+        shrink = 1.0 if share is None else min(1.0, share)
+        # Chunk rounds only: control messages (the offer's digests, an image the
+        # destination lacked) are not resending, and must not cut pre-copy short.
+        sent = sum(r.bytes_sent for r in self.stats.rounds)
+        expected = sent + self._wire_ratio() * dirty_bytes * (1.0 + shrink)
         return expected > self.policy.max_bytes_ratio * floor
 
     def _wire_ratio(self) -> float:
