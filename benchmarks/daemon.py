@@ -198,6 +198,21 @@ def cpu_s(pid: int) -> float:
 # --- the baseline server ---------------------------------------------------------------
 
 
+async def serve_until_stopped(lifetime_s: float) -> None:
+    """A helper process's main wait: until SIGTERM/SIGINT, its parent is gone, or
+    `lifetime_s` passed, so a benchmark that dies never leaves it running."""
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopped.set)
+    parent = os.getppid()
+    deadline = time.monotonic() + lifetime_s
+    while not stopped.is_set() and time.monotonic() < deadline and os.getppid() == parent:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await stopped.wait()
+
+
 async def echo_server(port: int) -> None:
     """A bare aiohttp server: WebSocket `/echo` sends each binary message back
     unchanged; POST `/echo` answers with the body. Same WebSocket settings as the
@@ -222,18 +237,7 @@ async def echo_server(port: int) -> None:
     try:
         await web.TCPSite(runner, "127.0.0.1", port).start()
         print(f"ready echo http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
-        stopped = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopped.set)
-        parent = os.getppid()
-        deadline = time.monotonic() + ECHO_LIFETIME_S
-        while time.monotonic() < deadline and os.getppid() == parent:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await stopped.wait()
-            if stopped.is_set():
-                break
+        await serve_until_stopped(ECHO_LIFETIME_S)
     finally:
         await runner.cleanup()
 

@@ -97,7 +97,6 @@ import itertools
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -197,16 +196,7 @@ class BenchError(RuntimeError):
 async def proxy_main(target_port: int, rate_mbit: float) -> None:
     async with shaped_link("127.0.0.1", target_port, rate_mbit) as proxy:
         print(f"ready proxy http://127.0.0.1:{proxy.port}", flush=True)
-        stopped = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopped.set)
-        parent = os.getppid()
-        deadline = time.monotonic() + PROXY_LIFETIME_S
-        while not stopped.is_set() and time.monotonic() < deadline and os.getppid() == parent:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await stopped.wait()
+        await daemon_bench.serve_until_stopped(PROXY_LIFETIME_S)
 
 
 # --- the client ------------------------------------------------------------------------

@@ -193,16 +193,23 @@ class VMHost:
         vm_limits = self._limits(limits)
         self._check_capacity(vm_limits)
         vm = VM.create(image, vm_limits, owner=who.name, clock=clock)
+        hosted = await self._adopt_durably(vm)
+        self.on_change(vm.id, hosted)
+        return hosted
+
+    async def _adopt_durably(self, vm: VM, replies: ReplyLog | None = None) -> HostedVM:
+        """Host `vm` and checkpoint it before anyone hears of it: a kill -9 right after
+        must not lose it (later calls are then bounded by the checkpoint interval, as
+        promised). If the checkpoint fails, the VM is not hosted."""
         hosted = self._adopt(vm)
+        if replies is not None:
+            hosted.replies = replies
         try:
-            # Durable before it is announced: a kill -9 right after must not lose it
-            # (later calls are then bounded by the checkpoint interval, as promised).
             await self.checkpoint(hosted, force=True)
         except BaseException:
             self.vms.pop(vm.id, None)
             vm.close()
             raise
-        self.on_change(vm.id, hosted)
         return hosted
 
     def _check_capacity(self, limits: VMLimits) -> None:
@@ -442,14 +449,7 @@ class VMHost:
         self._check_capacity(snap.limits)
         image = await self._off_loop(self.images.get, snap.image_digest)
         vm = await self._off_loop(VM.restore, image, snap)
-        hosted = self._adopt(vm)
-        hosted.replies = ReplyLog.from_wire(snap.annex.get(ANNEX_KEY))
-        try:
-            await self.checkpoint(hosted, force=True)
-        except BaseException:
-            self.vms.pop(vm.id, None)
-            vm.close()
-            raise
+        hosted = await self._adopt_durably(vm, ReplyLog.from_wire(snap.annex.get(ANNEX_KEY)))
         if self.tombstones.pop(vm.id, None) is not None:  # it came back
             await self._off_loop(self._tombstone_path(vm.id).unlink, missing_ok=True)
         self.on_change(vm.id, hosted)
