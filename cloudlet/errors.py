@@ -214,6 +214,44 @@ class ShuttingDown(RequestError):
     code = "shutting_down"
 
 
+class QuotaExceeded(RequestError):
+    """This client holds its share of the cloudlet (VMs, memory or images); other
+    clients are unaffected. `details` names the quota, its limit and the use."""
+
+    code = "quota_exceeded"
+
+
+class StorageFull(CloudletError):
+    """The cloudlet cannot write its state (disk full or failing). Nothing was
+    reported as saved that was not: the last good checkpoint is kept."""
+
+    code = "storage_full"
+
+
+# --- the control plane and peers: who may say what ---------------------------------
+
+
+class TrustError(CloudletError):
+    """A signed message or credential that cannot be believed: unsigned, forged,
+    expired, replayed, for another audience, or from a signer without the role."""
+
+    code = "untrusted"
+
+
+class StaleEpoch(TrustError):
+    """A command carries an orchestrator epoch older than the newest this cloudlet
+    has seen: it comes from a deposed leader and is refused."""
+
+    code = "stale_epoch"
+
+
+class PeerUnverified(TrustError):
+    """An endpoint did not prove it is the cloudlet it was named as: nothing (no
+    credential, no VM state) was sent to it."""
+
+    code = "peer_unverified"
+
+
 class VMMoved(RequestError):
     """The VM lives on another cloudlet now; `details` names it (`node`, `endpoint`)."""
 

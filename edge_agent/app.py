@@ -103,6 +103,10 @@ STATUS: list[tuple[type[CloudletError], int]] = [
     (errors.ImageTooLarge, 413),
     (errors.RequestTimeout, 408),
     (errors.CapacityExceeded, 503),
+    (errors.QuotaExceeded, 429),
+    (errors.StorageFull, 507),
+    (errors.PeerUnverified, 502),
+    (errors.TrustError, 403),
     (errors.ShuttingDown, 503),
     (errors.BadCall, 400),
     (errors.VMError, 422),  # the call reached the guest and failed there
