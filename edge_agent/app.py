@@ -30,6 +30,7 @@ from edge_agent.config import NodeConfig
 from edge_agent.handoff import Mover
 from edge_agent.live_migration import peer_of
 from edge_agent.metrics import Metrics
+from edge_agent.stream import decode_stream_message
 from edge_agent.vm_host import Call, HostedVM, Location, VMHost
 
 log = logging.getLogger(__name__)
@@ -387,7 +388,7 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     streams = request.app[STREAMS]
     streams.add(hosted.id, ws)
     host, metrics = request.app[HOST], request.app[METRICS]
-    packb, unpackb = msgpack.packb, msgpack.unpackb
+    packb = msgpack.packb
     try:
         async for msg in ws:
             if msg.type != WSMsgType.BINARY:
@@ -397,12 +398,8 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
                 continue
             req_id = None
             try:
-                body = unpackb(msg.data)
-                if not isinstance(body, dict):
-                    raise errors.MalformedRequest("a message must be a msgpack map")
-                req_id = body.get("id")
-                if len(msg.data) > cap_bytes:
-                    body = _too_large(body, len(msg.data), cap_bytes)
+                decoded = decode_stream_message(msg.data, cap_bytes)
+                req_id, body = decoded.req_id, decoded.body
                 reply = (apply_call_now(host, metrics, hosted, body, "ws")
                          or await apply_call(request.app, hosted, body, "ws"))
                 reply = {**reply, "id": req_id}  # the kept answer is shared: copy it
@@ -410,6 +407,9 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
                 metrics.errors.labels(exc.code).inc()
                 reply = {"id": req_id, "error": exc.to_wire()}
             except (ValueError, msgpack.UnpackException) as exc:
+                # Kept from before decoding moved to `decode_stream_message` (which
+                # raises MalformedRequest itself): a stray ValueError answers the
+                # message instead of ending the stream.
                 reply = {"id": None, "error": errors.MalformedRequest(
                     f"message is not msgpack ({type(exc).__name__})").to_wire()}
             if ws.closed:
@@ -418,13 +418,6 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     finally:
         streams.discard(hosted.id, ws)
     return ws
-
-
-def _too_large(body: dict[str, Any], size_bytes: int, cap_bytes: int) -> dict[str, Any]:
-    """A stand-in for a call over the size cap: it keeps the call's number (so the
-    refusal uses it up) and nothing else, so `parse_call` refuses it."""
-    return {"seq": body.get("seq"), "ack": body.get("ack"), "fn": None,
-            "too_large": f"message of {size_bytes} bytes; the cap is {cap_bytes}"}
 
 
 def _keepalive(request: web.Request) -> None:
