@@ -21,7 +21,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -256,16 +256,9 @@ class DestinationMigration:
             raise MigrationProtocolError(f"batch {msg.round}/{msg.batch} out of order")
         if not 0 <= msg.memory < 64:  # wasm allows many memories; our images have one or two
             raise MigrationProtocolError(f"batch for memory {msg.memory}")
-        data_ids, ref_ids, zero_ids = (_ids(b) for b in (msg.data_ids, msg.ref_ids, msg.zero_ids))
-        if len(msg.ref_digests) != len(ref_ids) * DIGEST_BYTES:
-            raise MigrationProtocolError("batch: references and digests do not match")
-        raw_bytes = len(data_ids) * chunks.CHUNK_BYTES
-        try:
-            raw = compression.decompress(msg.compression, msg.payload, raw_bytes)
-        except (ValueError, zstandard.ZstdError) as exc:
-            raise MigrationProtocolError(f"batch does not decompress: {exc}") from None
-        if len(raw) != raw_bytes:
-            raise MigrationProtocolError(f"batch has {len(raw)} bytes for {len(data_ids)} chunks")
+        batch = decode_batch(msg)
+        data_ids, ref_ids, zero_ids, raw = batch.data_ids, batch.ref_ids, batch.zero_ids, batch.raw
+        raw_bytes = len(raw)
         for d, piece in zip(chunk_digests(raw), _split_chunks(raw), strict=True):
             self._local[d] = piece
             self.store.put(d, piece)
@@ -403,6 +396,33 @@ class DestinationMigration:
             self._send(Ready(self.migration_id))
         else:  # after the round is persisted (the event above comes first)
             self._send(Ack(self.migration_id, round=msg.round, batch=ROUND_END_BATCH))
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What a `Chunks` message carries, unpacked and checked for shape (whether its
+    ids fit the VM's memory is for the round's end, with the rest of the state)."""
+
+    data_ids: np.ndarray
+    ref_ids: np.ndarray
+    zero_ids: np.ndarray
+    raw: bytes  # the data chunks' content, CHUNK_BYTES each, in `data_ids` order
+
+
+def decode_batch(msg: Chunks) -> Batch:
+    """A batch's ids and decompressed content, or MigrationProtocolError: the part of
+    receiving a batch that only reads the peer's bytes (fuzzed on its own)."""
+    data_ids, ref_ids, zero_ids = (_ids(b) for b in (msg.data_ids, msg.ref_ids, msg.zero_ids))
+    if len(msg.ref_digests) != len(ref_ids) * DIGEST_BYTES:
+        raise MigrationProtocolError("batch: references and digests do not match")
+    raw_bytes = len(data_ids) * chunks.CHUNK_BYTES
+    try:
+        raw = compression.decompress(msg.compression, msg.payload, raw_bytes)
+    except (ValueError, zstandard.ZstdError) as exc:
+        raise MigrationProtocolError(f"batch does not decompress: {exc}") from None
+    if len(raw) != raw_bytes:
+        raise MigrationProtocolError(f"batch has {len(raw)} bytes for {len(data_ids)} chunks")
+    return Batch(data_ids, ref_ids, zero_ids, raw)
 
 
 def _ids(raw: bytes) -> np.ndarray:
