@@ -1,0 +1,38 @@
+"""Fuzz target: WebSocket stream messages (`GET /v1/vms/{vm}/stream`), as the
+stream handler decodes them: `decode_stream_message` (msgpack map, the client's
+id, the stand-in for a message over the cap), then `parse_call` and the reply
+log, as for an HTTP body (see `fuzz/calls.py`). Only `CloudletError` may escape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+
+from cloudlet.errors import CloudletError
+from edge_agent.app import parse_call
+from edge_agent.stream import decode_stream_message
+from fuzz import calls
+
+MAX_INPUT_BYTES = 16 << 10
+# Far below the daemon's 1 MiB, so that the over-the-cap path (a refusal that
+# keeps the call's number) is reached by small inputs too.
+CAP_BYTES = 256
+
+
+def TestOneInput(data: bytes) -> None:
+    with contextlib.suppress(CloudletError):
+        decoded = decode_stream_message(data, CAP_BYTES)
+        calls.keep_answer(parse_call(decoded.body))
+
+
+def seeds() -> dict[str, bytes]:
+    out = {f"{name}.msgpack": msgpack.packb({"id": i, **body})
+           for i, (name, body) in enumerate(calls.REQUESTS.items())}
+    out["over-the-cap.msgpack"] = msgpack.packb(
+        {"id": "big", "fn": "kv_set", "data": bytes(CAP_BYTES), "seq": 9, "ack": 8})
+    out["string-id.msgpack"] = msgpack.packb({"id": "a", "fn": "noop", "args": []})
+    out["no-id.msgpack"] = msgpack.packb({"fn": "noop"})
+    out["text.bin"] = b"kv_put 1 2"
+    return out
