@@ -72,6 +72,9 @@ class ReplyLog:
 
     def add(self, seq: int, identity: list[Any], reply: dict[str, Any]) -> None:
         entry = [identity, reply]
+        replaced = self._entries.pop(seq, None)
+        if replaced is not None:  # only from a malformed log: the daemon never reuses a number
+            self._bytes -= _size_of(replaced)
         self._entries[seq] = entry
         self._bytes += _size_of(entry)
         while len(self._entries) > REPLY_WINDOW or (self._bytes > REPLY_BYTES_CAP
@@ -118,8 +121,10 @@ class ReplyLog:
         client `ReplyExpired` on a resend), never a refused restore."""
         log = cls()
         if isinstance(wire, list):
-            for item in wire:
-                if (isinstance(item, list) and len(item) == 3 and type(item[0]) is int
-                        and isinstance(item[1], list) and isinstance(item[2], dict)):
-                    log.add(item[0], item[1], item[2])
+            kept = [item for item in wire
+                    if (isinstance(item, list) and len(item) == 3 and type(item[0]) is int
+                        and isinstance(item[1], list) and isinstance(item[2], dict))]
+            # In number order, as the daemon adds them: `acknowledge` trims from the front.
+            for seq, identity, reply in sorted(kept, key=lambda item: item[0]):
+                log.add(seq, identity, reply)
         return log

@@ -1,0 +1,21 @@
+"""Bugs the fuzzers found in decoders of outside bytes, one test each, named for the
+behaviour that was wrong. The inputs they found are in fuzz/regressions/ (replayed
+by tests/test_fuzz_corpus.py); these tests say, by hand, what each fix promises."""
+
+from __future__ import annotations
+
+from edge_agent.replies import ReplyLog
+
+
+def test_a_reply_log_with_a_number_twice_keeps_one_answer_and_counts_it_once() -> None:
+    log = ReplyLog.from_wire([[4, ["a", []], {"result": 1, "seq": 4}],
+                              [4, ["b", []], {"result": 2, "seq": 4}]])
+    assert log.to_wire() == [[4, ["b", []], {"result": 2, "seq": 4}]]
+    log.acknowledge(4)
+    assert len(log) == 0 and log.size_bytes == 0  # was: bytes of the dropped answer left over
+
+
+def test_a_reply_log_out_of_order_is_trimmed_by_acknowledgments() -> None:
+    log = ReplyLog.from_wire([[5, ["a", []], {"seq": 5}], [1, ["a", []], {"seq": 1}]])
+    log.acknowledge(3)
+    assert [seq for seq, _, _ in log.to_wire()] == [5]  # was: 1 kept, acknowledge stopped at 5
