@@ -17,6 +17,8 @@ targets by that name alone, so a new decoder gets fuzzed by adding one file
 
 - `MAX_INPUT_BYTES`: the longest input the fuzzer makes (libFuzzer `-max_len`);
 - `TIMEOUT_S`: how long one input may run before it counts as a hang;
+- `DICTIONARY`: byte strings the mutator should splice in (libFuzzer `-dict`):
+  map keys, msgpack's edge shapes, what the decoder compares against;
 - `seeds() -> dict[str, bytes]`: the seed corpus, written to
   `fuzz/corpus/<target>/` by `python -m fuzz seed`.
 

@@ -21,6 +21,7 @@ from edge_agent.auth import Authority
 MAX_INPUT_BYTES = 1024
 SECRET = bytes(range(32))  # any fixed cluster secret: the seeds' tokens are signed with it
 NOW = 1_700_000_000.0  # a fixed clock: expiry is part of what is fuzzed, not of the weather
+DICTIONARY = [b"Bearer ", b"bearer ", b"peer:", b"1|", b"|", b".", b"=", b"%", b"\xed\xa0\x80"]
 AUTHORITY = Authority(SECRET)
 SIGNED = {
     "client": AUTHORITY.issue("alice", 3600, now=NOW),

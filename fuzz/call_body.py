@@ -14,11 +14,12 @@ import msgpack
 
 from cloudlet.errors import CloudletError
 from edge_agent.app import parse_call, unpack_map
-from fuzz import calls
+from fuzz import calls, fixtures
 
 # The daemon's default cap is 1 MiB (`max_request_kib`); the decoding is the same
 # at any size, and small inputs keep the fuzzer fast.
 MAX_INPUT_BYTES = 16 << 10
+DICTIONARY = fixtures.msgpack_dictionary("fn", "args", "data", "seq", "ack", "too_large")
 
 
 def TestOneInput(data: bytes) -> None:

@@ -11,13 +11,12 @@ same corpus and a delta seed applies to the same base the harness builds.
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from cloudlet.vm import VM, Image, ImageStore, Snapshot, VMLimits
+from fuzz.runner import fuzz_home
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ROOT / "workloads"
@@ -25,15 +24,6 @@ WORKLOAD_NAMES = ("kvstore", "filter", "vdi", "memhog")
 # Small guests keep one restore in the milliseconds; the workloads boot in 2-3 pages.
 LIMITS = VMLimits(memory_bytes=16 << 20, fuel_per_call=100_000_000, deadline_ms=1_000)
 RANDOM_SEED = bytes(32)
-
-
-def fuzz_home() -> Path:
-    """A private directory for the harnesses' image stores: compiled workloads are
-    cached across runs (a worker starts in a second, not ten), and nothing lands in
-    the user's own store. Per user, 0700: a compiled image is trusted code."""
-    home = Path(tempfile.gettempdir()) / f"cloudlet-fuzz-{os.getuid()}"
-    home.mkdir(mode=0o700, exist_ok=True)
-    return home
 
 
 @functools.cache
@@ -143,3 +133,23 @@ def record_migration(name: str, calls: list[tuple[Any, ...]], *,
         vm.close()
         if dst.vm is not None:
             dst.vm.close()
+
+
+# msgpack's edge shapes, for the msgpack targets' dictionaries (`DICTIONARY`): the
+# largest and smallest integers, long-length headers, deep nesting, ext types and
+# timestamps. Mutation finds such byte runs slowly; a dictionary hands them over.
+MSGPACK_TOKENS: tuple[bytes, ...] = (
+    b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff", b"\xd3\x80\x00\x00\x00\x00\x00\x00\x00",
+    b"\xd3\x7f\xff\xff\xff\xff\xff\xff\xff", b"\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00",
+    b"\xdc\xff\xff", b"\xdd\xff\xff\xff\xff", b"\xde\xff\xff", b"\xdf\xff\xff\xff\xff",
+    b"\xc6\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff", b"\x91" * 16, b"\x81\xa1k" * 8,
+    b"\xd4\x00\x00", b"\xd6\xff\x00\x00\x00\x00", b"\xc7\x0c\xff" + bytes(12), b"\xc0",
+    b"\xc2", b"\xc3",
+)
+
+
+def msgpack_dictionary(*keys: str) -> list[bytes]:
+    """`keys` as msgpack strings (how map keys appear on the wire), plus the tokens."""
+    import msgpack
+
+    return [msgpack.packb(k) for k in keys] + list(MSGPACK_TOKENS)

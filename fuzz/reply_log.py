@@ -18,8 +18,11 @@ import msgpack
 
 from cloudlet.errors import CloudletError
 from edge_agent.replies import ReplyLog
+from fuzz import fixtures
 
 MAX_INPUT_BYTES = 16 << 10
+DICTIONARY = fixtures.msgpack_dictionary("result", "data", "seq", "durable", "error", "code",
+                                        "message", "details", "expected", "vm_seq")
 
 
 def TestOneInput(data: bytes) -> None:

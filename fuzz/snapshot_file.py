@@ -38,6 +38,13 @@ CAP_BYTES = 1 << 20
 # Restores touch guest memory; the workloads need 2-3 pages, and a larger claim
 # is a matter of the VM's limits (checked on the way), not of decoding.
 RESTORE_MAX_MEMORY_BYTES = 16 << 20
+DICTIONARY = [MAGIC, b"\x28\xb5\x2f\xfd", *fixtures.msgpack_dictionary(
+    "format", "compression", "body_bytes", "raw_bytes", "sha256", "none", "zstd",
+    "snapshot_id", "kind", "overlay", "delta", "base_id", "image", "vm_id", "owner", "seq",
+    "fuel_used", "limits", "memory_bytes", "fuel_per_call", "deadline_ms", "host", "clock",
+    "real", "virtual", "monotonic_ns", "virtual_ns", "random_key", "random_counter", "log",
+    "log_dropped_bytes", "globals", "memories", "pages", "chunk_ids", "zero_ids", "data",
+    "created_unix_ms", "annex", "replies")]
 _LENGTH = struct.Struct("<I")
 
 

@@ -13,12 +13,13 @@ import msgpack
 from cloudlet.errors import CloudletError
 from edge_agent.app import parse_call
 from edge_agent.stream import decode_stream_message
-from fuzz import calls
+from fuzz import calls, fixtures
 
 MAX_INPUT_BYTES = 16 << 10
 # Far below the daemon's 1 MiB, so that the over-the-cap path (a refusal that
 # keeps the call's number) is reached by small inputs too.
 CAP_BYTES = 256
+DICTIONARY = fixtures.msgpack_dictionary("id", "fn", "args", "data", "seq", "ack", "too_large")
 
 
 def TestOneInput(data: bytes) -> None:

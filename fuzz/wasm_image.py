@@ -24,6 +24,7 @@ from cloudlet.errors import CloudletError, ImageRejected
 from cloudlet.vm import ImageStore
 from cloudlet.vm.instrument import instrument
 from fuzz import fixtures
+from fuzz.runner import fuzz_home
 
 # The store's real cap is 16 MiB; the rewriter is pure Python (~1.3 ms per KiB),
 # so 32 KiB (every workload fits) keeps one input well under a second.
@@ -31,13 +32,16 @@ MAX_INPUT_BYTES = 32 << 10
 # A module that validates is compiled and booted, and a boot may run guest code
 # for up to its 10 s deadline (BOOT_DEADLINE_MS): only past that is it a hang.
 TIMEOUT_S = 30
+DICTIONARY = [b"\0asm\x01\0\0\0", b"__cloudlet_", b"wasi_snapshot_preview1", b"fd_write",
+              b"_initialize", b"\xfc\x0a\x00\x00", b"\xfc\x0b\x00", b"\xfd\x0b\x04\x00",
+              b"\x36\x02\x00", b"\x41\x00", b"\x0b", b"\xff\xff\xff\xff\x0f"]
 
 
 @functools.cache
 def uploads() -> ImageStore:
     """A store of its own: every accepted input is deleted again, and never lands
     among the workloads the other targets restore."""
-    return ImageStore(fixtures.fuzz_home() / "uploads", max_image_bytes=MAX_INPUT_BYTES)
+    return ImageStore(fuzz_home() / "uploads", max_image_bytes=MAX_INPUT_BYTES)
 
 
 def TestOneInput(data: bytes) -> None:
