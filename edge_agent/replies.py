@@ -121,10 +121,15 @@ class ReplyLog:
         client `ReplyExpired` on a resend), never a refused restore."""
         log = cls()
         if isinstance(wire, list):
-            kept = [item for item in wire
-                    if (isinstance(item, list) and len(item) == 3 and type(item[0]) is int
-                        and isinstance(item[1], list) and isinstance(item[2], dict))]
+            kept = [item for item in wire if _is_entry(item)]
             # In number order, as the daemon adds them: `acknowledge` trims from the front.
             for seq, identity, reply in sorted(kept, key=lambda item: item[0]):
                 log.add(seq, identity, reply)
         return log
+
+
+def _is_entry(item: Any) -> bool:
+    """`[seq, identity, reply]` with an identity as `call_identity` makes it."""
+    return (isinstance(item, list) and len(item) == 3 and type(item[0]) is int
+            and isinstance(item[1], list) and len(item[1]) == 2 and type(item[1][0]) is str
+            and isinstance(item[2], dict))

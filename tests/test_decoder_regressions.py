@@ -19,3 +19,8 @@ def test_a_reply_log_out_of_order_is_trimmed_by_acknowledgments() -> None:
     log = ReplyLog.from_wire([[5, ["a", []], {"seq": 5}], [1, ["a", []], {"seq": 1}]])
     log.acknowledge(3)
     assert [seq for seq, _, _ in log.to_wire()] == [5]  # was: 1 kept, acknowledge stopped at 5
+
+
+def test_a_reply_log_entry_without_a_call_identity_is_dropped() -> None:
+    wire = [[1, [], {"seq": 1}], [2, [7, []], {"seq": 2}], [3, ["kv_get", [1]], {"seq": 3}]]
+    assert [seq for seq, _, _ in ReplyLog.from_wire(wire).to_wire()] == [3]  # was: IndexError
