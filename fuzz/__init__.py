@@ -19,6 +19,8 @@ targets by that name alone, so a new decoder gets fuzzed by adding one file
 - `TIMEOUT_S`: how long one input may run before it counts as a hang;
 - `DICTIONARY`: byte strings the mutator should splice in (libFuzzer `-dict`):
   map keys, msgpack's edge shapes, what the decoder compares against;
+- `MUTATOR`: a libFuzzer custom mutator, e.g. `structure.msgpack_mutator`,
+  which changes the decoded value of msgpack inputs rather than their bytes;
 - `seeds() -> dict[str, bytes]`: the seed corpus, written to
   `fuzz/corpus/<target>/` by `python -m fuzz seed`.
 

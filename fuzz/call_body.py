@@ -14,12 +14,14 @@ import msgpack
 
 from cloudlet.errors import CloudletError
 from edge_agent.app import parse_call, unpack_map
-from fuzz import calls, fixtures
+from fuzz import calls, fixtures, structure
 
 # The daemon's default cap is 1 MiB (`max_request_kib`); the decoding is the same
 # at any size, and small inputs keep the fuzzer fast.
 MAX_INPUT_BYTES = 16 << 10
-DICTIONARY = fixtures.msgpack_dictionary("fn", "args", "data", "seq", "ack", "too_large")
+KEYS = ("fn", "args", "data", "seq", "ack", "too_large")
+DICTIONARY = fixtures.msgpack_dictionary(*KEYS)
+MUTATOR = structure.msgpack_mutator(KEYS)
 
 
 def TestOneInput(data: bytes) -> None:
@@ -32,4 +34,5 @@ def seeds() -> dict[str, bytes]:
     out["not-a-map.msgpack"] = msgpack.packb([1, 2])
     out["int-keys.msgpack"] = msgpack.packb({1: "fn"})
     out["truncated.msgpack"] = out["bytes.msgpack"][:-3]
+    out["deepest-args.msgpack"] = b"\x83\xa3seq\x01\xa2fn\xa1f\xa4args" + fixtures.deepest()
     return out

@@ -153,3 +153,10 @@ def msgpack_dictionary(*keys: str) -> list[bytes]:
     import msgpack
 
     return [msgpack.packb(k) for k in keys] + list(MSGPACK_TOKENS)
+
+
+def deepest(leaf: bytes = b"\x90") -> bytes:
+    """A msgpack value nested as deep as msgpack's unpacker allows (1024 levels with
+    the map around it): the deepest structure any of our decoders can be handed.
+    Coverage does not reward depth, so mutation alone rarely builds one."""
+    return b"\x91" * 1020 + leaf

@@ -17,15 +17,16 @@ import dataclasses
 from cloudlet.errors import CloudletError
 from cloudlet.migration.destination import decode_batch
 from cloudlet.migration.messages import MESSAGE_TYPES, Chunks, decode
-from fuzz import fixtures
+from fuzz import fixtures, structure
 
 MAX_INPUT_BYTES = 64 << 10
 # The peer channel's cap is 32 MiB (MAX_MESSAGE_BYTES); decoding does not depend
 # on it, and 1 MiB keeps a zstd batch's honest output small enough to fuzz fast.
 CAP_BYTES = 1 << 20
-DICTIONARY = fixtures.msgpack_dictionary(
-    "v", "t", "none", "zstd", *MESSAGE_TYPES,
-    *sorted({f.name for cls in MESSAGE_TYPES.values() for f in dataclasses.fields(cls)}))
+KEYS = ("v", "t", *sorted({f.name for cls in MESSAGE_TYPES.values()
+                           for f in dataclasses.fields(cls)}))
+DICTIONARY = fixtures.msgpack_dictionary(*KEYS, "none", "zstd", *MESSAGE_TYPES)
+MUTATOR = structure.msgpack_mutator(KEYS)
 
 
 def TestOneInput(data: bytes) -> None:

@@ -18,11 +18,13 @@ import msgpack
 
 from cloudlet.errors import CloudletError
 from edge_agent.replies import ReplyLog
-from fuzz import fixtures
+from fuzz import fixtures, structure
 
 MAX_INPUT_BYTES = 16 << 10
-DICTIONARY = fixtures.msgpack_dictionary("result", "data", "seq", "durable", "error", "code",
-                                        "message", "details", "expected", "vm_seq")
+KEYS = ("result", "data", "seq", "durable", "error", "code", "message", "details", "expected",
+        "vm_seq")
+DICTIONARY = fixtures.msgpack_dictionary(*KEYS)
+MUTATOR = structure.msgpack_mutator(KEYS)
 
 
 def TestOneInput(data: bytes) -> None:
@@ -60,4 +62,6 @@ def seeds() -> dict[str, bytes]:
         "short-entry.msgpack": msgpack.packb([[1, ["noop", []]]]),
         "unknown-error.msgpack": msgpack.packb(
             [[1, ["noop", []], {"error": {"code": "no_such_code", "message": 5}}]]),
+        "deepest-reply.msgpack": b"\x91\x93\x01\x92\xa4noop\x90\x81\xa4data"
+                                 + fixtures.deepest(b"\xc4\x00"),
     }

@@ -232,7 +232,11 @@ def worker(target: str, libfuzzer_args: Sequence[str]) -> NoReturn:
         dictionary = fuzz_home() / f"{target}.dict"
         dictionary.write_text("".join(f'"{_escaped(t)}"\n' for t in tokens))
         args.append(f"-dict={dictionary}")
-    atheris.Setup(args, getattr(module, ENTRY_POINT))
+    mutator = getattr(module, "MUTATOR", None)
+    if mutator is not None:
+        atheris.Setup(args, getattr(module, ENTRY_POINT), custom_mutator=mutator)
+    else:
+        atheris.Setup(args, getattr(module, ENTRY_POINT))
     atheris.Fuzz()
     raise SystemExit(0)  # atheris.Fuzz() exits the process itself; this is for the types
 

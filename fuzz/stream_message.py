@@ -13,13 +13,15 @@ import msgpack
 from cloudlet.errors import CloudletError
 from edge_agent.app import parse_call
 from edge_agent.stream import decode_stream_message
-from fuzz import calls, fixtures
+from fuzz import calls, fixtures, structure
 
 MAX_INPUT_BYTES = 16 << 10
 # Far below the daemon's 1 MiB, so that the over-the-cap path (a refusal that
 # keeps the call's number) is reached by small inputs too.
 CAP_BYTES = 256
-DICTIONARY = fixtures.msgpack_dictionary("id", "fn", "args", "data", "seq", "ack", "too_large")
+KEYS = ("id", "fn", "args", "data", "seq", "ack", "too_large")
+DICTIONARY = fixtures.msgpack_dictionary(*KEYS)
+MUTATOR = structure.msgpack_mutator(KEYS)
 
 
 def TestOneInput(data: bytes) -> None:
@@ -36,4 +38,5 @@ def seeds() -> dict[str, bytes]:
     out["string-id.msgpack"] = msgpack.packb({"id": "a", "fn": "noop", "args": []})
     out["no-id.msgpack"] = msgpack.packb({"fn": "noop"})
     out["text.bin"] = b"kv_put 1 2"
+    out["deepest-id.msgpack"] = b"\x83\xa3seq\x01\xa2fn\xa1f\xa2id" + fixtures.deepest()
     return out
