@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import reprlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -322,7 +323,14 @@ def parse_call(body: dict[str, Any]) -> Call:
     except (errors.MalformedRequest, errors.RequestTooLarge) as exc:
         if seq is None:
             raise
-        return Call(str(fn)[:200], seq=seq, refused=exc, ack=ack)
+        return Call(_name_of(fn), seq=seq, refused=exc, ack=ack)
+
+
+def _name_of(fn: Any) -> str:
+    """A refused call's function as its identity in the reply log: the name if it is
+    one, else a bounded repr (`str` of a client's value nested 1,000 deep raises
+    RecursionError, and of a long one costs its whole length for 200 characters)."""
+    return fn[:200] if type(fn) is str else reprlib.repr(fn)[:200]
 
 
 def apply_call_now(host: VMHost, metrics: Metrics, hosted: HostedVM, body: dict[str, Any],

@@ -4,7 +4,17 @@ by tests/test_fuzz_corpus.py); these tests say, by hand, what each fix promises.
 
 from __future__ import annotations
 
+import msgpack
+
+from cloudlet.errors import MalformedRequest
+from edge_agent.app import parse_call, unpack_map
 from edge_agent.replies import ReplyLog
+
+
+def nested(value: object, depth: int) -> object:
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def test_a_reply_log_with_a_number_twice_keeps_one_answer_and_counts_it_once() -> None:
@@ -24,3 +34,10 @@ def test_a_reply_log_out_of_order_is_trimmed_by_acknowledgments() -> None:
 def test_a_reply_log_entry_without_a_call_identity_is_dropped() -> None:
     wire = [[1, [], {"seq": 1}], [2, [7, []], {"seq": 2}], [3, ["kv_get", [1]], {"seq": 3}]]
     assert [seq for seq, _, _ in ReplyLog.from_wire(wire).to_wire()] == [3]  # was: IndexError
+
+
+def test_a_numbered_call_whose_fn_is_nested_deep_is_refused_not_crashed() -> None:
+    body = unpack_map(msgpack.packb({"seq": 1, "fn": nested([], 1000)}))
+    call = parse_call(body)  # was: RecursionError from str(fn), a 500 or a dead stream
+    assert call.seq == 1 and isinstance(call.refused, MalformedRequest)
+    assert call.fn.startswith("[[[") and len(call.fn) <= 200
