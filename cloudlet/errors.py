@@ -8,6 +8,7 @@ Codes are part of the wire contract: never rename one, only add.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, ClassVar
 
 
@@ -374,7 +375,9 @@ def error_from_wire(wire: Any) -> CloudletError:
     """The error a daemon's `{"code", "message", "details"?}` answer stands for; any
     other shape is itself reported, as a `CloudletError`, never a crash."""
     if not isinstance(wire, dict) or not isinstance(wire.get("code"), str):
-        return CloudletError(f"malformed error answer: {wire!r}"[:300])
-    details = wire.get("details")
-    return error_for_code(wire["code"], str(wire.get("message", "")),
+        return CloudletError(f"malformed error answer: {reprlib.repr(wire)}"[:300])
+    message, details = wire.get("message", ""), wire.get("details")
+    # reprlib, not str: a peer's value may be nested past Python's recursion limit.
+    return error_for_code(wire["code"], message if isinstance(message, str)
+                          else reprlib.repr(message),
                           details if isinstance(details, dict) else None)

@@ -35,6 +35,11 @@ REPLY_WINDOW = 1024
 REPLY_BYTES_CAP = 16 << 20
 ANNEX_KEY = "replies"
 _FIXED_BYTES = 96  # per answer: the map, its keys, the call's identity
+# The daemon's entries nest 5 levels ([seq, identity, reply] > reply > error >
+# details > a value); a log from the wire may go to 8. Deeper ones are dropped:
+# sizing an answer takes its `str`, which a value 1,000 levels deep (msgpack
+# allows 1,024) cannot give within Python's recursion limit.
+MAX_ENTRY_DEPTH = 8
 
 
 def call_identity(fn: str, args: tuple[Any, ...], data: bytes | None) -> list[Any]:
@@ -129,7 +134,22 @@ class ReplyLog:
 
 
 def _is_entry(item: Any) -> bool:
-    """`[seq, identity, reply]` with an identity as `call_identity` makes it."""
+    """`[seq, identity, reply]` with an identity as `call_identity` makes it, no
+    deeper than the daemon's own entries go."""
     return (isinstance(item, list) and len(item) == 3 and type(item[0]) is int
             and isinstance(item[1], list) and len(item[1]) == 2 and type(item[1][0]) is str
-            and isinstance(item[2], dict))
+            and isinstance(item[2], dict) and _depth_at_most(item, MAX_ENTRY_DEPTH))
+
+
+def _depth_at_most(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists and maps at most `limit` levels (iteratively: the
+    point is values deeper than Python's recursion limit)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, list | dict):
+            if depth > limit:
+                return False
+            stack.extend((child, depth + 1) for child in
+                         (node.values() if isinstance(node, dict) else node))
+    return True

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import msgpack
 
-from cloudlet.errors import MalformedRequest
+from cloudlet.errors import MalformedRequest, VMTrapped, error_from_wire
 from edge_agent.app import parse_call, unpack_map
 from edge_agent.replies import ReplyLog
 
@@ -41,3 +41,18 @@ def test_a_numbered_call_whose_fn_is_nested_deep_is_refused_not_crashed() -> Non
     call = parse_call(body)  # was: RecursionError from str(fn), a 500 or a dead stream
     assert call.seq == 1 and isinstance(call.refused, MalformedRequest)
     assert call.fn.startswith("[[[") and len(call.fn) <= 200
+
+
+def test_a_reply_log_entry_nested_deeper_than_the_daemons_is_dropped() -> None:
+    deep = [1, ["kv_get", [1]], {"error": {"code": "vm_trapped", "message": "m",
+                                           "details": {"x": nested(0, 1000)}}, "seq": 1}]
+    kept = [2, ["kv_get", [2]], {"error": {"code": "vm_moved", "message": "m",
+                                           "details": {"node": "a"}}, "seq": 2}]
+    log = ReplyLog.from_wire([deep, kept])  # was: RecursionError sizing the first answer
+    assert log.to_wire() == [kept]
+
+
+def test_an_error_answer_nested_deep_is_reported_not_raised() -> None:
+    assert "malformed error answer" in error_from_wire(nested(0, 1000)).message
+    exc = error_from_wire({"code": "vm_trapped", "message": nested("m", 1000)})
+    assert isinstance(exc, VMTrapped) and exc.message.startswith("[[[")
