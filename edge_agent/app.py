@@ -308,7 +308,12 @@ def parse_call(body: dict[str, Any]) -> Call:
     fn = body.get("fn")
     try:
         if "too_large" in body:
-            raise errors.RequestTooLarge(body["too_large"])
+            # The stream's stand-in for a message over the cap (edge_agent.stream). A
+            # client that sends the key itself only refuses its own call, but its value
+            # is not a message: an error's message is a string, whatever was sent.
+            too_large = body["too_large"]
+            raise errors.RequestTooLarge(too_large if type(too_large) is str
+                                         else "message over the size cap")
         if type(fn) is not str:
             raise errors.MalformedRequest("field 'fn' must be a function name")
         if "data" in body:

@@ -56,3 +56,11 @@ def test_an_error_answer_nested_deep_is_reported_not_raised() -> None:
     assert "malformed error answer" in error_from_wire(nested(0, 1000)).message
     exc = error_from_wire({"code": "vm_trapped", "message": nested("m", 1000)})
     assert isinstance(exc, VMTrapped) and exc.message.startswith("[[[")
+
+
+def test_a_client_sent_too_large_key_gives_a_string_message() -> None:
+    call = parse_call({"seq": 3, "fn": "f", "too_large": nested("x", 1000)})
+    assert call.refused is not None and call.refused.message == "message over the size cap"
+    log = ReplyLog()  # where the refusal is kept; was: RecursionError sizing its message
+    log.add(3, call.identity(), {"error": call.refused.to_wire(), "seq": 3})
+    assert len(log) == 1
