@@ -4,9 +4,22 @@ by tests/test_fuzz_corpus.py); these tests say, by hand, what each fix promises.
 
 from __future__ import annotations
 
-import msgpack
+import struct
+from dataclasses import replace
 
-from cloudlet.errors import MalformedRequest, VMTrapped, error_from_wire
+import msgpack
+import pytest
+
+from cloudlet.errors import (
+    MalformedRequest,
+    MigrationVersionUnsupported,
+    SnapshotCorrupt,
+    SnapshotVersionUnsupported,
+    VMTrapped,
+    error_from_wire,
+)
+from cloudlet.migration.messages import decode
+from cloudlet.vm import VM, Image, Snapshot
 from edge_agent.app import parse_call, unpack_map
 from edge_agent.replies import ReplyLog
 
@@ -64,3 +77,23 @@ def test_a_client_sent_too_large_key_gives_a_string_message() -> None:
     log = ReplyLog()  # where the refusal is kept; was: RecursionError sizing its message
     log.add(3, call.identity(), {"error": call.refused.to_wire(), "seq": 3})
     assert len(log) == 1
+
+
+def test_a_snapshot_global_nested_deep_is_corrupt_not_a_crash(workload: dict[str, Image]) -> None:
+    vm = VM.create(workload["kvstore"])
+    snap = vm.snapshot()
+    vm.close()
+    deep = replace(snap, globals={name: nested(0, 1000) for name in snap.globals})
+    with pytest.raises(SnapshotCorrupt, match=r"got \[\[\["):  # was: RecursionError
+        VM.restore(workload["kvstore"], Snapshot.from_bytes(deep.to_bytes()))
+
+
+def test_a_snapshot_format_version_nested_deep_is_unsupported_not_a_crash() -> None:
+    header = msgpack.packb({"format": nested(1, 1000)})
+    with pytest.raises(SnapshotVersionUnsupported):  # was: RecursionError
+        Snapshot.from_bytes(b"CLDSNAP\n" + struct.pack("<I", len(header)) + header)
+
+
+def test_a_migration_schema_version_nested_deep_is_unsupported_not_a_crash() -> None:
+    with pytest.raises(MigrationVersionUnsupported):  # was: RecursionError
+        decode(msgpack.packb({"v": nested(1, 1000), "t": "ready", "migration_id": "m"}))

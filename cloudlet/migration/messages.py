@@ -14,6 +14,7 @@ would cost ~10x the bytes and time.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
@@ -182,7 +183,9 @@ def decode(data: bytes | bytearray | memoryview,
     version = body.pop("v", None)
     if type(version) is not int or version != SCHEMA_VERSION:
         raise MigrationVersionUnsupported(
-            f"migration schema version {version!r}; this Cloudlet speaks {SCHEMA_VERSION}")
+            # reprlib: repr of a peer's value nested 1,000 deep raises RecursionError.
+            f"migration schema version {reprlib.repr(version)}; this Cloudlet speaks "
+            f"{SCHEMA_VERSION}")
     cls = MESSAGE_TYPES.get(str(body.pop("t", "")))
     if cls is None:
         raise MigrationProtocolError("unknown message type")

@@ -21,6 +21,7 @@ costs an error, never a crash or a half-restored VM.
 from __future__ import annotations
 
 import hashlib
+import reprlib
 import secrets
 import struct
 import time
@@ -227,7 +228,8 @@ def check_restorable(image: Image, snap: Snapshot) -> None:
     for name, value in snap.globals.items():
         want_int = expected[name] in ("i32", "i64")
         if type(value) is not (int if want_int else float):
-            raise SnapshotCorrupt(f"global {name} should be {expected[name]}, got {value!r}")
+            raise SnapshotCorrupt(f"global {name} should be {expected[name]}, "
+                                  f"got {reprlib.repr(value)}")  # bounded: anyone's value
         if want_int:
             bits = 32 if expected[name] == "i32" else 64
             if not -(1 << (bits - 1)) <= value < (1 << (bits - 1)):
@@ -394,7 +396,10 @@ def _split(data: memoryview, max_bytes: int) -> tuple[dict[str, Any], memoryview
     version = header.get("format")
     if type(version) is not int or version != FORMAT_VERSION:
         raise SnapshotVersionUnsupported(
-            f"snapshot format version {version!r}; this Cloudlet reads version {FORMAT_VERSION}")
+            # reprlib: the value is anyone's, and repr of one nested 1,000 deep raises
+            # RecursionError instead of this error.
+            f"snapshot format version {reprlib.repr(version)}; this Cloudlet reads version "
+            f"{FORMAT_VERSION}")
     for key, typ in (("compression", str), ("body_bytes", int), ("raw_bytes", int),
                      ("sha256", str)):
         if not isinstance(header.get(key), typ):
