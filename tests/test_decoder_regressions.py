@@ -4,6 +4,7 @@ by tests/test_fuzz_corpus.py); these tests say, by hand, what each fix promises.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import replace
 
@@ -12,6 +13,7 @@ import pytest
 
 from cloudlet.errors import (
     MalformedRequest,
+    MigrationProtocolError,
     MigrationVersionUnsupported,
     SnapshotCorrupt,
     SnapshotVersionUnsupported,
@@ -97,3 +99,18 @@ def test_a_snapshot_format_version_nested_deep_is_unsupported_not_a_crash() -> N
 def test_a_migration_schema_version_nested_deep_is_unsupported_not_a_crash() -> None:
     with pytest.raises(MigrationVersionUnsupported):  # was: RecursionError
         decode(msgpack.packb({"v": nested(1, 1000), "t": "ready", "migration_id": "m"}))
+
+
+def test_a_snapshot_body_with_extra_data_after_a_deep_value_is_corrupt() -> None:
+    body = msgpack.packb({"kind": nested(0, 1000)}) + b"\x00"
+    header = msgpack.packb({"format": 1, "compression": "none", "body_bytes": len(body),
+                            "raw_bytes": len(body),
+                            "sha256": hashlib.sha256(body).hexdigest()})
+    data = b"CLDSNAP\n" + struct.pack("<I", len(header)) + header + body
+    with pytest.raises(SnapshotCorrupt, match="ExtraData"):  # was: RecursionError from repr
+        Snapshot.from_bytes(data)
+
+
+def test_a_migration_message_type_nested_deep_is_unknown_not_a_crash() -> None:
+    with pytest.raises(MigrationProtocolError, match="unknown message type"):
+        decode(msgpack.packb({"v": 1, "t": nested("ready", 1000), "migration_id": "m"}))

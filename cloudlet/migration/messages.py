@@ -186,7 +186,8 @@ def decode(data: bytes | bytearray | memoryview,
             # reprlib: repr of a peer's value nested 1,000 deep raises RecursionError.
             f"migration schema version {reprlib.repr(version)}; this Cloudlet speaks "
             f"{SCHEMA_VERSION}")
-    cls = MESSAGE_TYPES.get(str(body.pop("t", "")))
+    kind = body.pop("t", None)
+    cls = MESSAGE_TYPES.get(kind) if type(kind) is str else None  # not str(kind): any value
     if cls is None:
         raise MigrationProtocolError("unknown message type")
     hints = _hints(cls)

@@ -432,7 +432,10 @@ def _parse(data: memoryview, max_bytes: int) -> Snapshot:
     except SnapshotCorrupt:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
-        raise SnapshotCorrupt(f"snapshot body is malformed: {exc!r}") from None
+        # Not repr(exc): msgpack's ExtraData carries the whole decoded body, and its
+        # repr of a value nested 1,000 deep raises RecursionError (its str does not).
+        raise SnapshotCorrupt(f"snapshot body is malformed: {type(exc).__name__}: "
+                              f"{str(exc)[:200]}") from None
 
 
 def _decompress(body: memoryview, raw_bytes: int) -> bytes:
