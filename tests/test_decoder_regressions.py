@@ -114,3 +114,17 @@ def test_a_snapshot_body_with_extra_data_after_a_deep_value_is_corrupt() -> None
 def test_a_migration_message_type_nested_deep_is_unknown_not_a_crash() -> None:
     with pytest.raises(MigrationProtocolError, match="unknown message type"):
         decode(msgpack.packb({"v": 1, "t": nested("ready", 1000), "migration_id": "m"}))
+
+
+def test_a_vm_restored_with_fuel_used_at_the_top_can_still_be_snapshotted(
+        workload: dict[str, Image]) -> None:
+    vm = VM.create(workload["kvstore"])
+    top = replace(vm.snapshot(), fuel_used=(1 << 64) - 1)
+    vm.close()
+    restored = VM.restore(workload["kvstore"], Snapshot.from_bytes(top.to_bytes()))
+    try:
+        restored.call("kv_count")  # the counter passes 2^64 - 1
+        again = Snapshot.from_bytes(restored.snapshot().to_bytes())  # was: OverflowError
+        assert again.fuel_used == (1 << 64) - 1
+    finally:
+        restored.close()

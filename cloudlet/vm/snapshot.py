@@ -61,6 +61,10 @@ MAX_SNAPSHOT_BYTES = (4 << 30) + (16 << 20)
 ZSTD_LEVEL = 1
 COMPRESS_SAMPLE_BYTES = 64 * 1024
 COMPRESS_MIN_SAVING = 0.10
+# Fuel used is a u64 on the wire. The VM's own counter is a Python int that only
+# grows, so a VM restored near the top (any value the decoder accepts) would make
+# its next snapshot unencodable: captures saturate instead.
+FUEL_USED_MAX = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -183,7 +187,7 @@ def capture(vm: VM, *, delta: bool) -> Snapshot:
         base_id=vm.last_snapshot_id if delta else None,
         seq=vm.seq,
         limits=vm.limits,
-        fuel_used=vm.fuel_used,
+        fuel_used=min(vm.fuel_used, FUEL_USED_MAX),
         host=vm.host.to_wire(),
         globals=vm.globals_state(),
         memories=tuple(memories),
@@ -515,7 +519,7 @@ def _from_wire(d: Any) -> Snapshot:
     annex = d.get("annex", {})  # absent in files written before it existed
     if not isinstance(annex, dict):
         raise SnapshotCorrupt("snapshot field 'annex' has the wrong type")
-    if not 0 <= seq < 1 << 63 or not 0 <= _want(d, "fuel_used", int) < 1 << 64:
+    if not 0 <= seq < 1 << 63 or not 0 <= _want(d, "fuel_used", int) <= FUEL_USED_MAX:
         raise SnapshotCorrupt("sequence number or fuel used out of range")
     return Snapshot(
         image_digest=_want(d, "image", str),
