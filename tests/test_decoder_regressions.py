@@ -12,6 +12,7 @@ import msgpack
 import pytest
 
 from cloudlet.errors import (
+    ImageRejected,
     MalformedRequest,
     MigrationProtocolError,
     MigrationVersionUnsupported,
@@ -22,6 +23,8 @@ from cloudlet.errors import (
 )
 from cloudlet.migration.messages import decode
 from cloudlet.vm import VM, Image, Snapshot
+from cloudlet.vm import wasm_binary as wb
+from cloudlet.vm.instrument import instrument
 from edge_agent.app import parse_call, unpack_map
 from edge_agent.replies import ReplyLog
 
@@ -128,3 +131,23 @@ def test_a_vm_restored_with_fuel_used_at_the_top_can_still_be_snapshotted(
         assert again.fuel_used == (1 << 64) - 1
     finally:
         restored.close()
+
+
+def module(*sections: tuple[int, bytes]) -> bytes:
+    return wb.join_sections([wb.Section(sec_id, payload, 0) for sec_id, payload in sections])
+
+
+@pytest.mark.parametrize(("wasm", "why", "modes"), [
+    (module((42, b"")), "unknown section id 42", (True, False)),  # was: ValueError
+    (module((wb.SEC_CODE, b"\x01\x05\x00")), "runs past the end", (True, False)),  # IndexError
+    # one type, one function, one memory, and two bodies: was IndexError when tracked
+    # (untracked, the rewriter never pairs bodies with types; wasmtime refuses it)
+    (module((wb.SEC_TYPE, b"\x01\x60\x00\x00"), (wb.SEC_FUNCTION, b"\x01\x00"),
+            (wb.SEC_MEMORY, b"\x01\x00\x01"), (wb.SEC_CODE, b"\x02\x02\x00\x0b\x02\x00\x0b")),
+     "count different functions", (True,)),
+], ids=["unknown-section", "body-past-section", "more-bodies-than-functions"])
+def test_the_rewriter_rejects_malformed_modules_with_a_typed_error(
+        wasm: bytes, why: str, modes: tuple[bool, ...]) -> None:
+    for track_writes in modes:
+        with pytest.raises(ImageRejected, match=why):
+            instrument(wasm, track_writes=track_writes)

@@ -44,6 +44,9 @@ class Reader:
     __slots__ = ("data", "end", "pos")
 
     def __init__(self, data: bytes | memoryview, pos: int = 0, end: int | None = None) -> None:
+        if end is not None and end > len(data):  # a length read from the module, too long
+            raise WasmFormatError(f"an item of {end - pos} bytes at offset {pos} runs past "
+                                  "the end of data")
         self.data = data
         self.pos = pos
         self.end = len(data) if end is None else end
@@ -132,6 +135,8 @@ def split_sections(module: bytes) -> list[Section]:
     sections: list[Section] = []
     while not r.at_end():
         sec_id = r.byte()
+        if sec_id != SEC_CUSTOM and sec_id not in SECTION_ORDER:
+            raise WasmFormatError(f"unknown section id {sec_id} at offset {r.pos - 1}")
         size = r.uleb()
         start = r.pos
         sections.append(Section(sec_id, r.bytes(size), start))

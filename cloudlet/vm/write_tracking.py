@@ -175,10 +175,14 @@ def add_write_tracking(sections: list[wb.Section], imported_funcs: int) -> list[
     bodies: list[bytes] = []
     if wb.SEC_CODE in by_id:
         code = wb.Reader(by_id[wb.SEC_CODE].payload)
-        for i in range(code.uleb()):
+        if code.uleb() != len(func_types):
+            raise wb.WasmFormatError("the code and function sections count different functions")
+        for i, type_index in enumerate(func_types):
+            if type_index >= len(type_params):
+                raise wb.WasmFormatError(f"function {i} has type {type_index}, past the types")
             size = code.uleb()
             body = code.bytes(size)
-            bodies.append(_rewrite_body(body, type_params[func_types[i]], mark_range))
+            bodies.append(_rewrite_body(body, type_params[type_index], mark_range))
     bodies.append(_mark_range_body())
     new_code = wb.uleb_encode(len(bodies)) + b"".join(wb.uleb_encode(len(b)) + b for b in bodies)
 
