@@ -151,3 +151,13 @@ def test_the_rewriter_rejects_malformed_modules_with_a_typed_error(
     for track_writes in modes:
         with pytest.raises(ImageRejected, match=why):
             instrument(wasm, track_writes=track_writes)
+
+
+def test_a_snapshot_with_integer_map_keys_in_its_annex_reads_back(
+        workload: dict[str, Image]) -> None:
+    # A live migration's final round carries the source's annex, decoded with integer
+    # keys allowed; the destination writes it to disk and reads it at a restart.
+    vm = VM.create(workload["kvstore"])
+    snap = replace(vm.snapshot(), annex={"replies": {1: b"ok"}})
+    vm.close()
+    assert Snapshot.from_bytes(snap.to_bytes()).annex == {"replies": {1: b"ok"}}  # was: corrupt

@@ -209,7 +209,10 @@ CRAFTED = {  # name: (mutation, expected error or None for "restores or typed", 
     "limits-negative": (_set(("limits", "deadline_ms"), -5), Corrupt, None),
     "random-key-short": (_set(("host", "random_key"), b"k"), Corrupt, None),
     "unknown-clock": (_set(("host", "clock"), "sundial"), Corrupt, None),
-    "int-map-key": (lambda b: b.update({0: 1}), Corrupt, None),
+    "int-map-key": (lambda b: b.update({0: 1}), None,
+                    "was refused (strict map keys), but the annex is any msgpack map and a "
+                    "migration's final round may carry integer keys: the destination wrote "
+                    "rounds it could not read back at a restart; now an unknown key, ignored"),
     "unsorted-ids-past-end": (_chunks(1_000_000, 0), Corrupt,
                               UNSORTED + ": numpy IndexError escapes VM.restore"),
     "unsorted-zero-ids-past-end": (_mem(zero_ids=ids(1_000_000, 0)), Corrupt,

@@ -431,7 +431,9 @@ def _parse(data: memoryview, max_bytes: int) -> Snapshot:
     if len(raw) != header["raw_bytes"]:
         raise SnapshotCorrupt("snapshot body has the wrong size after decompression")
     try:
-        d = msgpack.unpackb(raw)
+        # Integer map keys are read, as written: the annex is any msgpack map, and a
+        # live migration's final round carries the source's annex, decoded with them.
+        d = msgpack.unpackb(raw, strict_map_key=False)
         return _from_wire(d)
     except SnapshotCorrupt:
         raise
