@@ -154,7 +154,7 @@ def test_bad_input_gets_typed_errors_and_leaves_the_daemon_healthy(daemon: Daemo
         (("POST", "/v1/images"), {"raw": b"not wasm"}, 400, "image_rejected"),
         (("POST", "/v1/images"), {"raw": KV, "headers": {"X-Image-Digest": "0" * 64}}, 400,
          "image_rejected"),
-        (("POST", "/v1/images"), {"raw": b"\0" * (2 << 20)}, 413, "request_too_large"),
+        (("POST", "/v1/images"), {"raw": b"\0" * (2 << 20)}, 413, "image_too_large"),
         (("POST", "/v1/vms"), {"raw": b"\xc1"}, 400, "malformed_request"),
         (("POST", "/v1/vms"), {"body": [1, 2]}, 400, "malformed_request"),
         (("POST", "/v1/vms"), {"body": {"image": "f" * 64}}, 404, "image_not_found"),
