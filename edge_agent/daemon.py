@@ -24,6 +24,7 @@ from cloudlet.errors import MalformedRequest
 from edge_agent.app import MOVER, build_app
 from edge_agent.auth import Authority, Principal, ensure_secret, load_secret
 from edge_agent.config import NodeConfig
+from edge_agent.connections import GuardedAppRunner
 from edge_agent.control import CommandHandler, ControlPlane
 from edge_agent.handoff import Mover
 from edge_agent.metrics import Metrics
@@ -57,8 +58,11 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
         ssl_context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
     async with VMHost(config) as host:
         app = build_app(config, host, authority, metrics)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                               shutdown_timeout=SHUTDOWN_GRACE_S)
+        runner = GuardedAppRunner(app, header_timeout_s=config.header_timeout_s,
+                                  idle_timeout_s=config.idle_timeout_s,
+                                  on_timeout=metrics.head_timeouts.inc,
+                                  handle_signals=False, access_log=None,
+                                  shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
