@@ -17,13 +17,12 @@ either: after the upgrade, a stream is a request in progress until it closes.
 
 aiohttp's `RequestHandler` has the idle timer, but nothing for a head that never
 completes. This adds the head timer with the least reach into aiohttp: a
-subclass that overrides two protocol callbacks (`connection_made`,
-`data_received`) and reads two of the handler's attributes. It tells "waiting
-for a request head" exactly as aiohttp's own keep-alive check does (a pending
-`_waiter`: `start()` waits for the parser's next message), and "a head
-arrived" from the handler's count of parsed requests (`_request_count`). The
+subclass that overrides three of its methods (`connection_made`,
+`data_received`, `finish_response`) and reads one attribute, its count of
+parsed requests (`_request_count`). A connection is between requests when every
+request parsed on it was answered; bytes that arrive then begin a new head. The
 daemon's tests of silent and half-sent connections (tests/test_isolation.py)
-fail if a new aiohttp changes either.
+fail if a new aiohttp changes what this relies on.
 """
 
 from __future__ import annotations
@@ -34,6 +33,8 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
 
 # After refusing a request whose body is still arriving (over its cap), read and
 # discard what the client sends for at most this long before closing, so it can
@@ -50,6 +51,7 @@ class HeadTimeoutHandler(RequestHandler):
         self._header_timeout_s = header_timeout_s
         self._on_timeout = on_timeout
         self._head_timer: asyncio.TimerHandle | None = None
+        self._answered = 0  # requests answered on this connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -60,16 +62,24 @@ class HeadTimeoutHandler(RequestHandler):
         super().data_received(data)
         if self._request_count != heads:  # a whole head arrived
             self._disarm()
-        elif self._head_timer is None and self._waiting_for_head():
+        elif self._head_timer is None and self._between_requests():
             self._arm()  # the first bytes of the next request on a kept-alive connection
+
+    async def finish_response(self, request: BaseRequest, resp: StreamResponse,
+                              start_time: float | None) -> tuple[StreamResponse, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._answered += 1
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    def _waiting_for_head(self) -> bool:
-        waiter = self._waiter
-        return waiter is not None and not waiter.done()
+    def _between_requests(self) -> bool:
+        """Every request parsed on this connection was answered (a WebSocket stream,
+        a body still arriving, a request queued: not between requests)."""
+        return self._answered >= self._request_count
 
     def _arm(self) -> None:
         self._disarm()
@@ -82,7 +92,7 @@ class HeadTimeoutHandler(RequestHandler):
 
     def _head_overdue(self) -> None:
         self._head_timer = None
-        if self._waiting_for_head():  # else a request is being served: not ours to time
+        if self._between_requests():
             self._on_timeout()
             self.force_close()
 
