@@ -181,10 +181,11 @@ def test_slow_boots_of_one_client_do_not_stop_another_clients_calls(
 
     asyncio.run(main())
     start_s, end_s = min(w[0] for w in windows), max(w[1] for w in windows)
-    during = b.completed(start_s, end_s)
-    assert during > 20, f"B completed {during} calls during A's boots ({end_s - start_s:.1f} s)"
-    assert all(n > 0 for n in b.completed_in_each(start_s, end_s, 4)), \
-        b.completed_in_each(start_s, end_s, 4)
+    # In every eighth of A's run, B completes many calls. (With boots on the loop, B
+    # completed a few hundred in the gaps between boots, and none in most eighths.)
+    per_eighth = b.completed_in_each(start_s, end_s, 8)
+    assert all(n > 20 for n in per_eighth), (
+        f"B's calls in each eighth of A's {end_s - start_s:.1f} s of boots: {per_eighth}")
     assert healthy(d)
 
 
@@ -250,10 +251,9 @@ def test_a_big_checkpoint_does_not_stop_another_clients_calls(
         return window
 
     start_s, end_s = asyncio.run(main())
-    during = b.completed(start_s, end_s)
-    assert during > 20, f"B completed {during} calls during the checkpoint"
-    assert all(n > 0 for n in b.completed_in_each(start_s, end_s, 4)), \
-        b.completed_in_each(start_s, end_s, 4)
+    per_quarter = b.completed_in_each(start_s, end_s, 4)
+    assert all(n > 20 for n in per_quarter), (
+        f"B's calls in each quarter of the {end_s - start_s:.1f} s checkpoint: {per_quarter}")
     assert healthy(d)
 
 
@@ -377,6 +377,8 @@ def stream_chunked(d: Daemon, path: str, token: str, total_bytes: int) -> tuple[
                     break  # it answered: no more of the body is wanted
                 sock.sendall(chunk)
                 sent += len(piece)
+            if sent == total_bytes:
+                sock.sendall(b"0\r\n\r\n")
         answer = b""
         with contextlib.suppress(OSError):
             sock.settimeout(30)
@@ -390,24 +392,28 @@ def stream_chunked(d: Daemon, path: str, token: str, total_bytes: int) -> tuple[
 
 def test_a_1_gib_body_is_refused_without_buffering_it(started: list[Daemon],
                                                       tmp_path: Path) -> None:
-    d = start(started, tmp_path, client_max_memory_mib=64, max_snapshot_mib=96)
+    d = start(started, tmp_path, client_max_memory_mib=64)
     alice = d.token("alice")
     hwm_before_kib = proc_status(d, "VmHWM")
 
     # Declared: refused before a byte of the body is read.
-    with socket.create_connection(("127.0.0.1", d.port), timeout=30) as sock:
-        sock.sendall((f"POST /v1/vms/synthesize HTTP/1.1\r\nHost: x\r\nAuthorization: "
-                      f"Bearer {alice}\r\nContent-Length: {1 << 30}\r\n\r\n").encode())
-        head = sock.recv(65536)
-    assert head.startswith(b"HTTP/1.1 429 ") and b"quota_exceeded" in head, head
+    for path, token, size, code in (("/v1/vms/synthesize", alice, 1 << 30, b"429"),
+                                    ("/v1/peer/vms", d.peer_token(), 5 << 30, b"413")):
+        with socket.create_connection(("127.0.0.1", d.port), timeout=30) as sock:
+            sock.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                          f"Bearer {token}\r\nContent-Length: {size}\r\n\r\n").encode())
+            head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 " + code), head
 
     # Streamed: read up to the client's room (64 MiB of memory quota), then refused.
     answer, sent = stream_chunked(d, "/v1/vms/synthesize", alice, 1 << 30)
     assert answer.startswith(b"HTTP/1.1 429 ") and b"quota_exceeded" in answer, answer[:300]
     assert sent < 512 * MiB, f"{sent >> 20} MiB went in before the refusal"
-    # A peer's snapshot: up to max_snapshot_mib.
+    # A peer may send a whole 1 GiB snapshot: it goes to disk as it arrives, and its
+    # head is checked before anything reads it back (this one is no snapshot).
     answer, sent = stream_chunked(d, "/v1/peer/vms", d.peer_token(), 1 << 30)
-    assert answer.startswith(b"HTTP/1.1 413 ") and b"request_too_large" in answer, answer[:300]
+    assert sent == 1 << 30
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"snapshot_corrupt" in answer, answer[:300]
 
     hwm_kib = proc_status(d, "VmHWM")
     assert hwm_kib < hwm_before_kib + 200 * 1024, (hwm_before_kib, hwm_kib)
@@ -460,7 +466,12 @@ def closed_within(socks: list[socket.socket], timeout_s: float) -> int:
 
 def test_silent_and_half_sent_connections_are_closed(started: list[Daemon],
                                                      tmp_path: Path) -> None:
-    d = start(started, tmp_path, header_timeout_s=1.0, idle_timeout_s=2.0)
+    """Connections without a whole request head are closed after header_timeout_s
+    (checked well before idle_timeout_s, which closes idle kept-alive ones)."""
+    header_timeout_s, idle_timeout_s = 1.0, 6.0
+    within_s = 4.5  # generous for the head timer, and still under the idle timeout
+    d = start(started, tmp_path, header_timeout_s=header_timeout_s,
+              idle_timeout_s=idle_timeout_s)
     alice = d.token("alice")
     vm = kv_vm(d, alice)
     fds_before = open_fds(d)
@@ -470,8 +481,7 @@ def test_silent_and_half_sent_connections_are_closed(started: list[Daemon],
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     try:
         assert healthy(d)  # served while 200 connections hang
-        assert open_fds(d) >= fds_before + 150
-        assert closed_within(silent + half, 30) == 200
+        assert closed_within(silent + half, within_s) == 200
         # A head trickled one byte at a time is closed as well: bytes do not renew it.
         with socket.create_connection(("127.0.0.1", d.port)) as trickle:
             for byte in b"GET /health HTTP/1.1\r\nHost: x\r\n":
@@ -479,16 +489,18 @@ def test_silent_and_half_sent_connections_are_closed(started: list[Daemon],
                     trickle.sendall(bytes([byte]))
                 except OSError:
                     break
-                time.sleep(0.1)
-            assert closed_within([trickle], 30) == 1
-        # An idle keep-alive connection is closed; so is one that then sends half a head.
-        for then in (b"", b"GET /health HTTP/1.1\r\n"):
+                time.sleep(0.05)
+            assert closed_within([trickle], within_s) == 1
+        # A kept-alive connection that sends half its next head is closed as soon;
+        # one that sends nothing more, after the idle timeout.
+        for then, bound_s in ((b"GET /health HTTP/1.1\r\n", within_s),
+                              (b"", idle_timeout_s + 30)):
             with socket.create_connection(("127.0.0.1", d.port)) as kept:
                 kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert kept.recv(65536).startswith(b"HTTP/1.1 200 ")
                 if then:
                     kept.sendall(then)
-                assert closed_within([kept], 30) == 1
+                assert closed_within([kept], bound_s) == 1
         deadline = time.monotonic() + 30
         while open_fds(d) > fds_before + 5:
             assert time.monotonic() < deadline, (open_fds(d), fds_before)
@@ -501,7 +513,7 @@ def test_silent_and_half_sent_connections_are_closed(started: list[Daemon],
         """A WebSocket stream outlives both timeouts: it is a request in progress."""
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {alice}"}) as s, \
                 s.ws_connect(f"{d.endpoint}/v1/vms/{vm}/stream") as ws:
-            await asyncio.sleep(4.0)  # > header_timeout_s + idle_timeout_s
+            await asyncio.sleep(idle_timeout_s + 1)  # past both timeouts
             await ws.send_bytes(msgpack.packb({"id": 1, "fn": "add", "args": [2, 2]}))
             reply: dict[str, Any] = msgpack.unpackb(await ws.receive_bytes(timeout=10))
             return reply
