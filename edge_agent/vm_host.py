@@ -676,10 +676,13 @@ class VMHost:
                 else:
                     snap = await pool.run(Workers.NODE,
                                           lambda: self.snapshot_with_annex(hosted))
-            # Written as segments: no joined copy of a big guest's memory.
-            path = self._checkpoint_path(hosted.id)
-            await pool.run(Workers.NODE, lambda: snap.write(path))
-            hosted.checkpointed_seq = snap.seq
+            # Written as segments: no joined copy of a big guest's memory. The capture
+            # is handed to the writing thread, which frees it too (unmapping a large
+            # one takes milliseconds).
+            path, seq, handed = self._checkpoint_path(hosted.id), snap.seq, [snap]
+            del snap
+            await pool.run(Workers.NODE, lambda: handed.pop().write(path))
+            hosted.checkpointed_seq = seq
             hosted.checkpointed_at = time.monotonic()
             return True
 
