@@ -54,9 +54,14 @@ WORKER_NICE = 5
 
 
 def _lower_priority(nice: int) -> None:
-    """Thread initializer: this worker thread yields the CPU to the event loop."""
+    """Thread initializer: this worker thread yields the CPU to the event loop (by
+    `nice` more than the thread that started it, whatever that one runs at)."""
+    if nice <= 0:
+        return
     with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        thread = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + nice))
 
 
 class FairPool:
