@@ -55,6 +55,7 @@ from cloudlet.errors import (
     ImageTooLarge,
     ShuttingDown,
     SnapshotCorrupt,
+    VMInterrupted,
     VMMoved,
     VMNotFound,
 )
@@ -719,6 +720,13 @@ class VMHost:
                 continue
             try:
                 vm, snap = await self.boots.run(Workers.NODE, partial(self._restore_file, path))
+            except VMInterrupted as exc:
+                # Its image's boot overran this node's boot limits (lowered since, or a
+                # loaded machine): nothing is wrong with the file. It stays where it is,
+                # to come back on a start with limits it fits in.
+                log.error("cannot boot %s within boot_fuel and boot_deadline_ms (%s); left "
+                          "in place", path.name, exc)
+                continue
             except CloudletError as exc:
                 # Keep the file for a human to look at; never delete state we cannot read.
                 aside = path.with_suffix(".unreadable")

@@ -207,6 +207,25 @@ def test_an_image_whose_boot_passes_the_boot_fuel_is_refused(
                                                            "durable": 0})
 
 
+def test_a_vm_whose_boot_overruns_lowered_limits_waits_on_disk(started: list[Daemon],
+                                                                tmp_path: Path) -> None:
+    """Boot limits lowered below what a hosted VM's image needs: at the next start the
+    VM is not served, and its checkpoint is kept as it is (not moved aside as
+    unreadable), so limits it fits in bring it back."""
+    boot_fuel = 200_000_000
+    d = start(started, tmp_path, "lim", boot_fuel=boot_fuel)
+    alice = d.token("alice")
+    vm = create(d, alice, upload(d, alice, slow_boot_image(boot_fuel, 0.5)))
+    assert call(d, alice, vm, "add", 1, 2)[0] == 200
+    assert d.stop() == 0
+    lowered = start(started, tmp_path, "lim", boot_fuel=boot_fuel // 10)
+    assert lowered.request("GET", f"/v1/vms/{vm}", token=alice)[0] == 404
+    assert (lowered.state_dir / "vms" / f"{vm}.snap").exists()
+    assert lowered.stop() == 0
+    again = start(started, tmp_path, "lim", boot_fuel=boot_fuel)
+    assert call(again, alice, vm, "add", 2, 3) == (200, {"result": 5, "seq": 2})
+
+
 # --- (b) a neighbour's 1 GiB checkpoint ------------------------------------------------
 
 
