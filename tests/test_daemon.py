@@ -327,6 +327,25 @@ def test_docs_cover_every_setting_and_route() -> None:
         assert method in spec["paths"][path], f"openapi.yaml lacks {method.upper()} {path}"
 
 
+def test_docs_settings_table_shows_each_default() -> None:
+    """The settings table's type and default columns are those of `NodeConfig`."""
+    import re
+
+    from edge_agent.config import FIELDS
+    from tests.conftest import ROOT
+
+    doc = (ROOT / "docs" / "daemon.md").read_text()
+    rows = re.findall(r"^\| (`[^|]+`) \| (\w+) \| `([^`]*)` \|", doc, flags=re.M)
+    shown = {name: (typ, default) for names, typ, default in rows
+             for name in re.findall(r"`(\w+)`", names)}
+    assert set(shown) == set(FIELDS), set(shown) ^ set(FIELDS)
+    for name, f in FIELDS.items():
+        default = f.default
+        want = (str(default).lower() if isinstance(default, bool)
+                else '""' if default == "" else str(default))
+        assert shown[name] == (str(f.type), want), (name, shown[name])
+
+
 def test_timed_out_requests_never_let_two_threads_into_a_vm(tmp_path: Path) -> None:
     """Calls queued behind a long call time out while the guest may be running; the VM
     must stay consistent (a second thread in one wasmtime store corrupts it)."""
