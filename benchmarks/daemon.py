@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cloudlet.fsutil import atomic_write  # noqa: E402
-from edge_agent.auth import Authority, load_secret  # noqa: E402
+from cloudlet.trust.cluster import cluster_tokens, ensure_authority  # noqa: E402
 
 KVSTORE = ROOT / "workloads" / "kvstore.wasm"
 RESULTS = ROOT / "benchmarks" / "results" / "daemon.json"
@@ -175,6 +175,7 @@ def start_daemon(tmp: Path, profile_path: Path | None, children: list[Server],
     state.mkdir()
     secret = tmp / "cluster.key"
     secret.write_text(os.urandom(32).hex())
+    ensure_authority(tmp)  # ca.key beside the secret: the daemon issues its certificate
     table: dict[str, Any] = {"name": "bench", "port": 0, "state_dir": str(state),
                              "secret_file": str(secret), **DAEMON_SETTINGS}
     lines = ["[node]"] + [f"{k} = {v!r}" if isinstance(v, int | float) else f'{k} = "{v}"'
@@ -385,7 +386,7 @@ async def setup_daemon(session: aiohttp.ClientSession, url: str,
 
 
 async def bench(daemon: Server, echo: Server, secret: Path, plan: Plan) -> list[Target]:
-    authority = Authority(load_secret(secret))
+    authority = cluster_tokens(secret.parent)
     tokens = [authority.issue(f"bench-{k}", 3600) for k in range(CLIENTS)]
     auths = [{"Authorization": f"Bearer {tok}"} for tok in tokens]
     async with contextlib.AsyncExitStack() as stack:

@@ -21,25 +21,24 @@ from typing import Any
 from aiohttp import web
 
 from cloudlet.errors import MalformedRequest
+from cloudlet.trust.gate import ControlGate
 from edge_agent.app import MOVER, build_app
-from edge_agent.auth import Authority, Principal, ensure_secret, load_secret
+from edge_agent.auth import SECRET_FILE, Principal
 from edge_agent.config import NodeConfig
 from edge_agent.control import CommandHandler, ControlPlane
 from edge_agent.handoff import Mover
+from edge_agent.identity import load_node_trust
 from edge_agent.metrics import Metrics
+from edge_agent.peers import PeerDirectory
 from edge_agent.vm_host import VMHost
 
 log = logging.getLogger(__name__)
 
-PEER = Principal("control-plane", is_peer=True)  # commands come from the cluster's broker
-SECRET_FILE = "cluster.key"  # in the state directory unless secret_file says otherwise
+# Commands reach a handler only after the gate believed them: signed by an
+# orchestrator or operator of the cluster, fresh, of a current epoch.
+COMMANDER = Principal("control-plane", is_peer=True, is_operator=True)
 SHUTDOWN_GRACE_S = 10.0  # in-flight requests get this long to finish
-
-
-def cluster_secret(config: NodeConfig) -> bytes:
-    if config.secret_file:
-        return load_secret(config.secret_file)
-    return ensure_secret(config.state_path / SECRET_FILE)
+__all__ = ["SECRET_FILE", "run", "serve"]
 
 
 async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
@@ -49,14 +48,15 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    authority = Authority(cluster_secret(config))
+    trust = load_node_trust(config)
     metrics = Metrics()
     ssl_context = None
     if config.tls_cert_file:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
     async with VMHost(config) as host:
-        app = build_app(config, host, authority, metrics)
+        peers = PeerDirectory(config.name)
+        app = build_app(config, host, trust, metrics, peers)
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
@@ -67,11 +67,13 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
             config = replace(config, port=port)  # the real port when 0 was asked for
             mover = app[MOVER]
             control = (ControlPlane(config, host, metrics, _commands(host, mover),
-                                    peers=mover.peers)
+                                    identity=trust.identity, peers=peers,
+                                    gate=ControlGate(trust.verifier,
+                                                     window_s=config.control_window_s))
                        if config.broker_url else None)
             mover.on_event = _events_to(control, metrics)
             # VMs that were arriving when this cloudlet stopped: ask their sources.
-            await mover.live.recover(mover.http(), mover.peer_headers())
+            await mover.live.recover(mover.peer_client)
             # A parent process (cloudlet up, tests) waits for this line.
             print(f"ready {config.name} {config.endpoint}", flush=True)
             log.info("cloudlet %s serving on %s with %d VMs", config.name, config.endpoint,
@@ -115,15 +117,14 @@ def _commands(host: VMHost, mover: Mover) -> dict[str, CommandHandler]:
         return {"written": await host.checkpoint_all(force=True)}
 
     async def migrate(command: dict[str, Any]) -> dict[str, Any]:
-        """`{"op": "migrate", "vm": ID, "to": NODE | "endpoint": URL, "mode"?}` (the
-        orchestrator)."""
-        vm_id, to, endpoint = command.get("vm"), command.get("to"), command.get("endpoint")
+        """`{"op": "migrate", "vm": ID, "to": NODE, "mode"?}` (the orchestrator). The
+        destination is a node known from signed presence: an order names no URL."""
+        vm_id, to = command.get("vm"), command.get("to")
         mode = command.get("mode", "live")
-        if not isinstance(vm_id, str) or not isinstance(to, str | None) or not isinstance(
-                endpoint, str | None) or not isinstance(mode, str):
-            raise MalformedRequest("migrate takes 'vm' and 'to' (a node) or 'endpoint'")
-        hosted = host.get(vm_id, PEER)
-        return await mover.move(hosted, mover.resolve(to, endpoint), mode)
+        if not isinstance(vm_id, str) or not isinstance(to, str) or not isinstance(mode, str):
+            raise MalformedRequest("migrate takes 'vm' and 'to' (a node known from presence)")
+        hosted = host.get(vm_id, COMMANDER)
+        return await mover.move(hosted, mover.peers.target(to), mode)
 
     return {"ping": ping, "checkpoint": checkpoint, "migrate": migrate}
 

@@ -38,6 +38,10 @@ class Metrics:
         self.checkpoints = Counter("cloudlet_checkpoints", "VM checkpoints written", registry=r)
         self.mqtt_connected = Gauge("cloudlet_mqtt_connected",
                                     "1 while connected to the broker", registry=r)
+        self.control_dropped = Counter(
+            "cloudlet_control_dropped", "Control-plane messages not believed (unsigned, "
+            "forged, stale, replayed, from a signer without the role), by reason",
+            ["reason"], registry=r)
         self.migrations = Counter("cloudlet_migrations", "VMs moved away, by mode and outcome",
                                   ["mode", "outcome"], registry=r)
         self.migration_bytes = Counter("cloudlet_migration_bytes",

@@ -50,6 +50,7 @@ from cloudlet.errors import (
 )
 from cloudlet.fsutil import atomic_write
 from cloudlet.migration.pacing import CallPacer
+from cloudlet.protocol import Location
 from cloudlet.vm import VM, Image, ImageStore, Snapshot, VMLimits
 from edge_agent.auth import Principal
 from edge_agent.config import NodeConfig
@@ -74,17 +75,6 @@ class Call:
 
     def identity(self) -> list[Any]:
         return call_identity(self.fn, self.args, self.data)
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where a VM lives: a cloudlet's node name and its endpoint."""
-
-    node: str
-    endpoint: str
-
-    def to_wire(self) -> dict[str, str]:
-        return {"node": self.node, "endpoint": self.endpoint}
 
 
 @dataclass

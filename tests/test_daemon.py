@@ -12,8 +12,9 @@ import aiohttp
 import msgpack
 import pytest
 
+from cloudlet.trust.client_tokens import ClientTokens
+from cloudlet.trust.cluster import cluster_tokens
 from cloudlet.vm import VM, ImageStore, Snapshot
-from edge_agent.auth import Authority
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon
 
@@ -63,9 +64,9 @@ def test_nothing_answers_without_credentials_but_health(daemon: Daemon) -> None:
 
 
 def test_bad_credentials(daemon: Daemon) -> None:
-    other_cluster = Authority(b"x" * 32).issue("alice", 3600)
-    expired = Authority(bytes.fromhex(daemon.secret_path.read_text())).issue(
-        "alice", 10, now=time.time() - 3600)
+    ours = cluster_tokens(daemon.cluster_dir)
+    other_cluster = ClientTokens(b"x" * 32, ours.authority_public_key).issue("alice", 3600)
+    expired = ours.issue("alice", 10, now=time.time() - 3600)
     for token in (other_cluster, expired, "garbage", daemon.token("alice") + "x"):
         status, body = daemon.request("GET", "/v1/vms", token=token)
         assert (status, body["code"]) == (401, "unauthorized"), token

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +32,7 @@ from cloudlet.trust.certs import (
     CertificateAuthority,
     CertificateVerifier,
 )
+from cloudlet.trust.client_tokens import SECRET_BYTES, ClientTokens
 from cloudlet.trust.keys import (
     SigningKey,
     read_public_key,
@@ -40,6 +42,7 @@ from cloudlet.trust.keys import (
 )
 from cloudlet.trust.sealed import Identity
 
+SECRET_FILE = "cluster.key"
 AUTHORITY_KEY_FILE = "ca.key"
 AUTHORITY_PUBLIC_FILE = "ca.pub"
 NODE_KEY_FILE = "node.key"
@@ -82,14 +85,15 @@ def read_cert(path: str | os.PathLike[str]) -> bytes:
 
 
 def issue_node(authority: CertificateAuthority, node: str, roles: Iterable[str],
-               directory: str | os.PathLike[str], *,
+               directory: str | os.PathLike[str], *, key_path: Path | None = None,
+               cert_path: Path | None = None,
                ttl_s: int = DEFAULT_CERT_TTL_S) -> tuple[Path, Path]:
-    """Give cloudlet `node` a certificate in `directory` (its key is made once and
-    kept). Returns (key path, certificate path)."""
-    d = Path(directory)
-    key_path, cert_path = d / NODE_KEY_FILE, d / NODE_CERT_FILE
+    """Give cloudlet `node` a certificate (`node.cert` in `directory`, unless named);
+    its key (`node.key`) is made once and kept. Returns (key path, certificate path)."""
+    key_path = key_path or Path(directory) / NODE_KEY_FILE
+    cert_path = cert_path or Path(directory) / NODE_CERT_FILE
     if not key_path.exists():
-        d.mkdir(parents=True, exist_ok=True)
+        key_path.parent.mkdir(parents=True, exist_ok=True)
         write_signing_key(key_path, SigningKey.generate())
     key = read_signing_key(key_path)
     write_cert(cert_path, authority.issue(node, roles, key.public_bytes, ttl_s=ttl_s))
@@ -109,3 +113,45 @@ def operator_identity(authority: CertificateAuthority, name: str = "operator", *
     verifier = CertificateVerifier(authority.public_key, clock=time.time)
     cert = authority.issue(f"operator:{name}", [ROLE_OPERATOR], key.public_bytes, ttl_s=ttl_s)
     return Identity.load(key, cert, verifier)
+
+
+def load_secret(path: str | os.PathLike[str]) -> bytes:
+    """The cluster secret (hex, or raw bytes), at least `SECRET_BYTES` long."""
+    try:
+        raw = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the cluster secret {path}: {exc.strerror}") from None
+    try:
+        secret = bytes.fromhex(raw.decode())
+    except (UnicodeDecodeError, ValueError):
+        secret = raw
+    if len(secret) < SECRET_BYTES:
+        raise ConfigError(f"{path}: the cluster secret must be at least {SECRET_BYTES} bytes")
+    return secret
+
+
+def ensure_secret(path: str | os.PathLike[str]) -> bytes:
+    """Load the cluster secret, creating it (0600, atomically) on first run."""
+    p = Path(path)
+    if not p.exists():
+        atomic_write(p, secrets.token_hex(SECRET_BYTES).encode() + b"\n")
+    return load_secret(p)
+
+
+def cluster_tokens(directory: str | os.PathLike[str]) -> ClientTokens:
+    """Client tokens of the cluster whose files are in `directory` (cluster.key and
+    ca.pub, as `cloudlet up` writes them): what `cloudlet token` uses."""
+    d = Path(directory)
+    secret_path, public_path = d / SECRET_FILE, d / AUTHORITY_PUBLIC_FILE
+    for path in (secret_path, public_path):
+        if not path.exists():
+            raise ConfigError(f"no cluster at {d} ({path.name} is missing; `cloudlet up` "
+                              "creates it)")
+    return ClientTokens(load_secret(secret_path), read_public_key(public_path))
+
+
+def default_metro_dir() -> Path:
+    """Where `cloudlet up` keeps the local metro's state and its cluster files
+    (`$CLOUDLET_HOME/metro`, default `~/.cache/cloudlet/metro`)."""
+    home = os.environ.get("CLOUDLET_HOME")
+    return (Path(home) if home else Path.home() / ".cache" / "cloudlet") / "metro"
