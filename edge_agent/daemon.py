@@ -4,6 +4,9 @@ Shutdown order (SIGTERM or Ctrl-C) is what makes a restart lose nothing: stop
 listening, close WebSocket streams, let in-flight requests finish, checkpoint
 every VM (write, fsync, rename), mark the node offline on the broker, exit.
 The next start restores every checkpoint.
+
+One daemon per state directory (edge_agent.statelock): a second one exits at
+once, before it touches anything.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from edge_agent.config import NodeConfig
 from edge_agent.control import CommandHandler, ControlPlane
 from edge_agent.handoff import Mover
 from edge_agent.metrics import Metrics
+from edge_agent.statelock import StateLock
 from edge_agent.vm_host import VMHost
 
 log = logging.getLogger(__name__)
@@ -43,8 +47,15 @@ def cluster_secret(config: NodeConfig) -> bytes:
 
 
 async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (or SIGTERM/SIGINT when run as the main program)."""
-    stop = stop or asyncio.Event()
+    """Serve until `stop` is set (or SIGTERM/SIGINT when run as the main program).
+
+    Raises `StateDirLocked` at once if another process holds the state directory."""
+    with StateLock(config.state_path, f"cloudlet agent {config.name}"):
+        await _serve(config, stop or asyncio.Event())
+
+
+async def _serve(config: NodeConfig, stop: asyncio.Event) -> None:
+    """The daemon's life, with its state directory held."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):

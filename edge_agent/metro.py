@@ -6,6 +6,10 @@ node, waits until each says it is ready, prints the endpoints, and runs until
 Ctrl-C or SIGTERM, when every daemon shuts down cleanly (checkpointing its VMs).
 Secrets are generated on first run and kept in the state directory, so a
 restart keeps tokens valid and VMs restored.
+
+One metro per state directory (edge_agent.statelock): a second `cloudlet up`
+on it exits at once, naming the first, before it starts a broker, writes a
+config or starts a cloudlet.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from edge_agent.auth import ensure_secret
 from edge_agent.broker import EmbeddedBroker
 from edge_agent.config import MetroConfig, MetroNode, load_metro_config, node_config_from_dict
 from edge_agent.daemon import SECRET_FILE
+from edge_agent.statelock import StateLock
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -69,7 +74,12 @@ async def up(metro_file: Path, state: Path, nodes: int | None, base_port: int,
              broker_url: str | None, broker_port: int) -> int:
     metro = load_metro_config(metro_file)
     planned = plan_nodes(metro, nodes)
-    state.mkdir(parents=True, exist_ok=True)
+    with StateLock(state, "cloudlet up"):
+        return await _run(metro, planned, state, base_port, broker_url, broker_port)
+
+
+async def _run(metro: MetroConfig, planned: list[MetroNode], state: Path, base_port: int,
+               broker_url: str | None, broker_port: int) -> int:
     ensure_secret(state / SECRET_FILE)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
