@@ -9,7 +9,8 @@ restart keeps tokens valid and VMs restored.
 
 One metro per state directory (edge_agent.statelock): a second `cloudlet up`
 on it exits at once, naming the first, before it starts a broker, writes a
-config or starts a cloudlet.
+config or starts a cloudlet. Its exit status is the stop's: non-zero when a
+cloudlet it asked to stop did not stop cleanly (e.g. could not save its VMs).
 """
 
 from __future__ import annotations
@@ -104,8 +105,11 @@ async def _run(metro: MetroConfig, planned: list[MetroNode], state: Path, base_p
                   flush=True)
             await _wait(stop, children)
         finally:
-            await _stop_all(children)
-    return 0
+            unclean = await _stop_all(children)
+    for name, status in unclean.items():
+        print(f"cloudlet {name} stopped with status {status}; its log above says why "
+              "(e.g. VMs it could not save)", file=sys.stderr, flush=True)
+    return 1 if unclean else 0
 
 
 async def _start_all(configs: list[Path]) -> list[tuple[str, str, asyncio.subprocess.Process]]:
@@ -155,11 +159,17 @@ async def _wait(stop: asyncio.Event, children: list[tuple[str, str, Any]]) -> No
             task.cancel()
 
 
-async def _stop_all(children: list[tuple[str, str, asyncio.subprocess.Process]]) -> None:
-    for _, _, proc in children:
+async def _stop_all(children: list[tuple[str, str, asyncio.subprocess.Process]]
+                    ) -> dict[str, int]:
+    """Stop every cloudlet (SIGTERM: each checkpoints its VMs). Returns the exit
+    status of those asked to stop that did not stop cleanly; one that died before
+    was reported when it did."""
+    asked = []
+    for name, _, proc in children:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
+                asked.append(name)
     for name, _, proc in children:
         try:
             async with asyncio.timeout(STOP_TIMEOUT_S):
@@ -169,3 +179,5 @@ async def _stop_all(children: list[tuple[str, str, asyncio.subprocess.Process]])
                   file=sys.stderr)
             proc.kill()
             await proc.wait()
+    return {name: proc.returncode for name, _, proc in children
+            if name in asked and proc.returncode}

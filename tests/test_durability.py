@@ -1,8 +1,14 @@
 """Durability against what an attacker (or bad luck) does to the state directory:
-a second daemon or metro on it, and a kill -9. Real daemon processes."""
+a second daemon or metro on it, a kill -9, and a full disk.
+
+Real daemon processes, and a real small file system (an 8 MiB tmpfs) filled
+with a real file: no mocked errno. Mounting needs root; elsewhere these tests
+skip (and fail under CI, which must run them).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -12,20 +18,72 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cloudlet.errors import StateDirLocked
+from cloudlet.errors import StateDirLocked, StorageFull
+from cloudlet.fsutil import atomic_write
 from cloudlet.vm import Snapshot
 from edge_agent.statelock import LOCK_FILE, StateLock
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, free_port, make_daemon
+from tests.mqtt_brokers import in_ci
 
 KV = (WORKLOADS / "kvstore.wasm").read_bytes()
+HOG = (WORKLOADS / "memhog.wasm").read_bytes()
+DISK_SIZE = "8m"  # room for a daemon's images and a few small VMs; filled in a blink
 WAIT_S = 20.0  # generous bound for "within a few checkpoint rounds" on a loaded machine
+
+
+# --- a small real disk ----------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A fresh tmpfs of DISK_SIZE, unmounted afterwards (which fails if a daemon
+    still holds a file on it: each test stops its daemons first)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE}", "tmpfs",
+                          str(mount_point)], capture_output=True, text=True)
+    if out.returncode != 0:
+        why = f"mounting a tmpfs needs root: {out.stderr.strip()}"
+        if in_ci():
+            pytest.fail(f"{why}; CI must run the full-disk tests", pytrace=False)
+        pytest.skip(why)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Grow a filler file until the disk refuses another byte; remove it to free the disk."""
+    filler = disk / "filler"
+    block = b"\xa5" * (256 << 10)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while True:
+            try:
+                os.write(fd, block)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+    finally:
+        os.close(fd)
+    assert os.statvfs(disk).f_bavail == 0
+    return filler
+
+
+def daemon_on(disk: Path, tmp_path: Path, name: str = "d1", **settings: Any) -> Daemon:
+    """A daemon whose state directory is on `disk`; its log is not (a log that
+    cannot be written would hide what the test needs to see)."""
+    d = make_daemon(disk, name, secret_path=tmp_path / "cluster.key", **settings)
+    d.log_path = tmp_path / f"{name}.log"
+    return d
 
 
 # --- a tiny client --------------------------------------------------------------------
@@ -45,6 +103,22 @@ def create(d: Daemon, token: str, digest: str) -> str:
     return vm
 
 
+def health(d: Daemon) -> dict[str, Any]:
+    status, body = d.request("GET", "/health")
+    assert status == 200, body  # degraded included: probes must keep seeing the cloudlet
+    result: dict[str, Any] = body
+    return result
+
+
+def metric(d: Daemon, token: str, line_start: str) -> float:
+    status, text = d.request("GET", "/metrics", token=token)
+    assert status == 200
+    for line in text.decode().splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no metric {line_start}")
+
+
 def wait_for(what: str, predicate: Callable[[], bool]) -> None:
     deadline = time.monotonic() + WAIT_S
     while not predicate():
@@ -62,6 +136,13 @@ def checkpointed(d: Daemon, vm: str, seq: int) -> None:
     wrote it to finish (the daemon says `durable` only after the write returned)."""
     wait_for(f"VM {vm} is checkpointed at seq {seq}", lambda: on_disk_seq(d, vm) == seq)
     time.sleep(0.3)  # not a measurement: the rename is seen a moment before it returns
+
+
+def leftovers(d: Daemon) -> list[str]:
+    """Temporary halves and set-aside checkpoints: none may ever be there."""
+    vms = d.state_dir / "vms"
+    return sorted(p.name for p in vms.iterdir()
+                  if p.name.endswith((".tmp", ".unreadable")))
 
 
 class Session:
@@ -205,3 +286,187 @@ def test_the_lock_names_its_holder_and_frees_on_release(tmp_path: Path) -> None:
         assert (tmp_path / LOCK_FILE).read_bytes() == written  # the refused one wrote nothing
     with StateLock(tmp_path, "cloudlet agent x"):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["command"] == "cloudlet agent x"
+
+
+# --- a full disk ------------------------------------------------------------------------
+
+
+def test_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_nothing(
+        small_disk: Path) -> None:
+    target = small_disk / "state.bin"
+    atomic_write(target, b"old and good")
+    filler = fill(small_disk)
+    with pytest.raises(StorageFull) as refused:
+        atomic_write(target, [b"new", os.urandom(1 << 20)])
+    assert isinstance(refused.value, OSError) and refused.value.errno == errno.ENOSPC
+    assert refused.value.code == "storage_full" and str(target) in refused.value.message
+    assert target.read_bytes() == b"old and good"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "state.bin"]
+    filler.unlink()
+    atomic_write(target, b"new")
+    assert target.read_bytes() == b"new"
+
+
+def test_a_full_disk_refuses_new_vms_degrades_health_and_recovers(
+        small_disk: Path, tmp_path: Path) -> None:
+    d = daemon_on(small_disk, tmp_path).start()
+    try:
+        alice = d.token("alice")
+        kv = upload(d, alice)
+        vm = create(d, alice, kv)
+        s = Session(d, alice, vm)
+        s.call("kv_put", 1, 10)
+        checkpointed(d, vm, 1)
+        assert health(d)["status"] == "ok" and metric(d, alice, "cloudlet_storage_ok") == 1
+
+        # Full: a new VM is refused with the typed answer, and none is left behind.
+        filler = fill(small_disk)
+        status, body = d.request("POST", "/v1/vms", {"image": kv}, token=alice)
+        assert (status, body["code"]) == (507, "storage_full"), body
+        assert "/" not in body["message"]  # no server path goes to the client
+        assert [v["vm"] for v in d.request("GET", "/v1/vms", token=alice)[1]["vms"]] == [vm]
+        assert sorted(p.name for p in (d.state_dir / "vms").iterdir()) == [f"{vm}.snap"]
+        status, body = d.request("POST", "/v1/images", raw=HOG, token=alice)
+        assert (status, body["code"]) == (507, "storage_full"), body
+        assert d.request("GET", "/v1/images", token=alice)[1]["images"] == [kv]
+        got = health(d)
+        assert got["status"] == "degraded", got
+        assert any(r.startswith("storage_full: ") and "No space left on device" in r
+                   for r in got["reasons"]), got
+        assert metric(d, alice, "cloudlet_storage_ok") == 0
+        assert metric(d, alice, 'cloudlet_storage_failures_total{what="request"}') >= 2
+
+        # Freed, with no VM to checkpoint: the probe sees it within a round or two.
+        filler.unlink()
+        wait_for("health is ok again", lambda: health(d)["status"] == "ok")
+        assert health(d)["reasons"] == []
+
+        # Full again, while a VM applies calls: they are applied (in memory), and no
+        # answer calls them durable.
+        filler = fill(small_disk)
+        for k in range(2, 7):
+            assert s.call("kv_put", k, k * 10)["durable"] == 1
+        wait_for("the failed checkpoints degrade health",
+                 lambda: health(d)["status"] == "degraded")
+        assert s.call("kv_get", 6)["result"] == 60
+        assert s.call("kv_count")["durable"] == 1
+        assert on_disk_seq(d, vm) == 1 and leftovers(d) == []
+        assert metric(d, alice, 'cloudlet_storage_failures_total{what="checkpoint"}') >= 1
+        assert d.proc is not None and d.proc.poll() is None  # up, serving
+
+        # Freed: the pending checkpoint lands, health is ok, and new VMs are welcome.
+        filler.unlink()
+        wait_for("the pending checkpoint is written", lambda: on_disk_seq(d, vm) == s.seq)
+        wait_for("health is ok again", lambda: health(d)["status"] == "ok")
+        assert s.call("kv_count")["durable"] == s.seq - 1
+        assert metric(d, alice, "cloudlet_storage_ok") == 1
+        create(d, alice, kv)
+        log = d.log_path.read_text()
+        assert "the cloudlet is degraded: storage_full" in log
+        assert "state writes succeed again" in log
+        assert d.stop() == 0
+    finally:
+        d.kill()
+
+
+def test_disk_full_loses_no_applied_call_across_a_clean_restart(
+        small_disk: Path, tmp_path: Path) -> None:
+    d = daemon_on(small_disk, tmp_path).start()
+    try:
+        alice = d.token("alice")
+        vm = create(d, alice, upload(d, alice))
+        s = Session(d, alice, vm)
+        for k in range(1, 6):
+            s.call("kv_put", k, k * 10)
+        checkpointed(d, vm, 5)
+
+        # 1. Calls applied while the disk is full, then the disk freed before SIGTERM:
+        # a clean restart has every one of them.
+        filler = fill(small_disk)
+        for k in range(6, 11):
+            assert s.call("kv_put", k, k * 10)["durable"] == 5
+        wait_for("a checkpoint round fails", lambda: health(d)["status"] == "degraded")
+        assert s.call("kv_count")["durable"] == 5
+        filler.unlink()
+        assert d.stop() == 0
+        assert "checkpointed 1 VMs, 0 failed" in d.log_path.read_text()
+        d.start()
+        status, info = d.request("GET", f"/v1/vms/{vm}", token=alice)
+        assert status == 200 and info["seq"] == 11
+        for k in range(1, 11):
+            assert s.call("kv_get", k)["result"] == k * 10
+        checkpointed(d, vm, s.seq)
+        last_good = s.seq
+
+        # 2. SIGTERM while the disk is still full: the daemon says which VM it could
+        # not save and exits non-zero; the file on disk is the last good checkpoint.
+        filler = fill(small_disk)
+        for k in range(11, 16):
+            assert s.call("kv_put", k, k * 10)["durable"] == last_good
+        wait_for("a checkpoint round fails", lambda: health(d)["status"] == "degraded")
+        assert d.stop() != 0
+        log = d.log_path.read_text()
+        assert re.search(rf"ERROR edge_agent\.vm_host: VM {vm} was not saved: it applied "
+                         rf"calls up to seq {s.seq}, its last good checkpoint \(seq "
+                         rf"{last_good}\)", log), log
+        assert "checkpointed 0 VMs, 1 failed; not saved: " + vm in log
+        assert "cloudlet: error [storage_full]: 1 VMs could not be saved at shutdown" in log
+        assert on_disk_seq(d, vm) == last_good and leftovers(d) == []
+
+        # The restart (on the still full disk) comes back at the last good checkpoint:
+        # never seq 0, never a file set aside; every call any answer called durable.
+        d.start()
+        status, info = d.request("GET", f"/v1/vms/{vm}", token=alice)
+        assert status == 200 and info["seq"] == last_good > 0
+        assert info["seq"] >= s.max_durable
+        s.seq = last_good
+        for k in range(1, 11):
+            assert s.call("kv_get", k)["result"] == k * 10
+        assert s.call("kv_get", 11)["result"] == -1  # never durable, and said so
+        filler.unlink()
+        assert d.stop() == 0
+        assert leftovers(d) == []
+    finally:
+        d.kill()
+
+
+def test_cloudlet_up_reports_a_cloudlet_that_could_not_save_its_vms(
+        small_disk: Path, tmp_path: Path) -> None:
+    state = small_disk / "metro"
+    errors_path = tmp_path / "up.stderr"
+    with errors_path.open("wb") as errors_out:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "cloudlet.cli", "up", "--nodes", "1", "--base-port",
+             str(free_port()), "--broker-port", str(free_port()), "--state-dir", str(state)],
+            stdout=subprocess.PIPE, stderr=errors_out, text=True)
+    try:
+        assert up.stdout is not None
+        found = None
+        while found is None:
+            line = up.stdout.readline()
+            assert line, f"cloudlet up exited early: {errors_path.read_text()}"
+            found = re.match(r"cloudlet (\S+)\s+http://127\.0\.0\.1:(\d+)", line)
+        name, port = found.group(1), int(found.group(2))
+        node = Daemon(name, state / "nodes" / name / "node.toml", state / "nodes" / name,
+                      state / "cluster.key", port, tmp_path / "unused.log")
+        alice = node.token("alice")
+        vm = create(node, alice, upload(node, alice))
+        s = Session(node, alice, vm)
+        s.call("kv_put", 1, 1)
+        checkpointed(node, vm, 1)
+        filler = fill(small_disk)
+        s.call("kv_put", 2, 2)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) != 0
+        said = errors_path.read_text()
+        assert f"cloudlet {name} stopped with status 1" in said, said
+        assert f"not saved: {vm}" in said
+        assert on_disk_seq(node, vm) == 1
+        filler.unlink()
+    finally:
+        if up.poll() is None:  # a failed assertion: stop it cleanly, or its cloudlets
+            up.send_signal(signal.SIGINT)  # outlive it and keep the disk busy
+            try:
+                up.wait(60)
+            finally:
+                up.kill()
