@@ -8,6 +8,7 @@ skip (and fail under CI, which must run them).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -24,10 +25,11 @@ from typing import Any
 
 import pytest
 
-from cloudlet.errors import StateDirLocked, StorageFull
+from cloudlet.errors import NoCloudletAvailable, StateDirLocked, StorageFull
 from cloudlet.fsutil import atomic_write
 from cloudlet.vm import Snapshot
 from edge_agent.statelock import LOCK_FILE, StateLock
+from mobile_client import CloudletClient
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, free_port, make_daemon
 from tests.mqtt_brokers import in_ci
@@ -470,3 +472,36 @@ def test_cloudlet_up_reports_a_cloudlet_that_could_not_save_its_vms(
                 up.wait(60)
             finally:
                 up.kill()
+
+
+def test_a_session_goes_to_another_cloudlet_when_one_disk_is_full(
+        small_disk: Path, tmp_path: Path) -> None:
+    full = daemon_on(small_disk, tmp_path, "full").start()
+    roomy = make_daemon(tmp_path, "roomy").start()
+    try:
+        token = full.token("alice")
+        assert full.request("POST", "/v1/images", raw=KV, token=token)[0] == 201
+        filler = fill(small_disk)
+
+        async def run() -> tuple[str, dict[str, float]]:
+            # Alone, the full cloudlet refuses the VM as a full one does, not with an
+            # error the application would have to know about ...
+            async with CloudletClient(token, endpoints=[full.endpoint]) as c:
+                with pytest.raises(NoCloudletAvailable, match="refused the VM"):
+                    async with c.session(WORKLOADS / "kvstore.wasm"):
+                        pass
+            # ... so with another one, the session simply starts there.
+            async with CloudletClient(token, endpoints=[full.endpoint, roomy.endpoint]) as c:
+                rtts = await c.prober.rtts(force=True)
+                async with c.session(WORKLOADS / "kvstore.wasm") as s:
+                    assert await s.call("kv_put", 1, 5) == 1
+                    return s.location.node, rtts
+
+        node, rtts = asyncio.run(run())
+        assert node == "roomy"
+        assert set(rtts) == {"full", "roomy"}  # degraded is still reachable for probes
+        filler.unlink()
+        assert full.stop() == 0
+    finally:
+        full.kill()
+        roomy.kill()
