@@ -45,7 +45,6 @@ from cloudlet.errors import (
     ImageInUse,
     ImageRejected,
     ShuttingDown,
-    StorageFull,
     VMMoved,
     VMNotFound,
 )
@@ -132,6 +131,7 @@ class VMHost:
         self.tombstones: dict[str, Location] = {}  # VMs moved away -> where they went
         self._moved_by: dict[str, str] = {}  # migration id -> the VM it moved away
         self.closing = False
+        self.checkpoint_failures = 0
         self.storage = StorageHealth()  # what /health and the metrics say of the disk
         self._creating: dict[str, int] = {}  # image digest -> creates in flight
         self._pool = ThreadPoolExecutor(config.call_threads, thread_name_prefix="cloudlet-call")
@@ -202,30 +202,15 @@ class VMHost:
     async def _adopt_durably(self, vm: VM, replies: ReplyLog | None = None) -> HostedVM:
         """Host `vm` and checkpoint it before anyone hears of it: a kill -9 right after
         must not lose it (later calls are then bounded by the checkpoint interval, as
-        promised). If the checkpoint fails, the VM is not hosted, and a write the
-        disk refused (any OSError) is `StorageFull`: the client may try another
-        cloudlet, and nobody was told of a VM that a restart would not bring back."""
+        promised). If the checkpoint fails, the VM is not hosted."""
         hosted = self._adopt(vm)
         if replies is not None:
             hosted.replies = replies
-        # Shielded: a request deadline must not leave the write running unwatched, to
-        # land after the client was told the VM does not exist.
-        write = asyncio.ensure_future(self.checkpoint(hosted, force=True))
         try:
-            await asyncio.shield(write)
-        except BaseException as exc:
-            try:
-                if not write.done():  # cancelled while the write goes on: wait for it
-                    with contextlib.suppress(Exception):
-                        await write
-            finally:
-                self.vms.pop(vm.id, None)
-                if write.done() and not write.cancelled() and write.exception() is None:
-                    self._checkpoint_path(vm.id).unlink(missing_ok=True)  # written after all
-                vm.close()
-            if isinstance(exc, OSError):
-                # Said without the server's paths: this goes to the client.
-                raise storage_full(exc, "cannot write the new VM's first checkpoint") from exc
+            await self._first_checkpoint(hosted)
+        except BaseException:
+            self.vms.pop(vm.id, None)
+            vm.close()
             raise
         return hosted
 
@@ -494,6 +479,24 @@ class VMHost:
 
     # --- persistence ------------------------------------------------------------------
 
+    async def _first_checkpoint(self, hosted: HostedVM) -> None:
+        """A new VM's checkpoint, before anyone hears of it. A write the disk refused
+        (any OSError) is `StorageFull`, said without the server's paths (it goes to
+        the client, who may try another cloudlet). Shielded: a request deadline must
+        not leave the write running unwatched, to land after the client was told
+        the VM does not exist; it is waited for, and removed if it landed."""
+        write = asyncio.ensure_future(self.checkpoint(hosted, force=True))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await write
+            if write.done() and not write.cancelled() and write.exception() is None:
+                self._checkpoint_path(hosted.id).unlink(missing_ok=True)
+            raise
+        except OSError as exc:
+            raise storage_full(exc, "cannot write the new VM's first checkpoint") from exc
+
     def _checkpoint_path(self, vm_id: str) -> Path:
         return self.vm_dir / f"{vm_id}.snap"
 
@@ -523,12 +526,13 @@ class VMHost:
             try:
                 written += await self.checkpoint(hosted, force=force)
             except Exception as exc:  # a full disk must not stop the daemon: retry next round
+                self.checkpoint_failures += 1
                 failed[hosted.id] = exc
         probed, probe_error = False, None
         if not written and not failed and not self.storage.ok:
             probed = True
             try:
-                await self._off_loop(write_probe, self.vm_dir)
+                await asyncio.to_thread(write_probe, self.vm_dir)  # rare, tiny: any thread
             except OSError as exc:
                 probe_error = exc
         done = CheckpointRound(written, failed, probed, probe_error)
@@ -549,11 +553,6 @@ class VMHost:
                 snap = await self._off_loop(Snapshot.read, path)
                 image = await self._off_loop(self.images.get, snap.image_digest)
                 vm = VM.restore(image, snap)
-            except StorageFull as exc:
-                # Readable, but something it needs could not be written: not its fault.
-                log.error("cannot restore %s now (%s); left in place for the next start",
-                          path.name, exc.message)
-                continue
             except CloudletError as exc:
                 # Keep the file for a human to look at; never delete state we cannot read.
                 aside = path.with_suffix(".unreadable")
