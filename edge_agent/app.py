@@ -36,6 +36,7 @@ from edge_agent.live_migration import peer_of
 from edge_agent.metrics import Metrics
 from edge_agent.peer_client import PeerClient
 from edge_agent.peers import PeerDirectory
+from edge_agent.storage import public_reason
 from edge_agent.vm_host import Call, HostedVM, VMHost
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except CloudletError as exc:
         metrics.errors.labels(exc.code).inc()
+        if isinstance(exc, errors.StorageFull):  # an upload's or a new VM's write
+            reason = public_reason(exc, f"state for {route_of(request)}")
+            request.app[HOST].storage.write_failed("request", reason)
         return answer(request, exc.to_wire(), status_of(exc))
     except web.HTTPException as exc:
         if exc.status == 413:
@@ -159,6 +163,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         metrics.errors.labels("internal_error").inc()
         return answer(request, {"code": "internal_error",
                                 "message": "internal error (logged by the cloudlet)"}, 500)
+
+
+def route_of(request: web.Request) -> str:
+    """`POST /v1/vms/{vm}/migrate`: the route, without the ids in the path."""
+    resource = request.match_info.route.resource
+    return f"{request.method} {resource.canonical if resource else request.path}"
 
 
 @web.middleware
@@ -236,13 +246,17 @@ def field(body: dict[str, Any], key: str, typ: type | tuple[type, ...],
 
 
 async def health(request: web.Request) -> web.Response:
-    """Liveness for probes; with `?challenge=HEX`, also a proof of which cloudlet this
-    is (its certificate and its signature over the challenge), so a client or peer
-    can check it before sending a credential here."""
+    """Liveness for probes. Always 200 while the daemon answers: "degraded" (its
+    state cannot be written, `reasons` say why) still serves its VMs from memory, and
+    the SDK's probes count any error status as "unreachable", which would drop
+    sessions' RTTs to a cloudlet that is serving them well. With `?challenge=HEX`,
+    also a proof of which cloudlet this is (its certificate and its signature over
+    the challenge), so a client or peer can check it before sending it a credential."""
     host = request.app[HOST]
-    status = "shutting_down" if host.closing else "ok"
+    storage = host.storage
+    status = "shutting_down" if host.closing else "ok" if storage.ok else "degraded"
     body: dict[str, Any] = {"status": status, "node": request.app[CONFIG].name,
-                            "vms": len(host.vms)}
+                            "vms": len(host.vms), "reasons": list(storage.reasons)}
     challenge = request.query.get("challenge")
     if challenge is not None:
         try:

@@ -4,6 +4,11 @@ Shutdown order (SIGTERM or Ctrl-C) is what makes a restart lose nothing: stop
 listening, close WebSocket streams, let in-flight requests finish, checkpoint
 every VM (write, fsync, rename), mark the node offline on the broker, exit.
 The next start restores every checkpoint.
+
+One daemon per state directory (edge_agent.statelock): a second one exits at
+once, before it touches anything. A shutdown that could not save every VM (a
+full disk) still completes, then raises `StorageFull`: the process exits
+non-zero, and each such VM keeps its last good checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from cloudlet.errors import MalformedRequest
+from cloudlet.errors import MalformedRequest, StorageFull
 from cloudlet.trust.gate import ControlGate
 from edge_agent.app import MOVER, build_app
 from edge_agent.auth import SECRET_FILE, Principal
@@ -30,6 +35,7 @@ from edge_agent.handoff import Mover
 from edge_agent.identity import load_node_trust
 from edge_agent.metrics import Metrics
 from edge_agent.peers import PeerDirectory
+from edge_agent.statelock import StateLock
 from edge_agent.vm_host import VMHost
 
 log = logging.getLogger(__name__)
@@ -42,8 +48,22 @@ __all__ = ["SECRET_FILE", "run", "serve"]
 
 
 async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (or SIGTERM/SIGINT when run as the main program)."""
-    stop = stop or asyncio.Event()
+    """Serve until `stop` is set (or SIGTERM/SIGINT when run as the main program).
+
+    Raises `StateDirLocked` at once if another process holds the state directory,
+    and `StorageFull` after a clean stop that could not save every VM."""
+    with StateLock(config.state_path, f"cloudlet agent {config.name}"):
+        unsaved = await _serve(config, stop or asyncio.Event())
+    if unsaved:
+        shown = ", ".join(unsaved[:5]) + (", ..." if len(unsaved) > 5 else "")
+        raise StorageFull(f"{len(unsaved)} VMs could not be saved at shutdown ({shown}); "
+                          "each keeps its last good checkpoint (see the log)")
+
+
+async def _serve(config: NodeConfig, stop: asyncio.Event) -> list[str]:
+    """The daemon's life, with its state directory held; returns the VMs that could
+    not be saved at shutdown."""
+    unsaved: list[str] = []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -55,6 +75,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
     async with VMHost(config) as host:
+        metrics.watch_storage(host.storage)
         peers = PeerDirectory(config.name)
         app = build_app(config, host, trust, metrics, peers)
         runner = web.AppRunner(app, handle_signals=False, access_log=None,
@@ -85,19 +106,20 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
                 await stop.wait()
                 log.info("shutting down: finishing requests, checkpointing VMs")
                 await runner.cleanup()  # stop listening, close streams, finish requests
-                await host.shutdown()
+                unsaved = await host.shutdown()
                 if control is not None:
                     await control.say_goodbye()
                 for task in background:
                     task.cancel()
         finally:
             await runner.cleanup()
+    return unsaved
 
 
 async def _checkpoint_loop(host: VMHost, config: NodeConfig, metrics: Metrics) -> None:
     while True:
         await asyncio.sleep(config.checkpoint_interval_s)
-        metrics.checkpoints.inc(await host.checkpoint_all())
+        metrics.checkpoints.inc((await host.checkpoint_all()).written)
 
 
 def _events_to(control: ControlPlane | None,
@@ -114,7 +136,8 @@ def _commands(host: VMHost, mover: Mover) -> dict[str, CommandHandler]:
         return {"vms": len(host.vms)}
 
     async def checkpoint(command: dict[str, Any]) -> dict[str, Any]:
-        return {"written": await host.checkpoint_all(force=True)}
+        done = await host.checkpoint_all(force=True)
+        return {"written": done.written, "failed": sorted(done.failed)}
 
     async def migrate(command: dict[str, Any]) -> dict[str, Any]:
         """`{"op": "migrate", "vm": ID, "to": NODE, "mode"?}` (the orchestrator). The

@@ -165,7 +165,22 @@ class Mover:
             paused_at = time.perf_counter()
             snap = self.host.snapshot_with_annex(hosted)
             data = await asyncio.to_thread(snap.to_bytes)
-            await self.peer_client.post(where, "/v1/peer/vms", data, 201)
+            # The decision first, durably, as live migration does: if it cannot be
+            # written (a full disk), nothing has left and the VM simply stays. Once
+            # the destination has the VM, a failure to write here would leave it
+            # serving in two places.
+            await asyncio.to_thread(self.host.record_move, hosted.id, where, None)
+            arrived = False
+            try:
+                await self.peer_client.post(where, "/v1/peer/vms", data, 201)
+                arrived = True
+            except (CloudletError, aiohttp.ClientError, TimeoutError):
+                arrived = await self._holds(where, hosted.id)  # the answer may be lost
+                if not arrived:
+                    raise
+            finally:
+                if not arrived:
+                    self.host.forget_move(hosted.id)
             await self.host.hand_over(hosted, where)
             paused_s = time.perf_counter() - paused_at
         return {"rounds": 1, "bytes_sent": len(data) + image_bytes,
@@ -177,6 +192,17 @@ class Mover:
             self.on_event(event)
         except Exception:
             log.exception("publishing a migration event failed")
+
+    async def _holds(self, where: Location, vm_id: str) -> bool:
+        """Does the destination hold `vm_id` (its answer to the handover was lost)?
+        Unreachable counts as no: the VM resumes here, as before this check."""
+        try:
+            await self.peer_client.get(where, f"/v1/vms/{vm_id}")
+        except (CloudletError, aiohttp.ClientError, TimeoutError):
+            return False
+        log.warning("handover of VM %s: the answer was lost, but %s holds it", vm_id,
+                    where.node)
+        return True
 
     async def _ensure_image(self, hosted: HostedVM, where: Location) -> int:
         """Upload the VM's image unless the destination holds it; bytes sent."""

@@ -129,8 +129,15 @@ class Outgoing:
             # The destination asked, in doubt, and was told "not committed".
             raise MigrationAborted("the destination was told this migration did not commit")
         self.state = "committing"
-        await asyncio.to_thread(self.host.record_move, self.hosted.id, self.where,
-                                self.migration_id)
+        try:
+            await asyncio.to_thread(self.host.record_move, self.hosted.id, self.where,
+                                    self.migration_id)
+        except BaseException:
+            # No decision on disk (a full disk, say): it did not commit, and a
+            # destination asking in doubt must hear so rather than wait forever.
+            self.state = "refused"
+            self.durable.set()
+            raise
         self.state = "committed"
         self.durable.set()
 

@@ -10,6 +10,11 @@ tokens, broker passwords), the cluster authority's key pair, and each node's
 key; each node's certificate is issued afresh at every start. The embedded
 broker admits only the cluster (`ClusterAccess`); each node's config carries
 its own broker user (`node.NAME`) and derived password.
+
+One metro per state directory (edge_agent.statelock): a second `cloudlet up`
+on it exits at once, naming the first, before it starts a broker, writes a
+config or starts a cloudlet. Its exit status is the stop's: non-zero when a
+cloudlet it asked to stop did not stop cleanly (e.g. could not save its VMs).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from edge_agent.auth import SECRET_FILE, ensure_secret
 from edge_agent.broker import ClusterAccess, EmbeddedBroker
 from edge_agent.config import MetroConfig, MetroNode, load_metro_config, node_config_from_dict
 from edge_agent.identity import NODE_ROLES
+from edge_agent.statelock import StateLock
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -88,7 +94,12 @@ async def up(metro_file: Path, state: Path, nodes: int | None, base_port: int,
              broker_url: str | None, broker_port: int) -> int:
     metro = load_metro_config(metro_file)
     planned = plan_nodes(metro, nodes)
-    state.mkdir(parents=True, exist_ok=True)
+    with StateLock(state, "cloudlet up"):
+        return await _run(metro, planned, state, base_port, broker_url, broker_port)
+
+
+async def _run(metro: MetroConfig, planned: list[MetroNode], state: Path, base_port: int,
+               broker_url: str | None, broker_port: int) -> int:
     secret = ensure_secret(state / SECRET_FILE)
     authority = ensure_authority(state)
     stop = asyncio.Event()
@@ -118,8 +129,11 @@ async def up(metro_file: Path, state: Path, nodes: int | None, base_port: int,
                   flush=True)
             await _wait(stop, children)
         finally:
-            await _stop_all(children)
-    return 0
+            unclean = await _stop_all(children)
+    for name, status in unclean.items():
+        print(f"cloudlet {name} stopped with status {status}; its log above says why "
+              "(e.g. VMs it could not save)", file=sys.stderr, flush=True)
+    return 1 if unclean else 0
 
 
 async def _start_all(configs: list[Path]) -> list[tuple[str, str, asyncio.subprocess.Process]]:
@@ -169,11 +183,17 @@ async def _wait(stop: asyncio.Event, children: list[tuple[str, str, Any]]) -> No
             task.cancel()
 
 
-async def _stop_all(children: list[tuple[str, str, asyncio.subprocess.Process]]) -> None:
-    for _, _, proc in children:
+async def _stop_all(children: list[tuple[str, str, asyncio.subprocess.Process]]
+                    ) -> dict[str, int]:
+    """Stop every cloudlet (SIGTERM: each checkpoints its VMs). Returns the exit
+    status of those asked to stop that did not stop cleanly; one that died before
+    was reported when it did."""
+    asked = []
+    for name, _, proc in children:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
+                asked.append(name)
     for name, _, proc in children:
         try:
             async with asyncio.timeout(STOP_TIMEOUT_S):
@@ -183,3 +203,5 @@ async def _stop_all(children: list[tuple[str, str, asyncio.subprocess.Process]])
                   file=sys.stderr)
             proc.kill()
             await proc.wait()
+    return {name: proc.returncode for name, _, proc in children
+            if name in asked and proc.returncode}

@@ -32,6 +32,7 @@ from cloudlet.errors import (
     InvalidArgument,
     NoCloudletAvailable,
     SessionLost,
+    StorageFull,
     VMMoved,
     VMNotFound,
 )
@@ -162,7 +163,8 @@ class CloudletClient:
                 where = info.location
                 log.info("session: VM %s on %s (RTT %.2f ms)", created["vm"], info.node, rtt_ms)
                 break
-            except (CapacityExceeded, NoCloudletAvailable) as exc:
+            # A cloudlet whose disk is full serves its VMs but cannot take a new one.
+            except (CapacityExceeded, StorageFull, NoCloudletAvailable) as exc:
                 log.info("session: %s cannot take the VM (%s); trying the next", info.node,
                          exc.message)
         if created is None or where is None:

@@ -392,7 +392,15 @@ def test_a_failing_checkpoint_write_does_not_stop_the_daemon(tmp_path: Path) -> 
         for k in range(5):
             assert call(d, alice, vm, "kv_put", k, k)[0] == 200
             time.sleep(0.2)
-        assert healthy(d) and d.proc is not None and d.proc.poll() is None
+        assert d.proc is not None and d.proc.poll() is None
+        status, body = d.request("GET", "/health")  # up, serving, and saying what is wrong
+        assert status == 200 and body["status"] == "degraded", body
+        assert body["reasons"] == ["storage_full: cannot write checkpoints (Is a directory)"]
         snap.rmdir()
+        deadline = time.monotonic() + 20
+        while not healthy(d):  # the next round writes the checkpoint: ok again
+            assert time.monotonic() < deadline, d.request("GET", "/health")
+            time.sleep(0.1)
+        assert Snapshot.read(snap).seq == 5
     finally:
         d.kill()
