@@ -102,7 +102,6 @@ class ControlPlane:
         self.connected = asyncio.Event()
         self._last_calls: dict[str, int] = {}
         self._last_tick = time.monotonic()
-        self._running: set[asyncio.Task[None]] = set()  # commands being carried out
         host.on_change = self._vm_changed
 
     def _seal(self, topic: str, message: dict[str, Any]) -> bytes:
@@ -277,10 +276,8 @@ class ControlPlane:
             if believed.kind is Kind.PRESENCE:
                 self.peers.note_presence(believed.name, believed.body, believed.ts)
             elif believed.kind is Kind.COMMANDS and believed.name == self.config.name:
-                task = running.create_task(self._carry_out(believed.body,
-                                                           believed.signer.subject))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                # Owned by `run`'s task group: it outlives this connection.
+                running.create_task(self._carry_out(believed.body, believed.signer.subject))
 
     def _dropped(self, topic: str, reason: str, why: str) -> None:
         self.metrics.control_dropped.labels(reason).inc()
