@@ -69,7 +69,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import neighbour  # noqa: E402
 from cloudlet.fsutil import atomic_write  # noqa: E402
-from edge_agent.auth import Authority, load_secret  # noqa: E402
+from cloudlet.trust.cluster import cluster_tokens, ensure_authority  # noqa: E402
 
 KVSTORE = ROOT / "workloads" / "kvstore.wasm"
 MEMHOG = ROOT / "workloads" / "memhog.wasm"
@@ -184,8 +184,9 @@ def start_daemon(tmp: Path, profile_path: Path | None, children: list[Server],
     state = tmp / name
     state.mkdir()
     secret = tmp / "cluster.key"
-    if not secret.exists():
+    if not secret.exists():  # the second daemon (isolation) joins the same cluster
         secret.write_text(os.urandom(32).hex())
+    ensure_authority(tmp)  # ca.key beside the secret: the daemon issues its certificate
     table: dict[str, Any] = {"name": "bench", "port": 0, "state_dir": str(state),
                              "secret_file": str(secret),
                              **(DAEMON_SETTINGS if settings is None else settings)}
@@ -397,7 +398,7 @@ async def setup_daemon(session: aiohttp.ClientSession, url: str,
 
 
 async def bench(daemon: Server, echo: Server, secret: Path, plan: Plan) -> list[Target]:
-    authority = Authority(load_secret(secret))
+    authority = cluster_tokens(secret.parent)
     tokens = [authority.issue(f"bench-{k}", 3600) for k in range(CLIENTS)]
     auths = [{"Authorization": f"Bearer {tok}"} for tok in tokens]
     async with contextlib.AsyncExitStack() as stack:
@@ -502,7 +503,7 @@ def run_neighbours(tmp: Path, children: list[Server], server_cpus: set[int] | No
     """The isolation phases, on a daemon of their own (benchmarks/neighbour.py)."""
     daemon = start_daemon(tmp, None, children, server_cpus, name="neighbours",
                           settings=neighbour.SETTINGS)
-    authority = Authority(load_secret(tmp / "cluster.key"))
+    authority = cluster_tokens(tmp)
     tokens = {who: authority.issue(who, 3600) for who in ("neighbour", "hog", "booter")}
     try:
         return uvloop.run(neighbour.run(daemon.url, tokens, tmp / "neighbours", plan,

@@ -26,18 +26,26 @@ from aiohttp import WSMsgType, web
 from cloudlet import errors
 from cloudlet.errors import CloudletError
 from cloudlet.migration.messages import MAX_MESSAGE_BYTES
+from cloudlet.protocol import Location
+from cloudlet.trust import proof
+from cloudlet.trust.sealed import Identity
 from edge_agent.auth import Authority, Principal
 from edge_agent.bodies import BodyLimit, read_body, spooled_body
 from edge_agent.config import NodeConfig
 from edge_agent.handoff import Mover
+from edge_agent.identity import NodeTrust
 from edge_agent.live_migration import peer_of
 from edge_agent.metrics import Metrics
-from edge_agent.vm_host import Call, HostedVM, Location, VMHost
+from edge_agent.peer_client import PeerClient
+from edge_agent.peers import PeerDirectory
+from edge_agent.storage import public_reason
+from edge_agent.vm_host import Call, HostedVM, VMHost
 
 log = logging.getLogger(__name__)
 
 HOST = web.AppKey("host", VMHost)
 AUTHORITY = web.AppKey("authority", Authority)
+IDENTITY = web.AppKey("identity", Identity)
 METRICS = web.AppKey("metrics", Metrics)
 CONFIG = web.AppKey("config", NodeConfig)
 
@@ -146,6 +154,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except CloudletError as exc:
         metrics.errors.labels(exc.code).inc()
+        if isinstance(exc, errors.StorageFull):  # an upload's or a new VM's write
+            reason = public_reason(exc, f"state for {route_of(request)}")
+            request.app[HOST].storage.write_failed("request", reason)
         return answer(request, exc.to_wire(), status_of(exc))
     except web.HTTPException as exc:
         if exc.status == 413:
@@ -158,6 +169,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         metrics.errors.labels("internal_error").inc()
         return answer(request, {"code": "internal_error",
                                 "message": "internal error (logged by the cloudlet)"}, 500)
+
+
+def route_of(request: web.Request) -> str:
+    """`POST /v1/vms/{vm}/migrate`: the route, without the ids in the path."""
+    resource = request.match_info.route.resource
+    return f"{request.method} {resource.canonical if resource else request.path}"
 
 
 @web.middleware
@@ -279,10 +296,25 @@ def field(body: dict[str, Any], key: str, typ: type | tuple[type, ...],
 
 
 async def health(request: web.Request) -> web.Response:
+    """Liveness for probes. Always 200 while the daemon answers: "degraded" (its
+    state cannot be written, `reasons` say why) still serves its VMs from memory, and
+    the SDK's probes count any error status as "unreachable", which would drop
+    sessions' RTTs to a cloudlet that is serving them well. With `?challenge=HEX`,
+    also a proof of which cloudlet this is (its certificate and its signature over
+    the challenge), so a client or peer can check it before sending it a credential."""
     host = request.app[HOST]
-    status = "shutting_down" if host.closing else "ok"
-    return web.json_response({"status": status, "node": request.app[CONFIG].name,
-                              "vms": len(host.vms)})
+    storage = host.storage
+    status = "shutting_down" if host.closing else "ok" if storage.ok else "degraded"
+    body: dict[str, Any] = {"status": status, "node": request.app[CONFIG].name,
+                            "vms": len(host.vms), "reasons": list(storage.reasons)}
+    challenge = request.query.get("challenge")
+    if challenge is not None:
+        try:
+            parsed = proof.parse_challenge(challenge)
+        except errors.TrustError as exc:
+            raise errors.MalformedRequest(exc.message) from None
+        body["identity"] = proof.prove(request.app[IDENTITY], parsed)
+    return web.json_response(body)
 
 
 async def metrics_text(request: web.Request) -> web.Response:
@@ -503,23 +535,31 @@ async def move_vm(request: web.Request) -> web.Response:
     hosted = hosted_vm(request)
     body = unpack_map(await read_body(request, body_limit(request)))
     mover = request.app[MOVER]
-    where = mover.resolve(field(body, "to", (str, type(None)), None),
+    where = mover.resolve(principal(request), field(body, "to", (str, type(None)), None),
                           field(body, "endpoint", (str, type(None)), None))
     return answer(request, await mover.move(hosted, where, field(body, "mode", str, "live")))
 
 
 async def accept_migration(request: web.Request) -> web.StreamResponse:
-    """A peer migrates a VM here live: the protocol runs over this WebSocket."""
+    """A peer migrates a VM here live: the protocol runs over this WebSocket.
+
+    Only a cloudlet (not an operator) sends VMs. Its endpoint is needed only to ask
+    it, in doubt, whether the migration committed: taken from its signed presence
+    when known, else from `?endpoint=`, and proven before any credential goes there."""
     who = peer_only(request)
-    source_endpoint = request.query.get("endpoint", "")
+    if who.is_operator:
+        raise errors.Forbidden("only a cloudlet migrates VMs here")
+    mover = request.app[MOVER]
+    source_node = peer_of(who.name)
+    source_endpoint = (mover.peers.endpoint_of(source_node)
+                       or request.query.get("endpoint", ""))
     if not source_endpoint.startswith(("http://", "https://")):
         raise errors.MalformedRequest("say where the source is: ?endpoint=URL")
-    mover = request.app[MOVER]
     ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES + (64 << 10))
     await ws.prepare(request)
-    source = Location(peer_of(who.name), source_endpoint)
+    source = Location(source_node, source_endpoint)
     try:
-        outcome = await mover.live.receive(ws, source, mover.http(), mover.peer_headers())
+        outcome = await mover.live.receive(ws, source, mover.peer_client)
         log.info("migration from %s: %s", source.node, outcome.get("outcome"))
     finally:
         await ws.close()
@@ -558,16 +598,20 @@ async def peer_vms(request: web.Request) -> web.Response:
                             "vms": [h.describe() for h in request.app[HOST].vms.values()]})
 
 
-def build_app(config: NodeConfig, host: VMHost, authority: Authority,
-              metrics: Metrics) -> web.Application:
+def build_app(config: NodeConfig, host: VMHost, trust: NodeTrust, metrics: Metrics,
+              peers: PeerDirectory | None = None) -> web.Application:
     # The largest body any route takes is an image; routes check their own caps.
     app = web.Application(middlewares=[error_middleware, auth_middleware,
                                        body_limit_middleware, deadline_middleware],
                           client_max_size=(config.max_image_mib << 20) + 4096)
-    app[HOST], app[AUTHORITY], app[METRICS], app[CONFIG] = host, authority, metrics, config
+    app[HOST], app[AUTHORITY], app[METRICS], app[CONFIG] = (host, trust.authority, metrics,
+                                                           config)
+    app[IDENTITY] = trust.identity
     streams = app[STREAMS] = OpenStreams()
     host.on_moved = streams.vm_moved
-    app[MOVER] = Mover(config, host, authority)
+    app[MOVER] = Mover(config, host,
+                       PeerClient(trust.identity, trust.verifier, config.move_deadline_s,
+                                  tls_ca_file=config.tls_ca_file), peers)
     app.cleanup_ctx.append(_mover_session)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_text)

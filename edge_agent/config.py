@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudlet.errors import ConfigError, InvalidArgument
+from cloudlet.trust.cluster import default_metro_dir
 from cloudlet.vm.machine import VMLimits
 
 MiB = 1 << 20
@@ -29,9 +30,19 @@ class NodeConfig:
     port: int = 8600
     # Where the daemon keeps images, VM checkpoints and its secrets.
     state_dir: str = "~/.cache/cloudlet/node"
-    # The cluster secret (32+ random bytes, hex or raw): signs client tokens and
-    # authenticates peers. `cloudlet up` generates one.
+    # The cluster secret (32+ random bytes, hex or raw): signs client tokens (and
+    # derives broker passwords). `cloudlet up` generates one.
     secret_file: str = ""
+    # The cluster authority's public key (`ca.pub`): every signed message, peer
+    # token and identity proof is checked against it. Empty: `ca.pub` beside
+    # `secret_file`, or, with neither set, a one-cloudlet cluster of its own in
+    # the state directory (created on first start).
+    ca_file: str = ""
+    # This cloudlet's private key and its certificate from the authority. Empty:
+    # `STATE/node.key` and `STATE/node.cert`; a missing or expired certificate is
+    # issued at start when the authority's private key (`ca.key`) is beside `ca_file`.
+    node_key_file: str = ""
+    node_cert_file: str = ""
     # MQTT control plane; empty = run without one (data plane only).
     broker_url: str = ""
     broker_username: str = ""
@@ -40,6 +51,12 @@ class NodeConfig:
     broker_ca_file: str = ""
     mqtt_keepalive_s: int = 10  # a killed daemon shows offline within ~1.5x this
     telemetry_interval_s: float = 5.0
+    # Presence is re-published (signed, fresh) this often: readers treat one older
+    # than 3x this as from a cloudlet that may be gone, and never move a VM there.
+    presence_refresh_s: float = 30.0
+    # Orders and events older (or newer) than this by the receiver's clock are
+    # refused; within it, each is believed once. Clocks must agree within it (NTP).
+    control_window_s: float = 30.0
     # Where this cloudlet is, for the placer.
     position_x_m: float = 0.0
     position_y_m: float = 0.0
@@ -101,6 +118,9 @@ class NodeConfig:
     # HTTPS when both are set.
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # CA bundle that other cloudlets' HTTPS certificates must chain to (peers are
+    # checked by name as well as by their signed proof); empty: the system's store.
+    tls_ca_file: str = ""
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool]] = [
@@ -108,6 +128,8 @@ class NodeConfig:
             ("port", 0 <= self.port <= 65535),
             ("mqtt_keepalive_s", 1 <= self.mqtt_keepalive_s <= 3600),
             ("telemetry_interval_s", 0.1 <= self.telemetry_interval_s <= 3600),
+            ("presence_refresh_s", 0.5 <= self.presence_refresh_s <= 86400),
+            ("control_window_s", 1 <= self.control_window_s <= 3600),
             ("max_vms", self.max_vms >= 1),
             ("max_memory_mib", self.max_memory_mib >= 1),
             ("vm_memory_mib", 1 <= self.vm_memory_mib <= 4096),
@@ -186,7 +208,8 @@ def node_config_from_dict(data: dict[str, Any], source: str = "<config>") -> Nod
         config = NodeConfig(**values)
     except (ConfigError, InvalidArgument) as exc:
         raise ConfigError(f"{source}: [node] {exc.message}") from None
-    for key in ("secret_file", "broker_ca_file", "tls_cert_file", "tls_key_file"):
+    for key in ("secret_file", "ca_file", "broker_ca_file", "tls_cert_file", "tls_key_file",
+                "tls_ca_file"):
         path = getattr(config, key)
         if path and not Path(os.path.expanduser(path)).is_file():
             raise ConfigError(f"{source}: [node] {key} = {path!r}: no such file")
@@ -216,7 +239,8 @@ def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
     if not isinstance(node, dict):
         raise ConfigError(f"{path}: [node] must be a table")
     base = Path(path).resolve().parent
-    for key in ("state_dir", "secret_file", "broker_ca_file", "tls_cert_file", "tls_key_file"):
+    for key in ("state_dir", "secret_file", "ca_file", "node_key_file", "node_cert_file",
+                "broker_ca_file", "tls_cert_file", "tls_key_file", "tls_ca_file"):
         value = node.get(key)
         if isinstance(value, str) and value and not value.startswith(("~", "/")):
             node = {**node, key: str(base / value)}
@@ -225,8 +249,7 @@ def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
 
 def default_state_dir() -> Path:
     """Where `cloudlet up` and `cloudlet token` keep the metro's state and secret."""
-    home = os.environ.get("CLOUDLET_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "cloudlet") / "metro"
+    return default_metro_dir()
 
 
 @dataclass(frozen=True)

@@ -59,14 +59,16 @@ from cloudlet.errors import (
     VMMoved,
     VMNotFound,
 )
-from cloudlet.fsutil import atomic_write
+from cloudlet.fsutil import atomic_write, storage_full
 from cloudlet.migration.pacing import CallPacer
+from cloudlet.protocol import Location
 from cloudlet.vm import VM, Image, ImageStore, Snapshot, VMLimits, image_digest
 from cloudlet.vm.snapshot import HEAD_BYTES, check_head
 from edge_agent.auth import Principal
 from edge_agent.config import NodeConfig
 from edge_agent.quotas import Quotas, Usage
 from edge_agent.replies import ANNEX_KEY, ReplyLog, call_identity
+from edge_agent.storage import CheckpointRound, StorageHealth, public_reason, write_probe
 from edge_agent.workers import FairPool, Workers
 
 log = logging.getLogger(__name__)
@@ -93,17 +95,6 @@ class Call:
 
     def identity(self) -> list[Any]:
         return call_identity(self.fn, self.args, self.data)
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where a VM lives: a cloudlet's node name and its endpoint."""
-
-    node: str
-    endpoint: str
-
-    def to_wire(self) -> dict[str, str]:
-        return {"node": self.node, "endpoint": self.endpoint}
 
 
 @dataclass
@@ -164,6 +155,7 @@ class VMHost:
         self._moved_by: dict[str, str] = {}  # migration id -> the VM it moved away
         self.closing = False
         self.checkpoint_failures = 0
+        self.storage = StorageHealth()  # what /health and the metrics say of the disk
         self._creating: dict[str, int] = {}  # image digest -> creates in flight
         self.quotas = Quotas(config)
         self._admissions: list[Admission] = []
@@ -221,12 +213,16 @@ class VMHost:
             # Compiling (and the boot that records the pristine state) takes
             # milliseconds to seconds: off the event loop, in the client's turn.
             image = await self.boots.run(who.name, lambda: self.images.add(wasm))
+            if counted:
+                await self._save_image_holders()
+        except OSError as exc:  # the disk refused (StorageFull): said without our paths
+            if counted:
+                self.quotas.release_image(who.name, digest)
+            raise storage_full(exc, "cannot store the image") from exc
         except BaseException:
             if counted:
                 self.quotas.release_image(who.name, digest)
             raise
-        if counted:
-            await self._save_image_holders()
         return image
 
     async def delete_image(self, digest: str) -> None:
@@ -242,8 +238,11 @@ class VMHost:
     async def _save_image_holders(self) -> None:
         async with self._holders_lock:  # one write at a time: the newest lands last
             record = self.quotas.record()
-            await self.workers.checkpoints.run(Workers.NODE,
-                                               lambda: Quotas.write_record(record))
+            try:
+                await self.workers.checkpoints.run(Workers.NODE,
+                                                   lambda: Quotas.write_record(record))
+            except OSError as exc:  # said without our paths: it goes to the client
+                raise storage_full(exc, "cannot record who uploaded which image") from exc
 
     def image(self, digest: str) -> Image:
         """An image of the store (call off the loop: it may compile). The error names
@@ -301,7 +300,7 @@ class VMHost:
             hosted.replies = replies
         self._share_reply_room(hosted.owner)
         try:
-            await self.checkpoint(hosted, force=True)
+            await self._first_checkpoint(hosted)
         except BaseException:
             self.vms.pop(vm.id, None)
             await self._close_off_loop(vm)
@@ -563,6 +562,12 @@ class VMHost:
         live migration): written before the destination is told to commit."""
         self._write_tombstone(vm_id, where, migration_id)
 
+    def forget_move(self, vm_id: str) -> None:
+        """Undo `record_move` for a move that did not happen (the destination refused
+        the VM): the VM stays, and a restart must restore it, not drop it."""
+        self.tombstones.pop(vm_id, None)
+        self._tombstone_path(vm_id).unlink(missing_ok=True)
+
     def moved_by_migration(self, migration_id: str) -> bool:
         return migration_id in self._moved_by
 
@@ -649,6 +654,24 @@ class VMHost:
 
     # --- persistence ------------------------------------------------------------------
 
+    async def _first_checkpoint(self, hosted: HostedVM) -> None:
+        """A new VM's checkpoint, before anyone hears of it. A write the disk refused
+        (any OSError) is `StorageFull`, said without the server's paths (it goes to
+        the client, who may try another cloudlet). Shielded: a request deadline must
+        not leave the write running unwatched, to land after the client was told
+        the VM does not exist; it is waited for, and removed if it landed."""
+        write = asyncio.ensure_future(self.checkpoint(hosted, force=True))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await write
+            if write.done() and not write.cancelled() and write.exception() is None:
+                self._checkpoint_path(hosted.id).unlink(missing_ok=True)
+            raise
+        except OSError as exc:
+            raise storage_full(exc, "cannot write the new VM's first checkpoint") from exc
+
     def _checkpoint_path(self, vm_id: str) -> Path:
         return self.vm_dir / f"{vm_id}.snap"
 
@@ -697,22 +720,42 @@ class VMHost:
             except Exception as exc:  # as in a round: retried by the next one
                 self.checkpoint_failures += 1
                 log.error("checkpoint of VM %s failed: %r", hosted.id, exc)
+                self.storage.write_failed("checkpoint", public_reason(exc, "checkpoints"))
 
         task = asyncio.get_running_loop().create_task(when_free())
         self._deferred[hosted.id] = task  # owned: shutdown waits for it
         task.add_done_callback(lambda _: self._deferred.pop(hosted.id, None))
 
-    async def checkpoint_all(self, *, force: bool = False) -> int:
-        written = 0
+    async def checkpoint_all(self, *, force: bool = False) -> CheckpointRound:
+        """Checkpoint every VM that applied calls since its last checkpoint (every VM
+        with `force`). A VM whose checkpoint cannot be written keeps serving and its
+        checkpointed seq stays where it was (so no answer claims it durable, and the
+        next round tries again); the round says which failed, and `storage` takes it
+        in. While degraded, a round with nothing to write probes the disk instead.
+        The periodic round (without `force`) waits for no busy VM (`checkpoint`)."""
+        written, failed = 0, {}
         for hosted in list(self.vms.values()):
             try:
                 written += await self.checkpoint(hosted, force=force, wait=force)
             except Exception as exc:  # a full disk must not stop the daemon: retry next round
                 self.checkpoint_failures += 1
-                log.error("checkpoint of VM %s failed: %r", hosted.id, exc)
-        return written
+                failed[hosted.id] = exc
+        probed, probe_error = False, None
+        if not written and not failed and not self.storage.ok:
+            probed = True
+            try:
+                await asyncio.to_thread(write_probe, self.vm_dir)  # rare, tiny: any thread
+            except OSError as exc:
+                probe_error = exc
+        done = CheckpointRound(written, failed, probed, probe_error)
+        self.storage.round_done(done, self.vms)
+        return done
 
     async def _restore_checkpoints(self) -> None:
+        # Halves of writes a kill interrupted. Safe to remove: the state directory's
+        # lock (edge_agent.statelock) says no other process is writing here.
+        for tmp in self.vm_dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
         for path in sorted(self.vm_dir.glob("*.snap")):
             if path.stem in self.tombstones:
                 # It moved: the destination owns it (we crashed before dropping it).
@@ -742,21 +785,37 @@ class VMHost:
         snap = Snapshot.read(path)
         return VM.restore(self.images.get(snap.image_digest), snap), snap
 
-    async def shutdown(self) -> None:
-        """Stop taking calls, let in-flight ones finish, checkpoint every VM, free them."""
+    async def shutdown(self) -> list[str]:
+        """Stop taking calls, let in-flight ones finish, checkpoint every VM, free them.
+
+        Returns the VMs whose latest state could not be saved (a full disk): each
+        keeps its last good checkpoint, which a restart brings back. A VM whose
+        write failed but whose checkpoint on disk is already at its seq lost
+        nothing and is not among them."""
         if self._workers is None:
-            return
+            return []
         self.closing = True
-        written = await self.checkpoint_all(force=True)
-        log.info("checkpointed %d VMs", written)
+        done = await self.checkpoint_all(force=True)
         if self._deferred:
             await asyncio.gather(*self._deferred.values(), return_exceptions=True)
+        unsaved = sorted(vm_id for vm_id in done.failed
+                         if (h := self.vms.get(vm_id)) is not None
+                         and h.checkpointed_seq != h.vm.seq)
+        for vm_id in unsaved:
+            hosted = self.vms[vm_id]
+            log.error("VM %s was not saved: it applied calls up to seq %d, its last good "
+                      "checkpoint (seq %d) stays on disk and comes back on restart",
+                      vm_id, hosted.vm.seq, hosted.checkpointed_seq)
+        level = logging.ERROR if unsaved else logging.WARNING if done.failed else logging.INFO
+        log.log(level, "checkpointed %d VMs, %d failed%s", done.written, len(done.failed),
+                f"; not saved: {', '.join(unsaved)}" if unsaved else "")
         for hosted in list(self.vms.values()):
             async with hosted.lock:
                 hosted.vm.close()
         self.vms.clear()
         workers, self._workers = self._workers, None
         workers.shutdown()
+        return unsaved
 
 
 def read_snapshot(path: Path, max_bytes: int) -> Snapshot:

@@ -12,8 +12,9 @@ import aiohttp
 import msgpack
 import pytest
 
+from cloudlet.trust.client_tokens import ClientTokens
+from cloudlet.trust.cluster import cluster_tokens
 from cloudlet.vm import VM, ImageStore, Snapshot
-from edge_agent.auth import Authority
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon
 
@@ -63,9 +64,9 @@ def test_nothing_answers_without_credentials_but_health(daemon: Daemon) -> None:
 
 
 def test_bad_credentials(daemon: Daemon) -> None:
-    other_cluster = Authority(b"x" * 32).issue("alice", 3600)
-    expired = Authority(bytes.fromhex(daemon.secret_path.read_text())).issue(
-        "alice", 10, now=time.time() - 3600)
+    ours = cluster_tokens(daemon.cluster_dir)
+    other_cluster = ClientTokens(b"x" * 32, ours.authority_public_key).issue("alice", 3600)
+    expired = ours.issue("alice", 10, now=time.time() - 3600)
     for token in (other_cluster, expired, "garbage", daemon.token("alice") + "x"):
         status, body = daemon.request("GET", "/v1/vms", token=token)
         assert (status, body["code"]) == (401, "unauthorized"), token
@@ -410,7 +411,15 @@ def test_a_failing_checkpoint_write_does_not_stop_the_daemon(tmp_path: Path) -> 
         for k in range(5):
             assert call(d, alice, vm, "kv_put", k, k)[0] == 200
             time.sleep(0.2)
-        assert healthy(d) and d.proc is not None and d.proc.poll() is None
+        assert d.proc is not None and d.proc.poll() is None
+        status, body = d.request("GET", "/health")  # up, serving, and saying what is wrong
+        assert status == 200 and body["status"] == "degraded", body
+        assert body["reasons"] == ["storage_full: cannot write checkpoints (Is a directory)"]
         snap.rmdir()
+        deadline = time.monotonic() + 20
+        while not healthy(d):  # the next round writes the checkpoint: ok again
+            assert time.monotonic() < deadline, d.request("GET", "/health")
+            time.sleep(0.1)
+        assert Snapshot.read(snap).seq == 5
     finally:
         d.kill()

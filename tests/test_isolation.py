@@ -363,9 +363,10 @@ def test_arriving_vms_count_against_their_owners_quota(started: list[Daemon],
     create(west, pat, upload(west, pat, KV))  # pat's one VM on west
     vm = create(east, pat, upload(east, pat, KV))
     assert call(east, pat, vm, "kv_put", 1, 10)[0] == 200
+    operator = east.operator_token()  # moves to an address: the operator's to order
     for mode in ("live", "stop_and_copy"):
         status, body = east.request("POST", f"/v1/vms/{vm}/migrate",
-                                    {"endpoint": west.endpoint, "mode": mode}, token=pat)
+                                    {"endpoint": west.endpoint, "mode": mode}, token=operator)
         assert body["code"] == "migration_aborted", (mode, body)
         assert "quota" in body["message"], (mode, body)
         assert call(east, pat, vm, "kv_get", 1)[1]["result"] == 10
@@ -373,7 +374,7 @@ def test_arriving_vms_count_against_their_owners_quota(started: list[Daemon],
     sam = east.token("sam")
     other = create(east, sam, upload(east, sam, KV))
     status, body = east.request("POST", f"/v1/vms/{other}/migrate",
-                                {"endpoint": west.endpoint}, token=sam)
+                                {"endpoint": west.endpoint}, token=operator)
     assert status == 200, body
     assert west.request("GET", f"/v1/vms/{other}", token=sam)[0] == 200
 

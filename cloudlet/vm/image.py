@@ -13,6 +13,7 @@ by the daemon's user.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -25,7 +26,7 @@ import msgpack
 import numpy as np
 import wasmtime
 
-from cloudlet.errors import ImageNotFound, ImageRejected, ImageTooLarge, VMError
+from cloudlet.errors import ImageNotFound, ImageRejected, ImageTooLarge, StorageFull, VMError
 from cloudlet.fsutil import atomic_write
 from cloudlet.vm import chunks
 from cloudlet.vm.engine import Runtime, default_runtime
@@ -202,9 +203,16 @@ class ImageStore:
         image = self._make_image(digest, len(wasm), module, inst.memories, inst.globals,
                                  inst.imports, _functions_of(module), inst.dirty_export)
         image.pristine = self._boot_pristine(image)
-        atomic_write(self._wasm_path(digest), wasm)
-        atomic_write(self._cwasm_path(digest), bytes(module.serialize()))
-        atomic_write(self._meta_path(digest), msgpack.packb(_meta_to_wire(image)))
+        # The module is the image: a VM made from it cannot be restored without it, so
+        # an upload the disk cannot take fails (StorageFull).
+        if not self._wasm_path(digest).exists():
+            atomic_write(self._wasm_path(digest), wasm)
+        # The compiled module and its metadata are a cache, rebuilt from the module when
+        # missing: a full disk must not stop an image from loading, nor a restart (say
+        # after a wasmtime upgrade) from restoring the VMs made from it.
+        with contextlib.suppress(StorageFull):
+            atomic_write(self._cwasm_path(digest), bytes(module.serialize()))
+            atomic_write(self._meta_path(digest), msgpack.packb(_meta_to_wire(image)))
         return image
 
     def _make_image(self, digest: str, size: int, module: wasmtime.Module,
