@@ -17,15 +17,18 @@ bounded number of generated requests. Checked on every answer:
   405, a deleted resource stays deleted, ...).
 
 Bodies are msgpack: a serializer registered for `application/msgpack` packs what
-schemathesis generates. Some requests are steered to a VM and an image that exist
-(path ids, the image of a new VM), so the routes behind the lookups are reached;
-the rest keep their generated ids. The run is seeded so that CI is repeatable,
+schemathesis generates. About half of the requests are steered to things that
+exist (path ids, the image of a new VM, a real image or overlay as the body of an
+upload or a synthesis), so the routes behind the lookups and parsers are reached
+too; the rest keep what was generated. VMs that requests create are destroyed
+again, so that the client's quotas leave room for more. The run is seeded so that CI is repeatable,
 and bounded per operation; a deeper hunt by hand: CLOUDLET_FUZZ_SEED=N
 CLOUDLET_FUZZ_EXAMPLES=500 (and CLOUDLET_FUZZ_STATS=1 with `-s` for what it reached).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from collections import Counter
@@ -38,8 +41,10 @@ import msgpack
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, reject, settings
+from schemathesis.core.parameters import ParameterLocation
 from schemathesis.transport.serialization import Binary
 
+from cloudlet.vm import VM, ImageStore, VMLimits
 from tests.conftest import ROOT, WORKLOADS
 from tests.daemons import Daemon, make_daemon
 
@@ -138,6 +143,7 @@ class World:
 
     daemon: Daemon
     client_token: str
+    overlay: bytes  # a snapshot of a kvstore VM run here, in this process
     digest: str = ""
     vm: str = ""
     # (operation, status) -> answers: what the run reached (CLOUDLET_FUZZ_STATS=1 prints it)
@@ -167,7 +173,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     # part of what is exercised.
     d = make_daemon(tmp, "fuzz", client_max_vms=8).start()
     try:
-        w = World(d, d.token("fuzzer"))
+        local = VM.create(ImageStore(tmp / "store").add(KV), VMLimits(memory_bytes=16 << 20))
+        local.call("kv_put", 1, 42)
+        w = World(d, d.token("fuzzer"), local.snapshot().to_bytes())
+        local.close()
         w.ensure()
         yield w
         if os.environ.get("CLOUDLET_FUZZ_STATS"):
@@ -200,13 +209,34 @@ def test_the_daemon_answers_as_its_openapi_says(case: schemathesis.Case, world: 
             and _steer(case, "image")):
         world.ensure()
         case.body["image"] = world.digest
+    real_body = {"POST /v1/images": KV, "POST /v1/vms/synthesize": world.overlay,
+                 "POST /v1/peer/vms": world.overlay}.get(case.operation.label)
+    meta = case.meta
+    negative = {loc for loc, info in (meta.components if meta else {}).items()
+                if info.mode.is_negative}
+    sent: dict[str, Any] = {}
+    if real_body is not None and not negative and _steer(case, "body"):
+        sent["data"] = real_body  # sent instead of the generated body (schemathesis knows)
     if case.media_type == MSGPACK and not _packable(case.body):
         reject()
     peer = case.path.startswith("/v1/peer/")
     token = world.daemon.peer_token() if peer else world.client_token
-    headers = {"Authorization": f"Bearer {token}"}
+    # A case whose headers are the point (no token, a wrong one) keeps its own.
+    headers = {} if ParameterLocation.HEADER in negative else {
+        "Authorization": f"Bearer {token}"}
     if _steer(case, "accept"):
         headers["Accept"] = "application/json"
     response = case.call_and_validate(base_url=world.daemon.endpoint, headers=headers,
-                                      timeout=REQUEST_TIMEOUT_S)
+                                      timeout=REQUEST_TIMEOUT_S, **sent)
     world.answers[case.operation.label, response.status_code] += 1
+    if response.status_code == 201 and case.method == "POST" and "/vms" in case.path:
+        # A new VM: destroyed again, so the quotas keep room for the next ones.
+        vm = _decoded(response)["vm"]
+        status, body = world.daemon.request("DELETE", f"/v1/vms/{vm}", token=token)
+        assert status == 204, body
+
+
+def _decoded(response: schemathesis.Response) -> Any:
+    if "json" in response.headers.get("content-type", [""])[0]:
+        return json.loads(response.content)
+    return msgpack.unpackb(response.content)
