@@ -464,7 +464,7 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     # Messages up to twice the cap are read and refused with a typed answer (one
     # that carries a sequence number uses it up); only larger ones end the stream.
     ws = web.WebSocketResponse(max_msg_size=2 * cap_bytes + OVERSIZE_SLACK_BYTES)
-    await ws.prepare(request)
+    await open_websocket(request, ws)
     _keepalive(request)
     streams = request.app[STREAMS]
     streams.add(hosted.id, ws)
@@ -500,6 +500,15 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     finally:
         streams.discard(hosted.id, ws)
     return ws
+
+
+async def open_websocket(request: web.Request, ws: web.WebSocketResponse) -> None:
+    """Upgrade to `ws`, or refuse with a typed error a request that is not a WebSocket
+    handshake (aiohttp's own refusal would be a bare text/plain 400)."""
+    if not ws.can_prepare(request).ok:
+        raise errors.MalformedRequest("this route is a WebSocket: ask with 'Connection: "
+                                      "Upgrade', 'Upgrade: websocket' and the handshake's keys")
+    await ws.prepare(request)
 
 
 def _too_large(body: dict[str, Any], size_bytes: int, cap_bytes: int) -> dict[str, Any]:
@@ -556,7 +565,7 @@ async def accept_migration(request: web.Request) -> web.StreamResponse:
     if not source_endpoint.startswith(("http://", "https://")):
         raise errors.MalformedRequest("say where the source is: ?endpoint=URL")
     ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES + (64 << 10))
-    await ws.prepare(request)
+    await open_websocket(request, ws)
     source = Location(source_node, source_endpoint)
     try:
         outcome = await mover.live.receive(ws, source, mover.peer_client)

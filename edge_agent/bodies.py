@@ -26,9 +26,11 @@ from pathlib import Path
 from aiohttp import web
 
 from cloudlet.errors import CloudletError, RequestTooLarge
+from cloudlet.fsutil import storage_full
 
 READ_PIECE_BYTES = 64 << 10  # as aiohttp's own reads: one socket buffer's worth
 SPOOL_WRITE_BYTES = 4 << 20  # spooled bodies go to disk in pieces this size
+SPOOL_FAILED = "cannot take the upload"  # said to the client: no path of this machine
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,18 @@ async def read_body(request: web.Request, limit: BodyLimit) -> bytes:
 async def spooled_body(request: web.Request, limit: BodyLimit,
                        directory: Path) -> AsyncIterator[Path]:
     """The body in a file under `directory`, streamed there as it arrives, up to
-    `limit` and no further; the file is gone when the block ends."""
+    `limit` and no further; the file is gone when the block ends. A disk that
+    cannot take it is `StorageFull` (only the file's own writes are: a client that
+    goes away mid-body is not the disk's fault)."""
     limit.check_declared(request)
-    fd, name = await asyncio.to_thread(tempfile.mkstemp, prefix="body-", dir=directory)
+    try:
+        fd, name = await asyncio.to_thread(tempfile.mkstemp, prefix="body-", dir=directory)
+    except OSError as exc:
+        raise storage_full(exc, SPOOL_FAILED) from exc
     path = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
+        f = os.fdopen(fd, "wb")
+        try:
             received = 0
             pending = bytearray()
             async for piece in request.content.iter_chunked(READ_PIECE_BYTES):
@@ -85,9 +93,20 @@ async def spooled_body(request: web.Request, limit: BodyLimit,
                 pending += piece
                 if len(pending) >= SPOOL_WRITE_BYTES:
                     data, pending = bytes(pending), bytearray()
-                    await asyncio.to_thread(f.write, data)
+                    await _spool(f.write, data)
             if pending:
-                await asyncio.to_thread(f.write, bytes(pending))
+                await _spool(f.write, bytes(pending))
+            await _spool(f.close)  # flushes: where a full disk shows for a small body
+        finally:
+            with contextlib.suppress(OSError):  # never mask the error that got us here
+                f.close()
         yield path
     finally:
         await asyncio.to_thread(path.unlink, True)
+
+
+async def _spool(write: Callable[..., object], *args: bytes) -> None:
+    try:
+        await asyncio.to_thread(write, *args)
+    except OSError as exc:
+        raise storage_full(exc, SPOOL_FAILED) from exc

@@ -147,6 +147,18 @@ def test_websocket_stream(daemon: Daemon) -> None:
     assert call(daemon, alice, vm, "kv_get", 1) == (200, {"result": 5, "seq": 4})
 
 
+def test_websocket_routes_refuse_plain_requests_with_a_typed_error(daemon: Daemon) -> None:
+    """Found by the OpenAPI fuzz (tests/test_openapi_fuzz.py): a GET without the
+    WebSocket handshake got aiohttp's bare text/plain 400, not an `Error`."""
+    alice = daemon.token("alice")
+    vm = create(daemon, alice, upload(daemon, alice))
+    for path, token in ((f"/v1/vms/{vm}/stream", alice),
+                        ("/v1/peer/migrate?endpoint=http://127.0.0.1:1", daemon.peer_token())):
+        status, body = daemon.request("GET", path, token=token)  # decoded only if msgpack
+        assert (status, body["code"]) == (400, "malformed_request"), (path, body)
+    assert call(daemon, alice, vm, "kv_put", 1, 1) == (200, {"result": 1, "seq": 1})
+
+
 def test_bad_input_gets_typed_errors_and_leaves_the_daemon_healthy(daemon: Daemon) -> None:
     alice = daemon.token("alice")
     digest = upload(daemon, alice)

@@ -533,3 +533,32 @@ def test_a_move_whose_tombstone_cannot_be_written_leaves_the_vm_here_only(
     finally:
         source.kill()
         destination.kill()
+
+
+def test_a_full_disk_refuses_uploaded_snapshots_with_storage_full(
+        small_disk: Path, tmp_path: Path) -> None:
+    """VM synthesis and a peer's hand-over spool their body to the state directory
+    before anything else: a disk that cannot take it is `507 storage_full`, as for
+    every other write (docs/openapi.yaml), not a `500`."""
+    from cloudlet.vm import VM, ImageStore, VMLimits
+
+    d = daemon_on(small_disk, tmp_path).start()
+    try:
+        alice = d.token("alice")
+        upload(d, alice)
+        local = VM.create(ImageStore(tmp_path / "store").add(KV), VMLimits(memory_bytes=1 << 24))
+        local.call("kv_put", 3, 33)
+        overlay, whole = local.snapshot(), local.snapshot()
+        filler = fill(small_disk)
+        for path, token in (("/v1/vms/synthesize", alice), ("/v1/peer/vms", d.peer_token())):
+            status, body = d.request("POST", path, raw=overlay.to_bytes(), token=token)
+            assert (status, body["code"]) == (507, "storage_full"), (path, body)
+            assert "/" not in body["message"]  # no server path goes to the client
+        assert list((d.state_dir / "uploads").iterdir()) == []
+        assert health(d)["status"] == "degraded"
+        filler.unlink()
+        status, body = d.request("POST", "/v1/vms/synthesize", raw=whole.to_bytes(), token=alice)
+        assert status == 201, body
+        assert d.stop() == 0
+    finally:
+        d.kill()
