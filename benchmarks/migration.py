@@ -118,7 +118,12 @@ import daemon as daemon_bench  # noqa: E402  (process helpers: spawn, stop, log 
 
 from cloudlet.fsutil import atomic_write  # noqa: E402
 from cloudlet.linkproxy import shaped_link  # noqa: E402
-from edge_agent.auth import Authority, load_secret  # noqa: E402
+from cloudlet.trust import peer_tokens  # noqa: E402
+from cloudlet.trust.cluster import (  # noqa: E402
+    cluster_tokens,
+    load_authority,
+    operator_identity,
+)
 from mobile_client import CloudletClient, Session  # noqa: E402
 from tests.daemons import make_daemon  # noqa: E402
 
@@ -302,8 +307,8 @@ class RunResult:
     first_call_at_destination_ms: float  # that call's latency as the client saw it
 
 
-async def migrate_once(case: Case, mode: str, token: str, source: str, destination: str,
-                       migrate_to: str, seed: int, plan: Plan) -> RunResult:
+async def migrate_once(case: Case, mode: str, token: str, operator_token: str, source: str,
+                       destination: str, migrate_to: str, seed: int, plan: Plan) -> RunResult:
     """One migration of a fresh, filled VM from `source` to `destination` (reached at
     `migrate_to`: its URL, or the link proxy's), with the client calling throughout."""
     # 100 ms: the longest deadline that still runs calls inline on the daemon's loop; a
@@ -324,8 +329,11 @@ async def migrate_once(case: Case, mode: str, token: str, source: str, destinati
             if dirtier.task is not None and dirtier.task.done():
                 await dirtier.task  # it failed: say why
             t0 = time.perf_counter()
+            # The operator names the destination by URL (the link proxy in the path);
+            # a client could only name a cloudlet known from presence.
             async with http.post(f"{source}/v1/vms/{s.vm_id}/migrate", headers={
-                    **auth, "Content-Type": MSGPACK}, data=msgpack.packb(
+                    "Authorization": f"Bearer {operator_token}", "Content-Type": MSGPACK},
+                    data=msgpack.packb(
                     {"endpoint": migrate_to, "mode": mode})) as resp:
                 raw = await resp.read()
                 answer = msgpack.unpackb(raw) if raw else {}
@@ -418,15 +426,17 @@ def run_case(case: Case, index: int, tmp: Path, plan: Plan) -> dict[str, Any]:
         migrate_to = dst.url
         if case.link_mbit is not None:
             migrate_to = start_proxy(tmp, index, dst.url, case.link_mbit, children).url
-        token = Authority(load_secret(tmp / "cluster.key")).issue(f"bench-{index}", 7200)
+        token = cluster_tokens(tmp).issue(f"bench-{index}", 7200)
+        operator = operator_identity(load_authority(tmp))
         seed = 1_000_003 * (index + 1)
         results: dict[str, RunResult] = {}
         for mode in ("live", "stop_and_copy"):
             if results:
                 time.sleep(SETTLE_S)  # the destination's after-arrival work is not the baseline's
             try:
-                results[mode] = uvloop.run(migrate_once(case, mode, token, src.url, dst.url,
-                                                        migrate_to, seed, plan))
+                results[mode] = uvloop.run(migrate_once(
+                    case, mode, token, peer_tokens.mint(operator, f"src{index}", ttl_s=300),
+                    src.url, dst.url, migrate_to, seed, plan))
             except BaseException:
                 for server in children:
                     print(f"--- {server.name} log tail:\n{server.log_tail()}", file=sys.stderr)

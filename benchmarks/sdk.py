@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import daemon as daemon_bench  # noqa: E402  (the daemon benchmark's process helpers)
 
 from cloudlet.fsutil import atomic_write  # noqa: E402
-from edge_agent.auth import Authority, load_secret  # noqa: E402
+from cloudlet.trust.cluster import cluster_tokens  # noqa: E402
 from mobile_client import CloudletClient  # noqa: E402
 
 KVSTORE = ROOT / "workloads" / "kvstore.wasm"
@@ -106,7 +106,7 @@ def raw_caller(ws: aiohttp.ClientWebSocketResponse, sequenced: bool, start_seq: 
 
 
 async def bench(url: str, secret: Path, plan: Plan) -> dict[str, Series]:
-    token = Authority(load_secret(secret)).issue("bench", 3600)
+    token = cluster_tokens(secret.parent).issue("bench", 3600)
     series = {name: Series(name) for name in ("sdk", "raw", "raw_sequenced")}
     async with CloudletClient(token, endpoints=[url]) as client, \
             client.session(KVSTORE, budget_ms=30) as session, \

@@ -156,6 +156,14 @@ class MissingDependency(ConfigError):
     code = "missing_dependency"
 
 
+class StateDirLocked(ConfigError):
+    """Another live process holds this state directory (a daemon, or `cloudlet up`).
+    Two processes serving the same checkpoints would each restore the same VMs and
+    let their states diverge; the message names the holder (pid, command, since)."""
+
+    code = "state_dir_locked"
+
+
 class InvalidArgument(CloudletError, ValueError):
     """A value given to the API is out of its documented range (also a ValueError)."""
 
@@ -222,9 +230,12 @@ class QuotaExceeded(RequestError):
     code = "quota_exceeded"
 
 
-class StorageFull(CloudletError):
+class StorageFull(CloudletError, OSError):
     """The cloudlet cannot write its state (disk full or failing). Nothing was
-    reported as saved that was not: the last good checkpoint is kept."""
+    reported as saved that was not: the last good checkpoint is kept.
+
+    Also an `OSError` (with the failed write's `errno`), so code written to
+    survive a failed write before this class existed still catches it."""
 
     code = "storage_full"
 

@@ -2,7 +2,12 @@
 
 It is amqtt (pure Python, runs in our event loop), wrapped so that starting and
 stopping it is an `async with`, it listens only where we say (amqtt's default
-listener is 0.0.0.0:1883), and it enforces credentials when given some.
+listener is 0.0.0.0:1883), and it admits only the cluster when given its
+secret (`ClusterAccess`, what `cloudlet up` runs): cloudlets and the operator
+with passwords derived from the cluster secret, clients with their bearer
+token (or a derived password), nobody anonymous; and it enforces the topic
+rules of `cloudlet.trust.acl` on every publish, subscribe and delivery,
+retained messages and Wills included.
 
 amqtt 0.12.1 has two bugs our control plane trips over; `_PatchedBroker` fixes
 both, narrowly, and this module warns if another amqtt version is installed,
@@ -39,11 +44,14 @@ from typing import Any
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
+from amqtt.contexts import Action
 from amqtt.errors import BrokerError
-from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from cloudlet.errors import ConfigError
+from cloudlet.errors import ConfigError, Unauthorized
+from cloudlet.trust import acl
+from cloudlet.trust.client_tokens import ClientTokens
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,70 @@ class _CredentialsAuth(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no 
         password_ok = hmac.compare_digest((session.password or "").encode(),
                                           config.password.encode())
         return user_ok and password_ok
+
+
+@dataclass(frozen=True)
+class ClusterAccess:
+    """What the embedded broker needs to admit exactly the cluster."""
+
+    cluster_secret: bytes
+    authority_public_key: bytes
+
+
+class _ClusterAuth(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type information
+    """Admit cloudlets and the operator by derived password, clients by token.
+
+    A connection whose Will names a topic its user may not publish is refused
+    too: a Will is a publish the broker makes later on the user's behalf."""
+
+    @dataclass
+    class Config:
+        secret_hex: str = ""
+        authority_hex: str = ""
+
+    def _tokens(self) -> ClientTokens:
+        config: _ClusterAuth.Config = self.config
+        return ClientTokens(bytes.fromhex(config.secret_hex), bytes.fromhex(config.authority_hex))
+
+    async def authenticate(self, *, session: Session) -> bool:
+        config: _ClusterAuth.Config = self.config
+        username, password = session.username, session.password
+        if not username or not isinstance(password, str) or not password:
+            return False
+        secret = bytes.fromhex(config.secret_hex)
+        derived = acl.derived_password(secret, username)
+        ok = hmac.compare_digest(password.encode(), derived.encode())
+        if not ok and acl.broker_user(username).kind == "client":
+            try:
+                ok = self._tokens().check(password) == username
+            except Unauthorized:
+                ok = False
+        if ok and session.will_flag and not acl.may_publish(username, session.will_topic or ""):
+            log.warning("refused MQTT user %r: its Will names %r, which it may not publish",
+                        username, session.will_topic)
+            return False
+        if not ok:
+            log.info("refused an MQTT connection for user %r (wrong credentials)", username[:64])
+        return ok
+
+
+class _ClusterTopics(BaseTopicPlugin):  # type: ignore[misc]  # amqtt ships no type information
+    """The topic rules of `cloudlet.trust.acl`, per user, for every action."""
+
+    @dataclass
+    class Config:
+        enabled: bool = True
+
+    async def topic_filtering(self, *, session: Session | None = None, topic: str | None = None,
+                              action: Action | None = None) -> bool:
+        username = session.username if session is not None else None
+        if not username or not topic:
+            return False
+        if action == Action.PUBLISH:
+            return acl.may_publish(username, topic)
+        if action == Action.SUBSCRIBE:
+            return acl.may_subscribe(username, topic)
+        return acl.may_receive(username, topic)
 
 
 class _KeepaliveReader(StreamReaderAdapter):  # type: ignore[misc]
@@ -195,7 +267,22 @@ class _PatchedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type infor
         # away is queued separately (`_publish_session_retained_messages`).
         if not _handling_subscribe.get():
             return
-        await super()._publish_retained_messages_for_subscription(subscription, session)
+        if not self.plugins_manager.is_topic_filtering_enabled():
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+            return
+        # amqtt sends retained messages on SUBSCRIBE without asking the topic plugins
+        # whether the subscriber may receive each one; with an ACL, ask per topic.
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        sends = [handler.mqtt_publish(retained.topic, retained.data,
+                                      min(qos, retained.qos or qos), retain=True)
+                 for topic, retained in list(self._retained_messages.items())
+                 if self._matches(topic, topic_filter)
+                 and await self._topic_filtering(session, topic, Action.RECEIVE)]
+        if sends:
+            await asyncio.gather(*sends)
 
     def bound_port(self) -> int:
         """The port the listener got (the real one if 0 was asked for)."""
@@ -247,9 +334,14 @@ class _PatchedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type infor
 
 
 def _broker_config(host: str, port: int, username: str | None,
-                   password: str | None) -> dict[str, Any]:
+                   password: str | None, cluster: ClusterAccess | None) -> dict[str, Any]:
     auth: dict[str, Any]
-    if username is not None and password is not None:
+    if cluster is not None:
+        auth = {f"{__name__}._ClusterAuth": {
+                    "secret_hex": cluster.cluster_secret.hex(),
+                    "authority_hex": cluster.authority_public_key.hex()},
+                f"{__name__}._ClusterTopics": {"enabled": True}}
+    elif username is not None and password is not None:
         auth = {f"{__name__}._CredentialsAuth": {"username": username, "password": password}}
     else:
         auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
@@ -268,15 +360,21 @@ def _broker_config(host: str, port: int, username: str | None,
 class EmbeddedBroker:
     """async with EmbeddedBroker(host="127.0.0.1", port=1883) as broker: ... broker.url
 
+    With `cluster`, only the cluster gets in, under its topic rules (`cloudlet up`).
     With a username and password, clients presenting anything else (or nothing)
-    are refused; without, anyone may connect.
+    are refused. With neither, anyone may connect (tests of the broker itself).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883, *,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None,
+                 cluster: ClusterAccess | None = None) -> None:
         if (username is None) != (password is None):
             raise ConfigError("the embedded broker needs both a username and a password, "
                               "or neither")
+        if cluster is not None and username is not None:
+            raise ConfigError("the embedded broker takes the cluster's access or one "
+                              "username, not both")
+        self._cluster = cluster
         self._host = host
         self._port = port
         self._username = username
@@ -288,8 +386,8 @@ class EmbeddedBroker:
             raise RuntimeError("EmbeddedBroker is already running")
         check_amqtt_version()
         # amqtt binds its loop at construction: it must happen inside the running loop.
-        broker = _PatchedBroker(_broker_config(self._host, self._port,
-                                               self._username, self._password))
+        broker = _PatchedBroker(_broker_config(self._host, self._port, self._username,
+                                               self._password, self._cluster))
         try:
             await broker.start()
         except BrokerError as exc:

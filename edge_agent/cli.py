@@ -1,4 +1,5 @@
-"""The daemon's commands for the `cloudlet` command line: agent, up, token, status.
+"""The daemon's commands for the `cloudlet` command line: agent, up, token, status, migrate,
+broker-config.
 
 `cloudlet.cli` discovers this module when edge_agent is installed, so the core
 library never imports the daemon (dependencies flow one way).
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     token.add_argument("--state-dir", metavar="DIR",
                        help="where the cluster secret is (default: as for 'up')")
     token.add_argument("--ttl-s", type=int, default=7 * 24 * 3600,
-                       help="lifetime in seconds (default one week)")
+                       help="lifetime in seconds, 1 s to a year (default one week)")
     token.set_defaults(handler=cmd_token)
 
     migrate = sub.add_parser("migrate", help="move a VM to another cloudlet (live migration)",
@@ -63,12 +63,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     migrate.add_argument("--json", action="store_true", help="print the measurements as JSON")
     migrate.set_defaults(handler=cmd_migrate)
 
-    status = sub.add_parser("status", help="list the cloudlets the broker knows, with their VMs")
+    status = sub.add_parser("status", help="list the cloudlets the broker knows, with their VMs",
+                            description="Log in to the broker as the cluster's operator and "
+                                        "list the cloudlets and VMs it knows, believing only "
+                                        "signed presences and locations.")
     status.add_argument("--broker", default=DEFAULT_BROKER, metavar="mqtt://HOST:PORT")
+    status.add_argument("--state-dir", metavar="DIR",
+                        help="the cluster's files (default: as for 'up')")
     status.add_argument("--wait-s", type=float, default=1.0,
                         help="how long to collect retained messages (default 1 s)")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
+
+    files = sub.add_parser(
+        "broker-config", help="write Mosquitto's password, ACL and config files for the cluster",
+        description="Write passwd (PBKDF2-SHA512, as mosquitto_passwd does), acl and "
+                    "mosquitto.conf for an external Mosquitto: only the cluster's cloudlets, "
+                    "its operator and the named clients get in, under the same topic rules as "
+                    "the embedded broker.")
+    files.add_argument("--out", required=True, metavar="DIR")
+    files.add_argument("--state-dir", metavar="DIR",
+                       help="the cluster's files (default: as for 'up')")
+    files.add_argument("--node", action="append", metavar="NAME",
+                       help="a cloudlet (repeatable; default: the nodes of "
+                            "configs/local-metro.toml)")
+    files.add_argument("--client", action="append", default=[], metavar="NAME",
+                       help="a client that may use the broker (repeatable)")
+    files.add_argument("--listener", default="127.0.0.1:1883", metavar="HOST:PORT",
+                       help="where Mosquitto listens (default 127.0.0.1:1883)")
+    files.set_defaults(handler=cmd_broker_config)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -97,32 +120,58 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from edge_agent.auth import Authority, ensure_secret
+    from cloudlet.trust.cluster import ensure_authority
+    from edge_agent.auth import SECRET_FILE, cluster_tokens, ensure_secret
     from edge_agent.config import default_state_dir
-    from edge_agent.daemon import SECRET_FILE
 
     state = Path(args.state_dir) if args.state_dir else default_state_dir()
-    authority = Authority(ensure_secret(state / SECRET_FILE))
-    print(authority.issue(args.client, args.ttl_s))
+    ensure_secret(state / SECRET_FILE)  # the same files `cloudlet up` would create
+    ensure_authority(state)
+    print(cluster_tokens(state).issue(args.client, args.ttl_s))
     return 0
+
+
+def _state(args: argparse.Namespace) -> Path:
+    from edge_agent.config import default_state_dir
+
+    return Path(args.state_dir) if args.state_dir else default_state_dir()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    nodes, vms = asyncio.run(collect_status(args.broker, args.wait_s))
+    from edge_agent.operator import collect
+
+    view = asyncio.run(collect(args.broker, _state(args), args.wait_s))
     if args.json:
-        print(json.dumps({"nodes": nodes, "vms": vms}, indent=2))
+        print(json.dumps({"nodes": view.nodes, "vms": view.vms, "dropped": view.dropped},
+                         indent=2, default=repr))
         return 0
-    if not nodes:
+    if not view.nodes:
         print(f"no cloudlets known to {args.broker}")
-    for name in sorted(nodes):
-        node = nodes[name]
-        hosted = sorted(vm for vm, loc in vms.items() if loc.get("node") == name)
+    for name in sorted(view.nodes):
+        node = view.nodes[name]
+        hosted = sorted(vm for vm, loc in view.vms.items() if loc.get("node") == name)
         print(f"{name:<14} {node.get('status', '?'):<8} {node.get('endpoint', '-'):<28} "
               f"{len(hosted)} VMs")
         for vm in hosted:
             print(f"  {vm}")
+    if view.dropped:
+        print("not believed (unsigned, forged or replayed): " + ", ".join(
+            f"{n} {reason}" for reason, n in sorted(view.dropped.items())))
+    return 0
+
+
+def cmd_broker_config(args: argparse.Namespace) -> int:
+    from edge_agent.broker_files import write_mosquitto_files
+
+    out = Path(args.out)
+    clients = write_mosquitto_files(_state(args), out, nodes=args.node, clients=args.client,
+                                    listener=args.listener)
+    print(f"wrote {out / 'mosquitto.conf'}, {out / 'passwd'} and {out / 'acl'}")
+    print(f"run: mosquitto -c {out / 'mosquitto.conf'}")
+    for name, password in clients.items():
+        print(f"client {name}: broker password {password} (mqtt://{name}:{password}@HOST:PORT)")
     return 0
 
 
@@ -148,63 +197,6 @@ def _mib(n: Any) -> str:
 
 
 async def migrate_vm(args: argparse.Namespace) -> dict[str, Any]:
-    """Find the VM and the destination through the broker, then ask the VM's cloudlet
-    to migrate it (as a peer: this command runs where the cluster secret is)."""
-    import aiohttp
-    import msgpack
+    from edge_agent.operator import migrate
 
-    from cloudlet.errors import VMNotFound, error_from_wire
-    from edge_agent.auth import Authority, load_secret
-    from edge_agent.config import default_state_dir
-    from edge_agent.daemon import SECRET_FILE
-
-    nodes, vms = await collect_status(args.broker, 1.0)
-    where = vms.get(args.vm)
-    if where is None:
-        raise VMNotFound(f"the broker at {args.broker} knows no VM {args.vm!r}")
-    if args.to not in nodes or nodes[args.to].get("status") != "online":
-        raise ConfigError(f"no cloudlet {args.to!r} is online (known: {', '.join(sorted(nodes))})")
-    state = Path(args.state_dir) if args.state_dir else default_state_dir()
-    token = Authority(load_secret(state / SECRET_FILE)).issue_peer("cli", 300)
-    async with aiohttp.ClientSession() as http, http.post(
-            f"{where['endpoint']}/v1/vms/{args.vm}/migrate",
-            data=msgpack.packb({"to": args.to, "mode": args.mode}),
-            headers={"Authorization": f"Bearer {token}"}) as resp:
-        body = msgpack.unpackb(await resp.read())
-    if resp.status != 200:
-        raise error_from_wire(body)
-    result: dict[str, Any] = body
-    return result
-
-
-async def collect_status(broker: str, wait_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Retained presence and location messages, gathered for `wait_s` seconds."""
-    import aiomqtt
-
-    from edge_agent.control import PREFIX, broker_address, decode
-
-    host, port, _ = broker_address(broker)
-    nodes: dict[str, Any] = {}
-    vms: dict[str, Any] = {}
-    try:
-        async with aiomqtt.Client(host, port, identifier=f"cloudlet-status-{time.time_ns()}") as c:
-            await c.subscribe(f"{PREFIX}/nodes/+/presence")
-            await c.subscribe(f"{PREFIX}/vms/+/location")
-            try:
-                async with asyncio.timeout(wait_s):
-                    async for message in c.messages:
-                        payload = message.payload
-                        if not isinstance(payload, bytes | bytearray) or not payload:
-                            continue
-                        msg = decode(payload)
-                        if msg is None:
-                            continue
-                        if message.topic.matches(f"{PREFIX}/nodes/+/presence"):
-                            nodes[str(msg.get("node"))] = msg
-                        else:
-                            vms[str(msg.get("vm"))] = msg
-            except TimeoutError:
-                pass
-    except aiomqtt.MqttError as exc:
-        raise ConfigError(f"cannot reach the broker at {broker}: {exc}") from None
-    return nodes, vms
+    return await migrate(args.broker, _state(args), args.vm, args.to, args.mode)

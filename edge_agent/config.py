@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudlet.errors import ConfigError, InvalidArgument
+from cloudlet.trust.cluster import default_metro_dir
 from cloudlet.vm.machine import VMLimits
 
 MiB = 1 << 20
@@ -29,9 +30,19 @@ class NodeConfig:
     port: int = 8600
     # Where the daemon keeps images, VM checkpoints and its secrets.
     state_dir: str = "~/.cache/cloudlet/node"
-    # The cluster secret (32+ random bytes, hex or raw): signs client tokens and
-    # authenticates peers. `cloudlet up` generates one.
+    # The cluster secret (32+ random bytes, hex or raw): signs client tokens (and
+    # derives broker passwords). `cloudlet up` generates one.
     secret_file: str = ""
+    # The cluster authority's public key (`ca.pub`): every signed message, peer
+    # token and identity proof is checked against it. Empty: `ca.pub` beside
+    # `secret_file`, or, with neither set, a one-cloudlet cluster of its own in
+    # the state directory (created on first start).
+    ca_file: str = ""
+    # This cloudlet's private key and its certificate from the authority. Empty:
+    # `STATE/node.key` and `STATE/node.cert`; a missing or expired certificate is
+    # issued at start when the authority's private key (`ca.key`) is beside `ca_file`.
+    node_key_file: str = ""
+    node_cert_file: str = ""
     # MQTT control plane; empty = run without one (data plane only).
     broker_url: str = ""
     broker_username: str = ""
@@ -40,6 +51,12 @@ class NodeConfig:
     broker_ca_file: str = ""
     mqtt_keepalive_s: int = 10  # a killed daemon shows offline within ~1.5x this
     telemetry_interval_s: float = 5.0
+    # Presence is re-published (signed, fresh) this often: readers treat one older
+    # than 3x this as from a cloudlet that may be gone, and never move a VM there.
+    presence_refresh_s: float = 30.0
+    # Orders and events older (or newer) than this by the receiver's clock are
+    # refused; within it, each is believed once. Clocks must agree within it (NTP).
+    control_window_s: float = 30.0
     # Where this cloudlet is, for the placer.
     position_x_m: float = 0.0
     position_y_m: float = 0.0
@@ -55,10 +72,36 @@ class NodeConfig:
     # latency); longer ones go to a thread pool so they cannot stall other clients.
     inline_deadline_ms: int = 100
     call_threads: int = 2
+    # One client's long calls hold at most this many of the call threads; waiting
+    # calls get free threads client by client, in turn (edge_agent/workers.py).
+    call_threads_per_client: int = 1
+    # What a VM's boot (`_initialize`) may cost, like a call: fuel, and a wall-clock
+    # deadline (at most 90% of request_deadline_s is used). Images that need more
+    # are refused at upload.
+    boot_fuel: int = 10_000_000_000
+    boot_deadline_ms: int = 1000
+    # Boots, restores, image compiles and snapshot downloads run on these threads,
+    # shared fairly by clients (one each at a time); never on the event loop, never
+    # on the call threads.
+    boot_threads: int = 2
+    # Checkpoints are captured and written on threads of their own, so neither a
+    # spinning call nor a stream of boots can hold back durability.
+    checkpoint_threads: int = 1
+    # Per-client quotas (a client is a token's name): VMs, memory (the VMs' caps plus
+    # their reply logs) and images uploaded. Over one: `429 quota_exceeded`.
+    client_max_vms: int = 100
+    client_max_memory_mib: int = 2048
+    client_max_images: int = 32
     # Request limits.
     max_image_mib: int = 16
     max_request_kib: int = 1024  # call bodies and WebSocket messages
     request_deadline_s: float = 10.0
+    # A connection must send a whole request head within this (from its opening, or
+    # from the first byte of its next request); silent or trickling ones are closed.
+    header_timeout_s: float = 5.0
+    # An idle keep-alive connection (between requests) is closed after this.
+    # WebSocket streams are never idle by this measure: they live until closed.
+    idle_timeout_s: float = 60.0
     # Largest VM snapshot a peer may hand over (a whole wasm32 memory is 4 GiB).
     max_snapshot_mib: int = 4160
     # A move (handing a VM to another cloudlet) must finish within this.
@@ -75,6 +118,9 @@ class NodeConfig:
     # HTTPS when both are set.
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # CA bundle that other cloudlets' HTTPS certificates must chain to (peers are
+    # checked by name as well as by their signed proof); empty: the system's store.
+    tls_ca_file: str = ""
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool]] = [
@@ -82,6 +128,8 @@ class NodeConfig:
             ("port", 0 <= self.port <= 65535),
             ("mqtt_keepalive_s", 1 <= self.mqtt_keepalive_s <= 3600),
             ("telemetry_interval_s", 0.1 <= self.telemetry_interval_s <= 3600),
+            ("presence_refresh_s", 0.5 <= self.presence_refresh_s <= 86400),
+            ("control_window_s", 1 <= self.control_window_s <= 3600),
             ("max_vms", self.max_vms >= 1),
             ("max_memory_mib", self.max_memory_mib >= 1),
             ("vm_memory_mib", 1 <= self.vm_memory_mib <= 4096),
@@ -89,9 +137,19 @@ class NodeConfig:
             ("vm_deadline_ms", 1 <= self.vm_deadline_ms <= 86_400_000),
             ("inline_deadline_ms", self.inline_deadline_ms >= 0),
             ("call_threads", 1 <= self.call_threads <= 64),
+            ("call_threads_per_client", 1 <= self.call_threads_per_client <= self.call_threads),
+            ("boot_fuel", self.boot_fuel >= 1),
+            ("boot_deadline_ms", 1 <= self.boot_deadline_ms <= 86_400_000),
+            ("boot_threads", 1 <= self.boot_threads <= 64),
+            ("checkpoint_threads", 1 <= self.checkpoint_threads <= 64),
+            ("client_max_vms", self.client_max_vms >= 1),
+            ("client_max_memory_mib", self.client_max_memory_mib >= 1),
+            ("client_max_images", self.client_max_images >= 1),
             ("max_image_mib", 1 <= self.max_image_mib <= 1024),
             ("max_request_kib", 1 <= self.max_request_kib <= 1 << 20),
             ("request_deadline_s", 0.1 <= self.request_deadline_s <= 3600),
+            ("header_timeout_s", 0.1 <= self.header_timeout_s <= 3600),
+            ("idle_timeout_s", 0.1 <= self.idle_timeout_s <= 86400),
             ("max_snapshot_mib", 1 <= self.max_snapshot_mib <= 8192),
             ("move_deadline_s", 0.1 <= self.move_deadline_s <= 3600),
             ("migration_deadline_s", 0.1 <= self.migration_deadline_s <= 3600),
@@ -110,6 +168,16 @@ class NodeConfig:
     def endpoint(self) -> str:
         scheme = "https" if self.tls_cert_file else "http"
         return f"{scheme}://{self.host}:{self.port}"
+
+    @property
+    def longest_call_ms(self) -> int:
+        """A call (or a boot) must answer within its request's deadline; otherwise
+        the client would get a timeout for something that was done."""
+        return int(self.request_deadline_s * 1000 * 0.9)
+
+    @property
+    def effective_boot_deadline_ms(self) -> int:
+        return max(1, min(self.boot_deadline_ms, self.longest_call_ms))
 
     @property
     def default_limits(self) -> VMLimits:
@@ -140,7 +208,8 @@ def node_config_from_dict(data: dict[str, Any], source: str = "<config>") -> Nod
         config = NodeConfig(**values)
     except (ConfigError, InvalidArgument) as exc:
         raise ConfigError(f"{source}: [node] {exc.message}") from None
-    for key in ("secret_file", "broker_ca_file", "tls_cert_file", "tls_key_file"):
+    for key in ("secret_file", "ca_file", "broker_ca_file", "tls_cert_file", "tls_key_file",
+                "tls_ca_file"):
         path = getattr(config, key)
         if path and not Path(os.path.expanduser(path)).is_file():
             raise ConfigError(f"{source}: [node] {key} = {path!r}: no such file")
@@ -170,7 +239,8 @@ def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
     if not isinstance(node, dict):
         raise ConfigError(f"{path}: [node] must be a table")
     base = Path(path).resolve().parent
-    for key in ("state_dir", "secret_file", "broker_ca_file", "tls_cert_file", "tls_key_file"):
+    for key in ("state_dir", "secret_file", "ca_file", "node_key_file", "node_cert_file",
+                "broker_ca_file", "tls_cert_file", "tls_key_file", "tls_ca_file"):
         value = node.get(key)
         if isinstance(value, str) and value and not value.startswith(("~", "/")):
             node = {**node, key: str(base / value)}
@@ -179,8 +249,7 @@ def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
 
 def default_state_dir() -> Path:
     """Where `cloudlet up` and `cloudlet token` keep the metro's state and secret."""
-    home = os.environ.get("CLOUDLET_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "cloudlet") / "metro"
+    return default_metro_dir()
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ Shutdown order (SIGTERM or Ctrl-C) is what makes a restart lose nothing: stop
 listening, close WebSocket streams, let in-flight requests finish, checkpoint
 every VM (write, fsync, rename), mark the node offline on the broker, exit.
 The next start restores every checkpoint.
+
+One daemon per state directory (edge_agent.statelock): a second one exits at
+once, before it touches anything. A shutdown that could not save every VM (a
+full disk) still completes, then raises `StorageFull`: the process exits
+non-zero, and each such VM keeps its last good checkpoint.
 """
 
 from __future__ import annotations
@@ -20,45 +25,65 @@ from typing import Any
 
 from aiohttp import web
 
-from cloudlet.errors import MalformedRequest
+from cloudlet.errors import MalformedRequest, StorageFull
+from cloudlet.trust.gate import ControlGate
 from edge_agent.app import MOVER, build_app
-from edge_agent.auth import Authority, Principal, ensure_secret, load_secret
+from edge_agent.auth import SECRET_FILE, Principal
 from edge_agent.config import NodeConfig
+from edge_agent.connections import GuardedAppRunner
 from edge_agent.control import CommandHandler, ControlPlane
 from edge_agent.handoff import Mover
+from edge_agent.identity import load_node_trust
 from edge_agent.metrics import Metrics
+from edge_agent.peers import PeerDirectory
+from edge_agent.statelock import StateLock
 from edge_agent.vm_host import VMHost
 
 log = logging.getLogger(__name__)
 
-PEER = Principal("control-plane", is_peer=True)  # commands come from the cluster's broker
-SECRET_FILE = "cluster.key"  # in the state directory unless secret_file says otherwise
+# Commands reach a handler only after the gate believed them: signed by an
+# orchestrator or operator of the cluster, fresh, of a current epoch.
+COMMANDER = Principal("control-plane", is_peer=True, is_operator=True)
 SHUTDOWN_GRACE_S = 10.0  # in-flight requests get this long to finish
-
-
-def cluster_secret(config: NodeConfig) -> bytes:
-    if config.secret_file:
-        return load_secret(config.secret_file)
-    return ensure_secret(config.state_path / SECRET_FILE)
+__all__ = ["SECRET_FILE", "run", "serve"]
 
 
 async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (or SIGTERM/SIGINT when run as the main program)."""
-    stop = stop or asyncio.Event()
+    """Serve until `stop` is set (or SIGTERM/SIGINT when run as the main program).
+
+    Raises `StateDirLocked` at once if another process holds the state directory,
+    and `StorageFull` after a clean stop that could not save every VM."""
+    with StateLock(config.state_path, f"cloudlet agent {config.name}"):
+        unsaved = await _serve(config, stop or asyncio.Event())
+    if unsaved:
+        shown = ", ".join(unsaved[:5]) + (", ..." if len(unsaved) > 5 else "")
+        raise StorageFull(f"{len(unsaved)} VMs could not be saved at shutdown ({shown}); "
+                          "each keeps its last good checkpoint (see the log)")
+
+
+async def _serve(config: NodeConfig, stop: asyncio.Event) -> list[str]:
+    """The daemon's life, with its state directory held; returns the VMs that could
+    not be saved at shutdown."""
+    unsaved: list[str] = []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    authority = Authority(cluster_secret(config))
+    trust = load_node_trust(config)
     metrics = Metrics()
     ssl_context = None
     if config.tls_cert_file:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
     async with VMHost(config) as host:
-        app = build_app(config, host, authority, metrics)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                               shutdown_timeout=SHUTDOWN_GRACE_S)
+        metrics.watch_storage(host.storage)
+        peers = PeerDirectory(config.name)
+        app = build_app(config, host, trust, metrics, peers)
+        runner = GuardedAppRunner(app, header_timeout_s=config.header_timeout_s,
+                                  idle_timeout_s=config.idle_timeout_s,
+                                  on_timeout=metrics.head_timeouts.inc,
+                                  handle_signals=False, access_log=None,
+                                  shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
@@ -67,11 +92,13 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
             config = replace(config, port=port)  # the real port when 0 was asked for
             mover = app[MOVER]
             control = (ControlPlane(config, host, metrics, _commands(host, mover),
-                                    peers=mover.peers)
+                                    identity=trust.identity, peers=peers,
+                                    gate=ControlGate(trust.verifier,
+                                                     window_s=config.control_window_s))
                        if config.broker_url else None)
             mover.on_event = _events_to(control, metrics)
             # VMs that were arriving when this cloudlet stopped: ask their sources.
-            await mover.live.recover(mover.http(), mover.peer_headers())
+            await mover.live.recover(mover.peer_client)
             # A parent process (cloudlet up, tests) waits for this line.
             print(f"ready {config.name} {config.endpoint}", flush=True)
             log.info("cloudlet %s serving on %s with %d VMs", config.name, config.endpoint,
@@ -83,19 +110,20 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
                 await stop.wait()
                 log.info("shutting down: finishing requests, checkpointing VMs")
                 await runner.cleanup()  # stop listening, close streams, finish requests
-                await host.shutdown()
+                unsaved = await host.shutdown()
                 if control is not None:
                     await control.say_goodbye()
                 for task in background:
                     task.cancel()
         finally:
             await runner.cleanup()
+    return unsaved
 
 
 async def _checkpoint_loop(host: VMHost, config: NodeConfig, metrics: Metrics) -> None:
     while True:
         await asyncio.sleep(config.checkpoint_interval_s)
-        metrics.checkpoints.inc(await host.checkpoint_all())
+        metrics.checkpoints.inc((await host.checkpoint_all()).written)
 
 
 def _events_to(control: ControlPlane | None,
@@ -112,18 +140,18 @@ def _commands(host: VMHost, mover: Mover) -> dict[str, CommandHandler]:
         return {"vms": len(host.vms)}
 
     async def checkpoint(command: dict[str, Any]) -> dict[str, Any]:
-        return {"written": await host.checkpoint_all(force=True)}
+        done = await host.checkpoint_all(force=True)
+        return {"written": done.written, "failed": sorted(done.failed)}
 
     async def migrate(command: dict[str, Any]) -> dict[str, Any]:
-        """`{"op": "migrate", "vm": ID, "to": NODE | "endpoint": URL, "mode"?}` (the
-        orchestrator)."""
-        vm_id, to, endpoint = command.get("vm"), command.get("to"), command.get("endpoint")
+        """`{"op": "migrate", "vm": ID, "to": NODE, "mode"?}` (the orchestrator). The
+        destination is a node known from signed presence: an order names no URL."""
+        vm_id, to = command.get("vm"), command.get("to")
         mode = command.get("mode", "live")
-        if not isinstance(vm_id, str) or not isinstance(to, str | None) or not isinstance(
-                endpoint, str | None) or not isinstance(mode, str):
-            raise MalformedRequest("migrate takes 'vm' and 'to' (a node) or 'endpoint'")
-        hosted = host.get(vm_id, PEER)
-        return await mover.move(hosted, mover.resolve(to, endpoint), mode)
+        if not isinstance(vm_id, str) or not isinstance(to, str) or not isinstance(mode, str):
+            raise MalformedRequest("migrate takes 'vm' and 'to' (a node known from presence)")
+        hosted = host.get(vm_id, COMMANDER)
+        return await mover.move(hosted, mover.peers.target(to), mode)
 
     return {"ping": ping, "checkpoint": checkpoint, "migrate": migrate}
 

@@ -10,36 +10,43 @@ the cold path and the benchmark's baseline. Either way, if anything fails
 before the destination commits, the VM simply resumes here: it was never gone.
 Clients on the VM's streams get a `moved` notice and follow it, and every
 outcome goes to the events topic.
+
+Where a VM may go: a cloudlet known from signed presence, named by its node
+(`PeerDirectory.target`). Only peers and operators may name a raw endpoint
+(tests and benchmarks put proxies in the path); clients never can. Either way,
+the endpoint first proves it is that cloudlet (`PeerClient.prove`), and only
+then gets a peer token minted for it alone, the image and the VM's state.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import msgpack
 
 from cloudlet.errors import (
     BadCall,
     CloudletError,
+    Forbidden,
     MigrationAborted,
-    error_from_wire,
+    TrustError,
 )
 from cloudlet.migration.messages import MAX_MESSAGE_BYTES
-from edge_agent.auth import Authority
+from cloudlet.protocol import Location
+from cloudlet.trust.sealed import Identity
+from edge_agent.auth import Principal
 from edge_agent.config import NodeConfig
 from edge_agent.live_migration import LiveMigrations, new_migration_id
-from edge_agent.vm_host import HostedVM, Location, VMHost
+from edge_agent.peer_client import PeerClient
+from edge_agent.peers import PeerDirectory
+from edge_agent.vm_host import HostedVM, VMHost
 
 log = logging.getLogger(__name__)
 
-MSGPACK = "application/msgpack"
-PEER_TOKEN_TTL_S = 300  # minted per move; a leaked one is useless five minutes later
 MODES = ("live", "stop_and_copy")
 MESSAGE_SLACK_BYTES = 64 << 10  # WebSocket framing around the largest migration message
 
@@ -47,47 +54,42 @@ MESSAGE_SLACK_BYTES = 64 << 10  # WebSocket framing around the largest migration
 class Mover:
     """Carries out moves of this cloudlet's VMs. `async with` owns its HTTP client."""
 
-    def __init__(self, config: NodeConfig, host: VMHost, authority: Authority) -> None:
+    def __init__(self, config: NodeConfig, host: VMHost, peer_client: PeerClient,
+                 peers: PeerDirectory | None = None) -> None:
         self.config = config
         self.host = host
-        self.authority = authority
-        self.peers: dict[str, str] = {}  # node -> endpoint, kept by the control plane
+        self.peer_client = peer_client
+        # Cloudlets known from signed presence; the control plane keeps it.
+        self.peers = peers if peers is not None else PeerDirectory(config.name)
         self.live = LiveMigrations(host)
         # Every outcome (ok or not) goes to the events topic; the control plane sets it.
         self.on_event: Callable[[dict[str, Any]], None] = lambda event: None
-        self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def identity(self) -> Identity:
+        return self.peer_client.identity
 
     async def __aenter__(self) -> Mover:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
-            total=self.config.move_deadline_s))
+        await self.peer_client.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.live.close()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        await self.peer_client.__aexit__(*exc)
 
-    def resolve(self, node: str | None, endpoint: str | None) -> Location:
-        """The destination named by node (from presence) or given by endpoint."""
+    def resolve(self, who: Principal, node: str | None, endpoint: str | None) -> Location:
+        """The destination: a node known from signed presence, or (peers and operators
+        only) an endpoint, which must still prove which cloudlet it is before the move."""
         if endpoint:
+            if not who.is_peer:
+                raise Forbidden("name the destination cloudlet ('to': NODE); a client "
+                                "cannot send a VM to an address of its choosing")
             if not endpoint.startswith(("http://", "https://")):
                 raise BadCall(f"endpoint {endpoint!r} must be an http(s) URL")
-            name = node or next((n for n, e in self.peers.items() if e == endpoint), endpoint)
-            return Location(name, endpoint.rstrip("/"))
+            return Location(node or "", endpoint.rstrip("/"))
         if not node:
-            raise BadCall("say where to move the VM: 'to' (a node) or 'endpoint' (a URL)")
-        if node == self.config.name:
-            raise BadCall(f"the VM is already on {node}")
-        found = self.peers.get(node)
-        if found is None:
-            raise BadCall(f"no cloudlet {node!r} is online on the control plane "
-                          f"(known: {', '.join(sorted(self.peers)) or 'none'})")
-        return Location(node, found)
-
-    def peer_headers(self) -> dict[str, str]:
-        return {"Authorization": "Bearer " + self.authority.issue_peer(
-            self.config.name, PEER_TOKEN_TTL_S)}
+            raise BadCall("say where to move the VM: 'to' (a node)")
+        return self.peers.target(node)
 
     async def move(self, hosted: HostedVM, where: Location,
                    mode: str = "live") -> dict[str, Any]:
@@ -101,20 +103,21 @@ class Mover:
         if where.endpoint == self.config.endpoint:
             raise BadCall("the destination is this cloudlet")
         started = time.perf_counter()
-        headers = self.peer_headers()
         try:
-            if where.node == where.endpoint:  # given by URL: learn its name for the record
-                health = await self._get(f"{where.endpoint}/health", headers)
-                where = Location(str(health.get("node", where.node)), where.endpoint)
+            # Nothing goes to an endpoint before it proves which cloudlet it is.
+            where = await self.peer_client.prove(where, where.node or None)
+            if where.node == self.config.name:
+                raise BadCall("the destination is this cloudlet")
+            headers = self.peer_client.headers(where.node)
             if mode == "live":
                 stats = await self._move_live(hosted, where, headers)
             else:
-                stats = await self._move_stopped(hosted, where, headers)
+                stats = await self._move_stopped(hosted, where)
         except CloudletError as exc:
             log.warning("move of VM %s to %s aborted: %s", hosted.id, where.node, exc)
             self._emit({"op": "migrated", "vm": hosted.id, "to": where.node, "mode": mode,
                         "ok": False, "error": exc.to_wire()})
-            if isinstance(exc, MigrationAborted):
+            if isinstance(exc, MigrationAborted | BadCall | Forbidden | TrustError):
                 raise
             raise MigrationAborted(f"move of VM {hosted.id} to {where.node} aborted, the VM "
                                    f"stays here: {exc.message}", cause=exc.code) from exc
@@ -140,7 +143,7 @@ class Mover:
     async def _move_live(self, hosted: HostedVM, where: Location,
                          headers: dict[str, str]) -> dict[str, Any]:
         migration_id = new_migration_id()
-        async with self._client().ws_connect(
+        async with self.peer_client.http.ws_connect(
                 f"{where.endpoint}/v1/peer/migrate", headers=headers,
                 params={"endpoint": self.config.endpoint},
                 max_msg_size=MAX_MESSAGE_BYTES + MESSAGE_SLACK_BYTES) as ws:
@@ -156,14 +159,30 @@ class Mover:
         record["paused_ms"] = (stats.downtime_s or 0.0) * 1000
         return record
 
-    async def _move_stopped(self, hosted: HostedVM, where: Location,
-                            headers: dict[str, str]) -> dict[str, Any]:
-        image_bytes = await self._ensure_image(hosted, where, headers)
+    async def _move_stopped(self, hosted: HostedVM, where: Location) -> dict[str, Any]:
+        image_bytes = await self._ensure_image(hosted, where)
         async with self.host.paused(hosted):
             paused_at = time.perf_counter()
-            snap = self.host.snapshot_with_annex(hosted)
+            # Captured in a thread (the VM is paused: nothing else touches it), so the
+            # cloudlet's other VMs keep answering while a large one is copied.
+            snap = await asyncio.to_thread(self.host.snapshot_with_annex, hosted)
             data = await asyncio.to_thread(snap.to_bytes)
-            await self._post(f"{where.endpoint}/v1/peer/vms", data, headers, expect=201)
+            # The decision first, durably, as live migration does: if it cannot be
+            # written (a full disk), nothing has left and the VM simply stays. Once
+            # the destination has the VM, a failure to write here would leave it
+            # serving in two places.
+            await asyncio.to_thread(self.host.record_move, hosted.id, where, None)
+            arrived = False
+            try:
+                await self.peer_client.post(where, "/v1/peer/vms", data, 201)
+                arrived = True
+            except (CloudletError, aiohttp.ClientError, TimeoutError):
+                arrived = await self._holds(where, hosted.id)  # the answer may be lost
+                if not arrived:
+                    raise
+            finally:
+                if not arrived:
+                    self.host.forget_move(hosted.id)
             await self.host.hand_over(hosted, where)
             paused_s = time.perf_counter() - paused_at
         return {"rounds": 1, "bytes_sent": len(data) + image_bytes,
@@ -176,48 +195,24 @@ class Mover:
         except Exception:
             log.exception("publishing a migration event failed")
 
-    async def _ensure_image(self, hosted: HostedVM, where: Location,
-                            headers: dict[str, str]) -> int:
+    async def _holds(self, where: Location, vm_id: str) -> bool:
+        """Does the destination hold `vm_id` (its answer to the handover was lost)?
+        Unreachable counts as no: the VM resumes here, as before this check."""
+        try:
+            await self.peer_client.get(where, f"/v1/vms/{vm_id}")
+        except (CloudletError, aiohttp.ClientError, TimeoutError):
+            return False
+        log.warning("handover of VM %s: the answer was lost, but %s holds it", vm_id,
+                    where.node)
+        return True
+
+    async def _ensure_image(self, hosted: HostedVM, where: Location) -> int:
         """Upload the VM's image unless the destination holds it; bytes sent."""
         digest = hosted.vm.image.digest
-        listing = await self._get(f"{where.endpoint}/v1/images", headers)
+        listing = await self.peer_client.get(where, "/v1/images")
         if digest in listing.get("images", ()):
             return 0
         wasm = await asyncio.to_thread(self.host.images.wasm_bytes, digest)
-        await self._post(f"{where.endpoint}/v1/images", wasm,
-                         {**headers, "X-Image-Digest": digest}, expect=201)
+        await self.peer_client.post(where, "/v1/images", wasm, 201,
+                                    headers={"X-Image-Digest": digest})
         return len(wasm)
-
-    def http(self) -> aiohttp.ClientSession:
-        """The cloudlet's client to its peers (kept alive across moves)."""
-        return self._client()
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._http is None:
-            raise MigrationAborted("the cloudlet is shutting down")
-        return self._http
-
-    async def _get(self, url: str, headers: dict[str, str]) -> dict[str, Any]:
-        async with self._client().get(url, headers=headers) as resp:
-            return await _decoded(resp, 200)
-
-    async def _post(self, url: str, data: bytes, headers: dict[str, str],
-                    expect: int) -> dict[str, Any]:
-        async with self._client().post(url, data=data, headers=headers) as resp:
-            return await _decoded(resp, expect)
-
-
-async def _decoded(resp: aiohttp.ClientResponse, expect: int) -> dict[str, Any]:
-    raw = await resp.read()
-    try:
-        if "json" in resp.headers.get("Content-Type", ""):
-            body = json.loads(raw)
-        else:
-            body = msgpack.unpackb(raw) if raw else {}
-    except (ValueError, msgpack.UnpackException):
-        body = {"code": "malformed_answer", "message": raw[:200].decode(errors="replace")}
-    if resp.status != expect:
-        raise error_from_wire(body)
-    if not isinstance(body, dict):
-        raise MigrationAborted(f"the destination answered {body!r:.100}")
-    return body

@@ -38,6 +38,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from cloudlet.errors import (
+    CloudletError,
     MigrationAborted,
     MigrationChannelLost,
     MigrationProtocolError,
@@ -53,10 +54,12 @@ from cloudlet.migration import (
     run_source,
 )
 from cloudlet.migration.chunkstore import chunk_digests
+from cloudlet.protocol import Location
 from cloudlet.vm import VM, Snapshot
 from cloudlet.vm.chunks import CHUNK_BYTES
+from edge_agent.peer_client import PeerClient
 from edge_agent.replies import ANNEX_KEY
-from edge_agent.vm_host import HostedVM, Location, VMHost
+from edge_agent.vm_host import HostedVM, VMHost
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +129,15 @@ class Outgoing:
             # The destination asked, in doubt, and was told "not committed".
             raise MigrationAborted("the destination was told this migration did not commit")
         self.state = "committing"
-        await asyncio.to_thread(self.host.record_move, self.hosted.id, self.where,
-                                self.migration_id)
+        try:
+            await asyncio.to_thread(self.host.record_move, self.hosted.id, self.where,
+                                    self.migration_id)
+        except BaseException:
+            # No decision on disk (a full disk, say): it did not commit, and a
+            # destination asking in doubt must hear so rather than wait forever.
+            self.state = "refused"
+            self.durable.set()
+            raise
         self.state = "committed"
         self.durable.set()
 
@@ -212,14 +222,14 @@ class LiveMigrations:
     # --- destination ----------------------------------------------------------------
 
     async def receive(self, ws: web.WebSocketResponse, source: Location,
-                      http: aiohttp.ClientSession, headers: dict[str, str]) -> dict[str, Any]:
+                      peers: PeerClient) -> dict[str, Any]:
         """Take in one VM over `ws`. Returns what happened (for the events topic)."""
-        incoming = Incoming(self, source, http, headers)
+        incoming = Incoming(self, source, peers)
         got = await run_destination(
             WebSocketChannel(ws), self.host.images, self.chunks, resolve=incoming.must_ask_source,
             persist=incoming.persist, max_memory_bytes=self.host.free_memory_bytes(),
             deadline_s=self.host.config.migration_deadline_s,
-            admit=lambda offer: self.host.admit(offer.vm_id, offer.memory_bytes))
+            admit=lambda offer: self.host.admit(offer.vm_id, offer.memory_bytes, offer.owner))
         if got.outcome == "committed" and got.vm is not None:
             await self._activate(got.vm, got.annex, incoming.migration_id)
             self._spawn(self._remember_chunks(incoming.chunk_data))
@@ -294,15 +304,14 @@ class LiveMigrations:
 
     # --- recovery after a restart ---------------------------------------------------
 
-    async def recover(self, http: aiohttp.ClientSession, headers: dict[str, str]) -> None:
+    async def recover(self, peers: PeerClient) -> None:
         """VMs that were arriving when this cloudlet stopped: ask their sources."""
         if not self.incoming_dir.exists():
             return
         for folder in sorted(p for p in self.incoming_dir.iterdir() if p.is_dir()):
-            self._spawn(self._recover_one(folder, http, headers))
+            self._spawn(self._recover_one(folder, peers))
 
-    async def _recover_one(self, folder: Path, http: aiohttp.ClientSession,
-                           headers: dict[str, str]) -> None:
+    async def _recover_one(self, folder: Path, peers: PeerClient) -> None:
         try:
             meta = json.loads((folder / "meta.json").read_text())
             source = Location(str(meta["node"]), str(meta["endpoint"]))
@@ -311,7 +320,7 @@ class LiveMigrations:
             log.error("incoming migration %s is unreadable (%r); left for a human",
                       folder.name, exc)
             return
-        incoming = Incoming(self, source, http, headers, migration_id=migration_id)
+        incoming = Incoming(self, source, peers, migration_id=migration_id)
         while (answer := await incoming.ask_source(migration_id)) is None:
             await asyncio.sleep(RESOLVE_RETRY_S)
         if not answer:
@@ -335,9 +344,9 @@ class LiveMigrations:
 class Incoming:
     """One arriving VM: where its rounds go on disk, and how to ask its source."""
 
-    def __init__(self, owner: LiveMigrations, source: Location, http: aiohttp.ClientSession,
-                 headers: dict[str, str], migration_id: str | None = None) -> None:
-        self.owner, self.source, self.http, self.headers = owner, source, http, headers
+    def __init__(self, owner: LiveMigrations, source: Location, peers: PeerClient,
+                 migration_id: str | None = None) -> None:
+        self.owner, self.source, self.peers = owner, source, peers
         self.migration_id = migration_id
         # What arrived, for the chunk store afterwards.
         self.chunk_data: list[bytes | memoryview] = []
@@ -365,16 +374,18 @@ class Incoming:
         self.chunk_data.extend(m.data for m in event.snapshot.memories if m.data)
 
     async def ask_source(self, migration_id: str) -> bool | None:
-        """True/False from the source; None if it could not be asked."""
+        """True/False from the source; None if it could not be asked. The source's
+        endpoint proves it is that cloudlet before it gets a token (for it alone)."""
         url = f"{self.source.endpoint}/v1/peer/migrations/{migration_id}"
         try:
-            async with self.http.get(url, headers=self.headers,
-                                     timeout=aiohttp.ClientTimeout(total=RESOLVE_TIMEOUT_S)
-                                     ) as resp:
+            source = await self.peers.prove(self.source, self.source.node)
+            async with self.peers.http.get(url, headers=self.peers.headers(source.node),
+                                           timeout=aiohttp.ClientTimeout(
+                                               total=RESOLVE_TIMEOUT_S)) as resp:
                 if resp.status != 200:
                     return None
                 body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+        except (aiohttp.ClientError, TimeoutError, ValueError, CloudletError):
             return None
         committed = body.get("committed") if isinstance(body, dict) else None
         return committed if isinstance(committed, bool) else None

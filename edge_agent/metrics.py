@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from edge_agent.storage import StorageHealth
 
 # Call latencies of interest run from tens of microseconds (a WebSocket call) to
 # the deadline; buckets spaced so p50/p99 of interactive calls are resolvable.
@@ -36,8 +38,16 @@ class Metrics:
         r.register(self.calls)
         self.errors = Counter("cloudlet_errors", "Error answers by code", ["code"], registry=r)
         self.checkpoints = Counter("cloudlet_checkpoints", "VM checkpoints written", registry=r)
+        self.head_timeouts = Counter(
+            "cloudlet_connections_timed_out",
+            "Connections closed for not sending a request head within header_timeout_s",
+            registry=r)
         self.mqtt_connected = Gauge("cloudlet_mqtt_connected",
                                     "1 while connected to the broker", registry=r)
+        self.control_dropped = Counter(
+            "cloudlet_control_dropped", "Control-plane messages not believed (unsigned, "
+            "forged, stale, replayed, from a signer without the role), by reason",
+            ["reason"], registry=r)
         self.migrations = Counter("cloudlet_migrations", "VMs moved away, by mode and outcome",
                                   ["mode", "outcome"], registry=r)
         self.migration_bytes = Counter("cloudlet_migration_bytes",
@@ -47,6 +57,10 @@ class Metrics:
             buckets=MIGRATION_PAUSE_BUCKETS_S, registry=r)
         self.migration_rounds = Histogram("cloudlet_migration_rounds", "Rounds per migration",
                                           buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=r)
+
+    def watch_storage(self, storage: StorageHealth) -> None:
+        """Export whether state writes succeed (read at scrape time, like the calls)."""
+        self.registry.register(StorageStats(storage))
 
     def record_migration(self, event: dict[str, Any]) -> None:
         """From a `migrated` event (edge_agent.handoff)."""
@@ -99,3 +113,23 @@ class CallStats(Collector):
                 buckets.append((bound, cumulative))
             latency.add_metric([transport], buckets, self._sums[transport])
         yield latency
+
+
+class StorageStats(Collector):
+    """`cloudlet_storage_ok` (1 while state writes succeed, 0 while degraded) and
+    `cloudlet_storage_failures_total` by where the failed write came from. Kept by
+    `StorageHealth`, which the daemon needs anyway for /health: one count, two views."""
+
+    def __init__(self, storage: StorageHealth) -> None:
+        self.storage = storage
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield GaugeMetricFamily("cloudlet_storage_ok",
+                                "1 while the cloudlet's state writes succeed, 0 while degraded",
+                                value=1 if self.storage.ok else 0)
+        failures = CounterMetricFamily("cloudlet_storage_failures",
+                                       "State writes that failed (disk full or failing)",
+                                       labels=["what"])
+        for what, n in self.storage.failures_total.items():
+            failures.add_metric([what], n)
+        yield failures

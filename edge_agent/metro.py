@@ -5,7 +5,16 @@ cloudlet under the state directory, starts one `cloudlet agent` process per
 node, waits until each says it is ready, prints the endpoints, and runs until
 Ctrl-C or SIGTERM, when every daemon shuts down cleanly (checkpointing its VMs).
 Secrets are generated on first run and kept in the state directory, so a
-restart keeps tokens valid and VMs restored.
+restart keeps tokens valid and VMs restored: the cluster secret (client
+tokens, broker passwords), the cluster authority's key pair, and each node's
+key; each node's certificate is issued afresh at every start. The embedded
+broker admits only the cluster (`ClusterAccess`); each node's config carries
+its own broker user (`node.NAME`) and derived password.
+
+One metro per state directory (edge_agent.statelock): a second `cloudlet up`
+on it exits at once, naming the first, before it starts a broker, writes a
+config or starts a cloudlet. Its exit status is the stop's: non-zero when a
+cloudlet it asked to stop did not stop cleanly (e.g. could not save its VMs).
 """
 
 from __future__ import annotations
@@ -18,10 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from cloudlet.errors import ConfigError
-from edge_agent.auth import ensure_secret
-from edge_agent.broker import EmbeddedBroker
+from cloudlet.fsutil import atomic_write
+from cloudlet.trust import acl
+from cloudlet.trust.certs import CertificateAuthority
+from cloudlet.trust.cluster import AUTHORITY_PUBLIC_FILE, ensure_authority, issue_node
+from edge_agent.auth import SECRET_FILE, ensure_secret
+from edge_agent.broker import ClusterAccess, EmbeddedBroker
 from edge_agent.config import MetroConfig, MetroNode, load_metro_config, node_config_from_dict
-from edge_agent.daemon import SECRET_FILE
+from edge_agent.identity import NODE_ROLES
+from edge_agent.statelock import StateLock
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -41,10 +55,20 @@ def plan_nodes(metro: MetroConfig, count: int | None) -> list[MetroNode]:
 
 
 def write_node_config(state: Path, node: MetroNode, port: int, broker_url: str,
-                      defaults: dict[str, Any]) -> Path:
+                      defaults: dict[str, Any], *, secret: bytes,
+                      authority: CertificateAuthority) -> Path:
+    """The node's config, with its identity: its key (kept), a fresh certificate,
+    and its broker user and password."""
+    node_dir = state / "nodes" / node.name
+    key_path, cert_path = issue_node(authority, node.name, NODE_ROLES, node_dir)
+    username = acl.node_user(node.name)
     table = {**defaults, "name": node.name, "host": "127.0.0.1", "port": port,
-             "state_dir": str(state / "nodes" / node.name),
-             "secret_file": str(state / SECRET_FILE), "broker_url": broker_url,
+             "state_dir": str(node_dir),
+             "secret_file": str(state / SECRET_FILE),
+             "ca_file": str(state / AUTHORITY_PUBLIC_FILE),
+             "node_key_file": str(key_path), "node_cert_file": str(cert_path),
+             "broker_url": broker_url, "broker_username": username,
+             "broker_password": acl.derived_password(secret, username),
              "position_x_m": node.position_x_m, "position_y_m": node.position_y_m,
              "zone": node.zone}
     node_config_from_dict(table, f"generated config of {node.name}")  # fail here, not in a child
@@ -53,7 +77,8 @@ def write_node_config(state: Path, node: MetroNode, port: int, broker_url: str,
     lines = ["# Written by `cloudlet up`; edit configs/local-metro.toml instead.", "[node]"]
     for key, value in table.items():
         lines.append(f"{key} = {_toml(value)}")
-    path.write_text("\n".join(lines) + "\n")
+    # It holds the node's broker password: 0600 from the first byte (atomic_write).
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
     return path
 
 
@@ -69,21 +94,31 @@ async def up(metro_file: Path, state: Path, nodes: int | None, base_port: int,
              broker_url: str | None, broker_port: int) -> int:
     metro = load_metro_config(metro_file)
     planned = plan_nodes(metro, nodes)
-    state.mkdir(parents=True, exist_ok=True)
-    ensure_secret(state / SECRET_FILE)
+    with StateLock(state, "cloudlet up"):
+        return await _run(metro, planned, state, base_port, broker_url, broker_port)
+
+
+async def _run(metro: MetroConfig, planned: list[MetroNode], state: Path, base_port: int,
+               broker_url: str | None, broker_port: int) -> int:
+    secret = ensure_secret(state / SECRET_FILE)
+    authority = ensure_authority(state)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
         if broker_url is None:
-            broker = await stack.enter_async_context(EmbeddedBroker("127.0.0.1", broker_port))
+            broker = await stack.enter_async_context(EmbeddedBroker(
+                "127.0.0.1", broker_port,
+                cluster=ClusterAccess(secret, authority.public_key)))
             broker_url = broker.url
-            print(f"broker   {broker_url} (embedded amqtt)", flush=True)
+            print(f"broker   {broker_url} (embedded amqtt; cluster members and clients with "
+                  "tokens only)", flush=True)
         else:
             print(f"broker   {broker_url}", flush=True)
         configs = [write_node_config(state, node, base_port + i, broker_url,
-                                     metro.node_defaults) for i, node in enumerate(planned)]
+                                     metro.node_defaults, secret=secret, authority=authority)
+                   for i, node in enumerate(planned)]
         children = await _start_all(configs)
         try:
             for (name, endpoint, proc) in children:
@@ -94,8 +129,11 @@ async def up(metro_file: Path, state: Path, nodes: int | None, base_port: int,
                   flush=True)
             await _wait(stop, children)
         finally:
-            await _stop_all(children)
-    return 0
+            unclean = await _stop_all(children)
+    for name, status in unclean.items():
+        print(f"cloudlet {name} stopped with status {status}; its log above says why "
+              "(e.g. VMs it could not save)", file=sys.stderr, flush=True)
+    return 1 if unclean else 0
 
 
 async def _start_all(configs: list[Path]) -> list[tuple[str, str, asyncio.subprocess.Process]]:
@@ -145,11 +183,17 @@ async def _wait(stop: asyncio.Event, children: list[tuple[str, str, Any]]) -> No
             task.cancel()
 
 
-async def _stop_all(children: list[tuple[str, str, asyncio.subprocess.Process]]) -> None:
-    for _, _, proc in children:
+async def _stop_all(children: list[tuple[str, str, asyncio.subprocess.Process]]
+                    ) -> dict[str, int]:
+    """Stop every cloudlet (SIGTERM: each checkpoints its VMs). Returns the exit
+    status of those asked to stop that did not stop cleanly; one that died before
+    was reported when it did."""
+    asked = []
+    for name, _, proc in children:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
+                asked.append(name)
     for name, _, proc in children:
         try:
             async with asyncio.timeout(STOP_TIMEOUT_S):
@@ -159,3 +203,5 @@ async def _stop_all(children: list[tuple[str, str, asyncio.subprocess.Process]])
                   file=sys.stderr)
             proc.kill()
             await proc.wait()
+    return {name: proc.returncode for name, _, proc in children
+            if name in asked and proc.returncode}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ from cloudlet.commands.callspec import (
     split_call,
 )
 from cloudlet.errors import CloudletError, ConfigError
+from cloudlet.trust.cluster import SECRET_FILE, cluster_tokens, default_metro_dir
 from mobile_client.client import POLICIES, CloudletClient
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -72,18 +72,11 @@ def _token(args: argparse.Namespace) -> str:
     token: str | None = args.token or os.environ.get("CLOUDLET_TOKEN")
     if token:
         return token
-    try:  # only where the daemon is installed: the secret lives with the cloudlets
-        auth = importlib.import_module("edge_agent.auth")
-        config = importlib.import_module("edge_agent.config")
-    except ImportError:
-        raise ConfigError("no token: pass --token or set CLOUDLET_TOKEN") from None
-    state = Path(args.state_dir) if args.state_dir else config.default_state_dir()
-    secret = state / "cluster.key"
-    if not secret.exists():
+    state = Path(args.state_dir) if args.state_dir else default_metro_dir()
+    if not (state / SECRET_FILE).exists():
         raise ConfigError(f"no token: pass --token, set CLOUDLET_TOKEN, or run 'cloudlet up' "
-                          f"(no metro secret at {secret})")
-    minted: str = auth.Authority(auth.load_secret(secret)).issue(args.client, 3600)
-    return minted
+                          f"(no metro secret at {state / SECRET_FILE})")
+    return cluster_tokens(state).issue(args.client, 3600)
 
 
 def _client(args: argparse.Namespace, policy: str = "remote") -> CloudletClient:

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cloudlet.errors import (
     CallTimeout,
@@ -32,6 +32,7 @@ from cloudlet.errors import (
     InvalidArgument,
     NoCloudletAvailable,
     SessionLost,
+    StorageFull,
     VMMoved,
     VMNotFound,
 )
@@ -70,8 +71,9 @@ class CloudletClient:
             raise InvalidArgument(f"policy must be one of {', '.join(POLICIES)}")
         self.name = client_name(token)
         self.policy = policy
-        self.http = Http(token)
-        self.discovery = Discovery(endpoints, broker, client_id=self.name)
+        self.http = Http(token)  # also the trust anchor: the token names its cluster
+        self.discovery = Discovery(endpoints, broker, client_id=self.name,
+                                   verifier=self.http.verifier, password=token)
         self.prober = Prober(self.http, self.discovery, interval_s=probe_interval_s)
         self.decider = Decider()
         self._local_store_dir = local_store_dir
@@ -153,8 +155,7 @@ class CloudletClient:
         digest, _ = self.image(image)
         ranked = await self.prober.ranked()
         if not ranked:
-            raise NoCloudletAvailable("no cloudlet answered a probe "
-                                      f"(known: {[c.node for c in self.discovery.candidates()]})")
+            self._raise_unreachable()
         created = where = None
         for info, rtt_ms in ranked:
             try:
@@ -162,7 +163,8 @@ class CloudletClient:
                 where = info.location
                 log.info("session: VM %s on %s (RTT %.2f ms)", created["vm"], info.node, rtt_ms)
                 break
-            except (CapacityExceeded, NoCloudletAvailable) as exc:
+            # A cloudlet whose disk is full serves its VMs but cannot take a new one.
+            except (CapacityExceeded, StorageFull, NoCloudletAvailable) as exc:
                 log.info("session: %s cannot take the VM (%s); trying the next", info.node,
                          exc.message)
         if created is None or where is None:
@@ -175,6 +177,15 @@ class CloudletClient:
                 if not keep:
                     with contextlib.suppress(CloudletError):
                         await self.http.delete_vm(s.location, s.vm_id)
+
+    def _raise_unreachable(self) -> NoReturn:
+        candidates = self.discovery.candidates()
+        refused = [self.prober.unverified[c.endpoint] for c in candidates
+                   if c.endpoint in self.prober.unverified]
+        if candidates and len(refused) == len(candidates):
+            raise refused[0]  # none is a cloudlet of the token's cluster: say so
+        raise NoCloudletAvailable("no cloudlet answered a probe "
+                                  f"(known: {[c.node for c in candidates]})")
 
     @contextlib.asynccontextmanager
     async def attach(self, vm_id: str, endpoint: str, *, budget_ms: float = 30.0,
@@ -267,7 +278,7 @@ class CloudletClient:
             where = "local"
         else:
             if best is None:
-                raise NoCloudletAvailable("no cloudlet answered a probe")
+                self._raise_unreachable()
             info, rtt_ms = best
             t0 = time.perf_counter()
             value = await self._offload_remote(info.location, digest, fn, args)

@@ -6,6 +6,14 @@ killed cloudlet drops out of `online()` within the broker's keepalive window.
 Sessions also watch their VM's retained `vms/{vm}/location` here, so a move is
 followed even when no `moved` notice reached the client.
 
+Nothing from the broker is believed because it arrived: presences and
+locations pass the same `ControlGate` the cloudlets use (signed by the
+cloudlet they are about, with a certificate of the token's cluster, and newer
+than what was believed), so a forged retained message redirects no one; what
+is dropped is counted in `dropped` and logged once per sender. The client logs
+in to the broker as itself: username its client name, password its token
+(unless the broker URL carries other credentials, as an external Mosquitto's).
+
 Without a broker (`endpoints=[...]`), the list is fixed and a cloudlet's
 liveness is what probing finds (`mark_reachable`). aiomqtt is imported only
 when a broker is used: a phone that talks to fixed endpoints does not need it.
@@ -23,15 +31,20 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlparse
 
-import msgpack
-
-from cloudlet.errors import ConfigError
-from mobile_client.transport import Location
+from cloudlet.errors import ConfigError, TrustError
+from cloudlet.protocol import (
+    ALL_PRESENCE,
+    Kind,
+    Location,
+    location_topic,
+    report_message,
+    rtt_topic,
+)
+from cloudlet.trust.certs import CertificateVerifier
+from cloudlet.trust.gate import ControlGate, DropLog, claimed_sender
 
 log = logging.getLogger(__name__)
 
-PREFIX = "cloudlet/v1"
-SCHEMA_VERSION = 1
 BACKOFF_MAX_S = 5.0
 
 LocationListener = Callable[[str, Location], None]
@@ -57,7 +70,8 @@ class Discovery:
     """The cloudlets a client can use. `async with` starts and stops its MQTT task."""
 
     def __init__(self, endpoints: Sequence[str] = (), broker: str | None = None,
-                 client_id: str = "client") -> None:
+                 client_id: str = "client", *, verifier: CertificateVerifier | None = None,
+                 password: str | None = None) -> None:
         if not endpoints and not broker:
             raise ConfigError("give cloudlet endpoints or a broker URL to find cloudlets")
         self._cloudlets: dict[str, CloudletInfo] = {}
@@ -68,6 +82,12 @@ class Discovery:
             self._cloudlets[url] = CloudletInfo(url, url, seen_at=time.monotonic())
         self.broker = broker
         self.client_id = client_id
+        if broker and verifier is None:
+            raise ConfigError("discovery through a broker needs the cluster's key to verify "
+                              "what it reads (it comes with the client's token)")
+        self._gate = ControlGate(verifier) if verifier is not None else None
+        self._drop_log = DropLog()
+        self._password = password
         self.changed = asyncio.Event()  # set on every change; waiters clear it
         self._locations: dict[str, Location] = {}
         self._listeners: dict[str, list[LocationListener]] = {}
@@ -165,17 +185,16 @@ class Discovery:
     async def _subscribe(client: Any, vm_id: str) -> None:
         # A subscribe lost with the connection is redone on reconnect (see `_run`).
         with contextlib.suppress(Exception):
-            await client.subscribe(f"{PREFIX}/vms/{vm_id}/location", qos=1)
+            await client.subscribe(location_topic(vm_id), qos=1)
 
     async def publish_rtt(self, rtt_ms: dict[str, float]) -> None:
         """Tell the placer what this client measured (`clients/{client}/rtt`)."""
         client = self._mqtt
         if client is None:
             return
-        payload = msgpack.packb({"v": SCHEMA_VERSION, "client": self.client_id,
-                                 "rtt_ms": rtt_ms, "ts": time.time()})
+        payload = report_message(self.client_id, rtt_ms=rtt_ms, ts=time.time())
         with contextlib.suppress(Exception):  # telemetry: never worth failing a call
-            await client.publish(f"{PREFIX}/clients/{self.client_id}/rtt", payload, qos=0)
+            await client.publish(rtt_topic(self.client_id), payload, qos=0)
 
     # --- the broker ------------------------------------------------------------------
 
@@ -193,12 +212,13 @@ class Discovery:
                 async with aiomqtt.Client(
                         url.hostname, url.port or (8883 if tls else 1883),
                         identifier=f"cloudlet-client-{self.client_id}-{secrets.token_hex(3)}",
-                        username=url.username, password=url.password,
+                        username=url.username or self.client_id,
+                        password=url.password or self._password,
                         tls_params=aiomqtt.TLSParameters() if tls else None,
                         keepalive=10) as client:
-                    await client.subscribe(f"{PREFIX}/nodes/+/presence", qos=1)
+                    await client.subscribe(ALL_PRESENCE, qos=1)
                     for vm_id in self._listeners:
-                        await client.subscribe(f"{PREFIX}/vms/{vm_id}/location", qos=1)
+                        await client.subscribe(location_topic(vm_id), qos=1)
                     self._mqtt = client
                     self.connected.set()
                     backoff = 0.2
@@ -213,24 +233,28 @@ class Discovery:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Messages from the broker not believed, by reason."""
+        return dict(self._gate.drops) if self._gate is not None else {}
+
     def _handle(self, topic: str, payload: Any) -> None:
-        parts = topic.split("/")
-        if not isinstance(payload, bytes | bytearray):
+        if not isinstance(payload, bytes | bytearray) or self._gate is None:
             return
-        msg: Any = None
-        if payload:
-            try:
-                msg = msgpack.unpackb(payload)
-            except (ValueError, msgpack.UnpackException):
-                log.warning("discovery: dropped a message on %s that is not msgpack", topic)
-                return
-            if not isinstance(msg, dict) or msg.get("v") != SCHEMA_VERSION:
-                log.warning("discovery: dropped a message on %s with an unknown schema", topic)
-                return
-        if len(parts) == 5 and parts[2] == "nodes" and parts[4] == "presence":
-            self._presence(parts[3], msg)
-        elif len(parts) == 5 and parts[2] == "vms" and parts[4] == "location" and msg:
-            self._location(parts[3], msg)
+        try:
+            believed = self._gate.admit(topic, payload)
+        except TrustError as exc:
+            reason = str(exc.details.get("reason", "untrusted"))
+            if self._drop_log.first(claimed_sender(topic), reason):
+                log.warning("discovery: not believed, on %s (%s): %s", topic[:120], reason,
+                            exc.message)
+            return
+        if believed is None:
+            return
+        if believed.kind is Kind.PRESENCE:
+            self._presence(believed.name, believed.body)
+        elif believed.kind is Kind.LOCATION:
+            self._location(believed.name, believed.body)
 
     def _presence(self, node: str, msg: dict[str, Any] | None) -> None:
         if msg is None:
@@ -250,11 +274,8 @@ class Discovery:
         self.changed.set()
 
     def _location(self, vm_id: str, msg: dict[str, Any]) -> None:
-        node, endpoint = msg.get("node"), msg.get("endpoint")
-        if not isinstance(node, str) or not isinstance(endpoint, str):
-            return
-        where = Location(node, endpoint)
-        if self._locations.get(vm_id) == where:
+        where = Location.from_wire(msg)
+        if where is None or self._locations.get(vm_id) == where:
             return
         self._locations[vm_id] = where
         for listener in list(self._listeners.get(vm_id, ())):

@@ -16,7 +16,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from cloudlet.errors import CloudletError
+from cloudlet.errors import CloudletError, PeerUnverified
+from cloudlet.trust import proof
 from mobile_client.discovery import CloudletInfo, Discovery
 from mobile_client.transport import Http
 
@@ -41,6 +42,8 @@ class Prober:
         self.interval_s = interval_s
         self.samples = samples
         self.last: dict[str, Probe] = {}  # by endpoint
+        # Endpoints whose last probe could not prove they are of this cluster, and why.
+        self.unverified: dict[str, PeerUnverified] = {}
         self._lock = asyncio.Lock()
 
     async def rtts(self, *, force: bool = False) -> dict[str, float]:
@@ -71,18 +74,32 @@ class Prober:
         return sorted(found, key=lambda pair: (pair[1], pair[0].node))
 
     async def _probe(self, cloudlet: CloudletInfo) -> None:
+        """A few `GET /health` round trips (no token: /health is public). The first
+        carries a challenge when the cloudlet's proof of identity is due, so the
+        session that follows never waits for one; a cloudlet that cannot prove it
+        is of this cluster is no candidate."""
         times_ms = []
-        node = None
+        known = self.http.proven(cloudlet.location)
+        node = known.node if known is not None else None
+        challenge = None if known is not None else proof.new_challenge()
         for _ in range(self.samples):
             started = time.perf_counter()
             try:
-                health = await self.http.request("GET", cloudlet.location, "/health",
-                                                 timeout_s=PROBE_TIMEOUT_S)
+                health = await self.http.request(
+                    "GET", cloudlet.location, "/health", timeout_s=PROBE_TIMEOUT_S,
+                    authenticated=False,
+                    params={"challenge": challenge.hex()} if challenge else None)
+                if challenge is not None:
+                    answer = health.get("identity") if isinstance(health, dict) else None
+                    node = self.http.check_proof(cloudlet.location, challenge, answer).node
+                    challenge = None
+                    self.unverified.pop(cloudlet.endpoint, None)
+            except PeerUnverified as exc:
+                self.unverified[cloudlet.endpoint] = exc
+                break
             except CloudletError:
                 break
             times_ms.append((time.perf_counter() - started) * 1000)
-            if isinstance(health, dict) and isinstance(health.get("node"), str):
-                node = health["node"]
         rtt = statistics.median(times_ms) if times_ms else math.inf
         self.last[cloudlet.endpoint] = Probe(rtt, time.monotonic())
         self.discovery.mark_reachable(cloudlet.endpoint, node, bool(times_ms))

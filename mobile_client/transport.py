@@ -3,42 +3,62 @@
 Every answer that is not a success is turned back into the very error class
 the daemon raised (by its stable code, `cloudlet.errors.error_from_wire`), so
 an application catches `Unauthorized` or `VMNotFound`, not HTTP statuses.
+
+The token never goes to an endpoint that has not proven it is a cloudlet of
+the token's cluster (`cloudlet.trust.proof`: a fresh challenge answered with a
+certified key; the token itself names the cluster's authority). A proof is
+remembered per endpoint for `PROOF_TTL_S`; probing renews it for free (its
+first `/health` carries the challenge), so a session's calls never wait for
+one. A forged location, a squatter on an old address, or any server a message
+pointed at gets no token and no call.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-from dataclasses import dataclass
+import time
 from typing import Any
 
 import aiohttp
 import msgpack
 
-from cloudlet.errors import CloudletError, NoCloudletAvailable, RequestTimeout, error_from_wire
+from cloudlet.errors import (
+    CloudletError,
+    NoCloudletAvailable,
+    PeerUnverified,
+    RequestTimeout,
+    TrustError,
+    Unauthorized,
+    error_from_wire,
+)
+from cloudlet.protocol import Location
+from cloudlet.trust import proof
+from cloudlet.trust.certs import CertificateVerifier
+from cloudlet.trust.client_tokens import read_claims
 
 MSGPACK = "application/msgpack"
 # Management requests (upload, create, destroy) may compile an image: give them time.
 REQUEST_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 3.0
-
-
-@dataclass(frozen=True)
-class Location:
-    """A cloudlet: its node name and its endpoint URL."""
-
-    node: str
-    endpoint: str
+# How long a proof of identity is trusted for an endpoint. Short enough that a
+# server taking over a dead cloudlet's address soon has to prove itself again.
+PROOF_TTL_S = 300.0
+__all__ = ["Http", "Location", "client_name", "image_digest"]
 
 
 def client_name(token: str) -> str:
     """The client a token names (tokens are signed, not secret: the name is readable)."""
     try:
-        payload = base64.urlsafe_b64decode(token.split(".")[0] + "==")
-        return payload.decode().split("|", 2)[2]
-    except (ValueError, IndexError, UnicodeDecodeError):
+        return read_claims(token).client
+    except Unauthorized:
         return "anonymous"
+
+
+def named(where: Location) -> str | None:
+    """The node `where` is expected to be, or None when only its URL is known (a
+    fixed endpoint list names cloudlets by URL until they prove who they are)."""
+    return None if where.node == where.endpoint or not where.node else where.node
 
 
 def image_digest(wasm: bytes) -> str:
@@ -54,6 +74,18 @@ class Http:
     def __init__(self, token: str) -> None:
         self.token = token
         self._session: aiohttp.ClientSession | None = None
+        self._proven: dict[str, tuple[str, float]] = {}  # endpoint -> (node, until)
+
+    @property
+    def token(self) -> str:
+        return self._token
+
+    @token.setter
+    def token(self, value: str) -> None:
+        """A token names its cluster's authority: the trust anchor comes with it."""
+        self._token = value
+        claims = read_claims(value)
+        self.verifier = CertificateVerifier(claims.authority_public_key)
 
     async def __aenter__(self) -> Http:
         self._session = aiohttp.ClientSession(
@@ -74,17 +106,63 @@ class Http:
             raise CloudletError("the client is closed")
         return self._session
 
+    # --- who is at an endpoint -----------------------------------------------------------
+
+    def proven(self, where: Location) -> Location | None:
+        """`where` with its proven node name, if proven recently enough."""
+        known = self._proven.get(where.endpoint)
+        if known is None or known[1] < time.monotonic():
+            return None
+        expected = named(where)
+        if expected is not None and known[0] != expected:
+            return None
+        return Location(known[0], where.endpoint)
+
+    def check_proof(self, where: Location, challenge: bytes, answer: Any) -> Location:
+        """Check an endpoint's answer to `challenge`; remember it on success."""
+        try:
+            cert = proof.check(self.verifier, challenge, answer, named(where))
+        except TrustError as exc:
+            self._proven.pop(where.endpoint, None)
+            raise PeerUnverified(f"{where.endpoint} did not prove it is cloudlet "
+                                 f"{named(where) or '(any)'} of this cluster: {exc.message}; "
+                                 "nothing was sent to it",
+                                 reason=exc.details.get("reason")) from None
+        self._proven[where.endpoint] = (cert.subject, time.monotonic() + PROOF_TTL_S)
+        return Location(cert.subject, where.endpoint)
+
+    async def prove(self, where: Location) -> Location:
+        """`where`, proven to be a cloudlet of this cluster (and the one it is named as)
+        before anything secret goes there; `PeerUnverified` otherwise."""
+        known = self.proven(where)
+        if known is not None:
+            return known
+        challenge = proof.new_challenge()
+        health = await self.request("GET", where, "/health", authenticated=False,
+                                    params={"challenge": challenge.hex()},
+                                    timeout_s=CONNECT_TIMEOUT_S * 2)
+        answer = health.get("identity") if isinstance(health, dict) else None
+        return self.check_proof(where, challenge, answer)
+
+    # --- requests -----------------------------------------------------------------------
+
     async def request(self, method: str, where: Location, path: str, *,
                       body: Any = None, raw: bytes | None = None,
                       headers: dict[str, str] | None = None,
-                      timeout_s: float | None = None) -> Any:
-        """Decoded msgpack answer; a typed error for anything else."""
+                      timeout_s: float | None = None, authenticated: bool = True,
+                      params: dict[str, str] | None = None) -> Any:
+        """Decoded msgpack answer; a typed error for anything else. An authenticated
+        request goes only to a proven endpoint (`prove`)."""
         data = raw if raw is not None else (msgpack.packb(body) if body is not None else None)
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
-        headers = {**(headers or {}), "Authorization": f"Bearer {self.token}"}
+        headers = dict(headers or {})
+        if authenticated:
+            await self.prove(where)
+            headers["Authorization"] = f"Bearer {self.token}"
         try:
             async with self.session.request(method, where.endpoint + path, data=data,
-                                            headers=headers, timeout=timeout) as resp:
+                                            headers=headers, timeout=timeout,
+                                            params=params) as resp:
                 payload = await resp.read()
                 status = resp.status
                 is_json = "json" in resp.headers.get("Content-Type", "")
@@ -93,7 +171,7 @@ class Http:
         except aiohttp.ClientError as exc:
             raise NoCloudletAvailable(f"cannot reach cloudlet {where.node} at "
                                       f"{where.endpoint}: {exc}") from None
-        decoded = json.loads(payload) if is_json and payload else _decode(payload)
+        decoded = _decode_json(payload) if is_json and payload else _decode(payload)
         if status >= 400:
             raise error_from_wire(decoded if isinstance(decoded, dict) else {
                 "code": "request_error", "message": f"HTTP {status} from {where.node}"})
@@ -118,6 +196,7 @@ class Http:
         return info
 
     async def ws_connect(self, where: Location, vm_id: str) -> aiohttp.ClientWebSocketResponse:
+        await self.prove(where)
         try:
             return await self.session.ws_connect(
                 f"{where.endpoint}/v1/vms/{vm_id}/stream",
@@ -131,6 +210,13 @@ class Http:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise NoCloudletAvailable(f"cannot reach cloudlet {where.node} at "
                                       f"{where.endpoint}: {exc!r}") from None
+
+
+def _decode_json(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return {"code": "request_error", "message": payload[:200].decode(errors="replace")}
 
 
 def _decode(payload: bytes) -> Any:

@@ -16,7 +16,16 @@ from typing import Any
 
 import msgpack
 
-from edge_agent.auth import Authority, load_secret
+from cloudlet.trust import peer_tokens
+from cloudlet.trust.certs import ROLE_CLOUDLET, CertificateVerifier
+from cloudlet.trust.cluster import (
+    cluster_tokens,
+    ensure_authority,
+    load_authority,
+    operator_identity,
+)
+from cloudlet.trust.keys import SigningKey
+from cloudlet.trust.sealed import Identity
 
 READY_TIMEOUT_S = 30.0
 
@@ -43,11 +52,21 @@ class Daemon:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def cluster_dir(self) -> Path:
+        """Where the cluster's files are (cluster.key, ca.key, ca.pub)."""
+        return self.secret_path.parent
+
     def token(self, client: str, ttl_s: int = 3600) -> str:
-        return Authority(load_secret(self.secret_path)).issue(client, ttl_s)
+        return cluster_tokens(self.cluster_dir).issue(client, ttl_s)
+
+    def operator_token(self) -> str:
+        """What `cloudlet migrate` presents: an operator's peer token for this node."""
+        return peer_tokens.mint(operator_identity(load_authority(self.cluster_dir)), self.name)
 
     def peer_token(self, node: str = "peer-node") -> str:
-        return Authority(load_secret(self.secret_path)).issue_peer(node)
+        """A peer token of another cloudlet `node` of the cluster, for this node."""
+        return peer_tokens.mint(cloudlet_identity(self.cluster_dir, node), self.name)
 
     def start(self) -> Daemon:
         log = self.log_path.open("ab")
@@ -123,6 +142,7 @@ def make_daemon(tmp: Path, name: str = "t1", *, secret_path: Path | None = None,
     secret = secret_path or tmp / "cluster.key"
     if not secret.exists():
         secret.write_text(os.urandom(32).hex())
+    ensure_authority(secret.parent)  # ca.key and ca.pub beside it: nodes issue their own
     port = free_port()
     table = {"name": name, "port": port, "state_dir": str(state), "secret_file": str(secret),
              "checkpoint_interval_s": 0.5, "telemetry_interval_s": 0.5, **settings}
@@ -137,3 +157,35 @@ def make_daemon(tmp: Path, name: str = "t1", *, secret_path: Path | None = None,
     config = state / "node.toml"
     config.write_text("\n".join(lines) + "\n")
     return Daemon(name, config, state, secret, port, state / "daemon.log")
+
+
+def cloudlet_identity(cluster_dir: Path, node: str) -> Identity:
+    """An identity of cloudlet `node`, certified by the cluster's authority (for tests
+    that act as a peer without running one)."""
+    authority = load_authority(cluster_dir)
+    key = SigningKey.generate()
+    cert = authority.issue(node, [ROLE_CLOUDLET], key.public_bytes)
+    return Identity.load(key, cert, CertificateVerifier(authority.public_key))
+
+
+def sealed_body(raw: bytes | bytearray) -> Any:
+    """The body of a sealed control message, unverified (None for an empty payload):
+    for tests that look at what was published, not at who may believe it."""
+    if not raw:
+        return None
+    envelope = msgpack.unpackb(raw)
+    return msgpack.unpackb(envelope["body"]) if isinstance(envelope, dict) else envelope
+
+
+def operator_of(cluster_dir: Path) -> Identity:
+    """The cluster operator, as `cloudlet migrate` is: may sign commands."""
+    return operator_identity(load_authority(cluster_dir))
+
+
+def operator_broker_auth(cluster_dir: Path) -> tuple[str, str]:
+    """(username, password) of the operator on a broker that admits only the cluster."""
+    from cloudlet.trust import acl
+    from cloudlet.trust.cluster import load_secret
+
+    secret = load_secret(cluster_dir / "cluster.key")
+    return acl.OPERATOR_USER, acl.derived_password(secret, acl.OPERATOR_USER)

@@ -18,8 +18,16 @@ from typing import Any
 import aiomqtt
 import msgpack
 
+from cloudlet.protocol import command_message
+from cloudlet.trust.sealed import seal
 from tests.conftest import WORKLOADS
-from tests.daemons import free_port, make_daemon
+from tests.daemons import (
+    free_port,
+    make_daemon,
+    operator_broker_auth,
+    operator_of,
+    sealed_body,
+)
 from tests.mqtt_brokers import Mosquitto, address, require_binary
 
 P = "cloudlet/v1"
@@ -45,8 +53,7 @@ def collect(url: str, topics: list[str], until: Callable[[list[Message]], bool],
                 async with asyncio.timeout(timeout_s):
                     async for m in c.messages:
                         raw = m.payload if isinstance(m.payload, bytes | bytearray) else b""
-                        got.append((str(m.topic), msgpack.unpackb(raw) if raw else None,
-                                    m.retain))
+                        got.append((str(m.topic), sealed_body(raw), m.retain))
                         if until(got):
                             return got
             except TimeoutError:
@@ -65,7 +72,7 @@ def test_presence_telemetry_commands_locations(any_broker: str, tmp_path: Path) 
         online = next(p for _, p, _ in got if p and p["status"] == "online")
         assert online["endpoint"] == d.endpoint and online["position"] == [12.5, 0.0]
         assert online["zone"] == "z1" and online["capacity"]["max_vms"] == 1000
-        assert online["v"] == 1
+        assert online["v"] == 2 and online["refresh_s"] == 30.0
 
         alice = d.token("alice")
         digest = d.request("POST", "/v1/images", raw=(WORKLOADS / "kvstore.wasm").read_bytes(),
@@ -82,21 +89,32 @@ def test_presence_telemetry_commands_locations(any_broker: str, tmp_path: Path) 
         assert {"calls_per_s", "dirty_chunks_per_s"} <= set(telemetry["per_vm"][vm])
 
         commands = f"{P}/nodes/cp1/commands"
+        operator = operator_of(d.cluster_dir)
+
+        def order(op: str, cid: str) -> bytes:
+            return seal(operator, commands, command_message(op, command_id=cid, epoch=1))
+
         got = collect(any_broker, [f"{P}/nodes/cp1/events"],
                       lambda g: {p["id"] for _, p, _ in g} >= {"c1", "c3"},
-                      publish=[(commands, msgpack.packb({"v": 1, "id": "c1", "op": "ping"})),
+                      publish=[(commands, order("ping", "c1")),
                                (commands, b"\xc1 not msgpack"),
-                               (commands, msgpack.packb({"v": 99, "id": "c2", "op": "ping"})),
-                               (commands, msgpack.packb({"v": 1, "id": "c3", "op": "dance"}))])
+                               (commands, msgpack.packb({"v": 2, "id": "c2", "op": "ping",
+                                                         "epoch": 1})),
+                               (commands, order("dance", "c3"))])
         events = {p["id"]: p for _, p, _ in got}
         assert events["c1"]["ok"] and events["c1"]["result"] == {"vms": 1}
+        assert events["c1"]["by"] == operator.subject
         assert not events["c3"]["ok"] and events["c3"]["error"]["code"] == "unknown_command"
-        assert "c2" not in events  # wrong schema: logged and dropped
+        assert "c2" not in events  # unsigned: counted, logged once and dropped
+        metrics = d.request("GET", "/metrics", token=alice)[1].decode()
+        assert 'cloudlet_control_dropped_total{reason="unsigned"} 1.0' in metrics
+        assert 'cloudlet_control_dropped_total{reason="malformed"} 1.0' in metrics
         assert d.request("GET", "/health")[0] == 200  # malformed control input: still healthy
 
         d.request("DELETE", f"/v1/vms/{vm}", token=alice)
         got = collect(any_broker, [f"{P}/vms/{vm}/location"], lambda g: False, timeout_s=1.0)
-        assert all(p is None for _, p, _ in got)  # cleared
+        # Cleared: a late subscriber may still see the old location, then the clear.
+        assert not got or got[-1][1] is None, got
 
         assert d.stop() == 0
         got = collect(any_broker, [f"{P}/nodes/cp1/presence"], lambda g: bool(g))
@@ -146,30 +164,35 @@ def test_cloudlet_up_presence_and_last_will_seen_by_mosquitto_sub(tmp_path: Path
                 pids[m.group(1)] = int(m.group(3))
         assert len(pids) == 3
 
+        user, password = operator_broker_auth(tmp_path / "m")
+        login = ["-u", user, "-P", password]
+
         def presence(count: int, wait_s: str) -> dict[str, str]:
             out = subprocess.run(
-                [sub, "-h", "127.0.0.1", "-p", str(broker_port), "-t", f"{P}/nodes/+/presence",
-                 "-F", "%t %x", "-C", str(count), "-W", wait_s],
+                [sub, "-h", "127.0.0.1", "-p", str(broker_port), *login,
+                 "-t", f"{P}/nodes/+/presence", "-F", "%t %x", "-C", str(count), "-W", wait_s],
                 capture_output=True, text=True, timeout=60)
             seen = {}
             for line in out.stdout.splitlines():
                 topic, hexed = line.split(" ", 1)
-                seen[topic.split("/")[3]] = msgpack.unpackb(bytes.fromhex(hexed))["status"]
+                seen[topic.split("/")[3]] = sealed_body(bytes.fromhex(hexed))["status"]
             return seen
 
         assert presence(3, "10") == dict.fromkeys(pids, "online")
         victim = sorted(pids)[0]
         watcher = subprocess.Popen(
-            [sub, "-h", "127.0.0.1", "-p", str(broker_port), "-t", f"{P}/nodes/{victim}/presence",
-             "-F", "%x", "-C", "2", "-W", "20"], stdout=subprocess.PIPE, text=True)
+            [sub, "-h", "127.0.0.1", "-p", str(broker_port), *login,
+             "-t", f"{P}/nodes/{victim}/presence", "-F", "%x", "-C", "2", "-W", "20"],
+            stdout=subprocess.PIPE, text=True)
         time.sleep(0.5)  # the watcher has its retained "online"
         os.kill(pids[victim], signal.SIGKILL)
         out, _ = watcher.communicate(timeout=30)
-        statuses = [msgpack.unpackb(bytes.fromhex(h))["status"] for h in out.split()]
+        statuses = [sealed_body(bytes.fromhex(h))["status"] for h in out.split()]
         assert statuses == ["online", "offline"]
 
         status = subprocess.run([sys.executable, "-m", "cloudlet.cli", "status", "--broker",
-                                 f"mqtt://127.0.0.1:{broker_port}"],
+                                 f"mqtt://127.0.0.1:{broker_port}", "--state-dir",
+                                 str(tmp_path / "m")],
                                 capture_output=True, text=True, timeout=30)
         assert status.returncode == 0
         for name in pids:
@@ -246,7 +269,7 @@ def test_control_plane_over_tls(tmp_path: Path) -> None:
                 async with asyncio.timeout(15):
                     async for m in c.messages:
                         assert isinstance(m.payload, bytes)
-                        decoded: dict[str, Any] = msgpack.unpackb(m.payload)
+                        decoded: dict[str, Any] = sealed_body(m.payload)
                         return decoded
             raise AssertionError("no presence")
 

@@ -12,8 +12,9 @@ import aiohttp
 import msgpack
 import pytest
 
+from cloudlet.trust.client_tokens import ClientTokens
+from cloudlet.trust.cluster import cluster_tokens
 from cloudlet.vm import VM, ImageStore, Snapshot
-from edge_agent.auth import Authority
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon
 
@@ -63,9 +64,9 @@ def test_nothing_answers_without_credentials_but_health(daemon: Daemon) -> None:
 
 
 def test_bad_credentials(daemon: Daemon) -> None:
-    other_cluster = Authority(b"x" * 32).issue("alice", 3600)
-    expired = Authority(bytes.fromhex(daemon.secret_path.read_text())).issue(
-        "alice", 10, now=time.time() - 3600)
+    ours = cluster_tokens(daemon.cluster_dir)
+    other_cluster = ClientTokens(b"x" * 32, ours.authority_public_key).issue("alice", 3600)
+    expired = ours.issue("alice", 10, now=time.time() - 3600)
     for token in (other_cluster, expired, "garbage", daemon.token("alice") + "x"):
         status, body = daemon.request("GET", "/v1/vms", token=token)
         assert (status, body["code"]) == (401, "unauthorized"), token
@@ -146,6 +147,18 @@ def test_websocket_stream(daemon: Daemon) -> None:
     assert call(daemon, alice, vm, "kv_get", 1) == (200, {"result": 5, "seq": 4})
 
 
+def test_websocket_routes_refuse_plain_requests_with_a_typed_error(daemon: Daemon) -> None:
+    """Found by the OpenAPI fuzz (tests/test_openapi_fuzz.py): a GET without the
+    WebSocket handshake got aiohttp's bare text/plain 400, not an `Error`."""
+    alice = daemon.token("alice")
+    vm = create(daemon, alice, upload(daemon, alice))
+    for path, token in ((f"/v1/vms/{vm}/stream", alice),
+                        ("/v1/peer/migrate?endpoint=http://127.0.0.1:1", daemon.peer_token())):
+        status, body = daemon.request("GET", path, token=token)  # decoded only if msgpack
+        assert (status, body["code"]) == (400, "malformed_request"), (path, body)
+    assert call(daemon, alice, vm, "kv_put", 1, 1) == (200, {"result": 1, "seq": 1})
+
+
 def test_bad_input_gets_typed_errors_and_leaves_the_daemon_healthy(daemon: Daemon) -> None:
     alice = daemon.token("alice")
     digest = upload(daemon, alice)
@@ -154,7 +167,7 @@ def test_bad_input_gets_typed_errors_and_leaves_the_daemon_healthy(daemon: Daemo
         (("POST", "/v1/images"), {"raw": b"not wasm"}, 400, "image_rejected"),
         (("POST", "/v1/images"), {"raw": KV, "headers": {"X-Image-Digest": "0" * 64}}, 400,
          "image_rejected"),
-        (("POST", "/v1/images"), {"raw": b"\0" * (2 << 20)}, 413, "request_too_large"),
+        (("POST", "/v1/images"), {"raw": b"\0" * (2 << 20)}, 413, "image_too_large"),
         (("POST", "/v1/vms"), {"raw": b"\xc1"}, 400, "malformed_request"),
         (("POST", "/v1/vms"), {"body": [1, 2]}, 400, "malformed_request"),
         (("POST", "/v1/vms"), {"body": {"image": "f" * 64}}, 404, "image_not_found"),
@@ -327,6 +340,25 @@ def test_docs_cover_every_setting_and_route() -> None:
         assert method in spec["paths"][path], f"openapi.yaml lacks {method.upper()} {path}"
 
 
+def test_docs_settings_table_shows_each_default() -> None:
+    """The settings table's type and default columns are those of `NodeConfig`."""
+    import re
+
+    from edge_agent.config import FIELDS
+    from tests.conftest import ROOT
+
+    doc = (ROOT / "docs" / "daemon.md").read_text()
+    rows = re.findall(r"^\| (`[^|]+`) \| (\w+) \| `([^`]*)` \|", doc, flags=re.M)
+    shown = {name: (typ, default) for names, typ, default in rows
+             for name in re.findall(r"`(\w+)`", names)}
+    assert set(shown) == set(FIELDS), set(shown) ^ set(FIELDS)
+    for name, f in FIELDS.items():
+        default = f.default
+        want = (str(default).lower() if isinstance(default, bool)
+                else '""' if default == "" else str(default))
+        assert shown[name] == (str(f.type), want), (name, shown[name])
+
+
 def test_timed_out_requests_never_let_two_threads_into_a_vm(tmp_path: Path) -> None:
     """Calls queued behind a long call time out while the guest may be running; the VM
     must stay consistent (a second thread in one wasmtime store corrupts it)."""
@@ -391,7 +423,15 @@ def test_a_failing_checkpoint_write_does_not_stop_the_daemon(tmp_path: Path) -> 
         for k in range(5):
             assert call(d, alice, vm, "kv_put", k, k)[0] == 200
             time.sleep(0.2)
-        assert healthy(d) and d.proc is not None and d.proc.poll() is None
+        assert d.proc is not None and d.proc.poll() is None
+        status, body = d.request("GET", "/health")  # up, serving, and saying what is wrong
+        assert status == 200 and body["status"] == "degraded", body
+        assert body["reasons"] == ["storage_full: cannot write checkpoints (Is a directory)"]
         snap.rmdir()
+        deadline = time.monotonic() + 20
+        while not healthy(d):  # the next round writes the checkpoint: ok again
+            assert time.monotonic() < deadline, d.request("GET", "/health")
+            time.sleep(0.1)
+        assert Snapshot.read(snap).seq == 5
     finally:
         d.kill()

@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import msgpack
 import pytest
 
 from cloudlet.vm import VM, ImageStore, VMLimits
 from mobile_client import CloudletClient
 from tests.conftest import WORKLOADS
-from tests.daemons import Daemon, make_daemon
+from tests.daemons import Daemon, make_daemon, sealed_body
 from tests.migration_proxy import MigrationProxy, Trigger
 from tests.mqtt_brokers import address
 
@@ -137,7 +136,7 @@ def test_fault_at_each_phase(pair: tuple[Daemon, Daemon], message: str, when: st
                 with contextlib.suppress(OSError):  # the source may die mid-request
                     await asyncio.to_thread(
                         east.request, "POST", f"/v1/vms/{vm_id}/migrate",
-                        {"endpoint": proxy.endpoint}, token=token, timeout_s=30)
+                        {"endpoint": proxy.endpoint}, token=east.operator_token(), timeout_s=30)
                 for _ in range(100):  # "after" acts a moment after forwarding
                     if proxy.fired:
                         break
@@ -206,7 +205,7 @@ def test_cloudlet_migrate_command_and_its_event(mosquitto: str, tmp_path: Path) 
                 assert out.returncode == 0, out.stderr
                 async with asyncio.timeout(10):
                     async for m in watch.messages:
-                        event = msgpack.unpackb(m.payload)  # type: ignore[arg-type]
+                        event = sealed_body(m.payload)  # type: ignore[arg-type]
                         if event.get("op") == "migrated":
                             return json.loads(out.stdout), event
             raise AssertionError("no migrated event")
@@ -263,7 +262,8 @@ def test_auto_converge_spaces_a_hot_vms_calls_between_real_daemons(
             await asyncio.sleep(0.3)
             status, answer = await asyncio.to_thread(
                 east.request, "POST", f"/v1/vms/{s.vm_id}/migrate",
-                {"endpoint": f"http://127.0.0.1:{link.port}"}, token=token, timeout_s=60)
+                {"endpoint": f"http://127.0.0.1:{link.port}"}, token=east.operator_token(),
+                timeout_s=60)
             assert status == 200, answer
             await asyncio.sleep(0.3)
             done.set()

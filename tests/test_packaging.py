@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from cloudlet.trust.client_tokens import ClientTokens
+from cloudlet.trust.keys import SigningKey
 from tests.conftest import ROOT
 
 # Runs `cloudlet ARGS` in a Python where the extras' packages cannot be imported.
@@ -38,6 +40,10 @@ def test_commands_name_the_missing_extra() -> None:
 
 
 def test_sdk_commands_work_without_extras() -> None:
-    out = run_bare("offload", "--endpoint", "http://127.0.0.1:9", "--token", "t",
+    token = ClientTokens(b"s" * 32, SigningKey.generate().public_bytes).issue("t", 60)
+    out = run_bare("offload", "--endpoint", "http://127.0.0.1:9", "--token", token,
                    str(ROOT / "workloads" / "kvstore.wasm"), "kv_count")
     assert out.returncode == 1 and "error [no_cloudlet_available]" in out.stderr, out.stderr
+    out = run_bare("offload", "--endpoint", "http://127.0.0.1:9", "--token", "t",
+                   str(ROOT / "workloads" / "kvstore.wasm"), "kv_count")
+    assert out.returncode == 1 and "error [unauthorized]: malformed token" in out.stderr

@@ -22,6 +22,7 @@ from cloudlet.errors import (
     CallTimeout,
     Forbidden,
     NoCloudletAvailable,
+    PeerUnverified,
     Unauthorized,
     VMTrapped,
 )
@@ -212,7 +213,7 @@ def test_session_follows_a_moved_vm_without_errors(two_daemons: tuple[Daemon, Da
                     await asyncio.sleep(0.15)
                     status, body = await asyncio.to_thread(
                         src.request, "POST", f"/v1/vms/{s.vm_id}/migrate",
-                        {"endpoint": dst.endpoint}, token=token)
+                        {"endpoint": dst.endpoint}, token=src.operator_token())
                     assert status == 200, body
                     moves.append(body)
                 await asyncio.sleep(0.15)
@@ -244,7 +245,7 @@ def test_attach_follows_a_vm_that_moved_before_the_session_started(
                 await s.call("kv_put", 3, 33)
                 vm_id = s.vm_id
             status, _ = east.request("POST", f"/v1/vms/{vm_id}/migrate",
-                                     {"endpoint": west.endpoint}, token=token)
+                                     {"endpoint": west.endpoint}, token=east.operator_token())
             assert status == 200
             async with client.attach(vm_id, east.endpoint) as s2:
                 # The old cloudlet answers 410 with the new address; the session goes there.
@@ -262,11 +263,15 @@ def test_auth_failures_are_typed(two_daemons: tuple[Daemon, Daemon], tmp_path: P
     stranger = make_daemon(tmp_path / "other-cluster", "stranger")  # another secret
 
     async def run() -> None:
-        for bad in ("not-a-token", stranger.token("mallory")):
-            async with CloudletClient(bad, endpoints=[east.endpoint]) as client:
-                with pytest.raises(Unauthorized):
-                    async with client.session(KVSTORE):
-                        pass
+        with pytest.raises(Unauthorized):
+            CloudletClient("not-a-token", endpoints=[east.endpoint])
+        # A token of another cluster trusts that cluster's cloudlets only: east cannot
+        # prove it is one, so the token is never sent to it.
+        async with CloudletClient(stranger.token("mallory"),
+                                  endpoints=[east.endpoint]) as client:
+            with pytest.raises(PeerUnverified):
+                async with client.session(KVSTORE):
+                    pass
         async with CloudletClient(east.token("alice"), endpoints=[east.endpoint]) as alice, \
                 alice.session(KVSTORE, keep=True) as s:
             vm_id = s.vm_id

@@ -48,8 +48,10 @@ from cloudlet.errors import (
     Unauthorized,
     VMNotFound,
 )
+from cloudlet.trust.client_tokens import ClientTokens
+from cloudlet.trust.cluster import cluster_tokens
+from cloudlet.trust.keys import SigningKey
 from cloudlet.vm import VM, ImageStore, Snapshot, VMLimits
-from edge_agent.auth import Authority, load_secret
 from edge_agent.replies import REPLY_BYTES_CAP, REPLY_WINDOW
 from mobile_client import CloudletClient
 from mobile_client.session import MAX_IN_FLIGHT
@@ -299,7 +301,7 @@ def test_move_with_bytes_and_numeric_calls_pipelined_from_several_tasks(
                         await asyncio.sleep(0.12)
                         status, body = await asyncio.to_thread(
                             src.request, "POST", f"/v1/vms/{s.vm_id}/migrate",
-                            {"endpoint": dst.endpoint}, token=token)
+                            {"endpoint": dst.endpoint}, token=src.operator_token())
                         assert status == 200, body
                         moves.append(body)
                     await asyncio.sleep(0.12)
@@ -356,7 +358,8 @@ def test_move_to_a_destination_sigkilled_mid_handover(cluster: Callable[..., Dae
                 await asyncio.sleep(0.1)
                 status, body = await asyncio.to_thread(
                     east.request, "POST", f"/v1/vms/{s.vm_id}/migrate",
-                    {"endpoint": to_west.endpoint, "mode": "stop_and_copy"}, token=token)
+                    {"endpoint": to_west.endpoint, "mode": "stop_and_copy"},
+                    token=east.operator_token())
                 assert to_west.fired == 1, "the hook should have killed the destination"
                 assert status >= 400 and body["code"] == "migration_aborted", body
                 await asyncio.sleep(0.1)
@@ -373,7 +376,7 @@ def test_move_to_a_destination_sigkilled_mid_handover(cluster: Callable[..., Dae
             assert s.vm_id not in vms_of(west, token), "the killed destination kept the VM"
             status, body = await asyncio.to_thread(
                 east.request, "POST", f"/v1/vms/{s.vm_id}/migrate",
-                {"endpoint": west.endpoint}, token=token)
+                {"endpoint": west.endpoint}, token=east.operator_token())
             assert status == 200, body
             await rec.call(s, ("kv_put", (2, 2)))
             assert s.location.endpoint == west.endpoint
@@ -416,14 +419,14 @@ def test_move_refused_for_lack_of_capacity_goes_unnoticed(
                         await asyncio.sleep(0.05)
                         status, body = await asyncio.to_thread(
                             east.request, "POST", f"/v1/vms/{s.vm_id}/migrate",
-                            {"endpoint": west.endpoint}, token=token)
+                            {"endpoint": west.endpoint}, token=east.operator_token())
                         assert status >= 400 and body["code"] == "migration_aborted", body
                         assert body["details"]["cause"] == "capacity_exceeded", body
                     # To itself, by its own URL and by another name for it: refused too.
                     for itself in (east.endpoint + "/", f"http://localhost:{east.port}"):
                         status, body = await asyncio.to_thread(
                             east.request, "POST", f"/v1/vms/{s.vm_id}/migrate",
-                            {"endpoint": itself}, token=token)
+                            {"endpoint": itself}, token=east.operator_token())
                         assert status >= 400 and body["code"] in (
                             "bad_call", "migration_aborted"), body
                     await asyncio.sleep(0.05)
@@ -467,7 +470,7 @@ def test_tombstone_survives_a_restart_of_the_old_cloudlet(
             later = asyncio.create_task(s.call("kv_put", 3, 30))  # made while unreachable
             status, body = await asyncio.to_thread(
                 east.request, "POST", f"/v1/vms/{s.vm_id}/migrate",
-                {"endpoint": west.endpoint}, token=token)
+                {"endpoint": west.endpoint}, token=east.operator_token())
             assert status == 200, body
             await asyncio.to_thread(restart, east)
             status, body = east.request("GET", f"/v1/vms/{s.vm_id}", token=token)
@@ -934,7 +937,7 @@ def test_oversized_call_is_typed_and_the_session_survives(
 def test_token_expiring_under_a_session_surfaces_as_unauthorized(
         cluster: Callable[..., Daemon]) -> None:
     d = cluster("strict-auth")
-    token = Authority(load_secret(d.secret_path)).issue("jo", 2)
+    token = cluster_tokens(d.cluster_dir).issue("jo", 2)
     expiry = int(base64.urlsafe_b64decode(token.split(".")[0] + "==").decode().split("|")[1])
 
     async def run() -> None:
@@ -989,7 +992,7 @@ def test_offload_after_its_warm_vm_moved(cluster: Callable[..., Daemon]) -> None
             assert (await client.offload(KVSTORE, "kv_put", [1, 1])).value == 1
             (vm_id,) = vms_of(east, token)
             status, body = east.request("POST", f"/v1/vms/{vm_id}/migrate",
-                                        {"endpoint": west.endpoint}, token=token)
+                                        {"endpoint": west.endpoint}, token=east.operator_token())
             assert status == 200, body
             out = await client.offload(KVSTORE, "kv_count")
             assert out.value in (0, 1)
@@ -1009,7 +1012,8 @@ def test_session_closed_right_after_a_move_leaves_no_vm(cluster: Callable[..., D
                 # Blocking on purpose: the move completes before the session's task can
                 # read the notice, i.e. the application closes as the VM moves.
                 status, body = east.request("POST", f"/v1/vms/{s.vm_id}/migrate",
-                                            {"endpoint": west.endpoint}, token=token)
+                                            {"endpoint": west.endpoint},
+                                            token=east.operator_token())
                 assert status == 200, body
         assert vms_of(west, token) == [] and vms_of(east, token) == []
 
@@ -1045,10 +1049,11 @@ def test_blocking_client_used_after_close(cluster: Callable[..., Daemon]) -> Non
 def test_blocking_client_with_bad_options_leaks_no_thread() -> None:
     threads_before = threading.active_count()
     failures = []
+    token = ClientTokens(b"s" * 32, SigningKey.generate().public_bytes).issue("t", 60)
     for options in ({}, {"endpoints": ["ftp://nowhere"]},
                     {"endpoints": ["http://127.0.0.1:9"], "policy": "fastest"}):
         with pytest.raises((ConfigError, InvalidArgument)) as failed:
-            BlockingClient("token", **options)
+            BlockingClient(token, **options)
         failures.append(failed)
     assert len(failures) == 3
     leaked = threading.active_count() - threads_before

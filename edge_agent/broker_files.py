@@ -1,0 +1,59 @@
+"""Files for an external Mosquitto that admits only the cluster, under its topic rules.
+
+`cloudlet broker-config --out DIR` writes, from the cluster's files:
+
+- `passwd`: one `$7$` (PBKDF2-SHA512) line per cloudlet (`node.NAME`), the
+  operator, and each named client; passwords derived from the cluster secret
+  (`cloudlet.trust.acl.derived_password`), so cloudlets started by
+  `cloudlet up --broker ...` already know theirs;
+- `acl`: the topic rules of `cloudlet.trust.acl`;
+- `mosquitto.conf`: a listener, `allow_anonymous false`, and the two files.
+
+Mosquitto checks client passwords from the file, so a client's broker password
+is its derived one (printed), not its bearer token as with the embedded broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from cloudlet.errors import ConfigError
+from cloudlet.fsutil import atomic_write
+from cloudlet.trust import acl
+from cloudlet.trust.client_tokens import check_client_name
+from edge_agent.auth import SECRET_FILE, load_secret
+from edge_agent.config import load_metro_config
+from edge_agent.metro import DEFAULT_METRO
+
+
+def write_mosquitto_files(state: Path, out: Path, *, nodes: Sequence[str] | None,
+                          clients: Sequence[str], listener: str) -> dict[str, str]:
+    """Write the three files; returns each client's broker password."""
+    secret_path = state / SECRET_FILE
+    if not secret_path.exists():
+        raise ConfigError(f"no cluster secret at {secret_path}: pass --state-dir (the "
+                          "directory `cloudlet up` uses), or run `cloudlet up` once")
+    secret = load_secret(secret_path)
+    host, _, port = listener.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--listener {listener!r} must be HOST:PORT")
+    names = list(nodes) if nodes else [n.name for n in load_metro_config(DEFAULT_METRO).nodes]
+    for client in clients:
+        check_client_name(client)
+    users = [acl.node_user(n) for n in names] + [acl.OPERATOR_USER, *clients]
+    passwd = "\n".join(acl.mosquitto_password_line(u, acl.derived_password(secret, u))
+                       for u in users) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "passwd", passwd.encode())
+    atomic_write(out / "acl", acl.mosquitto_acl(names).encode())
+    conf = "\n".join([
+        "# Written by `cloudlet broker-config`: only the cluster gets in.",
+        f"listener {port} {host}",
+        "allow_anonymous false",
+        f"password_file {(out / 'passwd').resolve()}",
+        f"acl_file {(out / 'acl').resolve()}",
+        "persistence false",
+        ""])
+    atomic_write(out / "mosquitto.conf", conf.encode())
+    return {c: acl.derived_password(secret, c) for c in clients}
