@@ -33,6 +33,7 @@ from cloudlet.trust.certs import (
 from cloudlet.trust.keys import SigningKey
 from cloudlet.trust.sealed import Identity
 from edge_agent.auth import Authority
+from fuzz import structure
 
 MAX_INPUT_BYTES = 4096
 SECRET = bytes(range(32))  # any fixed cluster secret: the seeds' tokens are signed with it
@@ -57,8 +58,12 @@ AUTHORITY = Authority(SECRET, AUTHORITY_CA.public_key, node=NODE, verifier=VERIF
 PEER = _identity(1, "harbor", ROLE_CLOUDLET)
 OPERATOR = _identity(2, "ops", ROLE_OPERATOR)
 PASSING = frozenset({"alice", "peer:harbor", "ops"})
+CLAIM_KEYS = ("iss", "aud", "iat", "exp", "nonce")
 DICTIONARY = [b"Bearer ", b"bearer ", b"cp1.", b"2|", b"|", b".", b"=", b"\xed\xa0\x80",
-              *(msgpack.packb(k) for k in ("iss", "aud", "iat", "exp", "nonce", NODE, "harbor"))]
+              *(msgpack.packb(k) for k in (*CLAIM_KEYS, NODE, "harbor"))]
+# Inputs that are msgpack (the claims seeds) get structure-aware mutations; headers,
+# which are not, get libFuzzer's own.
+MUTATOR = structure.msgpack_mutator(CLAIM_KEYS)
 
 
 def TestOneInput(data: bytes) -> None:
