@@ -18,6 +18,7 @@ from cloudlet.errors import (
     MigrationVersionUnsupported,
     SnapshotCorrupt,
     SnapshotVersionUnsupported,
+    Unauthorized,
     VMTrapped,
     error_from_wire,
 )
@@ -161,3 +162,12 @@ def test_a_snapshot_with_integer_map_keys_in_its_annex_reads_back(
     snap = replace(vm.snapshot(), annex={"replies": {1: b"ok"}})
     vm.close()
     assert Snapshot.from_bytes(snap.to_bytes()).annex == {"replies": {1: b"ok"}}  # was: corrupt
+
+
+def test_a_signed_peer_token_whose_audience_is_nested_deep_is_refused() -> None:
+    from fuzz.bearer_token import AUTHORITY, NOW, signed_by_peer
+
+    claims = {"iss": "harbor", "aud": nested("downtown", 1000), "iat": int(NOW),
+              "exp": int(NOW) + 60}
+    with pytest.raises(Unauthorized, match="downtown"):  # was: RecursionError, a 500
+        AUTHORITY.check("Bearer " + signed_by_peer(msgpack.packb(claims)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import os
+import reprlib
 import time
 from typing import Any
 
@@ -82,8 +83,10 @@ def check(verifier: CertificateVerifier, token: str, audience: str) -> Certifica
     if iss != cert.subject or type(iat) is not int or type(exp) is not int:
         raise untrusted("bad_token", "a peer token with malformed claims")
     if aud != audience:
+        # Not str(aud): a signer's claim nested 1,000 deep would raise RecursionError.
+        shown = aud[:60] if isinstance(aud, str) else reprlib.repr(aud)
         raise untrusted("wrong_audience", f"a peer token of {cert.subject!r} for "
-                                          f"{str(aud)[:60]!r}, not for {audience!r}")
+                                          f"{shown!r}, not for {audience!r}")
     now = verifier.clock()
     if exp - iat > MAX_TTL_S or not iat - CLOCK_SKEW_S <= now < exp:
         raise untrusted("expired", f"a peer token of {cert.subject!r} outside its lifetime")
