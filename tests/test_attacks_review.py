@@ -377,3 +377,157 @@ def test_f4_an_unproven_endpoint_steers_the_sdk_with_vm_moved(
     asyncio.run(scenario())
     assert squatter.credentials_seen() == []  # it only answered an unauthenticated /health
     assert f"Bearer {token}" in relay.credentials_seen()
+
+
+# --- on a real `cloudlet up` metro ------------------------------------------------------------
+# (the module's own metro: the fixture of tests/test_security.py, instantiated here)
+
+from cloudlet.errors import SessionLost  # noqa: E402
+from cloudlet.protocol import (  # noqa: E402
+    Location,
+    command_message,
+    commands_topic,
+    events_topic,
+    location_message,
+    location_topic,
+)
+from cloudlet.trust.cluster import load_authority, operator_identity  # noqa: E402
+from cloudlet.trust.sealed import seal  # noqa: E402
+from tests.daemons import sealed_body  # noqa: E402
+from tests.test_security import NODES, Metro, metro, mqtt  # noqa: E402, F401
+
+TEN_YEARS_S = 10 * 365 * 86400
+
+
+async def async_wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
+
+
+def test_f5_a_future_dated_location_pins_a_vm_away_from_its_real_host(metro: Metro) -> None:
+    """F5 (medium; an insider: one compromised cloudlet). Retained state is believed
+    when it is newer than what was believed, with no bound on how far in the future
+    its signed `ts` may be. A cloudlet may sign "VM X is on me" for any VM; dated ten
+    years ahead, every receiver running now believes it and then refuses every
+    genuine location of that VM as "replayed" (older) for as long as it runs. The
+    owner's session follows the lie, the liar says it has no such VM, the genuine
+    host's correction after a real move is dropped, and the session is lost.
+    (Honest clocks a little apart do the same in small: see the gate test below.)"""
+    token = metro.token("gina")
+
+    async def scenario() -> dict[str, Any]:
+        async with CloudletClient(token, broker=metro.broker_url) as client:
+            await client.discovery.wait_for(lambda d: len(d.online()) == 3, 15)
+            async with client.session(KVSTORE, keep=True) as s:
+                await s.call("kv_put", 1, 7)
+                assert await async_wait_until(
+                    lambda: client.discovery.location_of(s.vm_id) is not None)
+                home = s.location.node
+                liar, other = (n for n in NODES if n != home)
+                topic = location_topic(s.vm_id)
+                lie = seal(metro.node_identity(liar), topic,
+                           location_message(s.vm_id, Location(liar, metro.endpoints[liar])),
+                           clock=lambda: time.time() + TEN_YEARS_S)
+                await mqtt(metro.broker_url, login=metro.broker_login(f"node.{liar}"),
+                           publish=[(topic, lie, True)])
+                assert await async_wait_until(
+                    lambda: client.discovery.location_of(s.vm_id).node == liar)  # type: ignore[union-attr]
+                # The owner moves the VM for real; its new host publishes where it is.
+                status, body = await asyncio.to_thread(
+                    metro.request, home, "POST", f"/v1/vms/{s.vm_id}/migrate", {"to": other},
+                    token=token)
+                assert status == 200, body
+                await asyncio.sleep(2.0)
+                outcome: dict[str, Any] = {
+                    "believed": client.discovery.location_of(s.vm_id).node,  # type: ignore[union-attr]
+                    "liar": liar, "real": other,
+                    "replayed": client.discovery.dropped.get("replayed", 0)}
+                try:
+                    await s.call("kv_get", 1, deadline_ms=30_000)
+                    outcome["session"] = "alive"
+                except SessionLost:
+                    outcome["session"] = "lost"
+                return outcome
+
+    out = asyncio.run(scenario())
+    assert out["believed"] == out["liar"] != out["real"]
+    assert out["replayed"] >= 1  # the genuine location, refused as older than the lie
+    assert out["session"] == "lost"
+
+
+def test_f5b_honest_clocks_a_second_apart_lose_a_vms_location() -> None:
+    """F5b (low-medium). The same rule with honest cloudlets: a VM moves from A to B
+    within A's clock lead over B (well inside `control_window_s`, which the docs say
+    clocks must agree within): B's genuine location is older than A's, so every
+    receiver drops it and keeps pointing at A. Live migration takes milliseconds."""
+    from cloudlet.errors import TrustError
+    from cloudlet.trust.certs import CertificateAuthority, CertificateVerifier
+    from cloudlet.trust.gate import ControlGate
+    from cloudlet.trust.keys import SigningKey
+    from cloudlet.trust.sealed import Identity
+
+    ca = CertificateAuthority(SigningKey.generate())
+    verifier = CertificateVerifier(ca.public_key)
+
+    def cloudlet(name: str) -> Identity:
+        key = SigningKey.generate()
+        return Identity.load(key, ca.issue(name, ["cloudlet"], key.public_bytes), verifier)
+
+    a, b = cloudlet("a"), cloudlet("b")
+    gate = ControlGate(verifier)
+    topic = location_topic("vm1")
+    now = time.time()
+    gate.admit(topic, seal(a, topic, location_message("vm1", Location("a", "http://a")),
+                           clock=lambda: now + 1.0))  # A's clock runs 1 s ahead
+    with pytest.raises(TrustError) as refused:  # B, 0.2 s later by the true clock
+        gate.admit(topic, seal(b, topic, location_message("vm1", Location("b", "http://b")),
+                               clock=lambda: now + 0.2))
+    assert refused.value.details["reason"] == "replayed"
+
+
+def ping(metro: Metro, node: str, wait_s: float = 3.0) -> dict[str, Any] | None:
+    """An operator's signed ping to `node`; its event, or None if none came."""
+    operator = operator_identity(load_authority(metro.state))
+    order = seal(operator, commands_topic(node),
+                 command_message("ping", command_id=f"ping-{time.time_ns()}", epoch=0))
+
+    async def go() -> dict[str, Any] | None:
+        async with asyncio.TaskGroup() as tg:
+            watch = tg.create_task(mqtt(metro.broker_url, login=metro.broker_login("operator"),
+                                        subscribe=[events_topic(node)], listen_s=wait_s))
+            await asyncio.sleep(0.5)
+            await mqtt(metro.broker_url, login=metro.broker_login("operator"),
+                       publish=[(commands_topic(node), order, False)])
+        events = [sealed_body(raw) for _, raw in watch.result()[1]]
+        return next((e for e in events if e.get("op") == "ping"), None)
+
+    return asyncio.run(go())
+
+
+def test_f6_an_anonymous_refused_connect_deafens_a_cloudlet(metro: Metro) -> None:
+    """F6 (high: no credentials at all). amqtt handles a CONNECT with clean_session by
+    deleting the existing session of that client id (with all its subscriptions)
+    *before* it authenticates the newcomer. A cloudlet's client id is predictable
+    (`cloudlet-NAME`; names are public in presence and `/health`). So one anonymous
+    CONNECT, refused as it should be, silently strips that cloudlet's subscriptions:
+    it stays connected, publishes as before, logs nothing, and never again receives
+    an order or another cloudlet's presence (its peer directory goes stale, and
+    moves by name fail after 3 x presence_refresh_s) until its connection happens to
+    drop. Runs last in this module: it leaves the victim deaf."""
+    victim = "campus"
+    assert ping(metro, victim) is not None  # it hears orders
+
+    async def knock() -> None:
+        host, port = metro.broker_url.removeprefix("mqtt://").split(":")
+        import aiomqtt
+        with pytest.raises(aiomqtt.MqttError):  # refused: not authorized
+            async with aiomqtt.Client(host, int(port), identifier=f"cloudlet-{victim}"):
+                pass
+
+    asyncio.run(knock())
+    assert ping(metro, victim) is None  # deaf
+    assert ping(metro, "harbor") is not None  # the others still hear
