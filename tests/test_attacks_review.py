@@ -531,3 +531,64 @@ def test_f6_an_anonymous_refused_connect_deafens_a_cloudlet(metro: Metro) -> Non
     asyncio.run(knock())
     assert ping(metro, victim) is None  # deaf
     assert ping(metro, "harbor") is not None  # the others still hear
+
+
+# --- F8: a client's synthesized VM escapes the per-call deadline cap --------------------------
+
+SPIN = """(module (memory (export "memory") 1)
+  (func (export "spin") (loop $l (br $l))))"""
+
+
+def test_f8_a_synthesized_vm_carries_its_own_limits_and_stalls_the_cloudlet(
+        tmp_path: Path, daemons: list[Daemon]) -> None:
+    """F8 (medium; any client). `POST /v1/vms` caps a VM's `deadline_ms` at 90% of the
+    request deadline (9 s by default). `POST /v1/vms/synthesize` takes the limits from
+    the client's snapshot as they are: up to a day per call, no fuel limit. The
+    cloudlet's VM calls and its disk work (checkpoints, image compiles, new VMs) share
+    one small pool (`call_threads`, 2): two calls into a spinning VM hold it for a day
+    (the HTTP request times out, the call does not stop, and destroying the VM waits
+    for it). Every other client of that cloudlet then cannot create a VM."""
+    import dataclasses
+
+    from cloudlet.vm import Snapshot, VMLimits
+    from tests.conftest import wat
+
+    campus = start(make_daemon(tmp_path, "campus", request_deadline_s=3.0), daemons)
+    mallory = campus.token("mallory")
+    status, body = campus.request("POST", "/v1/images", raw=wat(SPIN), token=mallory)
+    assert status == 201, body
+    digest = body["digest"]
+    status, body = campus.request("POST", "/v1/vms", {"image": digest,
+                                                      "limits": {"deadline_ms": 86_400_000}},
+                                  token=mallory)
+    assert status == 400  # the cap, on the front door
+    status, body = campus.request("POST", "/v1/vms", {"image": digest}, token=mallory)
+    status, raw = campus.request("GET", f"/v1/vms/{body['vm']}/snapshot", token=mallory)
+    assert status == 200
+    snap = Snapshot.from_bytes(raw, 64 << 20)
+    day = VMLimits(memory_bytes=snap.limits.memory_bytes, fuel_per_call=None,
+                   deadline_ms=86_400_000)
+    forged = dataclasses.replace(snap, limits=day).to_bytes()
+    spinners = []
+    for _ in range(2):
+        status, body = campus.request("POST", "/v1/vms/synthesize", raw=forged, token=mallory)
+        assert status == 201, body
+        assert body["limits"]["deadline_ms"] == 86_400_000  # the side door
+        spinners.append(body["vm"])
+
+    def spin(vm: str) -> None:
+        try:
+            campus.request("POST", f"/v1/vms/{vm}/call", {"fn": "spin", "args": []},
+                           token=mallory, timeout_s=10)
+        except OSError:
+            pass  # the daemon is killed at the end of the test
+
+    for vm in spinners:  # each HTTP call times out; the call itself runs on, for a day
+        threading.Thread(target=spin, args=(vm,), daemon=True).start()
+    time.sleep(1.0)
+    # Another client, another image: the cloudlet cannot even create its VM.
+    alice = campus.token("alice")
+    status, body = campus.request("POST", "/v1/images", raw=KVSTORE.read_bytes(), token=alice,
+                                  timeout_s=10)
+    assert (status, body["code"]) == (408, "request_timeout"), body
+    assert campus.request("GET", "/health")[0] == 200  # it looks healthy
