@@ -489,50 +489,6 @@ def test_f5b_honest_clocks_a_second_apart_lose_a_vms_location() -> None:
     assert refused.value.details["reason"] == "replayed"
 
 
-def ping(metro: Metro, node: str, wait_s: float = 3.0) -> dict[str, Any] | None:
-    """An operator's signed ping to `node`; its event, or None if none came."""
-    operator = operator_identity(load_authority(metro.state))
-    order = seal(operator, commands_topic(node),
-                 command_message("ping", command_id=f"ping-{time.time_ns()}", epoch=0))
-
-    async def go() -> dict[str, Any] | None:
-        async with asyncio.TaskGroup() as tg:
-            watch = tg.create_task(mqtt(metro.broker_url, login=metro.broker_login("operator"),
-                                        subscribe=[events_topic(node)], listen_s=wait_s))
-            await asyncio.sleep(0.5)
-            await mqtt(metro.broker_url, login=metro.broker_login("operator"),
-                       publish=[(commands_topic(node), order, False)])
-        events = [sealed_body(raw) for _, raw in watch.result()[1]]
-        return next((e for e in events if e.get("op") == "ping"), None)
-
-    return asyncio.run(go())
-
-
-def test_f6_an_anonymous_refused_connect_deafens_a_cloudlet(metro: Metro) -> None:
-    """F6 (high: no credentials at all). amqtt handles a CONNECT with clean_session by
-    deleting the existing session of that client id (with all its subscriptions)
-    *before* it authenticates the newcomer. A cloudlet's client id is predictable
-    (`cloudlet-NAME`; names are public in presence and `/health`). So one anonymous
-    CONNECT, refused as it should be, silently strips that cloudlet's subscriptions:
-    it stays connected, publishes as before, logs nothing, and never again receives
-    an order or another cloudlet's presence (its peer directory goes stale, and
-    moves by name fail after 3 x presence_refresh_s) until its connection happens to
-    drop. Runs last in this module: it leaves the victim deaf."""
-    victim = "campus"
-    assert ping(metro, victim) is not None  # it hears orders
-
-    async def knock() -> None:
-        host, port = metro.broker_url.removeprefix("mqtt://").split(":")
-        import aiomqtt
-        with pytest.raises(aiomqtt.MqttError):  # refused: not authorized
-            async with aiomqtt.Client(host, int(port), identifier=f"cloudlet-{victim}"):
-                pass
-
-    asyncio.run(knock())
-    assert ping(metro, victim) is None  # deaf
-    assert ping(metro, "harbor") is not None  # the others still hear
-
-
 # --- F8: a client's synthesized VM escapes the per-call deadline cap --------------------------
 
 SPIN = """(module (memory (export "memory") 1)
@@ -592,3 +548,172 @@ def test_f8_a_synthesized_vm_carries_its_own_limits_and_stalls_the_cloudlet(
                                   timeout_s=10)
     assert (status, body["code"]) == (408, "request_timeout"), body
     assert campus.request("GET", "/health")[0] == 200  # it looks healthy
+
+
+def test_f6b_on_mosquitto_any_client_kicks_a_cloudlet_off_and_fires_its_will(
+        metro: Metro, tmp_path: Path) -> None:
+    """F6b (medium; any client with broker credentials). With the Mosquitto that
+    `cloudlet broker-config` configures, client ids are not bound to users: a client
+    connecting with `cloudlet-NAME` takes the cloudlet's session over. Mosquitto
+    disconnects the cloudlet and publishes its Will, so everyone sees it offline;
+    the cloudlet reconnects, the client does again, and so on. (Here a stand-in for
+    the daemon: node.downtown's own login, identifier and Will.)"""
+    import subprocess
+    import sys
+
+    import aiomqtt
+
+    from cloudlet.trust import acl
+    from cloudlet.trust.cluster import load_secret
+    from tests.mqtt_brokers import free_port as broker_port
+    from tests.mqtt_brokers import require_binary
+
+    binary = require_binary("mosquitto", "mosquitto")
+    port = broker_port()
+    out = tmp_path / "mosq"
+    made = subprocess.run(
+        [sys.executable, "-m", "cloudlet.cli", "broker-config", "--out", str(out), "--state-dir",
+         str(metro.state), "--node", "downtown", "--client", "dana", "--listener",
+         f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30)
+    assert made.returncode == 0, made.stderr
+    conf = out / "mosquitto.conf"
+    conf.write_text(conf.read_text() + "user root\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    secret = load_secret(metro.state / "cluster.key")
+    node = ("node.downtown", acl.derived_password(secret, "node.downtown"))
+    dana = ("dana", acl.derived_password(secret, "dana"))
+    presence = "cloudlet/v1/nodes/downtown/presence"
+    events: list[Any] = []
+
+    async def scenario() -> None:
+        async def the_cloudlet() -> None:
+            try:
+                async with aiomqtt.Client("127.0.0.1", port, identifier="cloudlet-downtown",
+                                          username=node[0], password=node[1],
+                                          will=aiomqtt.Will(presence, b"offline-will", qos=1,
+                                                            retain=True)) as c:
+                    await c.subscribe("cloudlet/v1/nodes/downtown/commands", qos=1)
+                    events.append("cloudlet connected")
+                    async for _ in c.messages:
+                        pass
+            except aiomqtt.MqttError:
+                events.append("cloudlet kicked off")
+
+        async def operator_watch() -> None:
+            async with aiomqtt.Client("127.0.0.1", port, identifier="watch",
+                                      username="operator",
+                                      password=acl.derived_password(secret, "operator")) as c:
+                await c.subscribe(presence, qos=1)
+                try:
+                    async with asyncio.timeout(3.0):
+                        async for m in c.messages:
+                            events.append(("presence", bytes(m.payload)))  # type: ignore[arg-type]
+                except TimeoutError:
+                    pass
+
+        for _ in range(50):  # mosquitto is starting
+            try:
+                async with aiomqtt.Client("127.0.0.1", port, username=dana[0],
+                                          password=dana[1]):
+                    break
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.1)
+        cloudlet = asyncio.create_task(the_cloudlet())
+        watch = asyncio.create_task(operator_watch())
+        await asyncio.sleep(0.5)
+        async with aiomqtt.Client("127.0.0.1", port, identifier="cloudlet-downtown",
+                                  username=dana[0], password=dana[1]):
+            await asyncio.sleep(0.5)
+        await watch
+        cloudlet.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert "cloudlet kicked off" in events, events
+    assert ("presence", b"offline-will") in events, events
+
+
+def test_f7_a_client_fills_the_embedded_brokers_memory_with_retained_messages(
+        metro: Metro) -> None:
+    """F7 (low-medium; any client). A client may publish *retained* messages of any
+    size to any number of topics under its own `clients/NAME/`; the embedded broker
+    keeps each in memory after the client leaves (nothing the cluster reads is
+    retained there: the SDK's reports are not). Measured by hand: 20 x 10 MiB from
+    one token grew `cloudlet up`'s RSS by ~225 MB, and it stayed. Here: 3 x 8 MiB,
+    read back by a later connection."""
+    import aiomqtt
+
+    host, port = metro.broker_url.removeprefix("mqtt://").split(":")
+    token = metro.token("hoarder")
+    topics = [f"cloudlet/v1/clients/hoarder/junk/{i}" for i in range(3)]
+
+    async def scenario() -> list[int]:
+        async with aiomqtt.Client(host, int(port), username="hoarder", password=token,
+                                  timeout=60) as c:
+            for t in topics:
+                await c.publish(t, b"\0" * (8 << 20), qos=1, retain=True)
+        sizes: list[int] = []
+        async with aiomqtt.Client(host, int(port), username="hoarder", password=token,
+                                  timeout=60) as c:
+            await c.subscribe("cloudlet/v1/clients/hoarder/#", qos=1)
+            try:
+                async with asyncio.timeout(10):
+                    async for m in c.messages:
+                        sizes.append(len(m.payload))  # type: ignore[arg-type]
+                        if len(sizes) == len(topics):
+                            break
+            except TimeoutError:
+                pass
+            for t in topics:  # clean up: the metro is shared by this module
+                await c.publish(t, b"", qos=1, retain=True)
+        return sizes
+
+    assert asyncio.run(scenario()) == [8 << 20] * 3
+
+
+def ping(metro: Metro, node: str, wait_s: float = 3.0) -> dict[str, Any] | None:
+    """An operator's signed ping to `node`; its event, or None if none came."""
+    operator = operator_identity(load_authority(metro.state))
+    order = seal(operator, commands_topic(node),
+                 command_message("ping", command_id=f"ping-{time.time_ns()}", epoch=0))
+
+    async def go() -> dict[str, Any] | None:
+        async with asyncio.TaskGroup() as tg:
+            watch = tg.create_task(mqtt(metro.broker_url, login=metro.broker_login("operator"),
+                                        subscribe=[events_topic(node)], listen_s=wait_s))
+            await asyncio.sleep(0.5)
+            await mqtt(metro.broker_url, login=metro.broker_login("operator"),
+                       publish=[(commands_topic(node), order, False)])
+        events = [sealed_body(raw) for _, raw in watch.result()[1]]
+        return next((e for e in events if e.get("op") == "ping"), None)
+
+    return asyncio.run(go())
+
+
+def test_f6_an_anonymous_refused_connect_deafens_a_cloudlet(metro: Metro) -> None:
+    """F6 (high: no credentials at all). amqtt handles a CONNECT with clean_session by
+    deleting the existing session of that client id (with all its subscriptions)
+    *before* it authenticates the newcomer. A cloudlet's client id is predictable
+    (`cloudlet-NAME`; names are public in presence and `/health`). So one anonymous
+    CONNECT, refused as it should be, silently strips that cloudlet's subscriptions:
+    it stays connected, publishes as before, logs nothing, and never again receives
+    an order or another cloudlet's presence (its peer directory goes stale, and
+    moves by name fail after 3 x presence_refresh_s) until its connection happens to
+    drop. Runs last in this module: it leaves the victim deaf."""
+    victim = "campus"
+    assert ping(metro, victim) is not None  # it hears orders
+
+    async def knock() -> None:
+        host, port = metro.broker_url.removeprefix("mqtt://").split(":")
+        import aiomqtt
+        with pytest.raises(aiomqtt.MqttError):  # refused: not authorized
+            async with aiomqtt.Client(host, int(port), identifier=f"cloudlet-{victim}"):
+                pass
+
+    asyncio.run(knock())
+    assert ping(metro, victim) is None  # deaf
+    assert ping(metro, "harbor") is not None  # the others still hear
