@@ -13,27 +13,42 @@ attacker's endpoints.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
-import socket
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
 
+from cloudlet.errors import SessionLost
 from cloudlet.migration import run_source
+from cloudlet.protocol import (
+    Location,
+    command_message,
+    commands_topic,
+    events_topic,
+    location_message,
+    location_topic,
+)
 from cloudlet.trust import peer_tokens
+from cloudlet.trust.cluster import load_authority, operator_identity
+from cloudlet.trust.sealed import seal
 from cloudlet.vm import VM, ImageStore
 from edge_agent.live_migration import WebSocketChannel
 from mobile_client import CloudletClient
 from tests.conftest import WORKLOADS
-from tests.daemons import Daemon, cloudlet_identity, make_daemon
+from tests.daemons import Daemon, cloudlet_identity, free_port, make_daemon, sealed_body
+from tests.test_security import NODES, Metro, mqtt
 
 KVSTORE = WORKLOADS / "kvstore.wasm"
 
@@ -144,13 +159,11 @@ async def migrate_in(target: Daemon, token: str, vm: VM, wasm: bytes,
                      migration_id: str) -> str:
     """Act as a source cloudlet: live-migrate `vm` into `target` over its peer route,
     with a migration id of the attacker's choosing. Returns the outcome."""
-    async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(f"{target.endpoint}/v1/peer/migrate",
-                                   params={"endpoint": "http://127.0.0.1:9"},
-                                   headers={"Authorization": f"Bearer {token}"},
-                                   max_msg_size=64 << 20) as ws:
-            stats = await run_source(vm, WebSocketChannel(ws), migration_id=migration_id,
-                                     image_wasm=wasm, deadline_s=20.0)
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            f"{target.endpoint}/v1/peer/migrate", params={"endpoint": "http://127.0.0.1:9"},
+            headers={"Authorization": f"Bearer {token}"}, max_msg_size=64 << 20) as ws:
+        stats = await run_source(vm, WebSocketChannel(ws), migration_id=migration_id,
+                                 image_wasm=wasm, deadline_s=20.0)
     return stats.outcome
 
 
@@ -379,24 +392,221 @@ def test_f4_an_unproven_endpoint_steers_the_sdk_with_vm_moved(
     assert f"Bearer {token}" in relay.credentials_seen()
 
 
-# --- on a real `cloudlet up` metro ------------------------------------------------------------
-# (the module's own metro: the fixture of tests/test_security.py, instantiated here)
 
-from cloudlet.errors import SessionLost  # noqa: E402
-from cloudlet.protocol import (  # noqa: E402
-    Location,
-    command_message,
-    commands_topic,
-    events_topic,
-    location_message,
-    location_topic,
-)
-from cloudlet.trust.cluster import load_authority, operator_identity  # noqa: E402
-from cloudlet.trust.sealed import seal  # noqa: E402
-from tests.daemons import sealed_body  # noqa: E402
-from tests.test_security import NODES, Metro, metro, mqtt  # noqa: E402, F401
+# --- F8: a client's synthesized VM escapes the per-call deadline cap --------------------------
+
+SPIN = """(module (memory (export "memory") 1)
+  (func (export "spin") (loop $l (br $l))))"""
+
+
+def test_f8_a_synthesized_vm_carries_its_own_limits_and_stalls_the_cloudlet(
+        tmp_path: Path, daemons: list[Daemon]) -> None:
+    """F8 (medium; any client). `POST /v1/vms` caps a VM's `deadline_ms` at 90% of the
+    request deadline (9 s by default). `POST /v1/vms/synthesize` takes the limits from
+    the client's snapshot as they are: up to a day per call, no fuel limit. The
+    cloudlet's VM calls and its disk work (checkpoints, image compiles, new VMs) share
+    one small pool (`call_threads`, 2): two calls into a spinning VM hold it for a day
+    (the HTTP request times out, the call does not stop, and destroying the VM waits
+    for it). Every other client of that cloudlet then cannot create a VM."""
+    import dataclasses
+
+    from cloudlet.vm import Snapshot, VMLimits
+    from tests.conftest import wat
+
+    campus = start(make_daemon(tmp_path, "campus", request_deadline_s=3.0), daemons)
+    mallory = campus.token("mallory")
+    status, body = campus.request("POST", "/v1/images", raw=wat(SPIN), token=mallory)
+    assert status == 201, body
+    digest = body["digest"]
+    status, body = campus.request("POST", "/v1/vms", {"image": digest,
+                                                      "limits": {"deadline_ms": 86_400_000}},
+                                  token=mallory)
+    assert status == 400  # the cap, on the front door
+    status, body = campus.request("POST", "/v1/vms", {"image": digest}, token=mallory)
+    status, raw = campus.request("GET", f"/v1/vms/{body['vm']}/snapshot", token=mallory)
+    assert status == 200
+    snap = Snapshot.from_bytes(raw, 64 << 20)
+    day = VMLimits(memory_bytes=snap.limits.memory_bytes, fuel_per_call=None,
+                   deadline_ms=86_400_000)
+    forged = dataclasses.replace(snap, limits=day).to_bytes()
+    spinners = []
+    for _ in range(2):
+        status, body = campus.request("POST", "/v1/vms/synthesize", raw=forged, token=mallory)
+        assert status == 201, body
+        assert body["limits"]["deadline_ms"] == 86_400_000  # the side door
+        spinners.append(body["vm"])
+
+    def spin(vm: str) -> None:
+        with contextlib.suppress(OSError):  # the daemon is killed at the end of the test
+            campus.request("POST", f"/v1/vms/{vm}/call", {"fn": "spin", "args": []},
+                           token=mallory, timeout_s=10)
+
+    for vm in spinners:  # each HTTP call times out; the call itself runs on, for a day
+        threading.Thread(target=spin, args=(vm,), daemon=True).start()
+    time.sleep(1.0)
+    # Another client, another image: the cloudlet cannot even create its VM.
+    alice = campus.token("alice")
+    status, body = campus.request("POST", "/v1/images", raw=KVSTORE.read_bytes(), token=alice,
+                                  timeout_s=10)
+    assert (status, body["code"]) == (408, "request_timeout"), body
+    assert campus.request("GET", "/health")[0] == 200  # it looks healthy
+
+
+# --- what held up ------------------------------------------------------------------------------
+# Attacks tried in review that the code refuses. These pass when the attack FAILS.
+
+
+def test_held_malformed_control_messages_are_refused_not_crashed() -> None:
+    """Deep nesting, a body over the cap, NaN/inf/bool timestamps, bool/float/huge
+    epochs, odd certificate subjects: each a `TrustError`, never another exception."""
+    import math
+
+    import msgpack
+
+    from cloudlet.errors import TrustError
+    from cloudlet.protocol import presence_topic
+    from cloudlet.trust.certs import CertificateAuthority, CertificateVerifier
+    from cloudlet.trust.gate import ControlGate
+    from cloudlet.trust.keys import SigningKey
+    from cloudlet.trust.sealed import MESSAGE_DOMAIN, Identity
+
+    ca = CertificateAuthority(SigningKey.generate())
+    verifier = CertificateVerifier(ca.public_key)
+    key = SigningKey.generate()
+    leader = Identity.load(key, ca.issue("leader", ["cloudlet", "orchestrator"],
+                                         key.public_bytes), verifier)
+
+    def raw_seal(topic: str, body: dict[str, Any]) -> bytes:
+        packed: bytes = msgpack.packb(body)
+        sig = key.sign(MESSAGE_DOMAIN + topic.encode() + b"\x00" + packed)
+        wire: bytes = msgpack.packb({"v": 2, "cert": leader.cert.wire, "body": packed,
+                                     "sig": sig})
+        return wire
+
+    topic = commands_topic("downtown")
+    now = time.time()
+    base = {"v": 2, "op": "ping", "id": "x", "nonce": b"n" * 12}
+    cases = {
+        "deep": b"\x91" * 100_000 + b"\xc0",
+        "huge": b"\xc6" + (300_000).to_bytes(4, "big") + b"\0" * 300_000,
+        "nan": raw_seal(topic, {**base, "ts": math.nan, "epoch": 1}),
+        "inf": raw_seal(topic, {**base, "ts": math.inf, "epoch": 1}),
+        "bool ts": raw_seal(topic, {**base, "ts": True, "epoch": 1}),
+        "bool epoch": raw_seal(topic, {**base, "ts": now, "epoch": True}),
+        "float epoch": raw_seal(topic, {**base, "ts": now, "epoch": 2.0}),
+        "negative epoch": raw_seal(topic, {**base, "ts": now, "epoch": -(1 << 63)}),
+        "deep body": raw_seal(topic, {**base, "ts": now, "epoch": 1,
+                                      "x": [[[[[[[[[[[]]]]]]]]]]]}),
+    }
+    refused = {}
+    for name, raw in cases.items():
+        try:
+            ControlGate(verifier).admit(topic, raw)
+            refused[name] = "believed"
+        except TrustError as exc:
+            refused[name] = exc.details["reason"]
+    # Only the well-formed deep body passes (depth is not a rule; msgpack caps it).
+    assert refused == {"deep": "malformed", "huge": "too_large", "nan": "malformed",
+                       "inf": "malformed", "bool ts": "malformed", "bool epoch": "malformed",
+                       "float epoch": "malformed", "negative epoch": "malformed",
+                       "deep body": "believed"}, refused
+    # A certificate whose subject is a wildcard can never speak for a real topic.
+    wild = SigningKey.generate()
+    plus = Identity.load(wild, ca.issue("+", ["cloudlet"], wild.public_bytes), verifier)
+    for t in (presence_topic("+"), presence_topic("downtown")):
+        with pytest.raises(TrustError):
+            ControlGate(verifier).admit(t, seal(plus, t, {"v": 2, "node": "+",
+                                                         "status": "online"}))
+
+
+def test_held_the_health_proof_is_no_signing_oracle(tmp_path: Path,
+                                                     daemons: list[Daemon]) -> None:
+    """`/health?challenge=` signs 16-64 bytes of the asker's choice. Ask it to sign the
+    body of a peer token (55 bytes here) and use the signature as the token's: refused,
+    because each use signs under its own domain string (none a prefix of another)."""
+    import base64
+
+    import msgpack
+
+    from cloudlet.trust import proof
+    from cloudlet.trust.certs import CERT_DOMAIN
+    from cloudlet.trust.sealed import MESSAGE_DOMAIN
+
+    domains = [proof.PROOF_DOMAIN, peer_tokens.TOKEN_DOMAIN, MESSAGE_DOMAIN, CERT_DOMAIN]
+    assert not any(a != b and b.startswith(a) for a in domains for b in domains)
+    campus = start(make_daemon(tmp_path, "campus"), daemons)
+    harbor = start(make_daemon(tmp_path, "harbor"), daemons)
+    now = int(time.time())
+    body = msgpack.packb({"iss": "campus", "aud": "harbor", "iat": now, "exp": now + 60,
+                          "nonce": b"12345678"})
+    assert 16 <= len(body) <= 64
+    status, health = campus.request("GET", f"/health?challenge={body.hex()}")
+    assert status == 200
+    answer = health["identity"]
+    def unb64(text: str) -> bytes:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    token = "cp1." + base64.urlsafe_b64encode(msgpack.packb(
+        [unb64(answer["cert"]), body, unb64(answer["sig"])])).rstrip(b"=").decode()
+    status, refused = harbor.request("GET", "/v1/peer/vms", token=token)
+    assert (status, refused["code"]) == (401, "unauthorized"), refused
+
+
+def test_held_peer_credentials_are_bound_and_typed(tmp_path: Path,
+                                                   daemons: list[Daemon]) -> None:
+    """An operator token may not send VMs; a client token is no peer's; a token for
+    another cloudlet, or a stale one, opens nothing."""
+    campus = start(make_daemon(tmp_path, "campus"), daemons)
+    peer = cloudlet_identity(campus.cluster_dir, "harbor")
+    attempts = {
+        "operator on /v1/peer/migrate": (campus.operator_token(), "/v1/peer/migrate"),
+        "client on /v1/peer/vms": (campus.token("alice"), "/v1/peer/vms"),
+        "for another audience": (peer_tokens.mint(peer, "downtown"), "/v1/peer/vms"),
+        "expired": (peer_tokens.mint(peer, "campus", clock=lambda: time.time() - 120),
+                    "/v1/peer/vms"),
+        "from the future": (peer_tokens.mint(peer, "campus", clock=lambda: time.time() + 120),
+                            "/v1/peer/vms"),
+    }
+    statuses = {name: campus.request("GET", path, token=token)[0]
+                for name, (token, path) in attempts.items()}
+    assert statuses == {"operator on /v1/peer/migrate": 403, "client on /v1/peer/vms": 403,
+                        "for another audience": 401, "expired": 401,
+                        "from the future": 401}, statuses
+
+
+# --- on a real `cloudlet up` metro ------------------------------------------------------------
+# (the module's own metro, as tests/test_security.py starts one)
 
 TEN_YEARS_S = 10 * 365 * 86400
+
+
+@pytest.fixture(scope="module")
+def metro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metro]:
+    """`cloudlet up --nodes 3` (the embedded broker, three cloudlets), for this module."""
+    state = tmp_path_factory.mktemp("metro")
+    broker_port, base_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloudlet.cli", "up", "--nodes", "3", "--base-port",
+         str(base_port), "--broker-port", str(broker_port), "--state-dir", str(state)],
+        stdout=subprocess.PIPE, stderr=(state / "up.log").open("wb"), text=True)
+    try:
+        assert proc.stdout is not None
+        endpoints: dict[str, str] = {}
+        deadline = time.monotonic() + 60
+        while len(endpoints) < 3 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "cloudlet up exited early: " + (state / "up.log").read_text()[-2000:]
+            m = re.match(r"cloudlet (\S+)\s+(\S+)\s+\(pid \d+\)", line)
+            if m:
+                endpoints[m.group(1)] = m.group(2)
+        assert set(endpoints) == set(NODES)
+        yield Metro(state, f"mqtt://127.0.0.1:{broker_port}", broker_port, endpoints, proc)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        finally:
+            proc.kill()
 
 
 async def async_wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0) -> bool:
@@ -489,67 +699,6 @@ def test_f5b_honest_clocks_a_second_apart_lose_a_vms_location() -> None:
     assert refused.value.details["reason"] == "replayed"
 
 
-# --- F8: a client's synthesized VM escapes the per-call deadline cap --------------------------
-
-SPIN = """(module (memory (export "memory") 1)
-  (func (export "spin") (loop $l (br $l))))"""
-
-
-def test_f8_a_synthesized_vm_carries_its_own_limits_and_stalls_the_cloudlet(
-        tmp_path: Path, daemons: list[Daemon]) -> None:
-    """F8 (medium; any client). `POST /v1/vms` caps a VM's `deadline_ms` at 90% of the
-    request deadline (9 s by default). `POST /v1/vms/synthesize` takes the limits from
-    the client's snapshot as they are: up to a day per call, no fuel limit. The
-    cloudlet's VM calls and its disk work (checkpoints, image compiles, new VMs) share
-    one small pool (`call_threads`, 2): two calls into a spinning VM hold it for a day
-    (the HTTP request times out, the call does not stop, and destroying the VM waits
-    for it). Every other client of that cloudlet then cannot create a VM."""
-    import dataclasses
-
-    from cloudlet.vm import Snapshot, VMLimits
-    from tests.conftest import wat
-
-    campus = start(make_daemon(tmp_path, "campus", request_deadline_s=3.0), daemons)
-    mallory = campus.token("mallory")
-    status, body = campus.request("POST", "/v1/images", raw=wat(SPIN), token=mallory)
-    assert status == 201, body
-    digest = body["digest"]
-    status, body = campus.request("POST", "/v1/vms", {"image": digest,
-                                                      "limits": {"deadline_ms": 86_400_000}},
-                                  token=mallory)
-    assert status == 400  # the cap, on the front door
-    status, body = campus.request("POST", "/v1/vms", {"image": digest}, token=mallory)
-    status, raw = campus.request("GET", f"/v1/vms/{body['vm']}/snapshot", token=mallory)
-    assert status == 200
-    snap = Snapshot.from_bytes(raw, 64 << 20)
-    day = VMLimits(memory_bytes=snap.limits.memory_bytes, fuel_per_call=None,
-                   deadline_ms=86_400_000)
-    forged = dataclasses.replace(snap, limits=day).to_bytes()
-    spinners = []
-    for _ in range(2):
-        status, body = campus.request("POST", "/v1/vms/synthesize", raw=forged, token=mallory)
-        assert status == 201, body
-        assert body["limits"]["deadline_ms"] == 86_400_000  # the side door
-        spinners.append(body["vm"])
-
-    def spin(vm: str) -> None:
-        try:
-            campus.request("POST", f"/v1/vms/{vm}/call", {"fn": "spin", "args": []},
-                           token=mallory, timeout_s=10)
-        except OSError:
-            pass  # the daemon is killed at the end of the test
-
-    for vm in spinners:  # each HTTP call times out; the call itself runs on, for a day
-        threading.Thread(target=spin, args=(vm,), daemon=True).start()
-    time.sleep(1.0)
-    # Another client, another image: the cloudlet cannot even create its VM.
-    alice = campus.token("alice")
-    status, body = campus.request("POST", "/v1/images", raw=KVSTORE.read_bytes(), token=alice,
-                                  timeout_s=10)
-    assert (status, body["code"]) == (408, "request_timeout"), body
-    assert campus.request("GET", "/health")[0] == 200  # it looks healthy
-
-
 def test_f6b_on_mosquitto_any_client_kicks_a_cloudlet_off_and_fires_its_will(
         metro: Metro, tmp_path: Path) -> None:
     """F6b (medium; any client with broker credentials). With the Mosquitto that
@@ -608,7 +757,7 @@ def test_f6b_on_mosquitto_any_client_kicks_a_cloudlet_off_and_fires_its_will(
                 try:
                     async with asyncio.timeout(3.0):
                         async for m in c.messages:
-                            events.append(("presence", bytes(m.payload)))  # type: ignore[arg-type]
+                            events.append(("presence", bytes(m.payload)))
                 except TimeoutError:
                     pass
 
@@ -663,7 +812,7 @@ def test_f7_a_client_fills_the_embedded_brokers_memory_with_retained_messages(
             try:
                 async with asyncio.timeout(10):
                     async for m in c.messages:
-                        sizes.append(len(m.payload))  # type: ignore[arg-type]
+                        sizes.append(len(m.payload))
                         if len(sizes) == len(topics):
                             break
             except TimeoutError:
@@ -673,6 +822,47 @@ def test_f7_a_client_fills_the_embedded_brokers_memory_with_retained_messages(
         return sizes
 
     assert asyncio.run(scenario()) == [8 << 20] * 3
+
+
+def test_held_the_embedded_brokers_topic_rules(metro: Metro) -> None:
+    """A client's subscriptions to wildcards, `$SYS`, `$share`, other clients and
+    telemetry are refused; its publishes and Wills outside `clients/NAME/` reach no
+    one; a client token is no password for a node or the operator."""
+    import aiomqtt
+
+    alice = metro.token("alice")
+    forbidden = ["#", "$SYS/#", "cloudlet/v1/+/+/+", "$share/g/cloudlet/v1/#",
+                 "$share/g/cloudlet/v1/nodes/+/commands", "cloudlet/v1/clients/bob/#",
+                 "cloudlet/v1/clients/+/rtt", "+/v1/nodes/+/presence",
+                 "cloudlet/v1/nodes/+/#", "cloudlet/v1/vms/#"]
+    granted, _ = asyncio.run(mqtt(metro.broker_url, login=("alice", alice),
+                                  subscribe=forbidden))
+    assert all(code >= 0x80 for code in granted), dict(zip(forbidden, granted, strict=False))
+
+    async def publish_and_watch() -> list[tuple[str, bytes]]:
+        async with asyncio.TaskGroup() as tg:
+            watch = tg.create_task(mqtt(metro.broker_url, login=metro.broker_login("operator"),
+                                        subscribe=["cloudlet/v1/#"], listen_s=2.0))
+            await asyncio.sleep(0.5)
+            for topic, retain in (("cloudlet/v1/clients/bob/rtt", True),
+                                  ("cloudlet/v1/nodes/harbor/commands", False),
+                                  ("cloudlet/v1/vms/x/location", True),
+                                  ("cloudlet/v1/orchestrator/r/lease", True)):
+                await mqtt(metro.broker_url, login=("alice", alice),
+                           publish=[(topic, b"alice", retain)])
+        return [(t, p) for t, p in watch.result()[1] if p == b"alice"]
+
+    assert asyncio.run(publish_and_watch()) == []
+    host, port = metro.broker_url.removeprefix("mqtt://").split(":")
+    for user, will_topic in (("alice", "cloudlet/v1/clients/bob/rtt"),
+                             ("node.harbor", None), ("operator", None)):
+        async def connect(user: str = user, will_topic: str | None = will_topic) -> None:
+            will = aiomqtt.Will(will_topic, b"w", retain=True) if will_topic else None
+            async with aiomqtt.Client(host, int(port), username=user, password=alice,
+                                      will=will):
+                pass
+        with pytest.raises(aiomqtt.MqttError):
+            asyncio.run(connect())
 
 
 def ping(metro: Metro, node: str, wait_s: float = 3.0) -> dict[str, Any] | None:
