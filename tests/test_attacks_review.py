@@ -1,9 +1,10 @@
 """A security review of the zero-trust layer, as attacks with real processes.
 
-Each test is an attack. A test that *passes* here shows the attack WORKS against
-the current code (the holes found in review); the docstring names the finding
-(F1, F2, ...) in the review report and what a fix must change. When a hole is
-closed, its test fails: turn it around into a test that the attack is refused.
+Each test is an attack. A test named `test_fN_...` that *passes* shows the attack
+WORKS against the current code (a hole found in review); its docstring names the
+finding (F1, F2, ...) of the review report. When a hole is closed, its test fails:
+turn it around into a test that the attack is refused, as F1 and F1b are (fixed on
+this branch). `test_held_...` tests are attacks that were refused all along.
 
 Real processes throughout: `cloudlet agent` daemons (tests/daemons.py), a real
 `cloudlet up` metro where the broker matters, and plain HTTP servers playing the
@@ -167,20 +168,22 @@ async def migrate_in(target: Daemon, token: str, vm: VM, wasm: bytes,
     return stats.outcome
 
 
-# --- F1: a peer's migration id is a path ------------------------------------------------------
+# --- F1: a peer's migration id is a path (fixed on this branch: now refused) -------------------
 
 
-def test_f1_a_peer_migration_id_deletes_any_directory_on_the_destination(
+def test_f1_a_peer_migration_id_cannot_name_a_directory_on_the_destination(
         tmp_path: Path, daemons: list[Daemon]) -> None:
-    """F1 (high). The live-migration destination uses the source's `migration_id`
-    unchecked as a directory name: `STATE/incoming/<migration_id>`. It writes the
-    rounds there, and `shutil.rmtree`s it when the migration ends (at once on an
-    abort, one checkpoint interval after a commit). `Path(incoming) / "/abs/dir"` is
-    `/abs/dir`, and `..` walks up. So any holder of a peer token for a cloudlet (a
-    compromised cloudlet, which the threat model says "signs only as itself") makes
-    that cloudlet delete any directory its user can: here one outside the cloudlet
-    (absolute path), one next to it (`../..`), and the victim's own state directory
-    (`..`: its node key, its certificate and every client's VM checkpoints)."""
+    """F1 (high; fixed). The live-migration destination used the source's
+    `migration_id` unchecked as a directory name, `STATE/incoming/<migration_id>`:
+    it wrote the rounds there and `shutil.rmtree`d it when the migration ended (at
+    once on an abort, one checkpoint interval after a commit). `Path(incoming) /
+    "/abs/dir"` is `/abs/dir`, and `..` walks up, so any holder of a peer token for a
+    cloudlet (a compromised cloudlet, which the threat model says "signs only as
+    itself") made it delete any directory its user could: one outside the cloudlet
+    (absolute path), one next to it (`../..`), and its own state directory (`..`:
+    node key, config, every client's VM checkpoints). Commit 98f1921's version of
+    this test shows all three deleted. Now an offer whose ids are not letters,
+    digits, '-' or '_' is refused, and nothing moves or goes."""
     campus = start(make_daemon(tmp_path, "campus"), daemons)
     alice = campus.token("alice")
     status, body = campus.request("POST", "/v1/images", raw=KVSTORE.read_bytes(), token=alice)
@@ -199,29 +202,25 @@ def test_f1_a_peer_migration_id_deletes_any_directory_on_the_destination(
 
     # The attacker: a cloudlet of the cluster (its own key and certificate), nothing more.
     mallory = cloudlet_identity(campus.cluster_dir, "mallory")
-    for migration_id in (str(absolute), "../../beside-the-cloudlet"):
+    for migration_id in (str(absolute), "../../beside-the-cloudlet", ".."):
         vm, wasm = local_vm(tmp_path)
         token = peer_tokens.mint(mallory, "campus")
-        assert asyncio.run(migrate_in(campus, token, vm, wasm, migration_id)) == "committed"
-    assert wait_until(lambda: not absolute.exists() and not relative.exists()), campus.log()
-
-    # `..`: the cloudlet's own state directory.
+        assert asyncio.run(migrate_in(campus, token, vm, wasm, migration_id)) == "aborted"
+    time.sleep(1.5)  # past the checkpoint interval (0.5 s), when a commit would delete
+    assert (absolute / "data.txt").exists() and (relative / "data.txt").exists()
     assert (campus.state_dir / "node.key").exists()
+    assert (campus.state_dir / "vms" / f"{alices_vm}.snap").exists()
+    # A well-formed id still migrates in.
     vm, wasm = local_vm(tmp_path)
     assert asyncio.run(migrate_in(campus, peer_tokens.mint(mallory, "campus"), vm, wasm,
-                                  "..")) == "committed"
-    # Everything under it goes: the node's key and config, Alice's checkpoint, the log.
-    assert wait_until(lambda: not campus.state_dir.exists()
-                      or not any(campus.state_dir.rglob("*")))
-    assert not (campus.state_dir / "node.key").exists()
-    assert not (campus.state_dir / "vms" / f"{alices_vm}.snap").exists()
+                                  "0123456789abcdef")) == "committed"
 
 
-def test_f1b_a_peer_vm_id_is_a_path_too(tmp_path: Path, daemons: list[Daemon]) -> None:
-    """F1b (medium). A VM id that arrives from a peer (a handed-over snapshot on
-    `POST /v1/peer/vms`, or a live migration's Offer) is used unchecked in
-    `STATE/vms/<id>.snap`: a peer writes a checkpoint (VM memory it chose) to any
-    `*.snap` path the daemon's user can write, and a destroy unlinks it."""
+def test_f1b_a_peer_vm_id_cannot_be_a_path(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """F1b (medium; fixed). A VM id from a peer (a handed-over snapshot on
+    `POST /v1/peer/vms`, or a live migration's Offer) was used unchecked in
+    `STATE/vms/<id>.snap`: a peer wrote a checkpoint (VM memory it chose) to any
+    `*.snap` path the daemon's user could write (commit 98f1921 shows it). Refused now."""
     import dataclasses
 
     campus = start(make_daemon(tmp_path, "campus"), daemons)
@@ -230,11 +229,12 @@ def test_f1b_a_peer_vm_id_is_a_path_too(tmp_path: Path, daemons: list[Daemon]) -
     assert campus.request("POST", "/v1/images", raw=wasm, token=token)[0] == 201
     target = tmp_path / "outside-the-cloudlet" / "planted"
     target.parent.mkdir()
-    snap = dataclasses.replace(vm.snapshot(), vm_id=str(target))
-    status, body = campus.request("POST", "/v1/peer/vms", raw=snap.to_bytes(), token=token)
-    assert status == 201, body
-    assert body["vm"] == str(target)
-    assert Path(f"{target}.snap").exists()  # written outside STATE/vms
+    for vm_id in (str(target), "../../outside-the-cloudlet/planted", "a/../b"):
+        snap = dataclasses.replace(vm.snapshot(), vm_id=vm_id)
+        status, body = campus.request("POST", "/v1/peer/vms", raw=snap.to_bytes(), token=token)
+        assert (status, body["code"]) == (400, "bad_call"), body
+    assert not Path(f"{target}.snap").exists()
+    assert list(target.parent.iterdir()) == []
 
 
 # --- F2: a proof is cached by address; F3: a proof follows redirects -------------------------
