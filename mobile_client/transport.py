@@ -160,9 +160,11 @@ class Http:
             await self.prove(where)
             headers["Authorization"] = f"Bearer {self.token}"
         try:
+            # No redirects: a cloudlet never sends one, and following one would let any
+            # server pass the proof with a real cloudlet's answer.
             async with self.session.request(method, where.endpoint + path, data=data,
                                             headers=headers, timeout=timeout,
-                                            params=params) as resp:
+                                            params=params, allow_redirects=False) as resp:
                 payload = await resp.read()
                 status = resp.status
                 is_json = "json" in resp.headers.get("Content-Type", "")
@@ -172,7 +174,7 @@ class Http:
             raise NoCloudletAvailable(f"cannot reach cloudlet {where.node} at "
                                       f"{where.endpoint}: {exc}") from None
         decoded = _decode_json(payload) if is_json and payload else _decode(payload)
-        if status >= 400:
+        if status >= 300:  # a redirect too: not followed, and not an answer
             raise error_from_wire(decoded if isinstance(decoded, dict) else {
                 "code": "request_error", "message": f"HTTP {status} from {where.node}"})
         return decoded
