@@ -138,9 +138,20 @@ class Http:
         if known is not None:
             return known
         challenge = proof.new_challenge()
-        health = await self.request("GET", where, "/health", authenticated=False,
-                                    params={"challenge": challenge.hex()},
-                                    timeout_s=CONNECT_TIMEOUT_S * 2)
+        try:
+            health = await self.request("GET", where, "/health", authenticated=False,
+                                        params={"challenge": challenge.hex()},
+                                        timeout_s=CONNECT_TIMEOUT_S * 2)
+        except (NoCloudletAvailable, RequestTimeout):
+            raise  # unreachable: callers retry or try another cloudlet
+        except CloudletError as exc:
+            # An error *answer* from an endpoint that has not proven itself is believed
+            # no more than the rest of what it says: a `vm_moved` from it would choose
+            # where the client goes next. It did not prove itself; that is all.
+            self._proven.pop(where.endpoint, None)
+            raise PeerUnverified(f"{where.endpoint} answered its challenge with an error "
+                                 f"({exc.code}), not a proof; nothing was sent to it",
+                                 reason="no_proof") from None
         answer = health.get("identity") if isinstance(health, dict) else None
         return self.check_proof(where, challenge, answer)
 
