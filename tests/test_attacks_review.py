@@ -450,6 +450,63 @@ def test_f8_a_synthesized_vm_carries_its_own_limits_and_stalls_the_cloudlet(
     assert campus.request("GET", "/health")[0] == 200  # it looks healthy
 
 
+# --- F9: orders are believed once per process, not once ----------------------------------------
+
+
+def test_f9_an_order_replayed_after_a_restart_is_carried_out_again(
+        tmp_path: Path, embedded_broker: str) -> None:
+    """F9 (low). Seen nonces live only in memory (`ReplayWindow`), and the fencing
+    epoch admits the same epoch again. Whoever can publish on a cloudlet's commands
+    topic (any cloudlet's broker login, the broker's operator, which docs/security.md
+    says "cannot forge") keeps a genuine signed order and replays it after the
+    cloudlet restarts, within `control_window_s` (30 s): it runs a second time. A
+    `migrate` replayed so moves a VM its owner has since moved back."""
+    from tests.test_control_plane import collect
+
+    d = make_daemon(tmp_path, "cp9", broker_url=embedded_broker, mqtt_keepalive_s=2).start()
+    try:
+        commands, events = "cloudlet/v1/nodes/cp9/commands", "cloudlet/v1/nodes/cp9/events"
+        order = seal(operator_identity(load_authority(d.cluster_dir)), commands,
+                     command_message("checkpoint", command_id="only-once", epoch=1))
+
+        def carried_out() -> int:
+            got = collect(embedded_broker, [events],
+                          lambda g: any(p and p.get("id") == "only-once" for _, p, _ in g),
+                          timeout_s=5.0, publish=[(commands, order)])
+            return sum(1 for _, p, _ in got if p and p.get("id") == "only-once")
+
+        assert carried_out() == 1
+        assert carried_out() == 0  # a replay, refused: as promised
+        d.stop()
+        d.start()
+        assert wait_until(lambda: d.request("GET", "/metrics", token=d.token("x"))[1]
+                          .find(b"cloudlet_mqtt_connected 1.0") >= 0)
+        assert carried_out() == 1  # the same bytes, believed again
+    finally:
+        d.kill()
+
+
+# --- F10: images are shared by every client of a cloudlet --------------------------------------
+
+
+def test_f10_a_client_lists_and_deletes_another_clients_image(
+        tmp_path: Path, daemons: list[Daemon]) -> None:
+    """F10 (low; any client). `GET /v1/images` lists every client's uploads (digests of
+    their code) and `DELETE /v1/images/{digest}` removes another client's image when
+    no VM runs it: her next VM on that cloudlet costs a new upload (the SDK retries),
+    and a `create` by digest alone fails."""
+    harbor = start(make_daemon(tmp_path, "harbor"), daemons)
+    alice, bob = harbor.token("alice"), harbor.token("bob")
+    status, body = harbor.request("POST", "/v1/images", raw=KVSTORE.read_bytes(), token=alice)
+    assert status == 201, body
+    digest = body["digest"]
+    status, listing = harbor.request("GET", "/v1/images", token=bob)
+    assert digest in listing["images"]
+    assert harbor.request("DELETE", f"/v1/images/{digest}", token=bob)[0] == 204
+    status, body = harbor.request("POST", "/v1/vms", {"image": digest}, token=alice)
+    assert (status, body["code"]) == (404, "image_not_found"), body
+
+
 # --- what held up ------------------------------------------------------------------------------
 # Attacks tried in review that the code refuses. These pass when the attack FAILS.
 
