@@ -4,7 +4,8 @@ Handlers are thin: parse, call `VMHost`, answer. Everything that can go wrong
 is a `CloudletError` with a stable code, answered as `{"code", "message"}` with
 an HTTP status by meaning (see `STATUS`), so the SDK can raise the daemon's own
 exception class. Bodies are msgpack; management answers are JSON when the
-client asks for `application/json`. Every request has a size cap and a
+client asks for `application/json`. Every request has a size cap (its route's
+`BodyLimit`, enforced before the body is buffered, edge_agent/bodies.py) and a
 deadline, and nothing but `/health` answers without credentials.
 The API is described in docs/openapi.yaml.
 """
@@ -29,6 +30,7 @@ from cloudlet.protocol import Location
 from cloudlet.trust import proof
 from cloudlet.trust.sealed import Identity
 from edge_agent.auth import Authority, Principal
+from edge_agent.bodies import BodyLimit, read_body, spooled_body
 from edge_agent.config import NodeConfig
 from edge_agent.handoff import Mover
 from edge_agent.identity import NodeTrust
@@ -94,6 +96,10 @@ MOVER = web.AppKey("mover", Mover)
 
 MSGPACK = "application/msgpack"
 OVERSIZE_SLACK_BYTES = 64 << 10
+# A snapshot's bytes beyond the memory it restores: its header, globals and host
+# state (a few KiB), and 4 bytes of chunk id per 4 KiB chunk (1/1024 of the data).
+SNAPSHOT_OVERHEAD_BYTES = 64 << 10
+SNAPSHOT_IDS_SHARE = 1024
 MOVED_CLOSE_CODE = 4001  # private-use WebSocket close code: "the VM moved; see the notice"
 NUMBERS = frozenset({int, float})  # exact types: bool is an int subclass, and not a number
 PUBLIC_PATHS = frozenset({"/health"})
@@ -179,6 +185,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 @web.middleware
+async def body_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A body declared over its route's cap is refused before a byte of it is read."""
+    if request.content_length is not None:
+        body_limit(request).check_declared(request)
+    return await handler(request)
+
+
+@web.middleware
 async def deadline_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await handler(request)  # a stream lives long; each call has the VM's deadline
@@ -208,16 +222,52 @@ def peer_only(request: web.Request) -> Principal:
     return who
 
 
-async def read_body(request: web.Request, cap_bytes: int) -> bytes:
-    if request.content_length is not None and request.content_length > cap_bytes:
-        raise errors.RequestTooLarge(f"body of {request.content_length} bytes; this endpoint "
-                                     f"takes at most {cap_bytes}")
-    body = bytearray()
-    async for piece in request.content.iter_chunked(64 * 1024):
-        body += piece
-        if len(body) > cap_bytes:
-            raise errors.RequestTooLarge(f"body over this endpoint's limit of {cap_bytes} bytes")
-    return bytes(body)
+def body_limit(request: web.Request) -> BodyLimit:
+    """The cap on this request's body, by route: images up to `max_image_mib`
+    (`image_too_large` past it), snapshots up to `max_snapshot_mib` and, for a
+    client's own, no more than its memory quota has room for; everything else up
+    to `max_request_kib`."""
+    config = request.app[CONFIG]
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else ""
+    if route == "/v1/images":
+        cap_bytes = config.max_image_mib << 20
+
+        def image_too_large(size_bytes: int | None) -> CloudletError:
+            size = f"{size_bytes} bytes" if size_bytes is not None else f"over {cap_bytes} bytes"
+            return errors.ImageTooLarge(f"the image is {size}; this cloudlet takes images of "
+                                        f"at most {cap_bytes} bytes (max_image_mib)",
+                                        limit=cap_bytes)
+        return BodyLimit(cap_bytes, image_too_large)
+    if route == "/v1/peer/vms":
+        return BodyLimit.plain(config.max_snapshot_mib << 20, "snapshot")
+    if route == "/v1/vms/synthesize":
+        return synthesis_limit(request)
+    return BodyLimit.plain(config.max_request_kib << 10)
+
+
+def synthesis_limit(request: web.Request) -> BodyLimit:
+    """A client's overlay may be no larger than the memory it could be given: past
+    that, the VM could not be admitted anyway, so its bytes are not taken."""
+    host, config = request.app[HOST], request.app[CONFIG]
+    snapshot_cap = config.max_snapshot_mib << 20
+    who = principal(request)
+    room = host.memory_room_bytes(who)
+    room_cap = room + SNAPSHOT_OVERHEAD_BYTES + room // SNAPSHOT_IDS_SHARE
+    if room_cap >= snapshot_cap:
+        return BodyLimit.plain(snapshot_cap, "snapshot")
+    held = host.usage(who.name)
+
+    def over_quota(size_bytes: int | None) -> CloudletError:
+        if room < host.quotas.memory_room_bytes(held):
+            return errors.CapacityExceeded(
+                f"the overlay is over the {room} bytes of memory this cloudlet has left")
+        size = f"{size_bytes} bytes" if size_bytes is not None else f"over {room_cap} bytes"
+        return errors.QuotaExceeded(
+            f"an overlay of {size} holds more memory than the {room} bytes left of client "
+            f"{who.name!r}'s memory quota", quota="memory_bytes",
+            limit=host.quotas.max_memory_bytes, use=held.memory_bytes)
+    return BodyLimit(room_cap, over_quota)
 
 
 def unpack_map(raw: bytes) -> dict[str, Any]:
@@ -278,9 +328,9 @@ async def metrics_text(request: web.Request) -> web.Response:
 
 
 async def upload_image(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
-    wasm = await read_body(request, config.max_image_mib << 20)
-    image = await request.app[HOST].add_image(wasm, request.headers.get("X-Image-Digest"))
+    wasm = await read_body(request, body_limit(request))
+    image = await request.app[HOST].add_image(principal(request), wasm,
+                                              request.headers.get("X-Image-Digest"))
     return answer(request, {"digest": image.digest, "size_bytes": image.size_bytes,
                             "exports": sorted(n for n in image.functions
                                               if not n.startswith("_"))}, 201)
@@ -291,12 +341,12 @@ async def list_images(request: web.Request) -> web.Response:
 
 
 async def delete_image(request: web.Request) -> web.Response:
-    request.app[HOST].delete_image(request.match_info["digest"])
+    await request.app[HOST].delete_image(request.match_info["digest"])
     return web.Response(status=204)
 
 
 async def create_vm(request: web.Request) -> web.Response:
-    body = unpack_map(await read_body(request, request.app[CONFIG].max_request_kib << 10))
+    body = unpack_map(await read_body(request, body_limit(request)))
     hosted = await request.app[HOST].create(
         principal(request), field(body, "image", str),
         field(body, "limits", (dict, type(None)), None),
@@ -391,7 +441,7 @@ async def apply_call(app: web.Application, hosted: HostedVM, body: dict[str, Any
 
 async def call_vm(request: web.Request) -> web.Response:
     hosted = hosted_vm(request)
-    body = unpack_map(await read_body(request, request.app[CONFIG].max_request_kib << 10))
+    body = unpack_map(await read_body(request, body_limit(request)))
     reply = await apply_call(request.app, hosted, body, "http")
     return web.Response(body=msgpack.packb(reply), content_type=MSGPACK)
 
@@ -483,7 +533,7 @@ async def move_vm(request: web.Request) -> web.Response:
     """Move a VM to another cloudlet: `{"to": NODE}` (found on the control plane)
     or `{"endpoint": URL}`. Its owner or a peer (the orchestrator) may ask."""
     hosted = hosted_vm(request)
-    body = unpack_map(await read_body(request, request.app[CONFIG].max_request_kib << 10))
+    body = unpack_map(await read_body(request, body_limit(request)))
     mover = request.app[MOVER]
     where = mover.resolve(principal(request), field(body, "to", (str, type(None)), None),
                           field(body, "endpoint", (str, type(None)), None))
@@ -526,19 +576,19 @@ async def migration_outcome(request: web.Request) -> web.Response:
 async def synthesize_vm(request: web.Request) -> web.Response:
     """VM synthesis: a new VM of this client from an image this cloudlet holds plus
     an overlay snapshot the client sends (`cloudlet vm run --snapshot-out`)."""
-    cap_bytes = request.app[CONFIG].max_snapshot_mib << 20
-    data = await read_body(request, cap_bytes)
-    hosted = await request.app[HOST].adopt_snapshot(data, cap_bytes,
-                                                    owner=principal(request).name)
+    host, who = request.app[HOST], principal(request)
+    async with spooled_body(request, body_limit(request), host.upload_dir) as path:
+        hosted = await host.adopt_snapshot(who, path, request.app[CONFIG].max_snapshot_mib << 20,
+                                           owner=who.name)
     return answer(request, hosted.describe(), 201)
 
 
 async def adopt_vm(request: web.Request) -> web.Response:
     """A peer hands a VM over as a whole snapshot (the stop-and-copy path)."""
-    peer_only(request)
-    cap_bytes = request.app[CONFIG].max_snapshot_mib << 20
-    data = await read_body(request, cap_bytes)
-    hosted = await request.app[HOST].adopt_snapshot(data, cap_bytes)
+    who = peer_only(request)
+    host = request.app[HOST]
+    async with spooled_body(request, body_limit(request), host.upload_dir) as path:
+        hosted = await host.adopt_snapshot(who, path, request.app[CONFIG].max_snapshot_mib << 20)
     return answer(request, hosted.describe(), 201)
 
 
@@ -551,7 +601,8 @@ async def peer_vms(request: web.Request) -> web.Response:
 def build_app(config: NodeConfig, host: VMHost, trust: NodeTrust, metrics: Metrics,
               peers: PeerDirectory | None = None) -> web.Application:
     # The largest body any route takes is an image; routes check their own caps.
-    app = web.Application(middlewares=[error_middleware, auth_middleware, deadline_middleware],
+    app = web.Application(middlewares=[error_middleware, auth_middleware,
+                                       body_limit_middleware, deadline_middleware],
                           client_max_size=(config.max_image_mib << 20) + 4096)
     app[HOST], app[AUTHORITY], app[METRICS], app[CONFIG] = (host, trust.authority, metrics,
                                                            config)

@@ -72,10 +72,36 @@ class NodeConfig:
     # latency); longer ones go to a thread pool so they cannot stall other clients.
     inline_deadline_ms: int = 100
     call_threads: int = 2
+    # One client's long calls hold at most this many of the call threads; waiting
+    # calls get free threads client by client, in turn (edge_agent/workers.py).
+    call_threads_per_client: int = 1
+    # What a VM's boot (`_initialize`) may cost, like a call: fuel, and a wall-clock
+    # deadline (at most 90% of request_deadline_s is used). Images that need more
+    # are refused at upload.
+    boot_fuel: int = 10_000_000_000
+    boot_deadline_ms: int = 1000
+    # Boots, restores, image compiles and snapshot downloads run on these threads,
+    # shared fairly by clients (one each at a time); never on the event loop, never
+    # on the call threads.
+    boot_threads: int = 2
+    # Checkpoints are captured and written on threads of their own, so neither a
+    # spinning call nor a stream of boots can hold back durability.
+    checkpoint_threads: int = 1
+    # Per-client quotas (a client is a token's name): VMs, memory (the VMs' caps plus
+    # their reply logs) and images uploaded. Over one: `429 quota_exceeded`.
+    client_max_vms: int = 100
+    client_max_memory_mib: int = 2048
+    client_max_images: int = 32
     # Request limits.
     max_image_mib: int = 16
     max_request_kib: int = 1024  # call bodies and WebSocket messages
     request_deadline_s: float = 10.0
+    # A connection must send a whole request head within this (from its opening, or
+    # from the first byte of its next request); silent or trickling ones are closed.
+    header_timeout_s: float = 5.0
+    # An idle keep-alive connection (between requests) is closed after this.
+    # WebSocket streams are never idle by this measure: they live until closed.
+    idle_timeout_s: float = 60.0
     # Largest VM snapshot a peer may hand over (a whole wasm32 memory is 4 GiB).
     max_snapshot_mib: int = 4160
     # A move (handing a VM to another cloudlet) must finish within this.
@@ -111,9 +137,19 @@ class NodeConfig:
             ("vm_deadline_ms", 1 <= self.vm_deadline_ms <= 86_400_000),
             ("inline_deadline_ms", self.inline_deadline_ms >= 0),
             ("call_threads", 1 <= self.call_threads <= 64),
+            ("call_threads_per_client", 1 <= self.call_threads_per_client <= self.call_threads),
+            ("boot_fuel", self.boot_fuel >= 1),
+            ("boot_deadline_ms", 1 <= self.boot_deadline_ms <= 86_400_000),
+            ("boot_threads", 1 <= self.boot_threads <= 64),
+            ("checkpoint_threads", 1 <= self.checkpoint_threads <= 64),
+            ("client_max_vms", self.client_max_vms >= 1),
+            ("client_max_memory_mib", self.client_max_memory_mib >= 1),
+            ("client_max_images", self.client_max_images >= 1),
             ("max_image_mib", 1 <= self.max_image_mib <= 1024),
             ("max_request_kib", 1 <= self.max_request_kib <= 1 << 20),
             ("request_deadline_s", 0.1 <= self.request_deadline_s <= 3600),
+            ("header_timeout_s", 0.1 <= self.header_timeout_s <= 3600),
+            ("idle_timeout_s", 0.1 <= self.idle_timeout_s <= 86400),
             ("max_snapshot_mib", 1 <= self.max_snapshot_mib <= 8192),
             ("move_deadline_s", 0.1 <= self.move_deadline_s <= 3600),
             ("migration_deadline_s", 0.1 <= self.migration_deadline_s <= 3600),
@@ -132,6 +168,16 @@ class NodeConfig:
     def endpoint(self) -> str:
         scheme = "https" if self.tls_cert_file else "http"
         return f"{scheme}://{self.host}:{self.port}"
+
+    @property
+    def longest_call_ms(self) -> int:
+        """A call (or a boot) must answer within its request's deadline; otherwise
+        the client would get a timeout for something that was done."""
+        return int(self.request_deadline_s * 1000 * 0.9)
+
+    @property
+    def effective_boot_deadline_ms(self) -> int:
+        return max(1, min(self.boot_deadline_ms, self.longest_call_ms))
 
     @property
     def default_limits(self) -> VMLimits:

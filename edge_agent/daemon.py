@@ -30,6 +30,7 @@ from cloudlet.trust.gate import ControlGate
 from edge_agent.app import MOVER, build_app
 from edge_agent.auth import SECRET_FILE, Principal
 from edge_agent.config import NodeConfig
+from edge_agent.connections import GuardedAppRunner
 from edge_agent.control import CommandHandler, ControlPlane
 from edge_agent.handoff import Mover
 from edge_agent.identity import load_node_trust
@@ -78,8 +79,11 @@ async def _serve(config: NodeConfig, stop: asyncio.Event) -> list[str]:
         metrics.watch_storage(host.storage)
         peers = PeerDirectory(config.name)
         app = build_app(config, host, trust, metrics, peers)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                               shutdown_timeout=SHUTDOWN_GRACE_S)
+        runner = GuardedAppRunner(app, header_timeout_s=config.header_timeout_s,
+                                  idle_timeout_s=config.idle_timeout_s,
+                                  on_timeout=metrics.head_timeouts.inc,
+                                  handle_signals=False, access_log=None,
+                                  shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)

@@ -163,7 +163,9 @@ class Mover:
         image_bytes = await self._ensure_image(hosted, where)
         async with self.host.paused(hosted):
             paused_at = time.perf_counter()
-            snap = self.host.snapshot_with_annex(hosted)
+            # Captured in a thread (the VM is paused: nothing else touches it), so the
+            # cloudlet's other VMs keep answering while a large one is copied.
+            snap = await asyncio.to_thread(self.host.snapshot_with_annex, hosted)
             data = await asyncio.to_thread(snap.to_bytes)
             # The decision first, durably, as live migration does: if it cannot be
             # written (a full disk), nothing has left and the VM simply stays. Once

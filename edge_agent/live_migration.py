@@ -229,7 +229,7 @@ class LiveMigrations:
             WebSocketChannel(ws), self.host.images, self.chunks, resolve=incoming.must_ask_source,
             persist=incoming.persist, max_memory_bytes=self.host.free_memory_bytes(),
             deadline_s=self.host.config.migration_deadline_s,
-            admit=lambda offer: self.host.admit(offer.vm_id, offer.memory_bytes))
+            admit=lambda offer: self.host.admit(offer.vm_id, offer.memory_bytes, offer.owner))
         if got.outcome == "committed" and got.vm is not None:
             await self._activate(got.vm, got.annex, incoming.migration_id)
             self._spawn(self._remember_chunks(incoming.chunk_data))

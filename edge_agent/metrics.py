@@ -38,6 +38,10 @@ class Metrics:
         r.register(self.calls)
         self.errors = Counter("cloudlet_errors", "Error answers by code", ["code"], registry=r)
         self.checkpoints = Counter("cloudlet_checkpoints", "VM checkpoints written", registry=r)
+        self.head_timeouts = Counter(
+            "cloudlet_connections_timed_out",
+            "Connections closed for not sending a request head within header_timeout_s",
+            registry=r)
         self.mqtt_connected = Gauge("cloudlet_mqtt_connected",
                                     "1 while connected to the broker", registry=r)
         self.control_dropped = Counter(

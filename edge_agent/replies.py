@@ -30,7 +30,8 @@ from cloudlet.errors import ReplyExpired, SequenceConflict, SequenceGap, error_f
 
 # Answers kept for a client that never acknowledges (the SDK does, and keeps at
 # most 64 calls in flight). Past either cap the oldest answers are dropped, and a
-# resend of one gets `reply_expired`.
+# resend of one gets `reply_expired`. The owner's memory quota may lower the byte
+# cap of a log (`ReplyLog.set_cap`, edge_agent/quotas.py).
 REPLY_WINDOW = 1024
 REPLY_BYTES_CAP = 16 << 20
 ANNEX_KEY = "replies"
@@ -62,6 +63,9 @@ class ReplyLog:
     def __init__(self) -> None:
         self._entries: OrderedDict[int, list[Any]] = OrderedDict()  # seq -> [identity, reply]
         self._bytes = 0
+        # Lowered by the owner's memory quota (edge_agent/quotas.py), never raised past
+        # REPLY_BYTES_CAP.
+        self.cap_bytes = REPLY_BYTES_CAP
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -74,7 +78,16 @@ class ReplyLog:
         entry = [identity, reply]
         self._entries[seq] = entry
         self._bytes += _size_of(entry)
-        while len(self._entries) > REPLY_WINDOW or (self._bytes > REPLY_BYTES_CAP
+        self._trim()
+
+    def set_cap(self, cap_bytes: int) -> None:
+        """Keep at most `cap_bytes` (at most REPLY_BYTES_CAP) of answers from now on,
+        dropping the oldest at once if the log holds more."""
+        self.cap_bytes = min(cap_bytes, REPLY_BYTES_CAP)
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self._entries) > REPLY_WINDOW or (self._bytes > self.cap_bytes
                                                     and len(self._entries) > 1):
             _, old = self._entries.popitem(last=False)
             self._bytes -= _size_of(old)
@@ -99,7 +112,7 @@ class ReplyLog:
         if entry is None:
             raise ReplyExpired(f"call {seq} was applied (the VM is at {vm_seq}), but its "
                                "answer is no longer kept (acknowledged, or past the log's "
-                               f"caps of {REPLY_WINDOW} answers and {REPLY_BYTES_CAP >> 20} MiB)")
+                               f"caps of {REPLY_WINDOW} answers and {self.cap_bytes} bytes)")
         if entry[0] != identity:
             raise SequenceConflict(f"call number {seq} was used by a different call "
                                    f"({entry[0][0]!r:.60}): another client numbers calls on "

@@ -6,6 +6,13 @@ wasmtime call is microseconds, and a thread hand-off would cost more than the
 call. Calls that may run long go to a small thread pool (wasmtime releases the
 GIL while guest code runs), so they cannot stall every other client.
 
+Isolation: nothing else that can take long runs on the event loop either. Boots
+(a guest's `_initialize`, bounded by the boot fuel and deadline), restores and
+checkpoint captures run on worker threads, in pools of their own so that none
+waits for another, and clients take turns on them (edge_agent/workers.py).
+Every client is held to its quotas of VMs, memory and images
+(edge_agent/quotas.py), whether its VMs are created here or arrive from peers.
+
 Exactly once: a call may carry a sequence number (`Call.seq`); the VM applies
 it only if it is the VM's next, and answers a number it already applied from
 its `ReplyLog` (edge_agent/replies.py). The check and the call happen with no
@@ -31,11 +38,11 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 from cloudlet.errors import (
     BadCall,
@@ -43,8 +50,12 @@ from cloudlet.errors import (
     CloudletError,
     Forbidden,
     ImageInUse,
+    ImageNotFound,
     ImageRejected,
+    ImageTooLarge,
     ShuttingDown,
+    SnapshotCorrupt,
+    VMInterrupted,
     VMMoved,
     VMNotFound,
 )
@@ -52,14 +63,22 @@ from cloudlet.fsutil import atomic_write, storage_full
 from cloudlet.migration.messages import is_safe_id
 from cloudlet.migration.pacing import CallPacer
 from cloudlet.protocol import Location
-from cloudlet.vm import VM, Image, ImageStore, Snapshot, VMLimits
+from cloudlet.vm import VM, Image, ImageStore, Snapshot, VMLimits, image_digest
+from cloudlet.vm.snapshot import HEAD_BYTES, check_head
 from edge_agent.auth import Principal
 from edge_agent.config import NodeConfig
+from edge_agent.quotas import Quotas, Usage
 from edge_agent.replies import ANNEX_KEY, ReplyLog, call_identity
-from edge_agent.storage import CheckpointRound, StorageHealth, write_probe
+from edge_agent.storage import CheckpointRound, StorageHealth, public_reason, write_probe
+from edge_agent.workers import FairPool, Workers
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+
+# A VM this small is captured right on the event loop: at most ~1 ms of hashing
+# and copying, less than handing it to a thread would cost its owner (the hop
+# needs the GIL back and forth while the loop is busy, and the VM's calls wait
+# for the capture). Larger VMs are captured on a checkpoint thread.
+INLINE_CAPTURE_MAX_BYTES = 2 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +129,28 @@ class HostedVM:
                 "limits": self.vm.limits.to_wire()}
 
 
+@dataclass(eq=False)
+class Admission:
+    """A VM on its way in (booting, restoring): counted against its owner's quota and
+    the node's capacity until it is hosted, so concurrent admissions cannot
+    together pass a limit that each passes alone."""
+
+    owner: str
+    caps_bytes: int
+    reply_bytes: int = 0
+
+
 class VMHost:
     """Images and VMs of one cloudlet. Use as `async with VMHost(config) as host`."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         state = config.state_path
-        self.images = ImageStore(state / "images", max_image_bytes=config.max_image_mib << 20)
+        self.images = ImageStore(state / "images", max_image_bytes=config.max_image_mib << 20,
+                                 boot_fuel=config.boot_fuel,
+                                 boot_deadline_ms=config.effective_boot_deadline_ms)
         self.vm_dir = state / "vms"
+        self.upload_dir = state / "uploads"  # bodies too large to buffer, while they arrive
         self.vms: dict[str, HostedVM] = {}
         self.tombstones: dict[str, Location] = {}  # VMs moved away -> where they went
         self._moved_by: dict[str, str] = {}  # migration id -> the VM it moved away
@@ -125,38 +158,100 @@ class VMHost:
         self.checkpoint_failures = 0
         self.storage = StorageHealth()  # what /health and the metrics say of the disk
         self._creating: dict[str, int] = {}  # image digest -> creates in flight
-        self._pool = ThreadPoolExecutor(config.call_threads, thread_name_prefix="cloudlet-call")
+        self.quotas = Quotas(config)
+        self._admissions: list[Admission] = []
+        self._holders_lock = asyncio.Lock()
+        # Checkpoints of VMs that were busy (a long call, a migration) when their round
+        # came: each waits for its VM without holding up the round's other VMs.
+        self._deferred: dict[str, asyncio.Task[None]] = {}
+        self._workers: Workers | None = Workers(
+            call_threads=config.call_threads,
+            call_threads_per_client=config.call_threads_per_client,
+            boot_threads=config.boot_threads, checkpoint_threads=config.checkpoint_threads)
         self.on_change: Callable[[str, HostedVM | None], None] = lambda vm_id, hosted: None
         # Told when a VM leaves for another cloudlet (the app tells its open streams).
         self.on_moved: Callable[[str, Location], None] = lambda vm_id, where: None
 
     async def __aenter__(self) -> VMHost:
         self.vm_dir.mkdir(parents=True, exist_ok=True)
+        self.upload_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.upload_dir.iterdir():  # bodies a crash left half-received
+            leftover.unlink(missing_ok=True)
         self._load_tombstones()  # first: a VM that moved away must not come back to life
+        self.quotas.load(self.images.list())
         await self._restore_checkpoints()
+        for owner in {h.owner for h in self.vms.values()}:
+            self._share_reply_room(owner)
         return self
+
+    @property
+    def workers(self) -> Workers:
+        if self._workers is None:
+            raise ShuttingDown("this cloudlet is shutting down; its VMs will be back on restart")
+        return self._workers
+
+    @property
+    def boots(self) -> FairPool:
+        return self.workers.boots
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
 
     # --- images ----------------------------------------------------------------------
 
-    async def add_image(self, wasm: bytes, expected_digest: str | None) -> Image:
-        from cloudlet.vm import image_digest
-
-        if expected_digest is not None and image_digest(wasm) != expected_digest.lower():
-            raise ImageRejected(f"the upload's SHA-256 is {image_digest(wasm)}, not the "
+    async def add_image(self, who: Principal, wasm: bytes, expected_digest: str | None) -> Image:
+        """Register an upload; it counts against its uploader's image quota (a peer's
+        counts against nobody: it comes with a VM)."""
+        if len(wasm) > self.images.max_image_bytes:
+            raise ImageTooLarge(f"image is {len(wasm)} bytes; this cloudlet takes at most "
+                                f"{self.images.max_image_bytes}")
+        digest = await self.boots.run(who.name, lambda: image_digest(wasm))
+        if expected_digest is not None and digest != expected_digest.lower():
+            raise ImageRejected(f"the upload's SHA-256 is {digest}, not the "
                                 f"{expected_digest} it was announced as")
-        # Compiling takes milliseconds to seconds: off the event loop.
-        return await self._off_loop(self.images.add, wasm)
+        counted = not who.is_peer and self.quotas.hold_image(who.name, digest)
+        try:
+            # Compiling (and the boot that records the pristine state) takes
+            # milliseconds to seconds: off the event loop, in the client's turn.
+            image = await self.boots.run(who.name, lambda: self.images.add(wasm))
+            if counted:
+                await self._save_image_holders()
+        except OSError as exc:  # the disk refused (StorageFull): said without our paths
+            if counted:
+                self.quotas.release_image(who.name, digest)
+            raise storage_full(exc, "cannot store the image") from exc
+        except BaseException:
+            if counted:
+                self.quotas.release_image(who.name, digest)
+            raise
+        return image
 
-    def delete_image(self, digest: str) -> None:
+    async def delete_image(self, digest: str) -> None:
         users = [h.id for h in self.vms.values() if h.vm.image.digest == digest]
         if self._creating.get(digest):
             users.append("(a VM being created)")
         if users:
             raise ImageInUse(f"image {digest[:12]} is used by {len(users)} VMs, e.g. {users[0]}")
         self.images.delete(digest)
+        self.quotas.forget_image(digest)
+        await self._save_image_holders()
+
+    async def _save_image_holders(self) -> None:
+        async with self._holders_lock:  # one write at a time: the newest lands last
+            record = self.quotas.record()
+            try:
+                await self.workers.checkpoints.run(Workers.NODE,
+                                                   lambda: Quotas.write_record(record))
+            except OSError as exc:  # said without our paths: it goes to the client
+                raise storage_full(exc, "cannot record who uploaded which image") from exc
+
+    def image(self, digest: str) -> Image:
+        """An image of the store (call off the loop: it may compile). The error names
+        no path of this machine: it goes to clients."""
+        try:
+            return self.images.get(digest)
+        except ImageNotFound:
+            raise ImageNotFound(f"no image {digest[:80]!r} on this cloudlet") from None
 
     # --- VMs ----------------------------------------------------------------------------
 
@@ -182,35 +277,91 @@ class VMHost:
 
     async def _create(self, who: Principal, digest: str, limits: dict[str, Any] | None,
                       clock: str) -> HostedVM:
-        image = await self._off_loop(self.images.get, digest)
         vm_limits = self._limits(limits)
-        self._check_capacity(vm_limits)
-        vm = VM.create(image, vm_limits, owner=who.name, clock=clock)
-        hosted = await self._adopt_durably(vm)
+        owner = who.name
+        with self._admitting(owner, vm_limits.memory_bytes) as admission:
+            # Loading may compile; booting runs the guest's `_initialize`, which may burn
+            # its whole boot fuel: both on the boot threads, in this client's turn.
+            image = await self.boots.run(owner, lambda: self.image(digest))
+            vm = await self.boots.run(
+                owner, lambda: VM.create(image, vm_limits, owner=owner, clock=clock),
+                on_orphan=VM.close)
+            hosted = await self._adopt_durably(vm, admission)
         self.on_change(vm.id, hosted)
         return hosted
 
-    async def _adopt_durably(self, vm: VM, replies: ReplyLog | None = None) -> HostedVM:
+    async def _adopt_durably(self, vm: VM, admission: Admission,
+                             replies: ReplyLog | None = None) -> HostedVM:
         """Host `vm` and checkpoint it before anyone hears of it: a kill -9 right after
         must not lose it (later calls are then bounded by the checkpoint interval, as
         promised). If the checkpoint fails, the VM is not hosted."""
         hosted = self._adopt(vm)
+        self._admitted(admission)
         if replies is not None:
             hosted.replies = replies
+        self._share_reply_room(hosted.owner)
         try:
             await self._first_checkpoint(hosted)
         except BaseException:
             self.vms.pop(vm.id, None)
-            vm.close()
+            await self._close_off_loop(vm)
+            self._share_reply_room(hosted.owner)
             raise
         return hosted
 
-    def _check_capacity(self, limits: VMLimits) -> None:
-        if len(self.vms) >= self.config.max_vms:
+    # --- capacity and quotas --------------------------------------------------------------
+
+    def usage(self, owner: str) -> Usage:
+        """What `owner` holds here: its VMs, and those on their way in."""
+        held = Usage()
+        for h in self.vms.values():
+            if h.owner == owner:
+                held = held.plus(Usage(1, h.vm.limits.memory_bytes, h.replies.size_bytes))
+        for a in self._admissions:
+            if a.owner == owner:
+                held = held.plus(Usage(1, a.caps_bytes, a.reply_bytes))
+        return held
+
+    def _check_capacity(self, memory_bytes: int) -> None:
+        if len(self.vms) + len(self._admissions) >= self.config.max_vms:
             raise CapacityExceeded(f"this cloudlet hosts its maximum of {self.config.max_vms} VMs")
-        committed = sum(h.vm.limits.memory_bytes for h in self.vms.values())
-        if committed + limits.memory_bytes > self.config.max_memory_mib << 20:
+        if memory_bytes > self.free_memory_bytes():
             raise CapacityExceeded("this cloudlet's memory is fully committed")
+
+    def _check_admission(self, owner: str, memory_bytes: int, reply_bytes: int = 0) -> None:
+        """Node capacity first (503: try another cloudlet), then the owner's quotas
+        (429: this client holds its share here)."""
+        self._check_capacity(memory_bytes)
+        self.quotas.check_vm(owner, self.usage(owner), memory_bytes, reply_bytes)
+
+    @contextlib.contextmanager
+    def _admitting(self, owner: str, memory_bytes: int,
+                   reply_bytes: int = 0) -> Iterator[Admission]:
+        """Check, then hold the VM's place while it boots or restores (see `Admission`)."""
+        self._check_admission(owner, memory_bytes, reply_bytes)
+        admission = Admission(owner, memory_bytes, reply_bytes)
+        self._admissions.append(admission)
+        try:
+            yield admission
+        finally:
+            self._admitted(admission)
+
+    def _admitted(self, admission: Admission) -> None:
+        with contextlib.suppress(ValueError):
+            self._admissions.remove(admission)
+
+    def _share_reply_room(self, owner: str) -> None:
+        """Cap each of `owner`'s reply logs at its share of the memory its caps leave
+        (edge_agent/quotas.py): what it holds in answers stays within its quota."""
+        mine = [h for h in self.vms.values() if h.owner == owner]
+        cap = self.quotas.reply_cap_bytes(Usage(len(mine),
+                                                sum(h.vm.limits.memory_bytes for h in mine)))
+        for h in mine:
+            h.replies.set_cap(cap)
+
+    def memory_room_bytes(self, who: Principal) -> int:
+        """How much memory `who` could still be given here (its quota and the node's)."""
+        return min(self.quotas.memory_room_bytes(self.usage(who.name)), self.free_memory_bytes())
 
     def _limits(self, given: dict[str, Any] | None) -> VMLimits:
         base = self.config.default_limits
@@ -220,7 +371,7 @@ class VMHost:
                                                           "deadline_ms"}:
             raise BadCall("limits take memory_bytes, fuel_per_call and deadline_ms")
         limits = VMLimits.from_wire({**base.to_wire(), **given})
-        longest_ms = int(self.config.request_deadline_s * 1000 * 0.9)
+        longest_ms = self.config.longest_call_ms
         if limits.deadline_ms > longest_ms:
             # A call must be able to answer within the request's deadline; otherwise
             # the client would get a timeout for a call that was applied.
@@ -267,7 +418,7 @@ class VMHost:
             if replayed is not None:
                 return replayed
             try:
-                out = await self._run_guest(self._run, hosted, call)
+                out = await self.workers.calls.run(hosted.owner, lambda: self._run(hosted, call))
             except Exception as exc:
                 self._fail(hosted, call, exc)
             return self._answer(hosted, call, out)
@@ -285,6 +436,11 @@ class VMHost:
 
     @staticmethod
     def _run(hosted: HostedVM, call: Call) -> Any:
+        if call.fn.startswith("_"):
+            # The runtime's own entry points (`_initialize`, `_start`): a guest's
+            # boot is not a call a client may repeat.
+            raise BadCall(f"{call.fn[:200]!r} is not callable: functions named with a "
+                          "leading underscore belong to the runtime")
         if call.data is not None:
             return hosted.vm.call_bytes(call.fn, call.data)
         return hosted.vm.call(call.fn, *call.args)
@@ -323,11 +479,12 @@ class VMHost:
 
     async def snapshot_bytes(self, hosted: HostedVM) -> bytes:
         # The persist lock: not while the VM migrates (a full snapshot moves the base
-        # of the migration's next delta round).
+        # of the migration's next delta round). Captured off the loop: for a large
+        # VM that is a scan of all its memory.
         async with hosted.persist_lock, hosted.lock:
             self.check_alive(hosted)
-            snap = self.snapshot_with_annex(hosted)
-        return await self._off_loop(snap.to_bytes)
+            snap = await self.boots.run(hosted.owner, lambda: self.snapshot_with_annex(hosted))
+        return await self.boots.run(hosted.owner, snap.to_bytes)
 
     @staticmethod
     def snapshot_with_annex(hosted: HostedVM) -> Snapshot:
@@ -350,9 +507,18 @@ class VMHost:
         async with hosted.persist_lock, hosted.lock:
             if self.vms.pop(hosted.id, None) is None:
                 return
-            hosted.vm.close()
-            await self._off_loop(self._checkpoint_path(hosted.id).unlink, missing_ok=True)
+            self._share_reply_room(hosted.owner)
+            path = self._checkpoint_path(hosted.id)
+
+            def forget() -> None:
+                hosted.vm.close()  # unmapping a large memory takes milliseconds
+                path.unlink(missing_ok=True)
+
+            await self.workers.checkpoints.run(Workers.NODE, forget)
         self.on_change(hosted.id, None)
+
+    async def _close_off_loop(self, vm: VM) -> None:
+        await self.workers.checkpoints.run(Workers.NODE, vm.close)
 
     def _check_open(self) -> None:
         if self.closing:
@@ -362,18 +528,17 @@ class VMHost:
         if self.vms.get(hosted.id) is not hosted:
             self._raise_gone(hosted.id)
 
-    def admit(self, vm_id: str, memory_bytes: int) -> None:
-        """May a VM of this size arrive here? (Raises why not, with a stable code.)"""
+    def admit(self, vm_id: str, memory_bytes: int, owner: str | None = None) -> None:
+        """May a VM of this size, of `owner`, arrive here? (Raises why not, with a
+        stable code: the node's capacity, or the owner's quotas.)"""
         self._check_open()
         if vm_id in self.vms:
             raise BadCall(f"a VM {vm_id} is already here")
-        if len(self.vms) >= self.config.max_vms:
-            raise CapacityExceeded(f"this cloudlet hosts its maximum of {self.config.max_vms} VMs")
-        if memory_bytes > self.free_memory_bytes():
-            raise CapacityExceeded("this cloudlet's memory is fully committed")
+        self._check_admission(owner or "", memory_bytes)
 
     def free_memory_bytes(self) -> int:
-        committed = sum(h.vm.limits.memory_bytes for h in self.vms.values())
+        committed = (sum(h.vm.limits.memory_bytes for h in self.vms.values())
+                     + sum(a.caps_bytes for a in self._admissions))
         return max(0, (self.config.max_memory_mib << 20) - committed)
 
     def _raise_gone(self, vm_id: str) -> NoReturn:
@@ -413,6 +578,9 @@ class VMHost:
             raise BadCall(f"a VM {vm.id} is already here")
         hosted = self._adopt(vm)
         hosted.replies = ReplyLog.from_wire(replies_wire)
+        # Its owner's quotas were checked when it was offered; committed now, it is
+        # never dropped for them (docs/daemon.md).
+        self._share_reply_room(hosted.owner)
         if self.tombstones.pop(vm.id, None) is not None:  # it came back
             self._tombstone_path(vm.id).unlink(missing_ok=True)
         self.on_change(vm.id, hosted)
@@ -424,21 +592,28 @@ class VMHost:
         if self.tombstones.get(hosted.id) != where:
             self._write_tombstone(hosted.id, where, None)
         self.vms.pop(hosted.id, None)
+        self._share_reply_room(hosted.owner)
         # Clients first (they are waiting to follow it), then the cleanup: freeing a
         # large VM's memory takes milliseconds that are not theirs to wait for.
         self.on_change(hosted.id, None)
         self.on_moved(hosted.id, where)
-        await self._off_loop(hosted.vm.close)
-        await self._off_loop(self._checkpoint_path(hosted.id).unlink, missing_ok=True)
+        path = self._checkpoint_path(hosted.id)
 
-    async def adopt_snapshot(self, data: bytes, max_bytes: int,
+        def forget() -> None:
+            hosted.vm.close()
+            path.unlink(missing_ok=True)
+
+        await self.workers.checkpoints.run(Workers.NODE, forget)
+
+    async def adopt_snapshot(self, who: Principal, source: Path, max_bytes: int,
                              owner: str | None = None) -> HostedVM:
-        """Take in a VM handed over by a peer: restore it with its id, owner,
-        sequence number and reply log, and checkpoint it before answering, so once
-        the peer hears "committed" a crash here loses nothing. With `owner` (VM
-        synthesis by a client), the VM is new: a fresh id, that owner, no replies."""
+        """Take in a VM handed over by a peer (`who`), from a snapshot file: restore it
+        with its id, owner, sequence number and reply log, and checkpoint it before
+        answering, so once the peer hears "committed" a crash here loses nothing.
+        With `owner` (VM synthesis by a client), the VM is new: a fresh id, that
+        owner, no replies. Either way it counts against its owner's quotas."""
         self._check_open()
-        snap = await self._off_loop(Snapshot.from_bytes, data, max_bytes)
+        snap = await self.boots.run(who.name, lambda: read_snapshot(source, max_bytes))
         if snap.kind != "overlay":
             raise BadCall("a VM starts from an overlay snapshot, not a delta")
         if owner is not None:
@@ -447,12 +622,16 @@ class VMHost:
             raise BadCall(f"a VM {snap.vm_id!r} is already here (or the snapshot names none)")
         if not is_safe_id(snap.vm_id):  # it names the VM's files here
             raise BadCall(f"a VM id is letters, digits, '-' or '_', not {snap.vm_id[:80]!r}")
-        self._check_capacity(snap.limits)
-        image = await self._off_loop(self.images.get, snap.image_digest)
-        vm = await self._off_loop(VM.restore, image, snap)
-        hosted = await self._adopt_durably(vm, ReplyLog.from_wire(snap.annex.get(ANNEX_KEY)))
+        replies = ReplyLog.from_wire(snap.annex.get(ANNEX_KEY))
+        vm_owner = snap.owner or ""
+        with self._admitting(vm_owner, snap.limits.memory_bytes, replies.size_bytes) as admission:
+            image = await self.boots.run(who.name, lambda: self.image(snap.image_digest))
+            vm = await self.boots.run(who.name, lambda: VM.restore(image, snap),
+                                      on_orphan=VM.close)
+            hosted = await self._adopt_durably(vm, admission, replies)
         if self.tombstones.pop(vm.id, None) is not None:  # it came back
-            await self._off_loop(self._tombstone_path(vm.id).unlink, missing_ok=True)
+            await self.workers.checkpoints.run(
+                Workers.NODE, lambda: self._tombstone_path(vm.id).unlink(missing_ok=True))
         self.on_change(vm.id, hosted)
         return hosted
 
@@ -499,31 +678,68 @@ class VMHost:
     def _checkpoint_path(self, vm_id: str) -> Path:
         return self.vm_dir / f"{vm_id}.snap"
 
-    async def checkpoint(self, hosted: HostedVM, *, force: bool = False) -> bool:
-        """Snapshot `hosted` to disk if it applied calls since its last checkpoint."""
+    async def checkpoint(self, hosted: HostedVM, *, force: bool = False,
+                         wait: bool = True) -> bool:
+        """Snapshot `hosted` to disk if it applied calls since its last checkpoint.
+
+        The capture (a scan of all the VM's memory if it wrote all of it) runs on a
+        checkpoint thread unless the VM is small, and the write always does: the
+        loop keeps serving every other VM meanwhile, and this VM's calls wait only
+        for the capture. With `wait`
+        false (the periodic round), a VM that is busy (a long call, a migration) is
+        not waited for: its checkpoint follows on its own as soon as it is free."""
+        if not wait and (hosted.lock.locked() or hosted.persist_lock.locked()):
+            self._defer_checkpoint(hosted)
+            return False
+        pool = self.workers.checkpoints
         async with hosted.persist_lock:
             async with hosted.lock:
                 if self.vms.get(hosted.id) is not hosted or hosted.vm.failed is not None:
                     return False
                 if not force and hosted.vm.seq == hosted.checkpointed_seq:
                     return False
-                snap = self.snapshot_with_annex(hosted)
-            # Written as segments: no joined copy of a big guest's memory.
-            await self._off_loop(snap.write, self._checkpoint_path(hosted.id))
-            hosted.checkpointed_seq = snap.seq
+                if hosted.vm.memory_bytes <= INLINE_CAPTURE_MAX_BYTES:
+                    snap = self.snapshot_with_annex(hosted)
+                else:
+                    snap = await pool.run(Workers.NODE,
+                                          lambda: self.snapshot_with_annex(hosted))
+            # Written as segments: no joined copy of a big guest's memory. The capture
+            # is handed to the writing thread, which frees it too (unmapping a large
+            # one takes milliseconds).
+            path, seq, handed = self._checkpoint_path(hosted.id), snap.seq, [snap]
+            del snap
+            await pool.run(Workers.NODE, lambda: handed.pop().write(path))
+            hosted.checkpointed_seq = seq
             hosted.checkpointed_at = time.monotonic()
             return True
+
+    def _defer_checkpoint(self, hosted: HostedVM) -> None:
+        if hosted.id in self._deferred or self.closing:
+            return
+
+        async def when_free() -> None:
+            try:
+                await self.checkpoint(hosted)
+            except Exception as exc:  # as in a round: retried by the next one
+                self.checkpoint_failures += 1
+                log.error("checkpoint of VM %s failed: %r", hosted.id, exc)
+                self.storage.write_failed("checkpoint", public_reason(exc, "checkpoints"))
+
+        task = asyncio.get_running_loop().create_task(when_free())
+        self._deferred[hosted.id] = task  # owned: shutdown waits for it
+        task.add_done_callback(lambda _: self._deferred.pop(hosted.id, None))
 
     async def checkpoint_all(self, *, force: bool = False) -> CheckpointRound:
         """Checkpoint every VM that applied calls since its last checkpoint (every VM
         with `force`). A VM whose checkpoint cannot be written keeps serving and its
         checkpointed seq stays where it was (so no answer claims it durable, and the
         next round tries again); the round says which failed, and `storage` takes it
-        in. While degraded, a round with nothing to write probes the disk instead."""
+        in. While degraded, a round with nothing to write probes the disk instead.
+        The periodic round (without `force`) waits for no busy VM (`checkpoint`)."""
         written, failed = 0, {}
         for hosted in list(self.vms.values()):
             try:
-                written += await self.checkpoint(hosted, force=force)
+                written += await self.checkpoint(hosted, force=force, wait=force)
             except Exception as exc:  # a full disk must not stop the daemon: retry next round
                 self.checkpoint_failures += 1
                 failed[hosted.id] = exc
@@ -546,12 +762,17 @@ class VMHost:
         for path in sorted(self.vm_dir.glob("*.snap")):
             if path.stem in self.tombstones:
                 # It moved: the destination owns it (we crashed before dropping it).
-                await self._off_loop(path.unlink, missing_ok=True)
+                path.unlink(missing_ok=True)
                 continue
             try:
-                snap = await self._off_loop(Snapshot.read, path)
-                image = await self._off_loop(self.images.get, snap.image_digest)
-                vm = VM.restore(image, snap)
+                vm, snap = await self.boots.run(Workers.NODE, partial(self._restore_file, path))
+            except VMInterrupted as exc:
+                # Its image's boot overran this node's boot limits (lowered since, or a
+                # loaded machine): nothing is wrong with the file. It stays where it is,
+                # to come back on a start with limits it fits in.
+                log.error("cannot boot %s within boot_fuel and boot_deadline_ms (%s); left "
+                          "in place", path.name, exc)
+                continue
             except CloudletError as exc:
                 # Keep the file for a human to look at; never delete state we cannot read.
                 aside = path.with_suffix(".unreadable")
@@ -563,6 +784,10 @@ class VMHost:
             hosted.replies = ReplyLog.from_wire(snap.annex.get(ANNEX_KEY))
             log.info("restored VM %s (owner %s, seq %d)", vm.id, vm.owner, vm.seq)
 
+    def _restore_file(self, path: Path) -> tuple[VM, Snapshot]:
+        snap = Snapshot.read(path)
+        return VM.restore(self.images.get(snap.image_digest), snap), snap
+
     async def shutdown(self) -> list[str]:
         """Stop taking calls, let in-flight ones finish, checkpoint every VM, free them.
 
@@ -570,10 +795,12 @@ class VMHost:
         keeps its last good checkpoint, which a restart brings back. A VM whose
         write failed but whose checkpoint on disk is already at its seq lost
         nothing and is not among them."""
-        if self._pool is None:
+        if self._workers is None:
             return []
         self.closing = True
         done = await self.checkpoint_all(force=True)
+        if self._deferred:
+            await asyncio.gather(*self._deferred.values(), return_exceptions=True)
         unsaved = sorted(vm_id for vm_id in done.failed
                          if (h := self.vms.get(vm_id)) is not None
                          and h.checkpointed_seq != h.vm.seq)
@@ -589,23 +816,20 @@ class VMHost:
             async with hosted.lock:
                 hosted.vm.close()
         self.vms.clear()
-        pool, self._pool = self._pool, None  # type: ignore[assignment]
-        pool.shutdown(wait=True)
+        workers, self._workers = self._workers, None
+        workers.shutdown()
         return unsaved
 
-    async def _run_guest(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a VM call in the pool. If the caller is cancelled (a request deadline),
-        the guest still runs in its thread, so the VM's lock must stay held until it
-        is done: a second thread in the same wasmtime store would corrupt it."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, lambda: fn(*args))
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await future
-            raise
 
-    async def _off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+def read_snapshot(path: Path, max_bytes: int) -> Snapshot:
+    """A snapshot from a received file: its head is checked before the rest is read
+    (what is not a snapshot costs no memory), and errors name no path of this
+    machine (they go to clients)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            check_head(f.read(HEAD_BYTES), size, max_bytes)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SnapshotCorrupt(f"cannot read the received snapshot: {exc.strerror}") from None
+    return Snapshot.from_bytes(data, max_bytes)

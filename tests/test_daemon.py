@@ -155,7 +155,7 @@ def test_bad_input_gets_typed_errors_and_leaves_the_daemon_healthy(daemon: Daemo
         (("POST", "/v1/images"), {"raw": b"not wasm"}, 400, "image_rejected"),
         (("POST", "/v1/images"), {"raw": KV, "headers": {"X-Image-Digest": "0" * 64}}, 400,
          "image_rejected"),
-        (("POST", "/v1/images"), {"raw": b"\0" * (2 << 20)}, 413, "request_too_large"),
+        (("POST", "/v1/images"), {"raw": b"\0" * (2 << 20)}, 413, "image_too_large"),
         (("POST", "/v1/vms"), {"raw": b"\xc1"}, 400, "malformed_request"),
         (("POST", "/v1/vms"), {"body": [1, 2]}, 400, "malformed_request"),
         (("POST", "/v1/vms"), {"body": {"image": "f" * 64}}, 404, "image_not_found"),
@@ -326,6 +326,25 @@ def test_docs_cover_every_setting_and_route() -> None:
     routes = set(re.findall(r'add_(get|post|delete)\("([^"]+)"', source))
     for method, path in routes:
         assert method in spec["paths"][path], f"openapi.yaml lacks {method.upper()} {path}"
+
+
+def test_docs_settings_table_shows_each_default() -> None:
+    """The settings table's type and default columns are those of `NodeConfig`."""
+    import re
+
+    from edge_agent.config import FIELDS
+    from tests.conftest import ROOT
+
+    doc = (ROOT / "docs" / "daemon.md").read_text()
+    rows = re.findall(r"^\| (`[^|]+`) \| (\w+) \| `([^`]*)` \|", doc, flags=re.M)
+    shown = {name: (typ, default) for names, typ, default in rows
+             for name in re.findall(r"`(\w+)`", names)}
+    assert set(shown) == set(FIELDS), set(shown) ^ set(FIELDS)
+    for name, f in FIELDS.items():
+        default = f.default
+        want = (str(default).lower() if isinstance(default, bool)
+                else '""' if default == "" else str(default))
+        assert shown[name] == (str(f.type), want), (name, shown[name])
 
 
 def test_timed_out_requests_never_let_two_threads_into_a_vm(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from cloudlet.fsutil import atomic_write
 from cloudlet.vm import chunks
 from cloudlet.vm.engine import Runtime, default_runtime
 from cloudlet.vm.instrument import GlobalInfo, MemoryInfo, instrument
-from cloudlet.vm.machine import VM, FuncSig, VMLimits
+from cloudlet.vm.machine import BOOT_DEADLINE_MS, BOOT_FUEL, VM, FuncSig, VMLimits
 
 MAX_IMAGE_BYTES = 16 * 1024 * 1024  # clang -O2 guests are KiBs to a few MiB; 16 MiB is generous
 META_FORMAT = 2
@@ -70,6 +70,10 @@ class Image:
     functions: dict[str, FuncSig]
     dirty_export: str | None = None  # write-tracking bitmap (None: dirty chunks by hashing)
     pristine: tuple[PristineMemory, ...] = ()
+    # `_initialize` runs within these on every boot (registration, creation, restore),
+    # like a call within its fuel and deadline: a host decides what a boot may cost.
+    boot_fuel: int = BOOT_FUEL
+    boot_deadline_ms: int = BOOT_DEADLINE_MS
 
     @property
     def pristine_bytes(self) -> int:
@@ -81,9 +85,14 @@ class ImageStore:
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *,
                  max_image_bytes: int = MAX_IMAGE_BYTES, runtime: Runtime | None = None,
-                 track_writes: bool = True) -> None:
+                 track_writes: bool = True, boot_fuel: int = BOOT_FUEL,
+                 boot_deadline_ms: int = BOOT_DEADLINE_MS) -> None:
         self.root = Path(root) if root is not None else default_store_dir()
         self.max_image_bytes = max_image_bytes
+        # What one boot of an image may cost (fuel, wall clock); an image whose
+        # `_initialize` needs more is refused at registration.
+        self.boot_fuel = boot_fuel
+        self.boot_deadline_ms = boot_deadline_ms
         self.runtime = runtime or default_runtime()
         self._loaded: dict[str, Image] = {}
         self._lock = threading.Lock()
@@ -216,7 +225,8 @@ class ImageStore:
             raise ImageRejected(f"imports do not match Cloudlet's host functions: "
                                 f"{_first_line(exc)}") from None
         return Image(digest, size, self.runtime, module, pre, memories, globals_, imports,
-                     functions, dirty_export)
+                     functions, dirty_export, boot_fuel=self.boot_fuel,
+                     boot_deadline_ms=self.boot_deadline_ms)
 
     def _boot_pristine(self, image: Image) -> tuple[PristineMemory, ...]:
         try:

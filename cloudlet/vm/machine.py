@@ -66,8 +66,9 @@ _set_epoch_deadline = wasmtime_bindings._wasmtime_context_set_epoch_deadline
 _func_call_unchecked = wasmtime_bindings._wasmtime_func_call_unchecked
 MAX_MEMORY_BYTES = 1 << 32
 MAX_DEADLINE_MS = 24 * 3600 * 1000  # a call running for a day is a bug, not a workload
-# _initialize runs under these, not the VM's own limits: it already completed once
-# at registration, and a snapshot's limits must never make its image unbootable.
+# _initialize runs under its image's boot limits (these unless the image store was
+# given others), not the VM's own: it already completed once at registration,
+# and a snapshot's limits must never make its image unbootable.
 BOOT_FUEL = 10_000_000_000
 BOOT_DEADLINE_MS = 10_000
 
@@ -206,7 +207,8 @@ class VM:
               owner: str | None) -> VM:
         """Instantiate and run `_initialize` with a fixed host state, so every boot of an
         image yields the same memory: the pristine state overlays are taken against."""
-        boot_limits = replace(limits, fuel_per_call=BOOT_FUEL, deadline_ms=BOOT_DEADLINE_MS)
+        boot_limits = replace(limits, fuel_per_call=image.boot_fuel,
+                              deadline_ms=image.boot_deadline_ms)
         vm = cls(image, boot_limits, vm_id, owner)
         store = vm._store
         assert store is not None

@@ -55,6 +55,8 @@ _HEADER_LEN = struct.Struct("<I")
 MAX_HEADER_BYTES = 4096
 # A wasm32 guest has at most 4 GiB of memory; the rest is globals, host state, framing.
 MAX_SNAPSHOT_BYTES = (4 << 30) + (16 << 20)
+# Enough of a snapshot's start to hold its magic, length and header (see `check_head`).
+HEAD_BYTES = 8 + 4 + MAX_HEADER_BYTES
 # Compression must pay: try zstd on a sample of the chunk data first, and keep it
 # only if it saves at least this share. Level 1 compresses at ~1 GB/s here.
 ZSTD_LEVEL = 1
@@ -374,9 +376,23 @@ def _compress(body: list[bytes | memoryview], snap: Snapshot,
     return [piece for piece in out if piece], "zstd"
 
 
-def _split(data: memoryview, max_bytes: int) -> tuple[dict[str, Any], memoryview]:
-    if len(data) > max_bytes:
-        raise SnapshotTooLarge(f"snapshot is {len(data)} bytes; the limit is {max_bytes}")
+def check_head(head: bytes | memoryview, total_bytes: int,
+               max_bytes: int = MAX_SNAPSHOT_BYTES) -> dict[str, Any]:
+    """The checked header of a snapshot of `total_bytes`, from its first HEAD_BYTES:
+    what is not a snapshot, or is truncated or too large, is refused before anyone
+    reads (or holds in memory) the rest of it."""
+    header, start = _head(memoryview(head), total_bytes, max_bytes)
+    if total_bytes - start != header["body_bytes"]:
+        raise SnapshotCorrupt(f"snapshot is truncated: body has {total_bytes - start} of "
+                              f"{header['body_bytes']} bytes")
+    return header
+
+
+def _head(data: memoryview, total_bytes: int, max_bytes: int) -> tuple[dict[str, Any], int]:
+    """The checked header of a snapshot of `total_bytes` whose first bytes are `data`,
+    and where its body starts."""
+    if total_bytes > max_bytes:
+        raise SnapshotTooLarge(f"snapshot is {total_bytes} bytes; the limit is {max_bytes}")
     if len(data) < len(MAGIC) + _HEADER_LEN.size:
         raise SnapshotCorrupt("not a Cloudlet snapshot (too short)")
     if bytes(data[: len(MAGIC)]) != MAGIC:
@@ -399,13 +415,18 @@ def _split(data: memoryview, max_bytes: int) -> tuple[dict[str, Any], memoryview
                      ("sha256", str)):
         if not isinstance(header.get(key), typ):
             raise SnapshotCorrupt(f"snapshot header field {key!r} is missing or not {typ.__name__}")
-    body = data[start + header_len :]
-    if len(body) != header["body_bytes"]:
-        raise SnapshotCorrupt(f"snapshot is truncated: body has {len(body)} of "
-                              f"{header['body_bytes']} bytes")
     if header["raw_bytes"] > max_bytes:
         raise SnapshotTooLarge(f"snapshot expands to {header['raw_bytes']} bytes; "
                                f"the limit is {max_bytes}")
+    return header, start + header_len
+
+
+def _split(data: memoryview, max_bytes: int) -> tuple[dict[str, Any], memoryview]:
+    header, start = _head(data, len(data), max_bytes)
+    body = data[start:]
+    if len(body) != header["body_bytes"]:
+        raise SnapshotCorrupt(f"snapshot is truncated: body has {len(body)} of "
+                              f"{header['body_bytes']} bytes")
     return header, body
 
 

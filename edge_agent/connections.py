@@ -1,0 +1,138 @@
+"""Connections that say nothing are closed: a request head must arrive in time.
+
+Every open connection costs a file descriptor and a little memory, so a client
+that opens connections and sends nothing, or half a request head, a byte now
+and then, could hold them until the daemon runs out (with a low file limit,
+`/health` itself then fails). Two timers bound that:
+
+- `header_timeout_s`: a connection must send a whole request head within this,
+  from its opening, or from the first byte of its next request on a kept-alive
+  connection. Past it, the connection is closed.
+- `idle_timeout_s`: a kept-alive connection with no request at all is closed
+  after this (aiohttp's own `keepalive_timeout`).
+
+Bodies are not timed here: once its head arrived, a request is bounded by its
+deadline (`request_deadline_s`). WebSocket streams are never timed out by
+either: after the upgrade, a stream is a request in progress until it closes.
+
+aiohttp's `RequestHandler` has the idle timer, but nothing for a head that never
+completes. This adds the head timer with the least reach into aiohttp: a
+subclass that overrides three of its methods (`connection_made`,
+`data_received`, `finish_response`) and reads one attribute, its count of
+parsed requests (`_request_count`); the runner rebuilds its low-level server to
+make these handlers (`AppRunner._make_server`, with the server's own settings,
+`Server._kwargs`). A connection is between requests when every request parsed
+on it was answered; bytes that arrive then begin a new head. (A head that a
+client pipelines while its previous request is still being served is timed by
+`idle_timeout_s` instead.) It costs ~0.13 us per chunk received. The daemon's
+tests of silent and half-sent connections (tests/test_isolation.py) fail if a
+new aiohttp changes what this relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+
+# After refusing a request whose body is still arriving (over its cap), read and
+# discard what the client sends for at most this long before closing, so it can
+# read the refusal instead of a reset (aiohttp's default is 10 s of reading).
+LINGER_S = 1.0
+
+
+class HeadTimeoutHandler(RequestHandler):
+    """aiohttp's request handler, plus a deadline for each request head."""
+
+    def __init__(self, manager: web.Server, *, header_timeout_s: float,
+                 on_timeout: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout_s = header_timeout_s
+        self._on_timeout = on_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._answered = 0  # requests answered on this connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        heads = self._request_count
+        super().data_received(data)
+        if self._request_count != heads:  # a whole head arrived
+            self._disarm()
+        elif self._head_timer is None and self._between_requests():
+            self._arm()  # the first bytes of the next request on a kept-alive connection
+
+    async def finish_response(self, request: BaseRequest, resp: StreamResponse,
+                              start_time: float | None) -> tuple[StreamResponse, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._answered += 1
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _between_requests(self) -> bool:
+        """Every request parsed on this connection was answered (a WebSocket stream,
+        a body still arriving, a request queued: not between requests)."""
+        return self._answered >= self._request_count
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = asyncio.get_running_loop().call_later(self._header_timeout_s,
+                                                                 self._head_overdue)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_overdue(self) -> None:
+        self._head_timer = None
+        if self._between_requests():
+            self._on_timeout()
+            self.force_close()
+
+
+class HeadTimeoutServer(web.Server):
+    """aiohttp's low-level server, making `HeadTimeoutHandler`s."""
+
+    def __init__(self, *args: Any, header_timeout_s: float, on_timeout: Callable[[], None],
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+        self.on_timeout = on_timeout
+
+    def __call__(self) -> RequestHandler:
+        return HeadTimeoutHandler(self, loop=self._loop, header_timeout_s=self.header_timeout_s,
+                                  on_timeout=self.on_timeout, **self._kwargs)
+
+
+class GuardedAppRunner(web.AppRunner):
+    """`web.AppRunner` whose connections must send each request head within
+    `header_timeout_s` and are closed after `idle_timeout_s` between requests."""
+
+    def __init__(self, app: web.Application, *, header_timeout_s: float, idle_timeout_s: float,
+                 on_timeout: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
+        super().__init__(app, keepalive_timeout=idle_timeout_s, lingering_time=LINGER_S,
+                         **kwargs)
+        self._header_timeout_s = header_timeout_s
+        self._on_timeout = on_timeout
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        # The app's own server, rebuilt as a HeadTimeoutServer with the very same
+        # handler, request factory and settings.
+        return HeadTimeoutServer(plain.request_handler, request_factory=plain.request_factory,
+                                 handler_cancellation=plain.handler_cancellation,
+                                 loop=asyncio.get_running_loop(),
+                                 header_timeout_s=self._header_timeout_s,
+                                 on_timeout=self._on_timeout, **plain._kwargs)
