@@ -381,7 +381,8 @@ class Incoming:
             source = await self.peers.prove(self.source, self.source.node)
             async with self.peers.http.get(url, headers=self.peers.headers(source.node),
                                            timeout=aiohttp.ClientTimeout(
-                                               total=RESOLVE_TIMEOUT_S)) as resp:
+                                               total=RESOLVE_TIMEOUT_S),
+                                           allow_redirects=False) as resp:
                 if resp.status != 200:
                     return None
                 body = await resp.json(content_type=None)

@@ -60,6 +60,7 @@ from cloudlet.errors import (
     VMNotFound,
 )
 from cloudlet.fsutil import atomic_write, storage_full
+from cloudlet.migration.messages import is_safe_id
 from cloudlet.migration.pacing import CallPacer
 from cloudlet.protocol import Location
 from cloudlet.vm import VM, Image, ImageStore, Snapshot, VMLimits, image_digest
@@ -619,6 +620,8 @@ class VMHost:
             snap = replace(snap, vm_id=secrets.token_hex(8), owner=owner, annex={})
         if snap.vm_id is None or snap.vm_id in self.vms:
             raise BadCall(f"a VM {snap.vm_id!r} is already here (or the snapshot names none)")
+        if not is_safe_id(snap.vm_id):  # it names the VM's files here
+            raise BadCall(f"a VM id is letters, digits, '-' or '_', not {snap.vm_id[:80]!r}")
         replies = ReplyLog.from_wire(snap.annex.get(ANNEX_KEY))
         vm_owner = snap.owner or ""
         with self._admitting(vm_owner, snap.limits.memory_bytes, replies.size_bytes) as admission:

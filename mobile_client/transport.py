@@ -138,9 +138,20 @@ class Http:
         if known is not None:
             return known
         challenge = proof.new_challenge()
-        health = await self.request("GET", where, "/health", authenticated=False,
-                                    params={"challenge": challenge.hex()},
-                                    timeout_s=CONNECT_TIMEOUT_S * 2)
+        try:
+            health = await self.request("GET", where, "/health", authenticated=False,
+                                        params={"challenge": challenge.hex()},
+                                        timeout_s=CONNECT_TIMEOUT_S * 2)
+        except (NoCloudletAvailable, RequestTimeout):
+            raise  # unreachable: callers retry or try another cloudlet
+        except CloudletError as exc:
+            # An error *answer* from an endpoint that has not proven itself is believed
+            # no more than the rest of what it says: a `vm_moved` from it would choose
+            # where the client goes next. It did not prove itself; that is all.
+            self._proven.pop(where.endpoint, None)
+            raise PeerUnverified(f"{where.endpoint} answered its challenge with an error "
+                                 f"({exc.code}), not a proof; nothing was sent to it",
+                                 reason="no_proof") from None
         answer = health.get("identity") if isinstance(health, dict) else None
         return self.check_proof(where, challenge, answer)
 
@@ -160,9 +171,11 @@ class Http:
             await self.prove(where)
             headers["Authorization"] = f"Bearer {self.token}"
         try:
+            # No redirects: a cloudlet never sends one, and following one would let any
+            # server pass the proof with a real cloudlet's answer.
             async with self.session.request(method, where.endpoint + path, data=data,
                                             headers=headers, timeout=timeout,
-                                            params=params) as resp:
+                                            params=params, allow_redirects=False) as resp:
                 payload = await resp.read()
                 status = resp.status
                 is_json = "json" in resp.headers.get("Content-Type", "")
@@ -172,7 +185,7 @@ class Http:
             raise NoCloudletAvailable(f"cannot reach cloudlet {where.node} at "
                                       f"{where.endpoint}: {exc}") from None
         decoded = _decode_json(payload) if is_json and payload else _decode(payload)
-        if status >= 400:
+        if status >= 300:  # a redirect too: not followed, and not an answer
             raise error_from_wire(decoded if isinstance(decoded, dict) else {
                 "code": "request_error", "message": f"HTTP {status} from {where.node}"})
         return decoded
