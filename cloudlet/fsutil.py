@@ -34,7 +34,8 @@ def atomic_write(path: str | os.PathLike[str], data: Buffer | Sequence[Buffer]) 
         _write_then_rename(Path(path), data)
     except OSError as exc:
         if exc.errno in STORAGE_ERRNOS:
-            raise storage_full(exc, f"cannot write {path}") from exc
+            # The file's name, not its path: this message may reach a client.
+            raise storage_full(exc, f"cannot write {Path(path).name}") from exc
         raise
 
 

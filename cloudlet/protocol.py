@@ -184,8 +184,11 @@ def offline_message(node: str, *, session: str) -> dict[str, Any]:
     return {"v": SCHEMA_VERSION, "node": node, "status": "offline", "session": session}
 
 
-def location_message(vm_id: str, where: Location) -> dict[str, Any]:
-    return {"v": SCHEMA_VERSION, "vm": vm_id, **where.to_wire()}
+def location_message(vm_id: str, where: Location, *, generation: int = 0) -> dict[str, Any]:
+    """Where a VM is. `generation` counts its moves between cloudlets: a VM's
+    locations are ordered by it (then by time), not by the clocks of the cloudlets
+    it moved between."""
+    return {"v": SCHEMA_VERSION, "vm": vm_id, **where.to_wire(), "generation": generation}
 
 
 def command_message(op: str, *, command_id: str, epoch: int, **fields: Any) -> dict[str, Any]:

@@ -339,11 +339,12 @@ async def upload_image(request: web.Request) -> web.Response:
 
 
 async def list_images(request: web.Request) -> web.Response:
-    return answer(request, {"images": request.app[HOST].images.list()})
+    """The images this client uploaded here (a peer: all of them)."""
+    return answer(request, {"images": request.app[HOST].images_of(principal(request))})
 
 
 async def delete_image(request: web.Request) -> web.Response:
-    await request.app[HOST].delete_image(request.match_info["digest"])
+    await request.app[HOST].delete_image(principal(request), request.match_info["digest"])
     return web.Response(status=204)
 
 

@@ -45,11 +45,12 @@ from typing import Any
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
-from amqtt.errors import BrokerError
+from amqtt.errors import AMQTTError, BrokerError
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from cloudlet.errors import ConfigError, Unauthorized
+from cloudlet.protocol import MAX_REPORT_BYTES
 from cloudlet.trust import acl
 from cloudlet.trust.client_tokens import ClientTokens
 
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 # The amqtt release whose internals the overrides below were written against.
 AMQTT_VERSION = "0.12.1"
 
+# A client publishes RTT and position reports of a few KiB (cloudlet.protocol).
+MAX_CLIENT_MESSAGE_BYTES = MAX_REPORT_BYTES
 # [MQTT-3.1.2-24]: disconnect after one and a half keepalive periods of silence.
 KEEPALIVE_GRACE = 1.5
 # Bounds on shutdown: amqtt's own shutdown can block on a stuck client's socket.
@@ -216,10 +219,28 @@ _handling_subscribe: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 
 class _PatchedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
-    """amqtt's Broker with the two workarounds, and connections it can wait for."""
+    """amqtt's Broker with the two workarounds, and connections it can wait for.
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    Admitting only the cluster (`cluster=True`) adds three rules amqtt lacks:
+
+    (c) Nothing happens before authentication. amqtt deletes the existing session
+        of a CONNECT's client id (its subscriptions with it), or takes over a live
+        one, before it checks the credentials: one refused, anonymous CONNECT with
+        `cloudlet-downtown` made that cloudlet deaf to every order, silently. Here
+        a connection is authenticated first and refused at once otherwise; and an
+        admitted one's session is kept under `USERNAME/CLIENT_ID`, so no user can
+        reach another user's session by naming its client id.
+    (d) A client's messages are not retained (the SDK retains none), and are at
+        most `MAX_CLIENT_MESSAGE_BYTES`: a client could otherwise park unbounded
+        memory in the broker for good.
+    (e) Persistent sessions are not offered (every Cloudlet client uses a clean
+        one): a stored session outliving its credentials is not worth its risks.
+    """
+
+    def __init__(self, config: dict[str, Any], *, cluster: bool = False) -> None:
         super().__init__(config)
+        self._cluster = cluster
+        self._refused_retain: set[str] = set()  # users told once that retain is refused
         # asyncio.Server.wait_closed (3.11) does not wait for connection handlers,
         # and amqtt's shutdown does not either: we track them to end them all.
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
@@ -245,7 +266,45 @@ class _PatchedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type infor
             reader, writer, remote_address, remote_port)
         if isinstance(reader, _KeepaliveReader):
             reader.enforce(session.keep_alive)
+        if self._cluster:
+            await self._admit(handler, session, reader, writer)
         return handler, session
+
+    async def _admit(self, handler: Any, session: Session, reader: Any, writer: Any) -> None:
+        """Rule (c): authenticate now, before amqtt touches any session; refuse at once
+        otherwise. (amqtt's own deletion above used the raw client id, which names no
+        admitted session: those live under `USERNAME/CLIENT_ID`.)"""
+        if not session.clean_session or not await self._authenticate(session, None):
+            handler.attach(session, reader, writer)
+            await handler.mqtt_connack_authorize(False)
+            await writer.close()
+            raise AMQTTError(f"refused a CONNECT for user {str(session.username)[:64]!r}")
+        session.client_id = f"{session.username}/{session.client_id}"
+        await self._delete_session(session.client_id)  # its own previous connection
+
+    def _from_client(self, session: Session | None) -> bool:
+        return (self._cluster and session is not None and session.username is not None
+                and acl.broker_user(session.username).kind == "client")
+
+    async def retain_message(self, source_session: Session | None, topic_name: str | None,
+                             data: bytes | bytearray | None, qos: int | None = None) -> None:
+        if self._from_client(source_session):  # rule (d)
+            assert source_session is not None
+            if source_session.username not in self._refused_retain:
+                self._refused_retain.add(source_session.username)
+                log.info("not retaining messages of client %r (clients retain nothing)",
+                         source_session.username[:64])
+            return
+        await super().retain_message(source_session, topic_name, data, qos)
+
+    async def _broadcast_message(self, session: Session | None, topic: str | None,
+                                 data: bytes | bytearray | None,
+                                 force_qos: int | None = None) -> None:
+        if self._from_client(session) and data is not None and (
+                len(data) > MAX_CLIENT_MESSAGE_BYTES):  # rule (d)
+            log.info("dropped a %d-byte message of a client on %s", len(data), topic)
+            return
+        await super()._broadcast_message(session, topic, data, force_qos)
 
     async def _handle_subscription(self, client_session: Session, handler: Any,
                                    subscribe_waiter: asyncio.Future[Any]) -> None:
@@ -387,7 +446,8 @@ class EmbeddedBroker:
         check_amqtt_version()
         # amqtt binds its loop at construction: it must happen inside the running loop.
         broker = _PatchedBroker(_broker_config(self._host, self._port, self._username,
-                                               self._password, self._cluster))
+                                               self._password, self._cluster),
+                                cluster=self._cluster is not None)
         try:
             await broker.start()
         except BrokerError as exc:

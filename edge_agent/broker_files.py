@@ -22,9 +22,12 @@ from cloudlet.errors import ConfigError
 from cloudlet.fsutil import atomic_write
 from cloudlet.trust import acl
 from cloudlet.trust.client_tokens import check_client_name
+from cloudlet.trust.sealed import MAX_SEALED_BYTES
 from edge_agent.auth import SECRET_FILE, load_secret
 from edge_agent.config import load_metro_config
 from edge_agent.metro import DEFAULT_METRO
+
+MAX_PACKET_BYTES = MAX_SEALED_BYTES + (16 << 10)  # a sealed message and MQTT's framing
 
 
 def write_mosquitto_files(state: Path, out: Path, *, nodes: Sequence[str] | None,
@@ -51,6 +54,12 @@ def write_mosquitto_files(state: Path, out: Path, *, nodes: Sequence[str] | None
         "# Written by `cloudlet broker-config`: only the cluster gets in.",
         f"listener {port} {host}",
         "allow_anonymous false",
+        # A client id is its username here: no user can take over (and knock off)
+        # another's session by naming its client id. One connection per user.
+        "use_username_as_clientid true",
+        # The largest control message is well under this (sealed messages are
+        # capped at 256 KiB); a client cannot park more than this per message.
+        f"max_packet_size {MAX_PACKET_BYTES}",
         f"password_file {(out / 'passwd').resolve()}",
         f"acl_file {(out / 'acl').resolve()}",
         "persistence false",

@@ -102,6 +102,12 @@ class ControlPlane:
         self.connected = asyncio.Event()
         self._last_calls: dict[str, int] = {}
         self._last_tick = time.monotonic()
+        # Orders signed before this process started are refused: the nonces that
+        # made them believable once were remembered by the process that is gone, so
+        # a replay after a restart would otherwise run a second time. A genuine
+        # order sent during a restart was lost with the connection anyway (clean
+        # sessions): its sender retries with a fresh one.
+        self.started_unix = time.time()
         host.on_change = self._vm_changed
 
     def _seal(self, topic: str, message: dict[str, Any]) -> bytes:
@@ -221,9 +227,11 @@ class ControlPlane:
         for vm_id in list(self._dirty_locations):
             self._dirty_locations.discard(vm_id)
             topic = location_topic(vm_id)
-            if vm_id in self.host.vms:
+            hosted = self.host.vms.get(vm_id)
+            if hosted is not None:
                 payload = self._seal(topic, location_message(
-                    vm_id, Location(self.config.name, self.config.endpoint)))
+                    vm_id, Location(self.config.name, self.config.endpoint),
+                    generation=hosted.generation))
             elif vm_id in self.host.tombstones:
                 # Moved away: its destination publishes where it is now (a location
                 # is signed by the cloudlet it names); a stale one here still answers
@@ -275,6 +283,9 @@ class ControlPlane:
                 continue
             if believed.kind is Kind.PRESENCE:
                 self.peers.note_presence(believed.name, believed.body, believed.ts)
+            elif believed.kind is Kind.COMMANDS and believed.ts < self.started_unix:
+                self._dropped(topic, "before_start", "an order signed before this cloudlet "
+                                                     "started (a replay after a restart?)")
             elif believed.kind is Kind.COMMANDS and believed.name == self.config.name:
                 # Owned by `run`'s task group: it outlives this connection.
                 running.create_task(self._carry_out(believed.body, believed.signer.subject))

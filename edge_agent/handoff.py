@@ -21,6 +21,7 @@ then gets a peer token minted for it alone, the image and the VM's state.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -165,7 +166,8 @@ class Mover:
             paused_at = time.perf_counter()
             # Captured in a thread (the VM is paused: nothing else touches it), so the
             # cloudlet's other VMs keep answering while a large one is copied.
-            snap = await asyncio.to_thread(self.host.snapshot_with_annex, hosted)
+            snap = await asyncio.to_thread(
+                functools.partial(self.host.snapshot_with_annex, hosted, moving=True))
             data = await asyncio.to_thread(snap.to_bytes)
             # The decision first, durably, as live migration does: if it cannot be
             # written (a full disk), nothing has left and the VM simply stays. Once

@@ -58,7 +58,7 @@ from cloudlet.protocol import Location
 from cloudlet.vm import VM, Snapshot
 from cloudlet.vm.chunks import CHUNK_BYTES
 from edge_agent.peer_client import PeerClient
-from edge_agent.replies import ANNEX_KEY
+from edge_agent.replies import ANNEX_KEY, GENERATION_KEY, generation_of
 from edge_agent.vm_host import HostedVM, VMHost
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ class Outgoing:
         self.durable.set()
 
     def annex(self) -> dict[str, Any]:
-        return {ANNEX_KEY: self.hosted.replies.to_wire(), LAST_CALL_KEY: self.last_call_unix}
+        return {ANNEX_KEY: self.hosted.replies.to_wire(), LAST_CALL_KEY: self.last_call_unix,
+                GENERATION_KEY: self.hosted.generation + 1}
 
     def throttle(self, call_interval_s: float) -> None:
         if call_interval_s:
@@ -242,7 +243,7 @@ class LiveMigrations:
         return {"outcome": got.outcome, **got.stats.to_dict()}
 
     async def _activate(self, vm: VM, annex: dict[str, Any], migration_id: str | None) -> None:
-        hosted = self.host.activate(vm, annex.get(ANNEX_KEY))
+        hosted = self.host.activate(vm, annex.get(ANNEX_KEY), generation_of(annex))
         last_call = annex.get(LAST_CALL_KEY)
         if isinstance(last_call, float) and last_call > 0:
             hosted.arrived_last_call_unix = last_call
@@ -381,7 +382,8 @@ class Incoming:
             source = await self.peers.prove(self.source, self.source.node)
             async with self.peers.http.get(url, headers=self.peers.headers(source.node),
                                            timeout=aiohttp.ClientTimeout(
-                                               total=RESOLVE_TIMEOUT_S)) as resp:
+                                               total=RESOLVE_TIMEOUT_S),
+                                           allow_redirects=False) as resp:
                 if resp.status != 200:
                     return None
                 body = await resp.json(content_type=None)

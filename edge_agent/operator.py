@@ -105,7 +105,8 @@ async def migrate(broker: str, state: Path, vm_id: str, to: str, mode: str) -> d
         where = await peers.prove(where, where.node)
         async with peers.http.post(f"{where.endpoint}/v1/vms/{vm_id}/migrate",
                                    data=msgpack.packb({"to": to, "mode": mode}),
-                                   headers=peers.headers(where.node)) as resp:
+                                   headers=peers.headers(where.node),
+                                   allow_redirects=False) as resp:
             raw = await resp.read()
             status = resp.status
     try:

@@ -67,10 +67,12 @@ class PeerClient:
         and nothing else was sent to it."""
         challenge = proof.new_challenge()
         try:
+            # No redirects, here or below: a redirect would let any server pass the
+            # proof with a real cloudlet's answer (and carry bodies elsewhere).
             async with self.http.get(f"{where.endpoint}/health",
                                      params={"challenge": challenge.hex()},
-                                     timeout=aiohttp.ClientTimeout(total=PROOF_TIMEOUT_S)
-                                     ) as resp:
+                                     timeout=aiohttp.ClientTimeout(total=PROOF_TIMEOUT_S),
+                                     allow_redirects=False) as resp:
                 raw = await resp.read()
             answer = json.loads(raw).get("identity") if raw else None
         except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
@@ -90,15 +92,15 @@ class PeerClient:
         return {"Authorization": "Bearer " + peer_tokens.mint(self.identity, audience)}
 
     async def get(self, where: Location, path: str) -> dict[str, Any]:
-        async with self.http.get(where.endpoint + path,
-                                 headers=self.headers(where.node)) as resp:
+        async with self.http.get(where.endpoint + path, headers=self.headers(where.node),
+                                 allow_redirects=False) as resp:
             return await decoded(resp, 200)
 
     async def post(self, where: Location, path: str, data: bytes, expect: int,
                    headers: dict[str, str] | None = None) -> dict[str, Any]:
         async with self.http.post(where.endpoint + path, data=data,
-                                  headers={**(headers or {}), **self.headers(where.node)}
-                                  ) as resp:
+                                  headers={**(headers or {}), **self.headers(where.node)},
+                                  allow_redirects=False) as resp:
             return await decoded(resp, expect)
 
 

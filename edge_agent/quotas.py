@@ -128,6 +128,13 @@ class Quotas:
     def images_of(self, client: str) -> int:
         return sum(client in holders for holders in self._holders.values())
 
+    def held_by(self, client: str) -> list[str]:
+        """The digests `client` uploaded (and has not deleted)."""
+        return sorted(d for d, holders in self._holders.items() if client in holders)
+
+    def holders(self, digest: str) -> frozenset[str]:
+        return frozenset(self._holders.get(digest, ()))
+
     def hold_image(self, client: str, digest: str) -> bool:
         """Count `digest` against `client` (raises if that passes its quota). False if
         it already did (an upload of an image one holds is free)."""

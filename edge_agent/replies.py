@@ -35,6 +35,15 @@ from cloudlet.errors import ReplyExpired, SequenceConflict, SequenceGap, error_f
 REPLY_WINDOW = 1024
 REPLY_BYTES_CAP = 16 << 20
 ANNEX_KEY = "replies"
+# Also in the annex: how many times the VM has moved between cloudlets. Its
+# location is published with it, so receivers order a VM's locations by moves,
+# not by the clocks of the cloudlets it moved between.
+GENERATION_KEY = "generation"
+
+
+def generation_of(annex: dict[str, Any]) -> int:
+    value = annex.get(GENERATION_KEY, 0)
+    return value if type(value) is int and value >= 0 else 0
 _FIXED_BYTES = 96  # per answer: the map, its keys, the call's identity
 # The daemon's entries nest 5 levels ([seq, identity, reply] > reply > error >
 # details > a value); a log from the wire may go to 8. Deeper ones are dropped:

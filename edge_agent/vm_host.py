@@ -60,6 +60,7 @@ from cloudlet.errors import (
     VMNotFound,
 )
 from cloudlet.fsutil import atomic_write, storage_full
+from cloudlet.migration.messages import is_safe_id
 from cloudlet.migration.pacing import CallPacer
 from cloudlet.protocol import Location
 from cloudlet.vm import VM, Image, ImageStore, Snapshot, VMLimits, image_digest
@@ -67,7 +68,7 @@ from cloudlet.vm.snapshot import HEAD_BYTES, check_head
 from edge_agent.auth import Principal
 from edge_agent.config import NodeConfig
 from edge_agent.quotas import Quotas, Usage
-from edge_agent.replies import ANNEX_KEY, ReplyLog, call_identity
+from edge_agent.replies import ANNEX_KEY, GENERATION_KEY, ReplyLog, call_identity, generation_of
 from edge_agent.storage import CheckpointRound, StorageHealth, public_reason, write_probe
 from edge_agent.workers import FairPool, Workers
 
@@ -115,6 +116,7 @@ class HostedVM:
     # first call here, which turns it into the migration's downtime as users see it.
     arrived_last_call_unix: float = 0.0
     arrival_downtime_ms: float | None = None
+    generation: int = 0  # moves between cloudlets so far (see replies.GENERATION_KEY)
     # Auto-converge: while a live migration outruns the link, calls are spaced apart.
     pacer: CallPacer = field(default_factory=CallPacer)
 
@@ -225,7 +227,23 @@ class VMHost:
             raise
         return image
 
-    async def delete_image(self, digest: str) -> None:
+    def images_of(self, who: Principal) -> list[str]:
+        """The images `who` may see: a client, those it uploaded; a peer, all."""
+        if who.is_peer:
+            return self.images.list()
+        return self.quotas.held_by(who.name)
+
+    async def delete_image(self, who: Principal, digest: str) -> None:
+        """A client deletes only an image it uploaded; while other clients hold it too,
+        only its own hold goes (the image stays theirs). A peer deletes any unused one."""
+        if not who.is_peer:
+            holders = self.quotas.holders(digest)
+            if who.name not in holders:
+                raise ImageNotFound(f"no image {digest[:16]!r} of this client here")
+            if holders - {who.name}:
+                self.quotas.release_image(who.name, digest)
+                await self._save_image_holders()
+                return
         users = [h.id for h in self.vms.values() if h.vm.image.digest == digest]
         if self._creating.get(digest):
             users.append("(a VM being created)")
@@ -290,11 +308,12 @@ class VMHost:
         return hosted
 
     async def _adopt_durably(self, vm: VM, admission: Admission,
-                             replies: ReplyLog | None = None) -> HostedVM:
+                             replies: ReplyLog | None = None, generation: int = 0) -> HostedVM:
         """Host `vm` and checkpoint it before anyone hears of it: a kill -9 right after
         must not lose it (later calls are then bounded by the checkpoint interval, as
         promised). If the checkpoint fails, the VM is not hosted."""
         hosted = self._adopt(vm)
+        hosted.generation = generation
         self._admitted(admission)
         if replies is not None:
             hosted.replies = replies
@@ -486,9 +505,11 @@ class VMHost:
         return await self.boots.run(hosted.owner, snap.to_bytes)
 
     @staticmethod
-    def snapshot_with_annex(hosted: HostedVM) -> Snapshot:
+    def snapshot_with_annex(hosted: HostedVM, *, moving: bool = False) -> Snapshot:
         """A full snapshot carrying the VM's reply log (call under the VM's lock)."""
-        return replace(hosted.vm.snapshot(), annex={ANNEX_KEY: hosted.replies.to_wire()})
+        generation = hosted.generation + 1 if moving else hosted.generation
+        return replace(hosted.vm.snapshot(), annex={ANNEX_KEY: hosted.replies.to_wire(),
+                                                    GENERATION_KEY: generation})
 
     async def dirty_rate(self, hosted: HostedVM) -> float:
         """Chunks written per second since the VM's last checkpoint (for the placer's
@@ -571,12 +592,13 @@ class VMHost:
     def moved_by_migration(self, migration_id: str) -> bool:
         return migration_id in self._moved_by
 
-    def activate(self, vm: VM, replies_wire: Any) -> HostedVM:
+    def activate(self, vm: VM, replies_wire: Any, generation: int = 0) -> HostedVM:
         """Serve a VM that arrived by live migration (already durable on disk)."""
         if vm.id in self.vms:
             raise BadCall(f"a VM {vm.id} is already here")
         hosted = self._adopt(vm)
         hosted.replies = ReplyLog.from_wire(replies_wire)
+        hosted.generation = generation
         # Its owner's quotas were checked when it was offered; committed now, it is
         # never dropped for them (docs/daemon.md).
         self._share_reply_room(hosted.owner)
@@ -616,16 +638,23 @@ class VMHost:
         if snap.kind != "overlay":
             raise BadCall("a VM starts from an overlay snapshot, not a delta")
         if owner is not None:
-            snap = replace(snap, vm_id=secrets.token_hex(8), owner=owner, annex={})
+            # A client's snapshot brings its own limits: they pass the same checks as a
+            # create's (a call may not outlast its request, a day per call would hold
+            # a call thread for a day).
+            snap = replace(snap, vm_id=secrets.token_hex(8), owner=owner, annex={},
+                           limits=self._limits(snap.limits.to_wire()))
         if snap.vm_id is None or snap.vm_id in self.vms:
             raise BadCall(f"a VM {snap.vm_id!r} is already here (or the snapshot names none)")
+        if not is_safe_id(snap.vm_id):  # it names the VM's files here
+            raise BadCall(f"a VM id is letters, digits, '-' or '_', not {snap.vm_id[:80]!r}")
         replies = ReplyLog.from_wire(snap.annex.get(ANNEX_KEY))
         vm_owner = snap.owner or ""
         with self._admitting(vm_owner, snap.limits.memory_bytes, replies.size_bytes) as admission:
             image = await self.boots.run(who.name, lambda: self.image(snap.image_digest))
             vm = await self.boots.run(who.name, lambda: VM.restore(image, snap),
                                       on_orphan=VM.close)
-            hosted = await self._adopt_durably(vm, admission, replies)
+            hosted = await self._adopt_durably(vm, admission, replies,
+                                               generation_of(snap.annex))
         if self.tombstones.pop(vm.id, None) is not None:  # it came back
             await self.workers.checkpoints.run(
                 Workers.NODE, lambda: self._tombstone_path(vm.id).unlink(missing_ok=True))
@@ -779,6 +808,7 @@ class VMHost:
             hosted = self._adopt(vm)
             hosted.checkpointed_seq = vm.seq
             hosted.replies = ReplyLog.from_wire(snap.annex.get(ANNEX_KEY))
+            hosted.generation = generation_of(snap.annex)
             log.info("restored VM %s (owner %s, seq %d)", vm.id, vm.owner, vm.seq)
 
     def _restore_file(self, path: Path) -> tuple[VM, Snapshot]:

@@ -221,11 +221,20 @@ class CloudletClient:
             self._sessions.discard(s)
 
     async def _locate(self, vm_id: str) -> Location | None:
-        """Where a VM is when its last cloudlet does not know it: its retained location,
-        else the first known cloudlet that has it."""
+        """Where a VM is when its last cloudlet does not know it: its retained location
+        if that cloudlet has it, else the first known cloudlet that has it. (A location
+        is checked, not taken on faith: a cloudlet that signed a wrong one, or a stale
+        one, must not lose the session.)"""
         known = self.discovery.location_of(vm_id)
         if known is not None:
-            return known
+            try:
+                await self.http.vm_info(known, vm_id)
+                return known
+            except VMMoved as moved:
+                return Location(str(moved.details.get("node")),
+                                str(moved.details.get("endpoint")))
+            except CloudletError:
+                pass
         for info in self.discovery.candidates():
             try:
                 await self.http.vm_info(info.location, vm_id)

@@ -41,9 +41,12 @@ MSGPACK = "application/msgpack"
 # Management requests (upload, create, destroy) may compile an image: give them time.
 REQUEST_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 3.0
-# How long a proof of identity is trusted for an endpoint. Short enough that a
-# server taking over a dead cloudlet's address soon has to prove itself again.
-PROOF_TTL_S = 300.0
+# How long a proof of identity is trusted for an endpoint, at most. A proof is
+# also forgotten when a request to the endpoint fails in transport and whenever a
+# new connection to it is opened: a server that took over a dead cloudlet's
+# address is reached over new connections, so it is challenged before the token
+# goes on them (the residual window: docs/security.md).
+PROOF_TTL_S = 60.0
 __all__ = ["Http", "Location", "client_name", "image_digest"]
 
 
@@ -88,9 +91,22 @@ class Http:
         self.verifier = CertificateVerifier(claims.authority_public_key)
 
     async def __aenter__(self) -> Http:
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(self._new_connection)
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
+            trace_configs=[trace])
         return self
+
+    async def _new_connection(self, session: aiohttp.ClientSession, ctx: Any,
+                              params: aiohttp.TraceConnectionCreateEndParams) -> None:
+        """A new connection to an endpoint is not covered by its earlier proof: the
+        next authenticated request proves the endpoint again (its proof request,
+        made on this very connection, re-establishes it)."""
+        request = getattr(ctx, "trace_request_ctx", None)
+        if (isinstance(request, dict) and isinstance(request.get("endpoint"), str)
+                and not request.get("proving")):
+            self._proven.pop(request["endpoint"], None)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
@@ -138,9 +154,20 @@ class Http:
         if known is not None:
             return known
         challenge = proof.new_challenge()
-        health = await self.request("GET", where, "/health", authenticated=False,
-                                    params={"challenge": challenge.hex()},
-                                    timeout_s=CONNECT_TIMEOUT_S * 2)
+        try:
+            health = await self.request("GET", where, "/health", authenticated=False,
+                                        params={"challenge": challenge.hex()},
+                                        timeout_s=CONNECT_TIMEOUT_S * 2, proving=True)
+        except (NoCloudletAvailable, RequestTimeout):
+            raise  # unreachable: callers retry or try another cloudlet
+        except CloudletError as exc:
+            # An error *answer* from an endpoint that has not proven itself is believed
+            # no more than the rest of what it says: a `vm_moved` from it would choose
+            # where the client goes next. It did not prove itself; that is all.
+            self._proven.pop(where.endpoint, None)
+            raise PeerUnverified(f"{where.endpoint} answered its challenge with an error "
+                                 f"({exc.code}), not a proof; nothing was sent to it",
+                                 reason="no_proof") from None
         answer = health.get("identity") if isinstance(health, dict) else None
         return self.check_proof(where, challenge, answer)
 
@@ -150,7 +177,7 @@ class Http:
                       body: Any = None, raw: bytes | None = None,
                       headers: dict[str, str] | None = None,
                       timeout_s: float | None = None, authenticated: bool = True,
-                      params: dict[str, str] | None = None) -> Any:
+                      params: dict[str, str] | None = None, proving: bool = False) -> Any:
         """Decoded msgpack answer; a typed error for anything else. An authenticated
         request goes only to a proven endpoint (`prove`)."""
         data = raw if raw is not None else (msgpack.packb(body) if body is not None else None)
@@ -160,19 +187,24 @@ class Http:
             await self.prove(where)
             headers["Authorization"] = f"Bearer {self.token}"
         try:
-            async with self.session.request(method, where.endpoint + path, data=data,
-                                            headers=headers, timeout=timeout,
-                                            params=params) as resp:
+            # No redirects: a cloudlet never sends one, and following one would let any
+            # server pass the proof with a real cloudlet's answer.
+            async with self.session.request(
+                    method, where.endpoint + path, data=data, headers=headers, timeout=timeout,
+                    params=params, allow_redirects=False,
+                    trace_request_ctx={"endpoint": where.endpoint, "proving": proving}) as resp:
                 payload = await resp.read()
                 status = resp.status
                 is_json = "json" in resp.headers.get("Content-Type", "")
         except TimeoutError:
+            self._proven.pop(where.endpoint, None)
             raise RequestTimeout(f"{where.node} did not answer {method} {path} in time") from None
         except aiohttp.ClientError as exc:
+            self._proven.pop(where.endpoint, None)  # whoever answers next proves itself
             raise NoCloudletAvailable(f"cannot reach cloudlet {where.node} at "
                                       f"{where.endpoint}: {exc}") from None
         decoded = _decode_json(payload) if is_json and payload else _decode(payload)
-        if status >= 400:
+        if status >= 300:  # a redirect too: not followed, and not an answer
             raise error_from_wire(decoded if isinstance(decoded, dict) else {
                 "code": "request_error", "message": f"HTTP {status} from {where.node}"})
         return decoded
@@ -208,6 +240,7 @@ class Http:
                 await self.vm_info(where, vm_id)  # raises the typed error
             raise NoCloudletAvailable(f"stream to {where.node} refused: {exc.status}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
+            self._proven.pop(where.endpoint, None)
             raise NoCloudletAvailable(f"cannot reach cloudlet {where.node} at "
                                       f"{where.endpoint}: {exc!r}") from None
 

@@ -317,11 +317,49 @@ def test_replay_window_fails_closed_when_full(clock: Clock) -> None:
 
 def test_newest_first_never_goes_back() -> None:
     state = NewestFirst()
-    state.accept("k", 10.0, b"a")
-    state.accept("k", 5.0, b"b")  # believed by another rule: keeps time 10
+    state.accept("k", (10.0,), b"a")
+    state.accept("k", (5.0,), b"b")  # believed by another rule: keeps time 10
     with pytest.raises(TrustError):
-        state.check("k", "x", 9.0, b"c")
+        state.check("k", "x", (9.0,), b"c")
     assert state.is_duplicate("k", b"b")
+
+
+def test_a_vms_locations_go_by_its_moves_not_by_clocks(verifier: CertificateVerifier,
+                                                       cast: dict[str, Identity],
+                                                       clock: Clock) -> None:
+    """A VM moves from downtown, whose clock runs 2 s ahead, to harbor: harbor's location
+    (one move later) is believed though its time is earlier."""
+    gate = ControlGate(verifier)
+    topic = location_topic("abcd")
+    at_a = seal(cast["downtown"], topic, location_message(
+        "abcd", Location("downtown", "http://a"), generation=3), clock=lambda: clock.now + 2)
+    at_b = seal(cast["harbor"], topic, location_message(
+        "abcd", Location("harbor", "http://b"), generation=4), clock=clock)
+    assert gate.admit(topic, at_a) is not None
+    believed = gate.admit(topic, at_b)
+    assert believed is not None and believed.body["node"] == "harbor"
+    with pytest.raises(TrustError):
+        gate.admit(topic, at_a)  # the older move, replayed
+    for bad in (-1, 1.5, "7", True):
+        raw = seal(cast["harbor"], topic, {**location_message(
+            "abcd", Location("harbor", "http://b")), "generation": bad}, clock=clock)
+        with pytest.raises(TrustError):
+            gate.admit(topic, raw)
+
+
+def test_messages_dated_ahead_are_refused(verifier: CertificateVerifier,
+                                          cast: dict[str, Identity], clock: Clock) -> None:
+    """Believed, a location dated a year ahead would outrank every genuine one to come."""
+    gate = ControlGate(verifier, window_s=30)
+    topic = location_topic("abcd")
+    ahead = seal(cast["downtown"], topic, location_message(
+        "abcd", Location("downtown", "http://a")), clock=lambda: clock.now + 365 * 86400)
+    with pytest.raises(TrustError) as info:
+        gate.admit(topic, ahead)
+    assert reason(info) == "future"
+    slightly = seal(cast["downtown"], topic, location_message(
+        "abcd", Location("downtown", "http://a")), clock=lambda: clock.now + 5)
+    assert gate.admit(topic, slightly) is not None  # within the clocks' agreement
 
 
 def test_drop_log_logs_each_sender_and_reason_once() -> None:

@@ -60,6 +60,7 @@ from cloudlet.migration.messages import (
     RoundEnd,
     decode,
     encode,
+    is_safe_id,
 )
 from cloudlet.migration.stats import MigrationStats, RoundStats
 from cloudlet.vm import VM, Image, chunks, image_digest
@@ -217,6 +218,10 @@ class DestinationMigration:
                 f"unexpected {msg.TYPE!r} while the destination is {s.value}")
 
     def _offered(self, msg: Offer) -> None:
+        if not is_safe_id(msg.migration_id) or not is_safe_id(msg.vm_id):
+            # Both name files here: a '/' or '..' in them would be a path of the peer's.
+            raise MigrationProtocolError("offer: a migration or VM id that is not "
+                                         "letters, digits, '-' or '_'")
         self.migration_id = msg.migration_id
         self.offer = msg
         self.stats = MigrationStats(msg.migration_id, msg.vm_id, memory_bytes=msg.memory_bytes,

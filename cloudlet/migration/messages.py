@@ -14,6 +14,7 @@ would cost ~10x the bytes and time.
 from __future__ import annotations
 
 import dataclasses
+import re
 import reprlib
 import types
 from dataclasses import dataclass, field
@@ -29,6 +30,15 @@ DIGEST_BYTES = 16  # see chunkstore.py: SHA-256 truncated to 128 bits
 # chunk data (1 MiB by default) plus ids; an Offer carries 16 bytes per overlay
 # chunk (16 MiB covers a full 4 GiB guest); an image is at most 16 MiB.
 MAX_MESSAGE_BYTES = 32 << 20
+# Ids a peer sends become file names where they arrive (`STATE/incoming/<migration>`,
+# `STATE/vms/<vm>.snap`): letters, digits, '-' and '_' only, so never a path
+# separator, never '..', never an absolute path. Ours are 16 hex digits.
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def is_safe_id(value: object) -> bool:
+    """True if `value` may name a file: see `SAFE_ID`."""
+    return isinstance(value, str) and SAFE_ID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)

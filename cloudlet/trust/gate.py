@@ -90,19 +90,24 @@ class ControlGate:
             raise untrusted("schema", f"schema {body.get('v')!r} from {signer.subject!r}")
         self._authorize(ref.kind, ref.name, signer, body)
         kind = ref.kind
+        if sealed.ts > self.clock() + self.window_s:
+            # Dated ahead: believed, it would outrank every genuine message to come.
+            raise untrusted("future", f"a message from {signer.subject!r} dated "
+                                      f"{sealed.ts - self.clock():.0f} s ahead")
         if kind in (Kind.COMMANDS, Kind.EVENTS):
             self.orders.check(signer.subject, sealed.ts, sealed.nonce)
         elif kind is Kind.TELEMETRY:
             if abs(self.clock() - sealed.ts) > self.window_s:
                 raise untrusted("stale", f"telemetry of {ref.name!r} is old")
-            self.state.check(topic, signer.subject, sealed.ts, sealed.nonce)
-            self.state.accept(topic, sealed.ts, sealed.nonce)
+            self.state.check(topic, signer.subject, (sealed.ts,), sealed.nonce)
+            self.state.accept(topic, (sealed.ts,), sealed.nonce)
         else:  # retained state
             if self.state.is_duplicate(topic, sealed.nonce):
                 return None
+            order = self._order(kind, body, sealed.ts)
             if not self._ends_believed_session(kind, topic, body):
-                self.state.check(topic, signer.subject, sealed.ts, sealed.nonce)
-            self.state.accept(topic, sealed.ts, sealed.nonce)
+                self.state.check(topic, signer.subject, order, sealed.nonce)
+            self.state.accept(topic, order, sealed.nonce)
             if kind is Kind.PRESENCE:
                 self._note_session(topic, body)
         return Believed(kind, ref.name, signer, body, sealed.ts)
@@ -130,6 +135,16 @@ class ControlGate:
                 raise untrusted("malformed", f"a location for VM {name!r} about another VM")
         elif kind is Kind.LEASE and not signer.has_role(ROLE_ORCHESTRATOR):
             raise untrusted("wrong_signer", f"{signer.subject!r} may not hold a lease")
+
+    @staticmethod
+    def _order(kind: Kind, body: dict[str, Any], ts: float) -> tuple[float, ...]:
+        """A VM's locations go by its moves first, then time; all else by time."""
+        if kind is Kind.LOCATION:
+            generation = body.get("generation", 0)
+            if type(generation) is not int or generation < 0:
+                raise untrusted("malformed", "a location with a malformed generation")
+            return (float(generation), ts)
+        return (ts,)
 
     def _ends_believed_session(self, kind: Kind, topic: str, body: dict[str, Any]) -> bool:
         """A Will is signed when its connection starts, so it is older than the

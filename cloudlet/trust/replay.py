@@ -71,32 +71,37 @@ class ReplayWindow:
         return len(self._seen)
 
 
+Order = tuple[float, ...]
+
+
 class NewestFirst:
     """For retained state: believe a message only if it is newer than the last one
-    believed for the same key (a topic). The same nonce is the same message seen
-    twice (a broker's redelivery), which is not an attack: `is_duplicate`."""
+    believed for the same key (a topic). "Newer" is an order: the signed time, or
+    for a VM's location (moves, time), so that the clocks of two cloudlets a VM
+    moved between never decide. The same nonce is the same message seen twice (a
+    broker's redelivery), which is not an attack: `is_duplicate`."""
 
     def __init__(self, max_keys: int = MAX_KEYS) -> None:
-        self._newest: dict[str, tuple[float, bytes]] = {}
+        self._newest: dict[str, tuple[Order, bytes]] = {}
         self.max_keys = max_keys
 
     def is_duplicate(self, key: str, nonce: bytes) -> bool:
         last = self._newest.get(key)
         return last is not None and last[1] == nonce
 
-    def check(self, key: str, signer: str, ts: float, nonce: bytes) -> None:
+    def check(self, key: str, signer: str, order: Order, nonce: bytes) -> None:
         last = self._newest.get(key)
-        if last is not None and ts <= last[0]:
+        if last is not None and order <= last[0]:
             raise untrusted("replayed", f"an older state of {key} from {signer!r} "
                                         f"(newer one already believed)")
         if last is None and len(self._newest) >= self.max_keys:
             raise untrusted("overloaded", "too many topics to track")
 
-    def accept(self, key: str, ts: float, nonce: bytes) -> None:
-        """Believe it. Time never goes back for a key: a message believed by another
-        rule (a Will, older than the presence it ends) keeps the newer time."""
+    def accept(self, key: str, order: Order, nonce: bytes) -> None:
+        """Believe it. Order never goes back for a key: a message believed by another
+        rule (a Will, older than the presence it ends) keeps the newer order."""
         last = self._newest.get(key)
-        self._newest[key] = (max(ts, last[0]) if last is not None else ts, nonce)
+        self._newest[key] = (max(order, last[0]) if last is not None else order, nonce)
 
     def forget(self, key: str) -> None:
         self._newest.pop(key, None)
