@@ -171,3 +171,20 @@ def test_a_signed_peer_token_whose_audience_is_nested_deep_is_refused() -> None:
               "exp": int(NOW) + 60}
     with pytest.raises(Unauthorized, match="downtown"):  # was: RecursionError, a 500
         AUTHORITY.check("Bearer " + signed_by_peer(msgpack.packb(claims)))
+
+
+def test_a_signed_message_whose_schema_version_is_nested_deep_is_untrusted_not_a_crash(
+) -> None:
+    """A member of the cluster (a buggy or compromised one) signs a body whose `v` is
+    nested past the recursion limit: the gate refuses it as a wrong schema, it does
+    not raise RecursionError out of the control plane's reader."""
+    from cloudlet.errors import TrustError
+    from cloudlet.protocol import presence_topic
+    from cloudlet.trust.gate import ControlGate
+    from fuzz.control_plane import CLOUDLET, VERIFIER, _clock, sealed_body
+
+    topic = presence_topic("downtown")
+    body = msgpack.packb({"ts": _clock(), "nonce": bytes(12), "v": nested(1, 1000)})
+    with pytest.raises(TrustError) as refused:
+        ControlGate(VERIFIER, clock=_clock).admit(topic, sealed_body(CLOUDLET, topic, body))
+    assert refused.value.details["reason"] == "schema"

@@ -86,8 +86,11 @@ class ControlGate:
             return None  # a cleared retained topic: no news (the broker's ACL guards it)
         sealed = open_sealed(self.verifier, topic, raw)
         body, signer = sealed.body, sealed.signer
-        if body.get("v") != SCHEMA_VERSION:
-            raise untrusted("schema", f"schema {body.get('v')!r} from {signer.subject!r}")
+        version = body.get("v")
+        if version != SCHEMA_VERSION:
+            # Named by type unless a plain number: the repr of a deep value would not return.
+            shown = version if type(version) is int else type(version).__name__
+            raise untrusted("schema", f"schema {shown} from {signer.subject!r}")
         self._authorize(ref.kind, ref.name, signer, body)
         kind = ref.kind
         if sealed.ts > self.clock() + self.window_s:
