@@ -369,10 +369,16 @@ class Session:
         return seq
 
     def _follow(self, details: dict[str, Any]) -> None:
+        """Follow the VM where the cloudlet it was on says it went (a `moved` notice on
+        its stream, or its `410 vm_moved`). That cloudlet proved itself to this client,
+        and it proved the destination before sending it the VM: its word vouches for
+        the destination, so the reconnect needs no challenge of its own."""
         endpoint, node = details.get("endpoint"), details.get("node")
         if not isinstance(endpoint, str):
             raise SessionLost(f"VM {self.vm_id} moved, but the notice says not where")
-        self._move_to(Location(str(node or endpoint), endpoint))
+        where = Location(str(node or endpoint), endpoint)
+        self._http.vouch(where, by=self.location)
+        self._move_to(where)
 
     def _move_to(self, where: Location) -> None:
         self._just_moved = True

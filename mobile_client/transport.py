@@ -47,6 +47,9 @@ CONNECT_TIMEOUT_S = 3.0
 # address is reached over new connections, so it is challenged before the token
 # goes on them (the residual window: docs/security.md).
 PROOF_TTL_S = 60.0
+# How long a cloudlet's word that its VM moved to another counts as that one's proof
+# (long enough for the reconnect that follows, short enough to expire unused).
+VOUCH_TTL_S = 10.0
 __all__ = ["Http", "Location", "client_name", "image_digest"]
 
 
@@ -133,6 +136,20 @@ class Http:
         if expected is not None and known[0] != expected:
             return None
         return Location(known[0], where.endpoint)
+
+    def vouch(self, where: Location, *, by: Location) -> None:
+        """`by`, a cloudlet proven now, names `where` (a node) as its VM's new home. A
+        cloudlet holds the cluster's secret, so trusting its word adds nothing an
+        attacker who controls it lacks; and it proved `where` before it moved the VM
+        there. So `where` counts as proven for a short while: a follow after a
+        migration then reconnects at once, without a challenge on the downtime's path."""
+        voucher = self.proven(by)
+        if voucher is None or named(where) is None:
+            return  # only a proven cloudlet vouches, and only for a named one
+        known = self._proven.get(where.endpoint)
+        until = time.monotonic() + VOUCH_TTL_S
+        if known is None or known[0] != where.node or known[1] < until:
+            self._proven[where.endpoint] = (where.node, until)
 
     def check_proof(self, where: Location, challenge: bytes, answer: Any) -> Location:
         """Check an endpoint's answer to `challenge`; remember it on success."""

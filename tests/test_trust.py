@@ -10,7 +10,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from cloudlet.errors import ConfigError, TrustError
+from cloudlet.errors import ConfigError, PeerUnverified, TrustError
 from cloudlet.protocol import (
     Kind,
     Location,
@@ -512,3 +512,33 @@ def test_topics_parse() -> None:
     for bad in ("cloudlet/v1/nodes/a/b/presence", "cloudlet/v2/nodes/a/presence",
                 "cloudlet/v1/vms/a/presence", "cloudlet/v1/nodes//presence"):
         assert parse_topic(bad) is None
+
+
+def test_only_a_proven_cloudlet_vouches_for_where_its_vm_went() -> None:
+    """The SDK follows a `moved` notice without a challenge only on the word of a
+    cloudlet that proved itself (it holds the cluster's secret, so its word adds no
+    risk, and it proved the destination before moving the VM there)."""
+    from cloudlet.trust.client_tokens import ClientTokens
+    from mobile_client.transport import Http
+
+    authority = CertificateAuthority(SigningKey.generate())  # real time: the SDK's clock
+    verifier = CertificateVerifier(authority.public_key)
+    token = ClientTokens(b"s" * 32, authority.public_key).issue("alice", 60)
+    http = Http(token)
+    a, b = identity(authority, verifier, "a"), identity(authority, verifier, "b")
+    at_a, at_b = Location("a", "http://10.0.0.1:1"), Location("b", "http://10.0.0.2:1")
+    stranger, elsewhere = Location("x", "http://10.0.0.9:1"), Location("y", "http://10.0.0.8:1")
+    http.vouch(elsewhere, by=stranger)  # nobody proven: no word counts
+    assert http.proven(elsewhere) is None
+    challenge = proof.new_challenge()
+    http.check_proof(at_a, challenge, proof.prove(a, challenge))
+    assert http.proven(at_a) == at_a
+    http.vouch(at_b, by=at_a)
+    assert http.proven(at_b) == at_b
+    assert http.proven(Location("c", at_b.endpoint)) is None  # vouched as b, not as c
+    http.vouch(Location(elsewhere.endpoint, elsewhere.endpoint), by=at_a)  # an unnamed URL
+    assert http.proven(Location("y", elsewhere.endpoint)) is None
+    with pytest.raises(PeerUnverified):  # a proof by the wrong key is still refused
+        challenge = proof.new_challenge()
+        http.check_proof(Location("a", "http://10.0.0.3:1"), challenge,
+                         proof.prove(b, challenge))

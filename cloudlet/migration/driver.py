@@ -50,10 +50,13 @@ from cloudlet.vm import VM
 # Every wait on the peer: a round's window of 4 MiB needs ~1.3 s at 25 Mbit/s;
 # ten seconds of silence means the peer or the path is gone.
 DEFAULT_DEADLINE_S = 10.0
-# Steps of the state machines that touch this much memory (capturing a round of a
-# VM this large, staging or restoring one, a message this large) run in a worker
-# thread, so a daemon's other VMs keep answering while a large VM migrates. Smaller
-# ones run inline: a thread hop costs ~0.1 ms, which matters on the downtime path.
+# The steps that touch a large VM's memory run in a worker thread, so a daemon's
+# other VMs keep answering while it migrates: round 0's capture at the source (the
+# whole overlay, of a VM of this size or more) and, at the destination, staging a
+# message of this size or more (a round's chunks). The rest runs inline: the final
+# round and the commit are small, and on the downtime's path a thread hop costs
+# more than the work (the worker waits for the loop's thread to give up the GIL,
+# up to Python's 5 ms switch interval when the loop is busy).
 OFF_LOOP_MEMORY_BYTES = 2 << 20
 OFF_LOOP_MESSAGE_BYTES = 256 << 10
 ABORT_NOTICE_DEADLINE_S = 1.0  # telling the peer we gave up is best effort
@@ -161,8 +164,8 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
                 if isinstance(ev, Send | NeedData):
                     data = await _exchange(ev, channel, deadline_s)
                     if data is not None:
-                        async with access():  # an ack may start the next round's capture
-                            await _step(functools.partial(mig.receive, data), large)
+                        async with access():
+                            mig.receive(data)
                 elif isinstance(ev, PauseVM):
                     async with asyncio.timeout(deadline_s):
                         await hooks.pause()
@@ -270,10 +273,9 @@ async def run_destination(channel: Channel, images: ImageSource, store: ChunkSto
                 if isinstance(ev, Send | NeedData):
                     data = await _exchange(ev, channel, deadline_s)
                     if data is not None:
-                        # Staging a round, or restoring the VM at the final one.
-                        large = (len(data) >= OFF_LOOP_MESSAGE_BYTES
-                                 or mig.stats.memory_bytes >= OFF_LOOP_MEMORY_BYTES)
-                        await _step(functools.partial(mig.receive, data), large)
+                        # Staging a round's chunks; the small final round stays inline.
+                        await _step(functools.partial(mig.receive, data),
+                                    len(data) >= OFF_LOOP_MESSAGE_BYTES)
                 elif isinstance(ev, PersistRound):
                     if persist is not None:
                         try:
