@@ -32,15 +32,15 @@ from typing import Any
 
 import aiohttp
 import msgpack
-import wasmtime
 from aiohttp import WSMsgType
+
+from tests.guests import slow_boot_image  # the benchmark runs from the repository root
 
 MiB = 1 << 20
 HOG_MIB = 1024
 HOG_PAGES = HOG_MIB * MiB // 4096  # hog_fill counts 4 KiB pages
 BOOT_FUEL = 10_000_000_000  # the node's default boot_fuel
 BOOT_SHARE = 0.9  # of the boot fuel the booter's `_initialize` burns
-FUEL_PER_LOOP = 8  # what one iteration of SLOW_BOOT's loop costs in fuel
 CHECKPOINT_INTERVAL_S = 0.25
 # The neighbour daemon: interactive calls inline; checkpoints often, so each
 # measured window is mostly the checkpoint itself; boots may take their time (a
@@ -50,16 +50,6 @@ SETTINGS: dict[str, Any] = {"vm_deadline_ms": 50, "checkpoint_interval_s": CHECK
 TARGET_P99_MS = 5.0
 LANDING_TIMEOUT_S = 120.0  # a checkpoint of the 1 GiB VM that takes longer is a failure
 MSGPACK = "application/msgpack"
-SLOW_BOOT = """
-(module
-  (memory (export "memory") 1)
-  (func (export "_initialize") (local $i i32)
-    (loop $burn
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br_if $burn (i32.lt_u (local.get $i) (i32.const {iterations})))))
-  (func (export "add") (param i32 i32) (result i32)
-    (i32.add (local.get 0) (local.get 1))))
-"""
 
 
 class NeighbourError(RuntimeError):
@@ -80,8 +70,7 @@ PHASES = ("quiet", "checkpoint", "boot")
 
 
 def slow_boot_module() -> bytes:
-    iterations = int(BOOT_FUEL * BOOT_SHARE) // FUEL_PER_LOOP
-    return bytes(wasmtime.wat2wasm(SLOW_BOOT.format(iterations=iterations)))
+    return slow_boot_image(BOOT_FUEL, BOOT_SHARE)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import select
 import signal
@@ -113,25 +114,34 @@ class Daemon:
                 raw: bytes | None = None, headers: dict[str, str] | None = None,
                 timeout_s: float = 30.0) -> tuple[int, Any]:
         """(status, decoded body). `body` is msgpack-encoded; `raw` is sent as is."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
-        try:
-            hdrs = dict(headers or {})
-            if token is not None:
-                hdrs["Authorization"] = f"Bearer {token}"
-            data = raw if raw is not None else (msgpack.packb(body) if body is not None else None)
-            conn.request(method, path, body=data, headers=hdrs)
-            resp = conn.getresponse()
-            payload = resp.read()
-            ctype = resp.getheader("Content-Type", "")
-            if "msgpack" in ctype and payload:
-                return resp.status, msgpack.unpackb(payload)
-            if "json" in ctype:
-                import json
+        return http_request(self.endpoint, method, path, body, token=token, raw=raw,
+                            headers=headers, timeout_s=timeout_s)
 
-                return resp.status, json.loads(payload)
-            return resp.status, payload
-        finally:
-            conn.close()
+
+def http_request(endpoint: str, method: str, path: str, body: Any = None, *,
+                 token: str | None = None, raw: bytes | None = None,
+                 headers: dict[str, str] | None = None,
+                 timeout_s: float = 30.0) -> tuple[int, Any]:
+    """A tiny synchronous client: (status, decoded body) of one request to an
+    `http://HOST:PORT` endpoint. `body` is msgpack-encoded; `raw` is sent as is."""
+    host, port = endpoint.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+    try:
+        hdrs = dict(headers or {})
+        if token is not None:
+            hdrs["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (msgpack.packb(body) if body is not None else None)
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        payload = resp.read()
+        ctype = resp.getheader("Content-Type", "")
+        if "msgpack" in ctype and payload:
+            return resp.status, msgpack.unpackb(payload)
+        if "json" in ctype:
+            return resp.status, json.loads(payload)
+        return resp.status, payload
+    finally:
+        conn.close()
 
 
 def make_daemon(tmp: Path, name: str = "t1", *, secret_path: Path | None = None,

@@ -17,14 +17,8 @@ import asyncio
 import contextlib
 import http.server
 import json
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +42,18 @@ from cloudlet.vm import VM, ImageStore
 from edge_agent.live_migration import WebSocketChannel
 from mobile_client import CloudletClient
 from tests.conftest import WORKLOADS
-from tests.daemons import Daemon, cloudlet_identity, free_port, make_daemon, sealed_body
-from tests.test_security import NODES, Metro, mqtt
+from tests.daemons import Daemon, cloudlet_identity, make_daemon, sealed_body
+from tests.metro import (
+    NODES,
+    Metro,
+    Recorder,
+    async_wait_until,
+    generated_mosquitto,
+    mqtt,
+    running_metro,
+    serve,
+    wait_until,
+)
 
 KVSTORE = WORKLOADS / "kvstore.wasm"
 
@@ -68,68 +72,6 @@ def daemons() -> Iterator[list[Daemon]]:
 def start(d: Daemon, started: list[Daemon]) -> Daemon:
     started.append(d)
     return d.start()
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-@dataclass
-class Recorder:
-    """An HTTP server outside the cluster: records every request; `respond` decides the
-    answer (default: 200 with a health-like JSON body, as a naive impostor would)."""
-
-    respond: Callable[[str, str, dict[str, str]], tuple[int, dict[str, str], bytes]] | None = None
-    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
-    port: int = 0
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def credentials_seen(self) -> list[str]:
-        return [h["Authorization"] for _, _, h in self.requests if "Authorization" in h]
-
-
-def serve(record: Recorder, port: int = 0) -> http.server.ThreadingHTTPServer:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _any(self) -> None:
-            record.requests.append((self.command, self.path, dict(self.headers)))
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
-            if record.respond is not None:
-                status, headers, body = record.respond(self.command, self.path,
-                                                       dict(self.headers))
-            else:
-                status, headers, body = 200, {"Content-Type": "application/json"}, json.dumps(
-                    {"status": "ok", "node": "impostor"}).encode()
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = do_DELETE = _any
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    class Server(http.server.ThreadingHTTPServer):
-        allow_reuse_address = True
-
-    server = Server(("127.0.0.1", port), Handler)
-    record.port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 @pytest.fixture
@@ -459,6 +401,8 @@ def test_f9_an_order_replayed_after_a_restart_is_refused(
                           timeout_s=5.0, publish=[(commands, order)])
             return sum(1 for _, p, _ in got if p and p.get("id") == "only-once")
 
+        assert wait_until(lambda: d.request("GET", "/metrics", token=d.token("x"))[1]
+                          .find(b"cloudlet_mqtt_connected 1.0") >= 0)
         assert carried_out() == 1
         assert carried_out() == 0  # a replay, refused: as promised
         d.stop()
@@ -628,40 +572,8 @@ TEN_YEARS_S = 10 * 365 * 86400
 
 @pytest.fixture(scope="module")
 def metro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metro]:
-    """`cloudlet up --nodes 3` (the embedded broker, three cloudlets), for this module."""
-    state = tmp_path_factory.mktemp("metro")
-    broker_port, base_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cloudlet.cli", "up", "--nodes", "3", "--base-port",
-         str(base_port), "--broker-port", str(broker_port), "--state-dir", str(state)],
-        stdout=subprocess.PIPE, stderr=(state / "up.log").open("wb"), text=True)
-    try:
-        assert proc.stdout is not None
-        endpoints: dict[str, str] = {}
-        deadline = time.monotonic() + 60
-        while len(endpoints) < 3 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, "cloudlet up exited early: " + (state / "up.log").read_text()[-2000:]
-            m = re.match(r"cloudlet (\S+)\s+(\S+)\s+\(pid \d+\)", line)
-            if m:
-                endpoints[m.group(1)] = m.group(2)
-        assert set(endpoints) == set(NODES)
-        yield Metro(state, f"mqtt://127.0.0.1:{broker_port}", broker_port, endpoints, proc)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        finally:
-            proc.kill()
-
-
-async def async_wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()
+    with running_metro(tmp_path_factory.mktemp("metro")) as running:
+        yield running
 
 
 def test_f5_a_future_dated_location_pins_nothing(metro: Metro) -> None:
@@ -749,35 +661,14 @@ def test_f6b_on_mosquitto_no_client_kicks_a_cloudlet_off(
     published its Will, and everyone saw it offline. Now the generated config makes a
     client id its username: the client's connection is its own. (Here a stand-in for
     the daemon: node.downtown's own login, identifier and Will.)"""
-    import subprocess
-    import sys
 
     import aiomqtt
 
-    from cloudlet.trust import acl
-    from cloudlet.trust.cluster import load_secret
-    from tests.mqtt_brokers import free_port as broker_port
-    from tests.mqtt_brokers import require_binary
-
-    binary = require_binary("mosquitto", "mosquitto")
-    port = broker_port()
-    out = tmp_path / "mosq"
-    made = subprocess.run(
-        [sys.executable, "-m", "cloudlet.cli", "broker-config", "--out", str(out), "--state-dir",
-         str(metro.state), "--node", "downtown", "--client", "dana", "--listener",
-         f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30)
-    assert made.returncode == 0, made.stderr
-    conf = out / "mosquitto.conf"
-    conf.write_text(conf.read_text() + "user root\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    secret = load_secret(metro.state / "cluster.key")
-    node = ("node.downtown", acl.derived_password(secret, "node.downtown"))
-    dana = ("dana", acl.derived_password(secret, "dana"))
+    node, operator = metro.broker_login("node.downtown"), metro.broker_login("operator")
     presence = "cloudlet/v1/nodes/downtown/presence"
     events: list[Any] = []
 
-    async def scenario() -> None:
+    async def scenario(port: int, dana: tuple[str, str]) -> None:
         async def the_cloudlet() -> None:
             try:
                 async with aiomqtt.Client("127.0.0.1", port, identifier="cloudlet-downtown",
@@ -793,8 +684,7 @@ def test_f6b_on_mosquitto_no_client_kicks_a_cloudlet_off(
 
         async def operator_watch() -> None:
             async with aiomqtt.Client("127.0.0.1", port, identifier="watch",
-                                      username="operator",
-                                      password=acl.derived_password(secret, "operator")) as c:
+                                      username=operator[0], password=operator[1]) as c:
                 await c.subscribe(presence, qos=1)
                 try:
                     async with asyncio.timeout(3.0):
@@ -803,13 +693,6 @@ def test_f6b_on_mosquitto_no_client_kicks_a_cloudlet_off(
                 except TimeoutError:
                     pass
 
-        for _ in range(50):  # mosquitto is starting
-            try:
-                async with aiomqtt.Client("127.0.0.1", port, username=dana[0],
-                                          password=dana[1]):
-                    break
-            except aiomqtt.MqttError:
-                await asyncio.sleep(0.1)
         cloudlet = asyncio.create_task(the_cloudlet())
         watch = asyncio.create_task(operator_watch())
         await asyncio.sleep(0.5)
@@ -819,11 +702,8 @@ def test_f6b_on_mosquitto_no_client_kicks_a_cloudlet_off(
         await watch
         cloudlet.cancel()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with generated_mosquitto(metro, tmp_path) as broker:
+        asyncio.run(scenario(broker.port, ("dana", broker.client_passwords["dana"])))
     assert "cloudlet connected" in events and "cloudlet kicked off" not in events, events
     assert ("presence", b"offline-will") not in events, events
 

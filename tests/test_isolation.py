@@ -25,35 +25,16 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
-import wasmtime
 
 from cloudlet.vm import VM, ImageStore, VMLimits
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon
+from tests.guests import slow_boot_image
 
 KV = (WORKLOADS / "kvstore.wasm").read_bytes()
 HOG = (WORKLOADS / "memhog.wasm").read_bytes()
 VDI = (WORKLOADS / "vdi.wasm").read_bytes()
 MiB = 1 << 20
-FUEL_PER_LOOP = 8  # fuel one iteration of SLOW_BOOT's loop burns (wasmtime counts ops)
-SLOW_BOOT = """
-(module
-  (memory (export "memory") 1)
-  (func (export "_initialize") (local $i i32)
-    (loop $burn
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br_if $burn (i32.lt_u (local.get $i) (i32.const {iterations})))))
-  (func (export "add") (param i32 i32) (result i32)
-    (i32.add (local.get 0) (local.get 1))))
-"""
-
-
-def slow_boot_image(boot_fuel: int, share: float = 0.9) -> bytes:
-    """A module whose `_initialize` burns `share` of the boot fuel."""
-    return bytes(wasmtime.wat2wasm(SLOW_BOOT.format(
-        iterations=int(boot_fuel * share) // FUEL_PER_LOOP)))
-
-
 @pytest.fixture
 def started(tmp_path: Path) -> Iterator[list[Daemon]]:
     daemons: list[Daemon] = []

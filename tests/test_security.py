@@ -12,17 +12,12 @@ server saw no credential and no state.
 from __future__ import annotations
 
 import asyncio
-import http.client
-import http.server
 import json
-import re
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,229 +36,48 @@ from cloudlet.protocol import (
     presence_message,
     presence_topic,
 )
-from cloudlet.trust import acl, peer_tokens
-from cloudlet.trust.certs import CertificateVerifier
+from cloudlet.trust import peer_tokens
 from cloudlet.trust.cluster import (
-    cluster_tokens,
     load_authority,
-    load_identity,
-    load_secret,
     operator_identity,
 )
 from cloudlet.trust.keys import SigningKey
 from cloudlet.trust.sealed import Identity, seal
 from mobile_client import CloudletClient
-from tests.conftest import WORKLOADS
-from tests.daemons import cloudlet_identity, free_port, sealed_body
-from tests.mqtt_brokers import require_binary
-
-KVSTORE = WORKLOADS / "kvstore.wasm"
-NODES = ("downtown", "harbor", "campus")
-
+from tests.daemons import cloudlet_identity, sealed_body
+from tests.metro import (
+    KVSTORE,
+    Metro,
+    Recorder,
+    async_wait_until,
+    dropped,
+    generated_mosquitto,
+    http_request,
+    mqtt,
+    new_vm,
+    running_metro,
+    serve,
+    wait_until,
+    where_is,
+)
 
 # --- an outside server -------------------------------------------------------------------
 
 
-@dataclass
-class Outside:
-    """An HTTP server outside the cluster that records what reaches it."""
-
-    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
-    port: int = 0
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def credentials_seen(self) -> list[str]:
-        return [h["Authorization"] for _, _, h in self.requests if "Authorization" in h]
-
-
 @pytest.fixture
-def outside() -> Iterator[Outside]:
-    record = Outside()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _any(self) -> None:
-            record.requests.append((self.command, self.path, dict(self.headers)))
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
-            body = json.dumps({"status": "ok", "node": "harbor"}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = do_DELETE = _any
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    record.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def outside() -> Iterator[Recorder]:
+    """An HTTP server outside the cluster that records every request reaching it."""
+    record = Recorder()
+    server = serve(record)
     yield record
     server.shutdown()
     server.server_close()
 
 
-# --- a real metro ----------------------------------------------------------------------
-
-
-@dataclass
-class Metro:
-    state: Path
-    broker_url: str
-    broker_port: int
-    endpoints: dict[str, str]
-    proc: subprocess.Popen[str]
-
-    def token(self, client: str) -> str:
-        return cluster_tokens(self.state).issue(client, 3600)
-
-    def node_identity(self, node: str) -> Identity:
-        """A cloudlet's real identity, as an attacker who took over that cloudlet has it."""
-        d = self.state / "nodes" / node
-        return load_identity(d / "node.key", d / "node.cert", self.verifier())
-
-    def verifier(self) -> CertificateVerifier:
-        return CertificateVerifier(load_authority(self.state).public_key)
-
-    def broker_login(self, user: str) -> tuple[str, str]:
-        """A broker login of the cluster (an attacker who read a node's config has it)."""
-        return user, acl.derived_password(load_secret(self.state / "cluster.key"), user)
-
-    def request(self, node: str, method: str, path: str, body: Any = None, *,
-                token: str | None = None, timeout_s: float = 30.0) -> tuple[int, Any]:
-        return http_request(self.endpoints[node], method, path, body, token=token,
-                            timeout_s=timeout_s)
-
-
-def http_request(endpoint: str, method: str, path: str, body: Any = None, *,
-                 token: str | None = None, raw: bytes | None = None,
-                 timeout_s: float = 30.0) -> tuple[int, Any]:
-    host, port = endpoint.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
-    try:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        data = raw if raw is not None else (msgpack.packb(body) if body is not None else None)
-        conn.request(method, path, body=data, headers=headers)
-        resp = conn.getresponse()
-        payload = resp.read()
-        ctype = resp.getheader("Content-Type", "")
-        if "msgpack" in ctype and payload:
-            return resp.status, msgpack.unpackb(payload)
-        if "json" in ctype:
-            return resp.status, json.loads(payload)
-        return resp.status, payload
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def metro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metro]:
-    state = tmp_path_factory.mktemp("metro")
-    broker_port, base_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cloudlet.cli", "up", "--nodes", "3", "--base-port",
-         str(base_port), "--broker-port", str(broker_port), "--state-dir", str(state)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert proc.stdout is not None
-        endpoints: dict[str, str] = {}
-        deadline = time.monotonic() + 60
-        while len(endpoints) < 3 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, "cloudlet up exited early"
-            m = re.match(r"cloudlet (\S+)\s+(\S+)\s+\(pid \d+\)", line)
-            if m:
-                endpoints[m.group(1)] = m.group(2)
-        assert set(endpoints) == set(NODES)
-        yield Metro(state, f"mqtt://127.0.0.1:{broker_port}", broker_port, endpoints, proc)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        finally:
-            proc.kill()
-
-
-def new_vm(metro: Metro, node: str, token: str) -> str:
-    status, body = http_request(metro.endpoints[node], "POST", "/v1/images", token=token,
-                                raw=KVSTORE.read_bytes())
-    assert status == 201, body
-    status, body = metro.request(node, "POST", "/v1/vms", {"image": body["digest"]},
-                                 token=token)
-    assert status == 201, body
-    vm: str = body["vm"]
-    status, body = metro.request(node, "POST", f"/v1/vms/{vm}/call",
-                                 {"fn": "kv_put", "args": [1, 42]}, token=token)
-    assert status == 200, body
-    return vm
-
-
-def where_is(metro: Metro, vm: str, token: str) -> str:
-    """The node that serves `vm` (asking each cloudlet, not trusting any message)."""
-    found = [n for n in NODES
-             if metro.request(n, "GET", f"/v1/vms/{vm}", token=token)[0] == 200]
-    assert len(found) == 1, found
-    return found[0]
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
-
-
-async def async_wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()
-
-
-def dropped(metro: Metro, node: str, token: str) -> dict[str, float]:
-    status, text = metro.request(node, "GET", "/metrics", token=token)
-    assert status == 200
-    return {m.group(1): float(m.group(2)) for m in re.finditer(
-        r'cloudlet_control_dropped_total\{reason="([a-z_]+)"\} ([0-9.e+]+)', text.decode())}
-
-
-async def mqtt(url: str, *, login: tuple[str, str] | None = None,
-               publish: list[tuple[str, bytes, bool]] = (),  # type: ignore[assignment]
-               subscribe: list[str] = (),  # type: ignore[assignment]
-               listen_s: float = 0.0) -> tuple[list[int], list[tuple[str, bytes]]]:
-    """Connect (with `login`), subscribe, publish (topic, payload, retain), then gather
-    what arrives for `listen_s`. Returns (granted QoS codes, messages)."""
-    host, port = url.removeprefix("mqtt://").split(":")
-    granted: list[int] = []
-    got: list[tuple[str, bytes]] = []
-    async with aiomqtt.Client(host, int(port), identifier=f"attacker-{time.time_ns()}",
-                              username=login[0] if login else None,
-                              password=login[1] if login else None) as c:
-        for topic in subscribe:
-            result = await c.subscribe(topic, qos=1)
-            granted.extend(int(getattr(r, "value", r)) for r in result)
-        for topic, payload, retain in publish:
-            await c.publish(topic, payload, qos=1, retain=retain)
-        if listen_s:
-            try:
-                async with asyncio.timeout(listen_s):
-                    async for m in c.messages:
-                        raw = m.payload if isinstance(m.payload, bytes | bytearray) else b""
-                        got.append((str(m.topic), bytes(raw)))
-            except TimeoutError:
-                pass
-    return granted, got
+    with running_metro(tmp_path_factory.mktemp("metro")) as running:
+        yield running
 
 
 # --- the broker admits only the cluster ---------------------------------------------------
@@ -324,7 +138,7 @@ def test_a_will_on_a_topic_the_user_may_not_write_is_refused(metro: Metro) -> No
 # --- nothing is believed because it arrived -------------------------------------------------
 
 
-def test_forged_and_unauthorized_orders_move_nothing(metro: Metro, outside: Outside) -> None:
+def test_forged_and_unauthorized_orders_move_nothing(metro: Metro, outside: Recorder) -> None:
     """An attacker who has a cloudlet's broker login (or a cloudlet key without the
     orchestrator role) orders another cloudlet to migrate a client's VM away: refused
     every way it is tried."""
@@ -391,7 +205,7 @@ def test_a_deposed_epoch_is_refused_even_after_a_restart(metro: Metro) -> None:
         "epoch": 7}
 
 
-def test_a_forged_presence_redirects_no_move(metro: Metro, outside: Outside) -> None:
+def test_a_forged_presence_redirects_no_move(metro: Metro, outside: Recorder) -> None:
     """A retained presence for harbor naming the outside server, unsigned or signed by
     another cloudlet, is not believed: the owner's move still goes to the real harbor."""
     alice = metro.token("alice")
@@ -425,7 +239,7 @@ def restore_presence(metro: Metro, node: str) -> None:
                      publish=[(presence_topic(node), genuine, True)]))
 
 
-def test_a_forged_location_sends_no_token_anywhere(metro: Metro, outside: Outside) -> None:
+def test_a_forged_location_sends_no_token_anywhere(metro: Metro, outside: Recorder) -> None:
     """A forged retained location of a client's VM, naming the outside server: the SDK
     does not follow it, and its token never reaches that server."""
     token = metro.token("carol")
@@ -463,7 +277,7 @@ def test_a_forged_location_sends_no_token_anywhere(metro: Metro, outside: Outsid
 
 
 def test_a_client_cannot_send_its_vm_to_an_address_of_its_choosing(
-        metro: Metro, outside: Outside) -> None:
+        metro: Metro, outside: Recorder) -> None:
     alice = metro.token("alice")
     vm = new_vm(metro, "downtown", alice)
     status, body = metro.request("downtown", "POST", f"/v1/vms/{vm}/migrate",
@@ -477,7 +291,7 @@ def test_a_client_cannot_send_its_vm_to_an_address_of_its_choosing(
 
 
 def test_an_operator_named_endpoint_must_prove_itself_first(metro: Metro,
-                                                            outside: Outside) -> None:
+                                                            outside: Recorder) -> None:
     """Even the operator's raw endpoint gets nothing before it proves it is a cloudlet:
     the outside server sees one unauthenticated challenge, then nothing."""
     alice = metro.token("alice")
@@ -513,23 +327,8 @@ def test_a_peer_credential_opens_only_the_cloudlet_it_is_for(metro: Metro) -> No
 
 def test_mosquitto_with_generated_files_admits_only_the_cluster(
         metro: Metro, tmp_path: Path) -> None:
-    binary = require_binary("mosquitto", "mosquitto")
-    port = free_port()
-    out = tmp_path / "mosq"
-    made = subprocess.run(
-        [sys.executable, "-m", "cloudlet.cli", "broker-config", "--out", str(out), "--state-dir",
-         str(metro.state), "--node", "downtown", "--client", "dana", "--listener",
-         f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30)
-    assert made.returncode == 0, made.stderr
-    dana_password = re.search(r"client dana: broker password (\S+)", made.stdout)
-    assert dana_password is not None
-    conf = out / "mosquitto.conf"
-    conf.write_text(conf.read_text() + "user root\n")  # as tests/mqtt_brokers.py does
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"mqtt://127.0.0.1:{port}"
-    try:
-        assert wait_until(lambda: _accepts(url, metro.broker_login("operator")), 10)
+    with generated_mosquitto(metro, tmp_path) as broker:
+        url, dana = broker.url, ("dana", broker.client_passwords["dana"])
         with pytest.raises(aiomqtt.MqttError):
             asyncio.run(mqtt(url))  # anonymous
         with pytest.raises(aiomqtt.MqttError):
@@ -544,7 +343,7 @@ def test_mosquitto_with_generated_files_admits_only_the_cluster(
                                             listen_s=2.5))
                 await asyncio.sleep(0.5)
                 spy = tg.create_task(mqtt(
-                    url, login=("dana", dana_password.group(1)), subscribe=["cloudlet/v1/#"],
+                    url, login=dana, subscribe=["cloudlet/v1/#"],
                     publish=[(commands_topic("downtown"), b"order", False),
                              ("cloudlet/v1/clients/dana/rtt", b"mine", False)],
                     listen_s=1.5))
@@ -553,24 +352,13 @@ def test_mosquitto_with_generated_files_admits_only_the_cluster(
             return spy.result()[1]
 
         assert [t for t, _ in asyncio.run(scenario())] == ["cloudlet/v1/clients/dana/rtt"]
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _accepts(url: str, login: tuple[str, str]) -> bool:
-    try:
-        asyncio.run(mqtt(url, login=login))
-    except aiomqtt.MqttError:
-        return False
-    return True
 
 
 # --- smaller holes ---------------------------------------------------------------------------
 
 
 def test_the_sdk_sends_no_token_to_an_endpoint_that_is_not_a_cloudlet(
-        metro: Metro, outside: Outside) -> None:
+        metro: Metro, outside: Recorder) -> None:
     token = metro.token("erin")
 
     async def scenario() -> None:
