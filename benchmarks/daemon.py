@@ -10,7 +10,7 @@ aiohttp WebSocket echo server in its own process under uvloop, sent the same
 msgpack bytes by the same clients (and, for context, a bare aiohttp HTTP echo).
 Every client makes one call at a time; latency is the round trip seen by the
 client; 64-client throughput is calls completed in a fixed window / its length,
-the median over rounds. Targets (the issue, this 2-core machine):
+the median over rounds. Targets (this 2-core machine):
 
     WebSocket call p50 within 2x of the bare echo's; with 64 clients at least half
     the bare echo's throughput and more than 8,000 calls/s per daemon.

@@ -34,7 +34,7 @@ heaps of compressed or encrypted data. The "sparse" fill is the single pass
 words of a page). Every run uses fresh seeds per case, so the destination's
 chunk store (dedup across migrations) never holds a case's chunks beforehand.
 
-The full run is the issue's matrix with dense memory (the hard case for bytes
+The full run is the target matrix with dense memory (the hard case for bytes
 and time: 256 MiB over 25 Mbit/s is ~80 s of data per migration), plus, as
 extras, the three 256 MiB cases over 25 Mbit/s with the sparse fill: only ~7 MiB
 then cross the link (~2.4 s), so the fixed costs of a migration (the checkpoint
@@ -49,7 +49,7 @@ What is measured, per run:
 
 - downtime_ms: the destination's `arrival_downtime_ms` from `GET /v1/vms/{vm}`
   (live runs): the source's last call (its pause) to the first call served at
-  the destination, as the issue defines downtime; `paused_ms` is the source's
+  the destination, downtime as the user sees it; `paused_ms` is the source's
   own figure (paused until the commit).
 - client_gap_ms / stop_and_copy_downtime_ms: as the client sees it, the last
   call answered by the source to the first answered by the destination
@@ -63,7 +63,7 @@ What is measured, per run:
 - precopy_max_stall_ms: the longest wait between two calls answered at the
   source while pre-copy ran (the rounds' captures hold the VM).
 
-Targets (issue 5): downtime under 10 ms on loopback for 64 MiB at 1 MiB/s, and
+Targets: downtime under 10 ms on loopback for 64 MiB at 1 MiB/s, and
 under 50 ms on the 25 Mbit/s link (64 MiB, 1 MiB/s); bytes sent within 1.1x of
 overlay_plus_dirty_bytes (every live run); total time within 1.3x of
 bytes_sent / link rate on the throttled links (every live run there).
@@ -505,11 +505,11 @@ def find(runs: list[dict[str, Any]], mib: int, rate: float,
 
 def judge(all_runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(meets, figures): each target met or not (None: not measured in this run), on
-    the issue's matrix (dense memory); the sparse extras get figures of their own."""
+    the target matrix (dense memory); the sparse extras get figures of their own."""
     runs = [r for r in all_runs if r["fill"] == "dense"]
     extras = [r for r in all_runs if r["fill"] == "sparse"]
     if not runs:
-        raise BenchError("no run of the issue's matrix (dense memory) to judge")
+        raise BenchError("no run of the target matrix (dense memory) to judge")
     loop = find(runs, 64, 1, None)
     l25 = find(runs, 64, 1, 25)
     throttled = [r for r in runs if r["link_mbit"] is not None]
@@ -533,7 +533,7 @@ def judge(all_runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any
         "bytes_vs_overlay_plus_dirty_worst": worst_bytes["bytes_vs_overlay_plus_dirty"],
         "total_vs_bytes_over_bandwidth_worst":
             None if worst_time is None else worst_time["total_vs_link_time"],
-        "extras": {  # sparse memory: the fixed costs of a migration, not the issue's matrix
+        "extras": {  # sparse memory: the fixed costs of a migration, not the target matrix
             "runs": [label(r) for r in extras],
             "bytes_vs_overlay_plus_dirty_worst": max(
                 (r["bytes_vs_overlay_plus_dirty"] for r in extras), default=None),

@@ -13,7 +13,7 @@ VMs; this process (uvloop too) calls `add(1, 2)` on them one call at a time:
 - and, to show where the SDK's time goes, the raw client sending the SDK's
   sequenced message (`"seq"`), which adds the daemon's exactly-once check.
 
-Targets (the issue): SDK call p50 under 1.3x the raw client's. Rounds alternate
+Targets: SDK call p50 under 1.3x the raw client's. Rounds alternate
 the clients so drifts of a shared machine hit both. As in benchmarks/daemon.py,
 the load generator is pinned to the first CPU and the daemon to the other.
 

@@ -1,4 +1,4 @@
-"""Benchmark of the placer and the simulator (issue 6).
+"""Benchmark of the placer and the simulator.
 
 Prints a table and writes benchmarks/results/sim.json. Measured on this machine,
 in this run:
@@ -13,10 +13,10 @@ in this run:
 - a baseline in the same run: the same model (Manhattan mobility, attachment,
   RTT, the threshold policy, interactions) stepped the naive way, one Python
   object per user and a loop over users and cloudlets, on a subset of users.
-  EdgeSimPy, the usual reference, is not installable here; issue 6 records
+  EdgeSimPy, the usual reference, is not installable here; an earlier measurement recorded
   about 6,800 user-steps/s for it at 1,000 users.
 
-Targets (issue 6): the city hour in under 10 s for the slowest policy, i.e. at
+Targets: the city hour in under 10 s for the slowest policy, i.e. at
 least 350,000 user-steps/s, and the placer round in under 100 ms.
 
 Usage: python benchmarks/sim.py [--quick]   (--quick: a 10-minute city, < 1 min)
@@ -309,7 +309,7 @@ def main() -> int:
           "one world)")
     print(f"naive Python loop, same model, {baseline['users']} users: "
           f"{baseline['user_steps_per_s']:,.0f} user-steps/s; threshold with arrays is "
-          f"{speedup:,.1f}x faster (EdgeSimPy, issue 6: ~6,800 at 1,000 users)")
+          f"{speedup:,.1f}x faster (EdgeSimPy, measured earlier: ~6,800 at 1,000 users)")
     print("\nPlacer: one decision round, 10,000 sessions x 1,000 cloudlets (median)")
     print(f"{'policy':<12}{'model ms':>10}{'moves':>8}{'measured ms':>13}{'moves':>8}")
     for name, r in placer["per_policy"].items():

@@ -1,9 +1,9 @@
-"""Benchmark of the microVM runtime (issue 2): create, call, dirty scan, snapshot, restore.
+"""Benchmark of the microVM runtime: create, call, dirty scan, snapshot, restore.
 
 Prints a table and writes benchmarks/results/vm_runtime.json. Every figure is a
 median over repeated runs, and the baselines (stock wasmtime-py calls, a numpy
 compare against a shadow copy for dirty detection) are measured in the same run
-on the same machine. Targets (issue 2, this 2-core machine):
+on the same machine. Targets (this 2-core machine):
 
     create < 100 us, no-op call < 10 us, two-argument call < 10 us and faster than
     stock wasmtime-py, dirty detection over 64 MiB < 5 ms, snapshot + restore of a

@@ -1,1 +1,1 @@
-"""The cloudlet daemon (issue 3): hosts VMs from `cloudlet.vm` for clients and peers."""
+"""The cloudlet daemon: hosts VMs from `cloudlet.vm` for clients and peers."""

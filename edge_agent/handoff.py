@@ -2,11 +2,13 @@
 
 Two ways. Live (the default): pre-copy rounds while the VM keeps serving, then a
 short stop-and-copy and an atomic commit (`edge_agent.live_migration` over
-`cloudlet.migration`). Stop-and-copy: pause the VM between calls, send one
-whole snapshot (with its reply log, so exactly-once survives the move) to the
-destination's peer route, and when the destination answers that it restored
-and checkpointed the VM, forget it here and leave a tombstone; that is also
-the cold path and the benchmark's baseline. Either way, if anything fails
+`cloudlet.migration`). Stop-and-copy: pause the VM between calls, write the
+tombstone (the decision, durable before anything leaves: a full disk aborts
+here), send one whole snapshot (with its reply log, so exactly-once survives
+the move) to the destination's peer route, and when the destination answers
+that it restored and checkpointed the VM, forget it here; a lost answer is
+settled by asking the destination, a refusal removes the tombstone. That is
+also the cold path and the benchmark's baseline. Either way, if anything fails
 before the destination commits, the VM simply resumes here: it was never gone.
 Clients on the VM's streams get a `moved` notice and follow it, and every
 outcome goes to the events topic.

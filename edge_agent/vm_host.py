@@ -787,8 +787,19 @@ class VMHost:
             tmp.unlink(missing_ok=True)
         for path in sorted(self.vm_dir.glob("*.snap")):
             if path.stem in self.tombstones:
-                # It moved: the destination owns it (we crashed before dropping it).
-                path.unlink(missing_ok=True)
+                if path.stem in self._moved_by.values():
+                    # Moved live: the protocol settled who owns it (the destination).
+                    path.unlink(missing_ok=True)
+                else:
+                    # Handed over by stop-and-copy, and stopped before the handover was
+                    # confirmed: the destination probably holds it, but nothing says so.
+                    # Not served here (never in two places), and not deleted either.
+                    aside = path.with_suffix(".handed-over")
+                    path.rename(aside)
+                    log.warning("VM %s was being handed to %s when this cloudlet stopped; "
+                                "its checkpoint is kept as %s until someone confirms the "
+                                "destination holds it", path.stem,
+                                self.tombstones[path.stem].node, aside.name)
                 continue
             try:
                 vm, snap = await self.boots.run(Workers.NODE, partial(self._restore_file, path))

@@ -564,3 +564,30 @@ def test_a_full_disk_refuses_uploaded_snapshots_with_storage_full(
         assert d.stop() == 0
     finally:
         d.kill()
+
+
+def test_a_stop_and_copy_cut_short_keeps_the_vm_aside_never_in_two_places(
+        tmp_path: Path) -> None:
+    """A source stopped in the middle of a stop-and-copy handover (its tombstone, the
+    decision, written; the destination's answer never heard) restarts without serving
+    the VM, which may live on at the destination, and without deleting it, which may
+    not: its checkpoint is kept as `ID.handed-over` and the log says so."""
+    d = make_daemon(tmp_path, "source").start()
+    try:
+        alice = d.token("alice")
+        vm = create(d, alice, upload(d, alice))
+        assert d.request("POST", f"/v1/vms/{vm}/call", {"fn": "kv_put", "args": [1, 7]},
+                         token=alice)[0] == 200
+        assert d.stop() == 0
+        # The state a stop between the tombstone and the handover's answer leaves.
+        atomic_write(d.state_dir / "vms" / f"{vm}.moved", json.dumps(
+            {"node": "west", "endpoint": "http://127.0.0.1:9", "migration": None}).encode())
+        d.start()
+        status, body = d.request("GET", f"/v1/vms/{vm}", token=alice)
+        assert (status, body["code"], body["details"]["node"]) == (410, "vm_moved", "west")
+        aside = d.state_dir / "vms" / f"{vm}.handed-over"
+        assert aside.exists() and not (d.state_dir / "vms" / f"{vm}.snap").exists()
+        assert Snapshot.read(aside).seq == 1  # the VM, whole, for an operator to check
+        assert "handed-over" in d.log()
+    finally:
+        d.kill()

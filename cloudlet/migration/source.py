@@ -1,6 +1,6 @@
 """The source side of a live migration: a pure state machine around one VM.
 
-Pre-copy, then stop-and-copy (DESIGN.md, issue 5):
+Pre-copy, then stop-and-copy:
 
 1. `start()` captures the overlay (round 0) and offers its chunk digests; the
    destination answers which it holds and whether it has the image.
@@ -98,7 +98,7 @@ class PreCopyPolicy:
     # Every live round resends chunks the guest dirtied again after they were sent.
     # Stop pre-copying when the next round (and the one its dirtying implies) would
     # take the bytes sent past this multiple of the least that must be sent: the
-    # overlay plus each dirtied chunk once (issue 5 asks for 1.1; the rest is margin
+    # overlay plus each dirtied chunk once (the target is 1.1; the rest is margin
     # for the final round and control messages).
     max_bytes_ratio: float = 1.08
     # Auto-converge (QEMU's name for it): a guest dirtying memory at more than

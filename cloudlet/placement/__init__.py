@@ -1,4 +1,4 @@
-"""The latency-aware placer: cluster state in, moves out (DESIGN.md, "Placement").
+"""The latency-aware placer: cluster state in, moves out.
 
 Pure and vectorised, so the same objects run inside the simulator's tick loop
 and inside a live orchestrator: `LatencyModel` predicts RTTs where nothing was

@@ -2,7 +2,7 @@
 
 A placer that ignores migration cost ping-pongs and floods the backhaul; one that
 guesses it wrong starts handoffs too late. This model follows the same steps as
-the migration state machine (DESIGN.md, "Migration"), so its estimate can be set
+the migration state machine (docs/migration.md), so its estimate can be set
 against what a live migration measures:
 
     B  = bandwidth_mbit_s * 1e6 / 8          wire bytes per second

@@ -1,7 +1,7 @@
 """The placement policies, behind one interface: `decide(state) -> Moves`.
 
 Four policies, from doing nothing to planning ahead, so the simulator can show
-what each step of sophistication buys (DESIGN.md, "Placement"):
+what each step of sophistication buys:
 
 - `never`: a session stays where it started. The baseline.
 - `nearest` (follow-me): the VM follows its user to the cloudlet with the lowest

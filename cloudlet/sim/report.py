@@ -1,6 +1,6 @@
 """What a simulation run leaves behind: JSON, CSV, PNG plots and a terminal table.
 
-The names and keys are a contract (issue 6, docs/sim.md): scripts read
+The names and keys are a contract (docs/sim.md): scripts read
 `summary.json` and the CSV timelines, people look at the plots and the table.
 Plots use matplotlib's Agg backend, so a run needs no display.
 """
