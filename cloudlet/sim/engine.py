@@ -17,7 +17,10 @@ a setup (identity proof, connection, checkpoint, first capture) while the VM
 serves, round 0 sends the overlay, later rounds what was dirtied meanwhile, then
 the VM pauses for stop-and-copy and resumes at the destination. Migrations in
 flight share each directed backhaul link equally, so a burst of handoffs slows
-each other down, and a destination reserves room for the VM from the start.
+each other down. A destination reserves room for the VM from the start
+(`vms`, what capacity is checked against), but the VM loads its queue only once
+it serves there (`serving`, what queueing delay is computed from): until it
+resumes at the destination, it serves, and queues, at its source.
 """
 
 from __future__ import annotations
@@ -167,7 +170,8 @@ class _PolicyRun:
         self.prev_host = np.zeros(0, dtype=np.int64)
         self.last_move = np.zeros(0)
         self.migrating = np.zeros(0, dtype=bool)
-        self.vms = np.zeros(n, dtype=np.int64)
+        self.vms = np.zeros(n, dtype=np.int64)  # hosted plus reserved by arrivals
+        self.serving = np.zeros(n, dtype=np.int64)  # hosted, serving calls here
         self.mem = np.zeros(n)
         self.link_rate = topo.directed_bandwidth_mbit_s * (1e6 / 8.0)
         self.cost = self.net.cost
@@ -227,6 +231,7 @@ class _PolicyRun:
         mem = w.w_memory[w.workload[slots]]
         placed = self.host[slots] >= 0
         np.subtract.at(self.vms, self.host[slots[placed]], 1)
+        np.subtract.at(self.serving, self.host[slots[placed]], 1)
         np.subtract.at(self.mem, self.host[slots[placed]], mem[placed])
         if self.migrating[slots].any():
             gone = np.isin(self.m_slot, slots)
@@ -253,6 +258,7 @@ class _PolicyRun:
                 if self.vms[c] < cap_vms[c] and self.mem[c] + m <= cap_mem[c]:
                     self.host[s] = c
                     self.vms[c] += 1
+                    self.serving[c] += 1
                     self.mem[c] += m
                     self.totals["sessions"] += 1
                     break
@@ -360,6 +366,8 @@ class _PolicyRun:
         d_down = self.m_stop_s[done] + cost.resume_s
         d_mem = mem[done]
         np.subtract.at(self.vms, d_src, 1)
+        np.subtract.at(self.serving, d_src, 1)
+        np.add.at(self.serving, d_dst, 1)
         np.subtract.at(self.mem, d_src, d_mem)
         self.host[d_slot] = d_dst
         self.prev_host[d_slot] = d_src
@@ -430,7 +438,8 @@ class _PolicyRun:
             return
         wl = w.workload[rows]
         state = ClusterState(
-            time_s=t_s, network=self.net, vms=self.vms, memory_used_bytes=self.mem,
+            time_s=t_s, network=self.net, vms=self.vms, serving_vms=self.serving,
+            memory_used_bytes=self.mem,
             sessions=Sessions(
                 host=self.host[rows], position_m=w.xy[rows], velocity_m_s=w.velocity[rows],
                 memory_bytes=w.w_memory[wl], overlay_bytes=w.w_overlay[wl],
@@ -483,7 +492,9 @@ class _PolicyRun:
     _queue_ms: FloatArray
 
     def refresh_queue(self) -> None:
-        load = self.vms / np.maximum(self.net.capacity_vms, 1)
+        # The VMs serving here, not those reserved by arrivals: a VM being migrated
+        # in loads this queue only once it resumes here.
+        load = self.serving / np.maximum(self.net.capacity_vms, 1)
         self._queue_ms = self.net.latency.queue_ms(load)
 
     def result(self, world_s: float, user_steps: int) -> PolicyResult:
