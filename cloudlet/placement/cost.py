@@ -7,8 +7,8 @@ against what a live migration measures:
 
     B  = bandwidth_mbit_s * 1e6 / 8          wire bytes per second
     r  = wire_ratio                          wire bytes per byte of state
-    c  = capture_s_per_gib / GiB             source CPU seconds per byte of state
-    k  = r / B + c                           seconds per byte of state a round carries
+    c  = send_s_per_gib / GiB                the source's own seconds per wire byte
+    k  = r * (1 / B + c)                     seconds per byte of state a round carries
     q  = dirty_rate_bytes_s * k              dirty bytes made per byte sent
     S  = setup_s + setup_s_per_gib * memory_bytes / GiB     before round 0
     V0 = overlay_bytes                       round 0: what the destination lacks
@@ -25,10 +25,13 @@ The setup S is what a live migration does before its first byte of state: the
 identity proof, the connection, the checkpoint it starts from and the first
 capture and digest of the whole memory (benchmarks/results/migration.json: ~0.4 s
 for 64 MiB, ~2 s for 256 MiB of dense memory, on two shared cores). `c` is the
-source's own work per byte a round carries (capture, digest, compression, the
-send path), in series with the wire: on loopback it is the whole round time, on
-a 25 Mbit/s link a few per cent of it. Both default to 0 (the model as it was
-before live measurements); `cloudlet calibrate` fits them to live migrations.
+source's own work per byte it sends (reading the chunks, compressing, framing,
+the socket), in series with the link: on loopback it is the whole round time
+(~80 MiB/s on those two cores), on a 25 Mbit/s link a few per cent of it. It is
+per wire byte, not per byte of state: 256 MiB of memory that compresses 35x
+crosses loopback in a fraction of the time the same size of dense memory takes.
+All three default to 0 (the model as it was before live measurements); `cloudlet
+calibrate` fits them to live migrations.
 
 For q < 1 the series is geometric and has a closed form, so one call estimates
 10,000 migrations with a few array operations (`estimate`); the simulator runs
@@ -78,7 +81,7 @@ class RoundVolumes(NamedTuple):
     precopy_bytes: FloatArray  # V0 + ... + V(i-1)
     final_bytes: FloatArray  # Vi, the stop-and-copy round
     rounds: IntArray  # i
-    seconds_per_byte: FloatArray  # k = r / B + c
+    seconds_per_byte: FloatArray  # k = r * (1 / B + c)
 
 
 @dataclass(frozen=True)
@@ -91,10 +94,10 @@ class PrecopyModel:
     wire_ratio: float = 1.0
     setup_s: float = 0.0
     setup_s_per_gib: float = 0.0
-    capture_s_per_gib: float = 0.0
+    send_s_per_gib: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("setup_s", "setup_s_per_gib", "capture_s_per_gib"):
+        for name in ("setup_s", "setup_s_per_gib", "send_s_per_gib"):
             value = getattr(self, name)
             if not (value >= 0 and value < float("inf")):
                 raise InvalidArgument(f"{name} must be a finite number >= 0 (got {value})")
@@ -108,9 +111,9 @@ class PrecopyModel:
             raise InvalidArgument(f"wire_ratio must be > 0 (got {self.wire_ratio})")
 
     @property
-    def capture_s_per_byte(self) -> float:
-        """`c`: the source's seconds per byte of state a round carries."""
-        return self.capture_s_per_gib / GiB
+    def send_s_per_byte(self) -> float:
+        """`c`: the source's own seconds per wire byte, besides the link's."""
+        return self.send_s_per_gib / GiB
 
     def setup_time_s(self, memory_bytes: FloatArray) -> FloatArray:
         """`S`: seconds before round 0 for a VM of this memory."""
@@ -128,7 +131,7 @@ class PrecopyModel:
             np.asarray(dirty_rate_bytes_s, dtype=np.float64),
             np.asarray(bandwidth_mbit_s, dtype=np.float64))
         rate = np.maximum(bw, 1e-9) * (1e6 / 8.0)
-        k = self.wire_ratio / rate + self.capture_s_per_byte
+        k = self.wire_ratio * (1.0 / rate + self.send_s_per_byte)
         q = dirty * k
         converging = q < 1.0
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -296,10 +296,9 @@ class _PolicyRun:
                          self.link_rate[np.maximum(links, 0)]
                          / np.maximum(counts[np.maximum(links, 0)], 1), np.inf)
         rate = share.min(axis=1)
-        if cost.capture_s_per_gib > 0:
-            # The source's own work per byte, in series with the wire (cost.py): a
-            # wire byte takes 1/share on the link plus c/r of capture.
-            rate = 1.0 / (1.0 / rate + cost.capture_s_per_byte / ratio)
+        if cost.send_s_per_gib > 0:
+            # The source's own work per wire byte, in series with the link (cost.py).
+            rate = 1.0 / (1.0 / rate + cost.send_s_per_byte)
         left = np.full(m, dt_s)
         done = np.zeros(m, dtype=bool)
         bytes_sent = np.zeros(m)
