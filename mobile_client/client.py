@@ -47,7 +47,7 @@ from mobile_client.discovery import CloudletInfo, Discovery
 from mobile_client.policy import Decider, Decision
 from mobile_client.probe import Prober
 from mobile_client.session import DEFAULT_CALL_DEADLINE_MS, Session
-from mobile_client.transport import Http, Location, client_name, image_digest
+from mobile_client.transport import ConnectVia, Http, Location, client_name, image_digest
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ class CloudletClient:
                  policy: str = "remote", probe_interval_s: float = 5.0,
                  local_store_dir: str | None = None,
                  position_source: PositionSource | None = None,
-                 position_interval_s: float = POSITION_INTERVAL_S) -> None:
+                 position_interval_s: float = POSITION_INTERVAL_S,
+                 connect_via: ConnectVia | None = None) -> None:
         if policy not in POLICIES:
             raise InvalidArgument(f"policy must be one of {', '.join(POLICIES)}")
         if not (math.isfinite(position_interval_s) and position_interval_s > 0):
@@ -89,7 +90,9 @@ class CloudletClient:
                            "through it")
         self.name = client_name(token)
         self.policy = policy
-        self.http = Http(token)  # also the trust anchor: the token names its cluster
+        # Also the trust anchor (the token names its cluster); `connect_via` maps each
+        # cloudlet's endpoint to the URL dialled for it (see mobile_client.transport).
+        self.http = Http(token, connect_via=connect_via)
         self.discovery = Discovery(endpoints, broker, client_id=self.name,
                                    verifier=self.http.verifier, password=token)
         self.prober = Prober(self.http, self.discovery, interval_s=probe_interval_s)
