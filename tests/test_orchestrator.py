@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from cloudlet.trust.sealed import seal
 from mobile_client import CloudletClient
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon, sealed_body
-from tests.metro import accepts, wait_until
+from tests.metro import NODES, accepts, running_metro, wait_until
 from tests.mqtt_brokers import address, free_port, require_binary
 
 KVSTORE = WORKLOADS / "kvstore.wasm"
@@ -462,3 +463,30 @@ def test_a_restarted_orchestrator_does_not_repeat_a_move(cluster: Cluster) -> No
     assert where == ["east"]
     assert seq == calls
     assert again["ok"] is False and again["error"]["code"] in ("vm_moved", "stale_decision")
+
+
+def test_cloudlet_up_runs_the_orchestrator_on_every_cloudlet_and_one_leads(
+        tmp_path: Path) -> None:
+    with running_metro(tmp_path) as metro:
+        token = metro.token("observer")
+
+        def leaders() -> list[str]:
+            found = []
+            for node in NODES:
+                status, text = metro.request(node, "GET", "/metrics", token=token)
+                assert status == 200
+                if re.search(r"^cloudlet_orchestrator_leader 1\.0$", text.decode(), re.M):
+                    found.append(node)
+            return found
+
+        assert wait_until(lambda: len(leaders()) == 1, 20), leaders()
+        config = (tmp_path / "nodes" / NODES[0] / "node.toml").read_text()
+        assert 'policy = "predictive"' in config
+
+
+def test_cloudlet_up_refuses_an_unknown_policy(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "cloudlet.cli", "up", "--policy", "psychic",
+                           "--state-dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 1
+    assert "--policy 'psychic' is not a policy" in done.stderr
