@@ -18,6 +18,7 @@ from cloudlet.errors import ConfigError, InvalidArgument
 from cloudlet.trust.cluster import default_metro_dir
 from cloudlet.vm.machine import VMLimits
 from edge_agent.orchestrator.config import OrchestratorConfig, orchestrator_config_from_dict
+from edge_agent.tables import typed_values
 
 MiB = 1 << 20
 
@@ -195,20 +196,7 @@ FIELDS = {f.name: f for f in fields(NodeConfig) if f.name != "orchestrator"}
 
 def node_config_from_dict(data: dict[str, Any], source: str = "<config>") -> NodeConfig:
     """Validate a [node] table: names, types, ranges; errors name `source` and the key."""
-    unknown = sorted(set(data) - set(FIELDS))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r} in [node] "
-                          f"(known: {', '.join(sorted(FIELDS))})")
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        want = FIELDS[key].type
-        want_type = {"str": str, "int": int, "float": float, "bool": bool}[str(want)]
-        if want_type is float and type(value) is int:
-            value = float(value)
-        if type(value) is not want_type:
-            raise ConfigError(f"{source}: [node] {key} must be a {want_type.__name__}, "
-                              f"got {type(value).__name__} {value!r}")
-        values[key] = value
+    values = typed_values(data, FIELDS, "node", source)
     try:
         config = NodeConfig(**values)
     except (ConfigError, InvalidArgument) as exc:

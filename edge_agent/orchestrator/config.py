@@ -16,6 +16,7 @@ from typing import Any
 
 from cloudlet.errors import ConfigError, InvalidArgument
 from cloudlet.placement import make_policy
+from edge_agent.tables import typed_values
 
 REGION_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -92,24 +93,7 @@ def orchestrator_config_from_dict(data: dict[str, Any], source: str,
                                   base: Path | None = None) -> OrchestratorConfig:
     """Validate an [orchestrator] table; errors name `source` and the key. A relative
     `scenario` is relative to `base` (the config file's directory)."""
-    unknown = sorted(set(data) - set(FIELDS))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r} in [orchestrator] "
-                          f"(known: {', '.join(sorted(FIELDS))})")
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        if key == "params":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: [orchestrator.params] must be a table")
-            values[key] = dict(value)
-            continue
-        want = {"str": str, "int": int, "float": float, "bool": bool}[str(FIELDS[key].type)]
-        if want is float and type(value) is int:
-            value = float(value)
-        if type(value) is not want:
-            raise ConfigError(f"{source}: [orchestrator] {key} must be a {want.__name__}, "
-                              f"got {type(value).__name__} {value!r}")
-        values[key] = value
+    values = typed_values(data, FIELDS, "orchestrator", source, tables=frozenset({"params"}))
     scenario = values.get("scenario")
     if isinstance(scenario, str) and scenario and base is not None \
             and not scenario.startswith(("~", "/")):
