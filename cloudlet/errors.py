@@ -362,6 +362,13 @@ class MigrationInDoubt(MigrationError):
     code = "migration_in_doubt"
 
 
+class StaleDecision(MigrationError):
+    """An orchestrator's order to move a VM was decided when the VM was at another
+    generation (it has moved since): carried out now, one decision would move it twice."""
+
+    code = "stale_decision"
+
+
 def _all_subclasses(cls: type[CloudletError]) -> list[type[CloudletError]]:
     found: list[type[CloudletError]] = [cls]
     for sub in cls.__subclasses__():

@@ -44,7 +44,8 @@ def write_mosquitto_files(state: Path, out: Path, *, nodes: Sequence[str] | None
     names = list(nodes) if nodes else [n.name for n in load_metro_config(DEFAULT_METRO).nodes]
     for client in clients:
         check_client_name(client)
-    users = [acl.node_user(n) for n in names] + [acl.OPERATOR_USER, *clients]
+    users = ([acl.node_user(n) for n in names] + [acl.orchestrator_user(n) for n in names]
+             + [acl.OPERATOR_USER, *clients])
     passwd = "\n".join(acl.mosquitto_password_line(u, acl.derived_password(secret, u))
                        for u in users) + "\n"
     out.mkdir(parents=True, exist_ok=True)

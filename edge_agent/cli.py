@@ -1,5 +1,5 @@
-"""The daemon's commands for the `cloudlet` command line: agent, up, token, status, migrate,
-broker-config, and emulate (edge_agent.emulation).
+"""The daemon's commands for the `cloudlet` command line: agent, up, orchestrator, token,
+status, migrate, broker-config, and emulate (edge_agent.emulation).
 
 `cloudlet.cli` discovers this module when edge_agent is installed, so the core
 library never imports the daemon (dependencies flow one way).
@@ -44,7 +44,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--state-dir", metavar="DIR",
                     help="images, checkpoints, secrets (default $CLOUDLET_HOME/metro or "
                          "~/.cache/cloudlet/metro)")
+    up.add_argument("--policy", default="predictive", metavar="NAME",
+                    help="placement policy of the orchestrator every cloudlet runs (one leads "
+                         "at a time): never (no moves), nearest, threshold, predictive "
+                         "(default)")
     up.set_defaults(handler=cmd_up)
+
+    orchestrator = sub.add_parser(
+        "orchestrator", help="run the live placer alone, from a node config",
+        description="Run the orchestrator role of a node config's cloudlet on its own: "
+                    "read presence, telemetry and client reports from the broker, run the "
+                    "[orchestrator] table's policy every interval_s, and send signed migrate "
+                    "orders while it holds its region's lease (docs/orchestrator.md).")
+    orchestrator.add_argument("--config", required=True, metavar="FILE")
+    orchestrator.set_defaults(handler=cmd_orchestrator)
 
     token = sub.add_parser("token", help="print a bearer token for a client")
     token.add_argument("--client", required=True, metavar="NAME")
@@ -114,13 +127,26 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not 0 < getattr(args, name) < 65536:
             raise ConfigError(f"--{name.replace('_', '-')} must be a TCP port")
     state = Path(args.state_dir) if args.state_dir else default_state_dir()
+    from cloudlet.placement import POLICIES
+
+    if args.policy not in POLICIES:
+        raise ConfigError(f"--policy {args.policy!r} is not a policy "
+                          f"(known: {', '.join(POLICIES)})")
     coro = up(Path(args.config) if args.config else DEFAULT_METRO, state, args.nodes,
-              args.base_port, args.broker, args.broker_port)
+              args.base_port, args.broker, args.broker_port, policy=args.policy)
     try:
         import uvloop
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+def cmd_orchestrator(args: argparse.Namespace) -> int:
+    from edge_agent.config import load_node_config
+    from edge_agent.orchestrator.standalone import run
+
+    run(load_node_config(args.config))
+    return 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from cloudlet.errors import ConfigError, InvalidArgument
 from cloudlet.trust.cluster import default_metro_dir
 from cloudlet.vm.machine import VMLimits
+from edge_agent.orchestrator.config import OrchestratorConfig, orchestrator_config_from_dict
 
 MiB = 1 << 20
 
@@ -125,6 +126,9 @@ class NodeConfig:
     # CA bundle that other cloudlets' HTTPS certificates must chain to (peers are
     # checked by name as well as by their signed proof); empty: the system's store.
     tls_ca_file: str = ""
+    # The `[orchestrator]` table (edge_agent/orchestrator/config.py): the placer's
+    # live loop, when this cloudlet runs it.
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool]] = [
@@ -194,7 +198,8 @@ class NodeConfig:
                         fuel_per_call=self.vm_fuel_per_call, deadline_ms=self.vm_deadline_ms)
 
 
-FIELDS = {f.name: f for f in fields(NodeConfig)}
+# The keys of [node] (the orchestrator's settings are a table of their own).
+FIELDS = {f.name: f for f in fields(NodeConfig) if f.name != "orchestrator"}
 
 
 def node_config_from_dict(data: dict[str, Any], source: str = "<config>") -> NodeConfig:
@@ -239,11 +244,13 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
-    """A node config file: one [node] table. Relative paths are relative to the file."""
+    """A node config file: a [node] table and, optionally, an [orchestrator] one.
+    Relative paths are relative to the file."""
     data = load_toml(path)
-    extra = sorted(set(data) - {"node"})
+    extra = sorted(set(data) - {"node", "orchestrator"})
     if extra:
-        raise ConfigError(f"{path}: unknown table or key {extra[0]!r} (expected [node])")
+        raise ConfigError(f"{path}: unknown table or key {extra[0]!r} "
+                          "(expected [node] and [orchestrator])")
     node = data.get("node", {})
     if not isinstance(node, dict):
         raise ConfigError(f"{path}: [node] must be a table")
@@ -253,7 +260,14 @@ def load_node_config(path: str | os.PathLike[str]) -> NodeConfig:
         value = node.get(key)
         if isinstance(value, str) and value and not value.startswith(("~", "/")):
             node = {**node, key: str(base / value)}
-    return node_config_from_dict(node, str(path))
+    config = node_config_from_dict(node, str(path))
+    table = data.get("orchestrator", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [orchestrator] must be a table")
+    if table:
+        config = replace(config, orchestrator=orchestrator_config_from_dict(
+            table, str(path), base))
+    return config
 
 
 def default_state_dir() -> Path:

@@ -42,6 +42,7 @@ import aiomqtt
 
 from cloudlet.errors import CloudletError, ConfigError, TrustError
 from cloudlet.protocol import (
+    ALL_LEASES,
     ALL_PRESENCE,
     Kind,
     Location,
@@ -176,6 +177,7 @@ class ControlPlane:
             self._client = client
             await client.subscribe(commands_topic(c.name), qos=1)
             await client.subscribe(ALL_PRESENCE, qos=1)
+            await client.subscribe(ALL_LEASES, qos=1)
             await client.publish(presence_topic(c.name), self._presence(), qos=1, retain=True)
             self._dirty_locations.update(self.host.vms)  # a broker restart may have lost them
             self.connected.set()
@@ -249,19 +251,21 @@ class ControlPlane:
         now = time.monotonic()
         elapsed = max(now - self._last_tick, 1e-3)
         self._last_tick = now
-        per_vm: dict[str, dict[str, float]] = {}
+        per_vm: dict[str, dict[str, Any]] = {}
         total_calls = 0.0
         for vm_id, hosted in list(self.host.vms.items()):
             calls = (hosted.calls - self._last_calls.get(vm_id, hosted.calls)) / elapsed
             self._last_calls[vm_id] = hosted.calls
             dirty = await self.host.dirty_rate(hosted)
             per_vm[vm_id] = {"calls_per_s": calls, "dirty_chunks_per_s": dirty,
-                             "memory_bytes": hosted.vm.memory_bytes}
+                             "memory_bytes": hosted.vm.memory_bytes, "owner": hosted.owner,
+                             "generation": hosted.generation}
             total_calls += calls
         for gone in set(self._last_calls) - set(self.host.vms):
             del self._last_calls[gone]
         load1, _, _ = os.getloadavg()
-        return {"vms": len(self.host.vms),
+        return {"vms": len(self.host.vms), "interval_s": self.config.telemetry_interval_s,
+                "epoch": self.fence.newest,
                 "memory_bytes": sum(h.vm.memory_bytes for h in self.host.vms.values()),
                 "calls_per_s": total_calls, "load": load1, "per_vm": per_vm}
 
@@ -283,6 +287,10 @@ class ControlPlane:
                 continue
             if believed.kind is Kind.PRESENCE:
                 self.peers.note_presence(believed.name, believed.body, believed.ts)
+            elif believed.kind is Kind.LEASE:
+                epoch = believed.body.get("epoch")
+                if type(epoch) is int and epoch >= 0:
+                    self.fence.observe(epoch)
             elif believed.kind is Kind.COMMANDS and believed.ts < self.started_unix:
                 self._dropped(topic, "before_start", "an order signed before this cloudlet "
                                                      "started (a replay after a restart?)")

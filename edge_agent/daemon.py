@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from cloudlet.errors import MalformedRequest, StorageFull
+from cloudlet.errors import MalformedRequest, StaleDecision, StorageFull
 from cloudlet.trust.gate import ControlGate
 from edge_agent.app import MOVER, build_app
 from edge_agent.auth import SECRET_FILE, Principal
@@ -35,6 +35,8 @@ from edge_agent.control import CommandHandler, ControlPlane
 from edge_agent.handoff import Mover
 from edge_agent.identity import load_node_trust
 from edge_agent.metrics import Metrics
+from edge_agent.orchestrator.metrics import OrchestratorMetrics
+from edge_agent.orchestrator.runner import ORCHESTRATOR_DIR, Orchestrator
 from edge_agent.peers import PeerDirectory
 from edge_agent.statelock import StateLock
 from edge_agent.vm_host import VMHost
@@ -103,10 +105,16 @@ async def _serve(config: NodeConfig, stop: asyncio.Event) -> list[str]:
             print(f"ready {config.name} {config.endpoint}", flush=True)
             log.info("cloudlet %s serving on %s with %d VMs", config.name, config.endpoint,
                      len(host.vms))
-            async with asyncio.TaskGroup() as tg:
+            async with contextlib.AsyncExitStack() as roles, asyncio.TaskGroup() as tg:
                 background = [tg.create_task(_checkpoint_loop(host, config, metrics))]
                 if control is not None:
                     background.append(tg.create_task(control.run()))
+                if control is not None and config.orchestrator.enabled:
+                    roles.enter_context(StateLock(config.state_path / ORCHESTRATOR_DIR,
+                                                  f"the orchestrator of {config.name}"))
+                    orchestrator = Orchestrator(config, trust.identity, trust.verifier,
+                                                OrchestratorMetrics(metrics.registry))
+                    background.append(tg.create_task(orchestrator.run()))
                 await stop.wait()
                 log.info("shutting down: finishing requests, checkpointing VMs")
                 await runner.cleanup()  # stop listening, close streams, finish requests
@@ -148,9 +156,17 @@ def _commands(host: VMHost, mover: Mover) -> dict[str, CommandHandler]:
         destination is a node known from signed presence: an order names no URL."""
         vm_id, to = command.get("vm"), command.get("to")
         mode = command.get("mode", "live")
-        if not isinstance(vm_id, str) or not isinstance(to, str) or not isinstance(mode, str):
-            raise MalformedRequest("migrate takes 'vm' and 'to' (a node known from presence)")
+        generation = command.get("generation")
+        if not isinstance(vm_id, str) or not isinstance(to, str) or not isinstance(mode, str) \
+                or (generation is not None and type(generation) is not int):
+            raise MalformedRequest("migrate takes 'vm' and 'to' (a node known from presence), "
+                                   "and optionally the VM's 'generation' it was decided at")
         hosted = host.get(vm_id, COMMANDER)
+        if generation is not None and generation != hosted.generation:
+            # One decision moves a VM once: an order decided before the VM's last move
+            # (a retry or a new leader repeating it) must not move it again.
+            raise StaleDecision(f"the order was decided at generation {generation}; VM "
+                                f"{vm_id} is at {hosted.generation} (it moved since)")
         return await mover.move(hosted, mover.peers.target(to), mode)
 
     return {"ping": ping, "checkpoint": checkpoint, "migrate": migrate}

@@ -39,6 +39,19 @@ class EpochFence:
             log.error("cannot read %s (%r): the fencing epoch starts again from the first "
                       "command seen", self.path, exc)
 
+    def observe(self, epoch: int) -> None:
+        """A newer epoch seen on a believed lease: orders of older ones are refused
+        from now on, even by a cloudlet the new leader has not ordered yet (a failed
+        write is logged; the lease will be seen again at its next renewal)."""
+        if epoch <= self.newest:
+            return
+        try:
+            atomic_write(self.path, json.dumps({"epoch": epoch}).encode())
+        except OSError as exc:
+            log.error("cannot record fencing epoch %d from a lease: %s", epoch, exc.strerror)
+            return
+        self.newest = epoch
+
     def admit(self, epoch: int) -> None:
         """Raise `StaleEpoch` for an epoch older than the newest seen; remember a newer
         one durably first (`StorageFull` if it cannot be: then nothing runs)."""

@@ -35,6 +35,7 @@ from edge_agent.auth import SECRET_FILE, ensure_secret
 from edge_agent.broker import ClusterAccess, EmbeddedBroker
 from edge_agent.config import MetroConfig, MetroNode, load_metro_config, node_config_from_dict
 from edge_agent.identity import NODE_ROLES
+from edge_agent.orchestrator.config import orchestrator_config_from_dict
 from edge_agent.statelock import StateLock
 
 READY_TIMEOUT_S = 60.0
@@ -56,9 +57,10 @@ def plan_nodes(metro: MetroConfig, count: int | None) -> list[MetroNode]:
 
 def write_node_config(state: Path, node: MetroNode, port: int, broker_url: str,
                       defaults: dict[str, Any], *, secret: bytes,
-                      authority: CertificateAuthority) -> Path:
+                      authority: CertificateAuthority,
+                      orchestrator: dict[str, Any] | None = None) -> Path:
     """The node's config, with its identity: its key (kept), a fresh certificate,
-    and its broker user and password."""
+    and its broker user and password; and its `[orchestrator]` table, if given."""
     node_dir = state / "nodes" / node.name
     key_path, cert_path = issue_node(authority, node.name, NODE_ROLES, node_dir)
     username = acl.node_user(node.name)
@@ -77,6 +79,11 @@ def write_node_config(state: Path, node: MetroNode, port: int, broker_url: str,
     lines = ["# Written by `cloudlet up`; edit configs/local-metro.toml instead.", "[node]"]
     for key, value in table.items():
         lines.append(f"{key} = {_toml(value)}")
+    if orchestrator:
+        orchestrator_config_from_dict(orchestrator, f"generated config of {node.name}")
+        lines.append("\n[orchestrator]")
+        for key, value in orchestrator.items():
+            lines.append(f"{key} = {_toml(value)}")
     # It holds the node's broker password: 0600 from the first byte (atomic_write).
     atomic_write(path, ("\n".join(lines) + "\n").encode())
     return path
@@ -91,15 +98,15 @@ def _toml(value: Any) -> str:
 
 
 async def up(metro_file: Path, state: Path, nodes: int | None, base_port: int,
-             broker_url: str | None, broker_port: int) -> int:
+             broker_url: str | None, broker_port: int, policy: str = "predictive") -> int:
     metro = load_metro_config(metro_file)
     planned = plan_nodes(metro, nodes)
     with StateLock(state, "cloudlet up"):
-        return await _run(metro, planned, state, base_port, broker_url, broker_port)
+        return await _run(metro, planned, state, base_port, broker_url, broker_port, policy)
 
 
 async def _run(metro: MetroConfig, planned: list[MetroNode], state: Path, base_port: int,
-               broker_url: str | None, broker_port: int) -> int:
+               broker_url: str | None, broker_port: int, policy: str) -> int:
     secret = ensure_secret(state / SECRET_FILE)
     authority = ensure_authority(state)
     stop = asyncio.Event()
@@ -116,13 +123,19 @@ async def _run(metro: MetroConfig, planned: list[MetroNode], state: Path, base_p
                   "tokens only)", flush=True)
         else:
             print(f"broker   {broker_url}", flush=True)
+        # Every cloudlet runs the orchestrator role; one leads at a time, and another
+        # takes over within the lease if its cloudlet dies.
+        role = {"enabled": True, "policy": policy}
         configs = [write_node_config(state, node, base_port + i, broker_url,
-                                     metro.node_defaults, secret=secret, authority=authority)
+                                     metro.node_defaults, secret=secret, authority=authority,
+                                     orchestrator=role)
                    for i, node in enumerate(planned)]
         children = await _start_all(configs)
         try:
             for (name, endpoint, proc) in children:
                 print(f"cloudlet {name:<12} {endpoint}  (pid {proc.pid})", flush=True)
+            print(f"placer   {policy} (every cloudlet runs the orchestrator; one leads at a "
+                  "time)", flush=True)
             print(f"\nstate in {state}\nget a client token with:\n"
                   f"  cloudlet token --client NAME --state-dir {state}\n"
                   "Ctrl-C stops the metro (VMs are checkpointed and come back on the next up).",

@@ -20,6 +20,7 @@ from cloudlet.placement.policies import (
 )
 from cloudlet.placement.state import (
     ClusterState,
+    MeasuredRtt,
     MigrationCost,
     Move,
     Moves,
@@ -32,6 +33,7 @@ __all__ = [
     "AccessIndex",
     "ClusterState",
     "LatencyModel",
+    "MeasuredRtt",
     "MigrationCost",
     "MigrationEstimate",
     "Move",

@@ -63,10 +63,9 @@ def _rtt_now(state: ClusterState, cand: IntArray, attach: IntArray,
     net = state.network
     rtt: FloatArray = (access_ms[:, None] + net.backhaul_rtt_ms[attach[:, None], cand]
                        + queue_ms[cand])
-    measured = state.sessions.rtt_ms
+    measured = state.sessions.measured(np.arange(len(cand)), cand)
     if measured is not None:
-        rows = np.arange(len(cand))[:, None]
-        got = measured[rows, cand]
+        got = measured[0]
         rtt = np.where(np.isnan(got), rtt, got)
     return rtt
 
@@ -278,10 +277,14 @@ class PredictivePolicy(Policy):
         # rest (nearly all, in a steady state) cost one (m, samples) pass.
         host_rtt = (access_k + net.backhaul_rtt_ms[attach_k, s.host[:, None]]
                     + queue[s.host][:, None])
-        if s.rtt_ms is not None:
-            measured = s.rtt_ms[np.arange(m), s.host]
-            host_rtt = host_rtt + np.where(np.isnan(measured), 0.0,
-                                           measured - host_rtt[:, 0])[:, None]
+        at_host = s.measured(np.arange(m), s.host)
+        if at_host is not None:
+            # A measurement replaces the model's "now"; its trend (clients without
+            # position reports have only that) extends it over the horizon.
+            measured, slope = at_host
+            host_rtt = (host_rtt + np.where(np.isnan(measured), 0.0,
+                                            measured - host_rtt[:, 0])[:, None]
+                        + slope[:, None] * taus[None, :])
         host_viol = host_rtt + s.service_ms[:, None] > s.budget_ms[:, None] - self.margin_ms
         ready = s.movable & (state.time_s - s.last_move_s >= self.cooldown_s)
         rows = np.flatnonzero(ready & host_viol.any(axis=1))
@@ -299,10 +302,13 @@ class PredictivePolicy(Policy):
                                net.near[att[:, -1], :half]], axis=1)
         rtt = (acc[:, None, :] + net.backhaul_rtt_ms[att[:, None, :], cand[:, :, None]]
                + queue[cand][:, :, None])
-        if s.rtt_ms is not None:
-            # Measurements correct the model by a per-(session, cloudlet) offset.
-            got = s.rtt_ms[rows[:, None], cand]
-            rtt = rtt + np.where(np.isnan(got), 0.0, got - rtt[:, :, 0])[:, :, None]
+        at_cand = s.measured(rows, cand)
+        if at_cand is not None:
+            # Measurements correct the model by a per-(session, cloudlet) offset,
+            # and their trend extends it.
+            got, slope = at_cand
+            rtt = (rtt + np.where(np.isnan(got), 0.0, got - rtt[:, :, 0])[:, :, None]
+                   + slope[:, :, None] * taus[None, None, :])
         service = s.service_ms[rows]
         budget = s.budget_ms[rows] - self.margin_ms
         lat = rtt + service[:, None, None]

@@ -86,8 +86,10 @@ class Sessions:
     """One row per session. Indices (`host`, `previous_host`) are cloudlet rows.
 
     `movable` is False for sessions a migration is already carrying (or that the
-    orchestrator pinned). `rtt_ms`, when given, is an (m, n) matrix of measured
-    RTTs with NaN where nothing was measured; the model fills the gaps.
+    orchestrator pinned). `rtt_ms`, when given, holds measured RTTs: an (m, n)
+    matrix with NaN where nothing was measured, or a `MeasuredRtt` (a few
+    cloudlets per session, with trends: what a live orchestrator has); the
+    model fills the gaps.
     `last_move_s` is -inf for a session never moved.
     """
 
@@ -103,11 +105,54 @@ class Sessions:
     last_move_s: FloatArray
     previous_host: IntArray
     movable: BoolArray
-    rtt_ms: FloatArray | None = None
+    rtt_ms: FloatArray | MeasuredRtt | None = None
 
     @property
     def count(self) -> int:
         return len(self.host)
+
+    def measured(self, rows: IntArray, cols: IntArray) -> tuple[FloatArray, FloatArray] | None:
+        """Measured RTT and its trend (ms per s; 0 where unknown) of sessions `rows`
+        (1-D) at cloudlets `cols` (1-D of the same length, or (len(rows), C)); NaN
+        where nothing was measured. None when nothing at all was."""
+        r = self.rtt_ms
+        if r is None:
+            return None
+        if isinstance(r, MeasuredRtt):
+            return r.lookup(rows, cols)
+        got: FloatArray = r[rows[:, None], cols] if cols.ndim == 2 else r[rows, cols]
+        return got, np.zeros_like(got)
+
+
+@dataclass(frozen=True, eq=False)
+class MeasuredRtt:
+    """What clients measured, sparse: per session up to R cloudlets (`node`, -1 for
+    none), the RTT to each (`rtt_ms`) and its trend (`slope_ms_s`, 0 if unknown).
+
+    A live orchestrator knows RTTs to the few cloudlets each client probes; an
+    (m, n) matrix of 10,000 sessions by 1,000 cloudlets would be 80 MB of NaN.
+    """
+
+    node: IntArray
+    rtt_ms: FloatArray
+    slope_ms_s: FloatArray
+
+    def lookup(self, rows: IntArray, cols: IntArray) -> tuple[FloatArray, FloatArray]:
+        flat = cols.ndim == 1
+        c = cols[:, None] if flat else cols
+        nodes = self.node[rows][:, None, :]  # (k, 1, R)
+        hit = nodes == c[:, :, None]  # (k, C, R)
+        found = hit.any(axis=2)
+        at = hit.argmax(axis=2)[:, :, None]
+        rtt = np.take_along_axis(self.rtt_ms[rows][:, None, :].repeat(c.shape[1], axis=1),
+                                 at, axis=2)[:, :, 0]
+        slope = np.take_along_axis(self.slope_ms_s[rows][:, None, :].repeat(c.shape[1], axis=1),
+                                   at, axis=2)[:, :, 0]
+        rtt = np.where(found, rtt, np.nan)
+        slope = np.where(found, slope, 0.0)
+        if flat:
+            return rtt[:, 0], slope[:, 0]
+        return rtt, slope
 
 
 @dataclass(frozen=True, eq=False)

@@ -7,7 +7,7 @@ PNG plots (`cloudlet sim SCENARIO.toml` does both). Like the placer it imports
 no network code, so it runs anywhere numpy does.
 """
 
-from cloudlet.sim.engine import PolicyResult, SimResult, simulate
+from cloudlet.sim.engine import PolicyResult, SimResult, scenario_topology, simulate
 from cloudlet.sim.mobility import GaussMarkov, ManhattanGrid, Mobility, RandomWaypoint
 from cloudlet.sim.report import summary, table, write_outputs
 from cloudlet.sim.scenario import Scenario, load_scenario
@@ -27,6 +27,7 @@ __all__ = [
     "read_csv_frames",
     "read_fcd_frames",
     "scan_trace",
+    "scenario_topology",
     "simulate",
     "summary",
     "table",

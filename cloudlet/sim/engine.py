@@ -530,6 +530,21 @@ def make_mobility(sc: Scenario, rng: np.random.Generator
                          mob.speed_change_probability), None
 
 
+def scenario_topology(sc: Scenario) -> Topology:
+    """The cloudlets and backhaul `simulate` builds for `sc` (the same seed streams),
+    for a live orchestrator or an emulation that must see the simulator's network."""
+    root = np.random.SeedSequence(sc.seed)
+    s_mob, s_topo, _, _ = root.spawn(4)
+    mobility, info = make_mobility(sc, np.random.default_rng(s_mob))
+    try:
+        extent = mobility.extent_m
+        if info is not None and sc.area_m is not None:
+            extent = (0.0, 0.0, sc.area_m[0], sc.area_m[1])
+        return build_topology(sc, extent, np.random.default_rng(s_topo))
+    finally:
+        mobility.close()
+
+
 def simulate(sc: Scenario, progress: bool = False) -> SimResult:
     """Run every policy of the scenario side by side; deterministic for a seed."""
     root = np.random.SeedSequence(sc.seed)

@@ -8,6 +8,9 @@ written for an external Mosquitto (`mosquitto_acl`, `mosquitto_password_line`).
 
 - `node.NAME` (a cloudlet) publishes `nodes/NAME/#`, `nodes/+/commands`,
   `vms/+/location` and `orchestrator/#`; receives all of `cloudlet/v1/`.
+- `orchestrator.NAME` (the orchestrator role of cloudlet NAME, on a connection
+  of its own) publishes `nodes/+/commands`, `orchestrator/#` and
+  `nodes/NAME/events` (what it abandoned); receives all of `cloudlet/v1/`.
 - `operator` (the command line) publishes and receives all of `cloudlet/v1/`.
 - any other name (a client) publishes `clients/NAME/#`; receives that,
   `nodes/+/presence` and `vms/+/location`.
@@ -15,7 +18,7 @@ written for an external Mosquitto (`mosquitto_acl`, `mosquitto_password_line`).
 A cloudlet may publish commands and leases because any cloudlet can run the
 orchestrator role; the gate then believes only those signed by a certificate
 with that role. Nothing outside `cloudlet/v1/` (`$SYS` included) is open to
-anyone. Client names cannot start with `node.` or be `operator`
+anyone. Client names cannot start with `node.` or `orchestrator.` or be `operator`
 (`edge_agent.auth` refuses to issue such tokens), so the three never collide.
 
 Passwords of cloudlets and the operator (and, for an external broker, of
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 from cloudlet.protocol import PREFIX
 
 NODE_USER_PREFIX = "node."
+ORCHESTRATOR_USER_PREFIX = "orchestrator."
 OPERATOR_USER = "operator"
 PASSWORD_DOMAIN = b"cloudlet mqtt password\x00"
 # Mosquitto's own default for `$7$` (PBKDF2-SHA512) password hashes.
@@ -45,24 +49,30 @@ MOSQUITTO_SALT_BYTES = 12
 
 @dataclass(frozen=True)
 class BrokerUser:
-    kind: str  # "node", "operator" or "client"
-    name: str  # node name, "operator", or client name
+    kind: str  # "node", "orchestrator", "operator" or "client"
+    name: str  # node name (for a node or its orchestrator), "operator", or client name
 
 
 def node_user(node: str) -> str:
     return NODE_USER_PREFIX + node
 
 
+def orchestrator_user(node: str) -> str:
+    return ORCHESTRATOR_USER_PREFIX + node
+
+
 def broker_user(username: str) -> BrokerUser:
     if username.startswith(NODE_USER_PREFIX):
         return BrokerUser("node", username[len(NODE_USER_PREFIX):])
+    if username.startswith(ORCHESTRATOR_USER_PREFIX):
+        return BrokerUser("orchestrator", username[len(ORCHESTRATOR_USER_PREFIX):])
     if username == OPERATOR_USER:
         return BrokerUser("operator", OPERATOR_USER)
     return BrokerUser("client", username)
 
 
 def is_reserved_client_name(name: str) -> bool:
-    return name.startswith(NODE_USER_PREFIX) or name == OPERATOR_USER
+    return name.startswith((NODE_USER_PREFIX, ORCHESTRATOR_USER_PREFIX)) or name == OPERATOR_USER
 
 
 def derived_password(secret: bytes, username: str) -> str:
@@ -104,11 +114,14 @@ def _publish_patterns(user: BrokerUser) -> list[str]:
     if user.kind == "node":
         return [f"{PREFIX}/nodes/{user.name}/#", f"{PREFIX}/nodes/+/commands",
                 f"{PREFIX}/vms/+/location", f"{PREFIX}/orchestrator/#"]
+    if user.kind == "orchestrator":
+        return [f"{PREFIX}/nodes/+/commands", f"{PREFIX}/orchestrator/#",
+                f"{PREFIX}/nodes/{user.name}/events"]
     return [f"{PREFIX}/clients/{user.name}/#"]
 
 
 def _receive_patterns(user: BrokerUser) -> list[str]:
-    if user.kind in ("operator", "node"):
+    if user.kind in ("operator", "node", "orchestrator"):
         return [f"{PREFIX}/#"]
     return [f"{PREFIX}/clients/{user.name}/#", f"{PREFIX}/nodes/+/presence",
             f"{PREFIX}/vms/+/location"]
@@ -156,6 +169,11 @@ def mosquitto_acl(nodes: Iterable[str]) -> str:
     for name in sorted(set(nodes)):
         user = BrokerUser("node", name)
         lines.append(f"user {node_user(name)}")
+        lines += [f"topic write {p}" for p in _publish_patterns(user)]
+        lines += [f"topic read {p}" for p in _receive_patterns(user)]
+        lines.append("")
+        user = BrokerUser("orchestrator", name)
+        lines.append(f"user {orchestrator_user(name)}")
         lines += [f"topic write {p}" for p in _publish_patterns(user)]
         lines += [f"topic read {p}" for p in _receive_patterns(user)]
         lines.append("")

@@ -56,7 +56,7 @@ def _unb64(text: str) -> bytes:
 def check_client_name(name: str) -> None:
     if not CLIENT_NAME.fullmatch(name) or is_reserved_client_name(name):
         raise InvalidArgument("a client name is 1-128 letters, digits or '._@-', and not "
-                              "'operator' or 'node.*' (the broker's own users)")
+                              "'operator', 'node.*' or 'orchestrator.*' (the broker's own users)")
 
 
 def read_claims(token: str) -> ClientClaims:
