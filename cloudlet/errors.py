@@ -156,6 +156,13 @@ class MissingDependency(ConfigError):
     code = "missing_dependency"
 
 
+class NoBroker(ConfigError):
+    """Something that only the broker carries (a client's position reports) was asked
+    of a client made without one (`endpoints=[...]` only)."""
+
+    code = "no_broker"
+
+
 class StateDirLocked(ConfigError):
     """Another live process holds this state directory (a daemon, or `cloudlet up`).
     Two processes serving the same checkpoints would each restore the same VMs and

@@ -10,16 +10,25 @@ throughput of a long transfer, as on a real link.
 Backpressure is real: the proxy reads only as fast as the bucket lets it
 forward, and has at most `BUFFER_BYTES` in flight per direction, so a sender's
 `drain()` blocks as it would behind a slow link.
+
+A link's delay and rate can change while connections are open (`set_delay`,
+`set_rate`: a client walking away from a cloudlet), for data that arrives after
+the change. Order is kept as on a real link: a piece of data is due at
+max(arrival + delay, the previous piece's due time), so a shorter delay never
+lets a byte overtake an earlier one. Every connection takes a later delay, even
+one opened with none; data that meets no delay and nothing queued is written at
+once, so a link without delay costs no more than a plain relay.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cloudlet.errors import InvalidArgument
 
@@ -40,12 +49,22 @@ class LinkShape:
     def __post_init__(self) -> None:
         if self.rate_mbit_s is not None and not self.rate_mbit_s > 0:
             raise InvalidArgument("rate_mbit_s must be positive (or None for unlimited)")
-        if self.delay_ms < 0:
-            raise InvalidArgument("delay_ms must be >= 0")
+        if not (math.isfinite(self.delay_ms) and self.delay_ms >= 0):
+            raise InvalidArgument(f"delay_ms must be a finite number >= 0, not {self.delay_ms!r}")
 
     @property
     def rate_bytes_s(self) -> float | None:
         return None if self.rate_mbit_s is None else self.rate_mbit_s * 1e6 / 8
+
+
+class LiveShape:
+    """The shape of one direction of a link, which may change while connections use
+    it: each connection's pipe reads `shape` for every piece of data it forwards."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape: LinkShape) -> None:
+        self.shape = shape
 
 
 class TokenBucket:
@@ -74,8 +93,8 @@ class LinkProxy:
                  down: LinkShape | None = None, listen_host: str = "127.0.0.1",
                  listen_port: int = 0) -> None:
         self.target = (target_host, target_port)
-        self.up = up or LinkShape()
-        self.down = down or LinkShape()
+        self._up = LiveShape(up or LinkShape())
+        self._down = LiveShape(down or LinkShape())
         self._listen = (listen_host, listen_port)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -86,6 +105,29 @@ class LinkProxy:
                   delay_ms: float = 0.0) -> LinkProxy:
         shape = LinkShape(rate_mbit_s, delay_ms)
         return cls(target_host, target_port, up=shape, down=shape)
+
+    @property
+    def up(self) -> LinkShape:
+        """The shape of client-to-target data now."""
+        return self._up.shape
+
+    @property
+    def down(self) -> LinkShape:
+        """The shape of target-to-client data now."""
+        return self._down.shape
+
+    def set_delay(self, up_ms: float, down_ms: float | None = None) -> None:
+        """Change the one-way delay (`down_ms` None: the same as `up_ms`), for data that
+        arrives from now on, on open connections too; order is kept (see above)."""
+        up = replace(self._up.shape, delay_ms=up_ms)  # checked before either changes
+        down = replace(self._down.shape, delay_ms=up_ms if down_ms is None else down_ms)
+        self._up.shape, self._down.shape = up, down
+
+    def set_rate(self, mbit_s: float | None) -> None:
+        """Change both directions' rate (None: unlimited), on open connections too."""
+        up = replace(self._up.shape, rate_mbit_s=mbit_s)
+        down = replace(self._down.shape, rate_mbit_s=mbit_s)
+        self._up.shape, self._down.shape = up, down
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, *self._listen)
@@ -122,8 +164,8 @@ class LinkProxy:
             return
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(_pipe(client_r, target_w, self.up))
-                tg.create_task(_pipe(target_r, client_w, self.down))
+                tg.create_task(_pipe(client_r, target_w, self._up))
+                tg.create_task(_pipe(target_r, client_w, self._down))
         except* (OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -132,35 +174,32 @@ class LinkProxy:
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                shape: LinkShape) -> None:
-    """Forward one direction: rate-limit on the way in, delay on the way out."""
-    rate = shape.rate_bytes_s
-    bucket = TokenBucket(rate) if rate is not None else None
-    delay_s = shape.delay_ms / 1000
-    if delay_s == 0:
-        while data := await reader.read(READ_BYTES):
-            if bucket is not None:
-                await bucket.take(len(data))
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-        return
+                live: LiveShape) -> None:
+    """Forward one direction: rate-limit on the way in, delay on the way out.
+
+    Pieces wait in `queue` (oldest first) until due; `deliver` writes them. A piece
+    that is due at once while nothing waits is written here instead: the queue is
+    empty only when every earlier piece has been handed to the transport (`deliver`
+    takes a piece off just as it writes it), so this keeps order too."""
     queue: deque[tuple[float, bytes]] = deque()
     ready = asyncio.Event()
     room = asyncio.Semaphore(BUFFER_BYTES // READ_BYTES)
+    bucket: TokenBucket | None = None
+    last_due_s = 0.0
 
     async def deliver() -> None:
         while True:
             while not queue:
                 ready.clear()
                 await ready.wait()
-            due_s, data = queue.popleft()
-            if not data:
-                writer.write_eof()
-                return
+            due_s, data = queue[0]
             wait_s = due_s - time.monotonic()
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
+            queue.popleft()
+            if not data:
+                writer.write_eof()
+                return
             writer.write(data)
             await writer.drain()
             room.release()
@@ -170,9 +209,20 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         while True:
             await room.acquire()
             data = await reader.read(READ_BYTES)
-            if data and bucket is not None:
+            shape = live.shape
+            rate = shape.rate_bytes_s
+            if data and rate is not None:
+                if bucket is None:
+                    bucket = TokenBucket(rate)
+                bucket.rate_bytes_s = rate
                 await bucket.take(len(data))
-            queue.append((time.monotonic() + delay_s, data))
+            if data and not queue and shape.delay_ms == 0:
+                writer.write(data)  # nothing to wait for, nothing ahead of it
+                await writer.drain()
+                room.release()
+                continue
+            last_due_s = max(time.monotonic() + shape.delay_ms / 1000, last_due_s)
+            queue.append((last_due_s, data))
             ready.set()
             if not data:
                 break

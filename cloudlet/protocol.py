@@ -105,6 +105,10 @@ def rtt_topic(client: str) -> str:
     return client_topic(client, Kind.RTT)
 
 
+def position_topic(client: str) -> str:
+    return client_topic(client, Kind.POSITION)
+
+
 # Subscription filters.
 ALL = f"{PREFIX}/#"
 ALL_PRESENCE = f"{PREFIX}/nodes/+/presence"
@@ -206,7 +210,10 @@ def telemetry_message(node: str, **fields: Any) -> dict[str, Any]:
 
 
 def report_message(client: str, **fields: Any) -> bytes:
-    """An unsigned client report (RTTs, position), as msgpack bytes."""
+    """An unsigned client report, as msgpack bytes: on `rtt_topic`, `rtt_ms` (a map
+    node -> ms) and `ts` (unix seconds); on `position_topic`, `x_m`, `y_m`, `ts`
+    and optionally `vx_m_s`, `vy_m_s` (else the reader derives velocity from
+    successive reports)."""
     packed: bytes = msgpack.packb({"v": SCHEMA_VERSION, "client": client, **fields})
     return packed
 

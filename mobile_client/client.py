@@ -10,6 +10,10 @@ and follows its VM from then on (see `mobile_client.session`). `offload` runs a
 stateless task once, remotely or (with `policy="auto"`) wherever the measured
 costs say is faster. Closing the client closes every session, destroys the
 VMs it created for offloading, and leaves no task, thread or socket behind.
+
+With a broker, the client can also say where it is (`report_position`, or a
+`position_source` it polls): the placer's predictive policy moves a VM ahead
+of a client only if it sees the client move.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,6 +35,7 @@ from cloudlet.errors import (
     CloudletError,
     ImageNotFound,
     InvalidArgument,
+    NoBroker,
     NoCloudletAvailable,
     SessionLost,
     StorageFull,
@@ -41,7 +47,7 @@ from mobile_client.discovery import CloudletInfo, Discovery
 from mobile_client.policy import Decider, Decision
 from mobile_client.probe import Prober
 from mobile_client.session import DEFAULT_CALL_DEADLINE_MS, Session
-from mobile_client.transport import Http, Location, client_name, image_digest
+from mobile_client.transport import ConnectVia, Http, Location, client_name, image_digest
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,10 @@ POLICIES = ("remote", "local", "auto")
 MAX_FORWARDS = 8  # tombstones followed in a row before giving up (a loop, or a bug)
 ImageRef = str | os.PathLike[str] | bytes
 Payload = bytes | Sequence[int | float]
+# Where the client is now, in metres on the metro's plane (the frame cloudlet
+# positions use), or None when it does not know.
+PositionSource = Callable[[], tuple[float, float] | None]
+POSITION_INTERVAL_S = 1.0  # the placer's tick: reporting faster tells it nothing new
 
 
 @dataclass(frozen=True)
@@ -66,12 +76,23 @@ class CloudletClient:
 
     def __init__(self, token: str, *, endpoints: Sequence[str] = (), broker: str | None = None,
                  policy: str = "remote", probe_interval_s: float = 5.0,
-                 local_store_dir: str | None = None) -> None:
+                 local_store_dir: str | None = None,
+                 position_source: PositionSource | None = None,
+                 position_interval_s: float = POSITION_INTERVAL_S,
+                 connect_via: ConnectVia | None = None) -> None:
         if policy not in POLICIES:
             raise InvalidArgument(f"policy must be one of {', '.join(POLICIES)}")
+        if not (math.isfinite(position_interval_s) and position_interval_s > 0):
+            raise InvalidArgument("position_interval_s must be a positive number of seconds, "
+                                  f"not {position_interval_s!r}")
+        if position_source is not None and not broker:
+            raise NoBroker("position_source needs a broker: positions go to the placer "
+                           "through it")
         self.name = client_name(token)
         self.policy = policy
-        self.http = Http(token)  # also the trust anchor: the token names its cluster
+        # Also the trust anchor (the token names its cluster); `connect_via` maps each
+        # cloudlet's endpoint to the URL dialled for it (see mobile_client.transport).
+        self.http = Http(token, connect_via=connect_via)
         self.discovery = Discovery(endpoints, broker, client_id=self.name,
                                    verifier=self.http.verifier, password=token)
         self.prober = Prober(self.http, self.discovery, interval_s=probe_interval_s)
@@ -81,17 +102,29 @@ class CloudletClient:
         self._images: dict[str, bytes] = {}
         self._offload_vms: dict[tuple[str, str], str] = {}  # (digest, endpoint) -> vm
         self._sessions: set[Session] = set()
+        self._position_source = position_source
+        self.position_interval_s = position_interval_s
+        self._position_task: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> CloudletClient:
         await self._stack.enter_async_context(self.http)
         await self._stack.enter_async_context(self.discovery)
+        if self._position_source is not None:
+            self._position_task = asyncio.get_running_loop().create_task(
+                self._report_positions(self._position_source),
+                name=f"cloudlet-position-{self.name}")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
+        task, self._position_task = self._position_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for session in list(self._sessions):
             await session.close()
         for (_, endpoint), vm_id in list(self._offload_vms.items()):
@@ -112,6 +145,52 @@ class CloudletClient:
         """Replace the token (before it expires): every later request and reconnect
         uses it. An expired token ends sessions with `Unauthorized`."""
         self.http.token = value
+
+    # --- where the client is ----------------------------------------------------------
+
+    async def report_position(self, x_m: float, y_m: float, *, vx_m_s: float | None = None,
+                              vy_m_s: float | None = None) -> bool:
+        """Tell the placer where this client is (metres, the metro's plane), and how
+        fast it moves if known (else the placer derives it from successive reports).
+        Sent at QoS 0 on the client's broker connection: True if the broker took it,
+        False if the broker is not connected at the moment (nothing is queued: a
+        position is soon stale). `NoBroker` without a broker; `InvalidArgument` for
+        anything but finite numbers."""
+        if not self.discovery.broker:
+            raise NoBroker("report_position needs a broker: this client was made with "
+                           "endpoints only, and positions go to the placer through the broker")
+        fields = {"x_m": x_m, "y_m": y_m}
+        if vx_m_s is not None:
+            fields["vx_m_s"] = vx_m_s
+        if vy_m_s is not None:
+            fields["vy_m_s"] = vy_m_s
+        for name, value in fields.items():
+            if (not isinstance(value, int | float) or isinstance(value, bool)
+                    or not math.isfinite(value)):
+                raise InvalidArgument(f"{name} must be a finite number, not {value!r}")
+        return await self.discovery.publish_position(
+            **{name: float(value) for name, value in fields.items()})
+
+    async def _report_positions(self, source: PositionSource) -> None:
+        """Poll `source` every `position_interval_s` while the broker is connected (a
+        position that cannot be sent is not worth reading), and report what it says.
+        The application's callback may fail or answer nonsense: that is logged (once
+        per run of failures), never fatal to the client."""
+        failing = False
+        while True:
+            await self.discovery.connected.wait()
+            try:
+                position = source()
+                if position is not None:
+                    x_m, y_m = position
+                    await self.report_position(x_m, y_m)
+                failing = False
+            except Exception as exc:  # the application's code: anything can come out
+                if not failing:
+                    log.warning("position source failed (%r); reporting nothing until it "
+                                "works again", exc, exc_info=not isinstance(exc, CloudletError))
+                failing = True
+            await asyncio.sleep(self.position_interval_s)
 
     # --- images ---------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from cloudlet.protocol import (
     Kind,
     Location,
     location_topic,
+    position_topic,
     report_message,
     rtt_topic,
 )
@@ -189,12 +190,26 @@ class Discovery:
 
     async def publish_rtt(self, rtt_ms: dict[str, float]) -> None:
         """Tell the placer what this client measured (`clients/{client}/rtt`)."""
+        await self._report(rtt_topic(self.client_id), rtt_ms=rtt_ms)
+
+    async def publish_position(self, x_m: float, y_m: float, **velocity_m_s: float) -> bool:
+        """Tell the placer where this client is (`clients/{client}/position`), with
+        `vx_m_s`/`vy_m_s` if known. True if the broker took it; False when the broker
+        is not connected now (a position is soon stale: it is not kept to send later)."""
+        return await self._report(position_topic(self.client_id), x_m=x_m, y_m=y_m,
+                                  **velocity_m_s)
+
+    async def _report(self, topic: str, **fields: Any) -> bool:
+        """One client report at QoS 0: telemetry, never worth failing a call over."""
         client = self._mqtt
         if client is None:
-            return
-        payload = report_message(self.client_id, rtt_ms=rtt_ms, ts=time.time())
-        with contextlib.suppress(Exception):  # telemetry: never worth failing a call
-            await client.publish(rtt_topic(self.client_id), payload, qos=0)
+            return False
+        payload = report_message(self.client_id, **fields, ts=time.time())
+        try:
+            await client.publish(topic, payload, qos=0)
+        except Exception:  # the connection broke (aiomqtt is not imported here); `_run` reconnects
+            return False
+        return True
 
     # --- the broker ------------------------------------------------------------------
 

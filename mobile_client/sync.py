@@ -86,6 +86,13 @@ class BlockingClient:
                 **options: Any) -> OffloadResult:
         return self._run(lambda: self.client.offload(image, fn, payload, **options))
 
+    def report_position(self, x_m: float, y_m: float, *, vx_m_s: float | None = None,
+                        vy_m_s: float | None = None) -> bool:
+        """`CloudletClient.report_position`. (A `position_source` given to the
+        constructor is called on this client's own thread.)"""
+        return self._run(lambda: self.client.report_position(x_m, y_m, vx_m_s=vx_m_s,
+                                                             vy_m_s=vy_m_s))
+
     def close(self) -> None:
         if not self._thread.is_alive():
             return

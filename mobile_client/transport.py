@@ -11,6 +11,14 @@ remembered per endpoint for `PROOF_TTL_S`; probing renews it for free (its
 first `/health` carries the challenge), so a session's calls never wait for
 one. A forged location, a squatter on an old address, or any server a message
 pointed at gets no token and no call.
+
+`connect_via` separates where a cloudlet *is* from where the client *dials* it:
+it maps a cloudlet's endpoint URL to the base URL actually connected to (a
+port forward, or in an emulation a link proxy with that client's delay to that
+cloudlet). Everything logical (locations, the node a proof must name, moved
+notices, proofs kept per endpoint) stays on the real endpoint; only the
+connection goes elsewhere. What answers there must still prove it is the
+cloudlet named, so a mapping can misroute but not impersonate.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -25,6 +34,7 @@ import msgpack
 
 from cloudlet.errors import (
     CloudletError,
+    InvalidArgument,
     NoCloudletAvailable,
     PeerUnverified,
     RequestTimeout,
@@ -50,7 +60,10 @@ PROOF_TTL_S = 60.0
 # How long a cloudlet's word that its VM moved to another counts as that one's proof
 # (long enough for the reconnect that follows, short enough to expire unused).
 VOUCH_TTL_S = 10.0
-__all__ = ["Http", "Location", "client_name", "image_digest"]
+__all__ = ["ConnectVia", "Http", "Location", "client_name", "image_digest"]
+
+# A cloudlet's endpoint URL -> the base URL to dial for it.
+ConnectVia = Callable[[str], str]
 
 
 def client_name(token: str) -> str:
@@ -77,8 +90,9 @@ class Http:
     The token is read on every request, so an application may replace it
     (`http.token = new`) before it expires; sessions reconnect with the new one."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, *, connect_via: ConnectVia | None = None) -> None:
         self.token = token
+        self.connect_via = connect_via
         self._session: aiohttp.ClientSession | None = None
         self._proven: dict[str, tuple[str, float]] = {}  # endpoint -> (node, until)
 
@@ -124,6 +138,20 @@ class Http:
         if self._session is None:
             raise CloudletError("the client is closed")
         return self._session
+
+    def dial(self, endpoint: str) -> str:
+        """The base URL to connect to for the cloudlet at `endpoint` (`connect_via`,
+        asked afresh each time: an emulation may change its links)."""
+        if self.connect_via is None:
+            return endpoint
+        try:
+            url = self.connect_via(endpoint)
+        except Exception as exc:  # the application's mapping: report it, typed
+            raise InvalidArgument(f"connect_via failed for {endpoint}: {exc!r}") from exc
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise InvalidArgument(f"connect_via mapped {endpoint} to {url!r}, not an "
+                                  "http(s) URL")
+        return url.rstrip("/")
 
     # --- who is at an endpoint -----------------------------------------------------------
 
@@ -203,11 +231,12 @@ class Http:
         if authenticated:
             await self.prove(where)
             headers["Authorization"] = f"Bearer {self.token}"
+        url = self.dial(where.endpoint) + path
         try:
             # No redirects: a cloudlet never sends one, and following one would let any
             # server pass the proof with a real cloudlet's answer.
             async with self.session.request(
-                    method, where.endpoint + path, data=data, headers=headers, timeout=timeout,
+                    method, url, data=data, headers=headers, timeout=timeout,
                     params=params, allow_redirects=False,
                     trace_request_ctx={"endpoint": where.endpoint, "proving": proving}) as resp:
                 payload = await resp.read()
@@ -248,7 +277,7 @@ class Http:
         await self.prove(where)
         try:
             return await self.session.ws_connect(
-                f"{where.endpoint}/v1/vms/{vm_id}/stream",
+                f"{self.dial(where.endpoint)}/v1/vms/{vm_id}/stream",
                 headers={"Authorization": f"Bearer {self.token}"},
                 timeout=aiohttp.ClientWSTimeout(ws_close=1.0), max_msg_size=0)
         except aiohttp.WSServerHandshakeError as exc:

@@ -1,0 +1,182 @@
+"""Position reports from the SDK, on a real `cloudlet up` (embedded broker) and on a
+Mosquitto configured by `cloudlet broker-config`: what reaches the placer, under
+whose name, and what a client without a broker is told."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from cloudlet.errors import InvalidArgument, NoBroker
+from cloudlet.protocol import ALL_POSITIONS, decode_report, position_topic, report_message
+from mobile_client import CloudletClient
+from tests.metro import Metro, generated_mosquitto, mqtt, running_metro
+
+
+@pytest.fixture(scope="module")
+def metro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metro]:
+    with running_metro(tmp_path_factory.mktemp("metro")) as running:
+        yield running
+
+
+async def _watch_positions(url: str, login: tuple[str, str], ready: asyncio.Event,
+                           until: asyncio.Event) -> list[tuple[str, dict[str, Any] | None]]:
+    """What a placer reading every client's position sees, until `until` is set."""
+    host, port = url.removeprefix("mqtt://").split(":")
+    seen: list[tuple[str, dict[str, Any] | None]] = []
+    async with aiomqtt.Client(host, int(port), identifier=f"placer-{time.time_ns()}",
+                              username=login[0], password=login[1]) as c:
+        await c.subscribe(ALL_POSITIONS, qos=1)
+        ready.set()
+
+        async def read() -> None:
+            async for m in c.messages:
+                raw = m.payload if isinstance(m.payload, bytes | bytearray) else b""
+                seen.append((str(m.topic), decode_report(raw)))
+
+        reader = asyncio.get_running_loop().create_task(read())
+        await until.wait()
+        await asyncio.sleep(0.3)  # QoS 0 reports in flight still arrive
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+    return seen
+
+
+def test_reports_reach_the_placer_under_the_clients_own_topic(metro: Metro) -> None:
+    """An explicit report (with velocity) and a polled source arrive as the wire
+    contract says; a source that fails, answers None or nonsense is logged and
+    polled again; closing the client ends the polling task."""
+    answers: list[Any] = [(1.0, 2.0), None, RuntimeError("no fix"), (float("nan"), 0.0),
+                          "garbage", (3.0, 4.0)]
+    calls = 0
+
+    def source() -> tuple[float, float] | None:
+        nonlocal calls
+        answer = answers[min(calls, len(answers) - 1)]
+        calls += 1
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
+    async def run() -> list[tuple[str, dict[str, Any] | None]]:
+        ready, done = asyncio.Event(), asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            watch = tg.create_task(_watch_positions(
+                metro.broker_url, metro.broker_login("operator"), ready, done))
+            await ready.wait()
+            async with CloudletClient(metro.token("alice"), broker=metro.broker_url,
+                                      position_source=source,
+                                      position_interval_s=0.05) as client:
+                async with asyncio.timeout(10):
+                    await client.discovery.connected.wait()
+                assert await client.report_position(-7.5, 12, vx_m_s=1.5, vy_m_s=-0.25)
+                async with asyncio.timeout(10):
+                    while calls < len(answers) + 2:
+                        await asyncio.sleep(0.05)
+            assert [t for t in asyncio.all_tasks()
+                    if t.get_name().startswith("cloudlet-")] == []
+            polls = calls
+            await asyncio.sleep(0.2)
+            assert calls == polls  # nothing polls a closed client
+            done.set()
+        return watch.result()
+
+    sent_at = time.time()
+    seen = asyncio.run(run())
+    assert {topic for topic, _ in seen} == {position_topic("alice")}
+    reports = [r for _, r in seen]
+    assert all(r is not None and r["client"] == "alice" and r["v"] == 2
+               and sent_at - 1 <= r["ts"] <= time.time() + 1 for r in reports)
+    points = [(r["x_m"], r["y_m"]) for r in reports if r is not None]
+    assert (-7.5, 12.0) in points and (1.0, 2.0) in points and (3.0, 4.0) in points
+    assert set(points) == {(-7.5, 12.0), (1.0, 2.0), (3.0, 4.0)}  # no NaN, no garbage
+    explicit = next(r for r in reports if r is not None and r["x_m"] == -7.5)
+    assert (explicit["vx_m_s"], explicit["vy_m_s"]) == (1.5, -0.25)
+    polled = next(r for r in reports if r is not None and r["x_m"] == 1.0)
+    assert "vx_m_s" not in polled  # velocity is the placer's to derive
+
+
+def _forgery_reaches_no_one(url: str, operator: tuple[str, str], forger: tuple[str, str],
+                            own: str, victim: str) -> list[str]:
+    """`forger` publishes a position under its own name and under `victim`'s; the
+    topics a subscriber to every position saw."""
+    async def run() -> list[str]:
+        async with asyncio.TaskGroup() as tg:
+            watch = tg.create_task(mqtt(url, login=operator, subscribe=[ALL_POSITIONS],
+                                        listen_s=2.0))
+            await asyncio.sleep(0.5)
+            await mqtt(url, login=forger, publish=[
+                (position_topic(victim), report_message(victim, x_m=0.0, y_m=0.0,
+                                                        ts=time.time()), False),
+                (position_topic(own), report_message(own, x_m=1.0, y_m=1.0,
+                                                     ts=time.time()), False)])
+        return [topic for topic, _ in watch.result()[1]]
+
+    return asyncio.run(run())
+
+
+def test_a_client_cannot_report_another_clients_position(metro: Metro) -> None:
+    seen = _forgery_reaches_no_one(metro.broker_url, metro.broker_login("operator"),
+                                   ("mallory", metro.token("mallory")), "mallory", "alice")
+    assert seen == [position_topic("mallory")]
+
+
+def test_positions_through_a_generated_mosquitto(metro: Metro, tmp_path: Path) -> None:
+    with generated_mosquitto(metro, tmp_path, clients=("dana", "erin")) as broker:
+        dana_password = broker.client_passwords["dana"]
+        host_port = broker.url.removeprefix("mqtt://")
+
+        async def report() -> list[tuple[str, dict[str, Any] | None]]:
+            ready, done = asyncio.Event(), asyncio.Event()
+            async with asyncio.TaskGroup() as tg:
+                watch = tg.create_task(_watch_positions(
+                    broker.url, metro.broker_login("operator"), ready, done))
+                await ready.wait()
+                async with CloudletClient(metro.token("dana"),
+                                          broker=f"mqtt://dana:{dana_password}@{host_port}"
+                                          ) as client:
+                    async with asyncio.timeout(10):
+                        await client.discovery.connected.wait()
+                    assert await client.report_position(5, 6)
+                done.set()
+            return watch.result()
+
+        seen = asyncio.run(report())
+        assert [(t, r and (r["client"], r["x_m"], r["y_m"])) for t, r in seen] == [
+            (position_topic("dana"), ("dana", 5.0, 6.0))]
+        forged = _forgery_reaches_no_one(broker.url, metro.broker_login("operator"),
+                                         ("dana", dana_password), "dana", "erin")
+        assert forged == [position_topic("dana")]
+
+
+def test_without_a_broker_or_with_bad_numbers_a_typed_error(metro: Metro) -> None:
+    token = metro.token("alice")
+    with pytest.raises(NoBroker):
+        CloudletClient(token, endpoints=[metro.endpoints["downtown"]],
+                       position_source=lambda: (0.0, 0.0))
+    for interval in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidArgument):
+            CloudletClient(token, broker=metro.broker_url, position_interval_s=interval)
+
+    async def run() -> None:
+        async with CloudletClient(token, endpoints=[metro.endpoints["downtown"]]) as client:
+            with pytest.raises(NoBroker) as refused:
+                await client.report_position(1.0, 2.0)
+            assert refused.value.code == "no_broker"
+        async with CloudletClient(token, broker=metro.broker_url) as client:
+            bad: list[dict[str, Any]] = [
+                {"x_m": float("nan"), "y_m": 0.0}, {"x_m": 0.0, "y_m": float("inf")},
+                {"x_m": 0.0, "y_m": 0.0, "vx_m_s": float("-inf")},
+                {"x_m": True, "y_m": 0.0}, {"x_m": "1", "y_m": 0.0}]
+            for fields in bad:
+                with pytest.raises(InvalidArgument):
+                    await client.report_position(**fields)
+
+    asyncio.run(run())
