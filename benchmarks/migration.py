@@ -1,6 +1,9 @@
 """Benchmark of live migration between two real daemons, against plain stop-and-copy.
 
-Prints a table and writes benchmarks/results/migration.json. Each case is a
+Prints a table and writes benchmarks/results/migration.json, and beside it
+migration_records.jsonl: one migration record per live run (the keys
+`cloudlet calibrate` reads: memory, overlay, dirty rate, link rate, measured
+duration, downtime, wire bytes, rounds; loopback as 10,000 Mbit/s). Each case is a
 memhog guest of 64 or 256 MiB, a dirty rate (0, 1 or 10 MiB/s) and a link
 (loopback, or 100 or 25 Mbit/s). Per case, two fresh `cloudlet agent` processes
 (source and destination, their own processes and state directories, one cluster
@@ -118,6 +121,7 @@ import daemon as daemon_bench  # noqa: E402  (process helpers: spawn, stop, log 
 
 from cloudlet.fsutil import atomic_write  # noqa: E402
 from cloudlet.linkproxy import shaped_link  # noqa: E402
+from cloudlet.placement.calibration import records_from_benchmark  # noqa: E402
 from cloudlet.trust import peer_tokens  # noqa: E402
 from cloudlet.trust.cluster import (  # noqa: E402
     cluster_tokens,
@@ -129,6 +133,7 @@ from tests.daemons import make_daemon  # noqa: E402
 
 MEMHOG = ROOT / "workloads" / "memhog.wasm"
 RESULTS = ROOT / "benchmarks" / "results" / "migration.json"
+RECORDS = RESULTS.with_name("migration_records.jsonl")  # cloudlet calibrate's input
 MSGPACK = "application/msgpack"
 MiB = 1 << 20
 PAGES_PER_MIB = 256  # 4 KiB pages, memhog's dirtying unit
@@ -644,6 +649,12 @@ def parse_case(text: str) -> tuple[int, float, float | None, str]:
                          "64:1:lo or 256:0:25:sparse") from None
 
 
+def write_records(results: dict[str, Any], path: Path) -> None:
+    """The live runs as migration records, one JSON object a line."""
+    lines = [json.dumps(r.to_dict(), sort_keys=True) for r in records_from_benchmark(results)]
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -720,10 +731,12 @@ def main() -> int:
     if args.case:
         out = Path(tempfile.gettempdir()) / "migration-cases.json"
         atomic_write(out, (json.dumps(results, indent=2) + "\n").encode())
+        write_records(results, out.with_name(RECORDS.name.replace("migration", "migration-cases")))
         print(f"\n--case: {results['wall_s']:.1f} s; wrote {out}, not {RESULTS.name}")
         return 0
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(RESULTS, (json.dumps(results, indent=2) + "\n").encode())
+    write_records(results, RECORDS)
     print(f"\nwrote {RESULTS.relative_to(ROOT)} in {results['wall_s']:.1f} s "
           f"({len(runs)} cases, median {med:.0f} s each)")
     return 0

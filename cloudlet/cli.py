@@ -27,6 +27,7 @@ EXIT_USAGE = 2
 COMMANDS: list[tuple[str, tuple[str, ...], str]] = [
     ("cloudlet.commands.vm", ("vm",), "local"),
     ("cloudlet.commands.sim", ("sim",), "sim"),
+    ("cloudlet.commands.calibrate", ("calibrate",), "sim"),
     ("edge_agent.cli", ("agent", "up", "orchestrator", "token", "status", "emulate"), "edge"),
     ("mobile_client.cli", ("offload", "session"), ""),
 ]

@@ -150,6 +150,13 @@ class ScenarioError(ConfigError):
     code = "scenario_invalid"
 
 
+class CalibrationError(ConfigError):
+    """Migration records given to `cloudlet calibrate` are unusable; the message names
+    the file and the line (or the run) and what is wrong with it."""
+
+    code = "calibration_invalid"
+
+
 class MissingDependency(ConfigError):
     """A command needs a package this install lacks; the message names the extra."""
 

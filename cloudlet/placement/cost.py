@@ -7,16 +7,31 @@ against what a live migration measures:
 
     B  = bandwidth_mbit_s * 1e6 / 8          wire bytes per second
     r  = wire_ratio                          wire bytes per byte of state
-    q  = dirty_rate_bytes_s * r / B          dirty bytes made per byte sent
+    c  = send_s_per_gib / GiB                the source's own seconds per wire byte
+    k  = r * (1 / B + c)                     seconds per byte of state a round carries
+    q  = dirty_rate_bytes_s * k              dirty bytes made per byte sent
+    S  = setup_s + setup_s_per_gib * memory_bytes / GiB     before round 0
     V0 = overlay_bytes                       round 0: what the destination lacks
     Vi = min(q * V(i-1), memory_bytes)       round i: chunks dirtied meanwhile
     stop at the first i >= 1 with Vi <= stop_bytes, or Vi >= V(i-1) (no progress,
     q >= 1), or i == max_rounds; round i is then the stop-and-copy round:
 
-    precopy_s  = r * (V0 + ... + V(i-1)) / B  (the VM keeps serving)
-    downtime_s = r * Vi / B + resume_s        (the VM is paused)
+    precopy_s  = S + k * (V0 + ... + V(i-1))  (the VM keeps serving)
+    downtime_s = k * Vi + resume_s            (the VM is paused)
     duration_s = precopy_s + downtime_s
     wire_bytes = r * (V0 + ... + Vi)
+
+The setup S is what a live migration does before its first byte of state: the
+identity proof, the connection, the checkpoint it starts from and the first
+capture and digest of the whole memory (benchmarks/results/migration.json: ~0.4 s
+for 64 MiB, ~2 s for 256 MiB of dense memory, on two shared cores). `c` is the
+source's own work per byte it sends (reading the chunks, compressing, framing,
+the socket), in series with the link: on loopback it is the whole round time
+(~80 MiB/s on those two cores), on a 25 Mbit/s link a few per cent of it. It is
+per wire byte, not per byte of state: 256 MiB of memory that compresses 35x
+crosses loopback in a fraction of the time the same size of dense memory takes.
+All three default to 0 (the model as it was before live measurements); `cloudlet
+calibrate` fits them to live migrations.
 
 For q < 1 the series is geometric and has a closed form, so one call estimates
 10,000 migrations with a few array operations (`estimate`); the simulator runs
@@ -37,6 +52,7 @@ FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 
 MiB = 1 << 20
+GiB = float(1 << 30)
 # Stop-and-copy once the dirty set fits in 1 MiB: at 1 Gbit/s that is ~8 ms of
 # downtime, below one interaction's budget.
 STOP_BYTES = 1 * MiB
@@ -56,6 +72,16 @@ class MigrationEstimate(NamedTuple):
     downtime_s: FloatArray
     duration_s: FloatArray
     rounds: IntArray  # pre-copy rounds, round 0 included; stop-and-copy not counted
+    setup_s: FloatArray  # part of precopy_s: before round 0 (the VM keeps serving)
+
+
+class RoundVolumes(NamedTuple):
+    """Bytes of state the rounds carry (before `wire_ratio`), one entry per migration."""
+
+    precopy_bytes: FloatArray  # V0 + ... + V(i-1)
+    final_bytes: FloatArray  # Vi, the stop-and-copy round
+    rounds: IntArray  # i
+    seconds_per_byte: FloatArray  # k = r * (1 / B + c)
 
 
 @dataclass(frozen=True)
@@ -66,8 +92,15 @@ class PrecopyModel:
     max_rounds: int = MAX_ROUNDS
     resume_s: float = RESUME_S
     wire_ratio: float = 1.0
+    setup_s: float = 0.0
+    setup_s_per_gib: float = 0.0
+    send_s_per_gib: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("setup_s", "setup_s_per_gib", "send_s_per_gib"):
+            value = getattr(self, name)
+            if not (value >= 0 and value < float("inf")):
+                raise InvalidArgument(f"{name} must be a finite number >= 0 (got {value})")
         if not self.stop_bytes >= 0:
             raise InvalidArgument(f"stop_bytes must be >= 0 (got {self.stop_bytes})")
         if self.max_rounds < 1:
@@ -77,18 +110,29 @@ class PrecopyModel:
         if not self.wire_ratio > 0:
             raise InvalidArgument(f"wire_ratio must be > 0 (got {self.wire_ratio})")
 
-    def estimate(self, overlay_bytes: FloatArray, memory_bytes: FloatArray,
-                 dirty_rate_bytes_s: FloatArray,
-                 bandwidth_mbit_s: FloatArray) -> MigrationEstimate:
+    @property
+    def send_s_per_byte(self) -> float:
+        """`c`: the source's own seconds per wire byte, besides the link's."""
+        return self.send_s_per_gib / GiB
+
+    def setup_time_s(self, memory_bytes: FloatArray) -> FloatArray:
+        """`S`: seconds before round 0 for a VM of this memory."""
+        out: FloatArray = self.setup_s + self.setup_s_per_gib * (
+            np.asarray(memory_bytes, dtype=np.float64) / GiB)
+        return out
+
+    def volumes(self, overlay_bytes: FloatArray, memory_bytes: FloatArray,
+                dirty_rate_bytes_s: FloatArray,
+                bandwidth_mbit_s: FloatArray) -> RoundVolumes:
         """The closed form of the rounds above, at a constant bandwidth (broadcasts)."""
         v0, mem, dirty, bw = np.broadcast_arrays(
             np.asarray(overlay_bytes, dtype=np.float64),
             np.asarray(memory_bytes, dtype=np.float64),
             np.asarray(dirty_rate_bytes_s, dtype=np.float64),
             np.asarray(bandwidth_mbit_s, dtype=np.float64))
-        r = self.wire_ratio
         rate = np.maximum(bw, 1e-9) * (1e6 / 8.0)
-        q = dirty * r / rate
+        k = self.wire_ratio * (1.0 / rate + self.send_s_per_byte)
+        q = dirty * k
         converging = q < 1.0
         with np.errstate(divide="ignore", invalid="ignore"):
             # First i >= 1 with V0 q^i <= stop_bytes.
@@ -100,16 +144,26 @@ class PrecopyModel:
         qi = np.where(converging, q ** i_stop, 0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             series = np.where(converging & (q > 0), (1.0 - qi) / (1.0 - q), 1.0)
-        precopy_bytes = v0 * series
         final = np.where(converging, v0 * qi, np.minimum(q * v0, mem))
-        precopy_s = r * precopy_bytes / rate
-        downtime_s = r * final / rate + self.resume_s
+        return RoundVolumes(precopy_bytes=v0 * series, final_bytes=final,
+                            rounds=i_stop.astype(np.int64), seconds_per_byte=k)
+
+    def estimate(self, overlay_bytes: FloatArray, memory_bytes: FloatArray,
+                 dirty_rate_bytes_s: FloatArray,
+                 bandwidth_mbit_s: FloatArray) -> MigrationEstimate:
+        """Time, downtime and bytes of the rounds above, at a constant bandwidth."""
+        vol = self.volumes(overlay_bytes, memory_bytes, dirty_rate_bytes_s, bandwidth_mbit_s)
+        setup_s = np.broadcast_to(self.setup_time_s(memory_bytes),
+                                  vol.precopy_bytes.shape).astype(np.float64)
+        precopy_s = setup_s + vol.seconds_per_byte * vol.precopy_bytes
+        downtime_s = vol.seconds_per_byte * vol.final_bytes + self.resume_s
         return MigrationEstimate(
-            wire_bytes=r * (precopy_bytes + final),
+            wire_bytes=self.wire_ratio * (vol.precopy_bytes + vol.final_bytes),
             precopy_s=precopy_s,
             downtime_s=downtime_s,
             duration_s=precopy_s + downtime_s,
-            rounds=i_stop.astype(np.int64),
+            rounds=vol.rounds,
+            setup_s=setup_s,
         )
 
     def next_round(self, sent_bytes: FloatArray, round_s: FloatArray,

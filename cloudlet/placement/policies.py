@@ -342,7 +342,7 @@ class _Subset:
         s = state.sessions
         self.state = ClusterState(
             time_s=state.time_s, network=state.network, vms=state.vms,
-            memory_used_bytes=state.memory_used_bytes,
+            serving_vms=state.serving_vms, memory_used_bytes=state.memory_used_bytes,
             sessions=Sessions(
                 host=s.host[rows], position_m=s.position_m[rows],
                 velocity_m_s=s.velocity_m_s[rows], memory_bytes=s.memory_bytes[rows],

@@ -157,19 +157,29 @@ class MeasuredRtt:
 
 @dataclass(frozen=True, eq=False)
 class ClusterState:
-    """Everything one decision round reads. `vms` and `memory_used_bytes` count VMs
-    hosted plus those being migrated in (a destination reserves room at the start)."""
+    """Everything one decision round reads.
+
+    Two counts per cloudlet, because a migration holds room in one place and
+    load in another. `vms` and `memory_used_bytes` are what capacity is checked
+    against: VMs hosted plus those being migrated in (a destination reserves
+    room at the start). `serving_vms` is what queues: the VMs serving calls
+    there, i.e. hosted ones, including those being migrated away (a VM serves at
+    its source until it resumes at its destination) and excluding those being
+    migrated in. None means no migration is in flight (`vms` then counts both).
+    """
 
     time_s: float
     network: Network
     vms: IntArray
     memory_used_bytes: FloatArray
     sessions: Sessions
+    serving_vms: IntArray | None = None
 
     @property
     def load(self) -> FloatArray:
-        """Utilisation, the queueing model's input: VMs over VM capacity."""
-        load: FloatArray = self.vms / np.maximum(self.network.capacity_vms, 1)
+        """Utilisation, the queueing model's input: VMs serving over VM capacity."""
+        serving = self.vms if self.serving_vms is None else self.serving_vms
+        load: FloatArray = serving / np.maximum(self.network.capacity_vms, 1)
         return load
 
 

@@ -13,10 +13,14 @@ migration in flight. Nothing loops over users; the only Python loops run over
 events (a session starting, a migration starting), which are rare by comparison.
 
 Migrations follow the pre-copy model of cloudlet.placement.cost round by round:
-round 0 sends the overlay, later rounds what was dirtied meanwhile, then the VM
-pauses for stop-and-copy and resumes at the destination. Migrations in flight
-share each directed backhaul link equally, so a burst of handoffs slows each
-other down, and a destination reserves room for the VM from the start.
+a setup (identity proof, connection, checkpoint, first capture) while the VM
+serves, round 0 sends the overlay, later rounds what was dirtied meanwhile, then
+the VM pauses for stop-and-copy and resumes at the destination. Migrations in
+flight share each directed backhaul link equally, so a burst of handoffs slows
+each other down. A destination reserves room for the VM from the start
+(`vms`, what capacity is checked against), but the VM loads its queue only once
+it serves there (`serving`, what queueing delay is computed from): until it
+resumes at the destination, it serves, and queues, at its source.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ IntArray = NDArray[np.int64]
 BoolArray = NDArray[np.bool_]
 
 MiB = float(1 << 20)
+# Phases of a migration in flight (`m_phase`).
+SETUP, PRECOPY, STOP_COPY, RESUME = 0, 1, 2, 3
 # Latency histogram: 0.1 ms bins up to 2 s, then one overflow bin. Percentiles are
 # read from it (to 0.1 ms), so an hour of a city needs no list of every sample.
 HIST_BIN_MS = 0.1
@@ -164,7 +170,8 @@ class _PolicyRun:
         self.prev_host = np.zeros(0, dtype=np.int64)
         self.last_move = np.zeros(0)
         self.migrating = np.zeros(0, dtype=bool)
-        self.vms = np.zeros(n, dtype=np.int64)
+        self.vms = np.zeros(n, dtype=np.int64)  # hosted plus reserved by arrivals
+        self.serving = np.zeros(n, dtype=np.int64)  # hosted, serving calls here
         self.mem = np.zeros(n)
         self.link_rate = topo.directed_bandwidth_mbit_s * (1e6 / 8.0)
         self.cost = self.net.cost
@@ -172,12 +179,12 @@ class _PolicyRun:
         self.m_slot = np.zeros(0, dtype=np.int64)
         self.m_src = np.zeros(0, dtype=np.int64)
         self.m_dst = np.zeros(0, dtype=np.int64)
-        self.m_phase = np.zeros(0, dtype=np.int64)  # 0 pre-copy, 1 stop-and-copy, 2 resume
+        self.m_phase = np.zeros(0, dtype=np.int64)  # SETUP, PRECOPY, STOP_COPY, RESUME
         self.m_remaining = np.zeros(0)  # wire bytes left in this round
         self.m_round = np.zeros(0)  # state bytes this round carries
         self.m_elapsed = np.zeros(0)  # seconds into this round
         self.m_rounds = np.zeros(0, dtype=np.int64)
-        self.m_resume = np.zeros(0)
+        self.m_timer = np.zeros(0)  # seconds left of SETUP or RESUME
         self.m_stop_s = np.zeros(0)
         self.m_links = np.full((0, 1), -1, dtype=np.int64)
         self.hist = np.zeros(HIST_BINS + 1)
@@ -224,6 +231,7 @@ class _PolicyRun:
         mem = w.w_memory[w.workload[slots]]
         placed = self.host[slots] >= 0
         np.subtract.at(self.vms, self.host[slots[placed]], 1)
+        np.subtract.at(self.serving, self.host[slots[placed]], 1)
         np.subtract.at(self.mem, self.host[slots[placed]], mem[placed])
         if self.migrating[slots].any():
             gone = np.isin(self.m_slot, slots)
@@ -250,13 +258,14 @@ class _PolicyRun:
                 if self.vms[c] < cap_vms[c] and self.mem[c] + m <= cap_mem[c]:
                     self.host[s] = c
                     self.vms[c] += 1
+                    self.serving[c] += 1
                     self.mem[c] += m
                     self.totals["sessions"] += 1
                     break
 
     def _keep(self, keep: BoolArray) -> None:
         for name in ("m_slot", "m_src", "m_dst", "m_phase", "m_remaining", "m_round",
-                     "m_elapsed", "m_rounds", "m_resume", "m_stop_s", "m_links"):
+                     "m_elapsed", "m_rounds", "m_timer", "m_stop_s", "m_links"):
             setattr(self, name, getattr(self, name)[keep])
 
     def _advance(self, t_s: float, dt_s: float, row: FloatArray
@@ -275,36 +284,46 @@ class _PolicyRun:
         wl = w.workload[self.m_slot]
         mem = w.w_memory[wl]
         dirty = w.w_dirty[wl]
-        ratio = self.cost.wire_ratio
+        cost = self.cost
+        ratio = cost.wire_ratio
         links = self.m_links
-        sending = (self.m_phase < 2)[:, None] & (links >= 0)
+        phase = self.m_phase
+        # Sending, or about to within this tick (a setup ending now): those share links.
+        sending = ((phase == PRECOPY) | (phase == STOP_COPY)
+                   | ((phase == SETUP) & (self.m_timer < dt_s)))[:, None] & (links >= 0)
         counts = np.bincount(links[sending], minlength=len(self.link_rate))
         share = np.where(links >= 0,
                          self.link_rate[np.maximum(links, 0)]
                          / np.maximum(counts[np.maximum(links, 0)], 1), np.inf)
         rate = share.min(axis=1)
+        if cost.send_s_per_gib > 0:
+            # The source's own work per wire byte, in series with the link (cost.py).
+            rate = 1.0 / (1.0 / rate + cost.send_s_per_byte)
         left = np.full(m, dt_s)
         done = np.zeros(m, dtype=bool)
         bytes_sent = np.zeros(m)
         paused = np.zeros(m)
-        for _ in range(self.cost.max_rounds + 4):
+        for _ in range(cost.max_rounds + 5):
             act = (left > 1e-12) & ~done
             if not act.any():
                 break
-            res = act & (self.m_phase == 2)
-            fin_res = res & (self.m_resume <= left)
-            paused[fin_res] += self.m_resume[fin_res]
-            left[fin_res] -= self.m_resume[fin_res]
-            done |= fin_res
-            part_res = res & ~fin_res
-            paused[part_res] += left[part_res]
-            self.m_resume[part_res] -= left[part_res]
-            left[part_res] = 0.0
-            tr = act & (self.m_phase < 2)
+            timed = act & ((phase == SETUP) | (phase == RESUME))
+            fin_t = timed & (self.m_timer <= left)
+            part_t = timed & ~fin_t
+            res = phase == RESUME
+            paused[fin_t & res] += self.m_timer[fin_t & res]
+            paused[part_t & res] += left[part_t & res]
+            left[fin_t] -= self.m_timer[fin_t]
+            self.m_timer[part_t] -= left[part_t]
+            left[part_t] = 0.0
+            self.m_timer[fin_t] = 0.0
+            done |= fin_t & res
+            phase[fin_t & (phase == SETUP)] = PRECOPY
+            tr = act & ((phase == PRECOPY) | (phase == STOP_COPY)) & (left > 1e-12)
             need = self.m_remaining / rate
             fin = tr & (need <= left)
             part = tr & ~fin
-            stop_copy = self.m_phase == 1
+            stop_copy = phase == STOP_COPY
             paused[part & stop_copy] += left[part & stop_copy]
             paused[fin & stop_copy] += need[fin & stop_copy]
             moved = rate * left
@@ -316,36 +335,38 @@ class _PolicyRun:
             self.m_elapsed[fin] += need[fin]
             left[fin] -= need[fin]
             self.m_remaining[fin] = 0.0
-            stopped = fin & (self.m_phase == 1)
-            self.m_phase[stopped] = 2
+            stopped = fin & stop_copy
+            phase[stopped] = RESUME
             self.m_stop_s[stopped] = self.m_elapsed[stopped]
-            self.m_resume[stopped] = self.cost.resume_s
-            pre = fin & (self.m_phase == 0)
+            self.m_timer[stopped] = cost.resume_s
+            pre = fin & (phase == PRECOPY)
             if pre.any():
                 self.m_rounds[pre] += 1
-                nxt, stop = self.cost.next_round(self.m_round[pre], self.m_elapsed[pre],
-                                                 mem[pre], dirty[pre], self.m_rounds[pre])
+                nxt, stop = cost.next_round(self.m_round[pre], self.m_elapsed[pre],
+                                            mem[pre], dirty[pre], self.m_rounds[pre])
                 self.m_round[pre] = nxt
                 self.m_remaining[pre] = nxt * ratio
                 self.m_elapsed[pre] = 0.0
-                self.m_phase[pre] = np.where(stop, 1, 0)
+                phase[pre] = np.where(stop, STOP_COPY, PRECOPY)
         self.totals["bytes_moved"] += float(bytes_sent.sum())
         row[10] = bytes_sent.sum()
         hit = paused > 0
         pause: tuple[IntArray, FloatArray, FloatArray] | None = None
         if hit.any():
-            still = np.where(done, 0.0, np.where(self.m_phase == 1,
-                                                 self.m_remaining / rate + self.cost.resume_s,
-                                                 self.m_resume))
+            still = np.where(done, 0.0, np.where(phase == STOP_COPY,
+                                                 self.m_remaining / rate + cost.resume_s,
+                                                 self.m_timer))
             pause = (self.m_slot[hit], paused[hit], paused[hit] / 2 + still[hit])
         if not done.any():
             return pause
         d_slot = self.m_slot[done]
         d_src = self.m_src[done]
         d_dst = self.m_dst[done]
-        d_down = self.m_stop_s[done] + self.cost.resume_s
+        d_down = self.m_stop_s[done] + cost.resume_s
         d_mem = mem[done]
         np.subtract.at(self.vms, d_src, 1)
+        np.subtract.at(self.serving, d_src, 1)
+        np.add.at(self.serving, d_dst, 1)
         np.subtract.at(self.mem, d_src, d_mem)
         self.host[d_slot] = d_dst
         self.prev_host[d_slot] = d_src
@@ -416,7 +437,8 @@ class _PolicyRun:
             return
         wl = w.workload[rows]
         state = ClusterState(
-            time_s=t_s, network=self.net, vms=self.vms, memory_used_bytes=self.mem,
+            time_s=t_s, network=self.net, vms=self.vms, serving_vms=self.serving,
+            memory_used_bytes=self.mem,
             sessions=Sessions(
                 host=self.host[rows], position_m=w.xy[rows], velocity_m_s=w.velocity[rows],
                 memory_bytes=w.w_memory[wl], overlay_bytes=w.w_overlay[wl],
@@ -448,12 +470,14 @@ class _PolicyRun:
         self.m_slot = np.concatenate([self.m_slot, slots])
         self.m_src = np.concatenate([self.m_src, src])
         self.m_dst = np.concatenate([self.m_dst, dst])
-        self.m_phase = np.concatenate([self.m_phase, np.zeros(k, dtype=np.int64)])
+        self.m_phase = np.concatenate([self.m_phase, np.full(k, SETUP, dtype=np.int64)])
         self.m_remaining = np.concatenate([self.m_remaining, overlay * self.cost.wire_ratio])
         self.m_round = np.concatenate([self.m_round, overlay])
         self.m_elapsed = np.concatenate([self.m_elapsed, np.zeros(k)])
         self.m_rounds = np.concatenate([self.m_rounds, np.zeros(k, dtype=np.int64)])
-        self.m_resume = np.concatenate([self.m_resume, np.zeros(k)])
+        # Setup runs first (the VM serves at its source meanwhile); a zero setup ends
+        # at once and round 0 starts in the same tick, as it did without one.
+        self.m_timer = np.concatenate([self.m_timer, self.cost.setup_time_s(mem)])
         self.m_stop_s = np.concatenate([self.m_stop_s, np.zeros(k)])
         self.m_links = np.concatenate([old, links])
         self.totals["started"] += k
@@ -467,7 +491,9 @@ class _PolicyRun:
     _queue_ms: FloatArray
 
     def refresh_queue(self) -> None:
-        load = self.vms / np.maximum(self.net.capacity_vms, 1)
+        # The VMs serving here, not those reserved by arrivals: a VM being migrated
+        # in loads this queue only once it resumes here.
+        load = self.serving / np.maximum(self.net.capacity_vms, 1)
         self._queue_ms = self.net.latency.queue_ms(load)
 
     def result(self, world_s: float, user_steps: int) -> PolicyResult:

@@ -5,6 +5,11 @@ value out of range stops the run before it starts with a `ScenarioError` that
 names the file and the key (`city.toml: key 'mobility.users': must be an integer
 >= 1 (got -5)`), because a silently ignored key gives a plausible, wrong result.
 Every key, its default and its unit is listed in docs/sim.md.
+
+`[migration] calibration = "PARAMS.toml"` includes the `[migration]` table of a
+file written by `cloudlet calibrate` (fitted to live migrations): its keys
+replace the defaults, and keys the scenario writes itself win over it, so one
+scenario can pin a parameter while the rest follows the measurements.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cloudlet.errors import InvalidArgument, ScenarioError
 from cloudlet.placement import POLICIES, Policy, make_policy
@@ -112,6 +117,10 @@ class MigrationSpec:
     max_rounds: int = 30
     resume_ms: float = 10.0
     wire_ratio: float = 1.0
+    setup_s: float = 0.0
+    setup_s_per_gib: float = 0.0
+    send_s_per_gib: float = 0.0
+    calibration: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -179,7 +188,7 @@ class _Table:
     def path(self, key: str) -> str:
         return f"{self.key}.{key}" if self.key and key else (self.key or key)
 
-    def fail(self, key: str, why: str) -> None:
+    def fail(self, key: str, why: str) -> NoReturn:
         raise ScenarioError(f"{self.file}: key '{self.path(key)}': {why}")
 
     def has(self, key: str) -> bool:
@@ -327,14 +336,7 @@ def parse_scenario(data: dict[str, Any], file: Path) -> Scenario:
     )
     lt.done()
 
-    mg = root.table("migration")
-    migration = MigrationSpec(
-        stop_mib=mg.number("stop_mib", 1.0, lo=0.0),
-        max_rounds=mg.integer("max_rounds", 30, lo=1),
-        resume_ms=mg.number("resume_ms", 10.0, lo=0.0),
-        wire_ratio=mg.number("wire_ratio", 1.0, lo=0.0, lo_open=True),
-    )
-    mg.done()
+    migration = _migration(root.table("migration"))
 
     workloads = tuple(_workload(t) for t in root.tables("workloads")) or (WorkloadSpec(),)
     if sum(w.share for w in workloads) <= 0:
@@ -370,6 +372,52 @@ def parse_scenario(data: dict[str, Any], file: Path) -> Scenario:
                     mobility=mobility, topology=topology, backhaul=backhaul,
                     latency=latency, migration=migration, workloads=workloads,
                     policy_params=params)
+
+
+def _migration(t: _Table) -> MigrationSpec:
+    """The scenario's [migration], over its calibration file's, over the defaults."""
+    base = MigrationSpec()
+    calibration = t.file_path("calibration")
+    if calibration is not None:
+        base = replace(_calibration(t, calibration), calibration=calibration)
+    return _migration_keys(t, base)
+
+
+def _migration_keys(t: _Table, d: MigrationSpec) -> MigrationSpec:
+    spec = replace(
+        d,
+        stop_mib=t.number("stop_mib", d.stop_mib, lo=0.0),
+        max_rounds=t.integer("max_rounds", d.max_rounds, lo=1),
+        resume_ms=t.number("resume_ms", d.resume_ms, lo=0.0),
+        wire_ratio=t.number("wire_ratio", d.wire_ratio, lo=0.0, lo_open=True),
+        setup_s=t.number("setup_s", d.setup_s, lo=0.0),
+        setup_s_per_gib=t.number("setup_s_per_gib", d.setup_s_per_gib, lo=0.0),
+        send_s_per_gib=t.number("send_s_per_gib", d.send_s_per_gib, lo=0.0),
+    )
+    t.done()
+    return spec
+
+
+def _calibration(t: _Table, file: Path) -> MigrationSpec:
+    """A calibration file: one [migration] table of cost-model keys, nothing else
+    (no nested calibration: what a scenario runs with is two files deep at most)."""
+    try:
+        data = tomllib.loads(file.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        t.fail("calibration", f"no such calibration file {file}")
+    except (OSError, UnicodeDecodeError) as exc:
+        t.fail("calibration", f"cannot read {file}: {exc}")
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{file}: not valid TOML: {exc}") from None
+    root = _Table(data, "", file)
+    if not root.has("migration"):
+        root.fail("migration", "a calibration file needs a [migration] table")
+    mg = root.table("migration")
+    if mg.has("calibration"):
+        mg.fail("calibration", "a calibration file cannot include another")
+    spec = _migration_keys(mg, MigrationSpec())
+    root.done({"migration"})
+    return spec
 
 
 def _mobility(t: _Table) -> MobilitySpec:

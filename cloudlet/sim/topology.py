@@ -126,7 +126,10 @@ def build_topology(sc: Scenario, extent_m: tuple[float, float, float, float],
     cost = PrecopyModel(stop_bytes=sc.migration.stop_mib * MiB,
                         max_rounds=sc.migration.max_rounds,
                         resume_s=sc.migration.resume_ms / 1000.0,
-                        wire_ratio=sc.migration.wire_ratio)
+                        wire_ratio=sc.migration.wire_ratio,
+                        setup_s=sc.migration.setup_s,
+                        setup_s_per_gib=sc.migration.setup_s_per_gib,
+                        send_s_per_gib=sc.migration.send_s_per_gib)
     network = Network.build(pos, cap_vms, cap_mem, rtt[:n, :n], path_bw[:n, :n],
                             latency=latency, cost=cost, names=names, extent_m=extent_m)
     return Topology(names=names, position_m=pos, node_position_m=node_pos, link_a=a,
