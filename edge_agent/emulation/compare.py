@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from cloudlet.errors import InvalidArgument
 from cloudlet.placement import PrecopyModel
+from cloudlet.placement.calibration import MigrationRecord, compare
 from cloudlet.sim.engine import PolicyResult
 
 METRICS = ("within_budget", "p50_ms", "p95_ms", "migrations", "downtime_s")
@@ -77,45 +79,28 @@ def _render(rows: Sequence[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
-def predict(records: list[dict[str, Any]], model: PrecopyModel) -> None:
-    """Add `predicted_duration_s` and `predicted_downtime_s` to each record."""
-    if not records:
-        return
-    est = model.estimate(
-        np.array([r["overlay_bytes"] for r in records], dtype=np.float64),
-        np.array([r["memory_bytes"] for r in records], dtype=np.float64),
-        np.array([r["dirty_rate_bytes_s"] for r in records], dtype=np.float64),
-        np.array([r["bandwidth_mbit_s"] for r in records], dtype=np.float64))
-    for r, d, down in zip(records, est.duration_s.tolist(), est.downtime_s.tolist(),
-                          strict=True):
+def calibration(records: list[dict[str, Any]], model: PrecopyModel) -> dict[str, Any]:
+    """Per-migration predicted vs measured (added to each record as `predicted_*`),
+    and the relative errors' p50/p90 (cloudlet.placement.calibration.compare)."""
+    usable = []
+    for r in records:
+        try:
+            MigrationRecord.from_dict(r)
+        except InvalidArgument:
+            continue
+        usable.append(r)
+    out: dict[str, Any] = {"migrations": len(records), "compared": len(usable)}
+    if not usable:
+        return out
+    comp = compare(usable, model)
+    for r, d, down in zip(usable, comp.predicted_duration_s.tolist(),
+                          comp.predicted_downtime_s.tolist(), strict=True):
         r["predicted_duration_s"] = d
         r["predicted_downtime_s"] = down
-
-
-def calibration(records: list[dict[str, Any]], model: PrecopyModel) -> dict[str, Any]:
-    """Per-migration predicted vs measured, and the errors' p50/p90."""
-    try:
-        from cloudlet.placement.calibration import compare  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        compare = None
-    if compare is not None and records:
-        got = compare(records, model)
-        return dict(got) if isinstance(got, dict) else {"compare": got}
-    predict(records, model)
-    out: dict[str, Any] = {"migrations": len(records)}
-    for what in ("duration_s", "downtime_s"):
-        errs = [abs(r[f"predicted_{what}"] - r[what]) for r in records
-                if r.get(what) is not None]
-        rel = [abs(r[f"predicted_{what}"] - r[what]) / r[what] for r in records
-               if r.get(what)]
-        out[what] = {
-            "abs_error_p50_s": _q(errs, 0.5), "abs_error_p90_s": _q(errs, 0.9),
-            "rel_error_p50": _q(rel, 0.5), "rel_error_p90": _q(rel, 0.9)}
+    for which in ("duration", "downtime", "wire_bytes"):
+        out[f"{which}_error_p50"] = _clean(comp.p(which, 50))
+        out[f"{which}_error_p90"] = _clean(comp.p(which, 90))
     return out
-
-
-def _q(values: list[float], q: float) -> float | None:
-    return float(np.quantile(values, q)) if values else None
 
 
 def calibration_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -132,13 +117,11 @@ def calibration_table(records: list[dict[str, Any]], summary: dict[str, Any]) ->
                      f"{_fmt(_ms(r.get('predicted_downtime_s')), '.1f')} / "
                      f"{_fmt(_ms(r.get('downtime_s')), '.1f')}"))
     lines = [_render(rows)]
-    for what in ("duration_s", "downtime_s"):
-        s = summary.get(what)
-        if isinstance(s, dict):
-            lines.append(f"{what}: error p50 {_fmt(s.get('abs_error_p50_s'), '.3f')} s "
-                         f"({_fmt(s.get('rel_error_p50'), 'pct')}), p90 "
-                         f"{_fmt(s.get('abs_error_p90_s'), '.3f')} s "
-                         f"({_fmt(s.get('rel_error_p90'), 'pct')})")
+    for which in ("duration", "downtime"):
+        lines.append(f"{which}: |relative error| p50 "
+                     f"{_fmt(summary.get(f'{which}_error_p50'), 'pct')}, p90 "
+                     f"{_fmt(summary.get(f'{which}_error_p90'), 'pct')} "
+                     f"({summary.get('compared', 0)} migrations)")
     return "\n".join(lines)
 
 

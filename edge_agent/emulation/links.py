@@ -59,9 +59,4 @@ class ClientLinks:
             if abs(delay - self.delays_ms[i]) < 1e-6:
                 continue
             self.delays_ms[i] = delay
-            set_delay = getattr(proxy, "set_delay", None)
-            if set_delay is not None:
-                set_delay(delay)
-            else:  # an older LinkProxy: new connections only
-                proxy.up = LinkShape(None, delay)
-                proxy.down = LinkShape(None, delay)
+            proxy.set_delay(delay)

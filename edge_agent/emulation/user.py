@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -47,7 +45,7 @@ VDI = Path(__file__).resolve().parents[2] / "workloads" / "vdi.wasm"
 INTERACTION_FN = "vdi_events"
 EVENT_SIZE = 5  # vdi.c: {type u8, a u16le, b u16le}
 CALL_DEADLINE_MS = 60_000  # calls wait out any move; the run waits for every answer
-DRAIN_S = 30.0
+DISCOVERY_TIMEOUT_S = 20.0  # every cloudlet's presence seen before choosing one
 MiB = 1 << 20
 
 
@@ -134,13 +132,9 @@ def periods(active: np.ndarray) -> list[tuple[int, int]]:
 
 
 def make_client(token: str, broker: str, links: ClientLinks) -> CloudletClient:
-    """The SDK client, dialling every cloudlet through this user's links."""
-    if "connect_via" in inspect.signature(CloudletClient).parameters:
-        kwargs: dict[str, Any] = {"connect_via": links.connect_via}
-        return CloudletClient(token, broker=broker, **kwargs)
-    # An SDK without connect_via: a fixed list of this user's links (no broker, so
-    # moved VMs cannot be followed through the links; enough for `never`).
-    return CloudletClient(token, endpoints=[links.connect_via(u) for u in links.advertised])
+    """The SDK client: cloudlets found through the broker (where it also reports its
+    RTTs), each dialled through this user's link to it."""
+    return CloudletClient(token, broker=broker, connect_via=links.connect_via)
 
 
 class User:
@@ -169,6 +163,9 @@ class User:
             async with ClientLinks(self.targets) as links:
                 self._set_links(links, 0.0)
                 async with make_client(self.token, self.broker, links) as client:
+                    n = len(self.targets)
+                    await client.discovery.wait_for(lambda d: len(d.online()) >= n,
+                                                    DISCOVERY_TIMEOUT_S)
                     for start_s, end_s in self._spans:
                         if start_s > 0:
                             await self.clock.until(start_s)
@@ -277,12 +274,9 @@ class User:
             await self.clock.until(t)
 
     async def _report(self, client: CloudletClient, t_s: float) -> None:
-        report = getattr(client, "report_position", None)
-        if report is None:
-            return
         x, y = self.frames.xy[self.frames.tick_at(t_s), self.slot].tolist()
         with contextlib.suppress(CloudletError, OSError):
-            await report(float(x), float(y))
+            await client.report_position(float(x), float(y))
 
     async def _final_seq(self, client: CloudletClient, s: Session
                          ) -> tuple[int | None, int | None]:
