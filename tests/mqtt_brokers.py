@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from edge_agent.broker import EmbeddedBroker
+from edge_agent.broker import ClusterAccess, EmbeddedBroker
 
 READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -244,9 +244,11 @@ class BrokerThread:
     a broker needs, so it gets a thread. Leaving stops the broker cleanly.
     """
 
-    def __init__(self, *, username: str | None = None, password: str | None = None) -> None:
+    def __init__(self, *, username: str | None = None, password: str | None = None,
+                 cluster: ClusterAccess | None = None) -> None:
         self._username = username
         self._password = password
+        self._cluster = cluster
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -266,7 +268,7 @@ class BrokerThread:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         async with EmbeddedBroker("127.0.0.1", 0, username=self._username,
-                                  password=self._password) as broker:
+                                  password=self._password, cluster=self._cluster) as broker:
             self._url = broker.url
             self._ready.set()
             await self._stop.wait()

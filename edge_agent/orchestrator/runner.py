@@ -134,6 +134,7 @@ class Orchestrator:
         self.last_round_s = 0.0
         self.outcomes: list[Outcome] = []  # recent, for tests and the emulator
         self._client: aiomqtt.Client | None = None
+        self._was_leading = False
 
     # --- running ------------------------------------------------------------------------
 
@@ -255,6 +256,13 @@ class Orchestrator:
             topic = lease_topic(self.oc.region)
             await client.publish(topic, seal(self.identity, topic, lease), qos=1, retain=True)
         leading = self.keeper.is_leader(now)
+        if leading != self._was_leading:
+            self._was_leading = leading
+            if leading:
+                log.info("leading region %s with epoch %d", self.oc.region, self.keeper.epoch)
+            else:
+                log.warning("no longer leading region %s (lease held by %s)", self.oc.region,
+                            self.keeper.current.holder if self.keeper.current else "nobody")
         self.metrics.leader.set(1 if leading else 0)
         self.metrics.epoch.set(max(self.keeper.epoch, 0))
         for outcome in self.tracker.expire(now):
@@ -298,6 +306,8 @@ class Orchestrator:
         self.metrics.targets.set(int(np.count_nonzero(snap.targets)))
         self.metrics.state_age.set(snap.state_age_s)
         moves = self.policy.decide(snap.state)
+        log.debug("round: %d sessions, %d targets, %d moves", snap.state.sessions.count,
+                  int(np.count_nonzero(snap.targets)), len(moves))
         fresh = []
         for k in range(len(moves)):
             row = int(moves.session[k])

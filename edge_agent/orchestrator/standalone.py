@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -70,7 +71,9 @@ async def _metrics_site(metrics: OrchestratorMetrics, host: str, port: int) -> w
 
 
 def run(config: NodeConfig) -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    level = os.environ.get("CLOUDLET_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level if level in logging.getLevelNamesMapping() else "INFO",
+                        stream=sys.stderr,
                         format=f"%(asctime)s {config.name} orchestrator %(levelname)s "
                                "%(name)s: %(message)s")
     try:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudlet.fsutil import atomic_write
+from cloudlet.protocol import command_message
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class Decision:
     sent_unix: float = 0.0
 
     def command(self, epoch: int) -> dict[str, Any]:
-        return {"op": "migrate", "id": self.command_id, "epoch": epoch, "vm": self.vm,
-                "to": self.target, "generation": self.generation, "mode": "live"}
+        return command_message("migrate", command_id=self.command_id, epoch=epoch, vm=self.vm,
+                               to=self.target, generation=self.generation, mode="live")
 
 
 @dataclass(frozen=True)
