@@ -149,5 +149,5 @@ def test_world_and_resolved_scenario_match_the_simulator(scenario: Path) -> None
 
     from cloudlet.sim.scenario import parse_scenario
 
-    again = parse_scenario(tomllib.loads(dumps(resolved_tables(half, 0.5))), scenario)
+    again = parse_scenario(tomllib.loads(dumps(resolved_tables(half))), scenario)
     assert again.workloads == half.workloads and again.policies == sc.policies

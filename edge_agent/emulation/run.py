@@ -235,7 +235,12 @@ def emulate(plan: Plan, out: Path, *, progress: bool = True, plots: bool = True)
     emulated: dict[str, PolicyResult] = {}
     calibs: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
     for policy in sc.policies:
-        result, records, calib = asyncio.run(_main(plan, policy, out, progress))
+        try:
+            result, records, calib = asyncio.run(_main(plan, policy, out, progress))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            print(f"interrupted while emulating {policy}: its cloudlets, broker and links "
+                  "are stopped; no comparison written", file=sys.stderr)
+            return 130
         emulated[policy] = result
         calibs[policy] = (records, calib)
         s = result.summary

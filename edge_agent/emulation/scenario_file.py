@@ -22,8 +22,8 @@ from cloudlet.sim.scenario import Scenario
 _PATH_KEYS = (("mobility", "file"), ("topology", "file"), ("migration", "calibration"))
 
 
-def resolved_tables(sc: Scenario, factor: float) -> dict[str, Any]:
-    """The TOML tables of `sc` (already scaled by `factor`) as the emulation plays it."""
+def resolved_tables(sc: Scenario) -> dict[str, Any]:
+    """The TOML tables of `sc` (scaled already) as the emulation plays it."""
     data: dict[str, Any] = tomllib.loads(sc.path.read_text(encoding="utf-8"))
     for table, key in _PATH_KEYS:
         value = data.get(table, {}).get(key)
@@ -49,15 +49,12 @@ def resolved_tables(sc: Scenario, factor: float) -> dict[str, Any]:
          "interaction_rate_hz": w.interaction_rate_hz, "budget_ms": w.budget_ms,
          "service_ms": w.service_ms, "jitter_ms": w.jitter_ms}
         for i, w in enumerate(sc.workloads)]
-    note = f"resolved by cloudlet emulate from {sc.path}; workloads scaled by {factor:g}"
-    data["__comment__"] = note
     return data
 
 
 def write_resolved(sc: Scenario, factor: float, path: Path) -> Path:
-    data = resolved_tables(sc, factor)
-    note = data.pop("__comment__")
-    atomic_write(path, (f"# {note}\n" + dumps(data)).encode())
+    note = f"# Resolved by cloudlet emulate from {sc.path}; workloads scaled by {factor:g}.\n"
+    atomic_write(path, (note + dumps(resolved_tables(sc))).encode())
     return path
 
 

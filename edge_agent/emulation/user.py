@@ -182,47 +182,54 @@ class User:
 
     async def _stretch(self, client: CloudletClient, links: ClientLinks, start_s: float,
                        end_s: float) -> None:
+        """One stretch of presence: a session, its guest grown, then interactions,
+        dirtying and movement until `end_s`; the VM's final `seq` at the end."""
+        self._set_links(links, start_s)
         await self._report(client, start_s)
         arrivals: list[float] = []
-        async with contextlib.AsyncExitStack() as stack:
-            # Interactions start arriving at start_s, session or not: those before
-            # the session is up are not served.
-            gen = asyncio.get_running_loop().create_task(
-                self._arrivals(arrivals, start_s, end_s))
-            stack.callback(gen.cancel)
-            try:
-                s = await stack.enter_async_context(client.session(
-                    VDI, budget_ms=self.w.budget_ms, call_deadline_ms=CALL_DEADLINE_MS))
-                outcome = SessionOutcome(s.vm_id, s.location.node, s.seq, None)
-                self.record.sessions.append(outcome)
-                # A first small call connects the stream, and with it the session
-                # learns how large a call this cloudlet takes: the growing one is large.
-                await self._call(s, outcome, events_payload(0, self.rng, skip_only=False))
-                await self._call(s, outcome, grow_payload(self.w.memory_mib * MiB,
-                                                          self.w.overlay_mib * MiB, self.rng))
-            finally:
-                self.ready.set()
-            await self.clock.started.wait()
+        # Interactions start arriving at start_s, session or not: those that arrive
+        # before the session is up (or, if none can be made, all) are not served.
+        gen = asyncio.get_running_loop().create_task(self._arrivals(arrivals, start_s, end_s))
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    s = await stack.enter_async_context(client.session(
+                        VDI, budget_ms=self.w.budget_ms, call_deadline_ms=CALL_DEADLINE_MS))
+                    outcome = SessionOutcome(s.vm_id, s.location.node, s.seq, None)
+                    self.record.sessions.append(outcome)
+                    # A first small call connects the stream, and with it the session
+                    # learns how large a call this cloudlet takes: the growing one is.
+                    await self._call(s, outcome, events_payload(0, self.rng, skip_only=False))
+                    await self._call(s, outcome, grow_payload(
+                        self.w.memory_mib * MiB, self.w.overlay_mib * MiB, self.rng))
+                except CloudletError as exc:
+                    self.record.errors.append(f"{type(exc).__name__}: {exc.message}")
+                    log.warning("user %s: no session from %.0f s: %s", self.record.name,
+                                start_s, exc.message)
+                    self.ready.set()
+                    await gen  # every interaction of the stretch goes unserved
+                    return
+                finally:
+                    self.ready.set()
+                await self.clock.started.wait()
+                gen.cancel()
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._move(client, links, end_s))
+                    tg.create_task(self._dirty(s, outcome, end_s))
+                    t = max(self.clock.now(), start_s)
+                    rate = self.w.interaction_rate_hz
+                    while rate > 0:
+                        t += float(self.rng.exponential(1.0 / rate))
+                        if t >= end_s:
+                            break
+                        await self.clock.until(t)
+                        tg.create_task(self._interact(s, outcome, t))
+                outcome.final_seq, outcome.memory_bytes = await self._final_seq(client, s)
+        finally:
             gen.cancel()
-            inflight: set[asyncio.Task[None]] = set()
-            # Arrivals before the session was ready are unserved.
             for t in arrivals:
                 self.record.arrivals_s.append(t)
                 self.record.latency_ms.append(math.nan)
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._move(client, links, end_s))
-                tg.create_task(self._dirty(s, outcome, end_s))
-                t = max(self.clock.now(), start_s)
-                rate = self.w.interaction_rate_hz
-                while rate > 0:
-                    t += float(self.rng.exponential(1.0 / rate))
-                    if t >= end_s:
-                        break
-                    await self.clock.until(t)
-                    task = tg.create_task(self._interact(s, outcome, t))
-                    inflight.add(task)
-                    task.add_done_callback(inflight.discard)
-            outcome.final_seq, outcome.memory_bytes = await self._final_seq(client, s)
 
     async def _arrivals(self, out: list[float], start_s: float, end_s: float) -> None:
         """Interactions that arrive while the session is being set up (not served)."""
