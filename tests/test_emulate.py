@@ -151,3 +151,16 @@ def test_world_and_resolved_scenario_match_the_simulator(scenario: Path) -> None
 
     again = parse_scenario(tomllib.loads(dumps(resolved_tables(half))), scenario)
     assert again.workloads == half.workloads and again.policies == sc.policies
+
+
+def test_advertise_endpoint_is_what_a_cloudlet_tells() -> None:
+    from cloudlet.errors import ConfigError
+    from edge_agent.config import node_config_from_dict
+
+    plain = node_config_from_dict({"name": "a", "port": 8601})
+    assert plain.endpoint == "http://127.0.0.1:8601"
+    fronted = node_config_from_dict({"name": "a", "port": 8601,
+                                     "advertise_endpoint": "http://127.0.0.1:9000/"})
+    assert fronted.endpoint == "http://127.0.0.1:9000"
+    with pytest.raises(ConfigError, match="advertise_endpoint"):
+        node_config_from_dict({"name": "a", "advertise_endpoint": "127.0.0.1:9000"})

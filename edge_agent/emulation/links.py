@@ -1,7 +1,8 @@
 """A client's links: one delayed proxy per cloudlet, following where the user is.
 
 Every byte between an emulated user and cloudlet j passes through the user's
-own `LinkProxy` to j's ingress link, whose one-way delay is the latency model's
+own `LinkProxy` to j (straight to the daemon, not through its ingress link: a
+user's traffic is small beside a migration's), whose one-way delay is the latency model's
 at the user's position: (access RTT + backhaul RTT from its access point to
 j) / 2. No queueing term is added: the real queueing of the real daemons is
 what gets measured. The SDK dials these proxies through `connect_via`, which
@@ -24,7 +25,8 @@ class ClientLinks:
     """`async with ClientLinks(targets) as links:` then `links.connect_via(url)`."""
 
     def __init__(self, targets: Sequence[tuple[str, int]]) -> None:
-        """`targets`: (advertised URL, ingress port) of each cloudlet, in topology order."""
+        """`targets`: (advertised URL, port to forward to) of each cloudlet, in
+        topology order."""
         self._targets = list(targets)
         self.advertised = [url for url, _ in self._targets]
         self.proxies: list[LinkProxy] = []
