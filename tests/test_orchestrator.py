@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import msgpack
 import pytest
 
 from cloudlet.protocol import (
@@ -34,15 +34,14 @@ from cloudlet.protocol import (
     report_message,
 )
 from cloudlet.trust import acl
-from cloudlet.trust.cluster import load_authority, load_identity, load_secret
 from cloudlet.trust.certs import CertificateVerifier
+from cloudlet.trust.cluster import load_authority, load_identity, load_secret
 from cloudlet.trust.sealed import seal
-from edge_agent.broker import ClusterAccess
 from mobile_client import CloudletClient
 from tests.conftest import WORKLOADS
-from tests.daemons import Daemon, http_request, make_daemon, sealed_body
-from tests.metro import async_wait_until, wait_until
-from tests.mqtt_brokers import BrokerThread, address
+from tests.daemons import Daemon, make_daemon, sealed_body
+from tests.metro import NODES, accepts, running_metro, wait_until
+from tests.mqtt_brokers import address, free_port, require_binary
 
 KVSTORE = WORKLOADS / "kvstore.wasm"
 P = "cloudlet/v1"
@@ -57,6 +56,7 @@ class Cluster:
     daemons: dict[str, Daemon]
 
     def login(self, user: str) -> tuple[str, str]:
+        """A broker login (Mosquitto's passwords for clients are derived like the rest)."""
         return user, acl.derived_password(load_secret(self.dir / "cluster.key"), user)
 
     def where(self, vm: str, token: str) -> list[str]:
@@ -65,24 +65,58 @@ class Cluster:
                 and d.request("GET", f"/v1/vms/{vm}", token=token)[0] == 200]
 
 
+CLIENTS = ("walker", "stray", "returner")
+
+
+@contextlib.contextmanager
+def generated_mosquitto(cluster_dir: Path, nodes: tuple[str, ...]) -> Iterator[str]:
+    """A real Mosquitto configured by `cloudlet broker-config` for the cluster. (The
+    embedded broker stalls every delivery while one subscriber leaves a QoS 1 message
+    unacknowledged, as a stopped cloudlet does: one test here stops one.)"""
+    binary = require_binary("mosquitto", "mosquitto")
+    port = free_port()
+    out = cluster_dir / "mosquitto"
+    made = subprocess.run(
+        [sys.executable, "-m", "cloudlet.cli", "broker-config", "--out", str(out),
+         "--state-dir", str(cluster_dir), *(a for n in nodes for a in ("--node", n)),
+         *(a for c in CLIENTS for a in ("--client", c)), "--listener", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=30)
+    assert made.returncode == 0, made.stderr
+    conf = out / "mosquitto.conf"
+    conf.write_text(conf.read_text() + "user root\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"mqtt://127.0.0.1:{port}"
+    try:
+        operator = ("operator", acl.derived_password(load_secret(cluster_dir / "cluster.key"),
+                                                     "operator"))
+        assert wait_until(lambda: accepts(url, operator), 10)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("orchestrated")
     secret = tmp / "cluster.key"
     # make_daemon writes the secret and the authority the broker needs first.
-    first = make_daemon(tmp, "west", secret_path=secret)
-    access = ClusterAccess(load_secret(secret), load_authority(tmp).public_key)
-    with BrokerThread(cluster=access) as url:
-        daemons = {"west": first}
-        for name in ("east", "north"):
-            daemons[name] = make_daemon(tmp, name, secret_path=secret)
+    daemons = {name: make_daemon(tmp, name, secret_path=secret) for name in POSITIONS}
+    with generated_mosquitto(tmp, tuple(POSITIONS)) as url:
         for name, d in daemons.items():
             x, y = POSITIONS[name]
+            # `north` is slow to look gone (the dying-destination test stops it and
+            # needs the placer to still pick it for a while).
+            slow = name == "north"
             _rewrite(d, broker_url=url, broker_username=acl.node_user(name),
                      broker_password=acl.derived_password(load_secret(secret),
                                                           acl.node_user(name)),
-                     position_x_m=x, position_y_m=y, presence_refresh_s=2.0,
-                     mqtt_keepalive_s=2, migration_deadline_s=3.0, move_deadline_s=20.0)
+                     position_x_m=x, position_y_m=y,
+                     presence_refresh_s=10.0 if slow else 2.0,
+                     telemetry_interval_s=5.0 if slow else 0.5,
+                     mqtt_keepalive_s=10 if slow else 2,
+                     migration_deadline_s=3.0, move_deadline_s=10.0)
             d.start()
         try:
             yield Cluster(tmp, url, daemons)
@@ -93,10 +127,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def _rewrite(d: Daemon, **settings: Any) -> None:
-    text = d.config_path.read_text()
-    for key, value in settings.items():
-        text += f"{key} = {json.dumps(value)}\n"
-    d.config_path.write_text(text)
+    lines = [line for line in d.config_path.read_text().splitlines()
+             if line.split(" = ")[0] not in settings]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    d.config_path.write_text("\n".join(lines) + "\n")
 
 
 @dataclass
@@ -115,13 +149,14 @@ class OrchestratorProcess:
         return self.log.read_text(errors="replace")
 
 
-def start_orchestrator(cluster: Cluster, node: str, **settings: Any) -> OrchestratorProcess:
+def start_orchestrator(cluster: Cluster, node: str, label: str,
+                       **settings: Any) -> OrchestratorProcess:
     """`cloudlet orchestrator --config` on a copy of `node`'s config with an
-    [orchestrator] table, and its own state directory."""
+    [orchestrator] table, and a state directory of its own (by `label`)."""
     d = cluster.daemons[node]
     table = {"enabled": True, "policy": "predictive", "interval_s": 0.5,
              "lease_s": LEASE_S, "backhaul_link_rtt_ms": 25.0, **settings}
-    state = cluster.dir / f"orchestrator-{node}"
+    state = cluster.dir / f"orchestrator-{label}"
     state.mkdir(exist_ok=True)
     lines = [line for line in d.config_path.read_text().splitlines()
              if not line.startswith(("state_dir", "port "))]
@@ -139,8 +174,9 @@ def start_orchestrator(cluster: Cluster, node: str, **settings: Any) -> Orchestr
 
 
 @contextlib.contextmanager
-def orchestrator(cluster: Cluster, node: str, **settings: Any) -> Iterator[OrchestratorProcess]:
-    o = start_orchestrator(cluster, node, **settings)
+def orchestrator(cluster: Cluster, node: str, label: str,
+                 **settings: Any) -> Iterator[OrchestratorProcess]:
+    o = start_orchestrator(cluster, node, label, **settings)
     try:
         yield o
     finally:
@@ -191,8 +227,9 @@ async def report_position(cluster: Cluster, client: str, token: str, x: float,
                           y: float) -> None:
     """What the SDK's position reports are on the wire, from the client's own login."""
     host, port = address(cluster.broker)
+    user, password = cluster.login(client)
     async with aiomqtt.Client(host, port, identifier=f"{client}-pos-{time.time_ns()}",
-                              username=client, password=token) as c:
+                              username=user, password=password) as c:
         await c.publish(f"{P}/clients/{client}/position",
                         report_message(client, x_m=x, y_m=y, ts=time.time()), qos=0)
 
@@ -240,10 +277,216 @@ def test_a_client_that_moves_gets_its_vm_moved_and_its_session_follows(
                       and isinstance(b, dict) and b.get("vm") == vm]
             return calls, int(info["seq"]), [o["to"] for o in orders], s.location.node
 
-    with orchestrator(cluster, "west") as o:
+    with orchestrator(cluster, "west", "follow") as o:
         calls, seq, orders, node = asyncio.run(run())
         log = o.text()
     assert orders == ["east"], log[-3000:]
     assert node == "east"
     assert seq == calls  # every call applied once, across the move
     assert "move VM" in log and "expected gain" in log and "moved VM" in log, log[-3000:]
+
+
+def _order_seen(watch: Watch, vm: str) -> list[dict[str, Any]]:
+    return [b for t, b, _ in watch.got if t.endswith("/commands") and isinstance(b, dict)
+            and b.get("vm") == vm]
+
+
+def test_a_move_whose_destination_dies_is_retried_then_abandoned_with_an_event(
+        cluster: Cluster) -> None:
+    token = cluster.daemons["west"].token("stray")
+    north = cluster.daemons["north"]
+    assert north.proc is not None
+
+    async def run() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str], int]:
+        stop = asyncio.Event()
+        async with CloudletClient(token, endpoints=[cluster.daemons["west"].endpoint]) as c, \
+                c.session(KVSTORE, budget_ms=30) as s, \
+                Watch(cluster, [ALL_EVENTS, f"{P}/nodes/+/commands"]) as watch:
+            vm = s.vm_id
+            for i in range(5):
+                await s.call("kv_put", i, i)
+            # The orchestrator has seen the VM in west's telemetry and at least one of
+            # north's (every 5 s), so north is a target.
+            await asyncio.sleep(6.0)
+            north.proc.send_signal(signal.SIGSTOP)  # alive to the broker, answers nothing
+            try:
+                reporter = asyncio.create_task(keep_reporting(
+                    cluster, "stray", token, *POSITIONS["north"], stop))
+                deadline = time.monotonic() + 40
+                while time.monotonic() < deadline and not any(
+                        b.get("op") == "move_abandoned" and b.get("vm") == vm
+                        for b in watch.bodies("/events")):
+                    await s.call("kv_put", 7, 7)
+                    await asyncio.sleep(0.1)
+                stop.set()
+                await reporter
+            finally:
+                north.proc.send_signal(signal.SIGCONT)
+            await s.call("kv_put", 8, 8)  # still served, where it was
+            events = [b for b in watch.bodies("/events") if b.get("vm") == vm
+                      or b.get("id", "").startswith(f"{vm}@")]
+            where = await asyncio.to_thread(cluster.where, vm, token)
+            return _order_seen(watch, vm), events, where, s.seq
+
+    with orchestrator(cluster, "west", "dies", max_attempts=2, retry_s=1.0,
+                      move_timeout_s=30.0) as o:
+        orders, events, where, seq = asyncio.run(run())
+        log = o.text()
+    assert orders and all(order["to"] == "north" for order in orders), log[-3000:]
+    failed = [e for e in events if e.get("op") == "migrate" and e.get("ok") is False]
+    abandoned = [e for e in events if e.get("op") == "move_abandoned"]
+    assert failed, (events, log[-3000:])
+    assert len(abandoned) == 1 and abandoned[0]["to"] == "north", (events, log[-3000:])
+    assert abandoned[0]["node"] == "west"  # signed and published by the orchestrator's node
+    assert where == ["west"]
+    assert seq > 0
+
+
+def _leases(watch: Watch) -> list[tuple[dict[str, Any], float]]:
+    return [(b, at) for t, b, at in watch.got if t == lease_topic("default")
+            and isinstance(b, dict) and "holder" in b]
+
+
+def test_a_killed_leader_is_replaced_within_the_lease_and_its_orders_are_refused(
+        cluster: Cluster) -> None:
+    async def run(first: OrchestratorProcess, second: OrchestratorProcess
+                  ) -> tuple[dict[str, Any], dict[str, Any], float, list[dict[str, Any]]]:
+        async with Watch(cluster, [lease_topic("default"), ALL_EVENTS]) as watch:
+            for _ in range(200):
+                if _leases(watch):
+                    break
+                await asyncio.sleep(0.05)
+            old, _ = _leases(watch)[-1]
+            leader = first if old["holder"].startswith(first.node) else second
+            leader.proc.kill()  # SIGKILL: no goodbye, the lease just stops being renewed
+            killed_at = time.monotonic()
+            new: dict[str, Any] | None = None
+            replaced_at = 0.0
+            while time.monotonic() - killed_at < LEASE_S + 10:
+                after = [(b, at) for b, at in _leases(watch) if b["holder"] != old["holder"]]
+                if after:
+                    new, replaced_at = after[0]
+                    break
+                await asyncio.sleep(0.05)
+            assert new is not None, "no new leader"
+            await asyncio.sleep(1.0)  # every cloudlet has seen the new lease
+            # The deposed leader's order, as it would still send it: its own node's key,
+            # its old epoch, fresh and never seen before.
+            node = old["holder"].split("#")[0]
+            d = cluster.daemons[node]
+            identity = load_identity(d.state_dir / "node.key", d.state_dir / "node.cert",
+                                     CertificateVerifier(load_authority(cluster.dir).public_key))
+            topic = commands_topic("east")
+            order = command_message("ping", command_id="from-the-deposed", epoch=old["epoch"])
+            host, port = address(cluster.broker)
+            user, password = cluster.login(acl.orchestrator_user(node))
+            async with aiomqtt.Client(host, port, identifier=f"deposed-{time.time_ns()}",
+                                      username=user, password=password) as c:
+                await c.publish(topic, seal(identity, topic, order), qos=1)
+            for _ in range(100):
+                answers = [b for b in watch.bodies("/events") if b.get("id") == "from-the-deposed"]
+                if answers:
+                    break
+                await asyncio.sleep(0.05)
+            return old, new, replaced_at - killed_at, answers
+
+    with orchestrator(cluster, "west", "lead-1", policy="never") as first, \
+            orchestrator(cluster, "east", "lead-2", policy="never") as second:
+        old, new, took_s, answers = asyncio.run(run(first, second))
+    assert new["epoch"] > old["epoch"]
+    # Replaced once the lease ran out: the lease, then at most a settle and a round.
+    assert took_s <= LEASE_S + 2.5, took_s
+    assert len(answers) == 1 and answers[0]["ok"] is False
+    assert answers[0]["error"]["code"] == "stale_epoch", answers
+
+
+def test_a_restarted_orchestrator_does_not_repeat_a_move(cluster: Cluster) -> None:
+    token = cluster.daemons["west"].token("returner")
+
+    async def run() -> tuple[list[dict[str, Any]], list[str], int, int, dict[str, Any]]:
+        stop = asyncio.Event()
+        o = start_orchestrator(cluster, "west", "restart")
+        async with CloudletClient(token, endpoints=[cluster.daemons["west"].endpoint]) as c, \
+                c.session(KVSTORE, budget_ms=30) as s, \
+                Watch(cluster, [ALL_EVENTS, f"{P}/nodes/+/commands"]) as watch:
+            vm = s.vm_id
+            calls = 0
+            reporter = asyncio.create_task(keep_reporting(cluster, "returner", token,
+                                                          *POSITIONS["east"], stop))
+            try:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and not _order_seen(watch, vm):
+                    await s.call("kv_put", calls % 64, calls)
+                    calls += 1
+                    await asyncio.sleep(0.01)
+                o.proc.kill()  # right after its order went out: the outcome is not seen
+                o.proc.wait(10)
+                o = start_orchestrator(cluster, "west", "restart")  # same state: its journal
+                end = time.monotonic() + LEASE_S + 6  # it takes the lease and decides
+                while time.monotonic() < end:
+                    await s.call("kv_put", calls % 64, calls)
+                    calls += 1
+                    await asyncio.sleep(0.05)
+            finally:
+                stop.set()
+                await reporter
+                o.stop()
+            first = _order_seen(watch, vm)[0]
+            # The same decision sent again, by whoever (a leader with a newer epoch):
+            # the VM has moved since it was decided, so it is refused.
+            topic = commands_topic("west")
+            again = {k: v for k, v in first.items() if k not in ("ts", "nonce")}
+            again.update(id="the-same-decision-again", epoch=first["epoch"] + 10)
+            d = cluster.daemons["west"]
+            identity = load_identity(d.state_dir / "node.key", d.state_dir / "node.cert",
+                                     CertificateVerifier(load_authority(cluster.dir).public_key))
+            host, port = address(cluster.broker)
+            user, password = cluster.login(acl.orchestrator_user("west"))
+            async with aiomqtt.Client(host, port, identifier=f"again-{time.time_ns()}",
+                                      username=user, password=password) as c:
+                await c.publish(topic, seal(identity, topic, again), qos=1)
+            for _ in range(100):
+                answer = [b for b in watch.bodies("/events")
+                          if b.get("id") == "the-same-decision-again"]
+                if answer:
+                    break
+                await asyncio.sleep(0.05)
+            where = await asyncio.to_thread(cluster.where, vm, token)
+            status, info = await asyncio.to_thread(
+                cluster.daemons[where[0]].request, "GET", f"/v1/vms/{vm}", token=token)
+            assert status == 200, info
+            return _order_seen(watch, vm), where, calls, int(info["seq"]), answer[0]
+
+    orders, where, calls, seq, again = asyncio.run(run())
+    real = [o for o in orders if o["id"] != "the-same-decision-again"]
+    assert len(real) == 1 and real[0]["to"] == "east", orders
+    assert where == ["east"]
+    assert seq == calls
+    assert again["ok"] is False and again["error"]["code"] in ("vm_moved", "stale_decision")
+
+
+def test_cloudlet_up_runs_the_orchestrator_on_every_cloudlet_and_one_leads(
+        tmp_path: Path) -> None:
+    with running_metro(tmp_path) as metro:
+        token = metro.token("observer")
+
+        def leaders() -> list[str]:
+            found = []
+            for node in NODES:
+                status, text = metro.request(node, "GET", "/metrics", token=token)
+                assert status == 200
+                if re.search(r"^cloudlet_orchestrator_leader 1\.0$", text.decode(), re.M):
+                    found.append(node)
+            return found
+
+        assert wait_until(lambda: len(leaders()) == 1, 20), leaders()
+        config = (tmp_path / "nodes" / NODES[0] / "node.toml").read_text()
+        assert 'policy = "predictive"' in config
+
+
+def test_cloudlet_up_refuses_an_unknown_policy(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "cloudlet.cli", "up", "--policy", "psychic",
+                           "--state-dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 1
+    assert "--policy 'psychic' is not a policy" in done.stderr

@@ -135,6 +135,7 @@ class Orchestrator:
         self.outcomes: list[Outcome] = []  # recent, for tests and the emulator
         self._client: aiomqtt.Client | None = None
         self._was_leading = False
+        self._journal_dirty = False
 
     # --- running ------------------------------------------------------------------------
 
@@ -269,6 +270,9 @@ class Orchestrator:
             self._report(outcome)
         if leading:
             await self.round(client, now)
+        if self._journal_dirty:
+            self._journal_dirty = False
+            await asyncio.to_thread(self.tracker.save)
 
     async def round(self, client: aiomqtt.Client | None, now: float) -> list[Decision]:
         """One decision round; returns the orders sent (or, without a client, decided)."""
@@ -329,7 +333,8 @@ class Orchestrator:
 
     def _valid_retries(self, now: float) -> list[Decision]:
         """Due retries whose VM is still where it was decided and whose target may
-        still receive it; the rest are dropped (the placer decides afresh)."""
+        still receive it. The rest are abandoned (with an event): the VM moved or
+        went, or the target died; the placer decides afresh from the new state."""
         out = []
         names = self.view.cloudlets.index
         targets = self.view.cloudlets.targets(now, self.oc.telemetry_max_age_intervals)
@@ -337,22 +342,30 @@ class Orchestrator:
             row = self.view.sessions.index.get(d.vm)
             at = int(self.view.sessions.host[row]) if row is not None else -1
             target = names.get(d.target)
-            if at == names.get(d.source) and target is not None and bool(targets[target]):
-                out.append(d)
+            if at != names.get(d.source):
+                why = {"code": "vm_moved", "message": f"VM {d.vm} is no longer on {d.source}"}
+            elif target is None or not bool(targets[target]):
+                why = {"code": "target_gone", "message": f"cloudlet {d.target} is offline "
+                                                         "or its telemetry is stale"}
             else:
-                log.info("retry of move VM %s -> %s dropped: the VM or the target changed",
-                         d.vm, d.target)
+                out.append(d)
+                continue
+            self._report(Outcome(d, "abandoned", why))
         return out
 
     # --- outcomes -----------------------------------------------------------------------
 
     def _report(self, outcome: Outcome) -> None:
         d = outcome.decision
+        self._journal_dirty = True  # saved by the next tick
         self.metrics.moves.labels(outcome.status).inc()
         self.outcomes.append(outcome)
         del self.outcomes[:-1000]
         detail = outcome.detail
-        if outcome.status == "succeeded":
+        if outcome.status == "succeeded" and "seen" in detail:
+            log.info("moved VM %s %s -> %s (its outcome was missed; %s)", d.vm, d.source,
+                     d.target, detail["seen"])
+        elif outcome.status == "succeeded":
             log.info("moved VM %s %s -> %s: %.2f s with %.1f ms paused (predicted %.2f s, "
                      "%.0f ms)", d.vm, d.source, d.target, _num(detail.get("total_s")),
                      _num(detail.get("downtime_ms")), d.predicted_duration_s,

@@ -414,6 +414,7 @@ class ClusterView:
         rows = rows[fresh_nodes[t.host[rows]]]
         host = t.host[rows]
         vms = np.bincount(host, minlength=n).astype(np.int64)
+        serving = vms.copy()  # what queues: the VMs hosted (arriving ones serve elsewhere)
         memory = t.memory[rows]
         used = np.bincount(host, weights=memory, minlength=n)
         for vm, target in arriving:
@@ -456,7 +457,7 @@ class ClusterView:
         used_at = c.telemetry_at[:n][np.isin(np.arange(n), np.unique(host))]
         age = float(now - used_at.min()) if len(used_at) else 0.0
         state = ClusterState(time_s=now, network=net, vms=vms, memory_used_bytes=used_bytes,
-                             sessions=sessions)
+                             sessions=sessions, serving_vms=serving)
         return Snapshot(state=state, vm_ids=vm_ids, generations=t.generation[rows].copy(),
                         names=tuple(c.names[:n]), targets=targets, state_age_s=age)
 
