@@ -1,5 +1,5 @@
 """The daemon's commands for the `cloudlet` command line: agent, up, orchestrator, token,
-status, migrate, broker-config.
+status, migrate, broker-config, and emulate (edge_agent.emulation).
 
 `cloudlet.cli` discovers this module when edge_agent is installed, so the core
 library never imports the daemon (dependencies flow one way).
@@ -23,6 +23,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                        "(see configs/node.toml and docs/daemon.md).")
     agent.add_argument("--config", required=True, metavar="FILE")
     agent.set_defaults(handler=cmd_agent)
+
+    from edge_agent.emulation.command import register as register_emulate
+
+    register_emulate(sub)
 
     up = sub.add_parser("up", help="run a local metro: a broker and several cloudlets",
                         description="Start an embedded MQTT broker and a local metro of "

@@ -30,6 +30,10 @@ class NodeConfig:
     name: str = "cloudlet-1"
     host: str = "127.0.0.1"  # loopback unless told otherwise: never expose by accident
     port: int = 8600
+    # The URL other cloudlets and clients are told (presence, moved notices, VM
+    # locations); empty: http(s)://host:port. Set it when the daemon is reached
+    # through something in front of it (a proxy, a shaped link, a NAT).
+    advertise_endpoint: str = ""
     # Where the daemon keeps images, VM checkpoints and its secrets.
     state_dir: str = "~/.cache/cloudlet/node"
     # The cluster secret (32+ random bytes, hex or raw): signs client tokens (and
@@ -131,6 +135,8 @@ class NodeConfig:
         checks: list[tuple[str, bool]] = [
             ("name", bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name)),
             ("port", 0 <= self.port <= 65535),
+            ("advertise_endpoint", not self.advertise_endpoint
+             or self.advertise_endpoint.startswith(("http://", "https://"))),
             ("mqtt_keepalive_s", 1 <= self.mqtt_keepalive_s <= 3600),
             ("telemetry_interval_s", 0.1 <= self.telemetry_interval_s <= 3600),
             ("presence_refresh_s", 0.5 <= self.presence_refresh_s <= 86400),
@@ -171,6 +177,9 @@ class NodeConfig:
 
     @property
     def endpoint(self) -> str:
+        """What this cloudlet tells others to dial (`advertise_endpoint`, else host:port)."""
+        if self.advertise_endpoint:
+            return self.advertise_endpoint.rstrip("/")
         scheme = "https" if self.tls_cert_file else "http"
         return f"{scheme}://{self.host}:{self.port}"
 

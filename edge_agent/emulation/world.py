@@ -1,0 +1,94 @@
+"""The simulator's world, replayed tick by tick for the emulated users.
+
+The emulation must move its users exactly as `cloudlet sim` moves them, so it
+builds the world the way `cloudlet.sim.engine.simulate` does (the same seed
+streams, in the same order: mobility, topology, world) and records, per tick and
+user slot, whether the user is present, where, which access point it is
+attached to and the access RTT there. Everything the emulated links and the
+position reports need is then a lookup.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cloudlet.sim.engine import _World, make_mobility
+from cloudlet.sim.scenario import Scenario
+from cloudlet.sim.topology import Topology, build_topology
+from cloudlet.sim.traces import TraceInfo
+
+FloatArray = NDArray[np.float64]
+
+
+@dataclass(frozen=True, eq=False)
+class WorldFrames:
+    """Per tick (rows) and user slot (columns); `delay_ms` is one-way, per cloudlet."""
+
+    topology: Topology
+    extent_m: tuple[float, float, float, float]
+    step_s: float
+    active: NDArray[np.bool_]  # (ticks, slots)
+    xy: FloatArray  # (ticks, slots, 2)
+    delay_ms: FloatArray  # (ticks, slots, cloudlets): (access + backhaul RTT) / 2
+    workload: NDArray[np.int64]  # (ticks, slots): the workload each session drew
+    trace: TraceInfo | None
+
+    @property
+    def ticks(self) -> int:
+        return int(self.active.shape[0])
+
+    @property
+    def slots(self) -> int:
+        return int(self.active.shape[1])
+
+    def tick_at(self, t_s: float) -> int:
+        return min(max(int(t_s / self.step_s), 0), self.ticks - 1)
+
+
+def replay(sc: Scenario) -> WorldFrames:
+    """Every tick of the scenario's world, as the simulator sees it."""
+    root = np.random.SeedSequence(sc.seed)
+    s_mob, s_topo, s_world, _ = root.spawn(4)
+    mobility, info = make_mobility(sc, np.random.default_rng(s_mob))
+    try:
+        extent = mobility.extent_m
+        if info is not None and sc.area_m is not None:
+            extent = (0.0, 0.0, sc.area_m[0], sc.area_m[1])
+        topology = build_topology(sc, extent, np.random.default_rng(s_topo))
+        dt = sc.step_s
+        if sc.duration_s is not None:
+            duration = sc.duration_s
+        else:
+            assert info is not None
+            duration = info.t_end_s - info.t_start_s + dt
+        ticks = max(math.floor(duration / dt + 1e-9), 1)
+        world = _World(sc, s_world, mobility, topology)
+        net = topology.network
+        rows: list[tuple[NDArray[np.bool_], FloatArray, FloatArray, NDArray[np.int64]]] = []
+        for tick in range(ticks):
+            world.tick(tick * dt, dt)
+            n = world.slots
+            delay = np.full((n, net.size), np.nan)
+            idx = world.idx
+            if len(idx):
+                rtt = world.access_ms[:, None] + net.backhaul_rtt_ms[world.attach]
+                delay[idx] = rtt / 2.0
+            rows.append((world.active.copy(), world.xy.copy(), delay, world.workload.copy()))
+    finally:
+        mobility.close()
+    slots = max((len(r[0]) for r in rows), default=0)
+    active = np.zeros((ticks, slots), dtype=bool)
+    xy = np.zeros((ticks, slots, 2))
+    delay_ms = np.full((ticks, slots, topology.size), np.nan)
+    workload = np.zeros((ticks, slots), dtype=np.int64)
+    for t, (a, p, d, w) in enumerate(rows):
+        active[t, :len(a)] = a
+        xy[t, :len(a)] = p
+        delay_ms[t, :len(a)] = d
+        workload[t, :len(a)] = w
+    return WorldFrames(topology=topology, extent_m=extent, step_s=dt, active=active, xy=xy,
+                       delay_ms=delay_ms, workload=workload, trace=info)
