@@ -78,18 +78,19 @@ def write_node_config(state: Path, node: MetroNode, port: int, broker_url: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# Written by `cloudlet up`; edit configs/local-metro.toml instead.", "[node]"]
     for key, value in table.items():
-        lines.append(f"{key} = {_toml(value)}")
+        lines.append(f"{key} = {toml_value(value)}")
     if orchestrator:
         orchestrator_config_from_dict(orchestrator, f"generated config of {node.name}")
         lines.append("\n[orchestrator]")
         for key, value in orchestrator.items():
-            lines.append(f"{key} = {_toml(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
     # It holds the node's broker password: 0600 from the first byte (atomic_write).
     atomic_write(path, ("\n".join(lines) + "\n").encode())
     return path
 
 
-def _toml(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A scalar as TOML (the generated configs hold only these)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -142,7 +143,7 @@ async def _run(metro: MetroConfig, planned: list[MetroNode], state: Path, base_p
                   flush=True)
             await _wait(stop, children)
         finally:
-            unclean = await _stop_all(children)
+            unclean = await stop_all(children)
     for name, status in unclean.items():
         print(f"cloudlet {name} stopped with status {status}; its log above says why "
               "(e.g. VMs it could not save)", file=sys.stderr, flush=True)
@@ -156,15 +157,17 @@ async def _start_all(configs: list[Path]) -> list[tuple[str, str, asyncio.subpro
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "cloudlet.cli", "agent", "--config", str(config),
                 stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
-            name, endpoint = await _ready(proc, config)
+            name, endpoint = await wait_ready(proc, config)
             children.append((name, endpoint, proc))
     except BaseException:
-        await _stop_all(children)
+        await stop_all(children)
         raise
     return children
 
 
-async def _ready(proc: asyncio.subprocess.Process, config: Path) -> tuple[str, str]:
+async def wait_ready(proc: asyncio.subprocess.Process, config: Path) -> tuple[str, str]:
+    """The (name, endpoint) a starting `cloudlet agent` prints once it serves
+    (`cloudlet up` and `cloudlet emulate` wait for it)."""
     assert proc.stdout is not None
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
@@ -196,8 +199,8 @@ async def _wait(stop: asyncio.Event, children: list[tuple[str, str, Any]]) -> No
             task.cancel()
 
 
-async def _stop_all(children: list[tuple[str, str, asyncio.subprocess.Process]]
-                    ) -> dict[str, int]:
+async def stop_all(children: list[tuple[str, str, asyncio.subprocess.Process]]
+                   ) -> dict[str, int]:
     """Stop every cloudlet (SIGTERM: each checkpoints its VMs). Returns the exit
     status of those asked to stop that did not stop cleanly; one that died before
     was reported when it did."""

@@ -86,8 +86,11 @@ def _grow(a: Any, size: int, fill: Any) -> Any:
     return np.concatenate([a, extra])
 
 
-class _World:
-    """What every policy shares in one tick: positions, attachment, interactions."""
+class World:
+    """What every policy shares in one tick: positions, attachment, interactions.
+
+    Public because `cloudlet emulate` replays the very same world (its users move
+    and call as the simulator's do) on real daemons."""
 
     def __init__(self, sc: Scenario, seed_seq: np.random.SeedSequence,
                  mobility: Mobility, topology: Topology) -> None:
@@ -156,7 +159,7 @@ class _World:
 class _PolicyRun:
     """One policy's sessions, cloudlet usage, migrations in flight and metrics."""
 
-    def __init__(self, policy: Policy, world: _World, ticks: int, seed: int) -> None:
+    def __init__(self, policy: Policy, world: World, ticks: int, seed: int) -> None:
         self.policy = policy
         self.world = world
         self.sc = world.sc
@@ -597,7 +600,7 @@ def _run(sc: Scenario, mobility: Mobility, info: TraceInfo | None,
         duration = info.t_end_s - info.t_start_s + dt
     ticks = max(math.floor(duration / dt + 1e-9), 1)
     decide_every = max(round(sc.decision_interval_s / dt), 1)
-    world = _World(sc, s_world, mobility, topology)
+    world = World(sc, s_world, mobility, topology)
     seeds = s_pol.generate_state(len(sc.policies))
     runs = [_PolicyRun(sc.policy(name), world, ticks, int(seed))
             for name, seed in zip(sc.policies, seeds, strict=True)]

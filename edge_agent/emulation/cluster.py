@@ -31,7 +31,7 @@ from cloudlet.trust.cluster import cluster_tokens, ensure_authority, ensure_secr
 from edge_agent.auth import SECRET_FILE
 from edge_agent.broker import ClusterAccess, EmbeddedBroker
 from edge_agent.config import MetroNode
-from edge_agent.metro import _ready, _stop_all, _toml, write_node_config
+from edge_agent.metro import stop_all, toml_value, wait_ready, write_node_config
 
 
 def free_port() -> int:
@@ -126,12 +126,12 @@ async def running_cluster(state: Path, specs: list[NodeSpec], *, backhaul_mbit_s
                 finally:
                     log.close()
                 children.append((node.name, node.advertised, node.proc))
-            await asyncio.gather(*(_ready(n.proc, n.config) for n in cluster.nodes
+            await asyncio.gather(*(wait_ready(n.proc, n.config) for n in cluster.nodes
                                    if n.proc is not None))
             yield cluster
         finally:
             # Shielded: a Ctrl-C that cancelled the run must not cut the stop short.
-            await asyncio.shield(_stop_all(children))
+            await asyncio.shield(stop_all(children))
 
 
 def _append_tables(path: Path, tables: dict[str, dict[str, Any]]) -> None:
@@ -139,9 +139,9 @@ def _append_tables(path: Path, tables: dict[str, dict[str, Any]]) -> None:
     for name, table in tables.items():
         subs = {k: v for k, v in table.items() if isinstance(v, dict)}
         lines.append(f"\n[{name}]")
-        lines.extend(f"{k} = {_toml(v)}" for k, v in table.items() if k not in subs)
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in table.items() if k not in subs)
         for sub, values in subs.items():
             lines.append(f"\n[{name}.{sub}]")
-            lines.extend(f"{k} = {_toml(v)}" for k, v in values.items())
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
     with path.open("a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

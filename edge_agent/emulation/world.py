@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from cloudlet.sim.engine import _World, make_mobility
+from cloudlet.sim.engine import World, make_mobility
 from cloudlet.sim.scenario import Scenario
 from cloudlet.sim.topology import Topology, build_topology
 from cloudlet.sim.traces import TraceInfo
@@ -66,7 +66,7 @@ def replay(sc: Scenario) -> WorldFrames:
             assert info is not None
             duration = info.t_end_s - info.t_start_s + dt
         ticks = max(math.floor(duration / dt + 1e-9), 1)
-        world = _World(sc, s_world, mobility, topology)
+        world = World(sc, s_world, mobility, topology)
         net = topology.network
         rows: list[tuple[NDArray[np.bool_], FloatArray, FloatArray, NDArray[np.int64]]] = []
         for tick in range(ticks):
