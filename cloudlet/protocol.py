@@ -120,6 +120,10 @@ ALL_RTT = f"{PREFIX}/clients/+/rtt"
 ALL_POSITIONS = f"{PREFIX}/clients/+/position"
 
 
+_GROUP_KINDS = {"nodes": _NODE_KINDS, "vms": {Kind.LOCATION}, "orchestrator": {Kind.LEASE},
+                "clients": _CLIENT_KINDS}
+
+
 @dataclass(frozen=True)
 class TopicRef:
     """What a topic is about: its kind and the node, VM, client or region it names."""
@@ -140,8 +144,7 @@ def parse_topic(topic: str) -> TopicRef | None:
         kind = Kind(leaf)
     except ValueError:
         return None
-    expected = {"nodes": _NODE_KINDS, "vms": {Kind.LOCATION}, "orchestrator": {Kind.LEASE},
-                "clients": _CLIENT_KINDS}.get(group)
+    expected = _GROUP_KINDS.get(group)
     if expected is None or kind not in expected:
         return None
     return TopicRef(kind, name)

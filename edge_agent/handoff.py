@@ -150,6 +150,10 @@ class Mover:
                 f"{where.endpoint}/v1/peer/migrate", headers=headers,
                 params={"endpoint": self.config.endpoint},
                 max_msg_size=MAX_MESSAGE_BYTES + MESSAGE_SLACK_BYTES) as ws:
+            # Wall clock (comparable across cloudlets and with an order's signed `ts`):
+            # the destination has accepted the migration stream; its first message
+            # follows at once.
+            started_unix = time.time()
             stats = await self.live.send(hosted, where, ws, migration_id)
         if stats.outcome != "committed":
             raise MigrationAborted(f"live migration {migration_id} of VM {hosted.id} aborted "
@@ -157,12 +161,14 @@ class Mover:
                                    cause=stats.abort_code or "migration_aborted")
         record = stats.to_dict()
         record["migration_id"] = migration_id
+        record["started_unix"] = started_unix
         record["round_stats"] = record.get("rounds", [])  # per round, its codec included
         record["rounds"] = len(stats.rounds)
         record["paused_ms"] = (stats.downtime_s or 0.0) * 1000
         return record
 
     async def _move_stopped(self, hosted: HostedVM, where: Location) -> dict[str, Any]:
+        started_unix = time.time()  # the first request about this VM goes out now
         image_bytes = await self._ensure_image(hosted, where)
         async with self.host.paused(hosted):
             paused_at = time.perf_counter()
@@ -191,7 +197,7 @@ class Mover:
             paused_s = time.perf_counter() - paused_at
         return {"rounds": 1, "bytes_sent": len(data) + image_bytes,
                 "memory_bytes": snap.memory_bytes, "seq": snap.seq,
-                "paused_ms": paused_s * 1000}
+                "paused_ms": paused_s * 1000, "started_unix": started_unix}
 
     def _emit(self, event: dict[str, Any]) -> None:
         try:

@@ -320,33 +320,41 @@ class ClusterView:
         self._vms_of_node[i] = listed
 
     def client_rtt(self, client: str, body: dict[str, Any], now: float) -> None:
+        # The hot path of ingest (clients report often): plain Python over the few
+        # values, then one assignment per row, not one numpy item at a time.
         rtts = body.get("rtt_ms")
         if not isinstance(rtts, dict):
             return
+        index = self.cloudlets.index
         pairs: list[tuple[float, int]] = []
         for node, ms in rtts.items():
-            if not isinstance(node, str) or not _finite(ms) or ms < 0:
+            kind = type(ms)  # msgpack gives exact ints and floats; a bool is neither here
+            if (kind is not float and kind is not int) or not math.isfinite(ms) or ms < 0:
                 continue
-            i = self.cloudlets.row(node, create=False)
+            i = index.get(node) if isinstance(node, str) else None
             if i is not None:
                 pairs.append((float(ms), i))
         pairs.sort()
-        pairs = pairs[:RTT_SLOTS]
+        del pairs[RTT_SLOTS:]
         c = self.clients
         r = c.row(client)
-        dt = now - c.rtt_at[r]
-        old = dict(zip(c.rtt_node[r].tolist(), c.rtt_ms[r].tolist(), strict=True))
-        old_slope = dict(zip(c.rtt_node[r].tolist(), c.slope[r].tolist(), strict=True))
-        c.rtt_node[r] = -1
-        c.rtt_ms[r] = np.nan
-        c.slope[r] = 0.0
+        dt = now - float(c.rtt_at[r])
+        trend = 0 < dt <= self.client_report_max_age_s
+        old = dict(zip(c.rtt_node[r].tolist(),
+                       zip(c.rtt_ms[r].tolist(), c.slope[r].tolist(), strict=True),
+                       strict=True))
+        nodes = [-1] * RTT_SLOTS
+        values = [math.nan] * RTT_SLOTS
+        slopes = [0.0] * RTT_SLOTS
         for k, (ms, i) in enumerate(pairs):
-            c.rtt_node[r, k] = i
-            c.rtt_ms[r, k] = ms
+            nodes[k] = i
+            values[k] = ms
             prev = old.get(i)
-            if prev is not None and not math.isnan(prev) and 0 < dt <= self.client_report_max_age_s:
-                slope = (ms - prev) / dt
-                c.slope[r, k] = SLOPE_WEIGHT * slope + (1 - SLOPE_WEIGHT) * old_slope.get(i, 0.0)
+            if trend and prev is not None and not math.isnan(prev[0]):
+                slopes[k] = SLOPE_WEIGHT * (ms - prev[0]) / dt + (1 - SLOPE_WEIGHT) * prev[1]
+        c.rtt_node[r] = nodes
+        c.rtt_ms[r] = values
+        c.slope[r] = slopes
         c.rtt_at[r] = now
 
     def client_position(self, client: str, body: dict[str, Any], now: float) -> None:
