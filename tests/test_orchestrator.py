@@ -65,7 +65,7 @@ class Cluster:
                 and d.request("GET", f"/v1/vms/{vm}", token=token)[0] == 200]
 
 
-CLIENTS = ("walker", "stray", "returner")
+CLIENTS = ("walker", "sitter", "mallory", "stray", "returner")
 
 
 @contextlib.contextmanager
@@ -245,18 +245,33 @@ async def keep_reporting(cluster: Cluster, client: str, token: str, x: float, y:
 
 def test_a_client_that_moves_gets_its_vm_moved_and_its_session_follows(
         cluster: Cluster) -> None:
+    """And only its own: `sitter`'s VM on the same cloudlet stays, though `walker`
+    reports where it is, and `mallory` (a client of the cluster) reports positions
+    far away too, with retained messages on its own topic."""
     token = cluster.daemons["west"].token("walker")
+    sitter_token = cluster.daemons["west"].token("sitter")
 
-    async def run() -> tuple[int, int, list[str], str]:
+    async def run() -> tuple[int, int, list[str], str, list[str]]:
         stop = asyncio.Event()
-        async with CloudletClient(token, endpoints=[cluster.daemons["west"].endpoint]) as c, \
+        west = [cluster.daemons["west"].endpoint]
+        async with CloudletClient(token, endpoints=west) as c, \
                 c.session(KVSTORE, budget_ms=30) as s, \
+                CloudletClient(sitter_token, endpoints=west) as c2, \
+                c2.session(KVSTORE, budget_ms=30) as sitter, \
                 Watch(cluster, [ALL_EVENTS, f"{P}/nodes/+/commands"]) as watch:
             vm = s.vm_id
+            await sitter.call("kv_put", 1, 1)
             calls = 0
+            host, port = address(cluster.broker)
+            user, password = cluster.login("mallory")
+            async with aiomqtt.Client(host, port, identifier=f"mallory-{time.time_ns()}",
+                                      username=user, password=password) as m:
+                for kind in ("position", "rtt"):
+                    body = (report_message("sitter", x_m=2500.0, y_m=0.0, ts=time.time())
+                            if kind == "position" else b"\x93garbage")
+                    await m.publish(f"{P}/clients/mallory/{kind}", body, qos=1, retain=True)
             reporter = asyncio.create_task(keep_reporting(cluster, "walker", token,
                                                           *POSITIONS["east"], stop))
-
             deadline = time.monotonic() + 40
             while time.monotonic() < deadline:
                 await s.call("kv_put", calls % 64, calls)
@@ -275,14 +290,17 @@ def test_a_client_that_moves_gets_its_vm_moved_and_its_session_follows(
             assert status == 200, info
             orders = [b for t, b, _ in watch.got if t.endswith("/commands")
                       and isinstance(b, dict) and b.get("vm") == vm]
-            return calls, int(info["seq"]), [o["to"] for o in orders], s.location.node
+            sitter_at = await asyncio.to_thread(cluster.where, sitter.vm_id, sitter_token)
+            return calls, int(info["seq"]), [o["to"] for o in orders], s.location.node, \
+                sitter_at
 
     with orchestrator(cluster, "west", "follow") as o:
-        calls, seq, orders, node = asyncio.run(run())
+        calls, seq, orders, node, sitter_at = asyncio.run(run())
         log = o.text()
     assert orders == ["east"], log[-3000:]
     assert node == "east"
     assert seq == calls  # every call applied once, across the move
+    assert sitter_at == ["west"]
     assert "move VM" in log and "expected gain" in log and "moved VM" in log, log[-3000:]
 
 

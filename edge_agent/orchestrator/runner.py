@@ -136,6 +136,7 @@ class Orchestrator:
         self._client: aiomqtt.Client | None = None
         self._was_leading = False
         self._journal_dirty = False
+        self._failed_kinds: set[str] = set()
         # One child per kind, looked up once (`labels` takes a lock and a dict per call).
         self._ingested = {k: metrics.ingested.labels(k.value) for k in Kind}
 
@@ -190,8 +191,20 @@ class Orchestrator:
 
     def _take_message(self, message: aiomqtt.Message) -> None:
         payload = message.payload
-        if isinstance(payload, bytes | bytearray):
+        if not isinstance(payload, bytes | bytearray):
+            return
+        try:
             self.take(message.topic.value, payload)
+        except Exception:
+            # Never out of here: raised inside aiomqtt's read, it would end the
+            # connection, and a retained message that trips a bug would then end
+            # every connection after it. Dropped, counted, logged once per topic kind.
+            self.metrics.dropped.labels("error").inc()
+            kind = message.topic.value.rsplit("/", 1)[-1][:32]
+            if kind not in self._failed_kinds:
+                self._failed_kinds.add(kind)
+                log.exception("orchestrator: a %s message could not be taken in (dropped; "
+                              "logged once per kind)", kind)
 
     def take(self, topic: str, payload: bytes | bytearray) -> None:
         """One control-plane message (public: the benchmark feeds it directly too)."""
