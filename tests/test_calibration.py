@@ -326,3 +326,97 @@ def test_cluster_state_load_uses_serving_vms() -> None:
     new = ClusterState(time_s=0.0, network=net, vms=vms, memory_used_bytes=np.zeros(2),
                        sessions=empty, serving_vms=np.array([2, 1]))
     assert list(new.load) == [0.5, 0.25]
+
+
+# --- migrations leaving one source at once -------------------------------------------------
+
+
+def test_the_fit_takes_the_sources_sharing_into_account() -> None:
+    """Records where two migrations left the source at once: fitted as such, the
+    send term comes out right; ignored, it would absorb the sharing."""
+    records = synthetic(TRUE, n=40, seed=5)
+    rng = np.random.default_rng(9)
+    for r in records:
+        r["source_sharing"] = float(rng.choice([1.0, 2.0]))
+        est = TRUE.estimate(np.array([r["overlay_bytes"]]), np.array([r["memory_bytes"]]),
+                            np.array([r["dirty_rate_bytes_s"]]),
+                            np.array([r["bandwidth_mbit_s"]]), r["source_sharing"])
+        r["duration_s"] = float(est.duration_s[0])
+        r["downtime_s"] = float(est.downtime_s[0])
+    start = PrecopyModel(stop_bytes=TRUE.stop_bytes, max_rounds=TRUE.max_rounds)
+    result = fit(records, start)
+    assert result.params["send_s_per_gib"] == pytest.approx(12.0, rel=0.05)
+    assert result.after.duration_error_p90 < 0.02
+    with pytest.raises(InvalidArgument, match="source_sharing"):
+        MigrationRecord.from_dict({**records[0], "source_sharing": 0.5})
+
+
+FORK = """
+[scenario]
+name = "fork"
+seed = 1
+step_s = 0.1
+decision_interval_s = 0.1
+policies = ["nearest"]
+trajectories = 0
+[mobility]
+model = "trace"
+file = "fork.csv"
+[topology]
+layout = "list"
+[[topology.cloudlets]]
+name = "a"
+x_m = 0
+y_m = 0
+[[topology.cloudlets]]
+name = "b"
+x_m = 1000
+y_m = 0
+[[topology.cloudlets]]
+name = "c"
+x_m = -1000
+y_m = 0
+[backhaul]
+kind = "links"
+[[backhaul.links]]
+a = "a"
+b = "b"
+bandwidth_mbit_s = 1000
+[[backhaul.links]]
+a = "a"
+b = "c"
+bandwidth_mbit_s = 1000
+[migration]
+send_s_per_gib = 40
+stop_mib = 0.0625
+[[workloads]]
+memory_mib = 64
+overlay_mib = 64
+dirty_rate_mib_s = 0
+"""
+
+
+@pytest.mark.parametrize("users", [1, 2])
+def test_migrations_leaving_one_source_at_once_share_its_send_work(
+        tmp_path: Path, users: int) -> None:
+    """Two users leave a at once, one towards b and one towards c: on separate links,
+    each move still takes what `estimate` says for two sharing the source."""
+    lines = ["t,id,x,y"]
+    for k in range(100):
+        t = k / 10
+        lines.append(f"{t:.1f},u0,{0.0 if t < 0.5 else 1000.0},10.0")
+        if users == 2:
+            lines.append(f"{t:.1f},u1,{0.0 if t < 0.5 else -1000.0},-10.0")
+    (tmp_path / "fork.csv").write_text("\n".join(lines) + "\n")
+    s = tmp_path / "fork.toml"
+    s.write_text(FORK)
+    sc = load_scenario(s)
+    res = simulate(sc)
+    tl = res.policies["nearest"].timeline
+    started = np.flatnonzero(tl[:, 6] > 0)
+    done = np.flatnonzero(tl[:, 7] > 0)
+    assert int(tl[:, 6].sum()) == users and int(tl[:, 7].sum()) == users
+    est = res.topology.network.cost.estimate(np.array([64 * MiB]), np.array([64 * MiB]),
+                                             np.array([0.0]), np.array([1000.0]), users)
+    took = (done[-1] - started[0]) * sc.step_s
+    assert abs(took - float(est.duration_s[0])) <= 2 * sc.step_s

@@ -101,6 +101,9 @@ class MigrationRecord:
     downtime_s: float
     wire_bytes: float
     rounds: int
+    # How many migrations left the source at once, averaged over this one's time
+    # (1: alone); they share its send work (cost.py). Optional in a record.
+    source_sharing: float = 1.0
     predicted_duration_s: float | None = None
     predicted_downtime_s: float | None = None
 
@@ -131,7 +134,7 @@ class MigrationRecord:
                 values[f.name] = v
                 continue
             if v < 0 or (f.name in ("duration_s", "bandwidth_mbit_s", "memory_bytes")
-                         and v <= 0):
+                         and v <= 0) or (f.name == "source_sharing" and v < 1):
                 raise InvalidArgument(f"key {f.name!r} out of range (got {v!r})")
             values[f.name] = float(v)
         rec = cls(**values)
@@ -240,10 +243,11 @@ class _Columns:
         self.downtime = col("downtime_s")
         self.wire = col("wire_bytes")
         self.rounds = np.array([r.rounds for r in records], dtype=np.int64)
+        self.sharing = col("source_sharing")
 
 
 def _compare(cols: _Columns, model: PrecopyModel) -> Comparison:
-    est = model.estimate(cols.overlay, cols.memory, cols.dirty, cols.bandwidth)
+    est = model.estimate(cols.overlay, cols.memory, cols.dirty, cols.bandwidth, cols.sharing)
     return Comparison(
         model=model, measured_duration_s=cols.duration, predicted_duration_s=est.duration_s,
         measured_downtime_s=cols.downtime, predicted_downtime_s=est.downtime_s,
@@ -294,7 +298,7 @@ def _nonnegative_lstsq(a: FloatArray, b: FloatArray) -> FloatArray:
 
 
 def _fit_wire_ratio(cols: _Columns, model: PrecopyModel) -> float:
-    vol = model.volumes(cols.overlay, cols.memory, cols.dirty, cols.bandwidth)
+    vol = model.volumes(cols.overlay, cols.memory, cols.dirty, cols.bandwidth, cols.sharing)
     state = vol.precopy_bytes + vol.final_bytes
     ok = (cols.wire > 0) & (state > 0)
     if not ok.any():
@@ -303,14 +307,15 @@ def _fit_wire_ratio(cols: _Columns, model: PrecopyModel) -> float:
 
 
 def _fit_times(cols: _Columns, model: PrecopyModel) -> PrecopyModel:
-    vol = model.volumes(cols.overlay, cols.memory, cols.dirty, cols.bandwidth)
+    vol = model.volumes(cols.overlay, cols.memory, cols.dirty, cols.bandwidth, cols.sharing)
     link_s_per_byte = 1.0 / (np.maximum(cols.bandwidth, 1e-9) * (1e6 / 8.0))
     final_wire = model.wire_ratio * vol.final_bytes
     m = len(cols.duration)
     ones, zeros = np.ones(m), np.zeros(m)
-    a_dur = np.column_stack([ones, cols.memory / GiB, cols.wire / GiB, ones])
+    # The source's send work is shared by the migrations it sends at once.
+    a_dur = np.column_stack([ones, cols.memory / GiB, cols.sharing * cols.wire / GiB, ones])
     b_dur = cols.duration - link_s_per_byte * cols.wire
-    a_down = np.column_stack([zeros, zeros, final_wire / GiB, ones])
+    a_down = np.column_stack([zeros, zeros, cols.sharing * final_wire / GiB, ones])
     b_down = cols.downtime - link_s_per_byte * final_wire
     rows_a, rows_b = [a_dur / cols.duration[:, None]], [b_dur / cols.duration]
     has_down = cols.downtime > 0

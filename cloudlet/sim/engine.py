@@ -300,8 +300,12 @@ class _PolicyRun:
                          / np.maximum(counts[np.maximum(links, 0)], 1), np.inf)
         rate = share.min(axis=1)
         if cost.send_s_per_gib > 0:
-            # The source's own work per wire byte, in series with the link (cost.py).
-            rate = 1.0 / (1.0 / rate + cost.send_s_per_byte)
+            # The source's own work per wire byte, in series with the link and shared
+            # by the migrations it sends at once (cost.py).
+            from_source = np.bincount(self.m_src[sending.any(axis=1)],
+                                      minlength=self.net.size)
+            share_src = np.maximum(from_source[self.m_src], 1)
+            rate = 1.0 / (1.0 / rate + share_src * cost.send_s_per_byte)
         left = np.full(m, dt_s)
         done = np.zeros(m, dtype=bool)
         bytes_sent = np.zeros(m)

@@ -79,9 +79,31 @@ def _render(rows: Sequence[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def source_sharing(records: list[dict[str, Any]], samples: int = 50) -> None:
+    """Set each record's `source_sharing`: how many migrations left its source at
+    once, averaged over its own time (`t_s` is when it ended). The cost model
+    shares the source's send work between them, as the simulator does."""
+    spans: list[tuple[float, float] | None] = []
+    for r in records:
+        end, dur = r.get("t_s"), r.get("duration_s")
+        if isinstance(end, int | float) and isinstance(dur, int | float) and dur > 0:
+            spans.append((float(end) - float(dur), float(end)))
+        else:
+            spans.append(None)
+    for r, span in zip(records, spans, strict=True):
+        if span is None:
+            continue
+        at = [span[0] + (k + 0.5) * (span[1] - span[0]) / samples for k in range(samples)]
+        counts = [sum(1 for o, s in zip(records, spans, strict=True) if s is not None
+                      and o.get("source") == r.get("source") and s[0] <= t < s[1])
+                  for t in at]
+        r["source_sharing"] = max(1.0, sum(counts) / samples)
+
+
 def calibration(records: list[dict[str, Any]], model: PrecopyModel) -> dict[str, Any]:
     """Per-migration predicted vs measured (added to each record as `predicted_*`),
     and the relative errors' p50/p90 (cloudlet.placement.calibration.compare)."""
+    source_sharing(records)
     usable = []
     for r in records:
         try:
