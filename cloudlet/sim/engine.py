@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -563,46 +565,62 @@ def make_mobility(sc: Scenario, rng: np.random.Generator
                          mob.speed_change_probability), None
 
 
-def scenario_topology(sc: Scenario) -> Topology:
-    """The cloudlets and backhaul `simulate` builds for `sc` (the same seed streams),
-    for a live orchestrator or an emulation that must see the simulator's network."""
+@dataclass(frozen=True, eq=False)
+class Setting:
+    """What a run is played in, before any policy: the mobility (open: close it),
+    the cloudlets and backhaul, the ticks, and the seed streams still unused.
+    `simulate`, `scenario_topology` and `cloudlet emulate` build it the same way,
+    so they all see one world for one seed."""
+
+    mobility: Mobility
+    trace: TraceInfo | None
+    topology: Topology
+    extent_m: tuple[float, float, float, float]
+    ticks: int
+    world_seed: np.random.SeedSequence
+    policy_seed: np.random.SeedSequence
+
+
+@contextmanager
+def setting(sc: Scenario) -> Iterator[Setting]:
+    """The scenario's setting, its mobility closed when the block ends."""
     root = np.random.SeedSequence(sc.seed)
-    s_mob, s_topo, _, _ = root.spawn(4)
+    s_mob, s_topo, s_world, s_pol = root.spawn(4)
     mobility, info = make_mobility(sc, np.random.default_rng(s_mob))
     try:
         extent = mobility.extent_m
         if info is not None and sc.area_m is not None:
             extent = (0.0, 0.0, sc.area_m[0], sc.area_m[1])
-        return build_topology(sc, extent, np.random.default_rng(s_topo))
+        topology = build_topology(sc, extent, np.random.default_rng(s_topo))
+        if sc.duration_s is not None:
+            duration = sc.duration_s
+        else:
+            assert info is not None
+            duration = info.t_end_s - info.t_start_s + sc.step_s
+        ticks = max(math.floor(duration / sc.step_s + 1e-9), 1)
+        yield Setting(mobility, info, topology, extent, ticks, s_world, s_pol)
     finally:
         mobility.close()
+
+
+def scenario_topology(sc: Scenario) -> Topology:
+    """The cloudlets and backhaul `simulate` builds for `sc` (the same seed streams),
+    for a live orchestrator or an emulation that must see the simulator's network."""
+    with setting(sc) as st:
+        return st.topology
 
 
 def simulate(sc: Scenario, progress: bool = False) -> SimResult:
     """Run every policy of the scenario side by side; deterministic for a seed."""
-    root = np.random.SeedSequence(sc.seed)
-    s_mob, s_topo, s_world, s_pol = root.spawn(4)
-    mobility, info = make_mobility(sc, np.random.default_rng(s_mob))
-    try:
-        return _run(sc, mobility, info, s_topo, s_world, s_pol, progress)
-    finally:
-        mobility.close()
+    with setting(sc) as st:
+        return _run(sc, st, progress)
 
 
-def _run(sc: Scenario, mobility: Mobility, info: TraceInfo | None,
-         s_topo: np.random.SeedSequence, s_world: np.random.SeedSequence,
-         s_pol: np.random.SeedSequence, progress: bool) -> SimResult:
-    extent = mobility.extent_m
-    if info is not None and sc.area_m is not None:
-        extent = (0.0, 0.0, sc.area_m[0], sc.area_m[1])
-    topology = build_topology(sc, extent, np.random.default_rng(s_topo))
+def _run(sc: Scenario, st: Setting, progress: bool) -> SimResult:
+    mobility, info, topology, extent, ticks = (st.mobility, st.trace, st.topology,
+                                               st.extent_m, st.ticks)
+    s_world, s_pol = st.world_seed, st.policy_seed
     dt = sc.step_s
-    if sc.duration_s is not None:
-        duration = sc.duration_s
-    else:
-        assert info is not None
-        duration = info.t_end_s - info.t_start_s + dt
-    ticks = max(math.floor(duration / dt + 1e-9), 1)
     decide_every = max(round(sc.decision_interval_s / dt), 1)
     world = World(sc, s_world, mobility, topology)
     seeds = s_pol.generate_state(len(sc.policies))

@@ -10,15 +10,14 @@ position reports need is then a lookup.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-from cloudlet.sim.engine import World, make_mobility
+from cloudlet.sim.engine import World, setting
 from cloudlet.sim.scenario import Scenario
-from cloudlet.sim.topology import Topology, build_topology
+from cloudlet.sim.topology import Topology
 from cloudlet.sim.traces import TraceInfo
 
 FloatArray = NDArray[np.float64]
@@ -51,22 +50,10 @@ class WorldFrames:
 
 def replay(sc: Scenario) -> WorldFrames:
     """Every tick of the scenario's world, as the simulator sees it."""
-    root = np.random.SeedSequence(sc.seed)
-    s_mob, s_topo, s_world, _ = root.spawn(4)
-    mobility, info = make_mobility(sc, np.random.default_rng(s_mob))
-    try:
-        extent = mobility.extent_m
-        if info is not None and sc.area_m is not None:
-            extent = (0.0, 0.0, sc.area_m[0], sc.area_m[1])
-        topology = build_topology(sc, extent, np.random.default_rng(s_topo))
+    with setting(sc) as st:
+        topology, extent, ticks, info = st.topology, st.extent_m, st.ticks, st.trace
         dt = sc.step_s
-        if sc.duration_s is not None:
-            duration = sc.duration_s
-        else:
-            assert info is not None
-            duration = info.t_end_s - info.t_start_s + dt
-        ticks = max(math.floor(duration / dt + 1e-9), 1)
-        world = World(sc, s_world, mobility, topology)
+        world = World(sc, st.world_seed, st.mobility, topology)
         net = topology.network
         rows: list[tuple[NDArray[np.bool_], FloatArray, FloatArray, NDArray[np.int64]]] = []
         for tick in range(ticks):
@@ -78,8 +65,6 @@ def replay(sc: Scenario) -> WorldFrames:
                 rtt = world.access_ms[:, None] + net.backhaul_rtt_ms[world.attach]
                 delay[idx] = rtt / 2.0
             rows.append((world.active.copy(), world.xy.copy(), delay, world.workload.copy()))
-    finally:
-        mobility.close()
     slots = max((len(r[0]) for r in rows), default=0)
     active = np.zeros((ticks, slots), dtype=bool)
     xy = np.zeros((ticks, slots, 2))
