@@ -28,7 +28,7 @@ SCENARIO = """
 [scenario]
 name = "emulate-test"
 seed = 3
-duration_s = 15
+duration_s = 10
 policies = ["never", "predictive"]
 
 [area]

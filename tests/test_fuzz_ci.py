@@ -2,8 +2,8 @@
 
 Why in the test suite: CI runs exactly the README's command, and this keeps it
 so; a decoder change that crashes on a mutation of a committed input fails the
-build like any test. Eight seconds a target (about 80 s for all, on top of ~2.5
-min of tests) finds shallow crashes; longer runs are `python -m fuzz run` by hand.
+build like any test. Six seconds a target (about a minute for all, beside the
+rest of the suite) finds shallow crashes; longer runs are `python -m fuzz run` by hand.
 Off outside CI (CI=true), where the replay test still runs every committed input.
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 from fuzz import runner
 
-SECONDS_PER_TARGET = 8
+SECONDS_PER_TARGET = 6
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 

@@ -114,7 +114,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                                                           acl.node_user(name)),
                      position_x_m=x, position_y_m=y,
                      presence_refresh_s=10.0 if slow else 2.0,
-                     telemetry_interval_s=5.0 if slow else 0.5,
+                     telemetry_interval_s=2.0 if slow else 0.5,
                      mqtt_keepalive_s=10 if slow else 2,
                      migration_deadline_s=3.0, move_deadline_s=10.0)
             d.start()
@@ -324,8 +324,8 @@ def test_a_move_whose_destination_dies_is_retried_then_abandoned_with_an_event(
             for i in range(5):
                 await s.call("kv_put", i, i)
             # The orchestrator has seen the VM in west's telemetry and at least one of
-            # north's (every 5 s), so north is a target.
-            await asyncio.sleep(6.0)
+            # north's (every 2 s; stale after 6 s), so north is a target.
+            await asyncio.sleep(2.5)
             north.proc.send_signal(signal.SIGSTOP)  # alive to the broker, answers nothing
             try:
                 reporter = asyncio.create_task(keep_reporting(
@@ -440,7 +440,7 @@ def test_a_restarted_orchestrator_does_not_repeat_a_move(cluster: Cluster) -> No
                 o.proc.kill()  # right after its order went out: the outcome is not seen
                 o.proc.wait(10)
                 o = start_orchestrator(cluster, "west", "restart")  # same state: its journal
-                end = time.monotonic() + LEASE_S + 6  # it takes the lease and decides
+                end = time.monotonic() + LEASE_S + 4  # it takes the lease and decides
                 while time.monotonic() < end:
                     await s.call("kv_put", calls % 64, calls)
                     calls += 1
