@@ -28,7 +28,8 @@ COMMANDS: list[tuple[str, tuple[str, ...], str]] = [
     ("cloudlet.commands.vm", ("vm",), "local"),
     ("cloudlet.commands.sim", ("sim",), "sim"),
     ("cloudlet.commands.calibrate", ("calibrate",), "sim"),
-    ("edge_agent.cli", ("agent", "up", "orchestrator", "token", "status", "emulate"), "edge"),
+    ("edge_agent.cli", ("agent", "up", "orchestrator", "token", "status", "migrate",
+                        "broker-config", "emulate"), "edge"),
     ("mobile_client.cli", ("offload", "session"), ""),
 ]
 # Third-party modules and the extra that brings each (for the error that names it).

@@ -59,6 +59,9 @@ Payload = bytes | Sequence[int | float]
 # positions use), or None when it does not know.
 PositionSource = Callable[[], tuple[float, float] | None]
 POSITION_INTERVAL_S = 1.0  # the placer's tick: reporting faster tells it nothing new
+# With a broker, cloudlets become known as their presence arrives, a moment after the
+# client connects: a session or offload waits this long for a first one.
+DISCOVERY_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -79,12 +82,17 @@ class CloudletClient:
                  local_store_dir: str | None = None,
                  position_source: PositionSource | None = None,
                  position_interval_s: float = POSITION_INTERVAL_S,
-                 connect_via: ConnectVia | None = None) -> None:
+                 connect_via: ConnectVia | None = None,
+                 discovery_wait_s: float = DISCOVERY_WAIT_S) -> None:
         if policy not in POLICIES:
             raise InvalidArgument(f"policy must be one of {', '.join(POLICIES)}")
         if not (math.isfinite(position_interval_s) and position_interval_s > 0):
             raise InvalidArgument("position_interval_s must be a positive number of seconds, "
                                   f"not {position_interval_s!r}")
+        if not (math.isfinite(discovery_wait_s) and discovery_wait_s >= 0):
+            raise InvalidArgument("discovery_wait_s must be a number of seconds >= 0, "
+                                  f"not {discovery_wait_s!r}")
+        self.discovery_wait_s = discovery_wait_s
         if position_source is not None and not broker:
             raise NoBroker("position_source needs a broker: positions go to the placer "
                            "through it")
@@ -232,6 +240,7 @@ class CloudletClient:
         """A new VM of `image` on the best cloudlet, and a session to it. The VM is
         destroyed when the block ends, unless `keep` (then `attach` finds it again)."""
         digest, _ = self.image(image)
+        await self._first_cloudlet()
         ranked = await self.prober.ranked()
         if not ranked:
             self._raise_unreachable()
@@ -257,8 +266,20 @@ class CloudletClient:
                     with contextlib.suppress(CloudletError):
                         await self.http.delete_vm(s.location, s.vm_id)
 
+    async def _first_cloudlet(self) -> None:
+        """With a broker and no cloudlet known yet (the client just connected), wait a
+        moment for a first presence rather than answer that there is none."""
+        if self.discovery.broker and not self.discovery.candidates():
+            await self.discovery.wait_for(lambda d: bool(d.candidates()),
+                                          self.discovery_wait_s)
+
     def _raise_unreachable(self) -> NoReturn:
         candidates = self.discovery.candidates()
+        if not candidates and self.discovery.broker:
+            raise NoCloudletAvailable(
+                f"no cloudlet announced itself on the broker {self.discovery.broker} within "
+                f"{self.discovery_wait_s:g} s (is the metro running, and the broker "
+                "reachable with this token?)")
         refused = [self.prober.unverified[c.endpoint] for c in candidates
                    if c.endpoint in self.prober.unverified]
         if candidates and len(refused) == len(candidates):
@@ -336,6 +357,8 @@ class CloudletClient:
             payload, bytes | bytearray) else tuple(payload))
         size = len(args) if isinstance(args, bytes) else 8 * len(args)
         started = time.perf_counter()
+        if policy != "local":
+            await self._first_cloudlet()
         ranked = await self.prober.ranked() if policy != "local" else []
         best = ranked[0] if ranked else None
         if policy == "local":

@@ -89,3 +89,18 @@ def test_results_printed_before_a_failing_call(cli_env: dict[str, str]) -> None:
 def test_usage_errors_exit_2(cli_env: dict[str, str]) -> None:
     out = cloudlet(cli_env, "vm", "frobnicate")
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_every_subcommand_is_listed_with_its_extra() -> None:
+    """The list `cloudlet` uses to say which extra a missing command needs names
+    every command its packages register (a stale list gives no install hint)."""
+    import argparse
+    import importlib
+
+    from cloudlet.cli import COMMANDS
+
+    for module, names, _ in COMMANDS:
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        importlib.import_module(module).register(sub)
+        assert set(sub.choices) == set(names), module

@@ -180,3 +180,36 @@ def test_without_a_broker_or_with_bad_numbers_a_typed_error(metro: Metro) -> Non
                     await client.report_position(**fields)
 
     asyncio.run(run())
+
+
+KVSTORE_WASM = Path(__file__).resolve().parent.parent / "workloads" / "kvstore.wasm"
+
+
+def test_a_client_with_a_broker_opens_a_session_at_once(metro: Metro) -> None:
+    """As the README's example does: enter the client and ask for a session straight
+    away; the client waits for the cloudlets' presence instead of saying none is
+    there (without the wait, this fails: no cloudlet is known yet)."""
+    async def run() -> int:
+        async with CloudletClient(metro.token("eager"), broker=metro.broker_url) as client, \
+                client.session(KVSTORE_WASM) as s:
+            await s.call("kv_put", 1, 5)
+            result: int = await s.call("kv_get", 1)
+            return result
+
+    assert asyncio.run(run()) == 5
+
+
+def test_no_cloudlet_on_the_broker_is_said_in_those_words(metro: Metro) -> None:
+    """A broker with no cloudlet on it (here: one that is not there at all): the
+    answer names the broker after the wait, not 'no cloudlet answered a probe'."""
+    from cloudlet.errors import NoCloudletAvailable
+    from tests.mqtt_brokers import free_port
+
+    async def run() -> None:
+        async with CloudletClient(metro.token("eager"),
+                                  broker=f"mqtt://127.0.0.1:{free_port()}",
+                                  discovery_wait_s=0.5) as client, client.session(KVSTORE_WASM):
+            pass
+
+    with pytest.raises(NoCloudletAvailable, match="no cloudlet announced itself on the broker"):
+        asyncio.run(run())
