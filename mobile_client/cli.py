@@ -28,6 +28,7 @@ from cloudlet.commands.callspec import (
 from cloudlet.errors import CloudletError, ConfigError
 from cloudlet.trust.cluster import SECRET_FILE, cluster_tokens, default_metro_dir
 from mobile_client.client import POLICIES, CloudletClient
+from mobile_client.session import Session
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 DISCOVERY_WAIT_S = 3.0
@@ -130,12 +131,20 @@ def cmd_session(args: argparse.Namespace) -> int:
                     print(format_result(result), flush=True)
                     print(f"  {(time.perf_counter() - started) * 1000:.2f} ms",
                           file=sys.stderr)
-                st = s.stats()
-                print(f"{st.calls} calls: p50 {st.p50_ms:.2f} ms, p99 {st.p99_ms:.2f} ms, "
-                      f"{st.within_budget:.0%} within {args.budget_ms:g} ms; "
-                      f"{st.moves_followed} moves followed", file=sys.stderr)
+                print(_summary(s, args.budget_ms, failures), file=sys.stderr)
         return 1 if failures else 0
     return asyncio.run(run())
+
+
+def _summary(s: Session, budget_ms: float, failures: int) -> str:
+    """The session's last line: latencies of the calls answered (none: said so)."""
+    st = s.stats()
+    failed = f", {failures} failed" if failures else ""
+    if not st.calls or st.p50_ms != st.p50_ms:  # NaN: no call was answered
+        return f"no call answered{failed}; {st.moves_followed} moves followed"
+    return (f"{st.calls} calls{failed}: p50 {st.p50_ms:.2f} ms, p99 {st.p99_ms:.2f} ms, "
+            f"{st.within_budget:.0%} within {budget_ms:g} ms; "
+            f"{st.moves_followed} moves followed")
 
 
 def _call_args(fn: str, raw: list[str]) -> list[int | float | bytes]:

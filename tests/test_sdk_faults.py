@@ -1111,6 +1111,12 @@ def test_cli_huge_integer_argument(cluster: Callable[..., Daemon]) -> None:
                stdin=f"kv_put {2**64} 1\nkv_put 1 1\n")
     assert "Traceback" not in out.stderr, out.stderr
     assert out.stdout.splitlines()[-1] == "1", out.stdout  # the session survives
+    # A session whose only call failed says so, rather than printing NaN latencies.
+    out = _cli(["session", "--endpoint", d.endpoint, str(KVSTORE)], token,
+               stdin=f"kv_put {2**64} 1\n")
+    assert out.returncode == 1
+    assert "nan" not in out.stderr.lower(), out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "no call answered, 1 failed; 0 moves followed"
 
 
 def test_offload_deadline_is_a_typed_error(cluster: Callable[..., Daemon]) -> None:
