@@ -55,6 +55,9 @@ from tests.metro import (
     wait_until,
 )
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 KVSTORE = WORKLOADS / "kvstore.wasm"
 
 

@@ -38,6 +38,9 @@ from tests.mqtt_brokers import (
     require_binary,
 )
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 T = TypeVar("T")
 Received = tuple[str, bytes, bool]  # topic, payload, retain flag
 

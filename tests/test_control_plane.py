@@ -17,6 +17,7 @@ from typing import Any
 
 import aiomqtt
 import msgpack
+import pytest
 
 from cloudlet.protocol import command_message
 from cloudlet.trust.sealed import seal
@@ -29,6 +30,9 @@ from tests.daemons import (
     sealed_body,
 )
 from tests.mqtt_brokers import Mosquitto, address, require_binary
+
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
 
 P = "cloudlet/v1"
 Message = tuple[str, Any, bool]  # topic, decoded payload (None if empty), retained

@@ -18,6 +18,9 @@ from cloudlet.vm import VM, ImageStore, Snapshot
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 KV = (WORKLOADS / "kvstore.wasm").read_bytes()
 HOG = (WORKLOADS / "memhog.wasm").read_bytes()
 

@@ -34,6 +34,9 @@ from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, free_port, make_daemon
 from tests.mqtt_brokers import in_ci
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 KV = (WORKLOADS / "kvstore.wasm").read_bytes()
 HOG = (WORKLOADS / "memhog.wasm").read_bytes()
 DISK_SIZE = "8m"  # room for a daemon's images and a few small VMs; filled in a blink

@@ -22,6 +22,9 @@ from edge_agent.emulation.scaling import choose_factor, scaled
 from edge_agent.emulation.scenario_file import dumps, resolved_tables
 from edge_agent.emulation.world import replay
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SCENARIO = """

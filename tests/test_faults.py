@@ -27,6 +27,9 @@ import cloudlet.errors as err
 from cloudlet.vm import VM, ImageStore, Snapshot, VMLimits
 from tests.conftest import WORKLOADS, wat, wat_file
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TYPED = (err.SnapshotError, err.VMMemoryLimit)  # all that a bad snapshot may raise

@@ -17,6 +17,9 @@ import pytest
 
 from fuzz import runner
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 SECONDS_PER_TARGET = 6
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 

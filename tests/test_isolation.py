@@ -31,6 +31,9 @@ from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon
 from tests.guests import slow_boot_image
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 KV = (WORKLOADS / "kvstore.wasm").read_bytes()
 HOG = (WORKLOADS / "memhog.wasm").read_bytes()
 VDI = (WORKLOADS / "vdi.wasm").read_bytes()

@@ -34,6 +34,9 @@ from tests.daemons import Daemon, make_daemon, sealed_body
 from tests.migration_proxy import MigrationProxy, Trigger
 from tests.mqtt_brokers import address
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 KVSTORE = WORKLOADS / "kvstore.wasm"
 SETTINGS: dict[str, Any] = {"migration_deadline_s": 1.5, "checkpoint_interval_s": 0.3}
 SETTLE_S = 20.0  # a restarted destination asks the source once a second

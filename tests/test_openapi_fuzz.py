@@ -59,7 +59,9 @@ MAX_EXAMPLES = int(os.environ.get("CLOUDLET_FUZZ_EXAMPLES", "20"))
 REQUEST_TIMEOUT_S = 20.0  # past the daemon's own 10 s deadline: a hang is ours to see
 EXAMPLE_DEADLINE_MS = 30_000  # hypothesis's bound on one example (two requests at most)
 # Each operation's test (about a second each here): one that hangs fails, not CI.
-pytestmark = pytest.mark.timeout(int(os.environ.get("CLOUDLET_FUZZ_TIMEOUT_S", "120")))
+# Starts a daemon: not in the fast subset (-m 'not slow').
+pytestmark = [pytest.mark.timeout(int(os.environ.get("CLOUDLET_FUZZ_TIMEOUT_S", "120"))),
+              pytest.mark.slow]
 
 
 def _plain(value: Any) -> Any:

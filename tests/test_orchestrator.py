@@ -43,6 +43,9 @@ from tests.daemons import Daemon, make_daemon, sealed_body
 from tests.metro import NODES, accepts, running_metro, wait_until
 from tests.mqtt_brokers import address, free_port, require_binary
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 KVSTORE = WORKLOADS / "kvstore.wasm"
 P = "cloudlet/v1"
 POSITIONS = {"west": (0.0, 0.0), "east": (2500.0, 0.0), "north": (0.0, 2500.0)}

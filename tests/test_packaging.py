@@ -6,9 +6,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from cloudlet.trust.client_tokens import ClientTokens
 from cloudlet.trust.keys import SigningKey
 from tests.conftest import ROOT
+
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
 
 # Runs `cloudlet ARGS` in a Python where the extras' packages cannot be imported.
 WITHOUT_EXTRAS = """

@@ -15,12 +15,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloudlet.commands.vm import apply_call
 from cloudlet.vm import VM, Image, ImageStore, Snapshot
 from tests.conftest import WORKLOAD_NAMES, WORKLOADS, wat_file
+
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
 
 SEED_HEX = "ab" * 32
 SETTINGS = settings(max_examples=12, deadline=None,

@@ -34,6 +34,9 @@ from tests.conftest import ROOT, WORKLOADS
 from tests.daemons import Daemon, make_daemon
 from tests.mqtt_brokers import address
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 KVSTORE = WORKLOADS / "kvstore.wasm"
 MEMHOG = WORKLOADS / "memhog.wasm"
 

@@ -18,6 +18,9 @@ from mobile_client import CloudletClient, Session
 from tests.daemons import Daemon, make_daemon
 from tests.test_sdk import KVSTORE, kv_op, twin_checksum
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def two_daemons(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:

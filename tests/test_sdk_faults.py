@@ -60,6 +60,9 @@ from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon
 from tests.tcp_proxy import LoopbackProxy, reset, until_either_ends
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 KVSTORE = WORKLOADS / "kvstore.wasm"
 CLI = [sys.executable, "-m", "cloudlet.cli"]
 

@@ -18,6 +18,9 @@ from cloudlet.protocol import ALL_POSITIONS, decode_report, position_topic, repo
 from mobile_client import CloudletClient
 from tests.metro import Metro, generated_mosquitto, mqtt, running_metro
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def metro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metro]:

@@ -61,6 +61,9 @@ from tests.metro import (
     where_is,
 )
 
+# Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 # --- an outside server -------------------------------------------------------------------
 
 
