@@ -28,6 +28,7 @@ from cloudlet import errors
 from cloudlet.errors import CloudletError
 from cloudlet.migration.messages import MAX_MESSAGE_BYTES
 from cloudlet.protocol import Location
+from cloudlet.tasks import own
 from cloudlet.trust import proof
 from cloudlet.trust.sealed import Identity
 from edge_agent.auth import Authority, Principal
@@ -78,9 +79,9 @@ class OpenStreams:
         reconnects to `where` and resends what was not answered."""
         notice = msgpack.packb({"id": None, "moved": {"vm": vm_id, **where.to_wire()}})
         for ws in list(self.by_vm.get(vm_id, ())):
-            task = asyncio.get_running_loop().create_task(_notify_and_close(ws, notice))
-            self._closing.add(task)  # owned here until done; shutdown waits for them
-            task.add_done_callback(self._closing.discard)
+            # Owned here until done; shutdown waits for them.
+            own(self._closing, _notify_and_close(ws, notice), f"telling a stream VM {vm_id} "
+                "moved", log)
 
     async def drain(self) -> None:
         if self._closing:

@@ -55,6 +55,7 @@ from cloudlet.migration import (
 )
 from cloudlet.migration.chunkstore import chunk_digests
 from cloudlet.protocol import Location
+from cloudlet.tasks import own
 from cloudlet.vm import VM, Snapshot
 from cloudlet.vm.chunks import CHUNK_BYTES
 from edge_agent.peer_client import PeerClient
@@ -292,9 +293,7 @@ class LiveMigrations:
             incoming.discard()
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)  # owned: `close()` cancels what is left
-        task.add_done_callback(self._tasks.discard)
+        own(self._tasks, coro, "a migration's background step", log)  # `close()` cancels
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -693,8 +693,11 @@ class VMHost:
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
+            try:
                 await write
+            except Exception as exc:  # the VM is going anyway; the write's fate is logged
+                log.warning("checkpoint of VM %s during its removal failed: %r", hosted.id,
+                            exc)
             if write.done() and not write.cancelled() and write.exception() is None:
                 self._checkpoint_path(hosted.id).unlink(missing_ok=True)
             raise

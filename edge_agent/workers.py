@@ -107,10 +107,12 @@ class FairPool:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
+            try:
                 result = await future
                 if on_orphan is not None:
                     on_orphan(result)
+            except Exception as exc:  # nobody waits for it any more: say it failed
+                log.warning("work abandoned by its caller failed: %r", exc)
             raise
 
     async def _admit(self, client: str) -> None:

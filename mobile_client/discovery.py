@@ -41,6 +41,7 @@ from cloudlet.protocol import (
     report_message,
     rtt_topic,
 )
+from cloudlet.tasks import own
 from cloudlet.trust.certs import CertificateVerifier
 from cloudlet.trust.gate import ControlGate, DropLog, claimed_sender
 
@@ -178,15 +179,10 @@ class Discovery:
         client = self._mqtt
         if client is None:
             return
-        task = asyncio.get_running_loop().create_task(self._subscribe(client, vm_id))
-        self._subscribing.add(task)  # owned: cancelled on exit
-        task.add_done_callback(self._subscribing.discard)
-
-    @staticmethod
-    async def _subscribe(client: Any, vm_id: str) -> None:
-        # A subscribe lost with the connection is redone on reconnect (see `_run`).
-        with contextlib.suppress(Exception):
-            await client.subscribe(location_topic(vm_id), qos=1)
+        # Owned: cancelled on exit. A subscribe lost with the connection is redone on
+        # reconnect (see `_run`); a failure is logged when the task ends.
+        own(self._subscribing, client.subscribe(location_topic(vm_id), qos=1),
+            f"subscribing to VM {vm_id}'s location", log)
 
     async def publish_rtt(self, rtt_ms: dict[str, float]) -> None:
         """Tell the placer what this client measured (`clients/{client}/rtt`)."""

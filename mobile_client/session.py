@@ -50,6 +50,7 @@ from cloudlet.errors import (
     VMNotFound,
     error_from_wire,
 )
+from cloudlet.tasks import own
 from mobile_client.transport import Http, Location
 
 log = logging.getLogger(__name__)
@@ -170,8 +171,10 @@ class Session:
             await self._ws.close()
             self._ws = None
         for task in list(self._closing):
-            with contextlib.suppress(Exception):
+            try:
                 await task
+            except Exception as exc:  # closing an old stream: logged, not fatal
+                log.debug("closing an old stream of VM %s failed: %r", self.vm_id, exc)
         for p in self._pending.values():
             if not p.future.done():
                 p.future.set_exception(SessionLost(f"session of VM {self.vm_id} was closed"))
@@ -397,9 +400,7 @@ class Session:
         ws = self._ws
         if ws is not None:
             # Ending the stream makes `_run` reconnect to the new location.
-            task = asyncio.get_running_loop().create_task(ws.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            own(self._closing, ws.close(), f"closing the stream of VM {self.vm_id}", log)
 
     async def _resend(self, ws: aiohttp.ClientWebSocketResponse, vm_seq: int | None) -> None:
         """Bring the VM up to date: journaled calls it lost (a rollback), then every

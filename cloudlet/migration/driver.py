@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -63,6 +64,8 @@ ABORT_NOTICE_DEADLINE_S = 1.0  # telling the peer we gave up is best effort
 # What a failing channel raises (a protocol error here is a channel's framing check).
 _CHANNEL_ERRORS = (MigrationChannelLost, MigrationProtocolError, ConnectionError, OSError,
                    EOFError, asyncio.IncompleteReadError)
+
+log = logging.getLogger(__name__)
 
 
 class Channel(Protocol):
@@ -265,10 +268,14 @@ async def run_destination(channel: Channel, images: ImageSource, store: ChunkSto
             try:
                 if isinstance(ev, Done):
                     if mig.state.value == "in_doubt" and resolve is not None:
-                        with suppress(Exception):
+                        try:
                             async with asyncio.timeout(deadline_s):
                                 mig.resolve(await resolve(mig.migration_id))
                             continue
+                        except Exception as exc:  # it stays in doubt; said, not hidden
+                            log.warning("migration %s stays in doubt: asking its source "
+                                        "failed (%r); it is asked again at restart",
+                                        mig.migration_id, exc)
                     break
                 if isinstance(ev, Send | NeedData):
                     data = await _exchange(ev, channel, deadline_s)

@@ -11,7 +11,6 @@ for it from the scenario's (scaled) workload and the path's bandwidth.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -92,5 +91,7 @@ async def listen(broker_url: str, login: tuple[str, str], into: MigrationLog,
                 continue
             body = _body(payload)
             if body is not None:
-                with contextlib.suppress(Exception):
+                try:
                     into.note(ref.name, body)
+                except Exception as exc:  # one odd event must not end the listener
+                    log.warning("an event of %s could not be recorded: %r", ref.name, exc)
