@@ -104,6 +104,17 @@ class _CredentialsAuth(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no 
         return user_ok and password_ok
 
 
+class _DropRecords(logging.Filter):
+    """Drops log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 @dataclass(frozen=True)
 class ClusterAccess:
     """What the embedded broker needs to admit exactly the cluster."""
@@ -448,12 +459,19 @@ class EmbeddedBroker:
         broker = _PatchedBroker(_broker_config(self._host, self._port, self._username,
                                                self._password, self._cluster),
                                 cluster=self._cluster is not None)
+        # amqtt logs a failed start with a traceback before raising; the caller's one
+        # line (below) says all of it, so that record is kept out of the user's way.
+        quiet = _DropRecords("Broker startup failed")
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_log.addFilter(quiet)
         try:
             await broker.start()
         except BrokerError as exc:
             await broker.plugins_manager.close()
             raise ConfigError(f"cannot start the embedded MQTT broker on "
                               f"{self._host}:{self._port}: {exc.__cause__ or exc}") from exc
+        finally:
+            amqtt_log.removeFilter(quiet)
         self._port = broker.bound_port()
         self._broker = broker
         return self

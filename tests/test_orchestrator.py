@@ -511,3 +511,19 @@ def test_cloudlet_up_refuses_an_unknown_policy(tmp_path: Path) -> None:
                           timeout=30)
     assert done.returncode == 1
     assert "--policy 'psychic' is not a policy" in done.stderr
+
+
+def test_cloudlet_up_on_a_busy_broker_port_says_so_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "cloudlet.cli", "up", "--broker-port",
+                               str(port), "--state-dir", str(tmp_path)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("cloudlet: error [config_error]: cannot start the embedded MQTT")
