@@ -65,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def subcommands(group: argparse.ArgumentParser
+                ) -> argparse._SubParsersAction[argparse.ArgumentParser] | None:
+    """A command group's subcommands, for a package that adds its own to a group
+    another registered (the SDK adds `vm ls|create|call|destroy` to the runtime's
+    `vm`); None for a parser that is no group (e.g. the stand-in for a missing extra)."""
+    for action in group._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
 def _needs(extra: str, module: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         raise MissingDependency(f"this command needs {module}: pip install 'cloudlet[{extra}]'")

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from cloudlet.commands.callspec import (
     bytes_arg,
@@ -55,7 +56,48 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(session)
     session.add_argument("image", metavar="IMAGE.wasm")
     session.add_argument("--budget-ms", type=float, default=30.0)
+    session.add_argument("--keep", action="store_true",
+                         help="keep the VM when the session ends (cloudlet vm call/destroy "
+                              "reach it later)")
     session.set_defaults(handler=cmd_session)
+    _register_vm_commands(sub)
+
+
+def _register_vm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`cloudlet vm ls|create|call|destroy`: this client's VMs on the cloudlets, added to
+    the `vm` group of the VM runtime's commands (`cloudlet vm run|inspect`)."""
+    from cloudlet.cli import subcommands
+
+    group = sub.choices.get("vm")
+    vm_sub = subcommands(group) if group is not None else None
+    if vm_sub is None:
+        return  # the runtime's `vm` group is not installed: its stand-in says so
+    ls = vm_sub.add_parser("ls", help="list this client's VMs on every known cloudlet")
+    _common(ls)
+    ls.set_defaults(handler=cmd_vm_ls)
+    create = vm_sub.add_parser("create", help="create a VM on a cloudlet; print its id",
+                               description="Create a VM of IMAGE.wasm on cloudlet --node, "
+                                           "or on the one with the lowest RTT; print its id "
+                                           "and where it is. It lives until destroyed.")
+    _common(create)
+    create.add_argument("image", metavar="IMAGE.wasm")
+    create.add_argument("--node", metavar="NODE", help="the cloudlet (default: nearest)")
+    create.add_argument("--memory-mib", type=int, help="memory cap of the VM")
+    create.set_defaults(handler=cmd_vm_create)
+    call = vm_sub.add_parser("call", help="apply one call to a VM on a cloudlet",
+                             description="Apply FN ARG... to this client's VM, wherever it "
+                                         "is (exactly once, as a session does); print the "
+                                         "result.")
+    _common(call)
+    call.add_argument("vm", metavar="VM")
+    call.add_argument("fn", metavar="FN")
+    call.add_argument("args", nargs="*", metavar="ARG",
+                      help="numbers, or one bytes argument: s:TEXT, x:HEX or @FILE")
+    call.set_defaults(handler=cmd_vm_call)
+    destroy = vm_sub.add_parser("destroy", help="destroy a VM on a cloudlet")
+    _common(destroy)
+    destroy.add_argument("vm", metavar="VM")
+    destroy.set_defaults(handler=cmd_vm_destroy)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +156,8 @@ def cmd_session(args: argparse.Namespace) -> int:
         failures = 0
         async with _client(args) as client:
             await _discovered(client)
-            async with client.session(args.image, budget_ms=args.budget_ms) as s:
+            async with client.session(args.image, budget_ms=args.budget_ms,
+                                      keep=args.keep) as s:
                 print(f"session: VM {s.vm_id} on {s.location.node}", file=sys.stderr)
                 loop = asyncio.get_running_loop()
                 while line := await loop.run_in_executor(None, sys.stdin.readline):
@@ -134,6 +177,53 @@ def cmd_session(args: argparse.Namespace) -> int:
                 print(_summary(s, args.budget_ms, failures), file=sys.stderr)
         return 1 if failures else 0
     return asyncio.run(run())
+
+
+def cmd_vm_ls(args: argparse.Namespace) -> int:
+    async def run() -> list[tuple[Any, dict[str, Any]]]:
+        async with _client(args) as client:
+            return await client.list_vms()
+
+    found = asyncio.run(run())
+    print(f"{'VM':<18} {'CLOUDLET':<14} {'SEQ':>6} {'MEMORY':>10}  IMAGE")
+    for info, vm in found:
+        mib = int(vm.get("memory_bytes", 0)) / (1 << 20)
+        print(f"{vm.get('vm', '?'):<18} {info.node:<14} {vm.get('seq', 0):>6} "
+              f"{mib:>7.1f} MiB  {str(vm.get('image', ''))[:19]}")
+    return 0
+
+
+def cmd_vm_create(args: argparse.Namespace) -> int:
+    limits = {"memory_bytes": args.memory_mib << 20} if args.memory_mib else None
+
+    async def run() -> tuple[str, Any]:
+        async with _client(args) as client:
+            return await client.create_vm(args.image, node=args.node, limits=limits)
+
+    vm_id, where = asyncio.run(run())
+    print(f"{vm_id} {where.node} {where.endpoint}")
+    return 0
+
+
+def cmd_vm_call(args: argparse.Namespace) -> int:
+    async def run() -> Any:
+        async with _client(args) as client:
+            where = await client.find_vm(args.vm)
+            async with client.attach(args.vm, where.endpoint) as s:
+                return await s.call(args.fn, *_call_args(args.fn, args.args))
+
+    print(format_result(asyncio.run(run())))
+    return 0
+
+
+def cmd_vm_destroy(args: argparse.Namespace) -> int:
+    async def run() -> Any:
+        async with _client(args) as client:
+            return await client.destroy_vm(args.vm)
+
+    where = asyncio.run(run())
+    print(f"destroyed {args.vm} on {where.node}", file=sys.stderr)
+    return 0
 
 
 def _summary(s: Session, budget_ms: float, failures: int) -> str:

@@ -343,6 +343,60 @@ class CloudletClient:
                 continue
         return None
 
+    # --- managing VMs -------------------------------------------------------------------
+
+    async def list_vms(self) -> list[tuple[CloudletInfo, dict[str, Any]]]:
+        """This client's VMs on every known cloudlet, with what each says of them."""
+        await self._first_cloudlet()
+        await self.prober.ranked()  # the fixed list's cloudlets are known once probed
+        found: list[tuple[CloudletInfo, dict[str, Any]]] = []
+        for info in self.discovery.candidates():
+            try:
+                listed = await self.http.request("GET", info.location, "/v1/vms")
+            except CloudletError as exc:
+                log.info("cannot list VMs on %s: %s", info.node, exc.message)
+                continue
+            found.extend((info, vm) for vm in listed.get("vms", []) if isinstance(vm, dict))
+        return found
+
+    async def create_vm(self, image: ImageRef, *, node: str | None = None,
+                        limits: dict[str, Any] | None = None) -> tuple[str, Location]:
+        """A VM of `image` that outlives this client (`attach` reaches it later), on
+        cloudlet `node` or the best one: (its id, where it is)."""
+        digest, _ = self.image(image)
+        await self._first_cloudlet()
+        ranked = await self.prober.ranked()
+        if node is not None:
+            ranked = [(i, r) for i, r in ranked if i.node == node]
+            if not ranked:
+                raise NoCloudletAvailable(f"no reachable cloudlet named {node!r} (known: "
+                                          f"{[c.node for c in self.discovery.candidates()]})")
+        if not ranked:
+            self._raise_unreachable()
+        for info, _ in ranked:
+            try:
+                created = await self._create_vm(info.location, digest, limits, "real")
+                return str(created["vm"]), info.location
+            except (CapacityExceeded, StorageFull) as exc:
+                log.info("%s cannot take the VM (%s); trying the next", info.node, exc.message)
+        raise NoCloudletAvailable("every reachable cloudlet refused the VM (full)")
+
+    async def find_vm(self, vm_id: str) -> Location:
+        """Where this client's VM `vm_id` is now (`VMNotFound` if no known cloudlet has it)."""
+        await self._first_cloudlet()
+        await self.prober.ranked()
+        where = await self._locate(vm_id)
+        if where is None:
+            raise VMNotFound(f"no known cloudlet has VM {vm_id} of client {self.name} (known: "
+                             f"{[c.node for c in self.discovery.candidates()]})")
+        return where
+
+    async def destroy_vm(self, vm_id: str) -> Location:
+        """Destroy this client's VM `vm_id`, wherever it is; returns where it was."""
+        where = await self.find_vm(vm_id)
+        await self.http.delete_vm(where, vm_id)
+        return where
+
     # --- one-shot offload ---------------------------------------------------------------
 
     async def offload(self, image: ImageRef, fn: str, payload: Payload = (), *,

@@ -1135,3 +1135,36 @@ def test_offload_deadline_is_a_typed_error(cluster: Callable[..., Daemon]) -> No
     _one_line_error(_cli(["offload", "--endpoint", d.endpoint, "--deadline-ms", "0.001",
                           str(KVSTORE), "kv_count"], token), "call_timeout")
 
+
+
+def test_cli_manages_vms_on_cloudlets(cluster: Callable[..., Daemon]) -> None:
+    """`cloudlet vm create|ls|call|destroy` against a real cloudlet, and a kept session."""
+    d = cluster("vmcli")
+    token = d.token("gil")
+    ep = ["--endpoint", d.endpoint]
+    out = _cli(["vm", "create", *ep, str(KVSTORE)], token)
+    assert out.returncode == 0, out.stderr
+    vm_id, node, endpoint = out.stdout.split()
+    assert node == "vmcli" and endpoint == d.endpoint
+    out = _cli(["vm", "ls", *ep], token)
+    assert out.returncode == 0 and vm_id in out.stdout and "vmcli" in out.stdout, out.stdout
+    assert _cli(["vm", "call", *ep, vm_id, "kv_put", "3", "30"], token).returncode == 0
+    out = _cli(["vm", "call", *ep, vm_id, "kv_get", "3"], token)
+    assert out.returncode == 0 and out.stdout.strip() == "30", out.stderr
+    out = _cli(["vm", "ls", *ep], d.token("hal"))  # another client sees none of it
+    assert vm_id not in out.stdout
+    _one_line_error(_cli(["vm", "call", *ep, vm_id, "kv_get", "3"], d.token("hal")),
+                    "vm_not_found")
+    out = _cli(["vm", "destroy", *ep, vm_id], token)
+    assert out.returncode == 0, out.stderr
+    assert vm_id not in _cli(["vm", "ls", *ep], token).stdout
+    _one_line_error(_cli(["vm", "destroy", *ep, vm_id], token), "vm_not_found")
+    # A session kept beyond its end is there to call afterwards.
+    out = _cli(["session", "--keep", *ep, str(KVSTORE)], token, stdin="kv_put 1 11\n")
+    assert out.returncode == 0, out.stderr
+    kept = out.stderr.split("session: VM ")[1].split()[0]
+    out = _cli(["vm", "call", *ep, kept, "kv_get", "1"], token)
+    assert out.stdout.strip() == "11", out.stderr
+    assert _cli(["vm", "destroy", *ep, kept], token).returncode == 0
+    assert vms_of(d, token) == []
+    assert_healthy(d)

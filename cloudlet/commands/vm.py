@@ -1,5 +1,8 @@
 """`cloudlet vm run` and `cloudlet vm inspect`: try VMs and snapshots by hand.
 
+(`cloudlet vm ls|create|call|destroy`, which act on cloudlets, are the SDK's:
+mobile_client/cli.py adds them to this group.)
+
 A call is written `"FN ARG..."`. Numeric arguments are converted by the
 function's signature (decimal or 0x-hex integers, floats). A bytes function
 (`(i32, i32) -> i64`, see docs/abi.md) takes one argument: `s:TEXT` (UTF-8),
@@ -27,7 +30,8 @@ _INT_RANGE = {"i32": (-(1 << 31), (1 << 32) - 1), "i64": (-(1 << 63), (1 << 64) 
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    vm = sub.add_parser("vm", help="run VMs and inspect snapshots")
+    vm = sub.add_parser("vm", help="run VMs and inspect snapshots here, or manage them on "
+                                   "cloudlets")
     vm_sub = vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND")
     vm_sub.required = True
 
