@@ -28,3 +28,10 @@ def test_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         exec(compile(block, "README.md", "exec"), {})
     assert (tmp_path / "base.snap").exists()
     assert os.listdir(tmp_path / "home" / "images")
+
+
+def test_ci_runs_exactly_the_readmes_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci.startswith("apt-get update") and "pytest" in ci
+    assert f"```sh\n{ci}\n```" in readme, "the README's test command and .ci/run differ"
