@@ -124,12 +124,10 @@ def _token(args: argparse.Namespace) -> str:
 
 def _client(args: argparse.Namespace, policy: str = "remote") -> CloudletClient:
     broker = None if args.endpoint else (args.broker or DEFAULT_BROKER)
-    return CloudletClient(_token(args), endpoints=args.endpoint, broker=broker, policy=policy)
-
-
-async def _discovered(client: CloudletClient) -> None:
-    if client.discovery.broker:
-        await client.discovery.wait_for(lambda d: bool(d.online()), DISCOVERY_WAIT_S)
+    # The client waits up to DISCOVERY_WAIT_S for a first cloudlet's presence, and
+    # names the broker if none comes.
+    return CloudletClient(_token(args), endpoints=args.endpoint, broker=broker, policy=policy,
+                          discovery_wait_s=DISCOVERY_WAIT_S)
 
 
 def _payload(fn: str, raw: list[str]) -> bytes | list[int | float]:
@@ -141,7 +139,6 @@ def _payload(fn: str, raw: list[str]) -> bytes | list[int | float]:
 def cmd_offload(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _client(args, args.policy) as client:
-            await _discovered(client)
             out = await client.offload(args.image, args.fn, _payload(args.fn, args.args),
                                        deadline_ms=args.deadline_ms)
         print(format_result(out.value))
@@ -154,27 +151,25 @@ def cmd_offload(args: argparse.Namespace) -> int:
 def cmd_session(args: argparse.Namespace) -> int:
     async def run() -> int:
         failures = 0
-        async with _client(args) as client:
-            await _discovered(client)
-            async with client.session(args.image, budget_ms=args.budget_ms,
-                                      keep=args.keep) as s:
-                print(f"session: VM {s.vm_id} on {s.location.node}", file=sys.stderr)
-                loop = asyncio.get_running_loop()
-                while line := await loop.run_in_executor(None, sys.stdin.readline):
-                    if not line.strip() or line.lstrip().startswith("#"):
-                        continue
-                    started = time.perf_counter()
-                    try:
-                        fn, raw = split_call(line)
-                        result = await s.call(fn, *_call_args(fn, raw))
-                    except CloudletError as exc:
-                        failures += 1
-                        print(f"error [{exc.code}]: {exc.message}", flush=True)
-                        continue
-                    print(format_result(result), flush=True)
-                    print(f"  {(time.perf_counter() - started) * 1000:.2f} ms",
-                          file=sys.stderr)
-                print(_summary(s, args.budget_ms, failures), file=sys.stderr)
+        async with _client(args) as client, \
+                client.session(args.image, budget_ms=args.budget_ms, keep=args.keep) as s:
+            print(f"session: VM {s.vm_id} on {s.location.node}", file=sys.stderr)
+            loop = asyncio.get_running_loop()
+            while line := await loop.run_in_executor(None, sys.stdin.readline):
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                started = time.perf_counter()
+                try:
+                    fn, raw = split_call(line)
+                    result = await s.call(fn, *_call_args(fn, raw))
+                except CloudletError as exc:
+                    failures += 1
+                    print(f"error [{exc.code}]: {exc.message}", flush=True)
+                    continue
+                print(format_result(result), flush=True)
+                print(f"  {(time.perf_counter() - started) * 1000:.2f} ms",
+                      file=sys.stderr)
+            print(_summary(s, args.budget_ms, failures), file=sys.stderr)
         return 1 if failures else 0
     return asyncio.run(run())
 
