@@ -360,3 +360,13 @@ def test_cli_sim_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixtu
     # Errors: one line naming the problem, exit 1.
     assert main(["sim", str(METRO), "--policies", "never,psychic", "--no-progress"]) == 1
     assert "psychic" in capsys.readouterr().err
+
+
+def test_the_map_says_how_many_users_it_draws() -> None:
+    from cloudlet.sim.report import map_title
+
+    path = ROOT / "configs" / "sim" / "small-metro.toml"
+    some = simulate(dataclasses.replace(load_scenario(path), duration_s=20, trajectories=12))
+    assert "trajectories of 12 of 40 users (scenario.trajectories)" in map_title(some)
+    every = simulate(dataclasses.replace(load_scenario(path), duration_s=20, trajectories=64))
+    assert "trajectories of all 40 users" in map_title(every)

@@ -79,6 +79,7 @@ class SimResult:
     world_wall_s: float
     trajectories: NDArray[np.float32]  # (ticks, k, 2), NaN while a slot is empty
     trace: TraceInfo | None
+    users: int = 0  # user slots the run had (a trace's vehicles, or the mobility's users)
 
 
 def _grow(a: Any, size: int, fill: Any) -> Any:
@@ -661,4 +662,4 @@ def _run(sc: Scenario, st: Setting, progress: bool) -> SimResult:
     results = {r.policy.name: r.result(world_s, user_steps) for r in runs}
     return SimResult(scenario=sc, topology=topology, extent_m=extent, policies=results,
                      ticks=ticks, user_steps=user_steps, world_wall_s=world_s,
-                     trajectories=traj, trace=info)
+                     trajectories=traj, trace=info, users=world.slots)

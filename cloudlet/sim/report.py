@@ -50,6 +50,17 @@ def summary(result: SimResult) -> dict[str, Any]:
     }
 
 
+def map_title(result: SimResult) -> str:
+    """Says how many of the users the map draws (`[scenario] trajectories` of them)."""
+    sc, topo = result.scenario, result.topology
+    drawn = int(np.count_nonzero(~np.isnan(result.trajectories[:, :, 0]).all(axis=0)))
+    users = max(result.users, drawn)
+    who = f"all {users} users" if drawn >= users else (
+        f"{drawn} of {users} users (scenario.trajectories)")
+    return (f"{sc.name}: {topo.size} cloudlets (access range "
+            f"{topo.network.latency.access_range_m:g} m)\ntrajectories of {who}")
+
+
 def write_outputs(result: SimResult, out: Path, plots: bool = True) -> list[Path]:
     """summary.json, timeline-POLICY.csv per policy and the PNG plots, in `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -167,12 +178,17 @@ def write_plots(result: SimResult, out: Path) -> list[Path]:
     ax.legend(fontsize=8)
     written.append(_save(fig, out / "violations.png"))
 
-    # Migrations over time (cumulative), ping-pongs dashed.
+    # Migrations over time (cumulative), ping-pongs dashed. Policies often make the
+    # same moves at first: each line is drawn narrower than the one before, on top of
+    # it, so one that runs along another still shows (as a stripe inside it).
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for name, p in result.policies.items():
+    widths = np.linspace(4.0, 1.2, max(len(result.policies), 1))
+    for k, (name, p) in enumerate(result.policies.items()):
         tl = p.timeline
-        ax.plot(t_min, np.cumsum(tl[:, ci["migrations_started"]]), label=f"{name}",
-                color=colours[name])
+        started = np.cumsum(tl[:, ci["migrations_started"]])
+        ax.plot(t_min, started, label=f"{name} ({int(started[-1]) if len(started) else 0})",
+                color=colours[name], linewidth=float(widths[k]), zorder=2 + k,
+                drawstyle="steps-post")
         pp = np.cumsum(tl[:, ci["ping_pongs"]])
         if pp[-1] > 0:
             ax.plot(t_min, pp, color=colours[name], linestyle="--", linewidth=1,
@@ -213,8 +229,7 @@ def write_plots(result: SimResult, out: Path) -> list[Path]:
     ax.set_aspect("equal")
     ax.set_xlabel("x (m)")
     ax.set_ylabel("y (m)")
-    ax.set_title(f"{sc.name}: {topo.size} cloudlets (access range {rng_m:g} m), "
-                 f"{traj.shape[1]} trajectories", fontsize=10)
+    ax.set_title(map_title(result), fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
     written.append(_save(fig, out / "map.png"))
     return written
