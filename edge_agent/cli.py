@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
 from cloudlet.errors import ConfigError
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+# The broker the client commands use when --broker is not given: a metro started with
+# --broker-port, or a broker elsewhere, is named once for a whole shell session.
+BROKER_ENV = "CLOUDLET_BROKER"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -74,7 +78,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     migrate.add_argument("vm", metavar="VM")
     migrate.add_argument("--to", required=True, metavar="NODE")
     migrate.add_argument("--mode", choices=("live", "stop_and_copy"), default="live")
-    migrate.add_argument("--broker", default=DEFAULT_BROKER, metavar="mqtt://HOST:PORT")
+    migrate.add_argument("--broker", default=_default_broker(), metavar="mqtt://HOST:PORT",
+                         help=f"the cluster's broker (default ${BROKER_ENV}, "
+                              f"else {DEFAULT_BROKER})")
     migrate.add_argument("--state-dir", metavar="DIR",
                          help="where the cluster secret is (default: as for 'up')")
     migrate.add_argument("--json", action="store_true", help="print the measurements as JSON")
@@ -84,7 +90,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                             description="Log in to the broker as the cluster's operator and "
                                         "list the cloudlets and VMs it knows, believing only "
                                         "signed presences and locations.")
-    status.add_argument("--broker", default=DEFAULT_BROKER, metavar="mqtt://HOST:PORT")
+    status.add_argument("--broker", default=_default_broker(), metavar="mqtt://HOST:PORT",
+                        help=f"the cluster's broker (default ${BROKER_ENV}, "
+                              f"else {DEFAULT_BROKER})")
     status.add_argument("--state-dir", metavar="DIR",
                         help="the cluster's files (default: as for 'up')")
     status.add_argument("--wait-s", type=float, default=1.0,
@@ -109,6 +117,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     files.add_argument("--listener", default="127.0.0.1:1883", metavar="HOST:PORT",
                        help="where Mosquitto listens (default 127.0.0.1:1883)")
     files.set_defaults(handler=cmd_broker_config)
+
+
+def _default_broker() -> str:
+    return os.environ.get(BROKER_ENV) or DEFAULT_BROKER
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

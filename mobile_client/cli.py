@@ -4,9 +4,9 @@
     cloudlet session [--endpoint URL] IMAGE.wasm        (one call per stdin line)
 
 Cloudlets are found at `--endpoint` (repeatable), else through `--broker`
-(default: the broker of `cloudlet up`). The token is `--token`, else
-`$CLOUDLET_TOKEN`, else, on a machine that runs the cloudlets (`cloudlet up`),
-one minted from the metro's secret for client `--client`.
+(default `$CLOUDLET_BROKER`, else the address of `cloudlet up`'s broker). The
+token is `--token`, else `$CLOUDLET_TOKEN`, else, on a machine that runs the
+cloudlets (`cloudlet up`), one minted from the metro's secret for client `--client`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from mobile_client.client import POLICIES, CloudletClient
 from mobile_client.session import Session
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+# Names the broker once for a shell session (a metro on another --broker-port, a
+# broker elsewhere), as `cloudlet status` and `cloudlet migrate` read it too.
+BROKER_ENV = "CLOUDLET_BROKER"
 DISCOVERY_WAIT_S = 3.0
 
 
@@ -104,7 +107,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", action="append", default=[], metavar="URL",
                         help="a cloudlet's URL (repeatable); default: discover via --broker")
     parser.add_argument("--broker", metavar="mqtt://HOST:PORT",
-                        help=f"find cloudlets through this broker (default {DEFAULT_BROKER})")
+                        help=f"find cloudlets through this broker (default ${BROKER_ENV}, "
+                             f"else {DEFAULT_BROKER})")
     parser.add_argument("--token", help="bearer token (default $CLOUDLET_TOKEN, or minted "
                                         "from the local metro's secret)")
     parser.add_argument("--client", default="cli", help="client name for a minted token")
@@ -123,7 +127,8 @@ def _token(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace, policy: str = "remote") -> CloudletClient:
-    broker = None if args.endpoint else (args.broker or DEFAULT_BROKER)
+    broker = None if args.endpoint else (args.broker or os.environ.get(BROKER_ENV)
+                                         or DEFAULT_BROKER)
     # The client waits up to DISCOVERY_WAIT_S for a first cloudlet's presence, and
     # names the broker if none comes.
     return CloudletClient(_token(args), endpoints=args.endpoint, broker=broker, policy=policy,
