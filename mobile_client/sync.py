@@ -38,7 +38,7 @@ class BlockingSession:
         return self.session.vm_id
 
     def call(self, fn: str, *args: int | float | bytes, deadline_ms: float | None = None) -> Any:
-        return self._owner._run(lambda: self.session.call(fn, *args, deadline_ms=deadline_ms))
+        return self._owner.run(lambda: self.session.call(fn, *args, deadline_ms=deadline_ms))
 
     def stats(self) -> SessionStats:
         return self.session.stats()
@@ -54,7 +54,7 @@ class BlockingClient:
                                         name="cloudlet-sdk-loop", daemon=True)
         self._thread.start()
         try:
-            self._run(self.client.__aenter__)
+            self.run(self.client.__aenter__)
         except BaseException:
             self._stop_loop()
             raise
@@ -65,39 +65,41 @@ class BlockingClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, make: Callable[[], Awaitable[T]]) -> T:
+    def run(self, make: Callable[[], Awaitable[T]]) -> T:
+        """Await `make()` on the client's loop and return its result here: the one way
+        blocking code (this client's methods, a `BlockingSession`'s) reaches the loop."""
         if not self._thread.is_alive():
             raise CloudletError("the client is closed")
 
-        async def run() -> T:
+        async def awaited() -> T:
             return await make()
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+        return asyncio.run_coroutine_threadsafe(awaited(), self._loop).result()
 
     @contextlib.contextmanager
     def session(self, image: ImageRef, **options: Any) -> Iterator[BlockingSession]:
         manager = self.client.session(image, **options)
-        session = self._run(manager.__aenter__)
+        session = self.run(manager.__aenter__)
         try:
             yield BlockingSession(self, session)
         finally:
-            self._run(lambda: manager.__aexit__(None, None, None))
+            self.run(lambda: manager.__aexit__(None, None, None))
 
     def offload(self, image: ImageRef, fn: str, payload: Payload = (),
                 **options: Any) -> OffloadResult:
-        return self._run(lambda: self.client.offload(image, fn, payload, **options))
+        return self.run(lambda: self.client.offload(image, fn, payload, **options))
 
     def report_position(self, x_m: float, y_m: float, *, vx_m_s: float | None = None,
                         vy_m_s: float | None = None) -> bool:
         """`CloudletClient.report_position`. (A `position_source` given to the
         constructor is called on this client's own thread.)"""
-        return self._run(lambda: self.client.report_position(x_m, y_m, vx_m_s=vx_m_s,
+        return self.run(lambda: self.client.report_position(x_m, y_m, vx_m_s=vx_m_s,
                                                              vy_m_s=vy_m_s))
 
     def close(self) -> None:
         if not self._thread.is_alive():
             return
         try:
-            self._run(self.client.close)
+            self.run(self.client.close)
         finally:
             self._stop_loop()
 
