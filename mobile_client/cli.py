@@ -63,18 +63,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          help="keep the VM when the session ends (cloudlet vm call/destroy "
                               "reach it later)")
     session.set_defaults(handler=cmd_session)
-    _register_vm_commands(sub)
 
 
-def _register_vm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register_vm_commands(vm_sub: argparse._SubParsersAction[argparse.ArgumentParser]
+                         ) -> None:
     """`cloudlet vm ls|create|call|destroy`: this client's VMs on the cloudlets, added to
     the `vm` group of the VM runtime's commands (`cloudlet vm run|inspect`)."""
-    from cloudlet.cli import subcommands
-
-    group = sub.choices.get("vm")
-    vm_sub = subcommands(group) if group is not None else None
-    if vm_sub is None:
-        return  # the runtime's `vm` group is not installed: its stand-in says so
     ls = vm_sub.add_parser("ls", help="list this client's VMs on every known cloudlet")
     _common(ls)
     ls.set_defaults(handler=cmd_vm_ls)

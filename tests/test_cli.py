@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
+from cloudlet import cli, cli_registry
+from cloudlet.errors import MissingDependency
 from tests.conftest import WORKLOADS
 
 KV = str(WORKLOADS / "kvstore.wasm")
@@ -91,16 +94,74 @@ def test_usage_errors_exit_2(cli_env: dict[str, str]) -> None:
     assert out.returncode == 2 and "Traceback" not in out.stderr
 
 
-def test_every_subcommand_is_listed_with_its_extra() -> None:
-    """The list `cloudlet` uses to say which extra a missing command needs names
-    every command its packages register (a stale list gives no install hint)."""
-    import argparse
-    import importlib
-
-    from cloudlet.cli import COMMANDS
-
-    for module, names, _ in COMMANDS:
-        parser = argparse.ArgumentParser()
+def test_every_subcommand_is_declared_with_its_extra() -> None:
+    """The entry points `cloudlet` finds its commands through name every command
+    their functions register, so each has its install hint when its extra is
+    missing (an undeclared command would give a traceback instead)."""
+    declared = cli_registry.declared()
+    targets: dict[str, set[str]] = {}
+    for ep in declared:
+        targets.setdefault(f"{ep.module}:{ep.attr}", set()).add(ep.name)
+    for target, names in targets.items():
+        parser = cli_registry.CommandParser()
         sub = parser.add_subparsers()
-        importlib.import_module(module).register(sub)
-        assert set(sub.choices) == set(names), module
+        group_names = {name.partition(" ")[0] for name in names if " " in name}
+        function = next(ep for ep in declared if f"{ep.module}:{ep.attr}" == target).load()
+        if group_names:  # commands added to another package's group ("vm ls")
+            (group,) = group_names
+            group_sub = sub.add_parser(group).add_subparsers()
+            function(group_sub)
+            assert {f"{group} {name}" for name in group_sub.choices} == names, target
+        else:
+            function(sub)
+            assert set(sub.choices) == names, target
+    extras = {ep.name: ep.extras for ep in declared}
+    assert extras["vm"] == ["local"] and extras["sim"] == ["sim"] and extras["up"] == ["edge"]
+    assert extras["offload"] == [] and extras["vm ls"] == []
+
+
+def test_help_lists_every_declared_command() -> None:
+    listed = cli.build_parser().format_help()
+    for ep in cli_registry.declared():
+        if " " not in ep.name:
+            assert f"    {ep.name} " in listed or f"    {ep.name}\n" in listed, ep.name
+    # The SDK's commands in the VM runtime's group, registered after every group.
+    assert cli.build_parser().parse_args(["vm", "ls"]).vm_command == "ls"
+
+
+def test_the_extra_of_a_missing_package_comes_from_the_metadata() -> None:
+    assert cli_registry.extra_bringing("numpy") == "local"
+    assert cli_registry.extra_bringing("matplotlib.pyplot") == "sim"
+    assert cli_registry.extra_bringing("prometheus_client") == "edge"
+    assert cli_registry.extra_bringing("amqtt") == "edge"
+    assert cli_registry.extra_bringing("aiohttp") is None  # the base install has it
+    assert cli_registry.extra_bringing("no_such_package") is None
+
+
+def test_a_command_whose_module_cannot_import_is_a_stand_in_with_the_hint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A package whose command module imports a package its extra brings: the
+    command stays listed, says what to install, and running it says the same."""
+    (tmp_path / "needs_extra.py").write_text("import no_such_package_here\n")
+    (tmp_path / "fine.py").write_text(
+        "def register(sub):\n"
+        "    sub.add_parser('fine', help='works').set_defaults(handler=lambda args: 0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    group = cli_registry.GROUP
+    parser = cli_registry.CommandParser(prog="cloudlet")
+    sub = parser.add_subparsers(dest="command")
+    cli_registry.add_commands(sub, [
+        metadata.EntryPoint("heavy", "needs_extra:register [edge]", group),
+        metadata.EntryPoint("heavier", "needs_extra:register [edge]", group),
+        metadata.EntryPoint("fine", "fine:register", group),
+        metadata.EntryPoint("gone", "no_such_package_at_all.cli:register", group),
+    ])
+    assert set(sub.choices) == {"heavy", "heavier", "fine"}  # "gone" is not installed
+    listed = parser.format_help()
+    assert listed.count("(needs: pip install 'cloudlet[edge]')") == 2
+    args = parser.parse_args(["heavy", "x", "--y"])
+    with pytest.raises(MissingDependency, match=r"no_such_package_here: pip install "
+                                                r"'cloudlet\[edge\]'"):
+        args.handler(args)
+    assert parser.parse_args(["fine"]).handler(None) == 0
