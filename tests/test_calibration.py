@@ -293,8 +293,8 @@ def test_queueing_follows_the_vms_serving_not_those_arriving(
 
     def spy(self: _PolicyRun) -> None:
         original(self)
-        seen.append((len(self.m_slot), float(self._queue_ms[1]), int(self.vms[1]),
-                     int(self.serving[1])))
+        seen.append((len(self.migrations), float(self._queue_ms[1]), int(self.load.vms[1]),
+                     int(self.load.serving[1])))
 
     monkeypatch.setattr(_PolicyRun, "refresh_queue", spy)
     simulate(load_scenario(_hop(tmp_path, "[migration]\nsetup_s = 2\n")))
