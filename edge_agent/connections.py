@@ -19,14 +19,14 @@ aiohttp's `RequestHandler` has the idle timer, but nothing for a head that never
 completes. This adds the head timer with the least reach into aiohttp: a
 subclass that overrides three of its methods (`connection_made`,
 `data_received`, `finish_response`) and reads one attribute, its count of
-parsed requests (`_request_count`); the runner rebuilds its low-level server to
-make these handlers (`AppRunner._make_server`, with the server's own settings,
-`Server._kwargs`). A connection is between requests when every request parsed
-on it was answered; bytes that arrive then begin a new head. (A head that a
-client pipelines while its previous request is still being served is timed by
-`idle_timeout_s` instead.) It costs ~0.13 us per chunk received. The daemon's
-tests of silent and half-sent connections (tests/test_isolation.py) fail if a
-new aiohttp changes what this relies on.
+parsed requests (`_request_count`); the runner turns the low-level server aiohttp
+built (`AppRunner._make_server`) into a subclass that makes these handlers, so
+the server keeps every setting it was built with. A connection is between
+requests when every request parsed on it was answered; bytes that arrive then
+begin a new head. (A head that a client pipelines while its previous request is
+still being served is timed by `idle_timeout_s` instead.) It costs ~0.13 us per
+chunk received. The daemon's tests of silent and half-sent connections
+(tests/test_isolation.py) fail if a new aiohttp changes what this relies on.
 """
 
 from __future__ import annotations
@@ -105,11 +105,21 @@ class HeadTimeoutHandler(RequestHandler):
 class HeadTimeoutServer(web.Server):
     """aiohttp's low-level server, making `HeadTimeoutHandler`s."""
 
-    def __init__(self, *args: Any, header_timeout_s: float, on_timeout: Callable[[], None],
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.header_timeout_s = header_timeout_s
-        self.on_timeout = on_timeout
+    header_timeout_s: float
+    on_timeout: Callable[[], None]
+
+    @classmethod
+    def guarding(cls, server: web.Server, *, header_timeout_s: float,
+                 on_timeout: Callable[[], None]) -> HeadTimeoutServer:
+        """`server` itself, from now on making HeadTimeoutHandlers. aiohttp builds the
+        server from settings only it holds (the runner's and the app's, for each
+        handler); turning that very object into this subclass keeps every one of
+        them, where a new server would have to copy them out of its private fields."""
+        server.__class__ = cls
+        assert isinstance(server, cls)
+        server.header_timeout_s = header_timeout_s
+        server.on_timeout = on_timeout
+        return server
 
     def __call__(self) -> RequestHandler:
         return HeadTimeoutHandler(self, loop=self._loop, header_timeout_s=self.header_timeout_s,
@@ -128,11 +138,6 @@ class GuardedAppRunner(web.AppRunner):
         self._on_timeout = on_timeout
 
     async def _make_server(self) -> web.Server:
-        plain = await super()._make_server()
-        # The app's own server, rebuilt as a HeadTimeoutServer with the very same
-        # handler, request factory and settings.
-        return HeadTimeoutServer(plain.request_handler, request_factory=plain.request_factory,
-                                 handler_cancellation=plain.handler_cancellation,
-                                 loop=asyncio.get_running_loop(),
-                                 header_timeout_s=self._header_timeout_s,
-                                 on_timeout=self._on_timeout, **plain._kwargs)
+        return HeadTimeoutServer.guarding(await super()._make_server(),
+                                          header_timeout_s=self._header_timeout_s,
+                                          on_timeout=self._on_timeout)
