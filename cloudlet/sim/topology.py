@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,45 +184,82 @@ def _read_cloudlets(path: Path, scenario: Path) -> list[CloudletSpec]:
     return out
 
 
+# A backhaul kind's links: node pairs, each link's bandwidth and its own RTT.
+_LinkList = tuple[list[tuple[int, int]], list[float], list[float]]
+
+
 def _links(bh: BackhaulSpec, cols: int | None, names: tuple[str, ...], pos: FloatArray,
            file: Path) -> tuple[IntArray, IntArray, FloatArray, FloatArray]:
+    """The backhaul's links as arrays (a, b, bandwidth, own RTT), by its kind."""
+    pairs, bws, owns = _LINK_KINDS[bh.kind](bh, cols, names, pos, file)
     n = len(pos)
-    pairs: list[tuple[int, int]] = []
-    bws: list[float] = []
-    owns: list[float] = []
-    if bh.kind == "links":
-        index = {name: i for i, name in enumerate(names)}
-        for k, link in enumerate(bh.links):
-            for end in (link.a, link.b):
-                if end not in index:
-                    raise ScenarioError(f"{file}: key 'backhaul.links[{k}]': no cloudlet "
-                                        f"named {end!r}")
-            pairs.append((index[link.a], index[link.b]))
-            bws.append(link.bandwidth_mbit_s or bh.bandwidth_mbit_s)
-            owns.append(bh.link_rtt_ms if link.rtt_ms is None else link.rtt_ms)
-    elif bh.kind == "star":
-        pairs = [(i, n) for i in range(n)]
-        bws = [bh.bandwidth_mbit_s] * n
-        owns = [bh.core_rtt_ms] * n
-    elif bh.kind == "full":
-        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    elif cols is not None:
-        for i in range(n):
-            c = i % cols
-            if c + 1 < cols and i + 1 < n:
-                pairs.append((i, i + 1))
-            if i + cols < n:
-                pairs.append((i, i + cols))
-    else:
-        pairs = _knn_connected(pos, bh.neighbours)
-    if bh.kind in ("mesh", "full"):
-        bws = [bh.bandwidth_mbit_s] * len(pairs)
-        owns = [bh.link_rtt_ms] * len(pairs)
     if not pairs and n > 1:
         raise ScenarioError(f"{file}: key 'backhaul': no links between {n} cloudlets")
     a = np.array([p[0] for p in pairs], dtype=np.int64)
     b = np.array([p[1] for p in pairs], dtype=np.int64)
     return a, b, np.array(bws, dtype=np.float64), np.array(owns, dtype=np.float64)
+
+
+def _listed_links(bh: BackhaulSpec, cols: int | None, names: tuple[str, ...],
+                  pos: FloatArray, file: Path) -> _LinkList:
+    """kind 'links': the scenario's own list, each link's values over the backhaul's."""
+    index = {name: i for i, name in enumerate(names)}
+    pairs: list[tuple[int, int]] = []
+    bws: list[float] = []
+    owns: list[float] = []
+    for k, link in enumerate(bh.links):
+        for end in (link.a, link.b):
+            if end not in index:
+                raise ScenarioError(f"{file}: key 'backhaul.links[{k}]': no cloudlet "
+                                    f"named {end!r}")
+        pairs.append((index[link.a], index[link.b]))
+        bws.append(link.bandwidth_mbit_s or bh.bandwidth_mbit_s)
+        owns.append(bh.link_rtt_ms if link.rtt_ms is None else link.rtt_ms)
+    return pairs, bws, owns
+
+
+def _star_links(bh: BackhaulSpec, cols: int | None, names: tuple[str, ...],
+                pos: FloatArray, file: Path) -> _LinkList:
+    """kind 'star': every cloudlet to one core router, node n."""
+    n = len(pos)
+    return [(i, n) for i in range(n)], [bh.bandwidth_mbit_s] * n, [bh.core_rtt_ms] * n
+
+
+def _full_links(bh: BackhaulSpec, cols: int | None, names: tuple[str, ...],
+                pos: FloatArray, file: Path) -> _LinkList:
+    """kind 'full': every pair of cloudlets."""
+    n = len(pos)
+    return _alike(bh, [(i, j) for i in range(n) for j in range(i + 1, n)])
+
+
+def _mesh_links(bh: BackhaulSpec, cols: int | None, names: tuple[str, ...],
+                pos: FloatArray, file: Path) -> _LinkList:
+    """kind 'mesh': a grid's neighbours, or each cloudlet's nearest ones."""
+    if cols is not None:
+        return _alike(bh, _grid_pairs(len(pos), cols))
+    return _alike(bh, _knn_connected(pos, bh.neighbours))
+
+
+_LINK_KINDS: dict[str, Callable[[BackhaulSpec, int | None, tuple[str, ...], FloatArray, Path],
+                                _LinkList]] = {
+    "links": _listed_links, "star": _star_links, "full": _full_links, "mesh": _mesh_links,
+}
+
+
+def _alike(bh: BackhaulSpec, pairs: list[tuple[int, int]]) -> _LinkList:
+    """Links that all have the backhaul's bandwidth and link RTT."""
+    return pairs, [bh.bandwidth_mbit_s] * len(pairs), [bh.link_rtt_ms] * len(pairs)
+
+
+def _grid_pairs(n: int, cols: int) -> list[tuple[int, int]]:
+    """Each grid cloudlet to its right and lower neighbours (row-major, `cols` wide)."""
+    pairs: list[tuple[int, int]] = []
+    for i in range(n):
+        if i % cols + 1 < cols and i + 1 < n:
+            pairs.append((i, i + 1))
+        if i + cols < n:
+            pairs.append((i, i + cols))
+    return pairs
 
 
 def _knn_connected(pos: FloatArray, k: int) -> list[tuple[int, int]]:
