@@ -81,7 +81,10 @@ async def run(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--endpoint", action="append", default=[], metavar="URL")
-    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    parser.add_argument("--broker", default=os.environ.get("CLOUDLET_BROKER")
+                        or "mqtt://127.0.0.1:1883",
+                        help="where cloudlets announce themselves (default $CLOUDLET_BROKER, "
+                             "else cloudlet up's default)")
     parser.add_argument("--token")
     parser.add_argument("--interactions", type=int, default=300)
     parser.add_argument("--rate-hz", type=float, default=60.0,
