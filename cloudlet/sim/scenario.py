@@ -293,85 +293,109 @@ def load_scenario(path: str | Path) -> Scenario:
 
 
 def parse_scenario(data: dict[str, Any], file: Path) -> Scenario:
+    """Read a scenario table by table, in the order its errors are reported."""
     root = _Table(data, "", file)
-
     sc = root.table("scenario")
+    run = _run(sc, file)
+    area = _area(root)
+    mobility = _mobility(root.table("mobility"))
+    if mobility.model != "trace":
+        # A synthetic mobility has no extent nor end of its own.
+        if area is None:
+            root.fail("area", f"is required with mobility model '{mobility.model}'")
+        if run["duration_s"] is None:
+            sc.fail("duration_s", f"is required with mobility model '{mobility.model}'")
+    topology = _topology(root.table("topology"))
+    backhaul = _backhaul(root.table("backhaul"), topology)
+    latency = _latency(root.table("latency"))
+    migration = _migration(root.table("migration"))
+    workloads = _workloads(root)
+    params = _policy_params(root.table("policies"))
+    root.done({"scenario", "area", "mobility", "topology", "backhaul", "latency",
+               "migration", "workloads", "policies"})
+    return Scenario(path=file, **run, area_m=area, mobility=mobility, topology=topology,
+                    backhaul=backhaul, latency=latency, migration=migration,
+                    workloads=workloads, policy_params=params)
+
+
+def _run(sc: _Table, file: Path) -> dict[str, Any]:
+    """The [scenario] table, as the `Scenario` fields it sets."""
     name = sc.string("name", file.stem)
     seed = sc.integer("seed", 1, lo=0)
     duration = sc.opt_number("duration_s", lo=0.0, lo_open=True)
     step = sc.number("step_s", 1.0, lo=0.0, lo_open=True)
-    decision = sc.number("decision_interval_s", step, lo=0.0, lo_open=True)
+    run = dict(name=name, seed=seed, duration_s=duration, step_s=step,
+               decision_interval_s=sc.number("decision_interval_s", step, lo=0.0,
+                                             lo_open=True),
+               policies=_policy_names(sc),
+               ping_pong_window_s=sc.number("ping_pong_window_s", 120.0, lo=0.0),
+               trajectories=sc.integer("trajectories", 12, lo=0))
+    sc.done()
+    return run
+
+
+def _policy_names(sc: _Table) -> tuple[str, ...]:
     policies = sc.strings("policies", tuple(POLICIES))
     for p in policies:
         if p not in POLICIES:
             sc.fail("policies", f"unknown policy {p!r} (known: {', '.join(POLICIES)})")
     if len(set(policies)) != len(policies):
         sc.fail("policies", "lists a policy twice")
-    ping_pong = sc.number("ping_pong_window_s", 120.0, lo=0.0)
-    trajectories = sc.integer("trajectories", 12, lo=0)
-    sc.done()
+    return policies
 
-    area: tuple[float, float] | None = None
-    if root.has("area"):
-        ar = root.table("area")
-        area = (ar.number("width_m", 4000.0, lo=0.0, lo_open=True),
-                ar.number("height_m", 4000.0, lo=0.0, lo_open=True))
-        ar.done()
 
-    mobility = _mobility(root.table("mobility"))
-    if mobility.model != "trace":
-        if area is None:
-            root.fail("area", f"is required with mobility model '{mobility.model}'")
-        if duration is None:
-            sc.fail("duration_s", f"is required with mobility model '{mobility.model}'")
+def _area(root: _Table) -> tuple[float, float] | None:
+    if not root.has("area"):
+        return None
+    ar = root.table("area")
+    area = (ar.number("width_m", 4000.0, lo=0.0, lo_open=True),
+            ar.number("height_m", 4000.0, lo=0.0, lo_open=True))
+    ar.done()
+    return area
 
-    topology = _topology(root.table("topology"))
-    backhaul = _backhaul(root.table("backhaul"), topology)
 
-    lt = root.table("latency")
-    latency = LatencySpec(
-        propagation_rtt_ms_per_km=lt.number("propagation_rtt_ms_per_km", 0.01, lo=0.0),
-        queue_service_ms=lt.number("queue_service_ms", 1.0, lo=0.0),
-        max_utilisation=lt.number("max_utilisation", 0.95, lo=0.0, hi=0.999),
+def _latency(t: _Table) -> LatencySpec:
+    spec = LatencySpec(
+        propagation_rtt_ms_per_km=t.number("propagation_rtt_ms_per_km", 0.01, lo=0.0),
+        queue_service_ms=t.number("queue_service_ms", 1.0, lo=0.0),
+        max_utilisation=t.number("max_utilisation", 0.95, lo=0.0, hi=0.999),
     )
-    lt.done()
+    t.done()
+    return spec
 
-    migration = _migration(root.table("migration"))
 
+def _workloads(root: _Table) -> tuple[WorkloadSpec, ...]:
     workloads = tuple(_workload(t) for t in root.tables("workloads")) or (WorkloadSpec(),)
     if sum(w.share for w in workloads) <= 0:
         root.fail("workloads", "shares add up to 0")
+    return workloads
 
-    params: dict[str, dict[str, Any]] = {}
-    pt = root.table("policies")
-    for pname in list(pt.data):
-        if pname not in POLICIES:
-            pt.fail(pname, f"unknown policy (known: {', '.join(POLICIES)})")
-        sub = pt.table(pname)
-        known = {f.name for f in fields(POLICIES[pname]) if f.init}  # type: ignore[arg-type]
-        values: dict[str, Any] = {}
-        for key in list(sub.data):
-            if key not in known:
-                sub.fail(key, f"unknown parameter of policy '{pname}' "
-                              f"(known: {', '.join(sorted(known)) or 'none'})")
-            values[key] = (sub.integer(key, 0) if key == "samples"
-                           else sub.number(key, 0.0))
-        sub.done()
-        try:
-            make_policy(pname, **values)
-        except InvalidArgument as exc:
-            pt.fail(pname, exc.message)
-        params[pname] = values
+
+def _policy_params(pt: _Table) -> dict[str, dict[str, Any]]:
+    """[policies.NAME] tables: each policy's parameters, checked by building it."""
+    params = {pname: _policy_param(pt, pname) for pname in list(pt.data)}
     pt.done()
-    root.done({"scenario", "area", "mobility", "topology", "backhaul", "latency",
-               "migration", "workloads", "policies"})
+    return params
 
-    return Scenario(path=file, name=name, seed=seed, duration_s=duration, step_s=step,
-                    decision_interval_s=decision, policies=policies,
-                    ping_pong_window_s=ping_pong, trajectories=trajectories, area_m=area,
-                    mobility=mobility, topology=topology, backhaul=backhaul,
-                    latency=latency, migration=migration, workloads=workloads,
-                    policy_params=params)
+
+def _policy_param(pt: _Table, pname: str) -> dict[str, Any]:
+    if pname not in POLICIES:
+        pt.fail(pname, f"unknown policy (known: {', '.join(POLICIES)})")
+    sub = pt.table(pname)
+    known = {f.name for f in fields(POLICIES[pname]) if f.init}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key in list(sub.data):
+        if key not in known:
+            sub.fail(key, f"unknown parameter of policy '{pname}' "
+                          f"(known: {', '.join(sorted(known)) or 'none'})")
+        values[key] = (sub.integer(key, 0) if key == "samples"
+                       else sub.number(key, 0.0))
+    sub.done()
+    try:
+        make_policy(pname, **values)
+    except InvalidArgument as exc:
+        pt.fail(pname, exc.message)
+    return values
 
 
 def _migration(t: _Table) -> MigrationSpec:
