@@ -94,6 +94,7 @@ class Terminal:
     cwd: Path
     scratch: Path
     rewrites: dict[str, str]
+    up_output: str
     python_namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def rewrite(self, text: str) -> str:
@@ -129,9 +130,11 @@ def _scratch_dir(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _metro(env: dict[str, str], cwd: Path, log: Path) -> Iterator[dict[str, str]]:
+def _metro(env: dict[str, str], cwd: Path,
+           log: Path) -> Iterator[tuple[dict[str, str], str]]:
     """`cloudlet up` from the venv on free ports with the default state directory of
-    this HOME; yields the rewrites from the README's default addresses to its own."""
+    this HOME; yields the rewrites from the README's default addresses to its own,
+    and what it printed up to its placer line."""
     broker_port, base_port = free_port_run(1), free_port_run(len(NODES))
     with log.open("wb") as err:
         proc = subprocess.Popen(["cloudlet", "up", "--base-port", str(base_port),
@@ -150,7 +153,7 @@ def _metro(env: dict[str, str], cwd: Path, log: Path) -> Iterator[dict[str, str]
         rewrites = {"127.0.0.1:1883": f"127.0.0.1:{broker_port}"}
         rewrites |= {f"127.0.0.1:{8601 + i}": f"127.0.0.1:{base_port + i}"
                      for i in range(len(NODES))}
-        yield rewrites
+        yield rewrites, "".join(started)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -169,10 +172,10 @@ def terminal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Terminal]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDLET_")}
     env |= {"HOME": str(home), "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"}
     env.pop("VIRTUAL_ENV", None)
-    with _metro(env, scratch, base / "up.log") as rewrites:
+    with _metro(env, scratch, base / "up.log") as (rewrites, up_output):
         # What the README tells a user whose broker is not on the default port.
         env["CLOUDLET_BROKER"] = f"mqtt://{rewrites['127.0.0.1:1883']}"
-        yield Terminal(env, scratch, scratch, rewrites)
+        yield Terminal(env, scratch, scratch, rewrites, up_output)
 
 
 def _expects_error(shown: list[str]) -> bool:
@@ -246,6 +249,18 @@ def test_example_runs(block: Block, terminal: Terminal, monkeypatch: pytest.Monk
     else:
         assert block.lang in SHELL_LANGS | {"console"}
         _run_shell(terminal, block)
+
+
+def test_cloudlet_up_prints_what_the_readme_shows(terminal: Terminal) -> None:
+    """The README's `cloudlet up` block is skipped because the metro is that command:
+    what the metro printed is checked against it here instead."""
+    (block,) = [b for b in EXAMPLES
+                if b.path == "README.md" and b.text.startswith("$ cloudlet up\n")]
+    ((command, shown),) = shell_commands(block)
+    shown = [terminal.rewrite(line) for line in shown]
+    assert command == "cloudlet up"
+    assert output_matches(shown, terminal.up_output, shape=True), (
+        f"cloudlet up printed\n{terminal.up_output}where {block.id} shows\n" + "\n".join(shown))
 
 
 def test_some_examples_run() -> None:
