@@ -226,13 +226,11 @@ def _no_lock() -> AbstractAsyncContextManager[None]:
 
 async def _notify_abort(mig: SourceMigration | DestinationMigration, channel: Channel) -> None:
     """Send the queued Abort best effort, leaving the other events queued."""
-    ev = mig.next_event()
-    if isinstance(ev, Send):
+    ev = mig.next_send()
+    if ev is not None:
         with suppress(TimeoutError, *_CHANNEL_ERRORS):
             async with asyncio.timeout(ABORT_NOTICE_DEADLINE_S):
                 await channel.send(ev.data)
-    else:
-        mig._events.appendleft(ev)
 
 
 @dataclass
