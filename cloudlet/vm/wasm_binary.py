@@ -15,7 +15,7 @@ safe on invalid ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 MAGIC = b"\x00asm"
@@ -170,49 +170,37 @@ def read_valtype(r: Reader) -> str:
     raise WasmFormatError(f"unsupported value type 0x{b:02x} (GC and typed references are not)")
 
 
+def _v128_const(r: Reader) -> None:
+    if r.uleb() != 12:
+        raise WasmFormatError("unsupported SIMD op in a constant expression")
+    r.skip(16)
+
+
+def _nothing(r: Reader) -> None:
+    pass
+
+
+# The opcodes a constant expression may hold, each with how to skip its immediate.
+_CONST_IMMEDIATES: dict[int, Callable[[Reader], object]] = {
+    0x41: lambda r: r.sleb(32), 0x42: lambda r: r.sleb(64),  # i32/i64.const
+    0x43: lambda r: r.skip(4), 0x44: lambda r: r.skip(8),  # f32/f64.const
+    0x23: Reader.uleb, 0xD2: Reader.uleb,  # global.get, ref.func
+    0xD0: lambda r: r.sleb(33),  # ref.null
+    **dict.fromkeys((0x6A, 0x6B, 0x6C, 0x7C, 0x7D, 0x7E), _nothing),  # extended-const
+    0xFD: _v128_const,
+}
+
+
 def skip_const_expr(r: Reader) -> None:
     """Skip a constant expression (global initialisers, segment offsets) up to its `end`."""
-    while True:
-        op = r.byte()
-        if op == 0x0B:
-            return
-        if op in (0x41,):
-            r.sleb(32)
-        elif op == 0x42:
-            r.sleb(64)
-        elif op == 0x43:
-            r.skip(4)
-        elif op == 0x44:
-            r.skip(8)
-        elif op in (0x23, 0xD2):
-            r.uleb()
-        elif op == 0xD0:
-            r.sleb(33)
-        elif op in (0x6A, 0x6B, 0x6C, 0x7C, 0x7D, 0x7E):  # extended-const arithmetic
-            pass
-        elif op == 0xFD:
-            if r.uleb() != 12:
-                raise WasmFormatError("unsupported SIMD op in a constant expression")
-            r.skip(16)
-        else:
+    while (op := r.byte()) != 0x0B:
+        skip = _CONST_IMMEDIATES.get(op)
+        if skip is None:
             raise WasmFormatError(f"unsupported opcode 0x{op:02x} in a constant expression")
+        skip(r)
 
 
 # --- instruction scanning ---------------------------------------------------------
-
-# Opcodes whose only immediate is one unsigned LEB128 (0x14/0x15: call_ref and
-# return_call_ref, from typed function references, take a type index).
-_ONE_ULEB = {0x0C, 0x0D, 0x10, 0x12, 0x14, 0x15, 0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26,
-             0x3F, 0x40, 0xD2}
-# Single-byte opcodes in the range we decode that no proposal we accept assigns:
-# refuse them rather than guess their immediates.
-_UNASSIGNED = {0x16, 0x17, 0x1D, 0x1E, 0x27}
-_MEMARG = set(range(0x28, 0x3F))
-_EXCEPTIONS = {0x06, 0x07, 0x08, 0x09, 0x18, 0x19, 0x1F, 0x0A}
-# SIMD (0xFD) sub-opcodes with immediates; every other SIMD op has none.
-_SIMD_MEMARG = set(range(0x00, 0x0C)) | {0x5C, 0x5D}
-_SIMD_LANE = set(range(0x15, 0x23))
-_SIMD_MEMARG_LANE = set(range(0x54, 0x5C))
 
 # Instructions that change state a snapshot cannot capture through exports:
 # table contents and dropped segments. Named for the rejection message.
@@ -245,78 +233,189 @@ def _memarg(r: Reader) -> tuple[int, int]:
     return memidx, r.uleb(64)
 
 
+# How to read an instruction's immediates: one reader per opcode, indexed by its
+# first byte, giving (sub-opcode, memory index, memarg offset) with -1, -1, 0 for
+# what it does not have. `None`: no immediates. Decoding is then one lookup per
+# instruction, and a reader is a few lines that a test can name.
+_Immediates = Callable[[Reader, int], tuple[int, int, int]]
+_NONE = (-1, -1, 0)
+
+
+def _skip_uleb(r: Reader, at: int) -> tuple[int, int, int]:
+    r.uleb()
+    return _NONE
+
+
+def _skip_uleb_pair(r: Reader, at: int) -> tuple[int, int, int]:
+    r.uleb()
+    r.uleb()
+    return _NONE
+
+
+def _memory_index(r: Reader, at: int) -> tuple[int, int, int]:  # memory.size/grow
+    return -1, r.uleb(), 0
+
+
+def _load_store(r: Reader, at: int) -> tuple[int, int, int]:
+    memidx, offset = _memarg(r)
+    return -1, memidx, offset
+
+
+def _br_table(r: Reader, at: int) -> tuple[int, int, int]:
+    for _ in range(r.uleb()):
+        r.uleb()
+    r.uleb()
+    return _NONE
+
+
+def _typed_select(r: Reader, at: int) -> tuple[int, int, int]:
+    for _ in range(r.uleb()):
+        read_valtype(r)
+    return _NONE
+
+
+def _skip(n: int) -> _Immediates:
+    def skip(r: Reader, at: int) -> tuple[int, int, int]:
+        r.skip(n)
+        return _NONE
+    return skip
+
+
+def _sleb(bits: int) -> _Immediates:
+    def sleb(r: Reader, at: int) -> tuple[int, int, int]:
+        r.sleb(bits)
+        return _NONE
+    return sleb
+
+
+def _refuse(why: str) -> _Immediates:
+    def refuse(r: Reader, at: int) -> tuple[int, int, int]:
+        raise WasmFormatError(why.format(op=r.data[at], at=at))
+    return refuse
+
+
+def _no_memory(r: Reader) -> int:
+    return -1
+
+
+def _one_index(r: Reader) -> int:
+    r.uleb()
+    return -1
+
+
+def _two_indices(r: Reader) -> int:
+    r.uleb()
+    r.uleb()
+    return -1
+
+
+def _memory_init(r: Reader) -> int:  # segment, memory
+    r.uleb()
+    return r.uleb()
+
+
+def _memory_copy(r: Reader) -> int:  # destination memory, source memory
+    dst = r.uleb()
+    r.uleb()
+    return dst
+
+
+# 0xFC (saturating truncations, bulk memory, tables) sub-opcodes: each reads its
+# immediates and gives the memory it writes (-1: none).
+_FC_MEMIDX: dict[int, Callable[[Reader], int]] = {
+    **dict.fromkeys(range(8), _no_memory),  # saturating truncations
+    8: _memory_init, 10: _memory_copy, 11: Reader.uleb,  # memory.init, .copy, .fill
+    **dict.fromkeys((12, 14), _two_indices),  # table.init, table.copy
+    **dict.fromkeys((9, 13, 15, 16, 17), _one_index),  # drops, table.grow/size/fill
+}
+
+
+def _prefix_fc(r: Reader, at: int) -> tuple[int, int, int]:
+    sub = r.uleb()
+    memidx = _FC_MEMIDX.get(sub)
+    if memidx is None:
+        raise WasmFormatError(f"unsupported instruction 0xfc {sub} at offset {at}")
+    return sub, memidx(r), 0
+
+
+def _simd_lane_memarg(r: Reader) -> tuple[int, int]:
+    memarg = _memarg(r)
+    r.skip(1)
+    return memarg
+
+
+def _simd_bytes16(r: Reader) -> tuple[int, int]:
+    r.skip(16)
+    return -1, 0
+
+
+def _simd_lane(r: Reader) -> tuple[int, int]:
+    r.skip(1)
+    return -1, 0
+
+
+# SIMD (0xFD) sub-opcodes with immediates, giving (memory index, offset); every
+# other SIMD op has none.
+_FD_MEMARG: dict[int, Callable[[Reader], tuple[int, int]]] = {
+    **dict.fromkeys([*range(0x00, 0x0C), 0x5C, 0x5D], _memarg),  # loads, stores
+    **dict.fromkeys((0x0C, 0x0D), _simd_bytes16),  # v128.const, i8x16.shuffle
+    **dict.fromkeys(range(0x15, 0x23), _simd_lane),  # extract/replace lane
+    **dict.fromkeys(range(0x54, 0x5C), _simd_lane_memarg),  # load/store lane
+}
+
+
+def _prefix_fd(r: Reader, at: int) -> tuple[int, int, int]:
+    sub = r.uleb()
+    read = _FD_MEMARG.get(sub)
+    memidx, offset = (-1, 0) if read is None else read(r)
+    return sub, memidx, offset
+
+
+def _immediates_table() -> list[_Immediates | None]:
+    unknown = _refuse("unknown opcode 0x{op:02x} at offset {at}")
+    # Single-byte opcodes in the range we decode that no proposal we accept
+    # assigns are refused, rather than their immediates guessed.
+    table: list[_Immediates | None] = [
+        unknown if op > 0xD2 or op in (0x16, 0x17, 0x1D, 0x1E, 0x27) else None
+        for op in range(256)]
+    readers: dict[_Immediates, list[int] | range] = {
+        _sleb(33): [0x02, 0x03, 0x04, 0xD0],  # block/loop/if block type; ref.null
+        # 0x14/0x15: call_ref and return_call_ref (typed function references).
+        _skip_uleb: [0x0C, 0x0D, 0x10, 0x12, 0x14, 0x15, 0x20, 0x21, 0x22, 0x23, 0x24,
+                     0x25, 0x26, 0xD2],
+        _memory_index: [0x3F, 0x40],
+        _load_store: range(0x28, 0x3F),
+        _br_table: [0x0E],
+        _skip_uleb_pair: [0x11, 0x13],  # call_indirect / return_call_indirect
+        _typed_select: [0x1C],
+        _sleb(32): [0x41], _sleb(64): [0x42], _skip(4): [0x43], _skip(8): [0x44],
+        _prefix_fc: [0xFC], _prefix_fd: [0xFD],
+        _refuse("atomics (threads) are not supported (offset {at})"): [0xFE],
+        _refuse("exception handling is not supported (offset {at})"):
+            [0x06, 0x07, 0x08, 0x09, 0x18, 0x19, 0x1F, 0x0A],
+    }
+    for read, ops in readers.items():
+        for op in ops:
+            table[op] = read
+    return table
+
+
+_IMMEDIATES = _immediates_table()
+
+
 def iter_instructions(r: Reader) -> Iterator[Instr]:
     """Decode every instruction up to `r.end`, immediates included, so that a byte
     inside an immediate is never taken for an opcode."""
+    table = _IMMEDIATES
     while not r.at_end():
         at = r.pos
         op = r.byte()
-        sub, memidx, offset = -1, -1, 0
-        if op in (0x02, 0x03, 0x04):  # block/loop/if: block type is s33
-            r.sleb(33)
-        elif op in _ONE_ULEB:
-            value = r.uleb()
-            if op in (0x3F, 0x40):
-                memidx = value
-        elif op in _MEMARG:
-            memidx, offset = _memarg(r)
-        elif op == 0x0E:  # br_table
-            for _ in range(r.uleb()):
-                r.uleb()
-            r.uleb()
-        elif op in (0x11, 0x13):  # call_indirect / return_call_indirect
-            r.uleb()
-            r.uleb()
-        elif op == 0x1C:  # typed select
-            for _ in range(r.uleb()):
-                read_valtype(r)
-        elif op == 0x41:
-            r.sleb(32)
-        elif op == 0x42:
-            r.sleb(64)
-        elif op == 0x43:
-            r.skip(4)
-        elif op == 0x44:
-            r.skip(8)
-        elif op == 0xD0:
-            r.sleb(33)
-        elif op == 0xFC:
-            sub = r.uleb()
-            if sub <= 7:
-                pass
-            elif sub == 8:  # memory.init seg mem
-                r.uleb()
-                memidx = r.uleb()
-            elif sub == 10:  # memory.copy dst src
-                memidx = r.uleb()
-                r.uleb()
-            elif sub == 11:  # memory.fill mem
-                memidx = r.uleb()
-            elif sub in (12, 14):
-                r.uleb()
-                r.uleb()
-            elif sub in (9, 13, 15, 16, 17):
-                r.uleb()
-            else:
-                raise WasmFormatError(f"unsupported instruction 0xfc {sub} at offset {at}")
-        elif op == 0xFD:
-            sub = r.uleb()
-            if sub in _SIMD_MEMARG:
-                memidx, offset = _memarg(r)
-            elif sub in (0x0C, 0x0D):
-                r.skip(16)
-            elif sub in _SIMD_LANE:
-                r.skip(1)
-            elif sub in _SIMD_MEMARG_LANE:
-                memidx, offset = _memarg(r)
-                r.skip(1)
-        elif op == 0xFE:
-            raise WasmFormatError(f"atomics (threads) are not supported (offset {at})")
-        elif op in _EXCEPTIONS:
-            raise WasmFormatError(f"exception handling is not supported (offset {at})")
-        elif op > 0xD2 or op in _UNASSIGNED:
-            raise WasmFormatError(f"unknown opcode 0x{op:02x} at offset {at}")
-        yield Instr(at, r.pos, op, sub, memidx, offset)
+        read = table[op]
+        if read is None:
+            yield Instr(at, r.pos, op)
+        else:
+            sub, memidx, offset = read(r, at)
+            yield Instr(at, r.pos, op, sub, memidx, offset)
 
 
 def find_state_mutators(body: Reader) -> list[tuple[str, int]]:
