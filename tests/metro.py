@@ -33,6 +33,7 @@ from cloudlet.trust.cluster import cluster_tokens, load_authority, load_identity
 from cloudlet.trust.sealed import Identity
 from tests.conftest import WORKLOADS
 from tests.daemons import http_request
+from tests.waiting import wait_until
 
 KVSTORE = WORKLOADS / "kvstore.wasm"
 NODES = ("downtown", "harbor", "campus")
@@ -141,24 +142,6 @@ def where_is(metro: Metro, vm: str, token: str) -> str:
              if metro.request(n, "GET", f"/v1/vms/{vm}", token=token)[0] == 200]
     assert len(found) == 1, found
     return found[0]
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
-
-
-async def async_wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()
 
 
 def dropped(metro: Metro, node: str, token: str) -> dict[str, float]:

@@ -47,13 +47,12 @@ from tests.metro import (
     NODES,
     Metro,
     Recorder,
-    async_wait_until,
     generated_mosquitto,
     mqtt,
     running_metro,
     serve,
-    wait_until,
 )
+from tests.waiting import async_wait_until, wait_until
 
 # Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow

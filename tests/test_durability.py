@@ -33,8 +33,8 @@ from edge_agent.statelock import LOCK_FILE, StateLock
 from mobile_client import CloudletClient
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, free_port, make_daemon
-from tests.metro import wait_until
 from tests.mqtt_brokers import in_ci
+from tests.waiting import wait_until
 
 # Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow

@@ -40,8 +40,9 @@ from cloudlet.trust.sealed import seal
 from mobile_client import CloudletClient
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon, sealed_body
-from tests.metro import NODES, accepts, running_metro, wait_until
+from tests.metro import NODES, accepts, running_metro
 from tests.mqtt_brokers import address, free_port, require_binary
+from tests.waiting import wait_until
 
 # Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow

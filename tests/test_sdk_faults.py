@@ -59,6 +59,7 @@ from mobile_client.sync import BlockingClient
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon
 from tests.tcp_proxy import LoopbackProxy, reset, until_either_ends
+from tests.waiting import async_wait_until as wait_until
 
 # Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -268,12 +269,6 @@ class FaultProxy(LoopbackProxy):
                     conn.held.clear()
                 conn.client.write(data)
                 await conn.client.drain()
-
-
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 # --- moves -----------------------------------------------------------------------------------

@@ -49,7 +49,6 @@ from tests.metro import (
     KVSTORE,
     Metro,
     Recorder,
-    async_wait_until,
     dropped,
     generated_mosquitto,
     http_request,
@@ -57,9 +56,9 @@ from tests.metro import (
     new_vm,
     running_metro,
     serve,
-    wait_until,
     where_is,
 )
+from tests.waiting import async_wait_until, wait_until
 
 # Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
