@@ -775,7 +775,7 @@ def test_a_call_that_timed_out_still_applies_exactly_once(
             link.hold = False
             assert await s.call("kv_get", 1) == 2
             assert vm_seq(d, token, s.vm_id) == 3
-            assert s.stats().resent >= 1 and s._pending == {}
+            assert s.stats().resent >= 1 and s.pending == ()
 
     asyncio.run(run())
     assert_healthy(d)
