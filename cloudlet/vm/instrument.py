@@ -77,55 +77,83 @@ def instrument(module: bytes, *, track_writes: bool = True) -> Instrumented:
 def _instrument(module: bytes, track_writes: bool) -> Instrumented:
     sections = wb.split_sections(module)
     by_id = {s.id: s for s in sections if s.id != wb.SEC_CUSTOM}
-
     imports = _check_imports(by_id.get(wb.SEC_IMPORT))
     _check_tables_and_code(by_id.get(wb.SEC_CODE))
-
-    memories: list[MemoryInfo] = []
-    if wb.SEC_MEMORY in by_id:
-        r = wb.Reader(by_id[wb.SEC_MEMORY].payload)
-        for index in range(r.uleb()):
-            minimum, maximum, flags = wb.read_limits(r)
-            if flags & 0x02:
-                raise ImageRejected(f"memory {index} is shared: threads are not supported")
-            if flags & 0x04:
-                raise ImageRejected(f"memory {index} is 64-bit: memory64 is not supported")
-            memories.append(MemoryInfo(memory_export(index), minimum, maximum))
-
-    globals_: list[GlobalInfo] = []
-    if wb.SEC_GLOBAL in by_id:
-        r = wb.Reader(by_id[wb.SEC_GLOBAL].payload)
-        for index in range(r.uleb()):
-            valtype = wb.read_valtype(r)
-            mutable = r.byte()
-            if mutable not in (0, 1):
-                raise ImageRejected(f"global {index} has a bad mutability flag")
-            wb.skip_const_expr(r)
-            if not mutable:
-                continue
-            if valtype not in ("i32", "i64", "f32", "f64"):
-                raise ImageRejected(
-                    f"global {index} is a mutable {valtype}: only numeric mutable globals "
-                    "can be snapshotted"
-                )
-            globals_.append(GlobalInfo(global_export(index), index, valtype))
-
-    existing: list[bytes] = []
-    if wb.SEC_EXPORT in by_id:
-        r = wb.Reader(by_id[wb.SEC_EXPORT].payload)
-        for _ in range(r.uleb()):
-            start = r.pos
-            name = r.name()
-            r.byte()
-            r.uleb()
-            if name.startswith(EXPORT_PREFIX):
-                raise ImageRejected(f"export {name!r} uses the reserved prefix {EXPORT_PREFIX!r}")
-            existing.append(bytes(r.data[start : r.pos]))
-
+    memories = _memories(by_id.get(wb.SEC_MEMORY))
+    globals_ = _mutable_globals(by_id.get(wb.SEC_GLOBAL))
+    existing = _exports(by_id.get(wb.SEC_EXPORT))
     dirty_export = None
     if track_writes and len(memories) == 1:
         sections = add_write_tracking(sections, len(imports))
         dirty_export = DIRTY_EXPORT
+    exports = _export_section(existing, memories, globals_, dirty_export)
+    return Instrumented(wb.join_sections(_with_export(sections, exports)), tuple(memories),
+                        tuple(globals_), tuple(imports), dirty_export)
+
+
+# Memory limit flags we cannot host, and why (wasm_binary.read_limits).
+_REFUSED_MEMORY_FLAGS = ((0x02, "is shared: threads are not supported"),
+                         (0x04, "is 64-bit: memory64 is not supported"))
+
+
+def _memories(section: wb.Section | None) -> list[MemoryInfo]:
+    if section is None:
+        return []
+    memories: list[MemoryInfo] = []
+    r = wb.Reader(section.payload)
+    for index in range(r.uleb()):
+        minimum, maximum, flags = wb.read_limits(r)
+        for flag, why in _REFUSED_MEMORY_FLAGS:
+            if flags & flag:
+                raise ImageRejected(f"memory {index} {why}")
+        memories.append(MemoryInfo(memory_export(index), minimum, maximum))
+    return memories
+
+
+def _mutable_globals(section: wb.Section | None) -> list[GlobalInfo]:
+    """The globals a snapshot must capture: every mutable one, numeric only."""
+    if section is None:
+        return []
+    globals_: list[GlobalInfo] = []
+    r = wb.Reader(section.payload)
+    for index in range(r.uleb()):
+        valtype = wb.read_valtype(r)
+        mutable = r.byte()
+        if mutable not in (0, 1):
+            raise ImageRejected(f"global {index} has a bad mutability flag")
+        wb.skip_const_expr(r)
+        if not mutable:
+            continue
+        if valtype not in ("i32", "i64", "f32", "f64"):
+            raise ImageRejected(
+                f"global {index} is a mutable {valtype}: only numeric mutable globals "
+                "can be snapshotted"
+            )
+        globals_.append(GlobalInfo(global_export(index), index, valtype))
+    return globals_
+
+
+def _exports(section: wb.Section | None) -> list[bytes]:
+    """The module's own export entries, as bytes, kept as they are."""
+    if section is None:
+        return []
+    existing: list[bytes] = []
+    r = wb.Reader(section.payload)
+    for _ in range(r.uleb()):
+        start = r.pos
+        name = r.name()
+        r.byte()
+        r.uleb()
+        if name.startswith(EXPORT_PREFIX):
+            raise ImageRejected(f"export {name!r} uses the reserved prefix {EXPORT_PREFIX!r}")
+        existing.append(bytes(r.data[start : r.pos]))
+    return existing
+
+
+def _export_section(existing: list[bytes], memories: list[MemoryInfo],
+                    globals_: list[GlobalInfo], dirty_export: str | None) -> wb.Section:
+    """The module's exports plus ours: every memory, the dirty bitmap (the memory
+    after the module's own), every mutable global."""
     added = [wb.encode_name(m.export) + bytes([wb.KIND_MEMORY]) + wb.uleb_encode(i)
              for i, m in enumerate(memories)]
     if dirty_export:
@@ -135,26 +163,28 @@ def _instrument(module: bytes, track_writes: bool) -> Instrumented:
               for g in globals_]
     entries = existing + added
     payload = wb.uleb_encode(len(entries)) + b"".join(entries)
-    new_export = wb.Section(wb.SEC_EXPORT, payload, 0)
+    return wb.Section(wb.SEC_EXPORT, payload, 0)
 
+
+def _with_export(sections: list[wb.Section], exports: wb.Section) -> list[wb.Section]:
+    """`sections` with the export section replaced by `exports`, or `exports` added
+    where the canonical section order puts it."""
     rewritten: list[wb.Section] = []
     placed = False
     export_rank = wb.SECTION_ORDER.index(wb.SEC_EXPORT)
     for s in sections:
         if s.id == wb.SEC_EXPORT:
-            rewritten.append(new_export)
+            rewritten.append(exports)
             placed = True
             continue
         if (not placed and s.id != wb.SEC_CUSTOM
                 and wb.SECTION_ORDER.index(s.id) > export_rank):
-            rewritten.append(new_export)
+            rewritten.append(exports)
             placed = True
         rewritten.append(s)
     if not placed:
-        rewritten.append(new_export)
-
-    return Instrumented(wb.join_sections(rewritten), tuple(memories), tuple(globals_),
-                        tuple(imports), dirty_export)
+        rewritten.append(exports)
+    return rewritten
 
 
 def _check_imports(section: wb.Section | None) -> list[str]:

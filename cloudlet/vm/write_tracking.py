@@ -141,40 +141,67 @@ def _rewrite_body(body: bytes, nparams: int, mark_range: int) -> bytes:
 def add_write_tracking(sections: list[wb.Section], imported_funcs: int) -> list[wb.Section]:
     """Return the sections of a module whose single memory's writes are tracked."""
     by_id = {s.id: s for s in sections if s.id != wb.SEC_CUSTOM}
-
-    # Types: parameter counts of every function type, and one new type (i32, i32) -> ().
-    type_params: list[int] = []
-    types = wb.Reader(by_id[wb.SEC_TYPE].payload) if wb.SEC_TYPE in by_id else None
-    type_entries = b""
-    if types is not None:
-        count = types.uleb()
-        after_count = types.pos
-        for _ in range(count):
-            form = types.byte()
-            if form != 0x60:
-                raise wb.WasmFormatError(f"unsupported type form 0x{form:02x} (GC types)")
-            n = types.uleb()
-            for _ in range(n):
-                wb.read_valtype(types)
-            for _ in range(types.uleb()):
-                wb.read_valtype(types)
-            type_params.append(n)
-        type_entries = bytes(types.data[after_count:])
+    type_params, new_types = _types_with_mark(by_id.get(wb.SEC_TYPE))
+    func_types = _function_types(by_id.get(wb.SEC_FUNCTION))
     mark_type = len(type_params)
-    new_types = (wb.uleb_encode(len(type_params) + 1) + type_entries
-                 + bytes([0x60, 0x02, 0x7F, 0x7F, 0x00]))
-
-    funcs = wb.Reader(by_id[wb.SEC_FUNCTION].payload) if wb.SEC_FUNCTION in by_id else None
-    func_types: list[int] = []
-    if funcs is not None:
-        func_types = [funcs.uleb() for _ in range(funcs.uleb())]
     mark_range = imported_funcs + len(func_types)
     new_funcs = wb.uleb_encode(len(func_types) + 1) + b"".join(
         wb.uleb_encode(t) for t in [*func_types, mark_type])
+    new_code = _tracked_code(by_id.get(wb.SEC_CODE), func_types, type_params, mark_range)
+    replaced = {wb.SEC_TYPE: new_types, wb.SEC_FUNCTION: new_funcs, wb.SEC_CODE: new_code,
+                wb.SEC_MEMORY: _memories_with_bitmap(by_id[wb.SEC_MEMORY])}
+    present = {s.id for s in sections}
+    for sec_id in (wb.SEC_TYPE, wb.SEC_FUNCTION, wb.SEC_CODE):
+        if sec_id not in present:  # keep the canonical order when adding a section
+            sections = _insert(sections, wb.Section(sec_id, b"", 0))
+    return [wb.Section(s.id, replaced[s.id], s.offset) if s.id in replaced else s
+            for s in sections]
 
+
+def _types_with_mark(section: wb.Section | None) -> tuple[list[int], bytes]:
+    """The parameter count of every function type, and the type section with one
+    type added: (i32, i32) -> (), the mark-range function's."""
+    type_params: list[int] = []
+    type_entries = b""
+    if section is not None:
+        types = wb.Reader(section.payload)
+        count = types.uleb()
+        after_count = types.pos
+        for _ in range(count):
+            type_params.append(_function_type_params(types))
+        type_entries = bytes(types.data[after_count:])
+    new_types = (wb.uleb_encode(len(type_params) + 1) + type_entries
+                 + bytes([0x60, 0x02, 0x7F, 0x7F, 0x00]))
+    return type_params, new_types
+
+
+def _function_type_params(types: wb.Reader) -> int:
+    form = types.byte()
+    if form != 0x60:
+        raise wb.WasmFormatError(f"unsupported type form 0x{form:02x} (GC types)")
+    n = types.uleb()
+    for _ in range(n):
+        wb.read_valtype(types)
+    for _ in range(types.uleb()):
+        wb.read_valtype(types)
+    return n
+
+
+def _function_types(section: wb.Section | None) -> list[int]:
+    """The type index of every function the module defines."""
+    if section is None:
+        return []
+    funcs = wb.Reader(section.payload)
+    return [funcs.uleb() for _ in range(funcs.uleb())]
+
+
+def _tracked_code(section: wb.Section | None, func_types: list[int], type_params: list[int],
+                  mark_range: int) -> bytes:
+    """The code section with every body's stores marking, and the mark-range
+    function's body added last."""
     bodies: list[bytes] = []
-    if wb.SEC_CODE in by_id:
-        code = wb.Reader(by_id[wb.SEC_CODE].payload)
+    if section is not None:
+        code = wb.Reader(section.payload)
         if code.uleb() != len(func_types):
             raise wb.WasmFormatError("the code and function sections count different functions")
         for i, type_index in enumerate(func_types):
@@ -184,25 +211,16 @@ def add_write_tracking(sections: list[wb.Section], imported_funcs: int) -> list[
             body = code.bytes(size)
             bodies.append(_rewrite_body(body, type_params[type_index], mark_range))
     bodies.append(_mark_range_body())
-    new_code = wb.uleb_encode(len(bodies)) + b"".join(wb.uleb_encode(len(b)) + b for b in bodies)
+    return wb.uleb_encode(len(bodies)) + b"".join(wb.uleb_encode(len(b)) + b for b in bodies)
 
-    mem = wb.Reader(by_id[wb.SEC_MEMORY].payload)
-    n_mem = mem.uleb()
-    if n_mem != 1:
+
+def _memories_with_bitmap(section: wb.Section) -> bytes:
+    """The memory section with the bitmap added as memory 1."""
+    mem = wb.Reader(section.payload)
+    if mem.uleb() != 1:
         raise wb.WasmFormatError("write tracking needs exactly one memory")
-    new_memory = (wb.uleb_encode(2) + bytes(mem.data[mem.pos :])
-                  + bytes([0x01]) + wb.uleb_encode(BITMAP_PAGES) + wb.uleb_encode(BITMAP_PAGES))
-
-    replaced = {wb.SEC_TYPE: new_types, wb.SEC_FUNCTION: new_funcs, wb.SEC_CODE: new_code,
-                wb.SEC_MEMORY: new_memory}
-    out: list[wb.Section] = []
-    present = {s.id for s in sections}
-    for sec_id in (wb.SEC_TYPE, wb.SEC_FUNCTION, wb.SEC_CODE):
-        if sec_id not in present:  # keep the canonical order when adding a section
-            sections = _insert(sections, wb.Section(sec_id, b"", 0))
-    for s in sections:
-        out.append(wb.Section(s.id, replaced[s.id], s.offset) if s.id in replaced else s)
-    return out
+    return (wb.uleb_encode(2) + bytes(mem.data[mem.pos :])
+            + bytes([0x01]) + wb.uleb_encode(BITMAP_PAGES) + wb.uleb_encode(BITMAP_PAGES))
 
 
 def _insert(sections: list[wb.Section], new: wb.Section) -> list[wb.Section]:
