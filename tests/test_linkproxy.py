@@ -78,8 +78,9 @@ def test_delay_is_added_each_way() -> None:
             w.close()
         return rtt_s
 
-    rtt_s = asyncio.run(main())
-    assert 0.040 <= rtt_s < 0.080
+    # 20 ms each way: the round trip takes at least 40 ms. (How little more it takes
+    # depends on the machine, not on the proxy: no upper bound.)
+    assert asyncio.run(main()) >= 0.040
 
 
 def test_shape_checks_its_arguments() -> None:
