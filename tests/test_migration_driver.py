@@ -29,6 +29,7 @@ from cloudlet.migration import (
     run_source,
 )
 from cloudlet.vm import VM, Image, ImageStore
+from tests.waiting import async_wait_until
 
 DEADLINE_S = 0.3  # faults end in timeouts: keep them short
 
@@ -92,8 +93,7 @@ async def migrate(vm: VM, src_ch: Any, dst_ch: Any, images: Any, *,
             await asyncio.sleep(0.002)
 
     async def resolve(migration_id: str) -> bool:  # asks the source's tombstone
-        while "source" not in outcomes:
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: "source" in outcomes)
         return outcomes["source"]
 
     async def source() -> MigrationStats:
@@ -191,9 +191,9 @@ def test_cancelling_the_source_driver_resumes_the_vm(workload: dict[str, Image])
     gate = VMGate()
 
     async def main() -> None:
-        a, _b = memory_channel_pair()
+        a, b = memory_channel_pair()
         task = asyncio.create_task(run_source(vm, a, hooks=gate))
-        await asyncio.sleep(0.05)
+        await b.recv()  # its Offer: the migration is under way
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

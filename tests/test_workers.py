@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from edge_agent.workers import FairPool
+from tests.waiting import async_wait_until
 
 WAIT_S = 10.0  # a job that does not start or end in this long is a hang
 
@@ -32,9 +33,7 @@ class Jobs:
         return run
 
     async def until_started(self, *names: str) -> None:
-        async with asyncio.timeout(WAIT_S):
-            while not set(names) <= set(self.started):
-                await asyncio.sleep(0.005)
+        await async_wait_until(lambda: set(names) <= set(self.started), WAIT_S)
 
     def release(self, name: str) -> None:
         self.gates[name].set()
@@ -45,10 +44,11 @@ def test_a_client_holds_at_most_its_share_and_waiting_clients_take_turns() -> No
         pool, jobs = FairPool(1, 1, "t"), Jobs()
         try:
             tasks = {}
-            for name in ("a1", "a2", "a3", "b1", "c1"):  # a1 runs; the rest wait, in order
-                tasks[name] = asyncio.create_task(pool.run(name[0], jobs.job(name)))
-                await asyncio.sleep(0.01)
-            await jobs.until_started("a1")
+            for i, name in enumerate(("a1", "a2", "a3", "b1", "c1")):  # a1 runs; the rest
+                tasks[name] = asyncio.create_task(pool.run(name[0], jobs.job(name)))  # wait,
+                # in order: each is queued before the next comes.
+                await async_wait_until(lambda i=i: bool(jobs.started) and pool.waiting() == i,
+                                       WAIT_S)
             for name in ("a1", "a2", "b1", "c1", "a3"):
                 await jobs.until_started(name)
                 jobs.release(name)
@@ -88,10 +88,10 @@ def test_cancelled_jobs_give_their_place_back() -> None:
                                                    on_orphan=orphans.append))
             await jobs.until_started("a0")
             waiting = asyncio.create_task(pool.run("b", jobs.job("b0")))
-            await asyncio.sleep(0.01)
+            await async_wait_until(lambda: pool.waiting() == 1, WAIT_S)
             waiting.cancel()  # never started: its place goes
             running.cancel()  # started: the cancellation waits for the job to end
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the time a wrong cancellation would take to end it
             assert not running.done()
             jobs.release("a0")
             for task in (waiting, running):
