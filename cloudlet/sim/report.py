@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,19 +119,24 @@ def _smooth(values: np.ndarray, n: int) -> np.ndarray:
 
 
 def write_plots(result: SimResult, out: Path) -> list[Path]:
+    """The PNG plots of `PLOTS`, written into `out`; a policy keeps its colour
+    across them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Circle
 
-    sc = result.scenario
-    written = []
     colours = dict(zip(result.policies, plt.rcParams["axes.prop_cycle"].by_key()["color"],
                        strict=False))
-    budgets = sorted({w.budget_ms for w in sc.workloads})
+    return [_PLOTTERS[name](result, colours, out / name) for name in PLOTS]
 
-    # Latency CDF per policy.
+
+def _plot_latency_cdf(result: SimResult, colours: dict[str, str], path: Path) -> Path:
+    """Latency CDF per policy, budgets marked."""
+    import matplotlib.pyplot as plt
+
+    sc = result.scenario
+    budgets = sorted({w.budget_ms for w in sc.workloads})
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     x = (np.arange(HIST_BINS) + 0.5) * HIST_BIN_MS
     top = 1.0
@@ -156,18 +162,29 @@ def write_plots(result: SimResult, out: Path) -> list[Path]:
     ax.set_title(f"{sc.name}: interaction latency CDF")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    written.append(_save(fig, out / "latency_cdf.png"))
+    return _save(fig, path)
 
-    t_min = np.arange(result.ticks) * sc.step_s / 60.0
+
+_COLUMN = {c: i for i, c in enumerate(TIMELINE_COLUMNS)}
+
+
+def _minutes(result: SimResult) -> np.ndarray:
+    minutes: np.ndarray = np.arange(result.ticks) * result.scenario.step_s / 60.0
+    return minutes
+
+
+def _plot_violations(result: SimResult, colours: dict[str, str], path: Path) -> Path:
+    """Budget violations over time (share of interactions, one-minute moving mean)."""
+    import matplotlib.pyplot as plt
+
+    sc = result.scenario
+    t_min = _minutes(result)
     window = max(round(60.0 / sc.step_s), 1)
-    ci = {c: i for i, c in enumerate(TIMELINE_COLUMNS)}
-
-    # Budget violations over time (share of interactions, one-minute moving mean).
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for name, p in result.policies.items():
         tl = p.timeline
-        inter = _smooth(tl[:, ci["interactions"]], window)
-        within = _smooth(tl[:, ci["within_budget"]], window)
+        inter = _smooth(tl[:, _COLUMN["interactions"]], window)
+        within = _smooth(tl[:, _COLUMN["within_budget"]], window)
         share = np.where(inter > 0, 1.0 - within / np.maximum(inter, 1e-12), np.nan)
         ax.plot(t_min, 100 * share, label=name, color=colours[name], linewidth=1.2)
     ax.set_xlabel("time (min)")
@@ -176,31 +193,41 @@ def write_plots(result: SimResult, out: Path) -> list[Path]:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    written.append(_save(fig, out / "violations.png"))
+    return _save(fig, path)
 
-    # Migrations over time (cumulative), ping-pongs dashed. Policies often make the
-    # same moves at first: each line is drawn narrower than the one before, on top of
-    # it, so one that runs along another still shows (as a stripe inside it).
+
+def _plot_migrations(result: SimResult, colours: dict[str, str], path: Path) -> Path:
+    """Migrations over time (cumulative), ping-pongs dashed. Policies often make the
+    same moves at first: each line is drawn narrower than the one before, on top of
+    it, so one that runs along another still shows (as a stripe inside it)."""
+    import matplotlib.pyplot as plt
+
+    t_min = _minutes(result)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     widths = np.linspace(4.0, 1.2, max(len(result.policies), 1))
     for k, (name, p) in enumerate(result.policies.items()):
         tl = p.timeline
-        started = np.cumsum(tl[:, ci["migrations_started"]])
+        started = np.cumsum(tl[:, _COLUMN["migrations_started"]])
         ax.plot(t_min, started, label=f"{name} ({int(started[-1]) if len(started) else 0})",
                 color=colours[name], linewidth=float(widths[k]), zorder=2 + k,
                 drawstyle="steps-post")
-        pp = np.cumsum(tl[:, ci["ping_pongs"]])
+        pp = np.cumsum(tl[:, _COLUMN["ping_pongs"]])
         if pp[-1] > 0:
             ax.plot(t_min, pp, color=colours[name], linestyle="--", linewidth=1,
                     label=f"{name}: ping-pongs")
     ax.set_xlabel("time (min)")
     ax.set_ylabel("migrations started (cumulative)")
-    ax.set_title(f"{sc.name}: migrations over time")
+    ax.set_title(f"{result.scenario.name}: migrations over time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    written.append(_save(fig, out / "migrations.png"))
+    return _save(fig, path)
 
-    # A map: cloudlets, access ranges, backhaul, trajectories.
+
+def _plot_map(result: SimResult, colours: dict[str, str], path: Path) -> Path:
+    """A map: cloudlets, access ranges, backhaul, trajectories."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Circle
+
     topo = result.topology
     fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
     traj = result.trajectories
@@ -231,8 +258,13 @@ def write_plots(result: SimResult, out: Path) -> list[Path]:
     ax.set_ylabel("y (m)")
     ax.set_title(map_title(result), fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
-    written.append(_save(fig, out / "map.png"))
-    return written
+    return _save(fig, path)
+
+
+_PLOTTERS: dict[str, Callable[[SimResult, dict[str, str], Path], Path]] = {
+    "latency_cdf.png": _plot_latency_cdf, "violations.png": _plot_violations,
+    "migrations.png": _plot_migrations, "map.png": _plot_map,
+}
 
 
 def _save(fig: Any, path: Path) -> Path:

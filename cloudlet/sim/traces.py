@@ -133,39 +133,50 @@ def read_csv_frames(path: Path) -> Iterator[Frame]:
 def read_fcd_frames(path: Path, elements: Iterable[str] = ("vehicle", "person")
                     ) -> Iterator[Frame]:
     """Frames of a SUMO FCD export (`<timestep time=..><vehicle id x y/>...`), streamed."""
-    wanted = set(elements)
     with open_trace(path) as f:
-        root: ET.Element | None = None
-        t_cur = 0.0
-        ids: list[str] = []
-        xs: list[float] = []
-        ys: list[float] = []
         try:
-            for event, elem in ET.iterparse(f, events=("start", "end")):
-                if event == "start":
-                    if root is None:
-                        root = elem
-                    elif elem.tag == "timestep":
-                        t_cur = _attr_float(path, elem, "time")
-                        ids, xs, ys = [], [], []
-                    continue
-                if elem.tag in wanted:
-                    ident = elem.get("id")
-                    if ident is None:
-                        raise ScenarioError(f"{path}: a <{elem.tag}> at t={t_cur:g} has no id")
-                    ids.append(ident)
-                    xs.append(_attr_float(path, elem, "x"))
-                    ys.append(_attr_float(path, elem, "y"))
-                elif elem.tag == "timestep":
-                    yield Frame(t_cur, ids, np.column_stack([xs, ys]).astype(np.float64)
-                                if ids else np.zeros((0, 2)))
-                    elem.clear()
-                    if root is not None:
-                        root.clear()
+            yield from _fcd_frames(path, ET.iterparse(f, events=("start", "end")),
+                                   set(elements))
         except ET.ParseError as exc:
             raise ScenarioError(f"{path}: not valid FCD XML: {exc}") from None
         except (OSError, EOFError) as exc:
             raise ScenarioError(f"{path}: cannot read trace: {exc}") from None
+
+
+def _fcd_frames(path: Path, events: Iterator[tuple[str, Any]], wanted: set[str]
+                ) -> Iterator[Frame]:
+    """One frame per `<timestep>`, of its `wanted` elements; each timestep is
+    cleared once read, so a long trace streams in constant memory."""
+    root: ET.Element | None = None
+    t_cur = 0.0
+    ids: list[str] = []
+    xs: list[float] = []
+    ys: list[float] = []
+    for event, elem in events:
+        if event == "start":
+            if root is None:
+                root = elem
+            elif elem.tag == "timestep":
+                t_cur = _attr_float(path, elem, "time")
+                ids, xs, ys = [], [], []
+            continue
+        if elem.tag in wanted:
+            ids.append(_fcd_id(path, elem, t_cur))
+            xs.append(_attr_float(path, elem, "x"))
+            ys.append(_attr_float(path, elem, "y"))
+        elif elem.tag == "timestep":
+            yield Frame(t_cur, ids, np.column_stack([xs, ys]).astype(np.float64)
+                        if ids else np.zeros((0, 2)))
+            elem.clear()
+            if root is not None:
+                root.clear()
+
+
+def _fcd_id(path: Path, elem: ET.Element, t_s: float) -> str:
+    ident = elem.get("id")
+    if ident is None:
+        raise ScenarioError(f"{path}: a <{elem.tag}> at t={t_s:g} has no id")
+    return ident
 
 
 def _attr_float(path: Path, elem: ET.Element, name: str) -> float:
