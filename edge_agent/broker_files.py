@@ -7,7 +7,9 @@
   (`cloudlet.trust.acl.derived_password`), so cloudlets started by
   `cloudlet up --broker ...` already know theirs;
 - `acl`: the topic rules of `cloudlet.trust.acl`;
-- `mosquitto.conf`: a listener, `allow_anonymous false`, and the two files.
+- `mosquitto.conf`: a listener (with TLS when given a certificate and key),
+  `allow_anonymous false`, and the two files, named where they will be on the
+  broker's machine (`installed_in`; default: where they are written).
 
 Mosquitto checks client passwords from the file, so a client's broker password
 is its derived one (printed), not its bearer token as with the embedded broker.
@@ -31,8 +33,13 @@ MAX_PACKET_BYTES = MAX_SEALED_BYTES + (16 << 10)  # a sealed message and MQTT's 
 
 
 def write_mosquitto_files(state: Path, out: Path, *, nodes: Sequence[str] | None,
-                          clients: Sequence[str], listener: str) -> dict[str, str]:
-    """Write the three files; returns each client's broker password."""
+                          clients: Sequence[str], listener: str,
+                          installed_in: Path | None = None, tls_cert: str = "",
+                          tls_key: str = "") -> dict[str, str]:
+    """Write the three files; returns each client's broker password. `installed_in`
+    is the directory mosquitto.conf names the others in (written on the operator's
+    machine, read on the broker's); `tls_cert` and `tls_key` (paths on the broker's
+    machine) make the listener MQTT over TLS."""
     secret_path = state / SECRET_FILE
     if not secret_path.exists():
         raise ConfigError(f"no cluster secret at {secret_path}: pass --state-dir (the "
@@ -41,6 +48,8 @@ def write_mosquitto_files(state: Path, out: Path, *, nodes: Sequence[str] | None
     host, _, port = listener.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"--listener {listener!r} must be HOST:PORT")
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
     names = list(nodes) if nodes else [n.name for n in load_metro_config(DEFAULT_METRO).nodes]
     for client in clients:
         check_client_name(client)
@@ -51,9 +60,12 @@ def write_mosquitto_files(state: Path, out: Path, *, nodes: Sequence[str] | None
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "passwd", passwd.encode())
     atomic_write(out / "acl", acl.mosquitto_acl(names).encode())
+    where = installed_in if installed_in is not None else out.resolve()
+    tls = [f"certfile {tls_cert}", f"keyfile {tls_key}"] if tls_cert else []
     conf = "\n".join([
         "# Written by `cloudlet broker-config`: only the cluster gets in.",
         f"listener {port} {host}",
+        *tls,
         "allow_anonymous false",
         # A client id is its username here: no user can take over (and knock off)
         # another's session by naming its client id. One connection per user.
@@ -61,8 +73,8 @@ def write_mosquitto_files(state: Path, out: Path, *, nodes: Sequence[str] | None
         # The largest control message is well under this (sealed messages are
         # capped at 256 KiB); a client cannot park more than this per message.
         f"max_packet_size {MAX_PACKET_BYTES}",
-        f"password_file {(out / 'passwd').resolve()}",
-        f"acl_file {(out / 'acl').resolve()}",
+        f"password_file {where / 'passwd'}",
+        f"acl_file {where / 'acl'}",
         "persistence false",
         ""])
     atomic_write(out / "mosquitto.conf", conf.encode())

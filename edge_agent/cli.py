@@ -116,7 +116,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="a client that may use the broker (repeatable)")
     files.add_argument("--listener", default="127.0.0.1:1883", metavar="HOST:PORT",
                        help="where Mosquitto listens (default 127.0.0.1:1883)")
+    files.add_argument("--installed-in", metavar="DIR",
+                       help="the directory the files will be in on the broker's machine, "
+                            "as mosquitto.conf names them (default: --out)")
+    files.add_argument("--tls-cert", default="", metavar="FILE",
+                       help="TLS on the listener: its certificate, as a path on the broker's "
+                            "machine (with --tls-key; `cloudlet tls-cert` issues them)")
+    files.add_argument("--tls-key", default="", metavar="FILE",
+                       help="the certificate's private key, as a path on the broker's machine")
     files.set_defaults(handler=cmd_broker_config)
+
+    from edge_agent.node_files import register as register_node_files
+
+    register_node_files(sub)
 
 
 def _default_broker() -> str:
@@ -209,11 +221,15 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     clients = write_mosquitto_files(_state(args), out, nodes=args.node, clients=args.client,
-                                    listener=args.listener)
+                                    listener=args.listener,
+                                    installed_in=Path(args.installed_in) if args.installed_in
+                                    else None, tls_cert=args.tls_cert, tls_key=args.tls_key)
     print(f"wrote {out / 'mosquitto.conf'}, {out / 'passwd'} and {out / 'acl'}")
-    print(f"run: mosquitto -c {out / 'mosquitto.conf'}")
+    print(f"run: mosquitto -c {Path(args.installed_in or out) / 'mosquitto.conf'}")
     for name, password in clients.items():
-        print(f"client {name}: broker password {password} (mqtt://{name}:{password}@HOST:PORT)")
+        scheme = "mqtts" if args.tls_cert else "mqtt"
+        print(f"client {name}: broker password {password} "
+              f"({scheme}://{name}:{password}@HOST:PORT)")
     return 0
 
 
