@@ -11,6 +11,7 @@ by the cluster authority, after that cloudlet proved which one it is.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,10 +60,14 @@ async def collect(broker: str, state: Path, wait_s: float) -> ClusterView:
     when signed by the cloudlet they are about."""
     secret = load_secret(_require(state, SECRET_FILE))
     gate = ControlGate(verifier_of(state))
-    host, port, _ = broker_address(broker)
+    host, port, tls = broker_address(broker)
+    # mqtts://: the broker's certificate is checked against the system's store
+    # (or $SSL_CERT_FILE, e.g. the cluster's tls-ca.pem: docs/deploy.md).
+    tls_context = ssl.create_default_context() if tls else None
     view = ClusterView()
     try:
         async with aiomqtt.Client(host, port, identifier=f"cloudlet-operator-{time.time_ns()}",
+                                  tls_context=tls_context,
                                   username=acl.OPERATOR_USER,
                                   password=acl.derived_password(secret, acl.OPERATOR_USER)) as c:
             await c.subscribe(ALL_PRESENCE)
