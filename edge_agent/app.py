@@ -1,10 +1,11 @@
 """The data plane: an aiohttp application for clients (images, VMs, calls) and peers.
 
-Handlers are thin: parse, call `VMHost`, answer. Everything that can go wrong
-is a `CloudletError` with a stable code, answered as `{"code", "message"}` with
-an HTTP status by meaning (see `STATUS`), so the SDK can raise the daemon's own
-exception class. Bodies are msgpack; management answers are JSON when the
-client asks for `application/json`. Every request has a size cap (its route's
+Handlers are thin: parse (into the typed requests of edge_agent/requests.py),
+call `VMHost`, answer. Everything that can go wrong is a `CloudletError` with a
+stable code, answered as `{"code", "message"}` with an HTTP status by meaning
+(see `STATUS`), so the SDK can raise the daemon's own exception class. Bodies
+are msgpack; management answers are JSON when the client asks for
+`application/json`. Every request has a size cap (its route's
 `BodyLimit`, enforced before the body is buffered, edge_agent/bodies.py) and a
 deadline, and nothing but `/health` answers without credentials.
 The API is described in docs/openapi.yaml.
@@ -15,10 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import reprlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import msgpack
@@ -40,9 +40,18 @@ from edge_agent.live_migration import peer_of
 from edge_agent.metrics import Metrics
 from edge_agent.peer_client import PeerClient
 from edge_agent.peers import PeerDirectory
+from edge_agent.requests import (
+    Call,
+    parse_call,
+    parse_challenge,
+    parse_create,
+    parse_move,
+    source_endpoint,
+    unpack_map,
+)
 from edge_agent.storage import public_reason
 from edge_agent.stream import decode_stream_message
-from edge_agent.vm_host import Call, HostedVM, VMHost
+from edge_agent.vm_host import HostedVM, VMHost
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +113,6 @@ OVERSIZE_SLACK_BYTES = 64 << 10
 SNAPSHOT_OVERHEAD_BYTES = 64 << 10
 SNAPSHOT_IDS_SHARE = 1024
 MOVED_CLOSE_CODE = 4001  # private-use WebSocket close code: "the VM moved; see the notice"
-NUMBERS = frozenset({int, float})  # exact types: bool is an int subclass, and not a number
 PUBLIC_PATHS = frozenset({"/health"})
 
 # HTTP status by error meaning; the most specific class wins.
@@ -273,28 +281,6 @@ def synthesis_limit(request: web.Request) -> BodyLimit:
     return BodyLimit(room_cap, over_quota)
 
 
-def unpack_map(raw: bytes) -> dict[str, Any]:
-    try:
-        body = msgpack.unpackb(raw)
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise errors.MalformedRequest(f"body is not msgpack ({type(exc).__name__})") from None
-    if not isinstance(body, dict):
-        raise errors.MalformedRequest("body must be a msgpack map")
-    return body
-
-
-def field(body: dict[str, Any], key: str, typ: type | tuple[type, ...],
-          default: Any = ...) -> Any:
-    if key not in body:
-        if default is ...:
-            raise errors.MalformedRequest(f"missing field {key!r}")
-        return default
-    value = body[key]
-    if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
-        raise errors.MalformedRequest(f"field {key!r} has the wrong type")
-    return value
-
-
 # --- handlers ------------------------------------------------------------------------
 
 
@@ -310,13 +296,9 @@ async def health(request: web.Request) -> web.Response:
     status = "shutting_down" if host.closing else "ok" if storage.ok else "degraded"
     body: dict[str, Any] = {"status": status, "node": request.app[CONFIG].name,
                             "vms": len(host.vms), "reasons": list(storage.reasons)}
-    challenge = request.query.get("challenge")
+    challenge = parse_challenge(request.query.get("challenge"))
     if challenge is not None:
-        try:
-            parsed = proof.parse_challenge(challenge)
-        except errors.TrustError as exc:
-            raise errors.MalformedRequest(exc.message) from None
-        body["identity"] = proof.prove(request.app[IDENTITY], parsed)
+        body["identity"] = proof.prove(request.app[IDENTITY], challenge)
     return web.json_response(body)
 
 
@@ -350,11 +332,9 @@ async def delete_image(request: web.Request) -> web.Response:
 
 
 async def create_vm(request: web.Request) -> web.Response:
-    body = unpack_map(await read_body(request, body_limit(request)))
-    hosted = await request.app[HOST].create(
-        principal(request), field(body, "image", str),
-        field(body, "limits", (dict, type(None)), None),
-        field(body, "clock", str, "real"))
+    asked = parse_create(await read_body(request, body_limit(request)))
+    hosted = await request.app[HOST].create(principal(request), asked.image, asked.limits,
+                                            asked.clock)
     return answer(request, hosted.describe(), 201)
 
 
@@ -378,51 +358,17 @@ async def vm_info(request: web.Request) -> web.Response:
     return answer(request, info)
 
 
-def parse_call(body: dict[str, Any]) -> Call:
-    """A call from its request map `{"fn", "args" | "data", "seq"?}`.
-
-    A malformed call that carries a valid sequence number is not refused here:
-    it becomes a `Call` whose answer is that error, so it uses up its number like
-    any other outcome (see `VMHost._admit`)."""
-    seq, ack = body.get("seq"), body.get("ack")
-    if seq is not None and (type(seq) is not int or seq < 1):
-        raise errors.MalformedRequest("field 'seq' must be a positive integer")
-    if ack is not None and (type(ack) is not int or ack < 0):
-        raise errors.MalformedRequest("field 'ack' must be a non-negative integer")
-    fn = body.get("fn")
+def parse_counted(metrics: Metrics, body: Mapping[str, Any], transport: str) -> Call:
+    """The call in a request map. One refused outright (no number to use up) counts
+    as a rejected call, as one the VM refused does."""
     try:
-        if "too_large" in body:
-            # The stream's stand-in for a message over the cap (edge_agent.stream). A
-            # client that sends the key itself only refuses its own call, but its value
-            # is not a message: an error's message is a string, whatever was sent.
-            too_large = body["too_large"]
-            raise errors.RequestTooLarge(too_large if type(too_large) is str
-                                         else "message over the size cap")
-        if type(fn) is not str:
-            raise errors.MalformedRequest("field 'fn' must be a function name")
-        if "data" in body:
-            data = body["data"]
-            if type(data) is not bytes:
-                raise errors.MalformedRequest("field 'data' must be bytes")
-            return Call(fn, (), data, seq, ack=ack)
-        args = body.get("args", [])
-        if type(args) is not list or not all(type(a) in NUMBERS for a in args):
-            raise errors.MalformedRequest("args must be a list of numbers")
-        return Call(fn, tuple(args), None, seq, ack=ack)
-    except (errors.MalformedRequest, errors.RequestTooLarge) as exc:
-        if seq is None:
-            raise
-        return Call(_name_of(fn), seq=seq, refused=exc, ack=ack)
+        return parse_call(body)
+    except CloudletError:
+        metrics.calls.record(transport, False, 0.0)
+        raise
 
 
-def _name_of(fn: Any) -> str:
-    """A refused call's function as its identity in the reply log: the name if it is
-    one, else a bounded repr (`str` of a client's value nested 1,000 deep raises
-    RecursionError, and of a long one costs its whole length for 200 characters)."""
-    return fn[:200] if type(fn) is str else reprlib.repr(fn)[:200]
-
-
-def apply_call_now(host: VMHost, metrics: Metrics, hosted: HostedVM, body: dict[str, Any],
+def apply_call_now(host: VMHost, metrics: Metrics, hosted: HostedVM, call: Call,
                    transport: str) -> dict[str, Any] | None:
     """A call to an interactive VM, done synchronously: most of the daemon's work,
     so it costs no coroutine. None if the call must take `apply_call`."""
@@ -431,24 +377,24 @@ def apply_call_now(host: VMHost, metrics: Metrics, hosted: HostedVM, body: dict[
     started = time.perf_counter()
     ok = False
     try:
-        reply = host.call_now(hosted, parse_call(body))
+        reply = host.call_now(hosted, call)
         ok = True
         return reply
     finally:
         metrics.calls.record(transport, ok, time.perf_counter() - started)
 
 
-async def apply_call(app: web.Application, hosted: HostedVM, body: dict[str, Any],
+async def apply_call(app: web.Application, hosted: HostedVM, call: Call,
                      transport: str) -> dict[str, Any]:
-    """One call from a decoded request; shared by HTTP and the WebSocket stream."""
+    """One parsed call; shared by HTTP and the WebSocket stream."""
     host, metrics = app[HOST], app[METRICS]
-    reply = apply_call_now(host, metrics, hosted, body, transport)
+    reply = apply_call_now(host, metrics, hosted, call, transport)
     if reply is not None:
         return reply
     started = time.perf_counter()
     ok = False
     try:
-        reply = await host.call(hosted, parse_call(body))
+        reply = await host.call(hosted, call)
         ok = True
         return reply
     finally:
@@ -458,7 +404,8 @@ async def apply_call(app: web.Application, hosted: HostedVM, body: dict[str, Any
 async def call_vm(request: web.Request) -> web.Response:
     hosted = hosted_vm(request)
     body = unpack_map(await read_body(request, body_limit(request)))
-    reply = await apply_call(request.app, hosted, body, "http")
+    call = parse_counted(request.app[METRICS], body, "http")
+    reply = await apply_call(request.app, hosted, call, "http")
     return web.Response(body=msgpack.packb(reply), content_type=MSGPACK)
 
 
@@ -496,9 +443,10 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
             req_id = None
             try:
                 decoded = decode_stream_message(msg.data, cap_bytes)
-                req_id, body = decoded.req_id, decoded.body
-                reply = (apply_call_now(host, metrics, hosted, body, "ws")
-                         or await apply_call(request.app, hosted, body, "ws"))
+                req_id = decoded.req_id
+                call = parse_counted(metrics, decoded.body, "ws")
+                reply = (apply_call_now(host, metrics, hosted, call, "ws")
+                         or await apply_call(request.app, hosted, call, "ws"))
                 reply = {**reply, "id": req_id}  # the kept answer is shared: copy it
             except CloudletError as exc:
                 metrics.errors.labels(exc.code).inc()
@@ -550,11 +498,10 @@ async def move_vm(request: web.Request) -> web.Response:
     """Move a VM to another cloudlet: `{"to": NODE}` (found on the control plane)
     or `{"endpoint": URL}`. Its owner or a peer (the orchestrator) may ask."""
     hosted = hosted_vm(request)
-    body = unpack_map(await read_body(request, body_limit(request)))
+    asked = parse_move(await read_body(request, body_limit(request)))
     mover = request.app[MOVER]
-    where = mover.resolve(principal(request), field(body, "to", (str, type(None)), None),
-                          field(body, "endpoint", (str, type(None)), None))
-    return answer(request, await mover.move(hosted, where, field(body, "mode", str, "live")))
+    where = mover.resolve(principal(request), asked.to, asked.endpoint)
+    return answer(request, await mover.move(hosted, where, asked.mode))
 
 
 async def accept_migration(request: web.Request) -> web.StreamResponse:
@@ -568,13 +515,10 @@ async def accept_migration(request: web.Request) -> web.StreamResponse:
         raise errors.Forbidden("only a cloudlet migrates VMs here")
     mover = request.app[MOVER]
     source_node = peer_of(who.name)
-    source_endpoint = (mover.peers.endpoint_of(source_node)
-                       or request.query.get("endpoint", ""))
-    if not source_endpoint.startswith(("http://", "https://")):
-        raise errors.MalformedRequest("say where the source is: ?endpoint=URL")
+    source = Location(source_node, source_endpoint(mover.peers.endpoint_of(source_node),
+                                                   request.query.get("endpoint")))
     ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES + (64 << 10))
     await open_websocket(request, ws)
-    source = Location(source_node, source_endpoint)
     try:
         outcome = await mover.live.receive(ws, source, mover.peer_client)
         log.info("migration from %s: %s", source.node, outcome.get("outcome"))

@@ -15,6 +15,9 @@ answered, so a different call resent under a used number (a second client
 numbering calls on the same VM) is refused, not answered with someone else's
 result.
 
+Whether a call runs, is answered from here or is refused is decided by
+`ExactlyOnce` (edge_agent/exactly_once.py); this module only keeps answers.
+
 The log travels with the VM: it is kept in the snapshot's annex at every
 checkpoint and migration, so a restart or a move does not turn a resent call
 into a second application.
@@ -25,8 +28,6 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from typing import Any
-
-from cloudlet.errors import ReplyExpired, SequenceConflict, SequenceGap, error_from_wire
 
 # Answers kept for a client that never acknowledges (the SDK does, and keeps at
 # most 64 calls in flight). Past either cap the oldest answers are dropped, and a
@@ -118,26 +119,11 @@ class ReplyLog:
                 return
             self._bytes -= _size_of(entries.pop(seq))
 
-    def replay(self, seq: int, vm_seq: int, identity: list[Any]) -> dict[str, Any]:
-        """The answer to call `seq` that is not the VM's next (`vm_seq + 1`): the
-        kept answer of an applied call (its error raised again), or a typed error."""
-        if seq > vm_seq + 1:
-            raise SequenceGap(f"call {seq} is ahead of this VM, which takes call {vm_seq + 1} "
-                              "next: calls in between were never applied here",
-                              expected=vm_seq + 1)
+    def get(self, seq: int) -> tuple[list[Any], dict[str, Any]] | None:
+        """The kept `(identity, answer)` of call `seq`, if it is still kept. What a
+        resend under that number gets is decided by edge_agent/exactly_once.py."""
         entry = self._entries.get(seq)
-        if entry is None:
-            raise ReplyExpired(f"call {seq} was applied (the VM is at {vm_seq}), but its "
-                               "answer is no longer kept (acknowledged, or past the log's "
-                               f"caps of {REPLY_WINDOW} answers and {self.cap_bytes} bytes)")
-        if entry[0] != identity:
-            raise SequenceConflict(f"call number {seq} was used by a different call "
-                                   f"({entry[0][0]!r:.60}): another client numbers calls on "
-                                   "this VM; this call was not applied", vm_seq=vm_seq)
-        reply: dict[str, Any] = entry[1]
-        if "error" in reply:
-            raise error_from_wire(reply["error"])
-        return reply
+        return None if entry is None else (entry[0], entry[1])
 
     def to_wire(self) -> list[list[Any]]:
         return [[seq, identity, reply] for seq, (identity, reply) in self._entries.items()]

@@ -8,18 +8,21 @@ handler then calls `parse_call` on the map, as the HTTP route does.
 A message is a msgpack map `{"id", "fn", "args" | "data", "seq"?, "ack"?}`.
 One over the endpoint's size cap is still read (up to twice the cap, where the
 WebSocket itself stops) and becomes a stand-in that keeps only its `id`, `seq`
-and `ack`: the refusal answers the client's `id` and uses up its sequence number
-like any other outcome.
+and `ack` (`OversizedMessage`): the refusal answers the client's `id` and uses
+up its sequence number like any other outcome. That the message was too large
+is the stand-in's type, not a key in the client's map, so no client can claim it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 from cloudlet.errors import MalformedRequest
+from edge_agent.requests import OversizedMessage
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class StreamRequest:
     request map that `parse_call` reads."""
 
     req_id: Any
-    body: dict[str, Any]
+    body: Mapping[str, Any]
 
 
 def decode_stream_message(raw: bytes, cap_bytes: int) -> StreamRequest:
@@ -42,12 +45,8 @@ def decode_stream_message(raw: bytes, cap_bytes: int) -> StreamRequest:
         raise MalformedRequest("a message must be a msgpack map")
     req_id = body.get("id")
     if len(raw) > cap_bytes:
-        body = _too_large(body, len(raw), cap_bytes)
+        # The call's numbers (so the refusal uses its number up) and nothing else.
+        return StreamRequest(req_id, OversizedMessage(
+            body.get("seq"), body.get("ack"),
+            f"message of {len(raw)} bytes; the cap is {cap_bytes}"))
     return StreamRequest(req_id, body)
-
-
-def _too_large(body: dict[str, Any], size_bytes: int, cap_bytes: int) -> dict[str, Any]:
-    """A stand-in for a call over the size cap: it keeps the call's number (so the
-    refusal uses it up) and nothing else, so `parse_call` refuses it."""
-    return {"seq": body.get("seq"), "ack": body.get("ack"), "fn": None,
-            "too_large": f"message of {size_bytes} bytes; the cap is {cap_bytes}"}

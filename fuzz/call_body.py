@@ -13,7 +13,7 @@ import contextlib
 import msgpack
 
 from cloudlet.errors import CloudletError
-from edge_agent.app import parse_call, unpack_map
+from edge_agent.requests import parse_call, unpack_map
 from fuzz import calls, fixtures, structure
 
 # The daemon's default cap is 1 MiB (`max_request_kib`); the decoding is the same

@@ -15,8 +15,9 @@ from typing import Any
 
 import msgpack
 
+from edge_agent.exactly_once import ExactlyOnce, Replay
 from edge_agent.replies import ANNEX_KEY, ReplyLog
-from edge_agent.vm_host import Call
+from edge_agent.requests import Call
 
 # Requests the seeds are made of: every field the data plane reads, each shape.
 REQUESTS: dict[str, dict[str, Any]] = {
@@ -52,4 +53,6 @@ def keep_answer(call: Call) -> None:
     msgpack.packb({ANNEX_KEY: log.to_wire()})
     if call.ack is not None:
         log.acknowledge(min(call.ack, call.seq - 1))
-    log.replay(call.seq, call.seq, call.identity())
+    decision = ExactlyOnce(log).resent(call.seq, call.seq, call.identity())
+    if isinstance(decision, Replay):
+        decision.answer()

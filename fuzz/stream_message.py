@@ -11,7 +11,7 @@ import contextlib
 import msgpack
 
 from cloudlet.errors import CloudletError
-from edge_agent.app import parse_call
+from edge_agent.requests import parse_call
 from edge_agent.stream import decode_stream_message
 from fuzz import calls, fixtures, structure
 

@@ -26,8 +26,8 @@ from cloudlet.migration.messages import decode
 from cloudlet.vm import VM, Image, Snapshot
 from cloudlet.vm import wasm_binary as wb
 from cloudlet.vm.instrument import instrument
-from edge_agent.app import parse_call, unpack_map
 from edge_agent.replies import ReplyLog
+from edge_agent.requests import Call, parse_call, unpack_map
 
 
 def nested(value: object, depth: int) -> object:
@@ -77,11 +77,15 @@ def test_an_error_answer_nested_deep_is_reported_not_raised() -> None:
     assert isinstance(exc, VMTrapped) and exc.message.startswith("[[[")
 
 
-def test_a_client_sent_too_large_key_gives_a_string_message() -> None:
+def test_a_client_sent_too_large_key_steers_nothing() -> None:
+    # Was: the stream marked a message over the cap with this key in the client's own
+    # map, so a client could refuse its call with a message of its choosing (nested
+    # deep, a RecursionError sizing it in the reply log). The mark is now the
+    # stand-in's type (edge_agent.requests.OversizedMessage); the key is just ignored.
     call = parse_call({"seq": 3, "fn": "f", "too_large": nested("x", 1000)})
-    assert call.refused is not None and call.refused.message == "message over the size cap"
-    log = ReplyLog()  # where the refusal is kept; was: RecursionError sizing its message
-    log.add(3, call.identity(), {"error": call.refused.to_wire(), "seq": 3})
+    assert call == Call("f", seq=3) and call.refused is None
+    log = ReplyLog()  # where its answer is kept
+    log.add(3, call.identity(), {"result": 0, "seq": 3})
     assert len(log) == 1
 
 

@@ -1,7 +1,8 @@
 """docs/openapi.yaml against the code, without a daemon: every route lists what it
 can answer.
 
-What a route can answer is traced from edge_agent/app.py: the middlewares give
+What a route can answer is traced from edge_agent/app.py (and the parsers it
+calls, edge_agent/requests.py): the middlewares give
 every route `413` and `500`, every route but `/health` `401`, and `408` to those
 that wait for something; the handler's own raises and the helpers it calls give
 the rest. `RAISES` says, for each helper a handler may call, which errors it can
@@ -34,9 +35,13 @@ RAISES: dict[str, list[type[errors.CloudletError]]] = {
     # auth and lookups
     "hosted_vm(": [E.VMNotFound, E.Forbidden, E.VMMoved],  # VMHost.get, _raise_gone
     "peer_only(": [E.Forbidden],
-    # bodies
+    # bodies, queries (edge_agent/requests.py)
     "unpack_map(": [E.MalformedRequest],
-    "field(": [E.MalformedRequest],
+    "parse_create(": [E.MalformedRequest],
+    "parse_move(": [E.MalformedRequest],
+    "parse_counted(": [E.MalformedRequest, E.RequestTooLarge],
+    "parse_challenge(": [E.MalformedRequest],
+    "source_endpoint(": [E.MalformedRequest],
     "read_body(": [E.RequestTooLarge],  # the route's BodyLimit (images: ImageTooLarge)
     "spooled_body(": [E.RequestTooLarge, E.StorageFull],  # synthesis: QuotaExceeded too
     "synthesis_limit": [E.QuotaExceeded, E.CapacityExceeded],

@@ -8,6 +8,7 @@ import pytest
 
 from cloudlet.errors import QuotaExceeded
 from edge_agent.config import NodeConfig
+from edge_agent.exactly_once import ExactlyOnce, Replay
 from edge_agent.quotas import REPLY_FLOOR_BYTES, REPLY_LOG_MAX_BYTES, Quotas, Usage
 from edge_agent.replies import ReplyLog
 
@@ -55,7 +56,8 @@ def test_a_lowered_cap_drops_the_oldest_answers_at_once() -> None:
         log.add(seq, ["f", []], {"data": b"x" * (100 << 10), "seq": seq})
     log.set_cap(300 << 10)
     assert log.size_bytes <= 300 << 10 and len(log) == 2
-    assert log.replay(10, 10, ["f", []])["seq"] == 10
+    kept = ExactlyOnce(log).resent(10, 10, ["f", []])
+    assert isinstance(kept, Replay) and kept.answer()["seq"] == 10
 
 
 def test_images_count_per_uploader_and_survive_a_restart(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import msgpack
 import pytest
 
 from cloudlet.errors import MalformedRequest, RequestTooLarge
-from edge_agent.app import parse_call
+from edge_agent.requests import parse_call
 from edge_agent.stream import decode_stream_message
 
 
