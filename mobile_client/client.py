@@ -365,6 +365,10 @@ class CloudletClient:
         cloudlet `node` or the best one: (its id, where it is)."""
         digest, _ = self.image(image)
         await self._first_cloudlet()
+        if node is not None and self.discovery.broker:
+            # Presences arrive one by one: the named cloudlet's may follow the first.
+            await self.discovery.wait_for(
+                lambda d: any(c.node == node for c in d.candidates()), self.discovery_wait_s)
         ranked = await self.prober.ranked()
         if node is not None:
             ranked = [(i, r) for i, r in ranked if i.node == node]
