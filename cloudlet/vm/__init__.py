@@ -6,7 +6,8 @@ sandboxed by construction, and its whole state can be read, diffed and moved.
 
 from cloudlet.vm import chunks
 from cloudlet.vm.chunks import CHUNK_BYTES
-from cloudlet.vm.image import Image, ImageStore, image_digest
+from cloudlet.vm.compiled import Image
+from cloudlet.vm.image import ImageStore, image_digest
 from cloudlet.vm.machine import VM, FuncSig, VMLimits
 from cloudlet.vm.snapshot import MemoryState, Snapshot
 

@@ -15,9 +15,8 @@ import threading
 from typing import Any
 
 import wasmtime
-from wasmtime import _ffi as ffi
-from wasmtime import _value
 
+from cloudlet.vm import fastcall
 from cloudlet.vm.hostfns import ALLOWED_IMPORTS, HOST_FUNCTIONS, WASI_MODULE, HostState
 
 # 10 ms: fine enough for deadlines of tens of milliseconds, coarse enough that
@@ -69,8 +68,7 @@ class EpochTicker:
 
 def host_state_of(caller: Any) -> HostState:
     """The HostState a store was created with (see `Store(engine, data=...)`)."""
-    data: Any = ffi.wasmtime_context_get_data(caller._context())
-    state = _value._unintern(data)
+    state = fastcall.caller_data(caller)
     assert isinstance(state, HostState)
     return state
 

@@ -18,7 +18,6 @@ import hashlib
 import importlib.metadata
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,12 @@ import wasmtime
 from cloudlet.errors import ImageNotFound, ImageRejected, ImageTooLarge, StorageFull, VMError
 from cloudlet.fsutil import atomic_write
 from cloudlet.vm import chunks
+from cloudlet.vm.compiled import BOOT_DEADLINE_MS, BOOT_FUEL, FuncSig, Image
 from cloudlet.vm.engine import Runtime, default_runtime
 from cloudlet.vm.instrument import GlobalInfo, MemoryInfo, instrument
-from cloudlet.vm.machine import BOOT_DEADLINE_MS, BOOT_FUEL, VM, FuncSig, VMLimits
+from cloudlet.vm.limits import VMLimits
+from cloudlet.vm.machine import VM
+from cloudlet.vm.memory import PristineMemory
 
 MAX_IMAGE_BYTES = 16 * 1024 * 1024  # clang -O2 guests are KiBs to a few MiB; 16 MiB is generous
 META_FORMAT = 2
@@ -47,37 +49,6 @@ def default_store_dir() -> Path:
     env = os.environ.get("CLOUDLET_HOME")
     base = Path(env) if env else Path.home() / ".cache" / "cloudlet"
     return base / "images"
-
-
-@dataclass(frozen=True)
-class PristineMemory:
-    pages: int
-    hashes: chunks.Hashes
-
-
-@dataclass(eq=False)
-class Image:
-    """A compiled, instrumented image, ready to boot VMs from."""
-
-    digest: str
-    size_bytes: int
-    runtime: Runtime
-    module: wasmtime.Module
-    pre: Any  # wasmtime InstancePre
-    memories: tuple[MemoryInfo, ...]
-    globals: tuple[GlobalInfo, ...]
-    imports: tuple[str, ...]
-    functions: dict[str, FuncSig]
-    dirty_export: str | None = None  # write-tracking bitmap (None: dirty chunks by hashing)
-    pristine: tuple[PristineMemory, ...] = ()
-    # `_initialize` runs within these on every boot (registration, creation, restore),
-    # like a call within its fuel and deadline: a host decides what a boot may cost.
-    boot_fuel: int = BOOT_FUEL
-    boot_deadline_ms: int = BOOT_DEADLINE_MS
-
-    @property
-    def pristine_bytes(self) -> int:
-        return sum(p.pages * chunks.WASM_PAGE_BYTES for p in self.pristine)
 
 
 class ImageStore:
@@ -230,7 +201,7 @@ class ImageStore:
 
     def _boot_pristine(self, image: Image) -> tuple[PristineMemory, ...]:
         try:
-            vm = VM._boot(image, VMLimits(memory_bytes=4 << 30), None, None)
+            vm = VM.boot(image, VMLimits(memory_bytes=4 << 30))
         except VMError as exc:
             raise ImageRejected(f"image fails at boot: {exc.message}") from None
         try:

@@ -27,7 +27,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -39,16 +39,15 @@ from cloudlet.errors import (
     SnapshotImageMismatch,
     SnapshotTooLarge,
     SnapshotVersionUnsupported,
+    VMError,
     VMMemoryLimit,
 )
 from cloudlet.fsutil import atomic_write
 from cloudlet.vm import chunks
+from cloudlet.vm.compiled import Image
 from cloudlet.vm.hostfns import LOG_CAP_BYTES
-from cloudlet.vm.machine import VMLimits
-
-if TYPE_CHECKING:
-    from cloudlet.vm.image import Image
-    from cloudlet.vm.machine import VM
+from cloudlet.vm.limits import VMLimits
+from cloudlet.vm.memory import GuestMemory
 
 MAGIC = b"CLDSNAP\n"
 FORMAT_VERSION = 1
@@ -174,30 +173,21 @@ def read_header(data: bytes | memoryview) -> dict[str, Any]:
 # --- capture and apply -------------------------------------------------------------------
 
 
-def capture(vm: VM, *, delta: bool) -> Snapshot:
-    hashes = vm.chunk_hashes()
-    bases = vm._last_hashes if delta else [p.hashes for p in vm.image.pristine]
-    assert bases is not None
+def capture_memories(memory: GuestMemory, *,
+                     delta: bool) -> tuple[tuple[MemoryState, ...], list[chunks.Hashes]]:
+    """The memories' part of a snapshot: the chunks that differ from the base (the
+    last snapshot's state for a delta, the image's pristine state for an overlay),
+    and the digests of every chunk now, which become the next base."""
+    bases = memory.base_hashes if delta else memory.pristine_hashes
+    if bases is None:
+        raise VMError("a delta needs an earlier snapshot of this VM as its base")
+    hashes = memory.chunk_hashes()
     memories = []
     for i, (current, base) in enumerate(zip(hashes, bases, strict=True)):
         send, zero = chunks.changed_chunks(current, base)
-        data = read_only_view(chunks.as_chunk_array(vm.memory_view(i))[send])
+        data = read_only_view(chunks.as_chunk_array(memory.view(i))[send])
         memories.append(MemoryState(len(current) // chunks.CHUNKS_PER_PAGE, send, zero, data))
-    snap = Snapshot(
-        image_digest=vm.image.digest,
-        kind="delta" if delta else "overlay",
-        base_id=vm.last_snapshot_id if delta else None,
-        seq=vm.seq,
-        limits=vm.limits,
-        fuel_used=min(vm.fuel_used, FUEL_USED_MAX),
-        host=vm.host.to_wire(),
-        globals=vm.globals_state(),
-        memories=tuple(memories),
-        vm_id=vm.id,
-        owner=vm.owner,
-    )
-    vm._set_snapshot_base(snap.snapshot_id, hashes)
-    return snap
+    return tuple(memories), hashes
 
 
 def check_restorable(image: Image, snap: Snapshot) -> None:
@@ -248,34 +238,33 @@ def _check_ids(ids: chunks.ChunkIds, n_chunks: int, what: str) -> None:
         raise SnapshotCorrupt(f"{what} must be ascending and below {n_chunks}")
 
 
-def check_applicable(vm: VM, snap: Snapshot) -> None:
-    """`check_restorable`, plus what depends on the VM's current state (for a delta)."""
-    check_restorable(vm.image, snap)
+def check_applicable(image: Image, memory: GuestMemory, snap: Snapshot) -> None:
+    """`check_restorable`, plus what depends on the memories' current state (for a delta)."""
+    check_restorable(image, snap)
     for i, mem in enumerate(snap.memories):
-        current = len(vm._view(i)) // chunks.WASM_PAGE_BYTES
+        current = memory.pages(i)
         if mem.pages < current:
             raise SnapshotCorrupt(f"memory {i} has {current} pages, more than the snapshot's "
                                   f"{mem.pages}: memories cannot shrink")
 
 
-def apply_snapshot(vm: VM, snap: Snapshot) -> None:
-    """Write `snap` into `vm` (whose state must be the snapshot's base, checked with
-    `check_applicable`). Memories are all grown before anything is written, so the
-    only failure left midway is the host running out of memory."""
+def apply_memories(memory: GuestMemory, snap: Snapshot) -> None:
+    """Write `snap`'s memories into `memory`, whose state must be the snapshot's base
+    (checked with `check_applicable`), and make the result the snapshot base and
+    the start of write tracking. Memories are all grown before anything is
+    written, so the only failure left midway is the host running out of memory."""
     if snap.kind == "overlay":
-        bases = [p.hashes for p in vm.image.pristine]
+        bases = memory.pristine_hashes
     else:
-        assert vm._last_hashes is not None
-        bases = vm._last_hashes
-    if snap.limits != vm.limits:
-        vm.set_limits(snap.limits)
+        assert memory.base_hashes is not None
+        bases = memory.base_hashes
     for i, mem in enumerate(snap.memories):
-        vm._grow_to(i, mem.pages)
+        memory.grow_to(i, mem.pages)
     new_hashes = []
     for i, mem in enumerate(snap.memories):
-        arr = chunks.as_chunk_array(vm._view(i))
+        arr = chunks.as_chunk_array(memory.view(i))
         if len(mem.chunk_ids) * 4 > len(arr):
-            vm.hint_hugepages(i)
+            memory.hint_hugepages(i)
         if len(mem.chunk_ids):
             arr[mem.chunk_ids] = np.frombuffer(mem.data, dtype=np.uint8).reshape(
                 -1, chunks.CHUNK_BYTES)
@@ -285,14 +274,8 @@ def apply_snapshot(vm: VM, snap: Snapshot) -> None:
         hashes[mem.chunk_ids] = chunks.hash_chunk_data(mem.data)
         hashes[mem.zero_ids] = chunks.ZERO_CHUNK_HASH
         new_hashes.append(hashes)
-    store = vm._live_store()
-    for name, value in snap.globals.items():
-        vm._global(name).set_value(store, value)
-    vm.host.load(snap.host)  # in place: the store's host functions hold this object
-    vm.seq = snap.seq
-    vm.fuel_used = snap.fuel_used
-    vm._set_snapshot_base(snap.snapshot_id, new_hashes)
-    vm._restart_tracking(new_hashes)
+    memory.set_base(new_hashes)
+    memory.restart_tracking(new_hashes)
 
 
 # --- encoding -------------------------------------------------------------------------

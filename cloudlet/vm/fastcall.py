@@ -1,0 +1,236 @@
+"""The raw wasmtime fast path: the one module that touches wasmtime-py's private bindings.
+
+Why it exists: speed. Calls go straight to wasmtime's C API
+(`wasmtime_func_call_unchecked`) with argument arrays built once per export: the
+stock Python wrapper spends most of a call converting arguments (~24 us for two
+i32s here), the C call itself is ~2 us. Types are checked once, from the
+export's signature, not per call. wasmtime-py's same-named wrappers of the
+ctypes functions add a Python frame each, and a call makes four of them (~0.6 us
+of a ~4 us call), so the ctypes functions are called directly.
+
+Why here only: these are wasmtime-py's private names (`_bindings`, `_ffi`,
+`_from_ptr`, `Store._context`, ...), free to change in any release; pyproject
+pins wasmtime to one major version, and an upgrade is checked against this file
+alone. Every private access is marked `# noqa: SLF001`; ruff flags one anywhere
+else in `cloudlet/vm/`. The rest of the runtime sees plain functions and
+objects: a store's context, raw export handles, memory addresses, a
+`FastCaller` that runs a `BoundFunc` under fuel and an epoch deadline.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import wasmtime
+from wasmtime import _bindings as wasmtime_bindings
+from wasmtime import _ffi as ffi
+from wasmtime import _func as wasmtime_func
+from wasmtime import _value as wasmtime_value
+
+from cloudlet.errors import BadCall, VMError
+
+# The ctypes functions themselves: wasmtime-py's same-named wrappers add a Python
+# frame each, and a call makes four of them (~0.6 us of a ~4 us call).
+_set_fuel = wasmtime_bindings._wasmtime_context_set_fuel  # noqa: SLF001
+_get_fuel = wasmtime_bindings._wasmtime_context_get_fuel  # noqa: SLF001
+_set_epoch_deadline = wasmtime_bindings._wasmtime_context_set_epoch_deadline  # noqa: SLF001
+_func_call_unchecked = wasmtime_bindings._wasmtime_func_call_unchecked  # noqa: SLF001
+
+# Accepted integer arguments: signed or unsigned forms of the type's bit pattern.
+_INT_RANGE = {"i32": (-(1 << 31), (1 << 32) - 1), "i64": (-(1 << 63), (1 << 64) - 1)}
+
+
+# --- stores and errors -------------------------------------------------------------------
+
+
+def context_of(store: wasmtime.Store) -> Any:
+    """The store's `wasmtime_context_t` pointer, which every raw call takes."""
+    return store._context()  # noqa: SLF001
+
+
+def caller_data(caller: wasmtime.Caller) -> Any:
+    """The Python object a host function's store was created with (`Store(data=...)`)."""
+    data: Any = ffi.wasmtime_context_get_data(caller._context())  # noqa: SLF001
+    return wasmtime_value._unintern(data)  # noqa: SLF001
+
+
+def error_text(err: Any) -> str:
+    """The message of a `wasmtime_error_t` a raw call returned (and frees it)."""
+    return str(wasmtime.WasmtimeError._from_ptr(err))  # noqa: SLF001
+
+
+# --- exports -----------------------------------------------------------------------------
+
+
+def _export(ctx: Any, instance: wasmtime.Instance, name: str, kind: Any) -> Any:
+    item = ffi.wasmtime_extern_t()
+    raw = name.encode()
+    found = ffi.wasmtime_instance_export_get(
+        ctx, ctypes.byref(instance._instance), raw, len(raw),  # noqa: SLF001
+        ctypes.byref(item))
+    if not found or item.kind != kind.value:
+        return None
+    return item
+
+
+def export_memory(ctx: Any, instance: wasmtime.Instance, name: str) -> Any | None:
+    """The raw `wasmtime_memory_t` exported as `name`, or None."""
+    item = _export(ctx, instance, name, ffi.WASMTIME_EXTERN_MEMORY)
+    return None if item is None else item.of.memory
+
+
+def export_func(ctx: Any, instance: wasmtime.Instance, name: str) -> Any | None:
+    """The raw `wasmtime_func_t` exported as `name`, or None (see `BoundFunc`)."""
+    item = _export(ctx, instance, name, ffi.WASMTIME_EXTERN_FUNC)
+    return None if item is None else item.of.func
+
+
+def export_global(ctx: Any, instance: wasmtime.Instance, name: str) -> wasmtime.Global | None:
+    """The global exported as `name`, as wasmtime-py's public `Global`, or None."""
+    item = _export(ctx, instance, name, ffi.WASMTIME_EXTERN_GLOBAL)
+    return None if item is None else wasmtime.Global._from_raw(item.of.global_)  # noqa: SLF001
+
+
+# --- memories ------------------------------------------------------------------------------
+
+
+def memory_size(ctx: Any, memory: Any) -> int:
+    """Bytes of a raw memory now."""
+    size: int = ffi.wasmtime_memory_data_size(ctx, ctypes.byref(memory))
+    return size
+
+
+def memory_address(ctx: Any, memory: Any) -> int:
+    """Where a raw memory's bytes start (moves when the memory grows)."""
+    return ctypes.addressof(ffi.wasmtime_memory_data(ctx, ctypes.byref(memory)).contents)
+
+
+def memory_grow(ctx: Any, memory: Any, delta_pages: int) -> str | None:
+    """Grow a raw memory by `delta_pages`; the error's text if wasmtime refused."""
+    prev = ctypes.c_uint64(0)
+    err = ffi.wasmtime_memory_grow(ctx, ctypes.byref(memory), delta_pages, ctypes.byref(prev))
+    return error_text(err) if err else None
+
+
+# --- calls ---------------------------------------------------------------------------------
+
+
+class BoundFunc:
+    """An export resolved in one store, with its argument/result array built once."""
+
+    __slots__ = ("fields", "func", "func_ref", "int_ranges", "name", "nparams", "params",
+                 "raw", "raw_len", "result_fields")
+
+    def __init__(self, name: str, func: Any, params: tuple[str, ...],
+                 results: tuple[str, ...]) -> None:
+        self.name = name
+        self.params = params
+        self.func = func
+        self.func_ref = ctypes.byref(func)
+        self.nparams = len(params)
+        self.raw_len = max(len(params), len(results), 1)
+        self.raw = (ffi.wasmtime_val_raw * self.raw_len)()
+        self.fields = params  # the wasmtime_val_raw union's fields are named by type
+        self.result_fields = results
+        self.int_ranges = tuple(_INT_RANGE.get(p) for p in params)
+
+    def load(self, args: tuple[int | float, ...]) -> None:
+        """Check `args` against the signature and write them into the argument array."""
+        name = self.name
+        if len(args) != self.nparams:
+            raise BadCall(f"{name!r} takes {self.nparams} arguments, got {len(args)}")
+        raw = self.raw
+        try:
+            for i, field in enumerate(self.fields):
+                value = args[i]
+                bounds = self.int_ranges[i]
+                if bounds is not None and not bounds[0] <= value <= bounds[1]:
+                    raise BadCall(f"argument {i} to {name!r} does not fit {field}: {value!r}")
+                setattr(raw[i], field, value)
+        except (TypeError, OverflowError):
+            raise BadCall(f"arguments to {name!r} must be {self.params}, got {args!r}") from None
+
+
+class RawTrap(Exception):
+    """A call that entered the guest and did not return normally, as wasmtime said it.
+
+    `host_exc` is what a host function raised (it unwound the guest), if one did;
+    `code` is the trap's code when wasmtime gave one. The VM turns this into the
+    error a caller sees.
+    """
+
+    def __init__(self, message: str, code: wasmtime.TrapCode | None,
+                 host_exc: BaseException | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.host_exc = host_exc
+
+
+class FastCaller:
+    """Runs bound functions in one store, each under a fresh fuel budget and deadline.
+
+    Keeps the total fuel the store's calls used. `ensure_clock` is called before
+    every call: deadlines need the engine's epoch clock running.
+    """
+
+    __slots__ = ("_ctx", "_ensure_clock", "_fuel_left", "_fuel_left_ref", "_trap",
+                 "_trap_ref", "deadline_ticks", "fuel", "fuel_used")
+
+    def __init__(self, store: wasmtime.Store, ensure_clock: Callable[[], None]) -> None:
+        self._ctx = context_of(store)
+        self._ensure_clock = ensure_clock
+        self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        self._trap_ref = ctypes.byref(self._trap)
+        self._fuel_left = ctypes.c_uint64(0)
+        self._fuel_left_ref = ctypes.byref(self._fuel_left)
+        self.fuel = 1  # per call; set from the VM's limits
+        self.deadline_ticks = 1
+        self.fuel_used = 0
+
+    def arm(self) -> None:
+        """Refill per-call fuel and restart the wall-clock deadline (instantiation runs
+        start functions under them too)."""
+        self._ensure_clock()
+        err = _set_fuel(self._ctx, self.fuel)
+        if err:
+            raise VMError(error_text(err))
+        _set_epoch_deadline(self._ctx, self.deadline_ticks)
+
+    def enter(self, fn: BoundFunc) -> Any:
+        """Run the guest with the arguments `fn.load` left: None, one value or a tuple.
+
+        Raises RawTrap if it trapped; the fuel it burnt is counted either way.
+        """
+        ctx = self._ctx
+        raw = fn.raw
+        # `arm`, inline: one Python frame less per call.
+        self._ensure_clock()
+        err = _set_fuel(ctx, self.fuel)
+        if err:
+            raise VMError(error_text(err))
+        _set_epoch_deadline(ctx, self.deadline_ticks)
+        err = _func_call_unchecked(ctx, fn.func_ref, raw, fn.raw_len, self._trap_ref)
+        _get_fuel(ctx, self._fuel_left_ref)
+        self.fuel_used += self.fuel - self._fuel_left.value
+        if err or self._trap:
+            raise self._trap_of(err)
+        nres = len(fn.result_fields)
+        if nres == 1:
+            return getattr(raw[0], fn.result_fields[0])
+        if nres == 0:
+            return None
+        return tuple(getattr(raw[i], f) for i, f in enumerate(fn.result_fields))
+
+    def _trap_of(self, err: Any) -> RawTrap:
+        host_exc = wasmtime_func.LAST_EXCEPTION
+        wasmtime_func.LAST_EXCEPTION = None
+        if err:
+            return RawTrap(error_text(err), None, host_exc)
+        trap = wasmtime.Trap._from_ptr(self._trap)  # noqa: SLF001
+        # The Trap now owns the pointer: the next call needs a fresh one.
+        self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        self._trap_ref = ctypes.byref(self._trap)
+        return RawTrap(trap.message, trap.trap_code, host_exc)
