@@ -128,6 +128,7 @@ class World:
         active[:mob.slots] = mob.active
         xy = np.zeros((n, 2))
         xy[:mob.slots] = mob.xy
+        # `users` holds the last tick's activity and positions until replaced below.
         self.entered = np.flatnonzero(active & ~users.active)
         self.left = np.flatnonzero(users.active & ~active)
         if len(self.entered):
