@@ -484,8 +484,10 @@ def _uid_of_process(pid: int) -> int:
 
 
 def _shape(lines: list[str]) -> list[str]:
-    """Output with its numbers, addresses and VM ids blanked, and spacing collapsed."""
+    """Output with its numbers, addresses, VM ids and cloudlet names blanked (an
+    offload goes to the nearest, either one here), and spacing collapsed."""
     lines = [re.sub(r"\b[0-9a-f]{16}\b", "ID", line) for line in lines]
+    lines = [re.sub(rf"\b({'|'.join(NODES)})\b", "NODE", line) for line in lines]
     return [" ".join(re.sub(r"\d+(\.\d+)*", "N", line).split()) for line in lines]
 
 
