@@ -16,6 +16,11 @@ body's stored and raw sizes and the SHA-256 of the stored body. The body is
 msgpack. Everything is checked (magic, version, sizes against a cap, digest,
 then every field's type and range) before any VM is touched, so a bad file
 costs an error, never a crash or a half-restored VM.
+
+A snapshot is a value: this module knows guest memory (`GuestMemory`'s public
+surface, for `capture_memories` and `apply_memories`) and an image's record,
+never the VM. The VM (machine.py) captures itself into snapshots and restores
+from them, so imports run one way.
 """
 
 from __future__ import annotations
