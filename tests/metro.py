@@ -154,9 +154,12 @@ def dropped(metro: Metro, node: str, token: str) -> dict[str, float]:
 async def mqtt(url: str, *, login: tuple[str, str] | None = None,
                publish: list[tuple[str, bytes, bool]] = (),  # type: ignore[assignment]
                subscribe: list[str] = (),  # type: ignore[assignment]
-               listen_s: float = 0.0) -> tuple[list[int], list[tuple[str, bytes]]]:
+               listen_s: float = 0.0, subscribed: asyncio.Event | None = None
+               ) -> tuple[list[int], list[tuple[str, bytes]]]:
     """Connect (with `login`), subscribe, publish (topic, payload, retain), then gather
-    what arrives for `listen_s`. Returns (granted QoS codes, messages)."""
+    what arrives for `listen_s`. Returns (granted QoS codes, messages). `subscribed` is
+    set once the broker has acknowledged every subscription: from then on, what is
+    published to them reaches this client."""
     host, port = url.removeprefix("mqtt://").split(":")
     granted: list[int] = []
     got: list[tuple[str, bytes]] = []
@@ -166,6 +169,8 @@ async def mqtt(url: str, *, login: tuple[str, str] | None = None,
         for topic in subscribe:
             result = await c.subscribe(topic, qos=1)
             granted.extend(int(getattr(r, "value", r)) for r in result)
+        if subscribed is not None:
+            subscribed.set()
         for topic, payload, retain in publish:
             await c.publish(topic, payload, qos=1, retain=retain)
         if listen_s:

@@ -766,9 +766,11 @@ def test_held_the_embedded_brokers_topic_rules(metro: Metro) -> None:
 
     async def publish_and_watch() -> list[tuple[str, bytes]]:
         async with asyncio.TaskGroup() as tg:
+            subscribed = asyncio.Event()
             watch = tg.create_task(mqtt(metro.broker_url, login=metro.broker_login("operator"),
-                                        subscribe=["cloudlet/v1/#"], listen_s=2.0))
-            await asyncio.sleep(0.5)
+                                        subscribe=["cloudlet/v1/#"], listen_s=2.0,
+                                        subscribed=subscribed))
+            await subscribed.wait()
             for topic, retain in (("cloudlet/v1/clients/bob/rtt", True),
                                   ("cloudlet/v1/nodes/harbor/commands", False),
                                   ("cloudlet/v1/vms/x/location", True),
@@ -798,9 +800,11 @@ def ping(metro: Metro, node: str, wait_s: float = 3.0) -> dict[str, Any] | None:
 
     async def go() -> dict[str, Any] | None:
         async with asyncio.TaskGroup() as tg:
+            subscribed = asyncio.Event()
             watch = tg.create_task(mqtt(metro.broker_url, login=metro.broker_login("operator"),
-                                        subscribe=[events_topic(node)], listen_s=wait_s))
-            await asyncio.sleep(0.5)
+                                        subscribe=[events_topic(node)], listen_s=wait_s,
+                                        subscribed=subscribed))
+            await subscribed.wait()
             await mqtt(metro.broker_url, login=metro.broker_login("operator"),
                        publish=[(commands_topic(node), order, False)])
         events = [sealed_body(raw) for _, raw in watch.result()[1]]

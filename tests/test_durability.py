@@ -127,11 +127,7 @@ def metric(d: Daemon, token: str, line_start: str) -> float:
 
 
 def wait_for(what: str, predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {WAIT_S} s: {what}")
-        time.sleep(0.1)
+    wait_until(predicate, WAIT_S, what=what)
 
 
 def on_disk_seq(d: Daemon, vm: str) -> int:

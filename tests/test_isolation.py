@@ -30,6 +30,7 @@ from cloudlet.vm import VM, ImageStore, VMLimits
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon
 from tests.guests import slow_boot_image
+from tests.waiting import async_wait_until, wait_until
 
 # Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -156,7 +157,7 @@ def test_slow_boots_of_one_client_do_not_stop_another_clients_calls(
 
     async def main() -> None:
         neighbour = asyncio.create_task(b.run())
-        await asyncio.sleep(0.3)
+        await async_wait_until(lambda: neighbour.done() or len(b.done_at) >= 10)  # B is calling
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {alice}"},
                                          timeout=aiohttp.ClientTimeout(total=60)) as s:
             await asyncio.gather(creator(s, 3), creator(s, 3))
@@ -235,10 +236,7 @@ def test_a_big_checkpoint_does_not_stop_another_clients_calls(
         status, body = call(d, alice, hog, "hog_fill", 0, pages, value)
         assert (status, body.get("result")) == (200, pages), body
         answered = time.monotonic()
-        deadline = answered + 60
-        while snap.stat().st_ino == before:
-            assert time.monotonic() < deadline, "no checkpoint of the big VM in 60 s"
-            time.sleep(0.01)
+        wait_until(lambda: snap.stat().st_ino != before, 60, poll_s=0.01)
         return answered, time.monotonic()
 
     fill_and_wait_for_checkpoint(1)  # warm: the first full checkpoint
@@ -246,7 +244,7 @@ def test_a_big_checkpoint_does_not_stop_another_clients_calls(
 
     async def main() -> tuple[float, float]:
         neighbour = asyncio.create_task(b.run())
-        await asyncio.sleep(0.3)
+        await async_wait_until(lambda: neighbour.done() or len(b.done_at) >= 10)  # B is calling
         window = await asyncio.to_thread(fill_and_wait_for_checkpoint, 2)
         await asyncio.sleep(0.1)
         b.stop.set()
@@ -278,7 +276,7 @@ def test_a_large_vm_migrating_live_does_not_stop_another_clients_calls(
 
     async def main() -> tuple[float, float]:
         neighbour = asyncio.create_task(b.run())
-        await asyncio.sleep(0.3)
+        await async_wait_until(lambda: neighbour.done() or len(b.done_at) >= 10)  # B is calling
         started_s = time.monotonic()
         status, body = await asyncio.to_thread(
             src.request, "POST", f"/v1/vms/{hog}/migrate", {"endpoint": dst.endpoint},
@@ -541,10 +539,7 @@ def test_silent_and_half_sent_connections_are_closed(started: list[Daemon],
                 if then:
                     kept.sendall(then)
                 assert closed_within([kept], bound_s) == 1
-        deadline = time.monotonic() + 30
-        while open_fds(d) > fds_before + 5:
-            assert time.monotonic() < deadline, (open_fds(d), fds_before)
-            time.sleep(0.2)
+        assert wait_until(lambda: open_fds(d) <= fds_before + 5, 30, poll_s=0.2)
     finally:
         for s in silent + half:
             s.close()

@@ -106,10 +106,12 @@ def test_a_client_on_the_broker_reads_and_writes_only_its_own(metro: Metro) -> N
 
     async def attack_and_watch() -> list[tuple[str, bytes]]:
         async with asyncio.TaskGroup() as tg:
+            subscribed = asyncio.Event()
             watch = tg.create_task(mqtt(metro.broker_url, login=metro.broker_login("operator"),
                                         subscribe=["cloudlet/v1/nodes/downtown/commands"],
-                                        listen_s=2.0))
-            await asyncio.sleep(0.5)
+                                        listen_s=2.0,
+                                        subscribed=subscribed))
+            await subscribed.wait()
             # Even a genuine signed order cannot be posted by a client.
             await mqtt(metro.broker_url, login=("alice", alice),
                        publish=[(commands_topic("downtown"), order, False),
@@ -182,9 +184,11 @@ def test_a_replayed_order_is_carried_out_once(metro: Metro) -> None:
 async def mqtt_with_events(metro: Metro, node: str,
                            orders: list[bytes]) -> tuple[None, list[dict[str, Any]]]:
     async with asyncio.TaskGroup() as tg:
+        subscribed = asyncio.Event()
         watch = tg.create_task(mqtt(metro.broker_url, login=metro.broker_login("operator"),
-                                    subscribe=[events_topic(node)], listen_s=3.0))
-        await asyncio.sleep(0.5)
+                                    subscribe=[events_topic(node)], listen_s=3.0,
+                                    subscribed=subscribed))
+        await subscribed.wait()
         await mqtt(metro.broker_url, login=metro.broker_login("operator"),
                    publish=[(commands_topic(node), raw, False) for raw in orders])
     events = [sealed_body(raw) for _, raw in watch.result()[1]]
@@ -340,10 +344,12 @@ def test_mosquitto_with_generated_files_admits_only_the_cluster(
             # One connection per user: the generated config binds client ids to
             # usernames, so a second connection of a user would replace the first.
             async with asyncio.TaskGroup() as tg:
+                subscribed = asyncio.Event()
                 watch = tg.create_task(mqtt(url, login=metro.broker_login("node.downtown"),
                                             subscribe=["cloudlet/v1/nodes/downtown/commands"],
-                                            listen_s=2.5))
-                await asyncio.sleep(0.5)
+                                            listen_s=2.5,
+                                            subscribed=subscribed))
+                await subscribed.wait()
                 spy = tg.create_task(mqtt(
                     url, login=dana, subscribe=["cloudlet/v1/#"],
                     publish=[(commands_topic("downtown"), b"order", False),

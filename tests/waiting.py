@@ -22,29 +22,31 @@ ASYNC_POLL_S = 0.01
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = TIMEOUT_S,
-               poll_s: float = SYNC_POLL_S) -> bool:
-    """True once `predicate()` holds; TimeoutError, naming it, if it never does
-    within `timeout_s`."""
+               poll_s: float = SYNC_POLL_S, *, what: str = "") -> bool:
+    """True once `predicate()` holds; TimeoutError, naming it (or saying `what`), if
+    it never does within `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() >= deadline:
-            raise TimeoutError(_never(predicate, timeout_s))
+            raise TimeoutError(_never(predicate, timeout_s, what))
         time.sleep(poll_s)
     return True
 
 
 async def async_wait_until(predicate: Callable[[], bool], timeout_s: float = TIMEOUT_S,
-                           poll_s: float = ASYNC_POLL_S) -> bool:
+                           poll_s: float = ASYNC_POLL_S, *, what: str = "") -> bool:
     """`wait_until` for a coroutine: the loop keeps running between checks."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() >= deadline:
-            raise TimeoutError(_never(predicate, timeout_s))
+            raise TimeoutError(_never(predicate, timeout_s, what))
         await asyncio.sleep(poll_s)
     return True
 
 
-def _never(predicate: Callable[[], bool], timeout_s: float) -> str:
+def _never(predicate: Callable[[], bool], timeout_s: float, what: str) -> str:
+    if what:
+        return f"not within {timeout_s} s: {what}"
     code = getattr(predicate, "__code__", None)
     where = f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
     return f"not within {timeout_s} s: {getattr(predicate, '__qualname__', predicate)!r}{where}"
