@@ -7,6 +7,7 @@ import os
 import pwd
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -30,12 +31,22 @@ from tests.daemons import (
     sealed_body,
 )
 from tests.mqtt_brokers import Mosquitto, address, require_binary
+from tests.waiting import wait_until
 
 # Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
 
 P = "cloudlet/v1"
 Message = tuple[str, Any, bool]  # topic, decoded payload (None if empty), retained
+
+
+def listening(port: int) -> bool:
+    """Something accepts TCP connections on the port (a TLS listener, too)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+        return True
+    except OSError:
+        return False
 
 
 def collect(url: str, topics: list[str], until: Callable[[list[Message]], bool],
@@ -188,10 +199,11 @@ def test_cloudlet_up_presence_and_last_will_seen_by_mosquitto_sub(tmp_path: Path
             [sub, "-h", "127.0.0.1", "-p", str(broker_port), *login,
              "-t", f"{P}/nodes/{victim}/presence", "-F", "%x", "-C", "2", "-W", "20"],
             stdout=subprocess.PIPE, text=True)
-        time.sleep(0.5)  # the watcher has its retained "online"
+        assert watcher.stdout is not None
+        first = watcher.stdout.readline()  # the watcher has its retained "online"
         os.kill(pids[victim], signal.SIGKILL)
         out, _ = watcher.communicate(timeout=30)
-        statuses = [sealed_body(bytes.fromhex(h))["status"] for h in out.split()]
+        statuses = [sealed_body(bytes.fromhex(h))["status"] for h in (first + out).split()]
         assert statuses == ["online", "offline"]
 
         status = subprocess.run([sys.executable, "-m", "cloudlet.cli", "status", "--broker",
@@ -262,7 +274,7 @@ def test_control_plane_over_tls(tmp_path: Path) -> None:
                               stderr=subprocess.DEVNULL)
     d = None
     try:
-        time.sleep(0.5)
+        assert wait_until(lambda: listening(port))
         d = make_daemon(tmp_path, "tls2", broker_url=f"mqtts://127.0.0.1:{port}",
                         broker_ca_file=str(cert)).start()
 

@@ -33,6 +33,7 @@ from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon, sealed_body
 from tests.migration_proxy import MigrationProxy, Trigger
 from tests.mqtt_brokers import address
+from tests.waiting import async_wait_until
 
 # Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -135,15 +136,13 @@ def test_fault_at_each_phase(pair: tuple[Daemon, Daemon], message: str, when: st
                     await asyncio.sleep(0.002)
 
             async def break_a_migration() -> None:
-                await asyncio.sleep(0.2)
+                await async_wait_until(lambda: len(calls) >= 20)  # calls under way
                 with contextlib.suppress(OSError):  # the source may die mid-request
                     await asyncio.to_thread(
                         east.request, "POST", f"/v1/vms/{vm_id}/migrate",
                         {"endpoint": proxy.endpoint}, token=east.operator_token(), timeout_s=30)
-                for _ in range(100):  # "after" acts a moment after forwarding
-                    if proxy.fired:
-                        break
-                    await asyncio.sleep(0.02)
+                with contextlib.suppress(TimeoutError):  # "after" acts a moment after forwarding
+                    await async_wait_until(lambda: proxy.fired, 10)
                 assert proxy.fired, f"{message} never went by: {proxy.seen}"
                 victim = {"kill-destination": west, "kill-source": east}.get(fault)
                 if victim is not None:  # wait until it is dead, then bring it back
@@ -151,13 +150,14 @@ def test_fault_at_each_phase(pair: tuple[Daemon, Daemon], message: str, when: st
                     assert victim.proc.wait(10) == -signal.SIGKILL
                     victim.kill()
                     victim.start()
-                deadline = time.monotonic() + SETTLE_S
-                while homes(daemons, token, vm_id) != [home]:
-                    assert time.monotonic() < deadline, (
-                        f"the VM serves on {homes(daemons, token, vm_id)}, not [{home}]; "
-                        f"messages: {proxy.seen}\neast: {east.log()}\nwest: {west.log()}")
-                    await asyncio.sleep(0.1)
-                await asyncio.sleep(0.2)  # the session keeps calling where it lives now
+                with contextlib.suppress(TimeoutError):
+                    await async_wait_until(lambda: homes(daemons, token, vm_id) == [home],
+                                           SETTLE_S, poll_s=0.1)
+                assert homes(daemons, token, vm_id) == [home], (
+                    f"the VM serves on {homes(daemons, token, vm_id)}, not [{home}]; "
+                    f"messages: {proxy.seen}\neast: {east.log()}\nwest: {west.log()}")
+                settled = len(calls)  # the session keeps calling where it lives now
+                await async_wait_until(lambda: len(calls) >= settled + 20)
                 done.set()
 
             try:
@@ -262,13 +262,14 @@ def test_auto_converge_spaces_a_hot_vms_calls_between_real_daemons(
                     seed, last = seed + 1, now
 
             task = asyncio.create_task(dirtier())
-            await asyncio.sleep(0.3)
+            await async_wait_until(lambda: len(gaps) >= 100)  # the VM is busy
             status, answer = await asyncio.to_thread(
                 east.request, "POST", f"/v1/vms/{s.vm_id}/migrate",
                 {"endpoint": f"http://127.0.0.1:{link.port}"}, token=east.operator_token(),
                 timeout_s=60)
             assert status == 200, answer
-            await asyncio.sleep(0.3)
+            moved = len(gaps)
+            await async_wait_until(lambda: len(gaps) >= moved + 100)  # and busy after
             done.set()
             await task
             print("auto-converge:", {k: answer[k] for k in (

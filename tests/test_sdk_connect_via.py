@@ -17,6 +17,7 @@ from cloudlet.linkproxy import LinkProxy, LinkShape
 from mobile_client import CloudletClient, Session
 from tests.daemons import Daemon, make_daemon
 from tests.test_sdk import KVSTORE, kv_op, twin_checksum
+from tests.waiting import async_wait_until
 
 # Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -117,12 +118,13 @@ def test_a_session_follows_its_vm_between_mapped_cloudlets(
                         await s.call(op[0], *op[1])
 
                 async def mover() -> None:
-                    await asyncio.sleep(0.2)
+                    await async_wait_until(lambda: len(calls) >= 10)  # calls under way
                     status, body = await asyncio.to_thread(
                         east.request, "POST", f"/v1/vms/{s.vm_id}/migrate",
                         {"endpoint": west.endpoint}, token=east.operator_token())
                     assert status == 200 and body["to"] == "west", body
-                    await asyncio.sleep(0.3)
+                    moved_at = len(calls)
+                    await async_wait_until(lambda: len(calls) >= moved_at + 10)  # and after
                     done.set()
 
                 await asyncio.gather(caller(), caller(), mover())

@@ -17,6 +17,7 @@ from cloudlet.errors import InvalidArgument, NoBroker
 from cloudlet.protocol import ALL_POSITIONS, decode_report, position_topic, report_message
 from mobile_client import CloudletClient
 from tests.metro import Metro, generated_mosquitto, mqtt, running_metro
+from tests.waiting import async_wait_until
 
 # Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -80,13 +81,11 @@ def test_reports_reach_the_placer_under_the_clients_own_topic(metro: Metro) -> N
                 async with asyncio.timeout(10):
                     await client.discovery.connected.wait()
                 assert await client.report_position(-7.5, 12, vx_m_s=1.5, vy_m_s=-0.25)
-                async with asyncio.timeout(10):
-                    while calls < len(answers) + 2:
-                        await asyncio.sleep(0.05)
+                await async_wait_until(lambda: calls >= len(answers) + 2, 10)
             assert [t for t in asyncio.all_tasks()
                     if t.get_name().startswith("cloudlet-")] == []
             polls = calls
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # four polling intervals: any poll would come in them
             assert calls == polls  # nothing polls a closed client
             done.set()
         return watch.result()
@@ -112,9 +111,10 @@ def _forgery_reaches_no_one(url: str, operator: tuple[str, str], forger: tuple[s
     topics a subscriber to every position saw."""
     async def run() -> list[str]:
         async with asyncio.TaskGroup() as tg:
+            subscribed = asyncio.Event()
             watch = tg.create_task(mqtt(url, login=operator, subscribe=[ALL_POSITIONS],
-                                        listen_s=2.0))
-            await asyncio.sleep(0.5)
+                                        listen_s=2.0, subscribed=subscribed))
+            await subscribed.wait()
             await mqtt(url, login=forger, publish=[
                 (position_topic(victim), report_message(victim, x_m=0.0, y_m=0.0,
                                                         ts=time.time()), False),
