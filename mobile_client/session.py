@@ -33,6 +33,7 @@ from mobile_client.session_events import (
     CallFailed,
     CloseStream,
     DescribeVM,
+    Event,
     Locate,
     Lost,
     NeedData,
@@ -284,8 +285,8 @@ class Session:
             while True:
                 ev = protocol.next_event()
                 if isinstance(ev, NeedData):
-                    await self._read()
-                elif isinstance(ev, Answer | CallFailed):
+                    ev = await self._stream()
+                if isinstance(ev, Answer | CallFailed):
                     self._deliver(ev)
                 elif isinstance(ev, Send):
                     await self._send(ev.data)
@@ -321,22 +322,34 @@ class Session:
         finally:
             await self._close_stream()
 
-    async def _read(self) -> None:
-        ws = self._ws
-        if ws is None:  # closed under the protocol's feet (a location notice)
-            self._protocol.stream_closed()
-            return
-        try:
-            msg = await ws.receive()
-        except _STREAM_ERRORS as exc:
-            log.info("VM %s: stream to %s broke (%r); reconnecting", self.vm_id,
-                     self._protocol.location.node, exc)
-            self._protocol.stream_closed()
-            return
-        if msg.type is aiohttp.WSMsgType.BINARY:
-            self._protocol.receive_data(msg.data)
-        elif msg.type in _STREAM_ENDS:
-            self._protocol.stream_closed()
+    async def _stream(self) -> Event:
+        """Read frames and hand out their answers for as long as the protocol asks for
+        nothing else (the hot path: no trip through `_run`'s dispatch per answer);
+        returns the first event that is not `NeedData`."""
+        protocol = self._protocol
+        binary = aiohttp.WSMsgType.BINARY
+        while True:
+            ws = self._ws
+            if ws is None:  # closed under the protocol's feet (a location notice)
+                protocol.stream_closed()
+            else:
+                try:
+                    msg = await ws.receive()
+                except _STREAM_ERRORS as exc:
+                    log.info("VM %s: stream to %s broke (%r); reconnecting", self.vm_id,
+                             protocol.location.node, exc)
+                    protocol.stream_closed()
+                else:
+                    if msg.type is binary:
+                        protocol.receive_data(msg.data)
+                    elif msg.type in _STREAM_ENDS:
+                        protocol.stream_closed()
+            ev = protocol.next_event()
+            while isinstance(ev, Answer):
+                self._deliver(ev)
+                ev = protocol.next_event()
+            if not isinstance(ev, NeedData):
+                return ev
 
     async def _send(self, data: bytes) -> None:
         ws = self._ws
