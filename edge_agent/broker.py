@@ -9,7 +9,7 @@ token (or a derived password), nobody anonymous; and it enforces the topic
 rules of `cloudlet.trust.acl` on every publish, subscribe and delivery,
 retained messages and Wills included.
 
-amqtt 0.12.1 has two bugs our control plane trips over; `_PatchedBroker` fixes
+amqtt 0.12.1 has two bugs our control plane trips over; `PatchedBroker` fixes
 both, narrowly, and this module warns if another amqtt version is installed,
 since the fixes override amqtt internals (see the notes on each override):
 
@@ -229,7 +229,7 @@ _handling_subscribe: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "cloudlet_broker_handling_subscribe", default=False)
 
 
-class _PatchedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
+class PatchedBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
     """amqtt's Broker with the two workarounds, and connections it can wait for.
 
     Admitting only the cluster (`cluster=True`) adds three rules amqtt lacks:
@@ -449,14 +449,14 @@ class EmbeddedBroker:
         self._port = port
         self._username = username
         self._password = password
-        self._broker: _PatchedBroker | None = None
+        self._broker: PatchedBroker | None = None
 
     async def __aenter__(self) -> EmbeddedBroker:
         if self._broker is not None:
             raise RuntimeError("EmbeddedBroker is already running")
         check_amqtt_version()
         # amqtt binds its loop at construction: it must happen inside the running loop.
-        broker = _PatchedBroker(_broker_config(self._host, self._port, self._username,
+        broker = PatchedBroker(_broker_config(self._host, self._port, self._username,
                                                self._password, self._cluster),
                                 cluster=self._cluster is not None)
         # amqtt logs a failed start with a traceback before raising; the caller's one

@@ -300,7 +300,7 @@ def test_exit_is_bounded_even_if_amqtt_shutdown_hangs(monkeypatch: pytest.Monkey
 
     # amqtt's shutdown can block on a client that stopped reading (its writer's drain).
     monkeypatch.setattr(broker_module, "SHUTDOWN_TIMEOUT_S", 0.2)
-    monkeypatch.setattr(broker_module._PatchedBroker, "shutdown", hang)
+    monkeypatch.setattr(broker_module.PatchedBroker, "shutdown", hang)
 
     async def main() -> None:
         async with contextlib.AsyncExitStack() as clients:  # they outlive the broker

@@ -178,7 +178,7 @@ def test_round_zero_with_data_and_references_mixed_restores_exactly(
     assert isinstance(moved, ActivateVM) and fingerprint(moved.vm) == fingerprint(twin)
     r0 = src.stats.rounds[0]
     assert r0.data_chunks > 100 and r0.ref_chunks > 500  # mixed, as the test needs
-    assert dst._staging_off  # it did fall back
+    assert dst.staging_fell_back
 
 
 def test_destination_without_the_image_receives_it(tmp_path: Any,

@@ -117,6 +117,11 @@ class DestinationMigration:
         self._staging_off = False
 
     @property
+    def staging_fell_back(self) -> bool:
+        """Whether round 0 went the plain way because staging it could not start."""
+        return self._staging_off
+
+    @property
     def outcome(self) -> str:
         return self.stats.outcome
 
