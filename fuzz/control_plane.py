@@ -69,12 +69,12 @@ DICTIONARY = [msgpack.packb(k) for k in BODY_KEYS] + [
 MUTATOR = structure.msgpack_mutator(BODY_KEYS)
 
 
-def _clock() -> float:
+def fixed_clock() -> float:
     return NOW
 
 
-AUTHORITY = CertificateAuthority(SigningKey.from_seed(bytes(32)), clock=_clock)
-VERIFIER = CertificateVerifier(AUTHORITY.public_key, clock=_clock)
+AUTHORITY = CertificateAuthority(SigningKey.from_seed(bytes(32)), clock=fixed_clock)
+VERIFIER = CertificateVerifier(AUTHORITY.public_key, clock=fixed_clock)
 
 
 def _identity(seed: int, subject: str, *roles: str) -> Identity:
@@ -115,10 +115,10 @@ def read(gate: ControlGate, peers: PeerDirectory, topic: str, raw: bytes) -> Non
 
 
 def TestOneInput(data: bytes) -> None:
-    peers = PeerDirectory("harbor", clock=_clock)
+    peers = PeerDirectory("harbor", clock=fixed_clock)
     for topic in TOPICS:
-        read(ControlGate(VERIFIER, clock=_clock), peers, topic, data)
-        read(ControlGate(VERIFIER, clock=_clock), peers, topic,
+        read(ControlGate(VERIFIER, clock=fixed_clock), peers, topic, data)
+        read(ControlGate(VERIFIER, clock=fixed_clock), peers, topic,
              sealed_body(CLOUDLET, topic, data))
     report = decode_report(data)
     assert report is None or isinstance(report, dict)
@@ -149,9 +149,9 @@ def seeds() -> dict[str, bytes]:
         stamped = {"ts": NOW, "nonce": bytes(12), **body}
         out[f"{name}-body.msgpack"] = msgpack.packb(stamped)
     out["presence-sealed.msgpack"] = seal(CLOUDLET, presence_topic(NODE), bodies["presence"],
-                                          clock=_clock)
+                                          clock=fixed_clock)
     out["command-sealed.msgpack"] = seal(CLOUDLET, commands_topic(NODE), bodies["command"],
-                                         clock=_clock)
+                                         clock=fixed_clock)
     out["report.msgpack"] = msgpack.packb({"v": 2, "client": "alice", "rtt_ms": {NODE: 1.5}})
     out["proof.json"] = json.dumps({"status": "ok", "node": NODE,
                                     "identity": proof.prove(CLOUDLET, bytes(16))}).encode()

@@ -120,7 +120,7 @@ def _framed(header: dict[Any, Any], body: bytes) -> bytes:
 
 
 # Half the mutations change the body's decoded value and write a well-formed file
-# around it: the field checks of `_from_wire` and the restore get fuzzed directly.
+# around it: the field checks of `from_wire` and the restore get fuzzed directly.
 MUTATOR = structure.msgpack_mutator(KEYS, unwrap=body_of, wrap=file_of)
 
 

@@ -24,7 +24,7 @@ from cloudlet.placement.calibration import (
     records_from_benchmark,
 )
 from cloudlet.sim import load_scenario, simulate
-from cloudlet.sim.engine import _PolicyRun
+from cloudlet.sim.engine import PolicyRun
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = float(1 << 20)
@@ -289,14 +289,14 @@ def test_queueing_follows_the_vms_serving_not_those_arriving(
     """b's queue stays empty while the VM is on its way, and rises when it arrives;
     b's room is reserved from the start."""
     seen: list[tuple[int, float, int, int]] = []
-    original = _PolicyRun.refresh_queue
+    original = PolicyRun.refresh_queue
 
-    def spy(self: _PolicyRun) -> None:
+    def spy(self: PolicyRun) -> None:
         original(self)
         seen.append((len(self.migrations), float(self._queue_ms[1]), int(self.load.vms[1]),
                      int(self.load.serving[1])))
 
-    monkeypatch.setattr(_PolicyRun, "refresh_queue", spy)
+    monkeypatch.setattr(PolicyRun, "refresh_queue", spy)
     simulate(load_scenario(_hop(tmp_path, "[migration]\nsetup_s = 2\n")))
     before = [q for m, q, _, _ in seen[:2]]
     during = [(q, v, s) for m, q, v, s in seen if m > 0]

@@ -185,10 +185,10 @@ def test_a_signed_message_whose_schema_version_is_nested_deep_is_untrusted_not_a
     from cloudlet.errors import TrustError
     from cloudlet.protocol import presence_topic
     from cloudlet.trust.gate import ControlGate
-    from fuzz.control_plane import CLOUDLET, VERIFIER, _clock, sealed_body
+    from fuzz.control_plane import CLOUDLET, VERIFIER, fixed_clock, sealed_body
 
     topic = presence_topic("downtown")
-    body = msgpack.packb({"ts": _clock(), "nonce": bytes(12), "v": nested(1, 1000)})
+    body = msgpack.packb({"ts": fixed_clock(), "nonce": bytes(12), "v": nested(1, 1000)})
     with pytest.raises(TrustError) as refused:
-        ControlGate(VERIFIER, clock=_clock).admit(topic, sealed_body(CLOUDLET, topic, body))
+        ControlGate(VERIFIER, clock=fixed_clock).admit(topic, sealed_body(CLOUDLET, topic, body))
     assert refused.value.details["reason"] == "schema"

@@ -231,14 +231,14 @@ def test_segments_encode_exactly_what_msgpack_would(workload: dict[str, Image], 
     still be msgpack's own encoding, and the file must read back whole."""
     import msgpack
 
-    from cloudlet.vm.snapshot import _body_segments, _to_wire
+    from cloudlet.vm.snapshot import body_segments, to_wire
 
     vm = VM.create(workload["memhog"])
     vm.call("hog_grow", 4)
     vm.call("hog_fill", 0, 700, 0x01020304)
     vm.call("hog_dirty", 50, 7)
     snap = vm.snapshot()
-    assert b"".join(_body_segments(snap)) == msgpack.packb(_to_wire(snap))
+    assert b"".join(body_segments(snap)) == msgpack.packb(to_wire(snap))
     written = snap.write(tmp_path / "s.snap", compression=compression)
     data = (tmp_path / "s.snap").read_bytes()
     assert written == len(data) and data == snap.to_bytes(compression)

@@ -64,7 +64,7 @@ from cloudlet.migration.messages import (
 )
 from cloudlet.migration.stats import MigrationStats, RoundStats
 from cloudlet.vm import VM, Image, chunks, image_digest
-from cloudlet.vm.snapshot import _from_wire as snapshot_from_wire  # the one checked parser
+from cloudlet.vm.snapshot import from_wire as snapshot_from_wire  # the one checked parser
 from cloudlet.vm.snapshot import read_only_view
 
 MAX_MEMORY_BYTES = 1 << 32  # a wasm32 memory's limit; a daemon passes its own capacity

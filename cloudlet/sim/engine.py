@@ -152,7 +152,7 @@ class World:
         self.jitter_ms = self.rng_interactions.exponential(1.0, len(idx)) * w.jitter_ms[wl]
 
 
-class _PolicyRun:
+class PolicyRun:
     """One policy's sessions, cloudlet usage, migrations in flight and metrics."""
 
     def __init__(self, policy: Policy, world: World, ticks: int, seed: int) -> None:
@@ -491,7 +491,7 @@ def _run(sc: Scenario, st: Setting, progress: bool) -> SimResult:
     decide_every = max(round(sc.decision_interval_s / dt), 1)
     world = World(sc, s_world, mobility, topology)
     seeds = s_pol.generate_state(len(sc.policies))
-    runs = [_PolicyRun(sc.policy(name), world, ticks, int(seed))
+    runs = [PolicyRun(sc.policy(name), world, ticks, int(seed))
             for name, seed in zip(sc.policies, seeds, strict=True)]
     for r in runs:
         r.world_dt = dt

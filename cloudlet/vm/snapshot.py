@@ -130,7 +130,7 @@ class Snapshot:
         """The encoded snapshot as buffers to write back to back: the memories' chunk
         data is not copied (joining them is `to_bytes`; for a 256 MiB guest the
         copies cost more than the write)."""
-        body = _body_segments(self)
+        body = body_segments(self)
         raw_bytes = sum(len(s) for s in body)
         stored, used = _compress(body, self, compression)
         digest = hashlib.sha256()
@@ -286,7 +286,7 @@ def apply_memories(memory: GuestMemory, snap: Snapshot) -> None:
 # --- encoding -------------------------------------------------------------------------
 
 
-def _to_wire(s: Snapshot) -> dict[str, Any]:
+def to_wire(s: Snapshot) -> dict[str, Any]:
     return {
         "snapshot_id": s.snapshot_id,
         "kind": s.kind,
@@ -309,11 +309,11 @@ def _to_wire(s: Snapshot) -> dict[str, Any]:
     }
 
 
-def _body_segments(s: Snapshot) -> list[bytes | memoryview]:
-    """`msgpack.packb(_to_wire(s))`, byte for byte, as segments: every memory's chunk
+def body_segments(s: Snapshot) -> list[bytes | memoryview]:
+    """`msgpack.packb(to_wire(s))`, byte for byte, as segments: every memory's chunk
     data is one segment of its own (a view, not a copy) behind its bin header."""
     pack = msgpack.Packer().pack
-    wire = _to_wire(s)
+    wire = to_wire(s)
     out: list[bytes | memoryview] = [_map_header(len(wire))]
     for key, value in wire.items():
         out.append(pack(key))
@@ -443,7 +443,7 @@ def _parse(data: memoryview, max_bytes: int) -> Snapshot:
         # Integer map keys are read, as written: the annex is any msgpack map, and a
         # live migration's final round carries the source's annex, decoded with them.
         d = msgpack.unpackb(raw, strict_map_key=False)
-        return _from_wire(d)
+        return from_wire(d)
     except SnapshotCorrupt:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
@@ -495,7 +495,7 @@ def _ids(raw: bytes, what: str) -> chunks.ChunkIds:
     return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
 
 
-def _from_wire(d: Any) -> Snapshot:
+def from_wire(d: Any) -> Snapshot:
     kind = _want(d, "kind", str)
     if kind not in ("overlay", "delta"):
         raise SnapshotCorrupt(f"unknown snapshot kind {kind!r}")
