@@ -326,7 +326,7 @@ class Session:
         """Read frames and hand out their answers for as long as the protocol asks for
         nothing else (the hot path: no trip through `_run`'s dispatch per answer);
         returns the first event that is not `NeedData`."""
-        protocol = self._protocol
+        protocol, waiting = self._protocol, self._waiting
         binary = aiohttp.WSMsgType.BINARY
         while True:
             ws = self._ws
@@ -346,7 +346,9 @@ class Session:
                         protocol.stream_closed()
             ev = protocol.next_event()
             while isinstance(ev, Answer):
-                self._deliver(ev)
+                future = waiting.get(ev.seq)
+                if future is not None and not future.done():
+                    future.set_result(ev.value)
                 ev = protocol.next_event()
             if not isinstance(ev, NeedData):
                 return ev

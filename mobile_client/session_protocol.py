@@ -148,6 +148,7 @@ class SessionProtocol:
         # Answered calls by number, in order: the oldest go first past the bound, and
         # a `durable` trims from the front.
         self._journal: OrderedDict[int, bytes] = OrderedDict()
+        self._journal_top = seq  # the highest number it ever held
         self._journal_bytes = 0
         # Connecting: where the outcome being waited for was asked, the VM's `seq`
         # there (None: not asked, the VM was followed to a place that holds it
@@ -426,10 +427,9 @@ class SessionProtocol:
             return  # not a frame of the protocol: nothing in it to act on
         if not isinstance(reply, dict):
             return
-        on_stream = self._phase in (Phase.RESENDING, Phase.STREAMING)
         moved = reply.get("moved")
         if isinstance(moved, dict):
-            if on_stream:
+            if self._phase in (Phase.RESENDING, Phase.STREAMING):
                 self._leave_stream(stable=True)
                 self._follow(moved)
             return
@@ -444,7 +444,7 @@ class SessionProtocol:
             exc = error_from_wire(error)
             if isinstance(exc, SequenceGap | VMNotFound | VMMoved):
                 self._pending[seq] = pending  # not applied there: it stays to resend
-                if on_stream:
+                if self._phase in (Phase.RESENDING, Phase.STREAMING):
                     # A gap: the cloudlet rolled back, or lost the VM: find where it
                     # stands. Moved: go where it went.
                     self._leave_stream(stable=True)
@@ -562,9 +562,10 @@ class SessionProtocol:
 
     def _journal_add(self, seq: int, message: bytes) -> None:
         journal = self._journal
-        in_order = not journal or seq > next(reversed(journal))
         journal[seq] = message
-        if not in_order:  # replays answered out of order (rare): keep it by number
+        if seq > self._journal_top:
+            self._journal_top = seq
+        else:  # replays answered out of order (rare): keep it by number
             self._journal = journal = OrderedDict(sorted(journal.items()))
         self._journal_bytes += len(message)
         while len(journal) > JOURNAL_MAX_CALLS or self._journal_bytes > JOURNAL_MAX_BYTES:
