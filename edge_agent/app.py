@@ -459,7 +459,13 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
                     f"message is not msgpack ({type(exc).__name__})").to_wire()}
             if ws.closed:
                 break  # moved or shutting down: the client resends on its next stream
-            await ws.send_bytes(packb(reply))
+            try:
+                await ws.send_bytes(packb(reply))
+            except ConnectionError:
+                # The peer reset the stream while answers were being written. Nothing
+                # is lost: an applied call's answer stays in the reply log until
+                # acknowledged, and the client resends on its next stream.
+                break
     finally:
         streams.discard(hosted.id, ws)
     return ws
