@@ -362,6 +362,17 @@ def test_cli_sim_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "psychic" in capsys.readouterr().err
 
 
+def test_duration_s_shortens_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["sim", str(METRO), "--duration-s", "30", "--policies", "never",
+                 "--no-plots", "--no-progress", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["duration_s"] == 30
+    assert "(30 ticks of 1 s)" in capsys.readouterr().out
+    for bad in ("0", "-5", "nan", "inf"):
+        assert main(["sim", str(METRO), "--duration-s", bad, "--no-progress"]) == 1
+        assert "--duration-s: must be a positive number of seconds" in capsys.readouterr().err
+
+
 def test_the_map_says_how_many_users_it_draws() -> None:
     from cloudlet.sim.report import map_title
 

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--policies", metavar="a,b,c",
                    help="the policies to run (default: the scenario's; known: never, "
                         "nearest, threshold, predictive)")
+    p.add_argument("--duration-s", metavar="N", type=float,
+                   help="simulate N seconds instead of the scenario's duration_s (or the "
+                        "trace's length)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_sim)
@@ -42,6 +45,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
     sc = load_scenario(args.scenario)
     if args.trace:
         sc = sc.with_trace(Path(args.trace))
+    if args.duration_s is not None:
+        sc = sc.with_duration(args.duration_s)
     if args.policies:
         names = tuple(n.strip() for n in args.policies.split(",") if n.strip())
         if not names:

@@ -14,6 +14,7 @@ scenario can pin a parameter while the rest follows the measurements.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -165,6 +166,14 @@ class Scenario:
                       elements=self.mobility.elements)
         dur = self.duration_s if self.mobility.model == "trace" else None
         return replace(self, mobility=mob, duration_s=dur, area_m=None)
+
+    def with_duration(self, duration_s: float) -> Scenario:
+        """The same scenario for `duration_s` simulated seconds (`--duration-s`): a
+        short look at a long scenario, or a trace cut before its end."""
+        if not math.isfinite(duration_s) or duration_s <= 0:
+            raise ScenarioError(f"--duration-s: must be a positive number of seconds "
+                                f"(got {duration_s:g})")
+        return replace(self, duration_s=duration_s)
 
     def with_policies(self, names: tuple[str, ...]) -> Scenario:
         for name in names:
