@@ -113,6 +113,7 @@ class CloudletClient:
         self._position_source = position_source
         self.position_interval_s = position_interval_s
         self._position_task: asyncio.Task[None] | None = None
+        self._broker_seen = False  # connected at least once: later drops answer False at once
         self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> CloudletClient:
@@ -162,8 +163,10 @@ class CloudletClient:
         fast it moves if known (else the placer derives it from successive reports).
         Sent at QoS 0 on the client's broker connection: True if the broker took it,
         False if the broker is not connected at the moment (nothing is queued: a
-        position is soon stale). `NoBroker` without a broker; `InvalidArgument` for
-        anything but finite numbers."""
+        position is soon stale). A client that has not yet been connected (it was
+        just entered) first waits up to `discovery_wait_s` for its first connection,
+        so a report right after `async with` is sent, not dropped. `NoBroker` without
+        a broker; `InvalidArgument` for anything but finite numbers."""
         if not self.discovery.broker:
             raise NoBroker("report_position needs a broker: this client was made with "
                            "endpoints only, and positions go to the placer through the broker")
@@ -176,6 +179,11 @@ class CloudletClient:
             if (not isinstance(value, int | float) or isinstance(value, bool)
                     or not math.isfinite(value)):
                 raise InvalidArgument(f"{name} must be a finite number, not {value!r}")
+        if not self._broker_seen and not self.discovery.connected.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.discovery_wait_s):
+                    await self.discovery.connected.wait()
+        self._broker_seen = self._broker_seen or self.discovery.connected.is_set()
         return await self.discovery.publish_position(
             **{name: float(value) for name, value in fields.items()})
 

@@ -5,6 +5,7 @@ whose name, and what a client without a broker is told."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +31,10 @@ def metro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metro]:
 
 
 async def _watch_positions(url: str, login: tuple[str, str], ready: asyncio.Event,
-                           until: asyncio.Event) -> list[tuple[str, dict[str, Any] | None]]:
-    """What a placer reading every client's position sees, until `until` is set."""
+                           until: asyncio.Event, arrived: asyncio.Event | None = None
+                           ) -> list[tuple[str, dict[str, Any] | None]]:
+    """What a placer reading every client's position sees, until `until` is set
+    (`arrived` is set at the first report)."""
     host, port = url.removeprefix("mqtt://").split(":")
     seen: list[tuple[str, dict[str, Any] | None]] = []
     async with aiomqtt.Client(host, int(port), identifier=f"placer-{time.time_ns()}",
@@ -43,6 +46,8 @@ async def _watch_positions(url: str, login: tuple[str, str], ready: asyncio.Even
             async for m in c.messages:
                 raw = m.payload if isinstance(m.payload, bytes | bytearray) else b""
                 seen.append((str(m.topic), decode_report(raw)))
+                if arrived is not None:
+                    arrived.set()
 
         reader = asyncio.get_running_loop().create_task(read())
         await until.wait()
@@ -183,6 +188,32 @@ def test_without_a_broker_or_with_bad_numbers_a_typed_error(metro: Metro) -> Non
                     await client.report_position(**fields)
 
     asyncio.run(run())
+
+
+def test_a_position_reported_right_after_entering_is_sent(metro: Metro) -> None:
+    """As the README's placer example does: report straight after `async with`, before
+    the broker connection is up; the first report waits for it instead of being
+    dropped (without the wait it answers False and sends nothing)."""
+    async def run() -> tuple[bool, list[tuple[str, dict[str, Any] | None]]]:
+        ready, done, arrived = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            watch = tg.create_task(_watch_positions(
+                metro.broker_url, metro.broker_login("operator"), ready, done, arrived))
+            await ready.wait()
+            async with CloudletClient(metro.token("early"), broker=metro.broker_url) as client:
+                assert not client.discovery.connected.is_set()  # the case under test
+                sent = await client.report_position(2400.0, 750.0)
+                # QoS 0: what the client still had to write is lost if it closes now.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(10):
+                        await arrived.wait()
+            done.set()
+        return sent, watch.result()
+
+    sent, seen = asyncio.run(run())
+    assert sent
+    assert [(t, r and (r["x_m"], r["y_m"])) for t, r in seen] == [
+        (position_topic("early"), (2400.0, 750.0))]
 
 
 KVSTORE_WASM = Path(__file__).resolve().parent.parent / "workloads" / "kvstore.wasm"
