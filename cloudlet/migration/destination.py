@@ -43,6 +43,7 @@ from cloudlet.migration.events import (
     NeedData,
     PersistRound,
     Send,
+    take_send,
 )
 from cloudlet.migration.messages import (
     DIGEST_BYTES,
@@ -136,14 +137,8 @@ class DestinationMigration:
         return NeedData()
 
     def next_send(self) -> Send | None:
-        """The next event if it is a message for the peer (the Abort that `abort`
-        queues), taken off the queue; None leaves every event queued. For a driver
-        that sends one last message, best effort, before it stops."""
-        if self._events and isinstance(self._events[0], Send):
-            send = self._events.popleft()
-            assert isinstance(send, Send)
-            return send
-        return None
+        """See `cloudlet.migration.events.take_send`."""
+        return take_send(self._events)
 
     def receive(self, data: bytes) -> None:
         try:

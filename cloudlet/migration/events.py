@@ -9,6 +9,7 @@ that follows it, because that message is what makes the move irrevocable.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,3 +104,15 @@ class Done:
 
 Event = (Send | NeedData | PauseVM | ResumeVM | Throttle | BecomeTombstone | PersistRound
          | ActivateVM | DiscardVM | Done)
+
+
+def take_send(events: deque[Event]) -> Send | None:
+    """The next queued event if it is a message for the peer (the Abort that a
+    machine's `abort` queues), taken off the queue; None leaves every event queued.
+    Both machines' `next_send`: for a driver that sends one last message, best
+    effort, before it stops."""
+    if events and isinstance(events[0], Send):
+        send = events.popleft()
+        assert isinstance(send, Send)
+        return send
+    return None
