@@ -202,6 +202,12 @@ def _need_namespaces() -> None:
     _run("ip", "netns", "del", probe)
 
 
+def _closed_ancestors(path: Path) -> list[Path]:
+    """The directories above `path`, outermost first, that other users cannot enter."""
+    return [d for d in reversed(path.resolve().parents)
+            if not d.stat().st_mode & stat.S_IXOTH]
+
+
 @pytest.fixture
 def lan(tmp_path: Path) -> Iterator[dict[str, Machine]]:
     """The broker and the cloudlets' machines on a LAN with this process."""
@@ -240,6 +246,16 @@ def lan(tmp_path: Path) -> Iterator[dict[str, Machine]]:
                 mounts.append(f"mount -t overlay overlay -o lowerdir={path},upperdir={upper},"
                               f"workdir={work} {path}")
             if role != "broker":  # the install's stand-in: the virtualenv under test
+                # ... which the unit's User= must reach: a checkout inside a 0700
+                # directory (CI's mktemp) is opened to it on this machine only, by an
+                # overlay whose root alone gets o+x.
+                for i, closed in enumerate(_closed_ancestors(VENV)):
+                    upper, work = tmp_path / role / f"open{i}", tmp_path / role / f"owork{i}"
+                    upper.mkdir(parents=True)
+                    work.mkdir()
+                    mounts.append(f"mount -t overlay overlay -o lowerdir={closed},"
+                                  f"upperdir={upper},workdir={work} {closed}")
+                    mounts.append(f"chmod o+x {closed}")
                 mounts.append(f"ln -s {VENV} /opt/cloudlet")
             holder = subprocess.Popen(
                 ["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
@@ -384,11 +400,14 @@ class Deployment:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _wait_for(what: str, check: object, timeout_s: float = START_TIMEOUT_S) -> None:
+def _wait_for(what: str, check: object, timeout_s: float = START_TIMEOUT_S,
+              logs: object = None) -> None:
+    """Poll `check` until it holds; on a timeout, say what and show `logs()`."""
     deadline = time.monotonic() + timeout_s
     while not check():  # type: ignore[operator]
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            shown = logs() if logs is not None else ""  # type: ignore[operator]
+            raise AssertionError(f"timed out waiting for {what}\n{shown}")
         time.sleep(0.1)
 
 
@@ -415,7 +434,9 @@ def test_deploy_md_on_emulated_machines(lan: dict[str, Machine], tmp_path: Path)
     for node in nodes:
         _wait_for(f"cloudlet {node.role} on the broker",
                   lambda node=node: "control plane connected" in d.log(node.role,
-                                                                        "cloudlet-agent"))
+                                                                        "cloudlet-agent"),
+                  logs=lambda node=node: (d.log(node.role, "cloudlet-agent")[-3000:]
+                                          + d.log("broker", "cloudlet-broker")[-2000:]))
 
     # What the page promises of the files it put on each machine.
     assert not [p for p in workdir.glob("deploy/**/*") if p.name.endswith("ca.key")]

@@ -32,6 +32,7 @@ from cloudlet.protocol import (
     commands_topic,
     lease_topic,
     report_message,
+    telemetry_topic,
 )
 from cloudlet.trust import acl
 from cloudlet.trust.certs import CertificateVerifier
@@ -323,13 +324,26 @@ def test_a_move_whose_destination_dies_is_retried_then_abandoned_with_an_event(
         stop = asyncio.Event()
         async with CloudletClient(token, endpoints=[cluster.daemons["west"].endpoint]) as c, \
                 c.session(KVSTORE, budget_ms=30) as s, \
-                Watch(cluster, [ALL_EVENTS, f"{P}/nodes/+/commands"]) as watch:
+                Watch(cluster, [ALL_EVENTS, f"{P}/nodes/+/commands", telemetry_topic("west"),
+                                telemetry_topic("north")]) as watch:
             vm = s.vm_id
             for i in range(5):
                 await s.call("kv_put", i, i)
-            # The orchestrator has seen the VM in west's telemetry and at least one of
-            # north's (every 2 s; stale after 6 s), so north is a target.
-            await asyncio.sleep(2.5)
+
+            leading_since: list[float] = []
+
+            def ready() -> bool:
+                """The orchestrator leads, and since then has been sent the VM in west's
+                telemetry and north's (every 2 s; stale after 6 s): north is a target."""
+                if not leading_since:
+                    if "leading region default" in o.text():
+                        leading_since.append(time.monotonic())
+                    return False
+                since = [(t, b) for t, b, at in watch.got if at > leading_since[0]]
+                return (any(t == telemetry_topic("west") and vm in repr(b) for t, b in since)
+                        and any(t == telemetry_topic("north") for t, _ in since))
+
+            await async_wait_until(ready, 30, what="the leader's view of the VM and north")
             north.proc.send_signal(signal.SIGSTOP)  # alive to the broker, answers nothing
             try:
                 reporter = asyncio.create_task(keep_reporting(
