@@ -20,6 +20,8 @@ from cloudlet.placement.policies import (
 )
 from cloudlet.placement.state import (
     ClusterState,
+    InFlight,
+    Links,
     MeasuredRtt,
     MigrationCost,
     Move,
@@ -32,7 +34,9 @@ __all__ = [
     "POLICIES",
     "AccessIndex",
     "ClusterState",
+    "InFlight",
     "LatencyModel",
+    "Links",
     "MeasuredRtt",
     "MigrationCost",
     "MigrationEstimate",

@@ -29,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloudlet.errors import InvalidArgument
+from cloudlet.placement.congestion import MAX_LINK_MIGRATIONS, LinkBudget, admit, price
 from cloudlet.placement.state import ClusterState, Move, Moves, Sessions
 
 FloatArray = NDArray[np.float64]
@@ -130,17 +131,20 @@ def _assign(state: ClusterState, cand: IntArray, score: FloatArray, ok: BoolArra
 
 
 def _moves(state: ClusterState, target: IntArray, gain_ms: FloatArray,
-           score: FloatArray) -> Moves:
+           score: FloatArray, budget: LinkBudget, priority: FloatArray) -> Moves:
+    """The chosen moves that the links admit (`congestion.admit`, in `priority`
+    order), priced at the share of their path they will get."""
     chosen = np.flatnonzero(target >= 0)
     if len(chosen) == 0:
         return Moves.empty()
     s = state.sessions
-    net = state.network
+    chosen = chosen[admit(state, budget, s.host[chosen], target[chosen], priority[chosen])]
+    if len(chosen) == 0:
+        return Moves.empty()
     src = s.host[chosen]
     dst = target[chosen]
-    est = net.cost.estimate(s.overlay_bytes[chosen], s.memory_bytes[chosen],
-                            s.dirty_rate_bytes_s[chosen],
-                            net.path_bandwidth_mbit_s[src, dst])
+    est = price(state, budget, src, dst, s.overlay_bytes[chosen], s.memory_bytes[chosen],
+                s.dirty_rate_bytes_s[chosen]).estimate
     return Moves(session=chosen, source=src, target=dst,
                  expected_gain_ms=gain_ms[chosen], score=score[chosen],
                  wire_bytes=est.wire_bytes, duration_s=est.duration_s,
@@ -171,6 +175,8 @@ class NearestPolicy(Policy):
     """
 
     name: ClassVar[str] = "nearest"
+    # Follow-me as the literature states it: no admission control unless asked.
+    max_link_migrations: int = 0
 
     def decide(self, state: ClusterState) -> Moves:
         if state.sessions.count == 0:
@@ -181,7 +187,7 @@ class NearestPolicy(Policy):
         ok = state.sessions.movable[:, None] & (gain > 1e-9)
         target, column = _assign(state, c.cand, c.rtt_ms, ok, gain.max(axis=1))
         g = _pick(gain, column)
-        return _moves(state, target, g, g)
+        return _moves(state, target, g, g, LinkBudget(self.max_link_migrations), g)
 
 
 @dataclass(frozen=True)
@@ -191,15 +197,19 @@ class ThresholdPolicy(Policy):
     A session moves when its latency (RTT plus service time) is over its budget
     less `margin_ms` (room for jitter the mean RTT does not show), its last move
     was at least `cooldown_s` ago, and the target's RTT is at least
-    `hysteresis_ms` lower. `score` is the RTT saved now (ms).
+    `hysteresis_ms` lower. `score` is the RTT saved now (ms). At most
+    `max_link_migrations` migrations cross a backhaul link at once (congestion.py);
+    the rest wait for a later round, the most over budget first.
     """
 
     name: ClassVar[str] = "threshold"
     hysteresis_ms: float = 3.0
     cooldown_s: float = 30.0
     margin_ms: float = 2.0
+    max_link_migrations: int = MAX_LINK_MIGRATIONS
 
     def __post_init__(self) -> None:
+        LinkBudget(self.max_link_migrations)
         if self.hysteresis_ms < 0 or self.cooldown_s < 0 or self.margin_ms < 0:
             raise InvalidArgument("hysteresis_ms, cooldown_s and margin_ms must be >= 0")
 
@@ -214,10 +224,10 @@ class ThresholdPolicy(Policy):
         ready = s.movable & over & (state.time_s - s.last_move_s >= self.cooldown_s)
         gain = host_rtt[:, None] - c.rtt_ms
         ok = ready[:, None] & (gain >= max(self.hysteresis_ms, 1e-9))
-        target, column = _assign(state, c.cand, c.rtt_ms, ok,
-                                 host_rtt + s.service_ms - s.budget_ms)
+        over_ms = host_rtt + s.service_ms - s.budget_ms
+        target, column = _assign(state, c.cand, c.rtt_ms, ok, over_ms)
         g = _pick(gain, column)
-        return _moves(state, target, g, g)
+        return _moves(state, target, g, g, LinkBudget(self.max_link_migrations), over_ms)
 
 
 @dataclass(frozen=True)
@@ -230,16 +240,21 @@ class PredictivePolicy(Policy):
     for jitter) costs one violating
     interaction per interaction (`interaction_rate_hz`), plus `latency_weight` per
     ms so that among equals the faster wins. A move to a candidate takes the cost
-    model's `duration_s`; until then the host serves. Its value:
+    model's `duration_s` at the share of its path the migrations in flight leave
+    it, after the wait for a free slot on a full link (congestion.py); until then
+    the host serves. Its value:
 
         gain  = interactions x (penalty staying - penalty moving), over the horizon
         cost  = interactions stalled by the downtime + gib_cost x GiB moved
-        score = gain - cost   (unit: violating interactions avoided)
+        score = gain - (1 + cost_margin) x cost   (unit: violating interactions avoided)
 
     A move starts when score > min_gain, the session is not in its cool-down,
-    and the host's latency is predicted to break the budget within the move's
+    the host's latency is predicted to break the budget within the move's
     duration plus `lead_s` (earlier would serve from the target while the user is
-    still closer to the host; later would break the budget).
+    still closer to the host; later would break the budget), the move would end
+    within the horizon with the target predicted to meet the budget then (a user
+    who leaves the target's range before the VM arrives gains nothing from it),
+    and its path's links admit it (`max_link_migrations`, the most valuable first).
     """
 
     name: ClassVar[str] = "predictive"
@@ -251,11 +266,18 @@ class PredictivePolicy(Policy):
     latency_weight: float = 0.001
     gib_cost: float = 0.5
     margin_ms: float = 2.0
+    # A move's expected gain is a forecast; its cost is certain. Half again the
+    # cost keeps a move whose gain hangs on an extrapolated path from breaking
+    # even at best.
+    cost_margin: float = 0.5
+    max_link_migrations: int = MAX_LINK_MIGRATIONS
 
     def __post_init__(self) -> None:
+        LinkBudget(self.max_link_migrations)
         if not self.horizon_s > 0 or self.samples < 1:
             raise InvalidArgument("horizon_s must be > 0 and samples >= 1")
-        for name in ("lead_s", "cooldown_s", "latency_weight", "gib_cost", "margin_ms"):
+        for name in ("lead_s", "cooldown_s", "latency_weight", "gib_cost", "margin_ms",
+                     "cost_margin"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"{name} must be >= 0")
 
@@ -313,18 +335,24 @@ class PredictivePolicy(Policy):
         budget = s.budget_ms[rows] - self.margin_ms
         lat = rtt + service[:, None, None]
         pen = (lat > budget[:, None, None]) + self.latency_weight * lat
-        est = net.cost.estimate(s.overlay_bytes[rows, None], s.memory_bytes[rows, None],
-                                s.dirty_rate_bytes_s[rows, None],
-                                net.path_bandwidth_mbit_s[host[:, None], cand])
-        served = taus[None, None, :] >= est.duration_s[:, :, None]
+        budget_links = LinkBudget(self.max_link_migrations)
+        priced = price(state, budget_links, host[:, None], cand, s.overlay_bytes[rows, None],
+                       s.memory_bytes[rows, None], s.dirty_rate_bytes_s[rows, None])
+        est = priced.estimate
+        arrive_s = priced.start_to_end_s
+        served = taus[None, None, :] >= arrive_s[:, :, None]
         stay = pen[:, :1, :]
         dt = self.horizon_s / k
         rate = s.interaction_rate_hz[rows, None]
         gain = rate * dt * ((stay - pen) * served).sum(axis=2)
         cost = rate * est.downtime_s + self.gib_cost * est.wire_bytes / GiB
-        net_gain = gain - cost
-        due = first[:, None] <= est.duration_s + self.lead_s
-        ok = due & (net_gain > self.min_gain)
+        net_gain = gain - (1.0 + self.cost_margin) * cost
+        due = first[:, None] <= arrive_s + self.lead_s
+        # The target must still meet the budget at the first instant it serves.
+        at = np.minimum(np.ceil(arrive_s / dt - 1e-9).astype(np.int64), k)
+        fine_then = np.take_along_axis(lat, at[:, :, None], axis=2)[:, :, 0] <= budget[:, None]
+        ok = (due & (net_gain > self.min_gain) & (arrive_s <= self.horizon_s) & fine_then
+              & ~priced.full)
         sub = _Subset(state, rows)
         sub_target, column = _assign(sub.state, cand, -net_gain, ok, net_gain.max(axis=1))
         n_served = np.maximum(served.sum(axis=2), 1)
@@ -332,7 +360,7 @@ class PredictivePolicy(Policy):
         target[rows] = sub_target
         gain_ms[rows] = _pick(saved_ms, column)
         score[rows] = _pick(net_gain, column)
-        return _moves(state, target, gain_ms, score)
+        return _moves(state, target, gain_ms, score, budget_links, score)
 
 
 class _Subset:
@@ -343,6 +371,7 @@ class _Subset:
         self.state = ClusterState(
             time_s=state.time_s, network=state.network, vms=state.vms,
             serving_vms=state.serving_vms, memory_used_bytes=state.memory_used_bytes,
+            in_flight=state.in_flight, links=state.links,
             sessions=Sessions(
                 host=s.host[rows], position_m=s.position_m[rows],
                 velocity_m_s=s.velocity_m_s[rows], memory_bytes=s.memory_bytes[rows],

@@ -156,6 +156,47 @@ class MeasuredRtt:
 
 
 @dataclass(frozen=True, eq=False)
+class Links:
+    """The backhaul's directed links: the bandwidth of each, and the links each
+    (source, target) path crosses.
+
+    Migrations that cross one link share it, so what a new one gets depends on
+    which others are in flight on its path, not only on the path's bottleneck.
+    `path[a, b]` holds the link ids from `a` to `b`, -1 past the path's end.
+    Without a `Links` the placer takes each ordered pair's path as a link of its
+    own (`Network.path_bandwidth_mbit_s`): what a full mesh, or a live
+    orchestrator that knows no more of its backhaul, gives.
+    """
+
+    bandwidth_mbit_s: FloatArray  # (L,)
+    path: IntArray  # (n, n, P)
+
+    def __post_init__(self) -> None:
+        if self.path.ndim != 3 or self.path.shape[0] != self.path.shape[1]:
+            raise InvalidArgument("path must be (n, n, P)")
+
+
+@dataclass(frozen=True, eq=False)
+class InFlight:
+    """The migrations in flight, one row each: where from and where to.
+
+    The simulator's migration table and a live orchestrator's move tracker both
+    know them; the placer prices a new move on the links these already use.
+    """
+
+    source: IntArray
+    target: IntArray
+
+    @classmethod
+    def none(cls) -> InFlight:
+        i = np.zeros(0, dtype=np.int64)
+        return cls(i, i)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+@dataclass(frozen=True, eq=False)
 class ClusterState:
     """Everything one decision round reads.
 
@@ -166,6 +207,9 @@ class ClusterState:
     there, i.e. hosted ones, including those being migrated away (a VM serves at
     its source until it resumes at its destination) and excluding those being
     migrated in. None means no migration is in flight (`vms` then counts both).
+    `in_flight` lists the migrations under way and `links` the backhaul they
+    cross (see `Links`), so a new move is priced at the share of its path it
+    would get, and admitted only while its links have room for it.
     """
 
     time_s: float
@@ -174,6 +218,31 @@ class ClusterState:
     memory_used_bytes: FloatArray
     sessions: Sessions
     serving_vms: IntArray | None = None
+    in_flight: InFlight | None = None
+    links: Links | None = None
+
+    def path_links(self, source: IntArray, target: IntArray) -> IntArray:
+        """The link ids each (source, target) path crosses, (..., P), -1 past the end.
+
+        Without `links`, each ordered pair is its own link, `source * n + target`."""
+        src = np.asarray(source, dtype=np.int64)
+        dst = np.asarray(target, dtype=np.int64)
+        if self.links is None:
+            pair: IntArray = (src * self.network.size + dst)[..., None]
+            return pair
+        got: IntArray = self.links.path[src, dst]
+        return got
+
+    def link_bandwidth_mbit_s(self, links: IntArray, source: IntArray,
+                              target: IntArray) -> FloatArray:
+        """The bandwidth of each link in `links` (inf where -1); `source` and
+        `target` (shaped as `links` without its last axis) serve the pair links."""
+        if self.links is None:
+            bw: FloatArray = self.network.path_bandwidth_mbit_s[source, target][..., None]
+            return np.where(links >= 0, bw, np.inf)
+        out: FloatArray = np.where(links >= 0,
+                                   self.links.bandwidth_mbit_s[np.maximum(links, 0)], np.inf)
+        return out
 
     @property
     def load(self) -> FloatArray:

@@ -35,7 +35,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloudlet.errors import ScenarioError
-from cloudlet.placement import ClusterState, Policy, Sessions
+from cloudlet.placement import ClusterState, InFlight, Links, Policy, Sessions
 from cloudlet.sim.hosting import CloudletLoad, Hosting
 from cloudlet.sim.migrations import Migrations, Pauses
 from cloudlet.sim.mobility import GaussMarkov, ManhattanGrid, Mobility, RandomWaypoint
@@ -81,6 +81,19 @@ class SimResult:
     users: int = 0  # user slots the run had (a trace's vehicles, or the mobility's users)
 
 
+def backhaul_links(topology: Topology) -> Links:
+    """The placer's view of the backhaul: each directed link's bandwidth and the
+    links each cloudlet pair's path crosses (built once per run; n^2 short paths)."""
+    n = topology.network.size
+    paths = [[topology.path_links(a, b) for b in range(n)] for a in range(n)]
+    width = max((len(p) for row in paths for p in row), default=0)
+    path = np.full((n, n, max(width, 1)), -1, dtype=np.int64)
+    for a, row in enumerate(paths):
+        for b, p in enumerate(row):
+            path[a, b, :len(p)] = p
+    return Links(bandwidth_mbit_s=topology.directed_bandwidth_mbit_s, path=path)
+
+
 class World:
     """What every policy shares in one tick: positions, attachment, interactions.
 
@@ -98,6 +111,7 @@ class World:
         self.rng_interactions = np.random.default_rng(streams[1])
         self.workloads = Workloads.of(sc.workloads)
         self.users = Users.empty(mobility.slots)
+        self.links = backhaul_links(topology)
 
     @property
     def slots(self) -> int:
@@ -335,7 +349,10 @@ class PolicyRun:
                 dirty_rate_bytes_s=wk.dirty_rate_bytes_s[wl], budget_ms=wk.budget_ms[wl],
                 service_ms=wk.service_ms[wl], interaction_rate_hz=wk.interaction_rate_hz[wl],
                 last_move_s=hosting.last_move_s[rows], previous_host=hosting.previous_host[rows],
-                movable=~hosting.migrating[rows]))
+                movable=~hosting.migrating[rows]),
+            # The placer prices and admits new moves on the links these use.
+            in_flight=InFlight(self.migrations.source.copy(), self.migrations.target.copy()),
+            links=w.links)
         moves = self.policy.decide(state)
         if len(moves) == 0:
             return
