@@ -163,6 +163,20 @@ class MissingDependency(ConfigError):
     code = "missing_dependency"
 
 
+class TraceInputInvalid(ConfigError):
+    """A network or routes file given to `cloudlet trace sumo` is unusable (missing,
+    not XML, or not the SUMO file it should be); the message names the file."""
+
+    code = "trace_input_invalid"
+
+
+class TraceToolFailed(CloudletError):
+    """SUMO or one of its tools (netgenerate, randomTrips.py) failed while making a
+    trace; the message names the step and ends with the tail of the tool's stderr."""
+
+    code = "trace_tool_failed"
+
+
 class NoBroker(ConfigError):
     """Something that only the broker carries (a client's position reports) was asked
     of a client made without one (`endpoints=[...]` only)."""
