@@ -323,7 +323,9 @@ class Orchestrator:
                            for d in self.tracker.in_flight.values()],
             unmovable=busy, last_move_s=self.tracker.last_move,
             previous_host={vm: index[n] for vm, n in self.tracker.previous_host.items()
-                           if n in index})
+                           if n in index},
+            moving=[(index.get(d.source, -1), index.get(d.target, -1))
+                    for d in self.tracker.in_flight.values()])
         if snap is None:
             return self.tracker.sending(retries, now)
         self.metrics.sessions.set(snap.state.sessions.count)

@@ -39,6 +39,7 @@ from numpy.typing import NDArray
 
 from cloudlet.placement import (
     ClusterState,
+    InFlight,
     LatencyModel,
     MeasuredRtt,
     Network,
@@ -399,13 +400,18 @@ class ClusterView:
     def snapshot(self, now: float, *, arriving: Iterable[tuple[str, int]] = (),
                  unmovable: set[str] | frozenset[str] = frozenset(),
                  last_move_s: dict[str, float] | None = None,
-                 previous_host: dict[str, int] | None = None) -> Snapshot | None:
+                 previous_host: dict[str, int] | None = None,
+                 moving: Iterable[tuple[int, int]] = ()) -> Snapshot | None:
         """This round's `ClusterState` (None while no cloudlet is known).
 
         `arriving` lists (vm, target row) of moves in flight: the target has reserved
         room for them. `unmovable` VMs (a move in flight, or held back after failures)
         are sessions the placer may not move. `last_move_s` (by the orchestrator's
         clock, as `now`) and `previous_host` feed cool-downs and ping-pong checks.
+        `moving` lists (source row, target row) of the moves in flight: the placer
+        prices a new move on the backhaul they share and admits it only while the
+        path has room (cloudlet.placement.congestion); rows outside the network
+        are left out.
         """
         net = self.network()
         if net is None:
@@ -464,8 +470,11 @@ class ClusterView:
                                np.where(rep_fresh[:, None], cl.slope[client], 0.0)))
         used_at = c.telemetry_at[:n][np.isin(np.arange(n), np.unique(host))]
         age = float(now - used_at.min()) if len(used_at) else 0.0
+        pairs = np.array([(a, b) for a, b in moving if 0 <= a < n and 0 <= b < n],
+                         dtype=np.int64).reshape(-1, 2)
         state = ClusterState(time_s=now, network=net, vms=vms, memory_used_bytes=used_bytes,
-                             sessions=sessions, serving_vms=serving)
+                             sessions=sessions, serving_vms=serving,
+                             in_flight=InFlight(pairs[:, 0].copy(), pairs[:, 1].copy()))
         return Snapshot(state=state, vm_ids=vm_ids, generations=t.generation[rows].copy(),
                         names=tuple(c.names[:n]), targets=targets, state_age_s=age)
 
