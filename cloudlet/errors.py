@@ -150,6 +150,13 @@ class ScenarioError(ConfigError):
     code = "scenario_invalid"
 
 
+class SweepError(ScenarioError):
+    """A sweep file (`cloudlet sweep`) is wrong, or one of its overrides makes the
+    scenario wrong; the message names the sweep file and the key."""
+
+    code = "sweep_invalid"
+
+
 class CalibrationError(ConfigError):
     """Migration records given to `cloudlet calibrate` are unusable; the message names
     the file and the line (or the run) and what is wrong with it."""
