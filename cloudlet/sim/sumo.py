@@ -51,9 +51,9 @@ URBAN_SPEED_M_S = 13.89
 # simulator reads x and y; speed is kept for whoever plots the trace. Dropping
 # angle, lane, pos, slope and type halves the file.
 FCD_ATTRIBUTES = ("x", "y", "speed")
-# Lines of a failing tool's stderr shown in the error: SUMO's "Error: ..." is
-# the last line or two, after any warnings.
-STDERR_TAIL_LINES = 12
+# How much of a failing tool's stderr the error shows: its "Error: ..." lines
+# and its last line, or (none such) its last lines, enough for a traceback.
+STDERR_TAIL_CHARS = 2000
 GZIP_MAGIC = b"\x1f\x8b"
 
 _STEP = re.compile(rb"Step #(\d+(?:\.\d+)?)")
@@ -374,7 +374,11 @@ def _run(step: str, args: Sequence[str], cwd: Path, env: Mapping[str, str],
     if proc.returncode != 0:
         text = err_path.read_bytes().decode("utf-8", "replace") or out_tail.decode(
             "utf-8", "replace")
-        tail = "\n".join(text.strip().splitlines()[-STDERR_TAIL_LINES:])
+        lines = text.strip().splitlines()
+        # SUMO's tools say what went wrong on "Error: ..." lines; a Python tool
+        # that carries on then dies of it ends with a traceback that says less.
+        said = [line for line in lines if line.startswith("Error")]
+        tail = "\n".join((said + lines[-1:]) if said else lines)[-STDERR_TAIL_CHARS:]
         raise TraceToolFailed(f"{step} failed (exit {proc.returncode}):\n{tail}",
                               step=step, returncode=proc.returncode)
 
