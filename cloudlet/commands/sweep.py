@@ -65,6 +65,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     m = report.meta
     print(f"{sweep.name}: {report.runs} runs ({report.computed} computed, "
           f"{report.cached} cached) x {len(sweep.policies)} policies on {m['engine']} "
-          f"({m['workers']} workers) in {report.wall_s:.1f} s")
+          f"({m['workers']} workers) in {report.wall_s:.1f} s", flush=True)
     print(f"outputs in {out}/", file=sys.stderr)
     return 0

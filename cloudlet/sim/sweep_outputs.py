@@ -136,6 +136,7 @@ def write_plots(out: Path, sweep: Sweep, rows: Sequence[SummaryRow]) -> list[Pat
             lines.setdefault((row.policy, rest), []).append(row)
         rests = list(dict.fromkeys(rest for _, rest in lines))
         others = sweep.keys[:i] + sweep.keys[i + 1:]
+        fixed = {k for k, vs in sweep.grid if len(vs) < 2}  # the same on every line
         for metric in METRICS:
             fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
             for (policy, rest), line in lines.items():
@@ -143,7 +144,8 @@ def write_plots(out: Path, sweep: Sweep, rows: Sequence[SummaryRow]) -> list[Pat
                 x = [x_of[json.dumps(r.point[i])] for r in line]
                 stats = [r.stats[metric] for r in line]
                 label = policy + "".join(f", {k}={v}" for k, v in zip(others, rest,
-                                                                      strict=True))
+                                                                      strict=True)
+                                         if k not in fixed)
                 colour = colours[policy]
                 ax.plot(x, [s.mean for s in stats], marker="o", color=colour,
                         linestyle=styles[rests.index(rest) % len(styles)], label=label)
