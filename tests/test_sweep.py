@@ -100,6 +100,15 @@ def test_scenario_path_is_relative_to_the_sweep_file() -> None:
     assert sweep.policies == ("never", "predictive")
 
 
+def test_the_shipped_sweeps_load_and_plan() -> None:
+    shipped = sorted((ROOT / "configs" / "sim").glob("sweep-*.toml"))
+    assert EXAMPLE in shipped
+    for path in shipped:
+        sweep = load_sweep(path)
+        runs = plan(sweep, code="test")
+        assert len(runs) == len(sweep.points()) * len(sweep.seeds) > 0
+
+
 def test_override_reaches_tables_the_scenario_leaves_out_and_arrays_of_tables(
         tmp_path: Path) -> None:
     sweep = load_sweep(write(tmp_path, f"""
