@@ -26,10 +26,15 @@ from cloudlet.trust import acl
 from cloudlet.trust.client_tokens import check_client_name
 from cloudlet.trust.sealed import MAX_SEALED_BYTES
 from edge_agent.auth import SECRET_FILE, load_secret
-from edge_agent.config import load_metro_config
+from edge_agent.config import load_metro_config, node_config_from_dict
 from edge_agent.metro import DEFAULT_METRO
 
 MAX_PACKET_BYTES = MAX_SEALED_BYTES + (16 << 10)  # a sealed message and MQTT's framing
+
+
+def _plain(text: str) -> bool:
+    """No control characters (line breaks above all)."""
+    return all(c.isprintable() for c in text)
 
 
 def write_mosquitto_files(state: Path, out: Path, *, nodes: Sequence[str] | None,
@@ -46,11 +51,21 @@ def write_mosquitto_files(state: Path, out: Path, *, nodes: Sequence[str] | None
                           "directory `cloudlet up` uses), or run `cloudlet up` once")
     secret = load_secret(secret_path)
     host, _, port = listener.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if (not host or not port.isdigit() or not 0 < int(port) < 65536
+            or not _plain(host) or any(c.isspace() for c in host)):
         raise ConfigError(f"--listener {listener!r} must be HOST:PORT")
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    # Each of these becomes a line's value in mosquitto.conf: a line break in one
+    # would add directives of its own (`allow_anonymous true`).
+    for option, value in (("--installed-in", str(installed_in or "/")),
+                          ("--tls-cert", tls_cert or "/"), ("--tls-key", tls_key or "/")):
+        if not _plain(value) or value != value.strip() or not value.startswith("/"):
+            raise ConfigError(f"{option} {value!r} must be an absolute path on the broker's "
+                              "machine, without control characters or surrounding spaces")
     names = list(nodes) if nodes else [n.name for n in load_metro_config(DEFAULT_METRO).nodes]
+    for name in names:  # the ACL's and passwd's lines are built from the names
+        node_config_from_dict({"name": name}, "--node")
     for client in clients:
         check_client_name(client)
     users = ([acl.node_user(n) for n in names] + [acl.orchestrator_user(n) for n in names]

@@ -120,3 +120,63 @@ def test_broker_config_names_its_files_where_they_will_be_and_turns_tls_on(
     with pytest.raises(ConfigError, match="together"):
         write_mosquitto_files(state, out, nodes=["downtown"], clients=[], listener="h:1",
                               tls_cert="/x.pem")
+
+
+@pytest.mark.parametrize("changed", [
+    {"installed_in": Path("/etc/x\nallow_anonymous true\nlistener 1884 0.0.0.0\n#")},
+    {"installed_in": Path("etc/cloudlet")},  # relative: read where on the broker?
+    {"tls_cert": "/c.pem\nallow_anonymous true", "tls_key": "/k.pem"},
+    {"tls_cert": "/c.pem", "tls_key": " /k.pem"},
+    {"listener": "0.0.0.0\nallow_anonymous true\nlistener 1 x:8883"},
+    {"listener": "0.0.0.0 1884:8883"},
+    {"nodes": ["z\ntopic readwrite #"]},
+    {"nodes": ["a+"]},
+    {"nodes": ["a#"]},
+    {"nodes": ["a/b"]},
+])
+def test_broker_config_refuses_what_would_add_lines_or_wildcards(
+        tmp_path: Path, changed: dict[str, object]) -> None:
+    """Every option becomes part of a line of mosquitto.conf, acl or passwd: a line
+    break or an MQTT wildcard in one would grant what the cluster never granted."""
+    state = tmp_path / "cluster"
+    assert main(["node-files", "--node", "downtown", "--state-dir", str(state),
+                 "--out", str(tmp_path / "n")]) == 0
+    args: dict[str, object] = {"nodes": ["downtown"], "clients": [],
+                               "listener": "0.0.0.0:8883", **changed}
+    out = tmp_path / "broker"
+    with pytest.raises(ConfigError):
+        write_mosquitto_files(state, out, **args)  # type: ignore[arg-type]
+    assert not out.exists()  # refused before anything is written
+
+
+def test_half_a_tls_authority_is_refused_and_its_key_is_never_replaced(
+        tmp_path: Path) -> None:
+    state = tmp_path / "cluster"
+    issue_server_cert(state, ["10.0.0.1"], tmp_path / "a")
+    key = (state / "tls-ca.key").read_bytes()
+    (state / "tls-ca.pem").unlink()
+    with pytest.raises(ConfigError, match="restore the TLS authority"):
+        issue_server_cert(state, ["10.0.0.2"], tmp_path / "b")
+    assert (state / "tls-ca.key").read_bytes() == key
+    assert not (state / "tls-ca.pem").exists()
+    # A certificate that is not the key's own is refused as well.
+    other = tmp_path / "other"
+    issue_server_cert(other, ["10.0.0.3"], tmp_path / "c")
+    (state / "tls-ca.pem").write_bytes((other / "tls-ca.pem").read_bytes())
+    with pytest.raises(ConfigError, match="is not the certificate of"):
+        issue_server_cert(state, ["10.0.0.2"], tmp_path / "b")
+
+
+@pytest.mark.parametrize("host", ["bücher.de", "a" * 64 + ".example", ".", "..", "a..b",
+                                  "x" * 254, "-", "a_b.example", ""])
+def test_tls_hosts_that_are_not_dns_names_get_a_typed_error(tmp_path: Path, host: str) -> None:
+    with pytest.raises(ConfigError):
+        issue_server_cert(tmp_path / "cluster", [host], tmp_path / "out")
+
+
+def test_a_long_dns_name_gets_a_certificate(tmp_path: Path) -> None:
+    host = ".".join(["a" * 60] * 3)  # 182 characters: more than a CN's 64
+    _, cert_path, _ = issue_server_cert(tmp_path / "cluster", [host], tmp_path / "out")
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [host]

@@ -71,7 +71,16 @@ def ensure_tls_authority(directory: str | os.PathLike[str]
                               "certificate") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError(f"{key_path} is not an ECDSA key")
+        if cert.public_key() != key.public_key():
+            raise ConfigError(f"{cert_path} is not the certificate of {key_path}")
         return key, cert
+    if key_path.exists() or cert_path.exists():
+        # Half an authority: a new one would orphan every certificate the old one
+        # issued (and a key is never overwritten). The operator restores the pair.
+        (there, missing) = ((key_path, cert_path) if key_path.exists()
+                            else (cert_path, key_path))
+        raise ConfigError(f"{there} exists but {missing} does not: restore the TLS "
+                          "authority's pair from a backup (nothing was replaced)")
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Cloudlet cluster TLS authority")])
     now = _now()
@@ -101,10 +110,22 @@ def _subject_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
-            if not host or not all(c.isalnum() or c in "-." for c in host):
-                raise ConfigError(f"{host!r} is neither an IP address nor a DNS name") from None
+            if not _dns_name(host):
+                raise ConfigError(f"{host!r} is neither an IP address nor a DNS name (ASCII "
+                                  "labels of 1-63 letters, digits or inner '-', at most 253 "
+                                  "characters; an internationalised name in its xn-- "
+                                  "form)") from None
             names.append(x509.DNSName(host))
     return names
+
+
+def _dns_name(host: str) -> bool:
+    """A DNS name X.509 takes: ASCII (IDNA's A-labels), RFC 1035's lengths."""
+    labels = host.split(".")
+    return (0 < len(host) <= 253 and host.isascii()
+            and all(0 < len(label) <= 63 and all(c.isalnum() or c == "-" for c in label)
+                    and not label.startswith("-") and not label.endswith("-")
+                    for label in labels))
 
 
 def issue_server_cert(directory: str | os.PathLike[str], hosts: Sequence[str],
@@ -120,7 +141,8 @@ def issue_server_cert(directory: str | os.PathLike[str], hosts: Sequence[str],
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            # The names are in the SAN; the CN (at most 64 characters) only labels it.
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0][:64])]))
             .issuer_name(authority.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE)
