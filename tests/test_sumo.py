@@ -177,3 +177,24 @@ def test_errors_are_typed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert "cloudlet: error [missing_dependency]:" in err and INSTALL_HINT in err
     assert find_sumo({"PATH": str(tmp_path)}).sumo.is_file()  # the wheel's, no SUMO_HOME
     assert not out.exists()
+
+
+def test_numbers_must_be_finite_and_an_empty_run_replaces_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for option, said in (("--duration-s", "--duration-s must be a finite number"),
+                         ("--period", "--period must be a finite number"),
+                         ("--warmup-s", "--warmup-s must be a finite number"),
+                         ("--grid-length-m", "street lengths must be positive numbers")):
+        assert main(["trace", "sumo", "--out", str(tmp_path / "n.fcd.xml.gz"), *SMALL,
+                     option, "nan"]) == 1
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "n.fcd.xml.gz").exists()
+    kept = tmp_path / "kept.fcd.xml.gz"
+    kept.write_bytes(b"an earlier trace")
+    # One vehicle, gone before the warm-up ends: nothing left to replay.
+    assert main(["trace", "sumo", "--out", str(kept), "--grid-number", "2", "--grid-length-m",
+                 "100", "--period", "500", "--warmup-s", "200", "--duration-s", "10",
+                 "--quiet"]) == 1
+    assert "not written: the SUMO run gives no trace to replay" in capsys.readouterr().err
+    assert kept.read_bytes() == b"an earlier trace"
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.fcd.xml.gz"]

@@ -337,9 +337,13 @@ def test_cache_resumes_an_interrupted_sweep(tmp_path: Path) -> None:
     cached = sorted((out / CACHE_DIR).glob("*.json"))
     cached[0].unlink()
     cached[1].write_text('{"metrics": {"never": ')
+    # ... and so is one whose metrics are not numbers (hostile or damaged).
+    doc = json.loads(cached[2].read_text())
+    doc["metrics"] = {p: {k: "__import__('os')" for k in m} for p, m in doc["metrics"].items()}
+    cached[2].write_text(json.dumps(doc))
     assert sweep_cli(path, "--workers", "0", "--out", out, "--no-plots") == 0
     meta = json.loads((out / "sweep.json").read_text())
-    assert (meta["computed"], meta["cached"]) == (2, 2)
+    assert (meta["computed"], meta["cached"]) == (3, 1)
     assert (out / "results.csv").read_bytes() == first
     # Another seed adds its runs only.
     more = write(tmp_path, SMALL.replace("seeds = [3, 4]", "seeds = [3, 4, 5]"))

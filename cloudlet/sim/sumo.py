@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import math
 import os
 import re
 import shlex
@@ -38,9 +39,11 @@ from typing import IO, cast
 from cloudlet.errors import (
     InvalidArgument,
     MissingDependency,
+    ScenarioError,
     TraceInputInvalid,
     TraceToolFailed,
 )
+from cloudlet.sim.traces import scan_trace
 
 INSTALL_HINT = "pip install 'cloudlet[sumo]'"
 NETS = ("grid", "spider", "random")
@@ -134,8 +137,9 @@ class NetSpec:
         if min(self.grid_number, self.spider_arms, self.spider_circles,
                self.random_iterations, self.lanes) < 1 or self.grid_number < 2:
             raise InvalidArgument("network sizes must be positive (a grid: 2+ junctions)")
-        if min(self.grid_length_m, self.spider_radius_m) <= 0:
-            raise InvalidArgument("street lengths must be positive")
+        if not min(self.grid_length_m, self.spider_radius_m) > 0 or not all(
+                math.isfinite(x) for x in (self.grid_length_m, self.spider_radius_m)):
+            raise InvalidArgument("street lengths must be positive numbers")
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,13 @@ class TraceSpec:
     max_speed_m_s: float | None = URBAN_SPEED_M_S
 
     def __post_init__(self) -> None:
+        numbers = {"--duration-s": self.duration_s, "--period": self.period_s,
+                   "--depart-until-s": self.depart_until_s, "--warmup-s": self.warmup_s,
+                   "--min-trip-m": self.min_trip_m, "--fringe-factor": self.fringe_factor,
+                   "--max-speed-m-s": self.max_speed_m_s}
+        for option, value in numbers.items():  # NaN passes every comparison below
+            if value is not None and not math.isfinite(value):
+                raise InvalidArgument(f"{option} must be a finite number (got {value})")
         if self.duration_s <= 0:
             raise InvalidArgument("--duration-s must be positive")
         if self.period_s <= 0:
@@ -419,6 +430,11 @@ def _finish(fcd: Path, out: Path, spec: TraceSpec) -> str:
                         continue
                     line = f"{step.group(1)}{t_s:.2f}\"{step.group(3)}"
                 gz.write(line.encode())
+        try:  # a trace the simulator cannot replay replaces nothing
+            scan_trace(partial, "fcd")
+        except ScenarioError as exc:
+            raise ScenarioError(f"{out}: not written: the SUMO run gives no trace to replay "
+                                f"({exc.message.removeprefix(f'{partial}: ')})") from None
         partial.replace(out)
     except BaseException:
         partial.unlink(missing_ok=True)

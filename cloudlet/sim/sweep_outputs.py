@@ -46,6 +46,9 @@ def read_cached(out: Path, run: Run, policies: Sequence[str]) -> Metrics | None:
     for p in policies:
         if not isinstance(metrics.get(p), dict) or set(metrics[p]) != set(METRICS):
             return None
+        if not all(v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+                   for v in metrics[p].values()):
+            return None  # a number where the run wrote one, or recompute
     return {p: metrics[p] for p in policies}
 
 
