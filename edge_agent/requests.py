@@ -52,14 +52,17 @@ class Call:
 
 class OversizedMessage(Mapping[str, Any]):
     """What is left of a stream message over the size cap (edge_agent/stream.py):
-    its exactly-once numbers and nothing else, so that `parse_call` refuses it
-    with `request_too_large` and the refusal uses up its number. Read like the
-    request map it stands for (`seq`, `ack`); why it was cut is `reason`."""
+    its exactly-once numbers and its function's name, nothing else, so that
+    `parse_call` refuses it with `request_too_large` and the refusal uses up its
+    number. Read like the request map it stands for (`seq`, `ack`, `fn`); why it
+    was cut is `reason`."""
 
     __slots__ = ("_numbers", "reason")
 
-    def __init__(self, seq: Any, ack: Any, reason: str) -> None:
-        self._numbers = {"seq": seq, "ack": ack}
+    def __init__(self, seq: Any, ack: Any, reason: str, fn: Any = None) -> None:
+        # `fn` names the refusal in the reply log (bounded, `_name_of`), so two
+        # different oversized calls under one number conflict as any two calls do.
+        self._numbers = {"seq": seq, "ack": ack, "fn": fn}
         self.reason = reason
 
     def __getitem__(self, key: str) -> Any:

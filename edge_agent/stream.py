@@ -7,8 +7,8 @@ handler then calls `parse_call` on the map, as the HTTP route does.
 
 A message is a msgpack map `{"id", "fn", "args" | "data", "seq"?, "ack"?}`.
 One over the endpoint's size cap is still read (up to twice the cap, where the
-WebSocket itself stops) and becomes a stand-in that keeps only its `id`, `seq`
-and `ack` (`OversizedMessage`): the refusal answers the client's `id` and uses
+WebSocket itself stops) and becomes a stand-in that keeps only its `id`, `seq`,
+`ack` and `fn` (`OversizedMessage`): the refusal answers the client's `id` and uses
 up its sequence number like any other outcome. That the message was too large
 is the stand-in's type, not a key in the client's map, so no client can claim it.
 """
@@ -45,8 +45,8 @@ def decode_stream_message(raw: bytes, cap_bytes: int) -> StreamRequest:
         raise MalformedRequest("a message must be a msgpack map")
     req_id = body.get("id")
     if len(raw) > cap_bytes:
-        # The call's numbers (so the refusal uses its number up) and nothing else.
+        # The call's numbers (so the refusal uses its number up) and its name.
         return StreamRequest(req_id, OversizedMessage(
             body.get("seq"), body.get("ack"),
-            f"message of {len(raw)} bytes; the cap is {cap_bytes}"))
+            f"message of {len(raw)} bytes; the cap is {cap_bytes}", body.get("fn")))
     return StreamRequest(req_id, body)

@@ -69,7 +69,7 @@ def test_the_stream_marks_an_oversized_message_by_type_not_by_a_key() -> None:
     big = msgpack.packb({"id": 1, "fn": "kv_set", "data": b"x" * 200, "seq": 3, "ack": 2})
     decoded = decode_stream_message(big, 64)
     assert isinstance(decoded.body, OversizedMessage)
-    assert dict(decoded.body) == {"seq": 3, "ack": 2}
+    assert dict(decoded.body) == {"seq": 3, "ack": 2, "fn": "kv_set"}  # its name, no data
     call = parse_call(decoded.body)
     assert isinstance(call.refused, RequestTooLarge) and call.seq == 3 and call.ack == 2
     assert call.refused.message == f"message of {len(big)} bytes; the cap is 64"
@@ -139,3 +139,31 @@ def test_a_migration_source_endpoint(known: str | None, asked: str | None,
 def test_a_migration_source_must_say_where_it_is(asked: str | None) -> None:
     with pytest.raises(MalformedRequest):
         source_endpoint(None, asked)
+
+
+def test_two_oversized_calls_under_one_number_conflict_as_any_two_calls_do() -> None:
+    """An oversized message keeps its function's name as its identity in the reply
+    log: another call under the same number is a conflict, not a replay of the
+    refusal (and the conflict names the function, not None)."""
+    from cloudlet.errors import SequenceConflict
+    from edge_agent.exactly_once import ExactlyOnce, Refuse, Reject, Replay
+
+    cap = 64
+    big = [1] * 100
+
+    def oversized(fn: str) -> Call:
+        decoded = decode_stream_message(msgpack.packb({"id": 1, "fn": fn, "args": big,
+                                                       "seq": 1}), cap)
+        return parse_call(decoded.body)
+
+    admission = ExactlyOnce()
+    first = oversized("kv_set")
+    decision = admission.admit(first, 0)
+    assert isinstance(decision, Refuse) and isinstance(decision.error, RequestTooLarge)
+    assert admission.failed(first, 0, decision.error)  # the number is used up
+    again = admission.admit(oversized("kv_set"), 1)
+    assert isinstance(again, Replay) and again.reply["error"]["code"] == "request_too_large"
+    other = admission.admit(oversized("whatever"), 1)
+    assert isinstance(other, Reject) and isinstance(other.error, SequenceConflict)
+    normal = admission.admit(parse_call({"fn": "kv_get", "args": [1], "seq": 1}), 1)
+    assert isinstance(normal, Reject) and "'kv_set'" in normal.error.message
