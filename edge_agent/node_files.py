@@ -24,11 +24,13 @@ target machine may read which.
 from __future__ import annotations
 
 import argparse
+import tomllib
 from pathlib import Path
 
 from cloudlet.errors import ConfigError
 from cloudlet.fsutil import atomic_write
 from cloudlet.trust import acl
+from cloudlet.trust.certs import MAX_SUBJECT_CHARS
 from cloudlet.trust.cluster import (
     AUTHORITY_PUBLIC_FILE,
     SECRET_FILE,
@@ -36,7 +38,12 @@ from cloudlet.trust.cluster import (
     ensure_secret,
     issue_node,
 )
-from cloudlet.trust.tls import DEFAULT_SERVER_TTL_DAYS, TLS_AUTHORITY_CERT_FILE, issue_server_cert
+from cloudlet.trust.tls import (
+    DEFAULT_SERVER_TTL_DAYS,
+    TLS_AUTHORITY_CERT_FILE,
+    issue_server_cert,
+    subject_names,
+)
 from edge_agent.config import default_state_dir, load_node_config, node_config_from_dict
 from edge_agent.identity import NODE_ROLES
 from edge_agent.metro import toml_value
@@ -89,9 +96,16 @@ def _state(args: argparse.Namespace) -> Path:
 def write_node_files(state: Path, node: str, out: Path, *, tls_hosts: list[str],
                      ttl_days: int) -> Path:
     """Everything cloudlet `node` needs on its machine, into `out`; returns its node.toml."""
-    node_config_from_dict({"name": node}, "--node")  # the name's rules, before any file
+    # Every check before any file: a refusal leaves nothing behind.
+    node_config_from_dict({"name": node}, "--node")
+    if len(node) > MAX_SUBJECT_CHARS:
+        raise ConfigError(f"--node: a cloudlet's name is at most {MAX_SUBJECT_CHARS} "
+                          "characters (it is its certificate's subject)")
     if not 1 <= ttl_days <= 10 * 365:
         raise ConfigError("--ttl-days must be 1 to 3650")
+    if tls_hosts:
+        subject_names(tls_hosts)
+    _check_out_is_for(out / NODE_CONFIG_FILE, node)
     secret = ensure_secret(state / SECRET_FILE)
     authority = ensure_authority(state)
     if out.resolve() == state.resolve():
@@ -119,6 +133,20 @@ def write_node_files(state: Path, node: str, out: Path, *, tls_hosts: list[str],
     atomic_write(path, ("\n".join(lines) + "\n").encode())  # it holds a password: 0600
     load_node_config(path)  # refuse here what the cloudlet would refuse at start
     return path
+
+
+def _check_out_is_for(config: Path, node: str) -> None:
+    """A directory already holding another cloudlet's files is not reused: its key
+    would be certified under this name."""
+    if not config.exists():
+        return
+    try:
+        existing = tomllib.loads(config.read_text()).get("node", {}).get("name")
+    except (OSError, ValueError, AttributeError):
+        existing = None
+    if existing != node:
+        raise ConfigError(f"{config.parent} holds the files of {existing or 'another cloudlet'!r}"
+                          f", not of {node!r}: give each cloudlet its own --out")
 
 
 def cmd_node_files(args: argparse.Namespace) -> int:

@@ -180,3 +180,24 @@ def test_a_long_dns_name_gets_a_certificate(tmp_path: Path) -> None:
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == [host]
+
+
+def test_node_files_refuse_before_writing_and_never_reuse_another_nodes_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "cluster"
+    out = tmp_path / "files"
+    for bad in (["--node", "a" * 5000], ["--node", "dock", "--tls-host", "bücher.de"]):
+        assert main(["node-files", *bad, "--state-dir", str(state), "--out", str(out)]) == 1
+        assert not out.exists()  # refused before any file
+    assert main(["node-files", "--node", "harbor", "--state-dir", str(state),
+                 "--out", str(out)]) == 0
+    key = (out / "node.key").read_bytes()
+    assert main(["node-files", "--node", "dock", "--state-dir", str(state),
+                 "--out", str(out)]) == 1
+    assert "holds the files of 'harbor', not of 'dock'" in capsys.readouterr().err
+    assert (out / "node.key").read_bytes() == key
+    assert load_node_config(out / "node.toml").name == "harbor"
+    # The same node again renews its certificate and keeps its key.
+    assert main(["node-files", "--node", "harbor", "--state-dir", str(state),
+                 "--out", str(out)]) == 0
+    assert (out / "node.key").read_bytes() == key

@@ -102,7 +102,9 @@ def ensure_tls_authority(directory: str | os.PathLike[str]
     return key, cert
 
 
-def _subject_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+def subject_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    """`hosts` as a certificate's subject alternative names; ConfigError for one
+    that is neither an IP address nor a DNS name (checked before anything is made)."""
     if not hosts or len(hosts) > MAX_HOSTS:
         raise ConfigError(f"a TLS certificate names 1-{MAX_HOSTS} hosts (addresses or DNS names)")
     names: list[x509.GeneralName] = []
@@ -136,7 +138,7 @@ def issue_server_cert(directory: str | os.PathLike[str], hosts: Sequence[str],
     for checking peers) `tls-ca.pem`. Returns those three paths."""
     if not 1 <= ttl_days <= TLS_AUTHORITY_TTL_DAYS:
         raise ConfigError(f"a TLS certificate lives 1-{TLS_AUTHORITY_TTL_DAYS} days")
-    names = _subject_names(hosts)
+    names = subject_names(hosts)
     authority_key, authority = ensure_tls_authority(directory)
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
