@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import secrets
 import time
@@ -217,6 +218,11 @@ class Discovery:
         if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
             raise ConfigError(f"broker URL {self.broker!r} must be mqtt://host:port")
         tls = url.scheme == "mqtts"
+        if self._password and not url.password and token_in_clear(self.broker):
+            # The broker login is the client's bearer token: over plain MQTT anyone on
+            # the path reads it, and it opens every cloudlet as this client.
+            log.warning("sending this client's token as its broker password in clear to %s: "
+                        "use mqtts:// for a broker beyond this machine", self.broker)
         backoff = 0.2
         while True:
             try:
@@ -291,3 +297,15 @@ class Discovery:
         self._locations[vm_id] = where
         for listener in list(self._listeners.get(vm_id, ())):
             listener(vm_id, where)
+
+
+def token_in_clear(broker: str) -> bool:
+    """Whether a client's login to `broker` crosses a network unencrypted: plain
+    MQTT to anything but this machine."""
+    url = urlparse(broker)
+    if url.scheme != "mqtt" or not url.hostname:
+        return False
+    try:
+        return not ipaddress.ip_address(url.hostname).is_loopback
+    except ValueError:
+        return url.hostname != "localhost"
