@@ -16,22 +16,43 @@ in this run:
   EdgeSimPy, the usual reference, is not installable here; an earlier measurement recorded
   about 6,800 user-steps/s for it at 1,000 users.
 
-Targets: the city hour in under 10 s for the slowest policy, i.e. at
-least 350,000 user-steps/s, and the placer round in under 100 ms.
+- a scale series: users x cloudlets 1,000 x 100, 10,000 x 1,000 and 100,000 x
+  10,000, five simulated minutes, every policy alone, each point in its own
+  process so that its peak RSS (VmHWM, polled, and the child's own getrusage) is
+  its own and a point can be stopped at a wall-clock cap (`--scale-cap-s`) or a
+  memory cap. A point's scenario is configs/sim/city.toml with
+  `mobility.users` and `topology.count` replaced and `area` grown by
+  sqrt(cloudlets / 100) on each side, so that density stays the city's: a
+  cloudlet per square kilometre, ten users per cloudlet. `setup_s` is the time
+  before the first step (the topology: the dense all-pairs backhaul RTT and the
+  placer's n x n matrices), the rest is stepping;
+- the predictive placer's round on 100,000 sessions x 10,000 cloudlets (the
+  state above at ten times the size), in a capped child too.
 
-Usage: python benchmarks/sim.py [--quick]   (--quick: a 10-minute city, < 1 min)
+Targets: the city hour in under 10 s for the slowest policy, i.e. at
+least 350,000 user-steps/s, and the placer round in under 100 ms; at scale,
+100,000 x 10,000 in under 60 s and 4 GiB for the slowest policy, 10x the users
+and cloudlets costing at most 12x the time (per policy, point to point), and
+the placer round at 100,000 x 10,000 in under 100 ms. A capped point is a miss.
+
+Usage: python benchmarks/sim.py [--quick] [--scale-cap-s S]
+  --quick: a 10-minute city, the scale series' two small points for `never` and
+  `predictive` only, no 100k point (< 2 min). Full mode: ~12 min on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
 import platform
 import random
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,8 +127,10 @@ def placer_state(sessions: int, cloudlets: int, measured: bool,
     spacing = 1000.0
     xs = (np.arange(side) + 0.5) * spacing
     pos = np.stack(np.meshgrid(xs, xs, indexing="ij"), -1).reshape(-1, 2)[:cloudlets]
-    hops = np.abs(pos[:, None, :] - pos[None, :, :]).sum(-1) / spacing
-    rtt = hops * 5.0
+    # Per axis, not one (n, n, 2) difference: at 10,000 cloudlets that saves 1.6 GB.
+    rtt = np.abs(pos[:, None, 0] - pos[None, :, 0])
+    rtt += np.abs(pos[:, None, 1] - pos[None, :, 1])
+    rtt *= 5.0 / spacing
     bw = np.full((cloudlets, cloudlets), 1000.0)
     extent = (0.0, 0.0, side * spacing, side * spacing)
     net = Network.build(pos, np.full(cloudlets, 20), np.full(cloudlets, 32 * GiB), rtt, bw,
@@ -263,14 +286,240 @@ def naive_baseline(users: int, ticks: int) -> dict[str, Any]:
             "user_steps_per_s": users * ticks / wall, "within_budget": within / max(total, 1)}
 
 
+# --- the scale series: each point in its own process ------------------------------------------
+
+SCALE_POINTS = ((1_000, 100), (10_000, 1_000), (100_000, 10_000))
+SCALE_QUICK_POINTS = SCALE_POINTS[:2]
+SCALE_QUICK_POLICIES = ("never", "predictive")
+SCALE_DURATION_S = 300.0
+# The 100k target is 60 s, so a point not done by then has missed it; the cap keeps the
+# full run within ~12 minutes on two cores.
+SCALE_CAP_S = 60.0
+# A point whose resident memory passes this is stopped before it starves the machine.
+SCALE_MEM_CAP_GIB = 8.0
+PLACER_100K = (100_000, 10_000)
+SCALE_TARGETS = {"scale_100k_wall_s": 60.0, "scale_100k_peak_rss_gib": 4.0,
+                 "growth_per_10x": 12.0, "placer_round_100k_ms": 100.0}
+POLL_S = 0.1
+
+
+def scale_scenario(users: int, cloudlets: int, policy: str) -> Any:
+    """The city with `users` and `cloudlets`, its side grown by sqrt(cloudlets / 100) so
+    that a cloudlet still covers a square kilometre and ten users share it."""
+    sc = load_scenario(CITY)
+    w, h = sc.area_m or (10_000.0, 10_000.0)
+    grow = math.sqrt(cloudlets / sc.topology.count)
+    return dataclasses.replace(
+        sc, name=f"city-{users}x{cloudlets}", area_m=(w * grow, h * grow),
+        mobility=dataclasses.replace(sc.mobility, users=users),
+        topology=dataclasses.replace(sc.topology, count=cloudlets),
+    ).with_duration(SCALE_DURATION_S).with_policies((policy,))
+
+
+def _self_peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def scale_child(users: int, cloudlets: int, policy: str) -> int:
+    """One point of the series (in a child process): one JSON line on stdout."""
+    sc = scale_scenario(users, cloudlets, policy)
+    t0 = time.perf_counter()
+    res = simulate(sc)
+    wall = time.perf_counter() - t0
+    stepping = res.policies[policy].summary["wall_s"]
+    print(json.dumps({"wall_s": wall, "user_steps": res.user_steps,
+                      "setup_s": wall - stepping, "stepping_s": stepping,
+                      "peak_rss_bytes": _self_peak_rss_bytes()}))
+    return 0
+
+
+def placer_child(sessions: int, cloudlets: int) -> int:
+    """The predictive placer's round on a (sessions x cloudlets) state (child process)."""
+    t0 = time.perf_counter()
+    state = placer_state(sessions, cloudlets, measured=False)
+    build_s = time.perf_counter() - t0
+    policy = make_policy("predictive")
+    t1 = time.perf_counter()
+    moves = policy.decide(state)
+    first_ms = (time.perf_counter() - t1) * 1e3
+    times = []
+    for _ in range(3):
+        t1 = time.perf_counter()
+        policy.decide(state)
+        times.append(time.perf_counter() - t1)
+    print(json.dumps({"build_s": build_s, "first_ms": first_ms,
+                      "round_ms": statistics.median(times) * 1e3, "moves": len(moves),
+                      "peak_rss_bytes": _self_peak_rss_bytes()}))
+    return 0
+
+
+def _vm_hwm_bytes(pid: int) -> int:
+    """The process's resident high-water mark, 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def run_capped(args: list[str], cap_s: float, mem_cap_bytes: float) -> dict[str, Any]:
+    """Run this script with `args` in a child, killed at `cap_s` seconds or at
+    `mem_cap_bytes` resident; its JSON answer, peak RSS and why it stopped."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    t0 = time.perf_counter()
+    peak = 0
+    reason = None
+    while True:
+        try:
+            proc.wait(timeout=POLL_S)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        peak = max(peak, _vm_hwm_bytes(proc.pid))
+        if time.perf_counter() - t0 > cap_s:
+            reason = f"stopped at the {cap_s:g} s cap"
+        elif peak > mem_cap_bytes:
+            reason = f"stopped at the {mem_cap_bytes / GiB:g} GiB memory cap"
+        if reason:
+            proc.kill()
+            proc.wait()
+            break
+    elapsed = time.perf_counter() - t0
+    out, err = proc.communicate()
+    answer: dict[str, Any] | None = None
+    if reason is None:
+        if proc.returncode == 0 and out.strip():
+            answer = json.loads(out.decode().strip().splitlines()[-1])
+            peak = max(peak, int(answer.pop("peak_rss_bytes")))
+        else:
+            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            reason = f"exit {proc.returncode}: {tail[0]}"
+    return {"answer": answer, "peak_rss_bytes": peak, "reason": reason,
+            "elapsed_s": elapsed}
+
+
+def bench_scale(quick: bool, cap_s: float, mem_cap_gib: float) -> list[dict[str, Any]]:
+    points = SCALE_QUICK_POINTS if quick else SCALE_POINTS
+    policies = SCALE_QUICK_POLICIES if quick else tuple(POLICIES)
+    out = []
+    for users, cloudlets in points:
+        for policy in policies:
+            got = run_capped(["--scale-point", str(users), str(cloudlets), policy],
+                             cap_s, mem_cap_gib * GiB)
+            a = got["answer"]
+            row: dict[str, Any] = {
+                "users": users, "cloudlets": cloudlets, "policy": policy,
+                "finished": a is not None,
+                "wall_s": a["wall_s"] if a else None,
+                "user_steps_per_s": a["user_steps"] / a["wall_s"] if a else None,
+                "peak_rss_mib": got["peak_rss_bytes"] / MiB,
+                "setup_s": a["setup_s"] if a else None,
+                "stepping_s": a["stepping_s"] if a else None,
+                "stopped_after_s": None if a else got["elapsed_s"],
+                "reason": got["reason"],
+            }
+            out.append(row)
+            print(f"  scale {users:>7,} x {cloudlets:>6,} {policy:<11}"
+                  f"{_fmt_s(row['wall_s'], got['reason'])}", file=sys.stderr, flush=True)
+    return out
+
+
+def bench_placer_100k(quick: bool, cap_s: float, mem_cap_gib: float) -> dict[str, Any]:
+    sessions, cloudlets = PLACER_100K
+    if quick:
+        return {"sessions": sessions, "cloudlets": cloudlets, "round_ms": None,
+                "reason": "skipped in --quick"}
+    got = run_capped(["--placer-point", str(sessions), str(cloudlets)], cap_s,
+                     mem_cap_gib * GiB)
+    a = got["answer"] or {}
+    return {"sessions": sessions, "cloudlets": cloudlets, "round_ms": a.get("round_ms"),
+            "first_round_ms": a.get("first_ms"), "state_build_s": a.get("build_s"),
+            "moves": a.get("moves"), "peak_rss_mib": got["peak_rss_bytes"] / MiB,
+            "reason": got["reason"]}
+
+
+def scale_targets(scale: list[dict[str, Any]], placer: dict[str, Any], quick: bool,
+                  cap_s: float) -> dict[str, Any]:
+    """The met flags; a capped point's growth is a lower bound (the cap over the last
+    finished time), enough to call a miss when it is already over 12x."""
+    limit = SCALE_TARGETS["growth_per_10x"]
+    growth: dict[str, list[dict[str, Any]]] = {}
+    for policy in dict.fromkeys(r["policy"] for r in scale):
+        rows = [r for r in scale if r["policy"] == policy]
+        steps = []
+        for a, b in itertools.pairwise(rows):
+            if a["wall_s"] is None:
+                ratio, at_least = None, None
+            elif b["wall_s"] is None:
+                ratio, at_least = None, b["stopped_after_s"] / a["wall_s"]
+            else:
+                ratio = at_least = b["wall_s"] / a["wall_s"]
+            steps.append({"from": f"{a['users']}x{a['cloudlets']}",
+                          "to": f"{b['users']}x{b['cloudlets']}",
+                          "ratio": ratio, "ratio_at_least": at_least,
+                          "met": None if at_least is None or (ratio is None
+                                                              and at_least <= limit)
+                          else at_least <= limit})
+        growth[policy] = steps
+    flags = [s["met"] for steps in growth.values() for s in steps]
+    growth_met = False if False in flags else (True if flags and None not in flags else None)
+    big = [r for r in scale if r["users"] == PLACER_100K[0]]
+    if quick or not big:
+        big_met: bool | None = None
+        slowest = None
+    else:
+        slowest = max(big, key=lambda r: math.inf if r["wall_s"] is None else r["wall_s"])
+        big_met = (all(r["finished"] for r in big)
+                   and slowest["wall_s"] < SCALE_TARGETS["scale_100k_wall_s"]
+                   and max(r["peak_rss_mib"] for r in big) * MiB
+                   < SCALE_TARGETS["scale_100k_peak_rss_gib"] * GiB)
+    pr = placer["round_ms"]
+    return {
+        "targets": SCALE_TARGETS, "cap_s": cap_s,
+        "met": {
+            "scale_100k_under_60s_and_4gib": big_met,
+            "growth_per_10x_at_most_12x": growth_met,
+            "placer_round_100k_ms": None if quick else (pr is not None and
+                                                        pr < SCALE_TARGETS["placer_round_100k_ms"]),
+        },
+        "met_means": "null: not measured (--quick skips the 100k point); a capped 100k "
+                     "point misses its target",
+        "slowest_policy_100k": slowest["policy"] if slowest else None,
+        "growth": growth,
+    }
+
+
+def _fmt_s(wall_s: float | None, reason: str | None) -> str:
+    return f"{wall_s:>9.2f}" if wall_s is not None else f"  {reason}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a 10-minute city: under a minute")
+    ap.add_argument("--quick", action="store_true",
+                    help="a 10-minute city and the scale series' two small points for two "
+                         "policies: under two minutes")
+    ap.add_argument("--scale-cap-s", type=float, default=SCALE_CAP_S,
+                    help="wall-clock cap per scale point, seconds")
+    ap.add_argument("--scale-mem-cap-gib", type=float, default=SCALE_MEM_CAP_GIB,
+                    help="resident memory cap per scale point, GiB")
+    ap.add_argument("--scale-point", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--placer-point", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.scale_point:
+        users, cloudlets, policy = args.scale_point
+        return scale_child(int(users), int(cloudlets), policy)
+    if args.placer_point:
+        return placer_child(int(args.placer_point[0]), int(args.placer_point[1]))
     t_start = time.perf_counter()
     placer = bench_placer(args.quick)
     city = bench_city(args.quick)
     baseline = naive_baseline(users=100 if args.quick else 200, ticks=60 if args.quick else 150)
+    scale_rows = bench_scale(args.quick, args.scale_cap_s, args.scale_mem_cap_gib)
+    placer_100k = bench_placer_100k(args.quick, args.scale_cap_s, args.scale_mem_cap_gib)
+    scale_met = scale_targets(scale_rows, placer_100k, args.quick, args.scale_cap_s)
     # Like for like: the baseline steps the threshold policy.
     speedup = (city["per_policy"]["threshold"]["user_steps_per_s"]
                / baseline["user_steps_per_s"])
@@ -293,6 +542,10 @@ def main() -> int:
         "edgesimpy_reference_user_steps_per_s": 6_800,
         "city": city,
         "placer": placer,
+        "scale": scale_rows,
+        "placer_round_100k_ms": placer_100k["round_ms"],
+        "placer_100k": placer_100k,
+        "scale_targets": scale_met,
         "bench_wall_s": time.perf_counter() - t_start,
     }
     atomic_write(RESULTS, (json.dumps(result, indent=2) + "\n").encode())
@@ -315,6 +568,29 @@ def main() -> int:
     for name, r in placer["per_policy"].items():
         print(f"{name:<12}{r['model_ms']:>10.1f}{r['model_moves']:>8,}"
               f"{r['measured_ms']:>13.1f}{r['measured_moves']:>8,}")
+    print(f"\nScale: city-like, {SCALE_DURATION_S / 60:g} simulated minutes, each point in its "
+          f"own process (cap {args.scale_cap_s:g} s, {args.scale_mem_cap_gib:g} GiB)")
+    print(f"{'users x cloudlets':<20}{'policy':<12}{'wall s':>9}{'setup s':>9}"
+          f"{'user-steps/s':>14}{'peak MiB':>10}")
+    for r in scale_rows:
+        setup = f"{r['setup_s']:>9.2f}" if r["setup_s"] is not None else f"{'':>9}"
+        rate = f"{r['user_steps_per_s']:>14,.0f}" if r["finished"] else f"{'':>14}"
+        wall = (f"{r['wall_s']:>9.2f}" if r["finished"]
+                else f"{'> ' + format(r['stopped_after_s'], '.0f'):>9}")
+        print(f"{r['users']:>7,} x {r['cloudlets']:<10,}{r['policy']:<12}{wall}{setup}{rate}"
+              f"{r['peak_rss_mib']:>10,.0f}{'' if r['finished'] else '  ' + str(r['reason'])}")
+    if args.quick:
+        print("100,000 x 10,000: skipped in --quick (and the 100k placer round)")
+    for policy, steps in scale_met["growth"].items():
+        parts = [f"{s['from']}->{s['to']} " + (f"{s['ratio']:.1f}x" if s["ratio"] is not None
+                 else f">= {s['ratio_at_least']:.1f}x" if s["ratio_at_least"] is not None
+                 else "n/a") for s in steps]
+        print(f"  growth per 10x, {policy}: {', '.join(parts)}")
+    p100 = placer_100k
+    print("placer round, 100,000 sessions x 10,000 cloudlets (predictive): "
+          + (f"{p100['round_ms']:.1f} ms (first {p100['first_round_ms']:.0f} ms, state built "
+             f"in {p100['state_build_s']:.1f} s, peak {p100['peak_rss_mib']:,.0f} MiB)"
+             if p100["round_ms"] is not None else f"not measured: {p100['reason']}"))
     print("\nTargets")
     rows = [("city hour, slowest policy", f"{result['city_wall_s']:.2f} s", "< 10 s",
              result["meets_targets"]["city_wall_s"]),
@@ -322,8 +598,23 @@ def main() -> int:
              ">= 350,000", result["meets_targets"]["user_steps_per_s"]),
             ("placer round", f"{result['placer_round_ms']:.1f} ms", "< 100 ms",
              result["meets_targets"]["placer_round_ms"])]
+    m = scale_met["met"]
+    big = [r for r in scale_rows if r["users"] == PLACER_100K[0]]
+    slow = max(big, key=lambda r: math.inf if r["wall_s"] is None else r["wall_s"]) if big \
+        else None
+    rows += [("100k x 10k, slowest policy",
+              "skipped" if slow is None else f"{slow['wall_s']:.1f} s" if slow["finished"]
+              else f"> {slow['stopped_after_s']:.0f} s", "< 60 s, 4 GiB",
+              m["scale_100k_under_60s_and_4gib"]),
+             ("10x users+cloudlets, time", "see growth", "<= 12x",
+              m["growth_per_10x_at_most_12x"]),
+             ("placer round 100k x 10k",
+              "skipped" if p100["round_ms"] is None and args.quick
+              else "n/a" if p100["round_ms"] is None else f"{p100['round_ms']:.1f} ms",
+              "< 100 ms", m["placer_round_100k_ms"])]
     for label, got, want, ok in rows:
-        print(f"  {label:<30}{got:>14}  target {want:<11}{'ok' if ok else 'MISSED'}")
+        verdict = "not measured" if ok is None else "ok" if ok else "MISSED"
+        print(f"  {label:<30}{got:>14}  target {want:<14}{verdict}")
     print(f"\nwrote {RESULTS.relative_to(ROOT)} in {result['bench_wall_s']:.0f} s")
     return 0
 
