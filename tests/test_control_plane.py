@@ -162,11 +162,12 @@ def test_data_plane_survives_losing_the_broker(tmp_path: Path) -> None:
 
 def test_cloudlet_up_presence_and_last_will_seen_by_mosquitto_sub(tmp_path: Path) -> None:
     sub = require_binary("mosquitto_sub", "mosquitto-clients")
+    log_path = tmp_path / "up.log"  # its cloudlets' logs: shown if the metro stops unclean
     broker_port, base_port = free_port(), free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "cloudlet.cli", "up", "--nodes", "3", "--base-port",
          str(base_port), "--broker-port", str(broker_port), "--state-dir", str(tmp_path / "m")],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)
     try:
         assert up.stdout is not None
         pids: dict[str, int] = {}
@@ -217,7 +218,7 @@ def test_cloudlet_up_presence_and_last_will_seen_by_mosquitto_sub(tmp_path: Path
     finally:
         up.send_signal(signal.SIGINT)
         try:
-            assert up.wait(60) == 0
+            assert up.wait(60) == 0, log_path.read_text()[-4000:]
         finally:
             up.kill()
 
