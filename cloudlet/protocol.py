@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,3 +236,15 @@ def decode_report(raw: bytes | bytearray) -> dict[str, Any] | None:
         log.warning("dropped a client report with an unknown schema")
         return None
     return msg
+
+
+# The broker a command uses when it is given none: `cloudlet up`'s embedded one,
+# unless $CLOUDLET_BROKER names another (a metro on another --broker-port, a broker
+# elsewhere), once for a whole shell session. One rule for the daemon's commands
+# (`status`, `migrate`) and the client's (`offload`, `session`, `vm ...`).
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+BROKER_ENV = "CLOUDLET_BROKER"
+
+
+def default_broker() -> str:
+    return os.environ.get(BROKER_ENV) or DEFAULT_BROKER

@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
 from cloudlet.errors import ConfigError
-
-DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
-# The broker the client commands use when --broker is not given: a metro started with
-# --broker-port, or a broker elsewhere, is named once for a whole shell session.
-BROKER_ENV = "CLOUDLET_BROKER"
+from cloudlet.protocol import BROKER_ENV, DEFAULT_BROKER, default_broker
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -78,7 +73,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     migrate.add_argument("vm", metavar="VM")
     migrate.add_argument("--to", required=True, metavar="NODE")
     migrate.add_argument("--mode", choices=("live", "stop_and_copy"), default="live")
-    migrate.add_argument("--broker", default=_default_broker(), metavar="mqtt://HOST:PORT",
+    migrate.add_argument("--broker", default=default_broker(), metavar="mqtt://HOST:PORT",
                          help=f"the cluster's broker (default ${BROKER_ENV}, "
                               f"else {DEFAULT_BROKER})")
     migrate.add_argument("--state-dir", metavar="DIR",
@@ -90,7 +85,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                             description="Log in to the broker as the cluster's operator and "
                                         "list the cloudlets and VMs it knows, believing only "
                                         "signed presences and locations.")
-    status.add_argument("--broker", default=_default_broker(), metavar="mqtt://HOST:PORT",
+    status.add_argument("--broker", default=default_broker(), metavar="mqtt://HOST:PORT",
                         help=f"the cluster's broker (default ${BROKER_ENV}, "
                               f"else {DEFAULT_BROKER})")
     status.add_argument("--state-dir", metavar="DIR",
@@ -129,10 +124,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from edge_agent.node_files import register as register_node_files
 
     register_node_files(sub)
-
-
-def _default_broker() -> str:
-    return os.environ.get(BROKER_ENV) or DEFAULT_BROKER
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

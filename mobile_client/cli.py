@@ -27,14 +27,11 @@ from cloudlet.commands.callspec import (
     split_call,
 )
 from cloudlet.errors import CloudletError, ConfigError
+from cloudlet.protocol import BROKER_ENV, DEFAULT_BROKER, default_broker
 from cloudlet.trust.cluster import SECRET_FILE, cluster_tokens, default_metro_dir
 from mobile_client.client import POLICIES, CloudletClient
 from mobile_client.session import Session
 
-DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
-# Names the broker once for a shell session (a metro on another --broker-port, a
-# broker elsewhere), as `cloudlet status` and `cloudlet migrate` read it too.
-BROKER_ENV = "CLOUDLET_BROKER"
 DISCOVERY_WAIT_S = 3.0
 
 
@@ -121,8 +118,7 @@ def _token(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace, policy: str = "remote") -> CloudletClient:
-    broker = None if args.endpoint else (args.broker or os.environ.get(BROKER_ENV)
-                                         or DEFAULT_BROKER)
+    broker = None if args.endpoint else (args.broker or default_broker())
     # The client waits up to DISCOVERY_WAIT_S for a first cloudlet's presence, and
     # names the broker if none comes.
     return CloudletClient(_token(args), endpoints=args.endpoint, broker=broker, policy=policy,
