@@ -83,6 +83,16 @@ class OpenStreams:
     def all(self) -> list[web.WebSocketResponse]:
         return [ws for streams in self.by_vm.values() for ws in streams]
 
+    def vm_moving(self, vm_id: str, where: Location | None) -> None:
+        """Tell each stream of the VM where it is moving (its live migration is under
+        way: the destination holds streams for it now), or, with None, that the
+        move is off. The streams stay open: the VM serves here until the commit."""
+        body = None if where is None else {"vm": vm_id, **where.to_wire()}
+        notice = msgpack.packb({"id": None, "moving": body})
+        for ws in list(self.by_vm.get(vm_id, ())):
+            own(self._closing, _notify(ws, notice), f"telling a stream VM {vm_id} is moving",
+                log)
+
     def vm_moved(self, vm_id: str, where: Location) -> None:
         """Send each stream of the VM a `moved` notice, then close it; the SDK
         reconnects to `where` and resends what was not answered."""
@@ -95,6 +105,11 @@ class OpenStreams:
     async def drain(self) -> None:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def _notify(ws: web.WebSocketResponse, notice: bytes) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await ws.send_bytes(notice)
 
 
 async def _notify_and_close(ws: web.WebSocketResponse, notice: bytes) -> None:
@@ -113,6 +128,7 @@ OVERSIZE_SLACK_BYTES = 64 << 10
 SNAPSHOT_OVERHEAD_BYTES = 64 << 10
 SNAPSHOT_IDS_SHARE = 1024
 MOVED_CLOSE_CODE = 4001  # private-use WebSocket close code: "the VM moved; see the notice"
+NOT_ARRIVING_CLOSE_CODE = 4002  # a held stream's VM did not arrive here (its move failed)
 PUBLIC_PATHS = frozenset({"/health"})
 
 # HTTP status by error meaning; the most specific class wins.
@@ -416,9 +432,11 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     "data", "seq"}` or `{"id", "error": {"code", "message", "details"?}}`. Errors
     end the call, not the stream. Messages are handled one at a time, in order, so
     a client's calls apply in the order it sent them. If the VM moves, the stream
-    gets `{"id": null, "moved": {"vm", "node", "endpoint"}}` and is closed.
+    gets `{"id": null, "moved": {"vm", "node", "endpoint"}}` and is closed; while it
+    migrates live, `{"id": null, "moving": {"vm", "node", "endpoint"}}` says where
+    to (`"moving": null`: the move is off), and the stream goes on. At the
+    destination, a stream for a VM on its way is held until the VM lands.
     """
-    hosted = hosted_vm(request)
     config = request.app[CONFIG]
     # No WebSocket heartbeat: aiohttp schedules an extra loop callback for every
     # received message to keep it, a few percent of a call. The kernel finds dead
@@ -427,7 +445,11 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     # Messages up to twice the cap are read and refused with a typed answer (one
     # that carries a sequence number uses it up); only larger ones end the stream.
     ws = web.WebSocketResponse(max_msg_size=2 * cap_bytes + OVERSIZE_SLACK_BYTES)
-    await open_websocket(request, ws)
+    hosted = await hosted_or_arrived(request, ws)
+    if hosted is None:
+        return ws  # held for a VM that did not arrive: closed
+    if not ws.prepared:
+        await open_websocket(request, ws)
     _keepalive(request)
     streams = request.app[STREAMS]
     streams.add(hosted.id, ws)
@@ -469,6 +491,27 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     finally:
         streams.discard(hosted.id, ws)
     return ws
+
+
+async def hosted_or_arrived(request: web.Request,
+                            ws: web.WebSocketResponse) -> HostedVM | None:
+    """The stream's VM. One that is on its way here by live migration (its client
+    was told it is `moving`): open `ws` now and hold it, unread, until the VM
+    lands (edge_agent/arrivals.py), so the client's switch at the commit is a
+    write; None, with `ws` closed, if it does not land within the move deadline."""
+    vm_id = request.match_info["vm"]
+    arrivals = request.app[MOVER].live.arrivals
+    arrival = arrivals.get(vm_id) if vm_id not in request.app[HOST].vms else None
+    if arrival is None:
+        return hosted_vm(request)
+    with arrivals.hold(arrival, principal(request)):
+        await open_websocket(request, ws)
+        hosted = await arrival.wait(request.app[CONFIG].move_deadline_s)
+    if hosted is None or request.app[HOST].vms.get(vm_id) is not hosted:
+        # Not coming (or gone again at once): the client resends where the VM is.
+        await ws.close(code=NOT_ARRIVING_CLOSE_CODE, message=b"the VM is not coming here")
+        return None
+    return hosted
 
 
 async def open_websocket(request: web.Request, ws: web.WebSocketResponse) -> None:
@@ -579,6 +622,7 @@ def build_app(config: NodeConfig, host: VMHost, trust: NodeTrust, metrics: Metri
     app[MOVER] = Mover(config, host,
                        PeerClient(trust.identity, trust.verifier, config.move_deadline_s,
                                   tls_ca_file=config.tls_ca_file), peers)
+    app[MOVER].live.on_moving = streams.vm_moving
     app.cleanup_ctx.append(_mover_session)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_text)
@@ -603,6 +647,7 @@ def build_app(config: NodeConfig, host: VMHost, trust: NodeTrust, metrics: Metri
 
 
 async def _close_sockets(app: web.Application) -> None:
+    app[MOVER].live.arrivals.close()  # streams held for arriving VMs end too
     await app[STREAMS].drain()
     for ws in app[STREAMS].all():
         await ws.close(code=1001, message=b"cloudlet shutting down")

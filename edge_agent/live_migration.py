@@ -19,6 +19,13 @@ can never disagree. Never both, never neither.
 Checkpoints and snapshot downloads of the VM wait while it migrates: each takes
 a full snapshot, which would move the base the next delta round is taken
 against.
+
+Clients learn of a move before it happens: once the destination has accepted
+the offer (and so holds streams for the VM, edge_agent/arrivals.py), the
+source tells the VM's streams where it is `moving` (`on_moving`), and that it
+is off again if the migration fails; their sessions open a standby stream to
+the destination meanwhile, and at the commit the `moved` notice only switches
+them onto it.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import logging
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +61,12 @@ from cloudlet.migration import (
     run_source,
 )
 from cloudlet.migration.chunkstore import chunk_digests
+from cloudlet.migration.messages import Accept, Offer, decode
 from cloudlet.protocol import Location
 from cloudlet.tasks import own
 from cloudlet.vm import VM, Snapshot
 from cloudlet.vm.chunks import CHUNK_BYTES
+from edge_agent.arrivals import Arrivals
 from edge_agent.peer_client import PeerClient
 from edge_agent.replies import ANNEX_KEY, GENERATION_KEY, generation_of
 from edge_agent.vm_host import HostedVM, VMHost
@@ -91,6 +100,27 @@ class WebSocketChannel:
                         WSMsgType.ERROR):
             raise MigrationChannelLost(f"the peer's WebSocket ended ({msg.type.name})")
         raise MigrationProtocolError(f"unexpected WebSocket message {msg.type.name}")
+
+
+class AnnouncingChannel(WebSocketChannel):
+    """The source's channel, which calls `on_accepted` once, when the destination's
+    `Accept` comes back: from then on it holds streams for the VM, so the clients
+    can be told where it is moving. A channel adapter, not a protocol event: the
+    migration's state machines know nothing of client streams."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse,
+                 on_accepted: Callable[[], None]) -> None:
+        super().__init__(ws)
+        self._on_accepted: Callable[[], None] | None = on_accepted
+
+    async def recv(self) -> bytes:
+        data = await super().recv()
+        if self._on_accepted is not None:
+            on_accepted, self._on_accepted = self._on_accepted, None
+            with contextlib.suppress(CloudletError):  # the state machine says what is wrong
+                if isinstance(decode(data), Accept):
+                    on_accepted()
+        return data
 
 
 class Outgoing:
@@ -170,6 +200,10 @@ class LiveMigrations:
         self.incoming_dir = host.config.state_path / "incoming"
         self._outgoing: dict[str, Outgoing] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.arrivals = Arrivals()
+        # Told when a VM's move is under way (where to), and when it is off (None):
+        # the app tells the VM's streams (`moving`).
+        self.on_moving: Callable[[str, Location | None], None] = lambda vm_id, where: None
 
     # --- source ---------------------------------------------------------------------
 
@@ -183,6 +217,14 @@ class LiveMigrations:
         hooks = Outgoing(self.host, hosted, where, migration_id)
         self._outgoing[migration_id] = hooks
         digest = hosted.vm.image.digest
+        announced = False
+
+        def announce() -> None:
+            nonlocal announced
+            announced = True
+            self.on_moving(hosted.id, where)
+
+        committed = False
         try:
             # Checkpoints and downloads take full snapshots, which would move the base
             # the next round is diffed against: they wait for the migration.
@@ -190,7 +232,8 @@ class LiveMigrations:
                 self.host.check_alive(hosted)
                 try:
                     stats = await run_source(
-                        hosted.vm, WebSocketChannel(ws), hooks=hooks, vm_access=hooks.access,
+                        hosted.vm, AnnouncingChannel(ws, announce), hooks=hooks,
+                        vm_access=hooks.access,
                         policy=self.policy, migration_id=migration_id,
                         deadline_s=self.host.config.migration_deadline_s,
                         image_wasm=lambda: self.host.images.wasm_bytes(digest))
@@ -198,6 +241,7 @@ class LiveMigrations:
                     hooks.release()  # refused at the commit point: it stays here
                     raise
                 if stats.outcome == "committed":
+                    committed = True
                     try:
                         await self.host.hand_over(hosted, where)
                     finally:
@@ -205,6 +249,8 @@ class LiveMigrations:
                 return stats
         finally:
             self._outgoing.pop(migration_id, None)
+            if announced and not committed:
+                self.on_moving(hosted.id, None)  # it stays: standby streams are dropped
 
     async def committed(self, migration_id: str) -> bool:
         """The source's answer to "did migration X commit?". Authoritative: a
@@ -227,24 +273,37 @@ class LiveMigrations:
                       peers: PeerClient) -> dict[str, Any]:
         """Take in one VM over `ws`. Returns what happened (for the events topic)."""
         incoming = Incoming(self, source, peers)
-        got = await run_destination(
-            WebSocketChannel(ws), self.host.images, self.chunks, resolve=incoming.must_ask_source,
-            persist=incoming.persist, max_memory_bytes=self.host.free_memory_bytes(),
-            deadline_s=self.host.config.migration_deadline_s,
-            admit=lambda offer: self.host.admit(offer.vm_id, offer.memory_bytes, offer.owner))
-        if got.outcome == "committed" and got.vm is not None:
-            await self._activate(got.vm, got.annex, incoming.migration_id)
-            self._spawn(self._remember_chunks(incoming.chunk_data))
-        elif got.outcome == "in_doubt" and got.migration is not None:
-            migration = got.migration
-            self._spawn(self._settle(incoming, migration.vm, migration.annex))
-            migration.vm = None  # ours now: `_settle` activates or closes it
-        else:
-            incoming.discard()
+
+        def admit(offer: Offer) -> None:
+            self.host.admit(offer.vm_id, offer.memory_bytes, offer.owner)
+            self.arrivals.expect(offer.vm_id, offer.owner or "")  # its streams may wait
+            incoming.vm_id = offer.vm_id
+
+        settling = False
+        try:
+            got = await run_destination(
+                WebSocketChannel(ws), self.host.images, self.chunks,
+                resolve=incoming.must_ask_source, persist=incoming.persist,
+                max_memory_bytes=self.host.free_memory_bytes(),
+                deadline_s=self.host.config.migration_deadline_s, admit=admit)
+            if got.outcome == "committed" and got.vm is not None:
+                await self._activate(got.vm, got.annex, incoming.migration_id)
+                self._spawn(self._remember_chunks(incoming.chunk_data))
+            elif got.outcome == "in_doubt" and got.migration is not None:
+                migration = got.migration
+                settling = True  # its held streams wait for the answer (bounded)
+                self._spawn(self._settle(incoming, migration.vm, migration.annex))
+                migration.vm = None  # ours now: `_settle` activates or closes it
+            else:
+                incoming.discard()
+        finally:
+            if incoming.vm_id is not None and not settling:
+                self.arrivals.not_coming(incoming.vm_id)  # a no-op once it landed
         return {"outcome": got.outcome, **got.stats.to_dict()}
 
     async def _activate(self, vm: VM, annex: dict[str, Any], migration_id: str | None) -> None:
         hosted = self.host.activate(vm, annex.get(ANNEX_KEY), generation_of(annex))
+        self.arrivals.landed(hosted.id, hosted)
         last_call = annex.get(LAST_CALL_KEY)
         if isinstance(last_call, float) and last_call > 0:
             hosted.arrived_last_call_unix = last_call
@@ -288,6 +347,8 @@ class LiveMigrations:
         if answer and vm is not None:
             await self._activate(vm, annex, incoming.migration_id)
         else:
+            if incoming.vm_id is not None:
+                self.arrivals.not_coming(incoming.vm_id)
             if vm is not None:
                 vm.close()
             incoming.discard()
@@ -296,6 +357,7 @@ class LiveMigrations:
         own(self._tasks, coro, "a migration's background step", log)  # `close()` cancels
 
     async def close(self) -> None:
+        self.arrivals.close()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -348,6 +410,7 @@ class Incoming:
                  migration_id: str | None = None) -> None:
         self.owner, self.source, self.peers = owner, source, peers
         self.migration_id = migration_id
+        self.vm_id: str | None = None  # once offered: streams held for it wait
         # What arrived, for the chunk store afterwards.
         self.chunk_data: list[bytes | memoryview] = []
 

@@ -6,6 +6,11 @@ module is its aiohttp driver, the one place a session touches the network: it
 opens and reads the VM's WebSocket stream, asks the cloudlet about the VM, waits
 out backoffs and call deadlines, and hands answers to the callers that wait.
 
+A live migration announces itself (`moving`): the session then opens a standby
+stream to the destination in a task of its own, so the reads and writes of the
+current stream never wait for that connect, and at the commit it writes its
+resends on the standby instead of connecting.
+
 The application sees latency, never an error, for drops, moves and a cloudlet
 that came back from an older checkpoint; it sees an error only when a call's
 deadline passes (`CallTimeout`, and the call may still apply later, exactly
@@ -25,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from cloudlet.errors import CloudletError, InvalidArgument, SessionLost
+from cloudlet.errors import CloudletError, InvalidArgument, NoCloudletAvailable, SessionLost
 from cloudlet.tasks import own
 from mobile_client.session_events import (
     Answer,
@@ -33,12 +38,15 @@ from mobile_client.session_events import (
     CallFailed,
     CloseStream,
     DescribeVM,
+    DropStandby,
     Event,
     Locate,
     Lost,
     NeedData,
+    OpenStandby,
     OpenStream,
     Send,
+    UseStandby,
     Vouch,
 )
 from mobile_client.session_protocol import MAX_IN_FLIGHT, SessionProtocol
@@ -102,6 +110,10 @@ class Session:
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        # The stream opened ahead of a move (`OpenStandby`), and the task that opens
+        # and then watches it (it must not read the current stream's turn).
+        self._standby: aiohttp.ClientWebSocketResponse | None = None
+        self._standby_task: asyncio.Task[None] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[bool]] = set()
         self._latencies_ms: list[float] = []
@@ -173,6 +185,7 @@ class Session:
         if self._ws is not None:
             await self._ws.close()
             self._ws = None
+        await self._drop_standby()
         for task in list(self._closing):
             try:
                 await task
@@ -306,6 +319,21 @@ class Session:
                         protocol.stream_opened()
                 elif isinstance(ev, CloseStream):
                     await self._close_stream()
+                elif isinstance(ev, UseStandby):
+                    ws = await self._take_standby()
+                    if ws is None:
+                        protocol.open_failed(NoCloudletAvailable(
+                            f"the standby stream to {ev.location.node} ended"))
+                    else:
+                        self._ws = ws
+                        protocol.stream_opened()
+                elif isinstance(ev, OpenStandby):
+                    await self._drop_standby()
+                    self._standby_task = asyncio.get_running_loop().create_task(
+                        self._open_standby(ev.location),
+                        name=f"cloudlet-standby-{self.vm_id}")
+                elif isinstance(ev, DropStandby):
+                    await self._drop_standby()
                 elif isinstance(ev, Vouch):
                     self._http.vouch(ev.where, by=ev.by)
                 elif isinstance(ev, Locate):
@@ -321,6 +349,7 @@ class Session:
                     return
         finally:
             await self._close_stream()
+            await self._drop_standby()
 
     async def _stream(self) -> Event:
         """Read frames and hand out their answers for as long as the protocol asks for
@@ -367,6 +396,53 @@ class Session:
 
     async def _close_stream(self) -> None:
         ws, self._ws = self._ws, None
+        if ws is not None:
+            await ws.close()
+
+    # --- the standby stream (owned by `_standby_task` until taken) ------------------------
+
+    async def _open_standby(self, where: Location) -> None:
+        """Open the VM's stream at `where` (proving it first, as any stream does), keep
+        it if the protocol still wants it, then watch it until it is taken or ends:
+        the destination closes it if the VM will not arrive."""
+        protocol = self._protocol
+        try:
+            ws = await self._http.ws_connect(where, self.vm_id)
+        except CloudletError as exc:
+            log.info("VM %s: no standby stream to %s (%s)", self.vm_id, where.node, exc.message)
+            protocol.standby_closed(where)
+            return
+        if not protocol.standby_opened(where):
+            await ws.close()
+            return
+        self._standby = ws
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg.type in _STREAM_ENDS:
+                    break
+                # Nothing was sent on it, so nothing it says is an answer, and what it
+                # might say of places is not heard from a stream that is not current.
+        except _STREAM_ERRORS:
+            pass
+        self._standby = None
+        protocol.standby_closed(where)
+        await ws.close()
+
+    async def _take_standby(self) -> aiohttp.ClientWebSocketResponse | None:
+        """Stop watching the standby stream and hand it over; None if it ended."""
+        task, self._standby_task = self._standby_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        ws, self._standby = self._standby, None
+        if ws is not None and ws.closed:
+            return None
+        return ws
+
+    async def _drop_standby(self) -> None:
+        ws = await self._take_standby()
         if ws is not None:
             await ws.close()
 

@@ -79,6 +79,34 @@ class CloseStream:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenStandby:
+    """The VM is moving to `location` (a `moving` notice): open its stream there in
+    the background, while the current stream goes on serving, and keep it aside.
+    Report `standby_opened(location)` once it is up (keep it only if that returns
+    True), and `standby_closed(location)` if opening fails or it ends later. Never
+    write on it and never feed its frames: nothing is sent there until the move
+    commits (`UseStandby`). Why: the destination holds the stream until the VM
+    arrives, so at the commit the switch is a write, not a connect."""
+
+    location: Location
+
+
+@dataclass(frozen=True, slots=True)
+class DropStandby:
+    """Close the standby stream, or stop opening it (the VM went elsewhere, or the
+    session ended). Harmless when there is none."""
+
+
+@dataclass(frozen=True, slots=True)
+class UseStandby:
+    """The VM moved where the standby stream is open: make it the current stream,
+    in place of an `OpenStream(location)`; then `stream_opened()`, or
+    `open_failed()` if it is gone by now (the protocol then opens one at once)."""
+
+    location: Location
+
+
+@dataclass(frozen=True, slots=True)
 class Locate:
     """Find where VM `vm_id` is now (its retained location, the known cloudlets):
     feed the place, or None, to `located()`."""
@@ -115,4 +143,4 @@ class Lost:
 NEED_DATA = NeedData()
 
 Event = (Send | NeedData | Answer | CallFailed | DescribeVM | OpenStream | CloseStream
-         | Locate | Vouch | Backoff | Lost)
+         | OpenStandby | DropStandby | UseStandby | Locate | Vouch | Backoff | Lost)

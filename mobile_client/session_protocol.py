@@ -13,6 +13,12 @@ breaks:
   answer for a number already answered is a duplicate, dropped;
 - the VM moved (a `moved` notice, `410 vm_moved` from the old cloudlet, or a
   new retained location): reconnect to the new cloudlet, resend;
+- the VM is moving (a `moving` notice on the current stream, as its live
+  migration starts): a standby stream to the destination is opened beside the
+  current one, and the destination holds it until the VM arrives; when the move
+  commits, the resends go out on it (the switch is a write, not a connect). A
+  standby carries nothing before that, so it changes nothing of the above: if
+  the migration fails it is dropped and the session simply stays;
 - the cloudlet came back from an older checkpoint (its `seq` is behind calls
   already answered): resend those from the journal first, so the VM's state
   catches up to what the application was told; when the journal no longer
@@ -66,12 +72,15 @@ from mobile_client.session_events import (
     CallFailed,
     CloseStream,
     DescribeVM,
+    DropStandby,
     Event,
     Locate,
     Lost,
     Numbered,
+    OpenStandby,
     OpenStream,
     Send,
+    UseStandby,
     Vouch,
 )
 
@@ -159,6 +168,11 @@ class SessionProtocol:
         self._locating_missing = False
         self._failures = 0
         self._failure: CloudletError | None = None
+        # Where the VM is moving (a `moving` notice): a standby stream is being opened
+        # there (up: it is open), and whether the current OpenStream is that stream.
+        self._standby: Location | None = None
+        self._standby_up = False
+        self._via_standby = False
         self._backoff_s = BACKOFF_START_S
         self._missing_since_s: float | None = None
         self._first_stream = True
@@ -169,6 +183,7 @@ class SessionProtocol:
         self.moves_followed = 0
         self.resent = 0
         self.replayed = 0
+        self.standby_switches = 0  # moves followed onto a stream opened beforehand
 
     # --- what the driver and the application read -----------------------------------
 
@@ -296,7 +311,14 @@ class SessionProtocol:
             self._just_moved = False
             self._vm_seq = None
             self._phase = Phase.OPENING
-            self._events.append(OpenStream(self.location))
+            if self._standby == self.location and self._standby_up:
+                # Opened while the VM was on its way: the stream is already there.
+                self._standby, self._standby_up = None, False
+                self._via_standby = True
+                self._events.append(UseStandby(self.location))
+            else:
+                self._drop_standby()  # still opening: a fresh connect is as quick
+                self._events.append(OpenStream(self.location))
         else:
             self._phase = Phase.DESCRIBING
             self._events.append(DescribeVM(self.location))
@@ -374,6 +396,9 @@ class SessionProtocol:
             self._events.append(CloseStream())  # opened at the old place, or too late
             return
         self._failures = 0
+        if self._via_standby:
+            self._via_standby = False
+            self.standby_switches += 1
         if not self._first_stream:
             self.reconnects += 1
         self._first_stream = False
@@ -386,7 +411,13 @@ class SessionProtocol:
         """`OpenStream` got a typed error."""
         if not self._expect(Phase.OPENING):
             return
-        if isinstance(error, VMMoved | VMNotFound):
+        if self._via_standby:
+            # The standby ended just before it was needed: open one the usual way,
+            # at once (the VM is known to be there; this is no failure of it).
+            self._via_standby = False
+            self._phase = Phase.DISCONNECTED
+            self._just_moved = True
+        elif isinstance(error, VMMoved | VMNotFound):
             self._phase = Phase.DISCONNECTED  # ask the cloudlet where the VM went
         elif isinstance(error, FINAL_ERRORS):
             self._give_up(error)
@@ -432,6 +463,10 @@ class SessionProtocol:
             if self._phase in (Phase.RESENDING, Phase.STREAMING):
                 self._leave_stream(stable=True)
                 self._follow(moved)
+            return
+        if "moving" in reply and reply.get("id") is None:
+            if self._phase in (Phase.RESENDING, Phase.STREAMING):
+                self._moving(reply["moving"])
             return
         seq = reply.get("id")
         if type(seq) is not int:
@@ -487,6 +522,22 @@ class SessionProtocol:
             self._leave_stream(stable=True)
         self._move_to(where)
         return on_stream
+
+    def standby_opened(self, where: Location) -> bool:
+        """The standby stream to `where` (`OpenStandby`) is open. True: keep it aside
+        for the switch; False: it is no longer wanted (the VM went elsewhere, or the
+        session ended meanwhile): close it."""
+        if where != self._standby or self._phase in (Phase.LOST, Phase.CLOSED):
+            return False
+        self._standby_up = True
+        return True
+
+    def standby_closed(self, where: Location) -> None:
+        """The standby stream to `where` could not be opened, or ended before it was
+        used (the migration failed, the destination died, it refused to hold it).
+        Nothing was sent on it: forget it; the session stays where it is."""
+        if where == self._standby:
+            self._standby, self._standby_up = None, False
 
     def close(self) -> None:
         """The application closed the session: every waiting call fails."""
@@ -546,7 +597,35 @@ class SessionProtocol:
         self._events.append(Vouch(where, self.location))
         self._move_to(where)
 
+    def _moving(self, details: Any) -> None:
+        """A `moving` notice on the current stream: the cloudlet serving the VM says
+        it is migrating it to `details` (a node and its endpoint). Believed only
+        from the current stream, like `moved`; unlike `moved`, it vouches for
+        nothing: the standby stream's own connect makes the destination prove it is
+        a cloudlet of this cluster before the token goes there, off the downtime's
+        path. A notice that names no node, or another VM, is ignored; `null` says
+        the move is off (the standby is dropped)."""
+        if details is None:
+            self._drop_standby()
+            return
+        where = Location.from_wire(details)
+        if (where is None or not isinstance(details, dict)
+                or details.get("vm", self.vm_id) != self.vm_id or where == self.location):
+            return
+        if where == self._standby:
+            return  # told again: the standby is already on its way
+        self._drop_standby()
+        self._standby, self._standby_up = where, False
+        self._events.append(OpenStandby(where))
+
+    def _drop_standby(self) -> None:
+        if self._standby is not None:
+            self._standby, self._standby_up = None, False
+            self._events.append(DropStandby())
+
     def _move_to(self, where: Location) -> None:
+        if where != self._standby:
+            self._drop_standby()  # the VM went elsewhere than announced
         self._just_moved = True
         if where != self.location:
             log.info("VM %s: following it from %s to %s", self.vm_id, self.location.node,
@@ -590,6 +669,7 @@ class SessionProtocol:
         self._drop_sends()
         if opened:
             self._events.append(CloseStream())
+        self._drop_standby()
         for seq in sorted(self._pending):
             if self._pending[seq].waiting:
                 self._events.append(CallFailed(seq, error))
