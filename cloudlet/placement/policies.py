@@ -253,7 +253,9 @@ class PredictivePolicy(Policy):
     duration plus `lead_s` (earlier would serve from the target while the user is
     still closer to the host; later would break the budget), the move would end
     within the horizon with the target predicted to meet the budget then (a user
-    who leaves the target's range before the VM arrives gains nothing from it),
+    who leaves the target's range before the VM arrives gains nothing from it;
+    where no candidate will, because every cloudlet in reach is over-full, the
+    gain alone decides),
     and its path's links admit it (`max_link_migrations`, the most valuable first).
     """
 
@@ -351,6 +353,10 @@ class PredictivePolicy(Policy):
         # The target must still meet the budget at the first instant it serves.
         at = np.minimum(np.ceil(arrive_s / dt - 1e-9).astype(np.int64), k)
         fine_then = np.take_along_axis(lat, at[:, :, None], axis=2)[:, :, 0] <= budget[:, None]
+        # Where no candidate will meet the budget (more sessions than places nearby:
+        # every queue is long), that rule would freeze the session where it is; the
+        # predicted gain alone decides there, so a lower latency is still worth a move.
+        fine_then |= ~fine_then.any(axis=1, keepdims=True)
         ok = (due & (net_gain > self.min_gain) & (arrive_s <= self.horizon_s) & fine_then
               & ~priced.full)
         sub = _Subset(state, rows)
