@@ -50,7 +50,7 @@ from edge_agent.requests import (
     unpack_map,
 )
 from edge_agent.storage import public_reason
-from edge_agent.stream import decode_stream_message
+from edge_agent.stream_calls import Pending, StreamCalls
 from edge_agent.vm_host import HostedVM, VMHost
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,12 @@ class OpenStreams:
 
     def vm_moved(self, vm_id: str, where: Location) -> None:
         """Send each stream of the VM a `moved` notice, then close it; the SDK
-        reconnects to `where` and resends what was not answered."""
+        reconnects to `where` (or switches to the stream it opened there when told
+        the VM was `moving`) and resends what was not answered. Each stream is told
+        once: a live migration tells them when the move is decided, and the
+        handover that follows finds them gone."""
         notice = msgpack.packb({"id": None, "moved": {"vm": vm_id, **where.to_wire()}})
-        for ws in list(self.by_vm.get(vm_id, ())):
+        for ws in list(self.by_vm.pop(vm_id, ())):
             # Owned here until done; shutdown waits for them.
             own(self._closing, _notify_and_close(ws, notice), f"telling a stream VM {vm_id} "
                 "moved", log)
@@ -127,6 +130,8 @@ OVERSIZE_SLACK_BYTES = 64 << 10
 # state (a few KiB), and 4 bytes of chunk id per 4 KiB chunk (1/1024 of the data).
 SNAPSHOT_OVERHEAD_BYTES = 64 << 10
 SNAPSHOT_IDS_SHARE = 1024
+# What ends a stream's loop (as `async for` over a WebSocket ends on them).
+STREAM_ENDS = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED})
 MOVED_CLOSE_CODE = 4001  # private-use WebSocket close code: "the VM moved; see the notice"
 NOT_ARRIVING_CLOSE_CODE = 4002  # a held stream's VM did not arrive here (its move failed)
 PUBLIC_PATHS = frozenset({"/health"})
@@ -453,36 +458,26 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     _keepalive(request)
     streams = request.app[STREAMS]
     streams.add(hosted.id, ws)
-    host, metrics = request.app[HOST], request.app[METRICS]
-    packb = msgpack.packb
+    calls = StreamCalls(request.app[HOST], request.app[METRICS], hosted, cap_bytes)
+    # `receive()` itself rather than `async for`: one coroutine frame less a message.
+    receive, send_bytes = ws.receive, ws.send_bytes
     try:
-        async for msg in ws:
-            if msg.type != WSMsgType.BINARY:
-                if msg.type == WSMsgType.TEXT:
-                    await ws.send_bytes(packb({"id": None, "error": errors.MalformedRequest(
-                        "send binary msgpack messages").to_wire()}))
+        while True:
+            msg = await receive()
+            if msg.type is not WSMsgType.BINARY:
+                if msg.type in STREAM_ENDS:
+                    break
+                if msg.type is WSMsgType.TEXT:
+                    await send_bytes(calls.refuse(errors.MalformedRequest(
+                        "send binary msgpack messages")))
                 continue
-            req_id = None
-            try:
-                decoded = decode_stream_message(msg.data, cap_bytes)
-                req_id = decoded.req_id
-                call = parse_counted(metrics, decoded.body, "ws")
-                reply = (apply_call_now(host, metrics, hosted, call, "ws")
-                         or await apply_call(request.app, hosted, call, "ws"))
-                reply = {**reply, "id": req_id}  # the kept answer is shared: copy it
-            except CloudletError as exc:
-                metrics.errors.labels(exc.code).inc()
-                reply = {"id": req_id, "error": exc.to_wire()}
-            except (ValueError, msgpack.UnpackException) as exc:
-                # Kept from before decoding moved to `decode_stream_message` (which
-                # raises MalformedRequest itself): a stray ValueError answers the
-                # message instead of ending the stream.
-                reply = {"id": None, "error": errors.MalformedRequest(
-                    f"message is not msgpack ({type(exc).__name__})").to_wire()}
+            answer = calls.answer_now(msg.data)
+            if isinstance(answer, Pending):
+                answer = await calls.answer_later(answer)
             if ws.closed:
                 break  # moved or shutting down: the client resends on its next stream
             try:
-                await ws.send_bytes(packb(reply))
+                await send_bytes(answer)
             except ConnectionError:
                 # The peer reset the stream while answers were being written. Nothing
                 # is lost: an applied call's answer stays in the reply log until

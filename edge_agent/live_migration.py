@@ -130,6 +130,8 @@ class Outgoing:
                  migration_id: str) -> None:
         self.host, self.hosted, self.where = host, hosted, where
         self.migration_id = migration_id
+        # Told once the move is decided (durably): the VM's clients may go at once.
+        self.on_decided: Callable[[], None] = lambda: None
         self.state = "running"  # -> "committing" -> "committed", or "refused"
         self.durable = asyncio.Event()
         self.paused = False
@@ -171,6 +173,11 @@ class Outgoing:
             raise
         self.state = "committed"
         self.durable.set()
+        # Decided: the VM is the destination's whatever fails from here (a lost Commit
+        # is settled by the destination asking). So the clients are told now, as the
+        # Commit goes out, not after it: their resends reach the destination with it,
+        # and wait there, on the streams it holds, for the VM to land.
+        self.on_decided()
 
     def annex(self) -> dict[str, Any]:
         return {ANNEX_KEY: self.hosted.replies.to_wire(), LAST_CALL_KEY: self.last_call_unix,
@@ -215,6 +222,7 @@ class LiveMigrations:
         # durable first: a source killed mid-migration restarts from here.
         await self.host.checkpoint(hosted)
         hooks = Outgoing(self.host, hosted, where, migration_id)
+        hooks.on_decided = lambda: self.host.on_moved(hosted.id, where)
         self._outgoing[migration_id] = hooks
         digest = hosted.vm.image.digest
         announced = False
@@ -273,10 +281,14 @@ class LiveMigrations:
                       peers: PeerClient) -> dict[str, Any]:
         """Take in one VM over `ws`. Returns what happened (for the events topic)."""
         incoming = Incoming(self, source, peers)
+        loop = asyncio.get_running_loop()
 
         def admit(offer: Offer) -> None:
             self.host.admit(offer.vm_id, offer.memory_bytes, offer.owner)
-            self.arrivals.expect(offer.vm_id, offer.owner or "")  # its streams may wait
+            # Its owner's streams may wait from now on. A large offer is read in a
+            # worker thread: registered on the loop, before the driver, which resumes
+            # after this thread's result, sends the `Accept`.
+            loop.call_soon_threadsafe(self.arrivals.expect, offer.vm_id, offer.owner or "")
             incoming.vm_id = offer.vm_id
 
         settling = False

@@ -152,6 +152,16 @@ class Session:
         return self._protocol.moves_followed
 
     @property
+    def standby(self) -> Location | None:
+        """Where a standby stream is open (the VM is moving there), if anywhere."""
+        return self._protocol.standby
+
+    @property
+    def standby_switches(self) -> int:
+        """Moves followed onto a stream opened while the VM was on its way."""
+        return self._protocol.standby_switches
+
+    @property
     def resent(self) -> int:
         """Unanswered calls sent again on a new connection."""
         return self._protocol.resent

@@ -211,6 +211,11 @@ class SessionProtocol:
         return tuple(sorted(self._pending))
 
     @property
+    def standby(self) -> Location | None:
+        """Where a standby stream is open, waiting for the VM's move to commit."""
+        return self._standby if self._standby_up else None
+
+    @property
     def journal(self) -> tuple[int, ...]:
         """The numbers of the answered calls kept until the cloudlet checkpoints them."""
         return tuple(self._journal)

@@ -43,11 +43,14 @@ from mobile_client.session_events import (
     CallFailed,
     CloseStream,
     DescribeVM,
+    DropStandby,
     Event,
     Locate,
     Lost,
+    OpenStandby,
     OpenStream,
     Send,
+    UseStandby,
     Vouch,
 )
 from mobile_client.session_protocol import (
@@ -66,7 +69,7 @@ EAST = Location("east", "http://127.0.0.1:8601")
 WEST = Location("west", "http://127.0.0.1:8602")
 VM_ID = "vm-1"
 # Events the driver must answer before asking for the next one.
-ASKING = (session_events.NeedData, DescribeVM, OpenStream, Locate, Lost)
+ASKING = (session_events.NeedData, DescribeVM, OpenStream, UseStandby, Locate, Lost)
 
 
 class Clock:
@@ -426,6 +429,197 @@ def test_a_location_noticed_that_is_the_current_one_changes_nothing() -> None:
     p = streaming()
     assert p.location_noticed(EAST) is False
     assert until_asked(p) == [NEED_DATA] and p.moves_followed == 0
+
+
+# --- moving: a standby stream opened before the move commits -----------------------------
+
+
+def moving_notice(where: Location | None, **extra: Any) -> bytes:
+    body = None if where is None else {"vm": VM_ID, **where.to_wire(), **extra}
+    return frame({"id": None, "moving": body})
+
+
+def standing_by(clock: Clock | None = None) -> SessionProtocol:
+    """Streaming at EAST, three calls out (1 answered), a standby up at WEST."""
+    p = streaming(clock=clock)
+    calls(p, 3)
+    p.receive_data(answer(1, 10))
+    p.receive_data(moving_notice(WEST))
+    assert until_asked(p) == [Answer(1, 10), OpenStandby(WEST), NEED_DATA]
+    assert p.standby is None  # asked for, not up yet
+    assert p.standby_opened(WEST) is True
+    assert p.standby == WEST and p.location == EAST and p.moves_followed == 0
+    return p
+
+
+def _moved_notice(p: SessionProtocol) -> None:
+    p.receive_data(moved_notice(WEST))
+
+
+def _moved_answer(p: SessionProtocol) -> None:
+    p.receive_data(error(2, "vm_moved", node=WEST.node, endpoint=WEST.endpoint))
+
+
+def _moved_location(p: SessionProtocol) -> None:
+    assert p.location_noticed(WEST) is True
+
+
+def _moved_while_away(p: SessionProtocol) -> None:
+    p.stream_closed()  # dropped; asked, the old cloudlet says it moved
+    assert isinstance(until_asked(p)[-1], DescribeVM)
+    p.describe_failed(VMMoved("moved", node=WEST.node, endpoint=WEST.endpoint))
+
+
+STANDBY_MOVES = [_moved_notice, _moved_answer, _moved_location, _moved_while_away]
+
+
+@pytest.mark.parametrize("learn", STANDBY_MOVES, ids=[m.__name__ for m in STANDBY_MOVES])
+def test_a_move_to_where_the_standby_is_switches_onto_it_and_resends_there(
+        learn: Callable[[SessionProtocol], None]) -> None:
+    """However the move is learnt, the resends go out on the stream opened while the
+    VM was on its way: no connect, no describe, no backoff at the commit."""
+    clock = Clock()
+    p = standing_by(clock)
+    clock.now_s += STABLE_STREAM_S
+    learn(p)
+    events = until_asked(p)
+    assert events[-1] == UseStandby(WEST)
+    assert not any(isinstance(e, OpenStream | DescribeVM | Backoff | DropStandby)
+                   for e in events)
+    assert p.location == WEST and p.moves_followed == 1 and p.standby is None
+    p.stream_opened()
+    assert sent(until_asked(p)) == [2, 3]
+    assert (p.standby_switches, p.reconnects, p.resent) == (1, 1, 2)
+    p.receive_data(answer(2, 20))
+    p.receive_data(answer(3, 30))
+    assert delivered(until_asked(p)) == {2: 20, 3: 30}
+    assert p.call("kv_get", (1,)).data is not None  # later calls go out at once, there
+
+
+def test_moving_vouches_for_nothing_the_standby_proves_its_place_itself() -> None:
+    """A `moving` notice only says where to open a stream; the stream's own connect
+    challenges the place before the token goes there (a `moved` vouches, as before)."""
+    p = standing_by()
+    p.receive_data(moving_notice(WEST))  # told again: one standby is enough
+    assert until_asked(p) == [NEED_DATA]
+    p.receive_data(moved_notice(WEST))
+    assert Vouch(WEST, EAST) in until_asked(p)
+
+
+# (a frame that is not a believable `moving` notice, the phase it arrives in)
+NOT_MOVING = [
+    ("a place with no node", frame({"id": None, "moving": {"endpoint": WEST.endpoint}})),
+    ("an endpoint that is not http(s)", moving_notice(Location("west", "ftp://10.0.0.9"))),
+    ("a node with no endpoint", frame({"id": None, "moving": {"node": "west"}})),
+    ("another VM's move", moving_notice(WEST, vm="vm-2")),
+    ("a notice that is not a map", frame({"id": None, "moving": ["west", WEST.endpoint]})),
+    ("where it already is", moving_notice(EAST)),
+    ("a call's answer that says moving", frame({"id": 1, "result": 5, "moving": WEST.to_wire()})),
+]
+
+
+@pytest.mark.parametrize(("case", "notice"), NOT_MOVING, ids=[c for c, _ in NOT_MOVING])
+def test_a_moving_notice_that_names_no_good_place_is_ignored(case: str, notice: bytes) -> None:
+    p = streaming()
+    calls(p, 2)
+    p.receive_data(notice)
+    events = until_asked(p)
+    assert not any(isinstance(e, OpenStandby | OpenStream | CloseStream) for e in events)
+    assert p.location == EAST and p.standby is None and p.phase is Phase.STREAMING
+
+
+def test_a_moving_notice_is_heard_only_from_the_current_stream() -> None:
+    """Not while describing or opening (a frame read from a stream just left), and an
+    outsider's place from a stream that is not current is never opened."""
+    clock = Clock()
+    p = streaming(clock=clock)
+    clock.now_s += STABLE_STREAM_S
+    p.stream_closed()
+    assert isinstance(until_asked(p)[-1], DescribeVM)
+    p.receive_data(moving_notice(Location("mallory", "http://10.6.6.6:80")))
+    p.described({"seq": 0})
+    assert until_asked(p) == [OpenStream(EAST)]
+    p.receive_data(moving_notice(Location("mallory", "http://10.6.6.6:80")))
+    p.stream_opened()
+    assert until_asked(p) == [NEED_DATA] and p.standby is None
+
+
+# (what ends the standby before the commit, then how the move goes)
+def _aborted_by_the_source(p: SessionProtocol) -> None:
+    p.receive_data(moving_notice(None))  # `moving: null`: the migration failed
+    assert until_asked(p) == [DropStandby(), NEED_DATA]
+
+
+def _closed_by_the_destination(p: SessionProtocol) -> None:
+    p.standby_closed(WEST)  # it dropped the stream (the VM is not coming), or it died
+    assert until_asked(p) == [NEED_DATA]
+
+
+@pytest.mark.parametrize("end", [_aborted_by_the_source, _closed_by_the_destination],
+                         ids=["moving-null", "closed-by-the-destination"])
+def test_a_standby_that_ends_before_the_commit_leaves_the_session_where_it_is(
+        end: Callable[[SessionProtocol], None]) -> None:
+    clock = Clock()
+    p = standing_by(clock)
+    end(p)
+    assert p.standby is None and p.location == EAST and p.phase is Phase.STREAMING
+    p.receive_data(answer(2, 20))  # the source goes on serving
+    assert delivered(until_asked(p)) == {2: 20}
+    p.standby_closed(WEST)  # a late report of the same end changes nothing
+    clock.now_s += STABLE_STREAM_S
+    p.receive_data(moved_notice(WEST))  # a later move connects the usual way
+    events = until_asked(p)
+    assert events[-1] == OpenStream(WEST) and p.standby_switches == 0
+
+
+def test_a_move_elsewhere_than_announced_drops_the_standby() -> None:
+    north = Location("north", "http://127.0.0.1:8603")
+    p = standing_by()
+    p.receive_data(moved_notice(north))
+    events = until_asked(p)
+    assert DropStandby() in events and events[-1] == OpenStream(north)
+    assert p.standby_opened(WEST) is False  # a late open is closed by the driver
+
+
+def test_a_second_moving_notice_replaces_the_first_standby() -> None:
+    north = Location("north", "http://127.0.0.1:8603")
+    p = standing_by()
+    p.receive_data(moving_notice(north))
+    assert until_asked(p) == [DropStandby(), OpenStandby(north), NEED_DATA]
+    assert p.standby is None and p.standby_opened(WEST) is False
+    assert p.standby_opened(north) is True and p.standby == north
+
+
+def test_a_move_before_the_standby_is_up_connects_as_before() -> None:
+    p = streaming()
+    calls(p, 1)
+    p.receive_data(moving_notice(WEST))
+    until_asked(p)
+    p.receive_data(moved_notice(WEST))
+    events = until_asked(p)
+    assert DropStandby() in events and events[-1] == OpenStream(WEST)
+    assert p.standby_opened(WEST) is False
+
+
+def test_a_standby_gone_at_the_switch_is_replaced_by_a_connect_at_once() -> None:
+    """It ended between the notice and the switch: no failure of the VM's place, so no
+    backoff; a plain connect to the same place follows."""
+    p = standing_by()
+    p.receive_data(moved_notice(WEST))
+    assert until_asked(p)[-1] == UseStandby(WEST)
+    p.open_failed(NoCloudletAvailable("the standby stream ended"))
+    events = until_asked(p)
+    assert events == [OpenStream(WEST)]
+    p.stream_opened()
+    assert sent(until_asked(p)) == [2, 3] and p.standby_switches == 0
+
+
+def test_closing_the_session_drops_the_standby() -> None:
+    p = standing_by()
+    p.close()
+    events = until_asked(p)
+    assert DropStandby() in events and CloseStream() in events
+    assert p.standby_opened(WEST) is False
 
 
 # --- sequence conflicts and gaps -----------------------------------------------------------
