@@ -60,9 +60,8 @@ def call_identity(fn: str, args: tuple[Any, ...], data: bytes | None) -> list[An
     return [fn, list(args)]
 
 
-def _size_of(entry: list[Any]) -> int:
-    reply: dict[str, Any] = entry[1]
-    size = _FIXED_BYTES + len(str(entry[0][0]))
+def _size_of(identity: list[Any], reply: dict[str, Any]) -> int:
+    size = _FIXED_BYTES + len(str(identity[0]))
     data = reply.get("data")
     if isinstance(data, bytes | bytearray):
         size += len(data)
@@ -76,7 +75,9 @@ class ReplyLog:
     """The recent answers of one VM, by sequence number."""
 
     def __init__(self) -> None:
-        self._entries: OrderedDict[int, list[Any]] = OrderedDict()  # seq -> [identity, reply]
+        # seq -> [identity, reply, its size as `_size_of` counts it]: sized once, when
+        # kept, not again when acknowledged or trimmed.
+        self._entries: OrderedDict[int, list[Any]] = OrderedDict()
         self._bytes = 0
         # Lowered by the owner's memory quota (edge_agent/quotas.py), never raised past
         # REPLY_BYTES_CAP.
@@ -90,13 +91,15 @@ class ReplyLog:
         return self._bytes
 
     def add(self, seq: int, identity: list[Any], reply: dict[str, Any]) -> None:
-        entry = [identity, reply]
-        replaced = self._entries.pop(seq, None)
+        size = _size_of(identity, reply)
+        entries = self._entries
+        replaced = entries.pop(seq, None)
         if replaced is not None:  # only from a malformed log: the daemon never reuses a number
-            self._bytes -= _size_of(replaced)
-        self._entries[seq] = entry
-        self._bytes += _size_of(entry)
-        self._trim()
+            self._bytes -= replaced[2]
+        entries[seq] = [identity, reply, size]
+        self._bytes += size
+        if len(entries) > REPLY_WINDOW or self._bytes > self.cap_bytes:
+            self._trim()
 
     def set_cap(self, cap_bytes: int) -> None:
         """Keep at most `cap_bytes` (at most REPLY_BYTES_CAP) of answers from now on,
@@ -108,7 +111,7 @@ class ReplyLog:
         while len(self._entries) > REPLY_WINDOW or (self._bytes > self.cap_bytes
                                                     and len(self._entries) > 1):
             _, old = self._entries.popitem(last=False)
-            self._bytes -= _size_of(old)
+            self._bytes -= old[2]
 
     def acknowledge(self, upto_seq: int) -> None:
         """The client has every answer up to `upto_seq`: forget them."""
@@ -117,7 +120,7 @@ class ReplyLog:
             seq = next(iter(entries))
             if seq > upto_seq:
                 return
-            self._bytes -= _size_of(entries.pop(seq))
+            self._bytes -= entries.pop(seq)[2]
 
     def get(self, seq: int) -> tuple[list[Any], dict[str, Any]] | None:
         """The kept `(identity, answer)` of call `seq`, if it is still kept. What a
@@ -126,7 +129,7 @@ class ReplyLog:
         return None if entry is None else (entry[0], entry[1])
 
     def to_wire(self) -> list[list[Any]]:
-        return [[seq, identity, reply] for seq, (identity, reply) in self._entries.items()]
+        return [[seq, identity, reply] for seq, (identity, reply, _) in self._entries.items()]
 
     @classmethod
     def from_wire(cls, wire: Any) -> ReplyLog:

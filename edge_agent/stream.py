@@ -16,8 +16,7 @@ is the stand-in's type, not a key in the client's map, so no client can claim it
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -25,10 +24,9 @@ from cloudlet.errors import MalformedRequest
 from edge_agent.requests import OversizedMessage
 
 
-@dataclass(frozen=True)
-class StreamRequest:
+class StreamRequest(NamedTuple):
     """A decoded stream message: the client's `id` (echoed in the answer) and the
-    request map that `parse_call` reads."""
+    request map that `parse_call` reads. A named tuple: one is made per message."""
 
     req_id: Any
     body: Mapping[str, Any]

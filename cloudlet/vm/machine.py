@@ -76,7 +76,7 @@ class VM:
                                                          digest_size=32).digest())
         self._store: wasmtime.Store | None = wasmtime.Store(image.runtime.engine, data=self.host)
         self._ctx = fastcall.context_of(self._store)
-        self._calls = fastcall.FastCaller(self._store, image.runtime.ticker.ensure_started)
+        self._calls = fastcall.FastCaller(self._store, image.runtime.ticker)
         self.limits = limits
         self._memory = GuestMemory(self._store, image.pristine)
         self._memory.serve(self.host)
