@@ -9,6 +9,7 @@ from cloudlet.errors import InvalidArgument
 from cloudlet.placement import (
     AccessIndex,
     ClusterState,
+    GraphBackhaul,
     LatencyModel,
     Move,
     NearestPolicy,
@@ -18,7 +19,6 @@ from cloudlet.placement import (
     PredictivePolicy,
     Sessions,
     ThresholdPolicy,
-    all_pairs_rtt_ms,
     make_policy,
 )
 
@@ -100,12 +100,16 @@ def test_latency_model_adds_its_parts() -> None:
         LatencyModel(max_utilisation=1.0)
 
 
-def test_all_pairs_shortest_rtt_and_next_hop() -> None:
+def test_shortest_rtt_and_next_hop() -> None:
     # 0 - 1 - 2 in a line, plus a slow direct 0 - 2.
-    rtt, nxt = all_pairs_rtt_ms(3, np.array([0, 1, 0]), np.array([1, 2, 2]),
-                                np.array([2.0, 3.0, 9.0]))
+    bh = GraphBackhaul(3, 3, np.array([0, 1, 0]), np.array([1, 2, 2]),
+                       np.array([2.0, 3.0, 9.0]), np.full(3, 100.0))
+    idx = np.arange(3)
+    rtt = bh.rtt_ms(idx[:, None], idx[None, :])
     assert rtt[0, 2] == 5.0 and rtt[2, 0] == 5.0
-    assert nxt[0, 2] == 1 and nxt[2, 0] == 1
+    # The first hop: link 0 (0 -> 1) from 0, link 1 reversed (2 -> 1) from 2.
+    assert bh.path(np.array(0), np.array(2)).tolist() == [0, 2]
+    assert bh.path(np.array(2), np.array(0)).tolist() == [3, 1]
     assert np.diag(rtt).tolist() == [0, 0, 0]
 
 
@@ -253,7 +257,7 @@ def test_moves_carry_gain_and_cost_and_are_deterministic() -> None:
     vx = rng.normal(0, 10, 200).tolist()
     st = state(net, x, host, vx, vms=[0, 0, 0, 0])
     net2 = Network.build(net.position_m, np.full(4, 1000), net.capacity_memory_bytes,
-                         net.backhaul_rtt_ms, net.path_bandwidth_mbit_s,
+                         net.backhaul,
                          latency=net.latency, extent_m=(-1000, -1000, 8000, 1000))
     st = state(net2, x, host, vx, vms=[0, 0, 0, 0])
     for p in POLICIES[1:]:

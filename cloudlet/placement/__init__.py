@@ -7,8 +7,9 @@ measured, `PrecopyModel` says what a migration costs, and the policies
 `Moves`. No network code is imported here, on purpose.
 """
 
+from cloudlet.placement.backhaul import Backhaul, BackhaulStats, DenseBackhaul, GraphBackhaul
 from cloudlet.placement.cost import MigrationEstimate, PrecopyModel
-from cloudlet.placement.latency import AccessIndex, LatencyModel, all_pairs_rtt_ms
+from cloudlet.placement.latency import AccessIndex, LatencyModel
 from cloudlet.placement.policies import (
     POLICIES,
     NearestPolicy,
@@ -33,7 +34,11 @@ from cloudlet.placement.state import (
 __all__ = [
     "POLICIES",
     "AccessIndex",
+    "Backhaul",
+    "BackhaulStats",
     "ClusterState",
+    "DenseBackhaul",
+    "GraphBackhaul",
     "InFlight",
     "LatencyModel",
     "Links",
@@ -50,6 +55,5 @@ __all__ = [
     "PredictivePolicy",
     "Sessions",
     "ThresholdPolicy",
-    "all_pairs_rtt_ms",
     "make_policy",
 ]

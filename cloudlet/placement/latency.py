@@ -12,13 +12,15 @@ the simulator has none. This module fills the gaps with a documented model
     queue_ms(rho)   = service_ms * rho / (1 - rho),  rho = min(load, max_utilisation)
 
 where `a` is the cloudlet whose access point the client is attached to (the
-nearest one), and `backhaul_rtt_ms` is the all-pairs shortest-path RTT over the
-backhaul graph, each link costing `hop_rtt_ms` plus its own latency.
+nearest one), and `backhaul_rtt_ms` is the shortest-path RTT over the backhaul
+graph, each link costing `hop_rtt_ms` plus its own latency (backhaul.py keeps it
+for the pairs near each cloudlet and computes far ones when asked).
 
 The shape matters for speed: the part that depends on the user is one number
-(`access_rtt_ms`) and one index (`a`); everything else is an (n, n) matrix that
-changes only when loads change. A round for 10,000 sessions then gathers a few
-candidates per session instead of building a 10,000 x 1,000 matrix.
+(`access_rtt_ms`) and one index (`a`); the backhaul part is a lookup by pair
+(a, j) and the queueing part one value per cloudlet. A round for 10,000
+sessions then gathers a few candidates per session instead of building a
+10,000 x 1,000 matrix.
 """
 
 from __future__ import annotations
@@ -183,30 +185,3 @@ class AccessIndex:
             best_d2[outside] = dd.min(axis=1)
         distance: FloatArray = np.sqrt(best_d2)
         return index, distance
-
-
-def all_pairs_rtt_ms(n: int, a: IntArray, b: IntArray,
-                     link_rtt_ms: FloatArray) -> tuple[FloatArray, IntArray]:
-    """Shortest-path RTT between every pair of nodes, and the next hop to take.
-
-    Floyd-Warshall, one vectorised relaxation per intermediate node: O(n^3) work
-    but only n numpy operations (100 nodes: ~1 ms; 1,000 nodes: ~2 s, once per run).
-    Links are undirected. Unreachable pairs keep an infinite RTT and next hop -1.
-    """
-    dist = np.full((n, n), np.inf)
-    nxt = np.full((n, n), -1, dtype=np.int64)
-    np.fill_diagonal(dist, 0.0)
-    idx = np.arange(n)
-    nxt[idx, idx] = idx
-    for u, v, w in zip(a.tolist(), b.tolist(), link_rtt_ms.tolist(), strict=True):
-        if w < dist[u, v]:
-            dist[u, v] = dist[v, u] = w
-            nxt[u, v] = v
-            nxt[v, u] = u
-    for k in range(n):
-        via = dist[:, k:k + 1] + dist[k:k + 1, :]
-        better = via < dist
-        if better.any():
-            dist = np.where(better, via, dist)
-            nxt = np.where(better, nxt[:, k:k + 1], nxt)
-    return dist, nxt

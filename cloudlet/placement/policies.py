@@ -62,7 +62,7 @@ class _Candidates:
 def _rtt_now(state: ClusterState, cand: IntArray, attach: IntArray,
              access_ms: FloatArray, queue_ms: FloatArray) -> FloatArray:
     net = state.network
-    rtt: FloatArray = (access_ms[:, None] + net.backhaul_rtt_ms[attach[:, None], cand]
+    rtt: FloatArray = (access_ms[:, None] + net.backhaul.rtt_ms(attach[:, None], cand)
                        + queue_ms[cand])
     measured = state.sessions.measured(np.arange(len(cand)), cand)
     if measured is not None:
@@ -299,7 +299,7 @@ class PredictivePolicy(Policy):
         access_k = net.latency.access_rtt_ms(dist_k).reshape(m, k + 1)
         # Only sessions whose host is predicted to break the budget can be due: the
         # rest (nearly all, in a steady state) cost one (m, samples) pass.
-        host_rtt = (access_k + net.backhaul_rtt_ms[attach_k, s.host[:, None]]
+        host_rtt = (access_k + net.backhaul.rtt_ms(attach_k, s.host[:, None])
                     + queue[s.host][:, None])
         at_host = s.measured(np.arange(m), s.host)
         if at_host is not None:
@@ -324,7 +324,7 @@ class PredictivePolicy(Policy):
         half = max(net.near.shape[1] // 2, 1)
         cand = np.concatenate([host[:, None], net.near[att[:, 0], :half],
                                net.near[att[:, -1], :half]], axis=1)
-        rtt = (acc[:, None, :] + net.backhaul_rtt_ms[att[:, None, :], cand[:, :, None]]
+        rtt = (acc[:, None, :] + net.backhaul.rtt_ms(att[:, None, :], cand[:, :, None])
                + queue[cand][:, :, None])
         at_cand = s.measured(rows, cand)
         if at_cand is not None:

@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloudlet.errors import InvalidArgument
+from cloudlet.placement.backhaul import Backhaul, DenseBackhaul, GraphBackhaul
 from cloudlet.placement.cost import PrecopyModel
 from cloudlet.placement.latency import AccessIndex, LatencyModel
 
@@ -33,16 +34,17 @@ CANDIDATES = 8
 class Network:
     """The part of the cluster that does not change between rounds.
 
-    `backhaul_rtt_ms[a, j]` is the shortest-path RTT from cloudlet `a` to `j`;
-    `path_bandwidth_mbit_s[a, j]` the bottleneck bandwidth along that path (what a
-    migration from `a` to `j` can get when alone). Build with `Network.build`.
+    `backhaul` answers, for arrays of cloudlet pairs (a, j), the shortest-path RTT
+    from `a` to `j` and the bottleneck bandwidth along that path (what a migration
+    from `a` to `j` can get when alone): a `GraphBackhaul` over the backhaul's
+    links (memory O(cloudlets), any scale) or a `DenseBackhaul` of two given
+    matrices. Build with `Network.build`.
     """
 
     position_m: FloatArray
     capacity_vms: IntArray
     capacity_memory_bytes: FloatArray
-    backhaul_rtt_ms: FloatArray
-    path_bandwidth_mbit_s: FloatArray
+    backhaul: Backhaul
     latency: LatencyModel
     cost: PrecopyModel
     index: AccessIndex
@@ -51,30 +53,32 @@ class Network:
 
     @classmethod
     def build(cls, position_m: FloatArray, capacity_vms: IntArray,
-              capacity_memory_bytes: FloatArray, backhaul_rtt_ms: FloatArray,
-              path_bandwidth_mbit_s: FloatArray, latency: LatencyModel | None = None,
+              capacity_memory_bytes: FloatArray, backhaul: Backhaul | FloatArray,
+              path_bandwidth_mbit_s: FloatArray | None = None,
+              latency: LatencyModel | None = None,
               cost: PrecopyModel | None = None, names: tuple[str, ...] = (),
               extent_m: tuple[float, float, float, float] | None = None,
               candidates: int = CANDIDATES) -> Network:
+        """`backhaul` is a `Backhaul`, or an (n, n) RTT matrix with
+        `path_bandwidth_mbit_s` beside it (a `DenseBackhaul`: tens of cloudlets)."""
         pos = np.asarray(position_m, dtype=np.float64)
         n = len(pos)
-        rtt = np.asarray(backhaul_rtt_ms, dtype=np.float64)
-        bw = np.asarray(path_bandwidth_mbit_s, dtype=np.float64)
+        if not isinstance(backhaul, Backhaul):
+            if path_bandwidth_mbit_s is None:
+                raise InvalidArgument("an RTT matrix needs path_bandwidth_mbit_s beside it")
+            backhaul = DenseBackhaul(backhaul, path_bandwidth_mbit_s)
         cap_vms = np.asarray(capacity_vms, dtype=np.int64)
         cap_mem = np.asarray(capacity_memory_bytes, dtype=np.float64)
-        if rtt.shape != (n, n) or bw.shape != (n, n):
-            raise InvalidArgument(f"backhaul matrices must be ({n}, {n})")
+        if backhaul.size != n:
+            raise InvalidArgument(f"the backhaul must join the {n} cloudlets")
         if cap_vms.shape != (n,) or cap_mem.shape != (n,):
             raise InvalidArgument(f"capacities must have one entry per cloudlet ({n})")
         if names and len(names) != n:
             raise InvalidArgument(f"names must have one entry per cloudlet ({n})")
-        k = min(candidates, n)
-        # Stable sort with the index as tie-break: the same layout, the same lists.
-        near = np.argsort(rtt, axis=1, kind="stable")[:, :k].astype(np.int64)
         return cls(position_m=pos, capacity_vms=cap_vms, capacity_memory_bytes=cap_mem,
-                   backhaul_rtt_ms=rtt, path_bandwidth_mbit_s=bw,
-                   latency=latency or LatencyModel(), cost=cost or PrecopyModel(),
-                   index=AccessIndex(pos, extent_m=extent_m), near=near, names=names)
+                   backhaul=backhaul, latency=latency or LatencyModel(),
+                   cost=cost or PrecopyModel(), index=AccessIndex(pos, extent_m=extent_m),
+                   near=backhaul.near(candidates), names=names)
 
     @property
     def size(self) -> int:
@@ -162,18 +166,31 @@ class Links:
 
     Migrations that cross one link share it, so what a new one gets depends on
     which others are in flight on its path, not only on the path's bottleneck.
-    `path[a, b]` holds the link ids from `a` to `b`, -1 past the path's end.
-    Without a `Links` the placer takes each ordered pair's path as a link of its
-    own (`Network.path_bandwidth_mbit_s`): what a full mesh, or a live
-    orchestrator that knows no more of its backhaul, gives.
+    The paths come from `routes` (a `GraphBackhaul`: the simulator's), or from
+    `path[a, b]`, the link ids from `a` to `b`, -1 past the path's end (a small
+    hand-made table). Without a `Links` the placer takes each ordered pair's path
+    as a link of its own (`Network.backhaul`'s path bandwidth): what a full mesh,
+    or a live orchestrator that knows no more of its backhaul, gives.
     """
 
     bandwidth_mbit_s: FloatArray  # (L,)
-    path: IntArray  # (n, n, P)
+    path: IntArray | None = None  # (n, n, P)
+    routes: GraphBackhaul | None = None
 
     def __post_init__(self) -> None:
-        if self.path.ndim != 3 or self.path.shape[0] != self.path.shape[1]:
+        if (self.path is None) == (self.routes is None):
+            raise InvalidArgument("give one of path and routes")
+        if self.path is not None and (self.path.ndim != 3
+                                      or self.path.shape[0] != self.path.shape[1]):
             raise InvalidArgument("path must be (n, n, P)")
+
+    def of(self, source: IntArray, target: IntArray) -> IntArray:
+        """The link ids of each (source, target) path, (..., P), -1 past the end."""
+        if self.routes is not None:
+            return self.routes.path(source, target)
+        assert self.path is not None
+        got: IntArray = self.path[source, target]
+        return got
 
 
 @dataclass(frozen=True, eq=False)
@@ -230,15 +247,14 @@ class ClusterState:
         if self.links is None:
             pair: IntArray = (src * self.network.size + dst)[..., None]
             return pair
-        got: IntArray = self.links.path[src, dst]
-        return got
+        return self.links.of(src, dst)
 
     def link_bandwidth_mbit_s(self, links: IntArray, source: IntArray,
                               target: IntArray) -> FloatArray:
         """The bandwidth of each link in `links` (inf where -1); `source` and
         `target` (shaped as `links` without its last axis) serve the pair links."""
         if self.links is None:
-            bw: FloatArray = self.network.path_bandwidth_mbit_s[source, target][..., None]
+            bw = self.network.backhaul.path_bandwidth_mbit_s(source, target)[..., None]
             return np.where(links >= 0, bw, np.inf)
         out: FloatArray = np.where(links >= 0,
                                    self.links.bandwidth_mbit_s[np.maximum(links, 0)], np.inf)

@@ -82,16 +82,10 @@ class SimResult:
 
 
 def backhaul_links(topology: Topology) -> Links:
-    """The placer's view of the backhaul: each directed link's bandwidth and the
-    links each cloudlet pair's path crosses (built once per run; n^2 short paths)."""
-    n = topology.network.size
-    paths = [[topology.path_links(a, b) for b in range(n)] for a in range(n)]
-    width = max((len(p) for row in paths for p in row), default=0)
-    path = np.full((n, n, max(width, 1)), -1, dtype=np.int64)
-    for a, row in enumerate(paths):
-        for b, p in enumerate(row):
-            path[a, b, :len(p)] = p
-    return Links(bandwidth_mbit_s=topology.directed_bandwidth_mbit_s, path=path)
+    """The placer's view of the backhaul: each directed link's bandwidth, and the
+    routes its pairs' paths take (looked up per pair, nothing n x n)."""
+    return Links(bandwidth_mbit_s=topology.directed_bandwidth_mbit_s,
+                 routes=topology.backhaul)
 
 
 class World:
@@ -284,7 +278,7 @@ class PolicyRun:
         total = counts.sum()
         served_counts = np.where(placed, counts, 0.0)
         h = np.maximum(host, 0)
-        rtt = (w.access_ms + self.net.backhaul_rtt_ms[w.attach, h]
+        rtt = (w.access_ms + self.net.backhaul.rtt_ms(w.attach, h)
                + self._queue_ms[h])
         wl = w.wl
         lat = rtt + w.workloads.service_ms[wl] + w.jitter_ms
@@ -367,8 +361,7 @@ class PolicyRun:
         hosting.migrating[slots] = True
         pp = ((dst == hosting.previous_host[slots])
               & (t_s - hosting.last_move_s[slots] <= self.sc.ping_pong_window_s))
-        paths = [self.topo.path_links(a, b) for a, b in zip(src.tolist(), dst.tolist(),
-                                                                strict=True)]
+        paths = self.topo.backhaul.path(src, dst)
         overlay = w.workloads.overlay_bytes[w.users.workload[slots]]
         self.migrations.start(slots, src, dst, overlay, self.cost.setup_time_s(mem), paths,
                               self.cost)

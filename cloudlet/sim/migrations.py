@@ -70,21 +70,27 @@ class Migrations(Columns):
     rounds: IntArray = field(metadata=column(0, np.int64))
     timer_s: FloatArray = field(metadata=column(0.0, np.float64))  # left of SETUP or RESUME
     stop_s: FloatArray = field(metadata=column(0.0, np.float64))  # the stop-and-copy's length
-    # The directed link ids of the path (Topology.path_links), -1 past its end; as
+    # The directed link ids of the path (GraphBackhaul.path), -1 past its end; as
     # wide as the longest path in flight.
     links: IntArray = field(metadata=column(-1, np.int64, (1,)))
 
     def start(self, slots: IntArray, source: IntArray, target: IntArray,
-              overlay_bytes: FloatArray, setup_s: FloatArray, paths: list[IntArray],
-              cost: PrecopyModel) -> None:
+              overlay_bytes: FloatArray, setup_s: FloatArray,
+              paths: IntArray | list[IntArray], cost: PrecopyModel) -> None:
         """Add one row per move: setup first (the VM serves at its source
         meanwhile), then round 0 carries the overlay. A zero setup ends at once
-        and round 0 starts in the same tick."""
+        and round 0 starts in the same tick. `paths` holds each move's directed
+        link ids: (moves, P), -1 past the end, or one array per move."""
         k = len(slots)
-        width = max(self.links.shape[1], max(len(p) for p in paths))
+        if isinstance(paths, list):
+            padded = np.full((k, max((len(p) for p in paths), default=1)), -1,
+                             dtype=np.int64)
+            for i, p in enumerate(paths):
+                padded[i, :len(p)] = p
+            paths = padded
+        width = max(self.links.shape[1], paths.shape[1])
         links = np.full((k, width), -1, dtype=np.int64)
-        for i, p in enumerate(paths):
-            links[i, :len(p)] = p
+        links[:, :paths.shape[1]] = paths
         self._widen(width)
         self.extend(Migrations(
             slot=slots, source=source, target=target,

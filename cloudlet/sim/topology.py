@@ -4,10 +4,13 @@ Built once per run from the scenario: where the cloudlets stand (a grid or a
 random layout spanning the mobility's area, a list, or a CSV file), their
 capacity, and a backhaul graph (grid mesh or k-nearest mesh, a star through a
 core router, a full mesh, or explicit links). From the graph it derives what
-the placer needs (`Network`: all-pairs RTT, bottleneck bandwidth) and what the
+the placer needs (`Network`, whose `GraphBackhaul` answers RTT and bottleneck
+bandwidth by pair, from shortest paths kept near each cloudlet) and what the
 simulator needs to share bandwidth between overlapping migrations: each
 directed link's capacity and each (source, destination) path as link ids.
 Links are full duplex, so migrations in opposite directions do not compete.
+Nothing here is n x n: a national backhaul of 10,000 cloudlets builds in
+seconds and holds megabytes (cloudlet/placement/backhaul.py says how).
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.spatial import cKDTree  # type: ignore[import-untyped]
 
 from cloudlet.errors import ScenarioError
-from cloudlet.placement import LatencyModel, Network, PrecopyModel, all_pairs_rtt_ms
+from cloudlet.placement import GraphBackhaul, LatencyModel, Network, PrecopyModel
 from cloudlet.sim.scenario import BackhaulSpec, CloudletSpec, Scenario, TopologySpec
 
 FloatArray = NDArray[np.float64]
@@ -42,9 +46,8 @@ class Topology:
     link_b: IntArray
     link_bandwidth_mbit_s: FloatArray
     link_rtt_ms: FloatArray
-    next_hop: IntArray
+    backhaul: GraphBackhaul
     network: Network
-    _paths: dict[tuple[int, int], IntArray] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -58,26 +61,9 @@ class Topology:
 
     def path_links(self, src: int, dst: int) -> IntArray:
         """The directed link ids from `src` to `dst` along the shortest-RTT path."""
-        key = (src, dst)
-        got = self._paths.get(key)
-        if got is not None:
-            return got
-        if not hasattr(self, "_link_id"):
-            ids: dict[tuple[int, int], int] = {}
-            for e, (a, b) in enumerate(zip(self.link_a.tolist(), self.link_b.tolist(),
-                                           strict=True)):
-                ids.setdefault((a, b), 2 * e)
-                ids.setdefault((b, a), 2 * e + 1)
-            self._link_id = ids
-        out: list[int] = []
-        cur = src
-        while cur != dst:
-            nxt = int(self.next_hop[cur, dst])
-            out.append(self._link_id[(cur, nxt)])
-            cur = nxt
-        arr = np.array(out, dtype=np.int64)
-        self._paths[key] = arr
-        return arr
+        got = self.backhaul.path(np.array(src), np.array(dst))
+        out: IntArray = got[got >= 0]
+        return out
 
 
 def build_topology(sc: Scenario, extent_m: tuple[float, float, float, float],
@@ -105,25 +91,12 @@ def build_topology(sc: Scenario, extent_m: tuple[float, float, float, float],
     nodes = len(node_pos)
     length = np.hypot(*(node_pos[a] - node_pos[b]).T)
     link_rtt = latency.link_rtt_ms(length, own)
-    rtt, nxt = all_pairs_rtt_ms(nodes, a, b, link_rtt)
-    if not np.isfinite(rtt[:n, :n]).all():
-        i, j = np.argwhere(~np.isfinite(rtt[:n, :n]))[0]
+    backhaul = GraphBackhaul(n, nodes, a, b, link_rtt, bw)
+    apart = backhaul.disconnected()
+    if apart is not None:
+        i, j = apart
         raise ScenarioError(f"{sc.path}: key 'backhaul': cloudlets {names[i]!r} and "
                             f"{names[j]!r} are not connected")
-    # Bottleneck bandwidth along every path, all pairs at once, one hop per pass.
-    link_bw = np.zeros((nodes, nodes))
-    link_bw[a, b] = np.maximum(link_bw[a, b], bw)
-    link_bw[b, a] = link_bw[a, b]
-    dst = np.broadcast_to(np.arange(nodes), (nodes, nodes))
-    cur = np.broadcast_to(np.arange(nodes)[:, None], (nodes, nodes)).copy()
-    path_bw = np.full((nodes, nodes), np.inf)
-    for _ in range(nodes):
-        moving = cur != dst
-        if not moving.any():
-            break
-        step = np.where(moving, nxt[cur, dst], cur)
-        path_bw = np.where(moving, np.minimum(path_bw, link_bw[cur, step]), path_bw)
-        cur = step
     cost = PrecopyModel(stop_bytes=sc.migration.stop_mib * MiB,
                         max_rounds=sc.migration.max_rounds,
                         resume_s=sc.migration.resume_ms / 1000.0,
@@ -131,11 +104,11 @@ def build_topology(sc: Scenario, extent_m: tuple[float, float, float, float],
                         setup_s=sc.migration.setup_s,
                         setup_s_per_gib=sc.migration.setup_s_per_gib,
                         send_s_per_gib=sc.migration.send_s_per_gib)
-    network = Network.build(pos, cap_vms, cap_mem, rtt[:n, :n], path_bw[:n, :n],
-                            latency=latency, cost=cost, names=names, extent_m=extent_m)
+    network = Network.build(pos, cap_vms, cap_mem, backhaul, latency=latency, cost=cost,
+                            names=names, extent_m=extent_m)
     return Topology(names=names, position_m=pos, node_position_m=node_pos, link_a=a,
                     link_b=b, link_bandwidth_mbit_s=bw, link_rtt_ms=link_rtt,
-                    next_hop=nxt, network=network)
+                    backhaul=backhaul, network=network)
 
 
 def _layout(spec: TopologySpec, extent: tuple[float, float, float, float],
@@ -263,15 +236,18 @@ def _grid_pairs(n: int, cols: int) -> list[tuple[int, int]]:
 
 
 def _knn_connected(pos: FloatArray, k: int) -> list[tuple[int, int]]:
-    """Each cloudlet to its k nearest, then the closest pair between components
-    joined until one component is left (a random layout must stay connected)."""
+    """Each cloudlet to its k nearest (ties by index), then the closest pair between
+    components joined until one component is left (a random layout must stay
+    connected). A k-d tree answers both, so no n x n distance matrix is built."""
     n = len(pos)
-    d = np.hypot(*(pos[:, None, :] - pos[None, :, :]).transpose(2, 0, 1))
-    np.fill_diagonal(d, np.inf)
+    tree = cKDTree(pos)
+    k = min(k, n - 1)
     edges: set[tuple[int, int]] = set()
-    for i in range(n):
-        for j in np.argsort(d[i], kind="stable")[:min(k, n - 1)].tolist():
-            edges.add((min(i, j), max(i, j)))
+    if k > 0:
+        nb = _nearest_others(tree, pos, np.arange(n), k)
+        for i, row in enumerate(nb.tolist()):
+            for j in row:
+                edges.add((min(i, j), max(i, j)))
     parent = list(range(n))
 
     def find(x: int) -> int:
@@ -286,9 +262,64 @@ def _knn_connected(pos: FloatArray, k: int) -> list[tuple[int, int]]:
         roots = np.array([find(i) for i in range(n)])
         if len(set(roots.tolist())) <= 1:
             break
-        mask = roots[:, None] != roots[None, :]
-        flat = int(np.argmin(np.where(mask, d, np.inf)))
-        u, v = divmod(flat, n)
+        u, v = _closest_across(tree, pos, roots)
         edges.add((min(u, v), max(u, v)))
         parent[find(u)] = find(v)
     return sorted(edges)
+
+
+def _distance_m(pos: FloatArray, i: IntArray, j: IntArray) -> FloatArray:
+    d: FloatArray = np.hypot(pos[i, 0] - pos[j, 0], pos[i, 1] - pos[j, 1])
+    return d
+
+
+def _nearest_others(tree: cKDTree, pos: FloatArray, rows: IntArray, k: int) -> IntArray:
+    """(len(rows), k): each row's k nearest other points, ties by index. The tree is
+    asked for more until the k-th distance is strictly inside what it returned."""
+    n = len(pos)
+    ask = min(k + 2, n)
+    out = np.empty((len(rows), k), dtype=np.int64)
+    todo = np.arange(len(rows))
+    while len(todo):
+        _, nb = tree.query(pos[rows[todo]], k=ask)
+        nb = nb.reshape(len(todo), ask).astype(np.int64)
+        d = _distance_m(pos, np.repeat(rows[todo], ask), nb.ravel()).reshape(nb.shape)
+        d = np.where(nb == rows[todo, None], np.inf, d)
+        order = np.lexsort((nb, d), axis=-1)
+        nb_s = np.take_along_axis(nb, order, axis=1)
+        d_s = np.take_along_axis(d, order, axis=1)
+        ok = (d_s[:, k - 1] < d_s[:, -1]) | (ask >= n)
+        out[todo[ok]] = nb_s[ok, :k]
+        todo = todo[~ok]
+        ask = min(2 * ask, n)
+    return out
+
+
+def _closest_across(tree: cKDTree, pos: FloatArray, roots: IntArray) -> tuple[int, int]:
+    """The closest pair of points in different components (ties: the lowest (u, v))."""
+    n = len(pos)
+    rows = np.arange(n)
+    ask = min(8, n)
+    best: tuple[float, int, int] | None = None
+    todo = rows
+    while len(todo):
+        _, nb = tree.query(pos[todo], k=ask)
+        nb = nb.reshape(len(todo), ask).astype(np.int64)
+        d = _distance_m(pos, np.repeat(todo, ask), nb.ravel()).reshape(nb.shape)
+        other = roots[nb] != roots[todo, None]
+        found = other.any(axis=1)
+        # A row whose asked neighbours are all of its own component needs more
+        # (or has its nearest other farther than the last one returned).
+        for r in np.flatnonzero(found):
+            cand = np.flatnonzero(other[r])
+            dm = d[r, cand].min()
+            for c in cand[d[r, cand] == dm]:
+                key = (float(dm), int(todo[r]), int(nb[r, c]))
+                if best is None or key < best:
+                    best = key
+        if ask >= n:
+            break
+        todo = todo[~found]
+        ask = min(2 * ask, n)
+    assert best is not None
+    return best[1], best[2]

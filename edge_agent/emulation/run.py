@@ -143,7 +143,8 @@ async def emulate_policy(plan: Plan, policy: str, out: Path, progress: bool
     records = mlog.records
     for r in records:
         a, b = index.get(str(r["source"])), index.get(str(r["target"]))
-        r["bandwidth_mbit_s"] = (float(topo.network.path_bandwidth_mbit_s[a, b])
+        r["bandwidth_mbit_s"] = (float(topo.network.backhaul.path_bandwidth_mbit_s(
+                                     np.array(a), np.array(b)))
                                  if a is not None and b is not None
                                  else sc.backhaul.bandwidth_mbit_s)
     calib = compare.calibration(records, topo.network.cost)

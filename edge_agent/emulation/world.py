@@ -62,7 +62,8 @@ def replay(sc: Scenario) -> WorldFrames:
             delay = np.full((n, net.size), np.nan)
             idx = world.idx
             if len(idx):
-                rtt = world.access_ms[:, None] + net.backhaul_rtt_ms[world.attach]
+                rtt = world.access_ms[:, None] + net.backhaul.rtt_ms(
+                    world.attach[:, None], np.arange(net.size)[None, :])
                 delay[idx] = rtt / 2.0
             rows.append((world.active.copy(), world.xy.copy(), delay, world.workload.copy()))
     slots = max((len(r[0]) for r in rows), default=0)

@@ -1,0 +1,553 @@
+"""The backhaul between cloudlets: RTT, bottleneck bandwidth and route per pair, at
+national scale.
+
+The placer asks, for every session at once, the backhaul RTT from its access
+point to a few candidate cloudlets; the congestion model and the simulator ask
+which links a migration's path crosses and its bottleneck bandwidth. An all-pairs
+table answers all of that with one gather, but costs n^2 memory and (Floyd-
+Warshall) n^3 time: 10,000 cloudlets is 800 MB per matrix and minutes to build.
+Yet nearly every pair asked is local: a user's access point and the cloudlets
+near it, or the cloudlet its session left a few kilometres back.
+
+`GraphBackhaul` keeps the local pairs only. From every cloudlet, Dijkstra over
+the sparse backhaul graph (scipy.sparse.csgraph, a well-kept C implementation
+with a distance `limit`) runs until it has settled the `keep` closest cloudlets
+(by backhaul RTT); every node within that radius is kept (ties included, and
+routers: a star's core), with its RTT, the path's bottleneck bandwidth, the
+last link of the path and the entry of the node before it. A node on a
+shortest path from `a` to `j` is closer to `a` than `j` is, so each kept pair's
+predecessor is kept too, and the whole route is rebuilt by following them.
+Memory: O(cloudlets x keep); build time: O(cloudlets x keep log keep) Dijkstra
+work (plus a vectorised pass over each chunk's dense output row).
+
+Lookups are vectorised over arrays of (a, j) of any broadcastable shape: each
+cloudlet's kept pairs live in its own open-addressing table (a power of two
+at least 1.5 times its pairs), the slot picked by a multiplicative hash of
+`j`, so a lookup is a gather and a compare, and a collision one more of each.
+
+Far pairs. A pair beyond the kept radius (a session whose host stayed far behind
+its user, common under `never`; a move from such a host) still gets an exact
+answer: the missing pairs of one call are gathered, Dijkstra runs from their few
+distinct sources in one batch (with a limit doubled until every asked target is
+settled), and the pairs, with every node of their paths not already kept, go
+to a second table shared by all sources. That table is bounded
+(`far_capacity` pairs, a power of two): when a fill would take it past half
+full it is emptied first, and pairs asked again are recomputed. `stats`
+counts lookups, far pairs filled, Dijkstra sources and clears, so a run can
+show how rare the fallback is.
+
+Ties. Dijkstra keeps, for each node, the first predecessor that reaches its
+least RTT (scipy's order); among equal-RTT routes the one chosen may differ from
+what another algorithm picks, but RTTs are the same up to float rounding. A pair
+of parallel links between two nodes counts once: the one of lower RTT (the
+first listed on a tie). A link of zero RTT is taken as 1e-12 ms, so that a
+predecessor is always strictly closer.
+
+`DenseBackhaul` answers from two given (n, n) matrices with no routes: what a
+live orchestrator that models a full mesh from positions has, and what hand-made
+tests state; it is for tens of cloudlets, not for a nation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.sparse import csr_matrix  # type: ignore[import-untyped]
+from scipy.sparse.csgraph import connected_components, dijkstra  # type: ignore[import-untyped]
+
+from cloudlet.errors import InvalidArgument
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+BoolArray = NDArray[np.bool_]
+
+# Cloudlets kept per source: the placer's candidates (state.CANDIDATES, 8) are the
+# closest few; a session's host is usually within a few hops of its access point.
+# 64 covers a radius of five hops on a grid (61 nodes) for ~2.5 KB per cloudlet.
+KEEP = 64
+# Sources per Dijkstra call: scipy answers with a dense (sources, nodes) array, so
+# 256 sources over 10,000 nodes is 20 MB of distances and 10 MB of predecessors.
+CHUNK_SOURCES = 256
+# The far pairs' table, in pairs, unless given: at least this many.
+MIN_FAR_CAPACITY = 1 << 14
+# A link of zero RTT would make a predecessor as far as its successor.
+MIN_LINK_RTT_MS = 1e-12
+# Fibonacci hashing: the 64-bit golden-ratio multiplier spreads grid neighbours
+# (j, j + 1, j + cols) over a row's table.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+class Backhaul(ABC):
+    """RTT and bottleneck bandwidth between cloudlets, by pair, vectorised."""
+
+    size: int
+
+    @abstractmethod
+    def rtt_ms(self, source: IntArray, target: IntArray) -> FloatArray:
+        """Shortest-path RTT from each `source` to each `target` cloudlet (broadcast)."""
+
+    @abstractmethod
+    def path_bandwidth_mbit_s(self, source: IntArray, target: IntArray) -> FloatArray:
+        """The bottleneck bandwidth along each pair's path: what a migration alone gets."""
+
+    @abstractmethod
+    def near(self, k: int) -> IntArray:
+        """(n, min(k, n)): each cloudlet's k closest cloudlets by RTT (itself first;
+        ties by index)."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes held by its arrays (what it costs to keep)."""
+
+
+class DenseBackhaul(Backhaul):
+    """Two given (n, n) matrices: RTT and bottleneck bandwidth per ordered pair."""
+
+    def __init__(self, rtt_ms: FloatArray, path_bandwidth_mbit_s: FloatArray) -> None:
+        rtt = np.asarray(rtt_ms, dtype=np.float64)
+        bw = np.asarray(path_bandwidth_mbit_s, dtype=np.float64)
+        n = len(rtt)
+        if rtt.shape != (n, n) or bw.shape != (n, n):
+            raise InvalidArgument(f"backhaul matrices must be ({n}, {n})")
+        self.size = n
+        self._rtt = rtt
+        self._bw = bw
+
+    def rtt_ms(self, source: IntArray, target: IntArray) -> FloatArray:
+        out: FloatArray = self._rtt[source, target]
+        return out
+
+    def path_bandwidth_mbit_s(self, source: IntArray, target: IntArray) -> FloatArray:
+        out: FloatArray = self._bw[source, target]
+        return out
+
+    def near(self, k: int) -> IntArray:
+        # Stable sort with the index as tie-break: the same layout, the same lists.
+        return np.argsort(self._rtt, axis=1, kind="stable")[:, :min(k, self.size)].astype(
+            np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._rtt.nbytes + self._bw.nbytes)
+
+
+@dataclass
+class BackhaulStats:
+    """How often lookups left the kept pairs (see the module docstring)."""
+
+    lookups: int = 0  # pairs asked
+    far_lookups: int = 0  # of which beyond the kept radius
+    far_filled: int = 0  # far pairs computed (with their paths' nodes)
+    dijkstra_sources: int = 0  # sources searched for far pairs
+    clears: int = 0  # times the far table was emptied
+
+
+class GraphBackhaul(Backhaul):
+    """Shortest paths over a sparse backhaul graph, kept near each cloudlet.
+
+    Nodes 0..`cloudlets`-1 are cloudlets, any further ones routers. Link `e`
+    joins `link_a[e]` and `link_b[e]`; its directed ids are 2e (a to b) and
+    2e + 1 (b to a), as the simulator's per-link bandwidth shares count them.
+    """
+
+    def __init__(self, cloudlets: int, nodes: int, link_a: IntArray, link_b: IntArray,
+                 link_rtt_ms: FloatArray, link_bandwidth_mbit_s: FloatArray,
+                 keep: int = KEEP, far_capacity: int | None = None) -> None:
+        a = np.asarray(link_a, dtype=np.int64)
+        b = np.asarray(link_b, dtype=np.int64)
+        w = np.maximum(np.asarray(link_rtt_ms, dtype=np.float64), MIN_LINK_RTT_MS)
+        bw = np.asarray(link_bandwidth_mbit_s, dtype=np.float64)
+        if not (a.shape == b.shape == w.shape == bw.shape) or a.ndim != 1:
+            raise InvalidArgument("link arrays must be 1-D and of one length")
+        if cloudlets < 1 or nodes < cloudlets:
+            raise InvalidArgument("need at least one cloudlet, and nodes >= cloudlets")
+        if len(a) and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= nodes):
+            raise InvalidArgument(f"link ends must be nodes 0..{nodes - 1}")
+        if keep < 1:
+            raise InvalidArgument("keep must be >= 1")
+        self.size = cloudlets
+        self.nodes = nodes
+        self.keep = min(keep, cloudlets)
+        self.stats = BackhaulStats()
+        self._link_bw = np.repeat(bw, 2)  # by directed id
+        self._link_tail = np.stack([a, b], axis=1).ravel()  # by directed id
+        self._graph, self._edge_key, self._edge_id = _graph(nodes, a, b, w)
+        self._build()
+        cap = far_capacity or max(MIN_FAR_CAPACITY, cloudlets * self.keep // 2)
+        self._far = _FarTable(1 << int(np.ceil(np.log2(max(cap, 2)) + 1)))
+
+    # --- the graph ---------------------------------------------------------------------
+
+    def disconnected(self) -> tuple[int, int] | None:
+        """The first pair of cloudlets (in row-major order) with no path, or None."""
+        _, label = connected_components(self._graph, directed=False)
+        bad = np.flatnonzero(label[:self.size] != label[0])
+        return (0, int(bad[0])) if len(bad) else None
+
+    def _link_id(self, tail: IntArray, head: IntArray) -> IntArray:
+        """The directed link id from `tail` to `head` (an edge of the graph)."""
+        pos = np.searchsorted(self._edge_key, tail * self.nodes + head)
+        out: IntArray = self._edge_id[pos]
+        return out
+
+    # --- the kept pairs ------------------------------------------------------------------
+
+    def _build(self) -> None:
+        n, keep = self.size, self.keep
+        w = self._graph.data
+        # A first radius that, on a grid, holds `keep` cloudlets; doubled per source
+        # until it does.
+        limit0 = float(np.median(w) if len(w) else 1.0) * (np.sqrt(keep / 2.0) + 2.0)
+        # Past the sum of every link's RTT, a limit changes nothing: search everything.
+        total = float(w.sum()) + 1.0
+        rows: list[IntArray] = []
+        cols: list[IntArray] = []
+        dist: list[FloatArray] = []
+        pred: list[IntArray] = []
+        radius = np.zeros(n)
+        for start in range(0, n, CHUNK_SOURCES):
+            src = np.arange(start, min(start + CHUNK_SOURCES, n))
+            limit = np.full(len(src), min(limit0, total))
+            todo = np.arange(len(src))
+            while len(todo):
+                lim = float(limit[todo].max())
+                d, p = dijkstra(self._graph, directed=True, indices=src[todo],
+                                limit=lim if lim < total else np.inf,
+                                return_predecessors=True)
+                kth = np.partition(d[:, :n], keep - 1, axis=1)[:, keep - 1]
+                # Settled when the keep-th cloudlet is strictly inside the limit (every
+                # tie at its distance is then found), or the search was unlimited.
+                done = (kth < lim) | (lim >= total)
+                r = np.where(np.isfinite(kth), kth, np.inf)
+                ii, at = np.nonzero(done[:, None] & (d <= r[:, None]) & np.isfinite(d))
+                rows.append(src[todo[ii]])
+                cols.append(at.astype(np.int64))
+                dist.append(d[ii, at])
+                pred.append(p[ii, at].astype(np.int64))
+                radius[src[todo[done]]] = np.where(np.isfinite(kth[done]), kth[done], total)
+                limit[todo[~done]] = np.minimum(limit[todo[~done]] * 2.0, total)
+                todo = todo[~done]
+        self._total_ms = total
+        row = np.concatenate(rows)
+        col = np.concatenate(cols)
+        rtt = np.concatenate(dist)
+        prd = np.concatenate(pred)
+        order = np.lexsort((col, rtt, row))
+        row, col, rtt, prd = row[order], col[order], rtt[order], prd[order]
+        self.radius_ms = radius
+        counts = np.bincount(row, minlength=n)
+        self._width = 1 << max(int(np.ceil(np.log2(max(counts.max() * 1.5, 2.0)))), 1)
+        self._bits = int(np.log2(self._width))
+        # The k closest cloudlets per row, itself first, ties by index.
+        is_cl = col < n
+        r, c = row[is_cl], col[is_cl]
+        rank = np.arange(len(r)) - np.searchsorted(r, np.arange(n))[r]
+        take = rank < keep
+        near = np.full((n, keep), -1, dtype=np.int64)
+        near[r[take], rank[take]] = c[take]
+        self._near = near
+        # The per-row tables: every field by slot, -1 (or 0) in empty slots.
+        slots = n * self._width
+        self._key = np.full(slots, -1, dtype=np.int32)
+        slot = self._insert_rows(row, col)
+        self._rtt = np.full(slots, np.nan)
+        self._rtt[slot] = rtt
+        self._link = np.full(slots, -1, dtype=np.int32)
+        has = prd >= 0
+        self._link[slot[has]] = self._link_id(prd[has], col[has])
+        self._parent = np.full(slots, -1, dtype=np.int64)
+        self._parent[slot[has]] = self._find_rows(row[has], prd[has])
+        self._hops = np.zeros(slots, dtype=np.int32)
+        self._bw = np.full(slots, np.inf)
+        self._settle(slot[has])
+
+    def _hash(self, target: IntArray, bits: int) -> IntArray:
+        h: IntArray = ((target.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - bits)).astype(
+            np.int64)
+        return h
+
+    def _insert_rows(self, row: IntArray, col: IntArray) -> IntArray:
+        """Claim a slot in each row's table for each (row, col); their slot ids."""
+        mask = self._width - 1
+        h = self._hash(col, self._bits)
+        slot = row * self._width + h
+        pending = np.arange(len(row))
+        while len(pending):
+            s = slot[pending]
+            free = self._key[s] == -1
+            self._key[s[free]] = col[pending[free]]
+            won = self._key[s] == col[pending]
+            pending = pending[~won]
+            slot[pending] = row[pending] * self._width + ((slot[pending] + 1) & mask)
+        return slot
+
+    def _find_rows(self, row: IntArray, col: IntArray) -> IntArray:
+        """The slot of each kept (row, col), -1 where not kept."""
+        mask = self._width - 1
+        slot = row * self._width + self._hash(col, self._bits)
+        out = np.full(len(row), -1, dtype=np.int64)
+        idx = np.arange(len(row))
+        key = self._key[slot]
+        while True:
+            hit = key == col[idx]
+            out[idx[hit]] = slot[hit]
+            go = ~hit & (key >= 0)
+            if not go.any():
+                return out
+            idx = idx[go]
+            slot = row[idx] * self._width + ((slot[go] + 1) & mask)
+            key = self._key[slot]
+
+    def _settle(self, slots: IntArray) -> None:
+        """Hops and bottleneck bandwidth of `slots` from their parents', parents first."""
+        todo = slots
+        done = np.ones(len(self._rtt), dtype=bool)
+        done[todo] = False
+        while len(todo):
+            par = self._parent[todo]
+            ready = done[par]
+            s, p = todo[ready], par[ready]
+            if len(s) == 0:
+                raise AssertionError("backhaul: a path's predecessor was not kept")
+            self._hops[s] = self._hops[p] + 1
+            self._bw[s] = np.minimum(self._bw[p], self._link_bw[self._link[s]])
+            done[s] = True
+            todo = todo[~ready]
+
+    # --- far pairs -------------------------------------------------------------------------
+
+    def _slots(self, source: IntArray, target: IntArray) -> IntArray:
+        """The slot of every (source, target) pair (1-D), kept or far (filled now)."""
+        self.stats.lookups += len(source)
+        out = self._find_rows(source, target)
+        miss = np.flatnonzero(out < 0)
+        if len(miss) == 0:
+            return out
+        self.stats.far_lookups += len(miss)
+        base = len(self._key)
+        key = source[miss] * self.nodes + target[miss]
+        got = self._far.find(key)
+        lost = got < 0
+        if lost.any():
+            if self._fill(source[miss[lost]], target[miss[lost]]):
+                # The table was emptied to make room: the pairs found before too.
+                self._fill(source[miss], target[miss])
+            got = self._far.find(key)
+        out[miss] = base + got
+        return out
+
+    def _fill(self, source: IntArray, target: IntArray) -> bool:
+        """Compute the far pairs (source, target) and the nodes of their paths not
+        kept; True when the far table had to be emptied first."""
+        key = np.unique(source * self.nodes + target)
+        src, tgt = np.divmod(key, self.nodes)
+        cleared = False
+        new_src: list[IntArray] = []
+        new_tgt: list[IntArray] = []
+        new_rtt: list[FloatArray] = []
+        new_pred: list[IntArray] = []
+        sources = np.unique(src)
+        self.stats.dijkstra_sources += len(sources)
+        for start in range(0, len(sources), CHUNK_SOURCES):
+            chunk = sources[start:start + CHUNK_SOURCES]
+            ask = (src >= chunk[0]) & (src <= chunk[-1])
+            a_src, a_tgt = src[ask], tgt[ask]
+            at = np.searchsorted(chunk, a_src)
+            limit = 4.0 * float(self.radius_ms[chunk].max()) + MIN_LINK_RTT_MS
+            while True:
+                d, p = dijkstra(self._graph, directed=True, indices=chunk,
+                                limit=limit if limit < self._total_ms else np.inf,
+                                return_predecessors=True)
+                if np.isfinite(d[at, a_tgt]).all():
+                    break
+                if limit >= self._total_ms:
+                    raise InvalidArgument("backhaul: no path between some cloudlets")
+                limit *= 4.0
+            # Walk each asked pair back until a kept pair: those nodes are new.
+            rowi, cur = at, a_tgt
+            seen: list[IntArray] = []
+            while len(cur):
+                kept = self._find_rows(chunk[rowi], cur) >= 0
+                rowi, cur = rowi[~kept], cur[~kept]
+                seen.append(rowi * self.nodes + cur)
+                cur = p[rowi, cur].astype(np.int64)
+            if not seen:
+                continue
+            flat = np.unique(np.concatenate(seen))
+            ri, nodes = np.divmod(flat, self.nodes)
+            new_src.append(chunk[ri])
+            new_tgt.append(nodes)
+            new_rtt.append(d[ri, nodes])
+            new_pred.append(p[ri, nodes].astype(np.int64))
+        if not new_src:
+            return cleared
+        s = np.concatenate(new_src)
+        t = np.concatenate(new_tgt)
+        keys = s * self.nodes + t
+        fresh = self._far.find(keys) < 0
+        s, t, keys = s[fresh], t[fresh], keys[fresh]
+        rtt, prd = np.concatenate(new_rtt)[fresh], np.concatenate(new_pred)[fresh]
+        if self._far.count + len(keys) > self._far.capacity // 2:
+            self._far.clear()
+            self.stats.clears += 1
+            cleared = True
+            if len(keys) > self._far.capacity // 2:
+                self._far = _FarTable(1 << int(np.ceil(np.log2(2 * len(keys)) + 1)))
+        self._far.insert(keys)
+        self.stats.far_filled += len(keys)
+        self._grow_fields()
+        base = len(self._key)
+        slot = base + self._far.find(keys)
+        self._rtt[slot] = rtt
+        self._link[slot] = self._link_id(prd, t)
+        # A parent is kept, or new in this fill (its walk reached it first).
+        par = self._find_rows(s, prd)
+        far = par < 0
+        par[far] = base + self._far.find(s[far] * self.nodes + prd[far])
+        self._parent[slot] = par
+        self._settle(slot)
+        return cleared
+
+    def _grow_fields(self) -> None:
+        """Field arrays span the kept slots then the far table's (which may grow)."""
+        want = len(self._key) + self._far.capacity
+        have = len(self._rtt)
+        if have == want:
+            return
+        base = len(self._key)
+
+        def grown(arr: NDArray[np.generic], fill: float) -> NDArray[np.generic]:
+            out = np.full(want, fill, dtype=arr.dtype)
+            out[:base] = arr[:base]
+            return out
+
+        self._rtt = grown(self._rtt, np.nan)
+        self._link = grown(self._link, -1)  # type: ignore[assignment]
+        self._parent = grown(self._parent, -1)  # type: ignore[assignment]
+        self._hops = grown(self._hops, 0)  # type: ignore[assignment]
+        self._bw = grown(self._bw, np.inf)
+
+    # --- the interface ---------------------------------------------------------------------
+
+    def _pairs(self, source: IntArray, target: IntArray) -> tuple[IntArray, tuple[int, ...]]:
+        a, j = np.broadcast_arrays(np.asarray(source, dtype=np.int64),
+                                   np.asarray(target, dtype=np.int64))
+        if a.size and (min(a.min(), j.min()) < 0 or max(a.max(), j.max()) >= self.size):
+            raise InvalidArgument(f"cloudlet rows must be 0..{self.size - 1}")
+        return self._slots(a.ravel(), j.ravel()), a.shape
+
+    def rtt_ms(self, source: IntArray, target: IntArray) -> FloatArray:
+        slot, shape = self._pairs(source, target)
+        out: FloatArray = self._rtt[slot].reshape(shape)
+        return out
+
+    def path_bandwidth_mbit_s(self, source: IntArray, target: IntArray) -> FloatArray:
+        slot, shape = self._pairs(source, target)
+        out: FloatArray = self._bw[slot].reshape(shape)
+        return out
+
+    def path(self, source: IntArray, target: IntArray) -> IntArray:
+        """The directed link ids of each pair's path, source to target: (..., P),
+        -1 past its end (P is the longest path asked, at least 1)."""
+        slot, shape = self._pairs(source, target)
+        hops = self._hops[slot]
+        width = max(int(hops.max()) if len(hops) else 0, 1)
+        out = np.full((len(slot), width), -1, dtype=np.int64)
+        idx = np.arange(len(slot))
+        cur = slot
+        h = hops.astype(np.int64)
+        while True:
+            go = h > 0
+            if not go.any():
+                break
+            idx, cur, h = idx[go], cur[go], h[go]
+            out[idx, h - 1] = self._link[cur]
+            cur = self._parent[cur]
+            h = h - 1
+        return out.reshape(*shape, width)
+
+    def near(self, k: int) -> IntArray:
+        k = min(k, self.size)
+        if k > self.keep:
+            raise InvalidArgument(f"near: at most keep={self.keep} cloudlets are kept")
+        out: IntArray = self._near[:, :k].copy()
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self._key, self._rtt, self._link, self._parent, self._hops, self._bw,
+                  self._near, self.radius_ms, self._link_bw, self._link_tail, self._edge_key,
+                  self._edge_id, self._far.key)
+        return int(sum(x.nbytes for x in arrays)
+                   + self._graph.data.nbytes + self._graph.indices.nbytes
+                   + self._graph.indptr.nbytes)
+
+
+class _FarTable:
+    """Open addressing over int64 keys (source * nodes + target): slot ids 0..capacity-1."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.bits = int(np.log2(capacity))
+        self.key = np.full(capacity, -1, dtype=np.int64)
+        self.count = 0
+
+    def clear(self) -> None:
+        self.key[:] = -1
+        self.count = 0
+
+    def _hash(self, key: IntArray) -> IntArray:
+        h: IntArray = ((key.astype(np.uint64) * _GOLDEN) >> np.uint64(64 - self.bits)).astype(
+            np.int64)
+        return h
+
+    def find(self, key: IntArray) -> IntArray:
+        mask = self.capacity - 1
+        out = np.full(len(key), -1, dtype=np.int64)
+        idx = np.arange(len(key))
+        slot = self._hash(key)
+        while len(idx):
+            got = self.key[slot]
+            hit = got == key[idx]
+            out[idx[hit]] = slot[hit]
+            go = ~hit & (got >= 0)
+            idx, slot = idx[go], (slot[go] + 1) & mask
+        return out
+
+    def insert(self, key: IntArray) -> None:
+        """Insert distinct keys not yet present."""
+        mask = self.capacity - 1
+        slot = self._hash(key)
+        pending = np.arange(len(key))
+        while len(pending):
+            s = slot[pending]
+            free = self.key[s] == -1
+            self.key[s[free]] = key[pending[free]]
+            won = self.key[s] == key[pending]
+            pending = pending[~won]
+            slot[pending] = (slot[pending] + 1) & mask
+        self.count += len(key)
+
+
+def _graph(nodes: int, a: IntArray, b: IntArray,
+           w: FloatArray) -> tuple[csr_matrix, IntArray, IntArray]:
+    """The directed graph (both ways per link, one link per node pair: the lowest
+    RTT, first on ties) and, sorted by tail * nodes + head, each edge's directed id."""
+    ids = np.arange(len(a), dtype=np.int64)
+    keep = a != b
+    a, b, w, ids = a[keep], b[keep], w[keep], ids[keep]
+    tail = np.concatenate([a, b])
+    head = np.concatenate([b, a])
+    ww = np.concatenate([w, w])
+    did = np.concatenate([2 * ids, 2 * ids + 1])
+    key = tail * nodes + head
+    order = np.lexsort((did, ww, key))
+    key, tail, head, ww, did = key[order], tail[order], head[order], ww[order], did[order]
+    first = np.r_[True, key[1:] != key[:-1]]
+    key, tail, head, ww, did = key[first], tail[first], head[first], ww[first], did[first]
+    graph = csr_matrix((ww, (tail, head)), shape=(nodes, nodes))
+    return graph, key, did
