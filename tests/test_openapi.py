@@ -34,6 +34,9 @@ E = errors
 RAISES: dict[str, list[type[errors.CloudletError]]] = {
     # auth and lookups
     "hosted_vm(": [E.VMNotFound, E.Forbidden, E.VMMoved],  # VMHost.get, _raise_gone
+    # the VM here, or on its way by live migration (a held stream: Arrivals.hold)
+    "hosted_or_arrived(": [E.VMNotFound, E.Forbidden, E.VMMoved, E.QuotaExceeded,
+                           E.CapacityExceeded],
     "peer_only(": [E.Forbidden],
     # bodies, queries (edge_agent/requests.py)
     "unpack_map(": [E.MalformedRequest],
