@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cloudlet.placement import ClusterState, InFlight, Links, PredictivePolicy, ThresholdPolicy
-from cloudlet.placement.congestion import LinkBudget, Pricing, admit, busy, price
+from cloudlet.placement.congestion import LinkBudget, Pricing, admit, ahead_of, busy, price
 from cloudlet.sim.engine import TIMELINE_COLUMNS, simulate
 from cloudlet.sim.scenario import load_scenario
 from tests.test_placement import MiB, line_network, state
@@ -87,6 +87,32 @@ def test_predictive_defers_a_move_while_its_link_is_full() -> None:
     many = _busy_state(0, [1900.0 + i for i in range(10)])
     assert len(policy.decide(many)) == 2
     assert len(ThresholdPolicy(margin_ms=0).decide(many)) == 2
+
+
+def test_moves_that_start_in_one_round_share_their_link() -> None:
+    """Two sessions due at once across one 100 Mbit/s link: alone, a move takes
+    ~16 s; two at once get half the link each and the second would arrive too
+    late to pay, so only one starts. Over a wider link both start, the second
+    priced at its half."""
+    policy = PredictivePolicy(margin_ms=0, horizon_s=30.0)
+    thin = line_network(bandwidth_mbit_s=100.0)
+    assert len(policy.decide(state(thin, [1900.0], [0], [10.0], overlay_mib=128.0))) == 1
+    two = state(thin, [1900.0, 1901.0], [0, 0], [10.0, 10.0], overlay_mib=128.0)
+    assert len(policy.decide(two)) == 1
+    wide = line_network(bandwidth_mbit_s=150.0)
+    both = policy.decide(state(wide, [1900.0, 1901.0], [0, 0], [10.0, 10.0], overlay_mib=128.0))
+    assert len(both) == 2
+    first, second = sorted(both.duration_s)
+    assert second > 2 * first  # half the rate, and pre-copy converges slower
+
+
+def test_ahead_counts_the_rounds_higher_priority_moves_on_each_link() -> None:
+    st = _busy_state(0, [1900.0, 1901.0, 1902.0])
+    src = np.array([0, 0, 1])
+    dst = np.array([1, 1, 0])
+    # Each ordered pair is its own link here: the two 0 -> 1 moves share one.
+    got = ahead_of(st, src, dst, np.array([1.0, 5.0, 3.0]))
+    assert got[:, 0].tolist() == [1, 0, 0]
 
 
 def test_a_move_that_cannot_end_before_the_user_leaves_does_not_start() -> None:

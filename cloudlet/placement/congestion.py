@@ -103,14 +103,18 @@ def busy(state: ClusterState, links: IntArray) -> IntArray:
 
 def price(state: ClusterState, budget: LinkBudget, source: IntArray, target: IntArray,
           overlay_bytes: FloatArray, memory_bytes: FloatArray,
-          dirty_rate_bytes_s: FloatArray) -> Pricing:
+          dirty_rate_bytes_s: FloatArray, ahead: IntArray | None = None) -> Pricing:
     """What each move (`source` -> `target`, broadcast with the workload arrays)
-    would cost with the migrations in flight on its path (the formula above)."""
+    would cost with the migrations in flight on its path (the formula above), and
+    `ahead` (per move and link, as `ahead_of` gives) this round's moves that start
+    with it on its links."""
     src, dst = np.broadcast_arrays(np.asarray(source, dtype=np.int64),
                                    np.asarray(target, dtype=np.int64))
     links = state.path_links(src, dst)
     bw = state.link_bandwidth_mbit_s(links, src, dst)
     n = busy(state, links)
+    if ahead is not None:
+        n = n + ahead
     k = budget.max_migrations
     if k <= 0:
         got = (bw / (n + 1.0)).min(axis=-1)
@@ -131,6 +135,33 @@ def price(state: ClusterState, budget: LinkBudget, source: IntArray, target: Int
     return Pricing(est, wait, np.broadcast_to(full, wait.shape).copy(), got)
 
 
+def ahead_of(state: ClusterState, source: IntArray, target: IntArray,
+             priority: FloatArray) -> IntArray:
+    """For each of a round's moves and each link of its path (as `path_links`), how
+    many of the round's higher-priority moves (ties: lower index) cross that link
+    too: they start together, so they share it from the start."""
+    m = len(source)
+    links = state.path_links(source, target)  # (m, P)
+    out = np.zeros(links.shape, dtype=np.int64)
+    if m == 0:
+        return out
+    order = np.lexsort((np.arange(m), -np.asarray(priority, dtype=np.float64)))
+    rank = np.empty(m, dtype=np.int64)
+    rank[order] = np.arange(m)
+    p = links.shape[1]
+    row = np.repeat(np.arange(m), p)
+    col = np.tile(np.arange(p), m)
+    flat = links.ravel()
+    valid = flat >= 0
+    row, col, flat = row[valid], col[valid], flat[valid]
+    # Within each link, moves in priority order: the i-th one has i ahead of it.
+    o = np.lexsort((rank[row], flat))
+    row, col, flat = row[o], col[o], flat[o]
+    starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
+    out[row, col] = np.arange(len(flat)) - np.repeat(starts, np.diff(np.r_[starts, len(flat)]))
+    return out
+
+
 def admit(state: ClusterState, budget: LinkBudget, source: IntArray, target: IntArray,
           priority: FloatArray) -> BoolArray:
     """Which of a round's moves may start: every link on the path has room once the
@@ -141,22 +172,6 @@ def admit(state: ClusterState, budget: LinkBudget, source: IntArray, target: Int
     if m == 0 or k <= 0:
         return np.ones(m, dtype=bool)
     links = state.path_links(source, target)  # (m, P)
-    n = busy(state, links)
-    order = np.lexsort((np.arange(m), -np.asarray(priority, dtype=np.float64)))
-    rank = np.empty(m, dtype=np.int64)
-    rank[order] = np.arange(m)
-    p = links.shape[1]
-    row = np.repeat(np.arange(m), p)
-    flat = links.ravel()
-    valid = flat >= 0
-    row, flat = row[valid], flat[valid]
-    # Within each link, moves in priority order: the i-th one is the i-th this round.
-    o = np.lexsort((rank[row], flat))
-    row, flat = row[o], flat[o]
-    starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
-    ahead = np.arange(len(flat)) - np.repeat(starts, np.diff(np.r_[starts, len(flat)]))
-    n_flat = n.ravel()[valid][o]
-    fits = n_flat + ahead + 1 <= k
-    ok = np.ones(m, dtype=bool)
-    np.logical_and.at(ok, row, fits)
-    return ok
+    n = busy(state, links) + ahead_of(state, source, target, priority)
+    fits: BoolArray = np.asarray(((links < 0) | (n + 1 <= k)).all(axis=1))
+    return fits

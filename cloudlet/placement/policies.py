@@ -29,7 +29,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloudlet.errors import InvalidArgument
-from cloudlet.placement.congestion import MAX_LINK_MIGRATIONS, LinkBudget, admit, price
+from cloudlet.placement.congestion import (
+    MAX_LINK_MIGRATIONS,
+    LinkBudget,
+    admit,
+    ahead_of,
+    price,
+)
 from cloudlet.placement.state import ClusterState, Move, Moves, Sessions
 
 FloatArray = NDArray[np.float64]
@@ -143,8 +149,9 @@ def _moves(state: ClusterState, target: IntArray, gain_ms: FloatArray,
         return Moves.empty()
     src = s.host[chosen]
     dst = target[chosen]
+    ahead = ahead_of(state, src, dst, priority[chosen])
     est = price(state, budget, src, dst, s.overlay_bytes[chosen], s.memory_bytes[chosen],
-                s.dirty_rate_bytes_s[chosen]).estimate
+                s.dirty_rate_bytes_s[chosen], ahead).estimate
     return Moves(session=chosen, source=src, target=dst,
                  expected_gain_ms=gain_ms[chosen], score=score[chosen],
                  wire_bytes=est.wire_bytes, duration_s=est.duration_s,
@@ -356,17 +363,59 @@ class PredictivePolicy(Policy):
         # Where no candidate will meet the budget (more sessions than places nearby:
         # every queue is long), that rule would freeze the session where it is; the
         # predicted gain alone decides there, so a lower latency is still worth a move.
-        fine_then |= ~fine_then.any(axis=1, keepdims=True)
+        fine_any: BoolArray = np.asarray(fine_then.any(axis=1))
+        fine_then |= ~fine_any[:, None]
         ok = (due & (net_gain > self.min_gain) & (arrive_s <= self.horizon_s) & fine_then
               & ~priced.full)
         sub = _Subset(state, rows)
         sub_target, column = _assign(sub.state, cand, -net_gain, ok, net_gain.max(axis=1))
+        self._share_links(state, budget_links, rows, host, sub_target, column, net_gain,
+                          stay, pen, lat, budget, ~fine_any, taus)
         n_served = np.maximum(served.sum(axis=2), 1)
         saved_ms = ((rtt[:, :1, :] - rtt) * served).sum(axis=2) / n_served
         target[rows] = sub_target
         gain_ms[rows] = _pick(saved_ms, column)
         score[rows] = _pick(net_gain, column)
         return _moves(state, target, gain_ms, score, budget_links, score)
+
+    def _share_links(self, state: ClusterState, budget: LinkBudget, rows: IntArray,
+                     host: IntArray, target: IntArray, column: IntArray,
+                     net_gain: FloatArray, stay: FloatArray, pen: FloatArray,
+                     lat: FloatArray, budget_ms: FloatArray, over_full: BoolArray,
+                     taus: FloatArray) -> None:
+        """Price again, sharing their links, the moves chosen this round that start
+        together (each was priced as if it alone joined the migrations in flight),
+        and drop (set `target` to -1) those that no longer pay or arrive in time.
+        Two moves across one link each get half of it: a burst of handoffs at one
+        border would otherwise start two migrations that each take four times as
+        long as one (pre-copy converges slower at half the rate) and arrive after
+        their users have gone."""
+        chosen = np.flatnonzero(target >= 0)
+        if len(chosen) < 2:
+            return
+        s = state.sessions
+        col = column[chosen]
+        src, dst = host[chosen], target[chosen]
+        ahead = ahead_of(state, src, dst, net_gain[chosen, col])
+        if not ahead.any():
+            return
+        at_rows = rows[chosen]
+        priced = price(state, budget, src, dst, s.overlay_bytes[at_rows],
+                       s.memory_bytes[at_rows], s.dirty_rate_bytes_s[at_rows], ahead)
+        arrive_s = priced.start_to_end_s
+        r, c = chosen, col
+        k = len(taus) - 1
+        dt = self.horizon_s / k
+        served = taus[None, :] >= arrive_s[:, None]
+        rate = s.interaction_rate_hz[at_rows]
+        gain = rate * dt * ((stay[r, 0, :] - pen[r, c, :]) * served).sum(axis=1)
+        cost = (rate * priced.estimate.downtime_s
+                + self.gib_cost * priced.estimate.wire_bytes / GiB)
+        at = np.minimum(np.ceil(arrive_s / dt - 1e-9).astype(np.int64), k)
+        fine_then = (lat[r, c, at] <= budget_ms[r]) | over_full[r]
+        keep = ((gain - (1.0 + self.cost_margin) * cost > self.min_gain)
+                & (arrive_s <= self.horizon_s) & fine_then & ~priced.full)
+        target[r[~keep]] = -1
 
 
 class _Subset:

@@ -21,3 +21,16 @@ for level in light:15 medium:4.8 heavy:2.4; do
         --grid-length-m 250 --period "${level#*:}" --min-trip-m 1000 --warmup-s 300 \
         --duration-s 900 --seed 7 --max-speed-m-s 13.89
 done
+
+# emulate-burst.toml: eight vehicles together, out from x = 200 m at 15 m/s for
+# 75 s and back, 4 m apart (not SUMO: a burst across one border, by design).
+python3 - <<'PY'
+rows = ["t,id,x,y"]
+for t in range(151):
+    d = 15.0 * t
+    for i in range(8):
+        x = 200.0 + (d if d <= 1125.0 else max(2250.0 - d, 0.0)) + 4.0 * i
+        rows.append(f"{t},v{i},{x:.1f},{500.0 + 3 * i:.1f}")
+with open("burst.csv", "w") as f:
+    f.write("\n".join(rows) + "\n")
+PY
