@@ -85,7 +85,13 @@ class StreamCalls:
             # ValueError still answers the message instead of ending the stream.
             return self.refuse(errors.MalformedRequest(
                 f"message is not msgpack ({type(exc).__name__})"))
-        return self._answer(req_id, call, reply)
+        # `_answer`, inline: this is every streamed call's path.
+        if call.seq is None:
+            reply["id"] = req_id  # an unnumbered call's answer is kept nowhere
+        else:
+            reply = {**reply, "id": req_id}  # the kept answer is shared: copy it
+        answer: bytes = self._packer.pack(reply)
+        return answer
 
     async def answer_later(self, pending: Pending) -> bytes:
         """The answer to a call that had to wait for its turn or for a thread."""

@@ -136,11 +136,20 @@ def memory_grow(ctx: Any, memory: Any, delta_pages: int) -> str | None:
 # --- calls ---------------------------------------------------------------------------------
 
 
-class BoundFunc:
-    """An export resolved in one store, with its argument/result array built once."""
+# The C types of the wasmtime_val_raw union's fields, which are named by wasm type.
+_FIELD_TYPES: dict[str, Any] = {field[0]: field[1] for field in ffi.wasmtime_val_raw._fields_}
+_RAW_BYTES = ctypes.sizeof(ffi.wasmtime_val_raw)
 
-    __slots__ = ("fields", "func", "func_ref", "int_ranges", "name", "nparams", "params",
-                 "raw", "raw_len", "result_fields")
+
+class BoundFunc:
+    """An export resolved in one store, with its argument/result array built once.
+
+    Arguments and results are read and written through typed views of the array's
+    slots, made once: indexing the array would build a union object per slot on
+    every call."""
+
+    __slots__ = ("arg_views", "func", "func_ref", "int_ranges", "name", "nparams", "params",
+                 "raw", "raw_len", "result_views")
 
     def __init__(self, name: str, func: Any, params: tuple[str, ...],
                  results: tuple[str, ...]) -> None:
@@ -151,25 +160,39 @@ class BoundFunc:
         self.nparams = len(params)
         self.raw_len = max(len(params), len(results), 1)
         self.raw = (ffi.wasmtime_val_raw * self.raw_len)()
-        self.fields = params  # the wasmtime_val_raw union's fields are named by type
-        self.result_fields = results
+        self.arg_views = self._views(params)
+        self.result_views = self._views(results)
         self.int_ranges = tuple(_INT_RANGE.get(p) for p in params)
+
+    def _views(self, types: tuple[str, ...]) -> tuple[Any, ...]:
+        return tuple(_FIELD_TYPES[t].from_buffer(self.raw, i * _RAW_BYTES)
+                     for i, t in enumerate(types))
 
     def load(self, args: tuple[int | float, ...]) -> None:
         """Check `args` against the signature and write them into the argument array."""
-        name = self.name
         if len(args) != self.nparams:
-            raise BadCall(f"{name!r} takes {self.nparams} arguments, got {len(args)}")
-        raw = self.raw
+            raise BadCall(f"{self.name!r} takes {self.nparams} arguments, got {len(args)}")
+        ranges = self.int_ranges
         try:
-            for i, field in enumerate(self.fields):
+            for i, view in enumerate(self.arg_views):
                 value = args[i]
-                bounds = self.int_ranges[i]
+                bounds = ranges[i]
                 if bounds is not None and not bounds[0] <= value <= bounds[1]:
-                    raise BadCall(f"argument {i} to {name!r} does not fit {field}: {value!r}")
-                setattr(raw[i], field, value)
+                    raise BadCall(f"argument {i} to {self.name!r} does not fit "
+                                  f"{self.params[i]}: {value!r}")
+                view.value = value
         except (TypeError, OverflowError):
-            raise BadCall(f"arguments to {name!r} must be {self.params}, got {args!r}") from None
+            raise BadCall(f"arguments to {self.name!r} must be {self.params}, "
+                          f"got {args!r}") from None
+
+    def results(self) -> Any:
+        """What the last call returned: None, one value or a tuple."""
+        views = self.result_views
+        if len(views) == 1:
+            return views[0].value
+        if not views:
+            return None
+        return tuple(view.value for view in views)
 
 
 class RawTrap(Exception):
@@ -250,7 +273,6 @@ class FastCaller:
         Raises RawTrap if it trapped; the fuel it burnt is counted either way.
         """
         ctx = self._ctx
-        raw = fn.raw
         fuel = self.fuel
         # `arm`, inline: one Python frame less per call.
         err = _set_fuel(ctx, fuel)
@@ -261,18 +283,16 @@ class FastCaller:
             self._clock.ensure_started()
             self._armed_tick = ticks
             _set_epoch_deadline(ctx, self._deadline_ticks + 1)
-        err = _func_call_unchecked(ctx, fn.func_ref, raw, fn.raw_len, self._trap_ref)
+        err = _func_call_unchecked(ctx, fn.func_ref, fn.raw, fn.raw_len, self._trap_ref)
         _get_fuel(ctx, self._fuel_left_ref)
         self.fuel_used += fuel - self._fuel_left.value
         if err or self._trap:
             self._armed_tick = -1  # a deadline that ran out is re-armed for the next call
             raise self._trap_of(err)
-        results = fn.result_fields
-        if len(results) == 1:
-            return getattr(raw[0], results[0])
-        if not results:
-            return None
-        return tuple(getattr(raw[i], f) for i, f in enumerate(results))
+        views = fn.result_views
+        if len(views) == 1:  # `fn.results()`, inline for the common case
+            return views[0].value
+        return fn.results()
 
     def _trap_of(self, err: Any) -> RawTrap:
         host_exc = wasmtime_func.LAST_EXCEPTION

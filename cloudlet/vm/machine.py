@@ -198,7 +198,11 @@ class VM:
 
     def call(self, name: str, *args: int | float) -> Any:
         """Call a numeric export. Returns None, one value, or a tuple for multi-value."""
-        fn = self._prepare(name, args)
+        # `_prepare`, inline: this is every numeric call's path.
+        if self.failed is not None:
+            raise VMFailed(f"VM {self.id} has failed: {self.failed}")
+        fn = self._funcs.get(name) or self._bound(name)
+        fn.load(args)
         try:
             return self._calls.enter(fn)  # not `_enter`: one frame less on the hot path
         except RawTrap as trap:
