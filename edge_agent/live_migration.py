@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -50,7 +51,7 @@ from cloudlet.errors import (
     MigrationChannelLost,
     MigrationProtocolError,
 )
-from cloudlet.fsutil import atomic_write
+from cloudlet.fsutil import STORAGE_ERRNOS, atomic_write, storage_full
 from cloudlet.migration import (
     BecomeTombstone,
     ChunkStore,
@@ -74,6 +75,7 @@ from edge_agent.vm_host import HostedVM, VMHost
 log = logging.getLogger(__name__)
 
 LAST_CALL_KEY = "last_call_unix"  # in the annex: when the source served its last call
+FINAL_ROUND = "final.snap"  # sorts after the numbered rounds, as it must when restored
 RESOLVE_RETRY_S = 1.0  # an in-doubt destination asks the source again this often
 RESOLVE_TIMEOUT_S = 5.0
 CHUNK_STORE_SLICE = 1024  # chunks put into the store between two yields to the loop
@@ -136,6 +138,10 @@ class Outgoing:
         self.durable = asyncio.Event()
         self.paused = False
         self.last_call_unix = 0.0
+        # The tombstone's record, written (and fsynced) from the pause on, while the
+        # final round travels and the destination applies and writes it: only its
+        # rename is left for the commit point (`Tombstones.prepare`).
+        self._prepared: asyncio.Task[Path] | None = None
 
     @contextlib.asynccontextmanager
     async def access(self) -> AsyncIterator[None]:
@@ -151,6 +157,9 @@ class Outgoing:
         await self.hosted.lock.acquire()
         self.paused = True
         self.last_call_unix = time.time()
+        if self._prepared is None:
+            self._prepared = asyncio.get_running_loop().create_task(asyncio.to_thread(
+                self.host.tombstones.prepare, self.hosted.id, self.where, self.migration_id))
 
     async def resume(self) -> None:
         if self.paused and self.state != "committed":
@@ -163,8 +172,13 @@ class Outgoing:
             raise MigrationAborted("the destination was told this migration did not commit")
         self.state = "committing"
         try:
-            await asyncio.to_thread(self.host.record_move, self.hosted.id, self.where,
-                                    self.migration_id)
+            if self._prepared is None:  # never paused (a driver without a pause)
+                await asyncio.to_thread(self.host.record_move, self.hosted.id, self.where,
+                                        self.migration_id)
+            else:
+                prepared = await self._prepared
+                await asyncio.to_thread(self.host.tombstones.commit_prepared, prepared,
+                                        self.hosted.id, self.where, self.migration_id)
         except BaseException:
             # No decision on disk (a full disk, say): it did not commit, and a
             # destination asking in doubt must hear so rather than wait forever.
@@ -193,6 +207,18 @@ class Outgoing:
         if self.paused:
             self.paused = False
             self.hosted.lock.release()
+
+    async def discard_prepared(self) -> None:
+        """The migration did not commit: the record written ahead goes (a restart
+        would drop it anyway: it is no tombstone)."""
+        task, self._prepared = self._prepared, None
+        if task is None or self.state == "committed":
+            return
+        try:
+            prepared = await task
+        except Exception:  # it was never written (a full disk): nothing to remove
+            return
+        await asyncio.to_thread(prepared.unlink, True)
 
 
 class LiveMigrations:
@@ -259,6 +285,8 @@ class LiveMigrations:
             self._outgoing.pop(migration_id, None)
             if announced and not committed:
                 self.on_moving(hosted.id, None)  # it stays: standby streams are dropped
+            if not committed:
+                await hooks.discard_prepared()
 
     async def committed(self, migration_id: str) -> bool:
         """The source's answer to "did migration X commit?". Authoritative: a
@@ -404,7 +432,8 @@ class LiveMigrations:
         if self.host.vms.get(str(meta.get("vm"))) is not None:
             incoming.discard()  # its checkpoint was written before the stop: it is here
             return
-        snaps = [await asyncio.to_thread(Snapshot.read, p) for p in sorted(folder.glob("*.snap"))]
+        snaps = [await asyncio.to_thread(Snapshot.read, p) for p in sorted(folder.glob("*.snap"))
+                 if p.stat().st_size]  # an empty final.snap: the final round never came
         final = [s for s in snaps if s.annex]
         if not snaps or not final:
             log.error("migration %s committed but its rounds are incomplete", migration_id)
@@ -436,11 +465,21 @@ class Incoming:
 
     def _write(self, event: PersistRound) -> None:
         folder = self.folder
+        final_path = folder / FINAL_ROUND
         if event.round == 0:
             folder.mkdir(parents=True, exist_ok=True)
+            if not event.final:
+                # Named now, made durable by the directory fsync of the write below:
+                # the final round (inside the pause) is then one write and one fsync
+                # into it, instead of a new file, a rename and two fsyncs.
+                final_path.touch()
             atomic_write(folder / "meta.json", json.dumps({
                 "vm": event.vm_id, "node": self.source.node,
                 "endpoint": self.source.endpoint}).encode())
+        if event.final and final_path.exists():
+            _write_in_place(final_path, event.snapshot.to_segments("none"))
+            self.chunk_data.extend(m.data for m in event.snapshot.memories if m.data)
+            return
         # The final round is on the downtime's path: written as it is. Earlier rounds
         # are zstd'd when a sample says it pays (~1 GB/s, and a compressible 256 MiB
         # round 0 then writes a few MiB instead of taking ~0.7 s of disk).
@@ -475,6 +514,22 @@ class Incoming:
     def discard(self) -> None:
         if self.migration_id:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _write_in_place(path: Path, segments: list[bytes | memoryview]) -> None:
+    """Write `segments` into the existing, empty file `path` and fsync it. Not
+    atomic, and need not be: it is read only if the source committed, which it
+    does only after this returned (the destination says `ready` then)."""
+    try:
+        with path.open("r+b") as f:
+            for segment in segments:
+                f.write(segment)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:
+            raise storage_full(exc, f"cannot write {path.name}") from exc
+        raise
 
 
 def new_migration_id() -> str:
