@@ -468,8 +468,7 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
                 if msg.type in STREAM_ENDS:
                     break
                 if msg.type is WSMsgType.TEXT:
-                    await send_bytes(calls.refuse(errors.MalformedRequest(
-                        "send binary msgpack messages")))
+                    await send_bytes(calls.refuse_text())
                 continue
             answer = calls.answer_now(msg.data)
             if isinstance(answer, Pending):

@@ -88,31 +88,53 @@ class CallStats(Collector):
     """
 
     def __init__(self) -> None:
-        self._outcomes = {(t, o): 0 for t in TRANSPORTS for o in ("ok", "error")}
-        self._buckets = {t: [0] * (len(LATENCY_BUCKETS_S) + 1) for t in TRANSPORTS}
-        self._sums = dict.fromkeys(TRANSPORTS, 0.0)
+        self._tallies = {t: CallTally() for t in TRANSPORTS}
+
+    def tally(self, transport: str) -> CallTally:
+        """One transport's counts: a stream holds its `record` for every call."""
+        return self._tallies[transport]
 
     def record(self, transport: str, ok: bool, latency_s: float) -> None:
-        self._outcomes[transport, "ok" if ok else "error"] += 1
-        self._buckets[transport][bisect_left(LATENCY_BUCKETS_S, latency_s)] += 1
-        self._sums[transport] += latency_s
+        self._tallies[transport].record(ok, latency_s)
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         calls = CounterMetricFamily("cloudlet_calls", "Calls applied or rejected",
                                     labels=["transport", "outcome"])
-        for (transport, outcome), n in self._outcomes.items():
-            calls.add_metric([transport, outcome], n)
+        for transport, tally in self._tallies.items():
+            calls.add_metric([transport, "ok"], tally.ok)
+            calls.add_metric([transport, "error"], tally.error)
         yield calls
         latency = HistogramMetricFamily(
             "cloudlet_call_latency_seconds",
             "Call latency inside the daemon, request in to answer out", labels=["transport"])
-        for transport, counts in self._buckets.items():
+        for transport, tally in self._tallies.items():
             cumulative, buckets = 0, []
-            for bound, n in zip([*map(str, LATENCY_BUCKETS_S), "+Inf"], counts, strict=True):
+            for bound, n in zip([*map(str, LATENCY_BUCKETS_S), "+Inf"], tally.buckets,
+                                strict=True):
                 cumulative += n
                 buckets.append((bound, cumulative))
-            latency.add_metric([transport], buckets, self._sums[transport])
+            latency.add_metric([transport], buckets, tally.sum_s)
         yield latency
+
+
+class CallTally:
+    """One transport's call counts and latency buckets, as plain numbers."""
+
+    __slots__ = ("buckets", "error", "ok", "sum_s")
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.error = 0
+        self.buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.sum_s = 0.0
+
+    def record(self, ok: bool, latency_s: float) -> None:
+        if ok:
+            self.ok += 1
+        else:
+            self.error += 1
+        self.buckets[bisect_left(LATENCY_BUCKETS_S, latency_s)] += 1
+        self.sum_s += latency_s
 
 
 class StorageStats(Collector):

@@ -47,7 +47,7 @@ class Pending:
 class StreamCalls:
     """The calls of one stream to one VM (one per WebSocket, on the event loop)."""
 
-    __slots__ = ("_packer", "cap_bytes", "host", "hosted", "metrics")
+    __slots__ = ("_packer", "_record", "cap_bytes", "host", "hosted", "metrics")
 
     def __init__(self, host: VMHost, metrics: Metrics, hosted: HostedVM, cap_bytes: int) -> None:
         self.host = host
@@ -56,6 +56,7 @@ class StreamCalls:
         self.cap_bytes = cap_bytes
         # One packer per stream, reused for every answer (msgpack.packb makes one a call).
         self._packer = msgpack.Packer()
+        self._record = metrics.calls.tally(TRANSPORT).record
 
     def answer_now(self, raw: bytes) -> bytes | Pending:
         """The answer to one binary message, or `Pending` if its call must wait."""
@@ -66,7 +67,7 @@ class StreamCalls:
             try:
                 call = parse_call(decoded.body)
             except CloudletError:
-                self.metrics.calls.record(TRANSPORT, False, 0.0)
+                self._record(False, 0.0)
                 raise
             host, hosted = self.host, self.hosted
             if not host.can_call_now(hosted):
@@ -77,7 +78,7 @@ class StreamCalls:
                 reply = host.call_now(hosted, call)
                 ok = True
             finally:
-                self.metrics.calls.record(TRANSPORT, ok, time.perf_counter() - started)
+                self._record(ok, time.perf_counter() - started)
         except CloudletError as exc:
             return self._refused(req_id, exc)
         except (ValueError, msgpack.UnpackException) as exc:
@@ -103,7 +104,7 @@ class StreamCalls:
         except CloudletError as exc:
             return self._refused(pending.req_id, exc)
         finally:
-            self.metrics.calls.record(TRANSPORT, ok, time.perf_counter() - started)
+            self._record(ok, time.perf_counter() - started)
         return self._answer(pending.req_id, pending.call, reply)
 
     def _answer(self, req_id: Any, call: Call, reply: dict[str, Any]) -> bytes:
@@ -122,5 +123,9 @@ class StreamCalls:
         return self._pack({"id": req_id, "error": exc.to_wire()})
 
     def refuse(self, exc: CloudletError) -> bytes:
-        """An error answer to a message that is not a call (a text message)."""
+        """An error answer to a message that is not a call (it has no id)."""
         return self._pack({"id": None, "error": exc.to_wire()})
+
+    def refuse_text(self) -> bytes:
+        """The answer to a text message: a stream's messages are binary msgpack."""
+        return self.refuse(errors.MalformedRequest("send binary msgpack messages"))
