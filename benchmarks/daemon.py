@@ -12,8 +12,12 @@ Every client makes one call at a time; latency is the round trip seen by the
 client; 64-client throughput is calls completed in a fixed window / its length,
 the median over rounds. Targets (this 2-core machine):
 
-    WebSocket call p50 within 2x of the bare echo's; with 64 clients at least half
-    the bare echo's throughput and more than 8,000 calls/s per daemon.
+    WebSocket call p50 within 1.2x of the bare echo's; with 64 clients at least
+    0.75x the bare echo's throughput and more than 8,000 calls/s per daemon.
+
+The ratios to the echo of the same run are in the JSON (`ws_call_p50_vs_echo`,
+`ws_calls_per_s_64_vs_echo`): on a machine shared with other work they are what
+compares from run to run, not the absolute figures.
 
 The load generator (this process, uvloop + aiohttp client) runs on the same
 2-core machine as the server it drives, so absolute figures understate what the
@@ -83,7 +87,7 @@ MAX_MSG_BYTES = 1024 << 10  # the daemon's default max_request_kib, for the echo
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MSGPACK = "application/msgpack"
 DAEMON_SETTINGS: dict[str, Any] = {"vm_deadline_ms": 50}  # inline calls; the rest default
-TARGETS = {"ws_p50_vs_echo_max": 2.0, "ws_calls_per_s_64_vs_echo_min": 0.5,
+TARGETS = {"ws_p50_vs_echo_max": 1.2, "ws_calls_per_s_64_vs_echo_min": 0.75,
            "ws_calls_per_s_64_min": 8000}
 
 
@@ -478,11 +482,11 @@ def print_table(r: dict[str, Any], targets: list[Target]) -> None:
     ok = {True: "yes", False: "MISS"}
     m = r["meets"]
     print(f"\nws p50 vs echo p50: {r['ws_call_p50_us']:.0f} vs {r['echo_p50_us']:.0f} us = "
-          f"{r['ws_call_p50_us'] / r['echo_p50_us']:.2f}x (target <= "
+          f"{r['ws_call_p50_vs_echo']:.2f}x (target <= "
           f"{TARGETS['ws_p50_vs_echo_max']}x)  {ok[m['ws_call_p50_us']]}")
     print(f"ws {CLIENTS}-client throughput vs echo: {r['ws_calls_per_s_64']:.0f} vs "
           f"{r['echo_calls_per_s_64']:.0f} calls/s = "
-          f"{r['ws_calls_per_s_64'] / r['echo_calls_per_s_64']:.2f} (target >= "
+          f"{r['ws_calls_per_s_64_vs_echo']:.2f} (target >= "
           f"{TARGETS['ws_calls_per_s_64_vs_echo_min']})  {ok[m['ws_calls_per_s_64_vs_echo']]}")
     print(f"ws {CLIENTS}-client throughput: {r['ws_calls_per_s_64']:.0f} calls/s (target > "
           f"{TARGETS['ws_calls_per_s_64_min']})  {ok[m['ws_calls_per_s_64']]}")
@@ -570,12 +574,14 @@ def main() -> int:
     results: dict[str, Any] = {}
     if targets:
         results = summarize(targets)
+        results["ws_call_p50_vs_echo"] = results["ws_call_p50_us"] / results["echo_p50_us"]
+        results["ws_calls_per_s_64_vs_echo"] = (results["ws_calls_per_s_64"]
+                                                / results["echo_calls_per_s_64"])
         results["targets"] = TARGETS
         results["meets"] = {
-            "ws_call_p50_us": results["ws_call_p50_us"]
-                <= TARGETS["ws_p50_vs_echo_max"] * results["echo_p50_us"],
-            "ws_calls_per_s_64_vs_echo": results["ws_calls_per_s_64"]
-                >= TARGETS["ws_calls_per_s_64_vs_echo_min"] * results["echo_calls_per_s_64"],
+            "ws_call_p50_us": results["ws_call_p50_vs_echo"] <= TARGETS["ws_p50_vs_echo_max"],
+            "ws_calls_per_s_64_vs_echo": results["ws_calls_per_s_64_vs_echo"]
+                >= TARGETS["ws_calls_per_s_64_vs_echo_min"],
             "ws_calls_per_s_64": results["ws_calls_per_s_64"] > TARGETS["ws_calls_per_s_64_min"],
         }
     if isolation:

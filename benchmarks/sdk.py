@@ -13,11 +13,11 @@ VMs; this process (uvloop too) calls `add(1, 2)` on them one call at a time:
 - and, to show where the SDK's time goes, the raw client sending the SDK's
   sequenced message (`"seq"`), which adds the daemon's exactly-once check.
 
-Targets: SDK call p50 under 1.3x the raw client's. Rounds alternate
+Targets: SDK call p50 at most 1.15x the raw client's. Rounds alternate
 the clients so drifts of a shared machine hit both. As in benchmarks/daemon.py,
 the load generator is pinned to the first CPU and the daemon to the other.
 
-Usage: python benchmarks/sdk.py [--quick] [--no-pin]
+Usage: python benchmarks/sdk.py [--quick] [--no-pin] [--out FILE]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from mobile_client import CloudletClient  # noqa: E402
 
 KVSTORE = ROOT / "workloads" / "kvstore.wasm"
 RESULTS = ROOT / "benchmarks" / "results" / "sdk.json"
-TARGET_OVERHEAD_MAX = 1.3
+TARGET_OVERHEAD_MAX = 1.15
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def print_table(r: dict[str, Any]) -> None:
               f"{r[key + '_mean_us']:>8.1f}us")
     met = "yes" if r["meets"]["sdk_overhead_p50"] else "NO"
     print(f"\nSDK overhead at p50: {r['sdk_overhead_p50']:.2f}x the raw client "
-          f"(target < {TARGET_OVERHEAD_MAX}x: {met}); at p99: {r['sdk_overhead_p99']:.2f}x")
+          f"(target <= {TARGET_OVERHEAD_MAX}x: {met}); at p99: {r['sdk_overhead_p99']:.2f}x")
 
 
 def main() -> int:
@@ -168,6 +168,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="two short rounds (< 1 minute)")
     parser.add_argument("--no-pin", action="store_true",
                         help="let the scheduler place the client and the daemon")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help=f"where to write the JSON (default {RESULTS.relative_to(ROOT)})")
     args = parser.parse_args()
     started = time.perf_counter()
     plan = QUICK if args.quick else FULL
@@ -191,7 +193,7 @@ def main() -> int:
                 daemon_bench.stop(child)
     results = summarize(series)
     results["targets"] = {"sdk_overhead_p50_max": TARGET_OVERHEAD_MAX}
-    results["meets"] = {"sdk_overhead_p50": results["sdk_overhead_p50"] < TARGET_OVERHEAD_MAX}
+    results["meets"] = {"sdk_overhead_p50": results["sdk_overhead_p50"] <= TARGET_OVERHEAD_MAX}
     results["plan"] = plan.__dict__
     results["machine"] = {
         "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -201,9 +203,9 @@ def main() -> int:
     results["quick"] = args.quick
     results["wall_s"] = round(time.perf_counter() - started, 2)
     print_table(results)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(RESULTS, (json.dumps(results, indent=2) + "\n").encode())
-    print(f"\nwrote {RESULTS.relative_to(ROOT)} in {results['wall_s']:.1f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out, (json.dumps(results, indent=2) + "\n").encode())
+    print(f"\nwrote {args.out} in {results['wall_s']:.1f} s")
     return 0
 
 
