@@ -71,13 +71,23 @@ KEEP = 64
 # Sources per Dijkstra call: scipy answers with a dense (sources, nodes) array, so
 # 256 sources over 10,000 nodes is 20 MB of distances and 10 MB of predecessors.
 CHUNK_SOURCES = 256
-# The far pairs' table, in pairs, unless given: at least this many.
+# The far pairs' table at first, in pairs (1.4 MB): it doubles each time a fill finds
+# it full, up to MAX_FAR_SLOTS, so a run that asks few far pairs never pays for more.
 MIN_FAR_CAPACITY = 1 << 14
+# The far pairs' table never grows past this many slots (40 bytes each: 168 MB);
+# a fill that would pass half of it empties it first.
+MAX_FAR_SLOTS = 1 << 22
+# A far pair computed for its RTT and bandwidth only: no predecessor entry.
+UNLINKED = -2
 # A link of zero RTT would make a predecessor as far as its successor.
 MIN_LINK_RTT_MS = 1e-12
 # Fibonacci hashing: the 64-bit golden-ratio multiplier spreads grid neighbours
 # (j, j + 1, j + cols) over a row's table.
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+# Far pairs as computed: source, target, RTT, bandwidth, hops, last link, predecessor.
+_Far = tuple[IntArray, IntArray, FloatArray, FloatArray, IntArray, IntArray, IntArray]
 
 
 class Backhaul(ABC):
@@ -177,8 +187,9 @@ class GraphBackhaul(Backhaul):
         self._link_tail = np.stack([a, b], axis=1).ravel()  # by directed id
         self._graph, self._edge_key, self._edge_id = _graph(nodes, a, b, w)
         self._build()
-        cap = far_capacity or max(MIN_FAR_CAPACITY, cloudlets * self.keep // 2)
+        cap = far_capacity or MIN_FAR_CAPACITY
         self._far = _FarTable(1 << int(np.ceil(np.log2(max(cap, 2)) + 1)))
+        self._grow_fields()
 
     # --- the graph ---------------------------------------------------------------------
 
@@ -259,7 +270,7 @@ class GraphBackhaul(Backhaul):
         self._link = np.full(slots, -1, dtype=np.int32)
         has = prd >= 0
         self._link[slot[has]] = self._link_id(prd[has], col[has])
-        self._parent = np.full(slots, -1, dtype=np.int64)
+        self._parent = np.full(slots, -1, dtype=np.int32)
         self._parent[slot[has]] = self._find_rows(row[has], prd[has])
         self._hops = np.zeros(slots, dtype=np.int32)
         self._bw = np.full(slots, np.inf)
@@ -320,8 +331,9 @@ class GraphBackhaul(Backhaul):
 
     # --- far pairs -------------------------------------------------------------------------
 
-    def _slots(self, source: IntArray, target: IntArray) -> IntArray:
-        """The slot of every (source, target) pair (1-D), kept or far (filled now)."""
+    def _slots(self, source: IntArray, target: IntArray, routes: bool = False) -> IntArray:
+        """The slot of every (source, target) pair (1-D), kept or far (filled now);
+        with `routes`, far pairs are linked to their predecessors (for `path`)."""
         self.stats.lookups += len(source)
         out = self._find_rows(source, target)
         miss = np.flatnonzero(out < 0)
@@ -332,85 +344,142 @@ class GraphBackhaul(Backhaul):
         key = source[miss] * self.nodes + target[miss]
         got = self._far.find(key)
         lost = got < 0
+        if routes:
+            lost |= self._parent[base + np.maximum(got, 0)] == UNLINKED
         if lost.any():
-            if self._fill(source[miss[lost]], target[miss[lost]]):
+            if self._fill(source[miss[lost]], target[miss[lost]], routes):
                 # The table was emptied to make room: the pairs found before too.
-                self._fill(source[miss], target[miss])
+                self._fill(source[miss], target[miss], routes)
             got = self._far.find(key)
         out[miss] = base + got
         return out
 
-    def _fill(self, source: IntArray, target: IntArray) -> bool:
-        """Compute the far pairs (source, target) and the nodes of their paths not
-        kept; True when the far table had to be emptied first."""
+    def _search(self, chunk: IntArray, row: IntArray,
+                target: IntArray) -> tuple[FloatArray, NDArray[np.int32]]:
+        """Dijkstra from `chunk` until every (chunk[row], target) is settled: the
+        radius kept around the sources, times four until it holds them all."""
+        limit = 4.0 * float(self.radius_ms[chunk].max()) + MIN_LINK_RTT_MS
+        while True:
+            d, p = dijkstra(self._graph, directed=True, indices=chunk,
+                            limit=limit if limit < self._total_ms else np.inf,
+                            return_predecessors=True)
+            if np.isfinite(d[row, target]).all():
+                return d, p
+            if limit >= self._total_ms:
+                raise InvalidArgument("backhaul: no path between some cloudlets")
+            limit *= 4.0
+
+    def _fill(self, source: IntArray, target: IntArray, routes: bool) -> bool:
+        """Compute the far pairs (source, target): their RTT, bottleneck bandwidth and
+        hops; with `routes`, also every node of their paths not kept, linked to its
+        predecessor. True when the far table had to be emptied first."""
         key = np.unique(source * self.nodes + target)
         src, tgt = np.divmod(key, self.nodes)
-        cleared = False
-        new_src: list[IntArray] = []
-        new_tgt: list[IntArray] = []
-        new_rtt: list[FloatArray] = []
-        new_pred: list[IntArray] = []
         sources = np.unique(src)
         self.stats.dijkstra_sources += len(sources)
+        parts: list[_Far] = []
         for start in range(0, len(sources), CHUNK_SOURCES):
             chunk = sources[start:start + CHUNK_SOURCES]
             ask = (src >= chunk[0]) & (src <= chunk[-1])
-            a_src, a_tgt = src[ask], tgt[ask]
-            at = np.searchsorted(chunk, a_src)
-            limit = 4.0 * float(self.radius_ms[chunk].max()) + MIN_LINK_RTT_MS
-            while True:
-                d, p = dijkstra(self._graph, directed=True, indices=chunk,
-                                limit=limit if limit < self._total_ms else np.inf,
-                                return_predecessors=True)
-                if np.isfinite(d[at, a_tgt]).all():
-                    break
-                if limit >= self._total_ms:
-                    raise InvalidArgument("backhaul: no path between some cloudlets")
-                limit *= 4.0
-            # Walk each asked pair back until a kept pair: those nodes are new.
-            rowi, cur = at, a_tgt
-            seen: list[IntArray] = []
-            while len(cur):
-                kept = self._find_rows(chunk[rowi], cur) >= 0
-                rowi, cur = rowi[~kept], cur[~kept]
-                seen.append(rowi * self.nodes + cur)
-                cur = p[rowi, cur].astype(np.int64)
-            if not seen:
-                continue
-            flat = np.unique(np.concatenate(seen))
-            ri, nodes = np.divmod(flat, self.nodes)
-            new_src.append(chunk[ri])
-            new_tgt.append(nodes)
-            new_rtt.append(d[ri, nodes])
-            new_pred.append(p[ri, nodes].astype(np.int64))
-        if not new_src:
-            return cleared
-        s = np.concatenate(new_src)
-        t = np.concatenate(new_tgt)
+            at = np.searchsorted(chunk, src[ask])
+            d, p = self._search(chunk, at, tgt[ask])
+            parts.append(self._walk(chunk, at, tgt[ask], d, p, routes))
+        s, t, prd = (np.concatenate([x[i] for x in parts]) for i in (0, 1, 6))
+        rtt, bw = (np.concatenate([x[i] for x in parts]) for i in (2, 3))
+        hops, link = (np.concatenate([x[i] for x in parts]) for i in (4, 5))
         keys = s * self.nodes + t
-        fresh = self._far.find(keys) < 0
-        s, t, keys = s[fresh], t[fresh], keys[fresh]
-        rtt, prd = np.concatenate(new_rtt)[fresh], np.concatenate(new_pred)[fresh]
+        cleared = False
         if self._far.count + len(keys) > self._far.capacity // 2:
-            self._far.clear()
+            # Full: empty it, and give it room for twice this fill (up to the cap).
+            want = min(max(2 * self._far.capacity, 4 * len(keys)),
+                       max(MAX_FAR_SLOTS, 4 * len(keys)))
+            self._far = _FarTable(1 << int(np.ceil(np.log2(want))))
             self.stats.clears += 1
             cleared = True
-            if len(keys) > self._far.capacity // 2:
-                self._far = _FarTable(1 << int(np.ceil(np.log2(2 * len(keys)) + 1)))
-        self._far.insert(keys)
-        self.stats.far_filled += len(keys)
+        fresh = self._far.find(keys) < 0
+        self._far.insert(keys[fresh])
+        self.stats.far_filled += int(fresh.sum())
         self._grow_fields()
         base = len(self._key)
         slot = base + self._far.find(keys)
         self._rtt[slot] = rtt
-        self._link[slot] = self._link_id(prd, t)
-        # A parent is kept, or new in this fill (its walk reached it first).
+        self._bw[slot] = bw
+        self._hops[slot] = hops
+        self._link[slot] = link
+        if not routes:
+            self._parent[slot] = UNLINKED
+            return cleared
+        # A parent is kept, or new in this fill (its walk went through it).
         par = self._find_rows(s, prd)
         far = par < 0
         par[far] = base + self._far.find(s[far] * self.nodes + prd[far])
         self._parent[slot] = par
-        self._settle(slot)
         return cleared
+
+    def _walk(self, chunk: IntArray, row: IntArray, target: IntArray, d: FloatArray,
+              p: NDArray[np.int32], routes: bool) -> _Far:
+        """From each asked target back along the predecessors to the first kept node:
+        the asked pairs' bottleneck and hops (and, with `routes`, every node met)
+        as (source, target, rtt, bandwidth, hops, last link, predecessor)."""
+        m = len(row)
+        bw = np.full(m, np.inf)
+        hops = np.zeros(m, dtype=np.int64)
+        idx = np.arange(m)
+        cur = target
+        met_row: list[IntArray] = []
+        met_node: list[IntArray] = []
+        while len(idx):
+            slot = self._find_rows(chunk[row[idx]], cur)
+            kept = slot >= 0
+            done, ks = idx[kept], slot[kept]
+            bw[done] = np.minimum(bw[done], self._bw[ks])
+            hops[done] += self._hops[ks]
+            idx, cur = idx[~kept], cur[~kept]
+            if routes:
+                met_row.append(row[idx])
+                met_node.append(cur)
+            prev = p[row[idx], cur].astype(np.int64)
+            bw[idx] = np.minimum(bw[idx], self._link_bw[self._link_id(prev, cur)])
+            hops[idx] += 1
+            cur = prev
+        if routes:
+            flat = np.unique(np.concatenate(met_row) * self.nodes + np.concatenate(met_node))
+            r, t = np.divmod(flat, self.nodes)
+            # Each node met is a far pair of its own: its bottleneck and hops follow
+            # from its predecessor's, settled below in order of hops.
+            return self._chain(chunk, r, t, d, p)
+        prd = p[row, target].astype(np.int64)
+        return (chunk[row], target, d[row, target], bw, hops,
+                self._link_id(prd, target), prd)
+
+    def _chain(self, chunk: IntArray, r: IntArray, t: IntArray, d: FloatArray,
+               p: NDArray[np.int32]) -> _Far:
+        """The nodes met by the walks, each with its bottleneck and hops, settled
+        from its predecessor (kept, or met too and closer)."""
+        prd = p[r, t].astype(np.int64)
+        link = self._link_id(prd, t)
+        src = chunk[r]
+        bw = np.full(len(r), np.nan)
+        hops = np.full(len(r), -1, dtype=np.int64)
+        key = r * self.nodes + t
+        order = np.argsort(key)
+        pending = np.arange(len(r))
+        while len(pending):
+            slot = self._find_rows(src[pending], prd[pending])
+            kept = slot >= 0
+            k, ks = pending[kept], slot[kept]
+            bw[k] = np.minimum(self._bw[ks], self._link_bw[link[k]])
+            hops[k] = self._hops[ks] + 1
+            rest = pending[~kept]
+            at = order[np.searchsorted(key[order], r[rest] * self.nodes + prd[rest])]
+            ready = hops[at] >= 0
+            k, pa = rest[ready], at[ready]
+            bw[k] = np.minimum(bw[pa], self._link_bw[link[k]])
+            hops[k] = hops[pa] + 1
+            if not ready.any() and not kept.any():
+                raise AssertionError("backhaul: a far path's predecessor was not met")
+            pending = rest[~ready]
+        return src, t, d[r, t], bw, hops, link, prd
 
     def _grow_fields(self) -> None:
         """Field arrays span the kept slots then the far table's (which may grow)."""
@@ -433,12 +502,13 @@ class GraphBackhaul(Backhaul):
 
     # --- the interface ---------------------------------------------------------------------
 
-    def _pairs(self, source: IntArray, target: IntArray) -> tuple[IntArray, tuple[int, ...]]:
+    def _pairs(self, source: IntArray, target: IntArray,
+               routes: bool = False) -> tuple[IntArray, tuple[int, ...]]:
         a, j = np.broadcast_arrays(np.asarray(source, dtype=np.int64),
                                    np.asarray(target, dtype=np.int64))
         if a.size and (min(a.min(), j.min()) < 0 or max(a.max(), j.max()) >= self.size):
             raise InvalidArgument(f"cloudlet rows must be 0..{self.size - 1}")
-        return self._slots(a.ravel(), j.ravel()), a.shape
+        return self._slots(a.ravel(), j.ravel(), routes), a.shape
 
     def rtt_ms(self, source: IntArray, target: IntArray) -> FloatArray:
         slot, shape = self._pairs(source, target)
@@ -453,7 +523,7 @@ class GraphBackhaul(Backhaul):
     def path(self, source: IntArray, target: IntArray) -> IntArray:
         """The directed link ids of each pair's path, source to target: (..., P),
         -1 past its end (P is the longest path asked, at least 1)."""
-        slot, shape = self._pairs(source, target)
+        slot, shape = self._pairs(source, target, routes=True)
         hops = self._hops[slot]
         width = max(int(hops.max()) if len(hops) else 0, 1)
         out = np.full((len(slot), width), -1, dtype=np.int64)
@@ -466,7 +536,7 @@ class GraphBackhaul(Backhaul):
                 break
             idx, cur, h = idx[go], cur[go], h[go]
             out[idx, h - 1] = self._link[cur]
-            cur = self._parent[cur]
+            cur = self._parent[cur].astype(np.int64)
             h = h - 1
         return out.reshape(*shape, width)
 

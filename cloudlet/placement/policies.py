@@ -77,6 +77,21 @@ def _rtt_now(state: ClusterState, cand: IntArray, attach: IntArray,
     return rtt
 
 
+def _backhaul_over_horizon(state: ClusterState, attach: IntArray,
+                           target: IntArray) -> FloatArray:
+    """(m, C, S): backhaul RTT from each instant's access point (`attach`, (m, S)) to
+    each target ((m, C)). A user keeps its access point for most instants, so
+    the pairs are looked up only where it changes and carried forward."""
+    m, k = attach.shape
+    change = np.ones((m, k), dtype=bool)
+    change[:, 1:] = attach[:, 1:] != attach[:, :-1]
+    rows, at = np.nonzero(change)
+    got = state.network.backhaul.rtt_ms(attach[rows, at][:, None], target[rows])  # (q, C)
+    last = np.cumsum(change.ravel()).reshape(m, k) - 1
+    out: FloatArray = got[last].transpose(0, 2, 1)
+    return out
+
+
 def _candidates(state: ClusterState, queue_ms: FloatArray) -> tuple[_Candidates, IntArray]:
     s = state.sessions
     net = state.network
@@ -306,7 +321,7 @@ class PredictivePolicy(Policy):
         access_k = net.latency.access_rtt_ms(dist_k).reshape(m, k + 1)
         # Only sessions whose host is predicted to break the budget can be due: the
         # rest (nearly all, in a steady state) cost one (m, samples) pass.
-        host_rtt = (access_k + net.backhaul.rtt_ms(attach_k, s.host[:, None])
+        host_rtt = (access_k + _backhaul_over_horizon(state, attach_k, s.host[:, None])[:, 0]
                     + queue[s.host][:, None])
         at_host = s.measured(np.arange(m), s.host)
         if at_host is not None:
@@ -331,7 +346,7 @@ class PredictivePolicy(Policy):
         half = max(net.near.shape[1] // 2, 1)
         cand = np.concatenate([host[:, None], net.near[att[:, 0], :half],
                                net.near[att[:, -1], :half]], axis=1)
-        rtt = (acc[:, None, :] + net.backhaul.rtt_ms(att[:, None, :], cand[:, :, None])
+        rtt = (acc[:, None, :] + _backhaul_over_horizon(state, att, cand)
                + queue[cand][:, :, None])
         at_cand = s.measured(rows, cand)
         if at_cand is not None:
