@@ -240,8 +240,10 @@ def test_ten_thousand_cloudlets_build_small() -> None:
 def _reference_topology(topo: Topology) -> Topology:
     ref = ReferenceBackhaul(topo.size, len(topo.node_position_m), topo.link_a, topo.link_b,
                             topo.link_rtt_ms, topo.link_bandwidth_mbit_s)
+    near = ref.near(topo.network.near.shape[1])
     net = dataclasses.replace(topo.network, backhaul=ref,  # type: ignore[arg-type]
-                              near=ref.near(topo.network.near.shape[1]))
+                              near=near,
+                              near_rtt_ms=ref.rtt[np.arange(topo.size)[:, None], near])
     return dataclasses.replace(topo, backhaul=ref, network=net)  # type: ignore[arg-type]
 
 

@@ -108,6 +108,11 @@ class Backhaul(ABC):
         """(n, min(k, n)): each cloudlet's k closest cloudlets by RTT (itself first;
         ties by index)."""
 
+    def near_rtt_ms(self, k: int) -> FloatArray:
+        """(n, min(k, n)): the RTT to each of `near(k)`, row by row."""
+        near = self.near(k)
+        return self.rtt_ms(np.arange(self.size)[:, None], near)
+
     @property
     @abstractmethod
     def nbytes(self) -> int:
@@ -357,17 +362,24 @@ class GraphBackhaul(Backhaul):
     def _search(self, chunk: IntArray, row: IntArray,
                 target: IntArray) -> tuple[FloatArray, NDArray[np.int32]]:
         """Dijkstra from `chunk` until every (chunk[row], target) is settled: the
-        radius kept around the sources, times four until it holds them all."""
-        limit = 4.0 * float(self.radius_ms[chunk].max()) + MIN_LINK_RTT_MS
-        while True:
-            d, p = dijkstra(self._graph, directed=True, indices=chunk,
-                            limit=limit if limit < self._total_ms else np.inf,
-                            return_predecessors=True)
-            if np.isfinite(d[row, target]).all():
-                return d, p
-            if limit >= self._total_ms:
+        radius kept around each source times four, again for the sources whose
+        targets are still beyond it, until none is."""
+        limit = 4.0 * self.radius_ms[chunk] + MIN_LINK_RTT_MS
+        d = np.empty((len(chunk), self.nodes))
+        p = np.empty((len(chunk), self.nodes), dtype=np.int32)
+        todo = np.arange(len(chunk))
+        while len(todo):
+            lim = float(limit[todo].max())
+            d[todo], p[todo] = dijkstra(self._graph, directed=True, indices=chunk[todo],
+                                        limit=lim if lim < self._total_ms else np.inf,
+                                        return_predecessors=True)
+            short = np.zeros(len(chunk), dtype=bool)
+            short[row[~np.isfinite(d[row, target])]] = True
+            if short.any() and lim >= self._total_ms:
                 raise InvalidArgument("backhaul: no path between some cloudlets")
-            limit *= 4.0
+            todo = np.flatnonzero(short)
+            limit[todo] = limit[todo] * 4.0
+        return d, p
 
     def _fill(self, source: IntArray, target: IntArray, routes: bool) -> bool:
         """Compute the far pairs (source, target): their RTT, bottleneck bandwidth and

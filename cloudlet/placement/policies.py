@@ -68,8 +68,11 @@ class _Candidates:
 def _rtt_now(state: ClusterState, cand: IntArray, attach: IntArray,
              access_ms: FloatArray, queue_ms: FloatArray) -> FloatArray:
     net = state.network
-    rtt: FloatArray = (access_ms[:, None] + net.backhaul.rtt_ms(attach[:, None], cand)
-                       + queue_ms[cand])
+    # Column 0 is the host (a lookup by pair); the rest are the access point's
+    # closest cloudlets, whose RTTs the network keeps beside them.
+    backhaul = np.concatenate([net.backhaul.rtt_ms(attach, cand[:, 0])[:, None],
+                               net.near_rtt_ms[attach]], axis=1)
+    rtt: FloatArray = access_ms[:, None] + backhaul + queue_ms[cand]
     measured = state.sessions.measured(np.arange(len(cand)), cand)
     if measured is not None:
         got = measured[0]

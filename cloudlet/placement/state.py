@@ -49,6 +49,7 @@ class Network:
     cost: PrecopyModel
     index: AccessIndex
     near: IntArray  # (n, K): each cloudlet's K closest cloudlets by backhaul RTT
+    near_rtt_ms: FloatArray  # (n, K): the backhaul RTT to each of `near`
     names: tuple[str, ...] = field(default=())
 
     @classmethod
@@ -78,7 +79,8 @@ class Network:
         return cls(position_m=pos, capacity_vms=cap_vms, capacity_memory_bytes=cap_mem,
                    backhaul=backhaul, latency=latency or LatencyModel(),
                    cost=cost or PrecopyModel(), index=AccessIndex(pos, extent_m=extent_m),
-                   near=backhaul.near(candidates), names=names)
+                   near=backhaul.near(candidates),
+                   near_rtt_ms=backhaul.near_rtt_ms(candidates), names=names)
 
     @property
     def size(self) -> int:
