@@ -461,10 +461,11 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     calls = StreamCalls(request.app[HOST], request.app[METRICS], hosted, cap_bytes)
     # `receive()` itself rather than `async for`: one coroutine frame less a message.
     receive, send_bytes = ws.receive, ws.send_bytes
+    binary = WSMsgType.BINARY  # an enum member's lookup costs more than the check
     try:
         while True:
             msg = await receive()
-            if msg.type is not WSMsgType.BINARY:
+            if msg.type is not binary:
                 if msg.type in STREAM_ENDS:
                     break
                 if msg.type is WSMsgType.TEXT:
