@@ -342,11 +342,23 @@ class LiveMigrations:
         return {"outcome": got.outcome, **got.stats.to_dict()}
 
     async def _activate(self, vm: VM, annex: dict[str, Any], migration_id: str | None) -> None:
-        hosted = self.host.activate(vm, annex.get(ANNEX_KEY), generation_of(annex))
-        self.arrivals.landed(hosted.id, hosted)
+        # A VM that comes back finds its old tombstone here. `activate` would unlink
+        # its file on the loop, which on a busy disk stalls the VM's first calls for
+        # milliseconds: forgotten in memory now, its file removed off the loop below
+        # (before the incoming rounds go: a restart in between restores it from them).
+        where_before = self.host.tombstones.pop(vm.id)
+        try:
+            hosted = self.host.activate(vm, annex.get(ANNEX_KEY), generation_of(annex))
+        except BaseException:
+            if where_before is not None:
+                self.host.tombstones.where[vm.id] = where_before
+            raise
         last_call = annex.get(LAST_CALL_KEY)
         if isinstance(last_call, float) and last_call > 0:
             hosted.arrived_last_call_unix = last_call
+        self.arrivals.landed(hosted.id, hosted)
+        if where_before is not None:
+            await asyncio.to_thread(self.host.tombstones.path(vm.id).unlink, True)
         if migration_id:
             self._spawn(self._checkpoint_then_forget(hosted, migration_id))
 
