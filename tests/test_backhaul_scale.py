@@ -293,3 +293,20 @@ def test_shipped_backhauls_agree_with_the_reference(name: str) -> None:
     k = topo.network.near.shape[1]
     assert np.allclose(np.take_along_axis(ref.rtt[:n, :n], topo.network.near, axis=1),
                        np.take_along_axis(ref.rtt[:n, :n], ref.near(k), axis=1), rtol=1e-12)
+
+
+def test_one_cloudlet_parallel_links_and_a_split_graph() -> None:
+    alone = GraphBackhaul(1, 1, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
+                          np.zeros(0), np.zeros(0))
+    assert alone.rtt_ms(np.array([0]), np.array([0])).tolist() == [0.0]
+    assert alone.path(np.array(0), np.array(0)).tolist() == [-1]
+    assert alone.near(8).tolist() == [[0]]
+    # Two links between the same cloudlets: the faster one carries the route.
+    twice = GraphBackhaul(2, 2, np.array([0, 0]), np.array([1, 1]), np.array([2.0, 1.0]),
+                          np.array([10.0, 20.0]))
+    assert float(twice.rtt_ms(np.array(0), np.array(1))) == 1.0
+    assert twice.path(np.array(0), np.array(1)).tolist() == [2]
+    assert float(twice.path_bandwidth_mbit_s(np.array(1), np.array(0))) == 20.0
+    split = GraphBackhaul(3, 3, np.array([0]), np.array([1]), np.array([1.0]),
+                          np.array([10.0]))
+    assert split.disconnected() == (0, 2)

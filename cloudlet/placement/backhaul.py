@@ -629,7 +629,7 @@ def _graph(nodes: int, a: IntArray, b: IntArray,
     key = tail * nodes + head
     order = np.lexsort((did, ww, key))
     key, tail, head, ww, did = key[order], tail[order], head[order], ww[order], did[order]
-    first = np.r_[True, key[1:] != key[:-1]]
+    first = np.r_[True, key[1:] != key[:-1]] if len(key) else np.zeros(0, dtype=bool)
     key, tail, head, ww, did = key[first], tail[first], head[first], ww[first], did[first]
     graph = csr_matrix((ww, (tail, head)), shape=(nodes, nodes))
     return graph, key, did
