@@ -7,6 +7,13 @@ bucket (rate in Mbit/s, a small burst), and every piece of data is held back
 `delay_ms` after it arrived, like propagation delay: delay does not cut the
 throughput of a long transfer, as on a real link.
 
+A proxy is one link, or one pipe per connection: with `shared=True` every
+connection through it draws on one token bucket per direction, so two transfers
+at once each get about half the rate, as flows crossing one real link do (the
+emulation's backhaul, where concurrent migrations must slow each other down);
+by default each connection has its own rate (one migration over a throttled
+path, as the migration benchmark runs).
+
 Backpressure is real: the proxy reads only as fast as the bucket lets it
 forward, and has at most `BUFFER_BYTES` in flight per direction, so a sender's
 `drain()` blocks as it would behind a slow link.
@@ -59,16 +66,23 @@ class LinkShape:
 
 class LiveShape:
     """The shape of one direction of a link, which may change while connections use
-    it: each connection's pipe reads `shape` for every piece of data it forwards."""
+    it: each connection's pipe reads `shape` for every piece of data it forwards.
+    `bucket`, when set, is the direction's one token bucket that every connection
+    shares (a shared link)."""
 
-    __slots__ = ("shape",)
+    __slots__ = ("bucket", "shape")
 
-    def __init__(self, shape: LinkShape) -> None:
+    def __init__(self, shape: LinkShape, shared: bool = False) -> None:
         self.shape = shape
+        self.bucket: TokenBucket | None = None
+        if shared:
+            self.bucket = TokenBucket(shape.rate_bytes_s or 1.0)
 
 
 class TokenBucket:
-    """`take(n)` waits until n bytes may pass at `rate_bytes_s`."""
+    """`take(n)` waits until n bytes may pass at `rate_bytes_s`. Takers may share
+    one: each adds its bytes to the debt and waits it off, so together they pass
+    `rate_bytes_s`, served about in turn."""
 
     def __init__(self, rate_bytes_s: float, burst_bytes: int = BURST_BYTES) -> None:
         self.rate_bytes_s = rate_bytes_s
@@ -91,10 +105,10 @@ class LinkProxy:
 
     def __init__(self, target_host: str, target_port: int, *, up: LinkShape | None = None,
                  down: LinkShape | None = None, listen_host: str = "127.0.0.1",
-                 listen_port: int = 0) -> None:
+                 listen_port: int = 0, shared: bool = False) -> None:
         self.target = (target_host, target_port)
-        self._up = LiveShape(up or LinkShape())
-        self._down = LiveShape(down or LinkShape())
+        self._up = LiveShape(up or LinkShape(), shared)
+        self._down = LiveShape(down or LinkShape(), shared)
         self._listen = (listen_host, listen_port)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -212,7 +226,9 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             shape = live.shape
             rate = shape.rate_bytes_s
             if data and rate is not None:
-                if bucket is None:
+                if live.bucket is not None:
+                    bucket = live.bucket
+                elif bucket is None:
                     bucket = TokenBucket(rate)
                 bucket.rate_bytes_s = rate
                 await bucket.take(len(data))

@@ -203,3 +203,27 @@ def test_set_rate_limits_a_link_made_without_a_rate() -> None:
         return received[0] * 8 / 1e6 / elapsed
 
     assert asyncio.run(main()) == pytest.approx(rate_mbit_s, rel=0.10)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_shared_link_splits_its_rate_between_connections(shared: bool) -> None:
+    """Two transfers at once: on a shared link (one bucket per direction) they pass
+    the link's rate together; with a pipe per connection, each passes it."""
+    rate_mbit_s = 25.0
+    size_bytes = int(rate_mbit_s * 1e6 / 8 * 0.4)  # ~0.4 s alone, each
+
+    async def main() -> float:
+        server, port, received = await _sink_server()
+        shape = LinkShape(rate_mbit_s)
+        async with server, LinkProxy("127.0.0.1", port, up=shape, down=shape,
+                                     shared=shared) as proxy:
+            start = time.monotonic()
+            await asyncio.gather(_transfer(proxy.port, size_bytes),
+                                 _transfer(proxy.port, size_bytes))
+            elapsed = time.monotonic() - start
+        assert len(received) == 2
+        return sum(received) * 8 / 1e6 / elapsed
+
+    together_mbit_s = asyncio.run(main())
+    expected = rate_mbit_s if shared else 2 * rate_mbit_s
+    assert together_mbit_s == pytest.approx(expected, rel=0.15)

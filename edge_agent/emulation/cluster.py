@@ -5,9 +5,11 @@ Everything is made as `cloudlet up` makes it (edge_agent.metro: the cluster
 secret and authority, node configs with their identities and broker users), in a
 fresh state directory, so each policy starts from nothing. Each daemon is
 reached through an ingress `LinkProxy` shaped to the scenario's backhaul
-bandwidth, and advertises that proxy (`advertise_endpoint`): another cloudlet
-migrating a VM to it sends through the shaped link, and clients are told that
-URL and map it to their own delayed link (`connect_via`).
+bandwidth, shared by every connection through it (concurrent migrations into a
+cloudlet split its rate, as on a real link), and advertises that proxy
+(`advertise_endpoint`): another cloudlet migrating a VM to it sends through the
+shaped link, and clients are told that URL and map it to their own delayed link
+(`connect_via`).
 
 The context manager owns every process and socket it starts: leaving it, by an
 error, a cancellation or Ctrl-C, stops the daemons (SIGTERM, then SIGKILL after
@@ -104,7 +106,8 @@ async def running_cluster(state: Path, specs: list[NodeSpec], *, backhaul_mbit_s
         shape = LinkShape(backhaul_mbit_s)
         for spec in specs:
             port = free_port()
-            ingress = LinkProxy("127.0.0.1", port, up=shape, down=shape)
+            # One link into each cloudlet: migrations arriving at once share it.
+            ingress = LinkProxy("127.0.0.1", port, up=shape, down=shape, shared=True)
             await stack.enter_async_context(ingress)
             node = Node(spec.name, port, ingress, Path(), state / "nodes" / spec.name / "log")
             settings = {**node_settings, "advertise_endpoint": node.advertised,
