@@ -17,6 +17,7 @@ import pytest
 from numpy.typing import NDArray
 
 from cloudlet.placement import GraphBackhaul, Network
+from cloudlet.placement import backhaul as backhaul_module
 from cloudlet.sim import engine as sim_engine
 from cloudlet.sim import load_scenario, simulate
 from cloudlet.sim.topology import Topology
@@ -151,9 +152,17 @@ def test_graph_backhaul_matches_all_pairs_on_random_graphs(seed: int) -> None:
     routers = int(rng.integers(0, 3))
     nodes, a, b, w, bw = random_graph(rng, n, routers, integer=seed % 2 == 1)
     keep = int(rng.integers(1, 12))
-    g = GraphBackhaul(n, nodes, a, b, w, bw, keep=keep)
+    g = GraphBackhaul(n, nodes, a, b, w, bw, keep=keep, dense_max=0)
     ref = ReferenceBackhaul(n, nodes, a, b, w, bw)
     _check_routes(g, ref, a, b, w, bw)
+    # The matrices a small backhaul keeps hold the very numbers of the tables.
+    small = GraphBackhaul(n, nodes, a, b, w, bw, keep=keep)
+    assert small.dense and not g.dense
+    src, dst = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    assert np.array_equal(small.rtt_ms(src, dst), g.rtt_ms(src, dst))
+    assert np.array_equal(small.path_bandwidth_mbit_s(src, dst),
+                          g.path_bandwidth_mbit_s(src, dst))
+    _check_routes(small, ref, a, b, w, bw)
     # The K closest: the same RTTs rank by rank, so the same lists up to equal RTTs.
     k = g.keep
     near, want = g.near(k), ref.near(k)
@@ -170,7 +179,7 @@ def test_a_star_routes_through_its_core_router() -> None:
     b = np.full(n, n)  # node n is the core
     w = np.linspace(1.0, 2.0, n)
     bw = np.linspace(100.0, 600.0, n)
-    g = GraphBackhaul(n, n + 1, a, b, w, bw, keep=3)
+    g = GraphBackhaul(n, n + 1, a, b, w, bw, keep=3, dense_max=0)
     assert g.path(np.array(1), np.array(4)).tolist() == [2, 9]  # 1 -> core -> 4
     assert float(g.rtt_ms(np.array(1), np.array(4))) == pytest.approx(w[1] + w[4])
     assert float(g.path_bandwidth_mbit_s(np.array(1), np.array(4))) == 200.0
@@ -189,7 +198,7 @@ def test_far_pairs_are_exact_and_counted_and_the_cache_is_bounded() -> None:
     w = rng.uniform(1.0, 2.0, len(a))
     bw = rng.integers(1, 10, len(a)) * 100.0
     ref = ReferenceBackhaul(n, n, a, b, w, bw)
-    g = GraphBackhaul(n, n, a, b, w, bw, keep=4, far_capacity=64)
+    g = GraphBackhaul(n, n, a, b, w, bw, keep=4, far_capacity=64, dense_max=0)
     src = rng.integers(0, n, 500)
     dst = rng.integers(0, n, 500)
     # RTT and bandwidth first (no routes kept), then routes, then again.
@@ -209,14 +218,13 @@ def test_far_pairs_are_exact_and_counted_and_the_cache_is_bounded() -> None:
     _check_routes(g, ref, a, b, w, bw)
 
 
-def grid_backhaul(side: int, keep: int | None = None) -> GraphBackhaul:
+def grid_backhaul(side: int) -> GraphBackhaul:
     n = side * side
     idx = np.arange(n)
     right = idx[idx % side + 1 < side]
     down = idx[idx + side < n]
     a, b = np.r_[right, down], np.r_[right + 1, down + side]
-    kw = {} if keep is None else {"keep": keep}
-    return GraphBackhaul(n, n, a, b, np.full(len(a), 5.0), np.full(len(a), 1000.0), **kw)
+    return GraphBackhaul(n, n, a, b, np.full(len(a), 5.0), np.full(len(a), 1000.0))
 
 
 def test_ten_thousand_cloudlets_build_small() -> None:
@@ -253,22 +261,27 @@ def _summaries(result: Any) -> dict[str, dict[str, Any]]:
             for name, p in result.policies.items()}
 
 
+@pytest.mark.parametrize("matrices", [False, True])
 def test_simulator_results_equal_the_all_pairs_reference_without_ties(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, matrices: bool) -> None:
     """small-metro on a backhaul whose routes are all of different RTT (cloudlets at
     irregular places, links of their own RTT): every policy's summary is the same,
-    bit for bit, with the sparse backhaul and with the dense reference."""
+    bit for bit, with the sparse backhaul (its tables alone, or with the matrices a
+    small one keeps) and with the dense reference."""
+    if not matrices:
+        monkeypatch.setattr(backhaul_module, "DENSE_MAX_CLOUDLETS", 0)
     sc = load_scenario(CONFIGS / "small-metro.toml")
     sc = dataclasses.replace(sc, duration_s=600.0)
     irregular = dataclasses.replace(
         sc, topology=dataclasses.replace(sc.topology, layout="random", count=9),
         backhaul=dataclasses.replace(sc.backhaul, neighbours=3))
     graph = simulate(irregular)
+    assert graph.topology.backhaul.dense == matrices
     real = sim_engine.build_topology
     monkeypatch.setattr(sim_engine, "build_topology",
                         lambda *args: _reference_topology(real(*args)))
     dense = simulate(irregular)
-    assert graph.topology.backhaul.stats.lookups > 0
+    assert matrices or graph.topology.backhaul.stats.lookups > 0
     ref_rtt = dense.topology.backhaul.rtt  # type: ignore[attr-defined]
     n = graph.topology.size
     idx = np.arange(n)
@@ -297,13 +310,13 @@ def test_shipped_backhauls_agree_with_the_reference(name: str) -> None:
 
 def test_one_cloudlet_parallel_links_and_a_split_graph() -> None:
     alone = GraphBackhaul(1, 1, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
-                          np.zeros(0), np.zeros(0))
+                          np.zeros(0), np.zeros(0), dense_max=0)
     assert alone.rtt_ms(np.array([0]), np.array([0])).tolist() == [0.0]
     assert alone.path(np.array(0), np.array(0)).tolist() == [-1]
     assert alone.near(8).tolist() == [[0]]
     # Two links between the same cloudlets: the faster one carries the route.
     twice = GraphBackhaul(2, 2, np.array([0, 0]), np.array([1, 1]), np.array([2.0, 1.0]),
-                          np.array([10.0, 20.0]))
+                          np.array([10.0, 20.0]), dense_max=0)
     assert float(twice.rtt_ms(np.array(0), np.array(1))) == 1.0
     assert twice.path(np.array(0), np.array(1)).tolist() == [2]
     assert float(twice.path_bandwidth_mbit_s(np.array(1), np.array(0))) == 20.0

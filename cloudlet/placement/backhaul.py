@@ -43,6 +43,12 @@ of parallel links between two nodes counts once: the one of lower RTT (the
 first listed on a tie). A link of zero RTT is taken as 1e-12 ms, so that a
 predecessor is always strictly closer.
 
+Small backhauls (up to `DENSE_MAX_CLOUDLETS`, 1,024) also keep every pair's RTT
+and bottleneck as two (n, n) matrices, asked once through the tables above: the
+same numbers, answered by one gather from a matrix that fits in cache (a hash
+lookup cost a 100-cloudlet city's `predictive` step 20%), and their routes too
+while that table stays under 32 MB. `dense_max=0` turns the matrices off.
+
 `DenseBackhaul` answers from two given (n, n) matrices with no routes: what a
 live orchestrator that models a full mesh from positions has, and what hand-made
 tests state; it is for tens of cloudlets, not for a nation.
@@ -74,6 +80,12 @@ CHUNK_SOURCES = 256
 # The far pairs' table at first, in pairs (1.4 MB): it doubles each time a fill finds
 # it full, up to MAX_FAR_SLOTS, so a run that asks few far pairs never pays for more.
 MIN_FAR_CAPACITY = 1 << 14
+# Up to this many cloudlets, RTT and bandwidth are also kept as (n, n) matrices
+# (16 MB at 1,024), filled once from the tables: the same numbers, one gather.
+DENSE_MAX_CLOUDLETS = 1024
+# ... and their routes as an (n, n, longest path) table of link ids while it stays
+# this small (100 cloudlets on a grid: 1.4 MB), the width of the longest route.
+DENSE_ROUTES_MAX_BYTES = 32 << 20
 # The far pairs' table never grows past this many slots (40 bytes each: 168 MB);
 # a fill that would pass half of it empties it first.
 MAX_FAR_SLOTS = 1 << 22
@@ -171,7 +183,8 @@ class GraphBackhaul(Backhaul):
 
     def __init__(self, cloudlets: int, nodes: int, link_a: IntArray, link_b: IntArray,
                  link_rtt_ms: FloatArray, link_bandwidth_mbit_s: FloatArray,
-                 keep: int = KEEP, far_capacity: int | None = None) -> None:
+                 keep: int = KEEP, far_capacity: int | None = None,
+                 dense_max: int | None = None) -> None:
         a = np.asarray(link_a, dtype=np.int64)
         b = np.asarray(link_b, dtype=np.int64)
         w = np.maximum(np.asarray(link_rtt_ms, dtype=np.float64), MIN_LINK_RTT_MS)
@@ -195,6 +208,37 @@ class GraphBackhaul(Backhaul):
         cap = far_capacity or MIN_FAR_CAPACITY
         self._far = _FarTable(1 << int(np.ceil(np.log2(max(cap, 2)) + 1)))
         self._grow_fields()
+        self._dense_rtt: FloatArray | None = None
+        self._dense_bw: FloatArray | None = None
+        self._dense_path: IntArray | None = None
+        self._dense_hops: NDArray[np.int32] = np.zeros((0, 0), dtype=np.int32)
+        small = cloudlets <= (DENSE_MAX_CLOUDLETS if dense_max is None else dense_max)
+        if small and self.disconnected() is None:
+            self._densify(far_capacity)
+
+    def _densify(self, far_capacity: int | None) -> None:
+        """Every pair's RTT and bottleneck, asked once through the kept and far
+        tables and copied into two (n, n) matrices; the far table is then let go.
+        Small backhauls only: there a gather from a matrix in cache beats a hash
+        lookup (20% of a 100-cloudlet city's `predictive` step)."""
+        n = self.size
+        idx = np.arange(n)
+        slot = self._slots(np.repeat(idx, n), np.tile(idx, n))
+        self._dense_rtt = self._rtt[slot].reshape(n, n)
+        self._dense_bw = self._bw[slot].reshape(n, n)
+        longest = int(self._hops[slot].max()) if len(slot) else 0
+        if n * n * max(longest, 1) * 8 <= DENSE_ROUTES_MAX_BYTES:
+            self._dense_path = self.path(idx[:, None], idx[None, :])
+            self._dense_hops = self._hops[slot].reshape(n, n)
+        self.stats = BackhaulStats()
+        cap = far_capacity or MIN_FAR_CAPACITY
+        self._far = _FarTable(1 << int(np.ceil(np.log2(max(cap, 2)) + 1)))
+        self._grow_fields()
+
+    @property
+    def dense(self) -> bool:
+        """Whether RTT and bandwidth are answered from (n, n) matrices (small n)."""
+        return self._dense_rtt is not None
 
     # --- the graph ---------------------------------------------------------------------
 
@@ -523,18 +567,31 @@ class GraphBackhaul(Backhaul):
         return self._slots(a.ravel(), j.ravel(), routes), a.shape
 
     def rtt_ms(self, source: IntArray, target: IntArray) -> FloatArray:
+        if self._dense_rtt is not None:
+            got: FloatArray = self._dense_rtt[source, target]
+            return got
         slot, shape = self._pairs(source, target)
         out: FloatArray = self._rtt[slot].reshape(shape)
         return out
 
     def path_bandwidth_mbit_s(self, source: IntArray, target: IntArray) -> FloatArray:
+        if self._dense_bw is not None:
+            got: FloatArray = self._dense_bw[source, target]
+            return got
         slot, shape = self._pairs(source, target)
         out: FloatArray = self._bw[slot].reshape(shape)
         return out
 
     def path(self, source: IntArray, target: IntArray) -> IntArray:
         """The directed link ids of each pair's path, source to target: (..., P),
-        -1 past its end (P is the longest path asked, at least 1)."""
+        -1 past its end (P is the longest path asked, or of all, at least 1)."""
+        if self._dense_path is not None:
+            # As wide as the longest route asked: the congestion model's work per
+            # move grows with the width.
+            hops = self._dense_hops[source, target]
+            width = max(int(hops.max()) if hops.size else 0, 1)
+            got: IntArray = self._dense_path[source, target][..., :width]
+            return got
         slot, shape = self._pairs(source, target, routes=True)
         hops = self._hops[slot]
         width = max(int(hops.max()) if len(hops) else 0, 1)
@@ -564,7 +621,9 @@ class GraphBackhaul(Backhaul):
         arrays = (self._key, self._rtt, self._link, self._parent, self._hops, self._bw,
                   self._near, self.radius_ms, self._link_bw, self._link_tail, self._edge_key,
                   self._edge_id, self._far.key)
-        return int(sum(x.nbytes for x in arrays)
+        dense = sum(x.nbytes for x in (self._dense_rtt, self._dense_bw, self._dense_path)
+                    if x is not None)
+        return int(sum(x.nbytes for x in arrays) + dense
                    + self._graph.data.nbytes + self._graph.indices.nbytes
                    + self._graph.indptr.nbytes)
 
