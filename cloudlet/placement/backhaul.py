@@ -43,7 +43,7 @@ of parallel links between two nodes counts once: the one of lower RTT (the
 first listed on a tie). A link of zero RTT is taken as 1e-12 ms, so that a
 predecessor is always strictly closer.
 
-Small backhauls (up to `DENSE_MAX_CLOUDLETS`, 1,024) also keep every pair's RTT
+Small backhauls (up to `DENSE_MAX_CLOUDLETS`, 256) also keep every pair's RTT
 and bottleneck as two (n, n) matrices, asked once through the tables above: the
 same numbers, answered by one gather from a matrix that fits in cache (a hash
 lookup cost a 100-cloudlet city's `predictive` step 20%), and their routes too
@@ -81,8 +81,9 @@ CHUNK_SOURCES = 256
 # it full, up to MAX_FAR_SLOTS, so a run that asks few far pairs never pays for more.
 MIN_FAR_CAPACITY = 1 << 14
 # Up to this many cloudlets, RTT and bandwidth are also kept as (n, n) matrices
-# (16 MB at 1,024), filled once from the tables: the same numbers, one gather.
-DENSE_MAX_CLOUDLETS = 1024
+# (1 MB at 256), filled once from the tables: the same numbers, one gather. Beyond,
+# asking every pair costs more than it saves (5 s at 1,000 cloudlets).
+DENSE_MAX_CLOUDLETS = 256
 # ... and their routes as an (n, n, longest path) table of link ids while it stays
 # this small (100 cloudlets on a grid: 1.4 MB), the width of the longest route.
 DENSE_ROUTES_MAX_BYTES = 32 << 20
