@@ -58,8 +58,10 @@ What is measured, per run:
   call answered by the source to the first answered by the destination
   (completion times in this process); the same measure for both modes, since a
   stop-and-copy destination does not set `arrival_downtime_ms`. A call is
-  attributed to the destination if the session had followed the move before it
-  was sent, or if it was resent there after the move.
+  attributed to the destination if the session had followed the move when its
+  answer came (the old place's answers all precede its `moved` notice, with the
+  pause between them; the new place's follow it, whether the call was sent
+  there, resent there, or written on the standby stream during the pause).
 - total_s, bytes_sent, overlay_plus_dirty_bytes, rounds, bytes_per_round: the
   migrate call's answer (the source's `MigrationStats`); stop_and_copy_bytes is
   the snapshot's size (zstd when it saves 10%, as the daemon decides).
@@ -287,14 +289,18 @@ class Dirtier:
             last = now
             pages = int(owed)
             owed -= pages
-            moves, resent = s.moves_followed, s.resent
             sent = clock()
             await s.call("hog_dirty", pages, (self.seed + k) & 0x7FFFFFFF)
             answered = clock()
             # At the destination: sent after the session followed the move, or sent to
             # the source but resent at the destination after it (it waited out the pause).
-            there = moves > 0 or (s.moves_followed > 0 and s.resent > resent)
-            place = s.moves_followed if s.resent > resent else moves
+            # Where it was answered: the moves the session had followed when the answer
+            # came. An old stream's answers all arrive before its `moved` notice, the
+            # new place's after the session followed it (whether the call was sent
+            # there after the move, resent there, or written on the standby stream
+            # while the source was paused).
+            place = s.moves_followed
+            there = place > 0
             self.records.append(CallRecord(sent, answered, pages, there, place))
             if there:
                 self.first_there = self.first_there or answered
