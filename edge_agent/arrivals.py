@@ -19,7 +19,9 @@ other is refused at once, `vm_not_found`), only for its owner, at most
 `MAX_HELD_PER_VM` for one VM (`quota_exceeded`) and `MAX_HELD` in all
 (`capacity_exceeded`), each for at most the move deadline. What waits on a held
 stream is bounded by the WebSocket reader: past 64 KiB it stops reading the
-socket, and TCP flow control keeps the rest at the client.
+socket, and TCP flow control keeps the rest at the client. The price of not
+reading: a client that closes a held stream is noticed only when the VM lands
+(or the hold ends), so until then it counts against the bounds.
 """
 
 from __future__ import annotations
