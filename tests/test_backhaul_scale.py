@@ -163,6 +163,11 @@ def test_graph_backhaul_matches_all_pairs_on_random_graphs(seed: int) -> None:
     assert np.array_equal(small.path_bandwidth_mbit_s(src, dst),
                           g.path_bandwidth_mbit_s(src, dst))
     _check_routes(small, ref, a, b, w, bw)
+    # The same when filling the matrices grows or empties the far table midway.
+    for cap in (4, 1 << 22):
+        tight = GraphBackhaul(n, nodes, a, b, w, bw, keep=keep, far_capacity=4,
+                              max_far_slots=cap)
+        _check_routes(tight, ref, a, b, w, bw)
     # The K closest: the same RTTs rank by rank, so the same lists up to equal RTTs.
     k = g.keep
     near, want = g.near(k), ref.near(k)
@@ -198,7 +203,8 @@ def test_far_pairs_are_exact_and_counted_and_the_cache_is_bounded() -> None:
     w = rng.uniform(1.0, 2.0, len(a))
     bw = rng.integers(1, 10, len(a)) * 100.0
     ref = ReferenceBackhaul(n, n, a, b, w, bw)
-    g = GraphBackhaul(n, n, a, b, w, bw, keep=4, far_capacity=64, dense_max=0)
+    g = GraphBackhaul(n, n, a, b, w, bw, keep=4, far_capacity=64, dense_max=0,
+                      max_far_slots=256)
     src = rng.integers(0, n, 500)
     dst = rng.integers(0, n, 500)
     # RTT and bandwidth first (no routes kept), then routes, then again.
@@ -213,9 +219,19 @@ def test_far_pairs_are_exact_and_counted_and_the_cache_is_bounded() -> None:
     st = g.stats
     assert st.far_lookups > 0 and st.dijkstra_sources > 0
     assert st.far_lookups <= st.lookups
-    # 64 pairs at most: the table was emptied (and grown) rather than left to grow.
-    assert st.clears >= 1
+    # 256 slots at most: the table was emptied rather than left to grow.
+    assert st.clears >= 1 and g.nbytes < GraphBackhaul(
+        n, n, a, b, w, bw, keep=4, dense_max=0).nbytes + 256 * 64
     _check_routes(g, ref, a, b, w, bw)
+    # Below its bound it grows instead, keeping what it holds: asked again, the same
+    # pairs cost no search.
+    roomy = GraphBackhaul(n, n, a, b, w, bw, keep=4, far_capacity=16, dense_max=0)
+    first = roomy.path(src, dst)
+    searched = roomy.stats.dijkstra_sources
+    assert roomy.stats.clears == 0 and searched > 0
+    assert np.array_equal(roomy.path(src, dst), first)
+    assert np.allclose(roomy.rtt_ms(src, dst), ref.rtt[src, dst], rtol=1e-12)
+    assert roomy.stats.dijkstra_sources == searched
 
 
 def grid_backhaul(side: int) -> GraphBackhaul:

@@ -33,13 +33,14 @@ wider again for the sources still short), and each pair's RTT, bottleneck and
 hops are found by walking its predecessors back to a kept node. Only when a
 route is asked (`path`) are the nodes of that walk stored too, linked to their
 predecessors. The pairs go to a second table shared by all sources, bounded:
-it starts at `far_capacity` pairs (16k), and a fill that would take it past
-half full empties it and doubles it, up to MAX_FAR_SLOTS; pairs asked again
-are recomputed. `stats` counts lookups, far lookups, pairs filled, sources
-searched and clears. How often: the city grown to 10,000 users and 1,000
-cloudlets asked no far pair in five minutes under any policy; a placer state
-whose sessions are hosted at random cloudlets across 10,000 (benchmarks/sim.py)
-asks ~35,000 sources' worth in its first round, then none. Memory stays
+it starts at `far_capacity` pairs (16k) and doubles, keeping its pairs, when a
+fill would take it past half full; at `max_far_slots` (4M) such a fill empties
+it instead, and pairs asked again are recomputed. `stats` counts lookups, far
+lookups, pairs filled, sources searched and clears. How often: the city grown
+to 10,000 users and 1,000 cloudlets asked no far pair in five minutes under any
+policy; a placer state whose sessions are hosted at random cloudlets across
+10,000 (benchmarks/sim.py) searches from ~35,000 sources in its first round,
+then none. Memory stays
 O(cloudlets x keep + pairs asked), never n^2.
 
 Ties. Dijkstra keeps, for each node, the first predecessor that reaches its
@@ -83,8 +84,9 @@ KEEP = 64
 # Sources per Dijkstra call: scipy answers with a dense (sources, nodes) array, so
 # 256 sources over 10,000 nodes is 20 MB of distances and 10 MB of predecessors.
 CHUNK_SOURCES = 256
-# The far pairs' table at first, in pairs (1.4 MB): it doubles each time a fill finds
-# it full, up to MAX_FAR_SLOTS, so a run that asks few far pairs never pays for more.
+# The far pairs' table at first, in pairs (1.4 MB): it doubles, keeping its pairs,
+# each time a fill would fill it past half, up to MAX_FAR_SLOTS, so a run that asks
+# few far pairs never pays for more.
 MIN_FAR_CAPACITY = 1 << 14
 # Up to this many cloudlets, RTT and bandwidth are also kept as (n, n) matrices
 # (1 MB at 256), filled once from the tables: the same numbers, one gather. Beyond,
@@ -94,7 +96,7 @@ DENSE_MAX_CLOUDLETS = 256
 # this small (100 cloudlets on a grid: 1.4 MB), the width of the longest route.
 DENSE_ROUTES_MAX_BYTES = 32 << 20
 # The far pairs' table never grows past this many slots (40 bytes each: 168 MB);
-# a fill that would pass half of it empties it first.
+# there, a fill that would pass half of it empties it first.
 MAX_FAR_SLOTS = 1 << 22
 # A far pair computed for its RTT and bandwidth only: no predecessor entry.
 UNLINKED = -2
@@ -191,7 +193,7 @@ class GraphBackhaul(Backhaul):
     def __init__(self, cloudlets: int, nodes: int, link_a: IntArray, link_b: IntArray,
                  link_rtt_ms: FloatArray, link_bandwidth_mbit_s: FloatArray,
                  keep: int = KEEP, far_capacity: int | None = None,
-                 dense_max: int | None = None) -> None:
+                 dense_max: int | None = None, max_far_slots: int = MAX_FAR_SLOTS) -> None:
         a = np.asarray(link_a, dtype=np.int64)
         b = np.asarray(link_b, dtype=np.int64)
         w = np.maximum(np.asarray(link_rtt_ms, dtype=np.float64), MIN_LINK_RTT_MS)
@@ -208,6 +210,7 @@ class GraphBackhaul(Backhaul):
         self.nodes = nodes
         self.keep = min(keep, cloudlets)
         self.stats = BackhaulStats()
+        self._max_far_slots = max_far_slots
         self._link_bw = np.repeat(bw, 2)  # by directed id
         self._link_tail = np.stack([a, b], axis=1).ravel()  # by directed id
         self._graph, self._edge_key, self._edge_id = _graph(nodes, a, b, w)
@@ -236,7 +239,8 @@ class GraphBackhaul(Backhaul):
         longest = int(self._hops[slot].max()) if len(slot) else 0
         if n * n * max(longest, 1) * 8 <= DENSE_ROUTES_MAX_BYTES:
             self._dense_path = self.path(idx[:, None], idx[None, :])
-            self._dense_hops = self._hops[slot].reshape(n, n)
+            # From the routes, not `slot`: asking them may have moved the far table.
+            self._dense_hops = (self._dense_path >= 0).sum(axis=-1).astype(np.int32)
         self.stats = BackhaulStats()
         cap = far_capacity or MIN_FAR_CAPACITY
         self._far = _FarTable(1 << int(np.ceil(np.log2(max(cap, 2)) + 1)))
@@ -452,13 +456,18 @@ class GraphBackhaul(Backhaul):
         hops, link = (np.concatenate([x[i] for x in parts]) for i in (4, 5))
         keys = s * self.nodes + t
         cleared = False
-        if self._far.count + len(keys) > self._far.capacity // 2:
-            # Full: empty it, and give it room for twice this fill (up to the cap).
-            want = min(max(2 * self._far.capacity, 4 * len(keys)),
-                       max(MAX_FAR_SLOTS, 4 * len(keys)))
-            self._far = _FarTable(1 << int(np.ceil(np.log2(want))))
-            self.stats.clears += 1
-            cleared = True
+        need = self._far.count + len(keys)
+        if need > self._far.capacity // 2:
+            if 2 * need <= self._max_far_slots:
+                # Room to grow: a table twice as large, its pairs carried over.
+                self._rehash(1 << int(np.ceil(np.log2(max(2 * need,
+                                                          2 * self._far.capacity)))))
+            else:
+                # At its bound: emptied, sized for this fill.
+                want = max(self._max_far_slots, 4 * len(keys))
+                self._far = _FarTable(1 << int(np.ceil(np.log2(want))))
+                self.stats.clears += 1
+                cleared = True
         fresh = self._far.find(keys) < 0
         self._far.insert(keys[fresh])
         self.stats.far_filled += int(fresh.sum())
@@ -543,6 +552,27 @@ class GraphBackhaul(Backhaul):
                 raise AssertionError("backhaul: a far path's predecessor was not met")
             pending = rest[~ready]
         return src, t, d[r, t], bw, hops, link, prd
+
+    def _rehash(self, capacity: int) -> None:
+        """Move the far table to `capacity` slots, its pairs and their fields with it
+        (a parent in the far table follows its pair to its new slot)."""
+        base = len(self._key)
+        old = self._far
+        at = np.flatnonzero(old.key >= 0)
+        self._far = _FarTable(capacity)
+        self._far.insert(old.key[at])
+        moved = self._far.find(old.key[at])
+        where = np.full(old.capacity, -1, dtype=np.int64)
+        where[at] = moved
+        fields = {name: getattr(self, name)[base + at]
+                  for name in ("_rtt", "_link", "_parent", "_hops", "_bw")}
+        self._grow_fields()
+        par = fields["_parent"].astype(np.int64)
+        far_parent = par >= base
+        par[far_parent] = base + where[par[far_parent] - base]
+        fields["_parent"] = par.astype(np.int32)
+        for name, values in fields.items():
+            getattr(self, name)[base + moved] = values
 
     def _grow_fields(self) -> None:
         """Field arrays span the kept slots then the far table's (which may grow)."""
