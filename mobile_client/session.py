@@ -70,12 +70,7 @@ Locator = Callable[[str], Awaitable[Location | None]]
 
 
 class _Expired(Exception):
-    """A call's deadline timer fired before its answer came (never leaves `call`)."""
-
-
-def _expire(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(_Expired())
+    """A call's deadline passed before its answer came (never leaves `call`)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +104,13 @@ class Session:
         # bound is the contract, this is how waiting for it looks on asyncio).
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
+        # Call deadlines, by number, on the loop's clock. One timer per session, armed
+        # for the earliest of them, rather than one per call: a timer handle made and
+        # cancelled on every call was a measurable share of the SDK's per-call cost,
+        # and deadlines are long, so the armed one is rarely moved.
+        self._deadlines_s: dict[int, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at_s = 0.0
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         # The stream opened ahead of a move (`OpenStandby`), and the task that opens
         # and then watches it (it must not read the current stream's turn).
@@ -188,6 +190,9 @@ class Session:
     async def close(self) -> None:
         """Stop the connection task and close the stream. Calls still waiting fail."""
         runner, self._runner = self._runner, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if runner is not None:
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -222,17 +227,17 @@ class Session:
         if deadline_ms is not None and not deadline_ms > 0:
             raise InvalidArgument(f"deadline_ms must be positive, not {deadline_ms!r}")
         started = time.perf_counter()
-        await self._slots.acquire()
+        slots = self._slots
+        await slots.acquire()
         try:
             numbered = protocol.call(fn, args)  # a refusal takes no number
         except BaseException:
-            self._slots.release()
+            slots.release()
             raise
         seq = numbered.seq
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting[seq] = future
-        timer: asyncio.TimerHandle | None = None
         deadline_s = (self.call_deadline_ms if deadline_ms is None else deadline_ms) / 1000
         try:
             ws = self._ws
@@ -244,18 +249,44 @@ class Session:
                     await ws.send_bytes(numbered.data)  # a failure: the reconnect resends it
             # On the deadline only this wait ends, not the call: it stays queued, is
             # resent on reconnects, and its answer is taken but handed to no one.
-            timer = loop.call_later(deadline_s, _expire, future)
+            if not future.done():
+                at_s = loop.time() + deadline_s
+                self._deadlines_s[seq] = at_s
+                if self._timer is None or at_s < self._timer_at_s:
+                    self._arm(loop, at_s)
             result = await future
         except _Expired:
             raise protocol.deadline_passed(seq, deadline_s * 1000) from None
         finally:
-            if timer is not None:
-                timer.cancel()
+            self._deadlines_s.pop(seq, None)
             del self._waiting[seq]
             protocol.caller_gone(seq)
-            self._slots.release()
+            slots.release()
         self._record((time.perf_counter() - started) * 1000)
         return result
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at_s: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(at_s, self._expire_due)
+        self._timer_at_s = at_s
+
+    def _expire_due(self) -> None:
+        """The session's deadline timer fired: end the waits whose deadline passed and
+        arm the timer for the earliest one left, if any."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now_s = loop.time()
+        earliest_s = float("inf")
+        for seq, at_s in self._deadlines_s.items():
+            if at_s <= now_s:
+                future = self._waiting.get(seq)
+                if future is not None and not future.done():
+                    future.set_exception(_Expired())
+            elif at_s < earliest_s:
+                earliest_s = at_s
+        if earliest_s != float("inf"):
+            self._arm(loop, earliest_s)
 
     def _deliver(self, ev: Answer | CallFailed) -> None:
         future = self._waiting.get(ev.seq)

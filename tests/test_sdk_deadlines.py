@@ -1,0 +1,91 @@
+"""Call deadlines of one session share one timer: each call still ends at its own.
+
+The session arms a single timer for the earliest deadline among its waiting calls
+(not one per call). These tests hold answers back at a real proxy in front of a
+real daemon and check that a short deadline behind a long one still fires on
+time, that the long one is neither cut short nor lost, and that the timer is
+armed again once the session had nothing waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloudlet.errors import CallTimeout
+from mobile_client import CloudletClient
+from tests.conftest import WORKLOADS
+from tests.daemons import Daemon, make_daemon
+from tests.test_sdk_faults import FaultProxy
+
+KVSTORE = WORKLOADS / "kvstore.wasm"
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = make_daemon(tmp_path, "deadlines").start()
+    yield d
+    d.stop()
+
+
+def test_a_short_deadline_behind_a_long_one_fires_on_time(daemon: Daemon) -> None:
+    token = daemon.token("dora")
+
+    async def run() -> None:
+        async with FaultProxy(daemon.port) as link, \
+                CloudletClient(token, endpoints=[link.endpoint]) as client, \
+                client.session(KVSTORE) as s:
+            assert await s.call("kv_put", 1, 1) == 1
+            link.hold = True
+            long_call = asyncio.ensure_future(s.call("kv_put", 1, 2, deadline_ms=5000))
+            await asyncio.sleep(0.05)
+            started = time.perf_counter()
+            with pytest.raises(CallTimeout):
+                await s.call("kv_put", 2, 2, deadline_ms=300)
+            waited_s = time.perf_counter() - started
+            assert 0.29 <= waited_s < 2.0, waited_s
+            assert not long_call.done()  # its own deadline is far: it still waits
+            link.cut()  # the held answers are dropped: the reconnect resends both calls
+            link.hold = False
+            await long_call  # answered, not timed out
+            assert await s.call("kv_get", 1) == 2
+            # Nothing waited for a while: the timer is armed afresh for the next call.
+            link.hold = True
+            started = time.perf_counter()
+            with pytest.raises(CallTimeout):
+                await s.call("kv_get", 1, deadline_ms=200)
+            assert 0.19 <= time.perf_counter() - started < 2.0
+            link.cut()
+            link.hold = False
+            assert await s.call("kv_get", 2) == 2
+
+    asyncio.run(run())
+
+
+def test_a_long_deadline_is_not_cut_short_by_a_shorter_one(daemon: Daemon) -> None:
+    token = daemon.token("ed")
+
+    async def run() -> None:
+        async with FaultProxy(daemon.port) as link, \
+                CloudletClient(token, endpoints=[link.endpoint]) as client, \
+                client.session(KVSTORE) as s:
+            assert await s.call("kv_put", 1, 1) == 1
+            link.hold = True
+            started = time.perf_counter()
+            short = asyncio.ensure_future(s.call("kv_put", 1, 2, deadline_ms=200))
+            long = asyncio.ensure_future(s.call("kv_put", 1, 3, deadline_ms=900))
+            with pytest.raises(CallTimeout):
+                await short
+            assert not long.done()
+            with pytest.raises(CallTimeout):
+                await long
+            assert 0.89 <= time.perf_counter() - started < 3.0
+            link.cut()
+            link.hold = False
+            assert await s.call("kv_get", 1) == 3  # both applied, once each, in order
+
+    asyncio.run(run())
