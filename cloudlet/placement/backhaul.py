@@ -39,7 +39,7 @@ it instead, and pairs asked again are recomputed. `stats` counts lookups, far
 lookups, pairs filled, sources searched and clears. How often: the city grown
 to 10,000 users and 1,000 cloudlets asked no far pair in five minutes under any
 policy; a placer state whose sessions are hosted at random cloudlets across
-10,000 (benchmarks/sim.py) searches from ~35,000 sources in its first round,
+10,000 (benchmarks/sim.py) searches from ~20,000 sources in its first round,
 then none. Memory stays
 O(cloudlets x keep + pairs asked), never n^2.
 
