@@ -499,11 +499,15 @@ async def hosted_or_arrived(request: web.Request,
     arrival = arrivals.get(vm_id) if vm_id not in request.app[HOST].vms else None
     if arrival is None:
         return hosted_vm(request)
-    with arrivals.hold(arrival, principal(request)):
+    who = principal(request)
+    with arrivals.hold(arrival, who):
         await open_websocket(request, ws)
         hosted = await arrival.wait(request.app[CONFIG].move_deadline_s)
-    if hosted is None or request.app[HOST].vms.get(vm_id) is not hosted:
-        # Not coming (or gone again at once): the client resends where the VM is.
+    if (hosted is None or request.app[HOST].vms.get(vm_id) is not hosted
+            or not (who.is_peer or hosted.owner == who.name)):
+        # Not coming (or gone again at once): the client resends where the VM is. Or
+        # what landed is not what was announced (a second offer of the same id named
+        # another owner): the owner check is made again on the VM that is here.
         await ws.close(code=NOT_ARRIVING_CLOSE_CODE, message=b"the VM is not coming here")
         return None
     return hosted

@@ -16,8 +16,12 @@ VM is).
 Bounds, so that holding costs an attacker more than it costs this cloudlet: a
 stream is held only for a VM whose migration here has been admitted (any
 other is refused at once, `vm_not_found`), only for its owner, at most
-`MAX_HELD_PER_VM` for one VM (`quota_exceeded`) and `MAX_HELD` in all
-(`capacity_exceeded`), each for at most the move deadline. What waits on a held
+`MAX_HELD_PER_VM` for one VM and `MAX_HELD_PER_CLIENT` for one client
+(`quota_exceeded`: a client whose many VMs arrive at once cannot take the whole
+node's share from the others) and `MAX_HELD` in all (`capacity_exceeded`),
+each for at most the move deadline. An arrival belongs to the attempt that
+announced it: an older attempt that ends late does not close the streams held
+for a newer one. What waits on a held
 stream is bounded by the WebSocket reader: past 64 KiB it stops reading the
 socket, and TCP flow control keeps the rest at the client. The price of not
 reading: a client that closes a held stream is noticed only when the VM lands
@@ -38,6 +42,10 @@ from edge_agent.hosted import HostedVM
 # A session keeps one standby per move; a few more leave room for a client with
 # two sessions of a VM, or one whose standby broke and is opened again.
 MAX_HELD_PER_VM = 4
+# Streams one client (or peer) may hold at once across all its arriving VMs: one
+# standby for each of 32 VMs moving together, an eighth of `MAX_HELD`, so a
+# client cannot hold every stream the node keeps for everyone's arrivals.
+MAX_HELD_PER_CLIENT = 32
 # Sockets held at once for all arriving VMs; each costs a socket and a 64 KiB
 # buffer at most, so this is ~16 MiB in the worst case.
 MAX_HELD = 256
@@ -51,6 +59,7 @@ class Arrival:
     vm_id: str
     owner: str
     held: int = 0
+    attempt: object = None  # the migration that announced it (its `Incoming`)
     landed: asyncio.Future[HostedVM | None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -69,24 +78,29 @@ class Arrivals:
 
     def __init__(self) -> None:
         self._by_vm: dict[str, Arrival] = {}
+        self._by_client: dict[str, int] = {}
         self.held = 0
 
     def get(self, vm_id: str) -> Arrival | None:
         return self._by_vm.get(vm_id)
 
-    def expect(self, vm_id: str, owner: str) -> Arrival:
+    def expect(self, vm_id: str, owner: str, attempt: object = None) -> Arrival:
         """A migration of `vm_id` here was admitted: its owner's streams may wait."""
         self._settle(vm_id, None)  # an older attempt that was never settled
-        arrival = self._by_vm[vm_id] = Arrival(vm_id, owner)
+        arrival = self._by_vm[vm_id] = Arrival(vm_id, owner, attempt=attempt)
         return arrival
 
     def landed(self, vm_id: str, hosted: HostedVM) -> None:
         """The VM serves here now: the held streams are served."""
         self._settle(vm_id, hosted)
 
-    def not_coming(self, vm_id: str) -> None:
+    def not_coming(self, vm_id: str, attempt: object = None) -> None:
         """The migration failed (or this cloudlet is stopping): the held streams are
-        closed, and their clients stay with the source."""
+        closed, and their clients stay with the source. Given `attempt`, only if the
+        VM's arrival is still that attempt's: a newer attempt's streams stay held."""
+        arrival = self._by_vm.get(vm_id)
+        if attempt is not None and arrival is not None and arrival.attempt is not attempt:
+            return
         self._settle(vm_id, None)
 
     def close(self) -> None:
@@ -108,13 +122,24 @@ class Arrivals:
             raise QuotaExceeded(f"{MAX_HELD_PER_VM} streams already wait for VM "
                                 f"{arrival.vm_id} to arrive", quota="held_streams_per_vm",
                                 limit=MAX_HELD_PER_VM, use=arrival.held)
+        mine = self._by_client.get(who.name, 0)
+        if mine >= MAX_HELD_PER_CLIENT:
+            raise QuotaExceeded(f"{MAX_HELD_PER_CLIENT} streams of {who.name} already wait "
+                                "for VMs to arrive", quota="held_streams_per_client",
+                                limit=MAX_HELD_PER_CLIENT, use=mine)
         if self.held >= MAX_HELD:
             raise CapacityExceeded(f"this cloudlet holds its maximum of {MAX_HELD} streams "
                                    "for arriving VMs")
         arrival.held += 1
         self.held += 1
+        self._by_client[who.name] = mine + 1
         try:
             yield arrival
         finally:
             arrival.held -= 1
             self.held -= 1
+            left = self._by_client[who.name] - 1
+            if left:
+                self._by_client[who.name] = left
+            else:
+                del self._by_client[who.name]

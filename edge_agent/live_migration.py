@@ -316,7 +316,9 @@ class LiveMigrations:
             # Its owner's streams may wait from now on. A large offer is read in a
             # worker thread: registered on the loop, before the driver, which resumes
             # after this thread's result, sends the `Accept`.
-            loop.call_soon_threadsafe(self.arrivals.expect, offer.vm_id, offer.owner or "")
+            # Keyed by this attempt: its end settles its own arrival, not a newer one's.
+            loop.call_soon_threadsafe(self.arrivals.expect, offer.vm_id, offer.owner or "",
+                                      incoming)
             incoming.vm_id = offer.vm_id
 
         settling = False
@@ -338,7 +340,8 @@ class LiveMigrations:
                 incoming.discard()
         finally:
             if incoming.vm_id is not None and not settling:
-                self.arrivals.not_coming(incoming.vm_id)  # a no-op once it landed
+                # A no-op once it landed, or once a newer attempt took its place.
+                self.arrivals.not_coming(incoming.vm_id, incoming)
         return {"outcome": got.outcome, **got.stats.to_dict()}
 
     async def _activate(self, vm: VM, annex: dict[str, Any], migration_id: str | None) -> None:
@@ -400,7 +403,7 @@ class LiveMigrations:
             await self._activate(vm, annex, incoming.migration_id)
         else:
             if incoming.vm_id is not None:
-                self.arrivals.not_coming(incoming.vm_id)
+                self.arrivals.not_coming(incoming.vm_id, incoming)
             if vm is not None:
                 vm.close()
             incoming.discard()
