@@ -21,6 +21,10 @@ for a misbehaving peer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +40,7 @@ from edge_agent.arrivals import MAX_HELD, MAX_HELD_PER_CLIENT, MAX_HELD_PER_VM
 from edge_agent.live_migration import new_migration_id
 from mobile_client import CloudletClient
 from tests.daemons import Daemon, make_daemon
+from tests.tcp_proxy import reset
 from tests.test_migration_standby import (
     KVSTORE,
     SETTINGS,
@@ -282,5 +287,140 @@ def test_an_old_attempt_that_ends_late_leaves_the_new_attempts_streams(
             await closed_unanswered(second)
             status, body = await stream_refusal(west, "kv1", alice)
             assert (status, body["code"]) == (404, "vm_not_found"), body
+
+    asyncio.run(run())
+
+
+# --- crashes around the commit -------------------------------------------------------------------
+
+
+class ResettableStandby(HoldAfterAccept):
+    """`HoldAfterAccept` that can also reset the clients' streams through it (the
+    standby, or the stream it became) while the migration link lives on."""
+
+    def reset_streams(self) -> int:
+        streams = self._writers - self._migrations
+        for w in streams:
+            reset(w)
+        self._writers -= streams
+        return len(streams)
+
+
+async def quietly_migrate(src: Daemon, vm_id: str, endpoint: str) -> None:
+    """A migration whose source is killed under it: its answer does not matter."""
+    with contextlib.suppress(OSError, http.client.HTTPException):
+        await migrate(src, vm_id, endpoint)
+
+
+def sigkill(d: Daemon) -> None:
+    assert d.proc is not None
+    os.kill(d.proc.pid, signal.SIGKILL)
+    assert d.proc.wait(10) == -signal.SIGKILL
+    d.kill()  # closes what the dead process left
+
+
+def test_the_source_killed_after_moving_before_the_decision(
+        pair: tuple[Daemon, Daemon]) -> None:
+    """The session stands by at west; east, still serving the VM (its checkpoints
+    wait for the migration), is SIGKILLed before it decides. West lets the held
+    stream go, and east comes back from the checkpoint it made as the migration
+    began: the calls it answered since are replayed from the session's journal, so
+    every call is applied once, at east, and the VM is nowhere else."""
+    east, west = pair
+    token = east.token("bo")
+
+    async def run() -> None:
+        async with HoldAfterAccept(west.port) as proxy, \
+                CloudletClient(token, endpoints=[east.endpoint]) as client, \
+                client.session(KVSTORE, keep=True) as s:
+            async with Caller(s) as caller:
+                await caller.more()
+                move = asyncio.ensure_future(quietly_migrate(east, s.vm_id, proxy.endpoint))
+                await async_wait_until(lambda: s.standby is not None, 20, what="a standby")
+                await caller.more()
+                sigkill(east)
+                await move
+                await async_wait_until(lambda: s.standby is None, 10, what="the standby dropped")
+                east.start()
+                await caller.more()
+                assert s.moves_followed == 0 and s.location.endpoint == east.endpoint
+            assert homes([east, west], token, s.vm_id) == ["east"]
+            await check_exactly_once(s, caller.calls, east, token)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("killed", ["the destination", "the source"])
+def test_a_side_killed_while_calls_wait_on_the_held_stream(
+        pair: tuple[Daemon, Daemon], killed: str) -> None:
+    """The move is decided and the session has switched onto its standby and
+    written its calls there, but the `Commit` never reaches west (the link dies).
+    Then one side is SIGKILLed and restarted:
+    - west, holding the unread calls: it recovers the VM from its rounds on disk
+      (east says the migration committed), and the session resends on a new
+      stream; the calls it had written were never read, so none applies twice;
+    - east, the only one that knows the decision: west, in doubt, keeps the held
+      stream (and the calls on it) until east is back and answers, then serves
+      them there, on the stream the session already had.
+    Either way every call is applied once, at west."""
+    east, west = pair
+    token = east.token("cy")
+
+    async def run() -> None:
+        async with HoldAfterAccept(west.port, hold_commit=True) as proxy, \
+                CloudletClient(token, endpoints=[east.endpoint]) as client, \
+                client.session(KVSTORE, keep=True) as s:
+            async with Caller(s) as caller:
+                await caller.more()
+                move = asyncio.ensure_future(quietly_migrate(east, s.vm_id, proxy.endpoint))
+                await async_wait_until(lambda: proxy.commit_held.is_set(), 20,
+                                       what="the commit on its way")
+                await async_wait_until(lambda: s.standby_switches == 1, 10,
+                                       what="the switch onto the standby")
+                await async_wait_until(lambda: bool(s.pending), 10, what="calls written")
+                victim = west if killed == "the destination" else east
+                sigkill(victim)
+                proxy.reset_migrations()
+                await move
+                victim.start()
+                await caller.more()
+                assert s.location.endpoint == proxy.endpoint and s.moves_followed == 1
+                if killed == "the source":  # served on the stream it was held on
+                    assert (s.standby_switches, s.reconnects) == (1, 1)
+            assert homes([east, west], token, s.vm_id) == ["west"]
+            await check_exactly_once(s, caller.calls, west, token)
+
+    asyncio.run(run())
+
+
+def test_the_standby_reset_as_the_move_commits(pair: tuple[Daemon, Daemon]) -> None:
+    """The session has switched onto its standby and written its calls there; the
+    connection is then reset (the client's network drops it) just before the
+    `Commit` reaches west. West may still read the calls that reached it before the
+    reset when the VM lands; the session resends them on a new stream: the reply
+    log answers those already applied, so each applies once."""
+    east, west = pair
+    token = east.token("di")
+
+    async def run() -> None:
+        async with ResettableStandby(west.port, hold_commit=True) as proxy, \
+                CloudletClient(token, endpoints=[east.endpoint]) as client, \
+                client.session(KVSTORE, keep=True) as s:
+            async with Caller(s) as caller:
+                await caller.more()
+                move = asyncio.ensure_future(migrate(east, s.vm_id, proxy.endpoint))
+                await async_wait_until(lambda: proxy.commit_held.is_set(), 20,
+                                       what="the commit on its way")
+                await async_wait_until(lambda: s.standby_switches == 1, 10,
+                                       what="the switch onto the standby")
+                await async_wait_until(lambda: bool(s.pending), 10, what="calls written")
+                assert proxy.reset_streams() >= 1
+                proxy.release()
+                status, body = await move
+                assert status == 200, body
+                await caller.more()
+                assert s.location.endpoint == proxy.endpoint and s.reconnects >= 2
+            assert homes([east, west], token, s.vm_id) == ["west"]
+            await check_exactly_once(s, caller.calls, west, token)
 
     asyncio.run(run())
