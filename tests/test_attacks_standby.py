@@ -40,12 +40,13 @@ from edge_agent.arrivals import MAX_HELD, MAX_HELD_PER_CLIENT, MAX_HELD_PER_VM
 from edge_agent.live_migration import new_migration_id
 from mobile_client import CloudletClient
 from tests.daemons import Daemon, make_daemon
-from tests.tcp_proxy import reset
+from tests.tcp_proxy import LoopbackProxy, reset, until_either_ends
 from tests.test_migration_standby import (
     KVSTORE,
     SETTINGS,
     Caller,
     HoldAfterAccept,
+    Outsider,
     check_exactly_once,
     homes,
     migrate,
@@ -291,7 +292,7 @@ def test_an_old_attempt_that_ends_late_leaves_the_new_attempts_streams(
     asyncio.run(run())
 
 
-# --- crashes around the commit -------------------------------------------------------------------
+# --- crashes around the commit -------------------------------------------------------------
 
 
 class ResettableStandby(HoldAfterAccept):
@@ -421,6 +422,127 @@ def test_the_standby_reset_as_the_move_commits(pair: tuple[Daemon, Daemon]) -> N
                 await caller.more()
                 assert s.location.endpoint == proxy.endpoint and s.reconnects >= 2
             assert homes([east, west], token, s.vm_id) == ["west"]
+            await check_exactly_once(s, caller.calls, west, token)
+
+    asyncio.run(run())
+
+
+# --- forged and stormy notices -------------------------------------------------------------
+
+
+class FrameInjector(LoopbackProxy):
+    """An attacker on the client's path to its cloudlet (plain HTTP) that slips forged
+    frames into the cloudlet's streams on demand, between two of its frames."""
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__(upstream_port)
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._queues: list[list[bytes]] = []
+
+    def reset_all(self) -> None:
+        for w in list(self._writers):
+            reset(w)
+        self._writers.clear()
+
+    def inject(self, *payloads: bytes) -> None:
+        for queue in self._queues:
+            queue.extend(payloads)
+
+    async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
+        self._writers |= {writer, up_writer}
+        queue: list[bytes] = []
+
+        async def forth() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def back() -> None:
+            head, left, upgraded = bytearray(), 0, False
+            pending = bytearray()
+            while data := await up_reader.read(65536):
+                writer.write(data)
+                if not upgraded:
+                    pending += data
+                    at = pending.find(b"HTTP/1.1 101")
+                    end = pending.find(b"\r\n\r\n", at) if at >= 0 else -1
+                    if end < 0:
+                        continue
+                    upgraded, data = True, bytes(pending[end + 4 :])
+                    self._queues.append(queue)
+                for byte in data:  # where the cloudlet's frames end
+                    if left:
+                        left -= 1
+                        continue
+                    head.append(byte)
+                    if len(head) >= 2:
+                        n = head[1] & 0x7F
+                        need = 2 + (2 if n == 126 else 8 if n == 127 else 0)
+                        if len(head) == need:
+                            left = n if n < 126 else int.from_bytes(head[2:need], "big")
+                            head.clear()
+                if not left and not head:
+                    while queue:
+                        forged = queue.pop(0)
+                        size = len(forged)
+                        header = bytes([0x82, size]) if size < 126 else \
+                            bytes([0x82, 126]) + size.to_bytes(2, "big")
+                        writer.write(header + forged)
+                await writer.drain()
+
+        with contextlib.suppress(ConnectionError, OSError):
+            await until_either_ends(forth(), back())
+
+
+def moving(node: str, endpoint: str, vm: str | None = None) -> bytes:
+    body = {"node": node, "endpoint": endpoint} | ({"vm": vm} if vm is not None else {})
+    return msgpack.packb({"id": None, "moving": body})
+
+
+def standby_tasks() -> int:
+    return sum(t.get_name().startswith("cloudlet-standby") for t in asyncio.all_tasks())
+
+
+def test_forged_and_stormy_moving_notices(pair: tuple[Daemon, Daemon]) -> None:
+    """On the session's stream, an on-path attacker slips `moving` notices:
+    - one for another VM, and one naming the place the session is already at:
+      ignored, no standby is tried;
+    - a storm of 200 naming two outsiders in turn: the session never has more than
+      one standby under way, tries no more places than it was told of, gives
+      neither outsider a token, and serves on where it is.
+    A real move afterwards is followed onto a standby at the real destination, and
+    every call is applied once."""
+    east, west = pair
+    token = east.token("ed")
+
+    async def run() -> None:
+        async with Outsider() as a, Outsider() as b, FrameInjector(east.port) as injector, \
+                CloudletClient(token, endpoints=[east.endpoint], connect_via=lambda url: (
+                    injector.endpoint if url == east.endpoint else url)) as client, \
+                client.session(KVSTORE, keep=True) as s:
+            async with Caller(s) as caller:
+                await caller.more()
+                injector.inject(moving("west", a.endpoint, vm="someone-else"),
+                                moving(s.location.node, s.location.endpoint))
+                await caller.more(40)
+                assert s.standby is None and not a.seen
+                storm = [moving("west", (a, b)[k % 2].endpoint) for k in range(200)]
+                injector.inject(*storm)
+                most = 0
+                for _ in range(100):
+                    most = max(most, standby_tasks())
+                    await asyncio.sleep(0.01)
+                await caller.more(40)
+                assert most <= 1, most
+                tried = len(a.seen) + len(b.seen)
+                assert 1 <= tried <= len(storm), tried  # heard, and bounded by what was said
+                assert all(auth is None for _, auth in a.seen + b.seen)
+                assert s.location.endpoint == east.endpoint and s.moves_followed == 0
+                status, body = await migrate(east, s.vm_id, west.endpoint)
+                assert status == 200, body
+                await caller.more()
+                assert (s.moves_followed, s.standby_switches) == (1, 1)
             await check_exactly_once(s, caller.calls, west, token)
 
     asyncio.run(run())
