@@ -317,34 +317,35 @@ class PredictivePolicy(Policy):
         queue = net.latency.queue_ms(state.load)
         k = self.samples
         taus = np.linspace(0.0, self.horizon_s, k + 1)
-        future = (s.position_m[:, None, :]
-                  + s.velocity_m_s[:, None, :] * taus[None, :, None]).reshape(-1, 2)
-        attach_k, dist_k = net.index.nearest(future)
-        attach_k = attach_k.reshape(m, k + 1)
-        access_k = net.latency.access_rtt_ms(dist_k).reshape(m, k + 1)
-        # Only sessions whose host is predicted to break the budget can be due: the
-        # rest (nearly all, in a steady state) cost one (m, samples) pass.
-        host_rtt = (access_k + _backhaul_over_horizon(state, attach_k, s.host[:, None])[:, 0]
-                    + queue[s.host][:, None])
-        at_host = s.measured(np.arange(m), s.host)
-        if at_host is not None:
-            # A measurement replaces the model's "now"; its trend (clients without
-            # position reports have only that) extends it over the horizon.
-            measured, slope = at_host
-            host_rtt = (host_rtt + np.where(np.isnan(measured), 0.0,
-                                            measured - host_rtt[:, 0])[:, None]
-                        + slope[:, None] * taus[None, :])
-        host_viol = host_rtt + s.service_ms[:, None] > s.budget_ms[:, None] - self.margin_ms
         ready = s.movable & (state.time_s - s.last_move_s >= self.cooldown_s)
-        rows = np.flatnonzero(ready & host_viol.any(axis=1))
+        rows = np.flatnonzero(ready)
+        if len(rows) == 0:
+            return Moves.empty()
+        if s.rtt_ms is None:
+            # Most sessions are fine for the whole horizon, and two instants prove it:
+            # a session attached to one cloudlet at both ends of its straight path
+            # stays in that cloudlet's (convex) Voronoi cell throughout, where its
+            # latency grows with its distance to the access point, which is convex
+            # along the path; so its latency peaks at an end. (With measurements a
+            # trend is added and this does not hold: every instant is computed.)
+            ends_attach, _, ends_viol = self._at_host(state, queue, taus[[0, -1]], rows)
+            steady = (ends_attach[:, 0] == ends_attach[:, 1]) & ~ends_viol.any(axis=1)
+            rows = rows[~steady]
+        if len(rows) == 0:
+            return Moves.empty()
+        # Only sessions whose host is predicted to break the budget can be due.
+        attach_k, access_k, host_viol = self._at_host(state, queue, taus, rows)
+        breaking = host_viol.any(axis=1)
+        rows, attach_k, access_k = rows[breaking], attach_k[breaking], access_k[breaking]
+        host_viol = host_viol[breaking]
         target = np.full(m, -1, dtype=np.int64)
         gain_ms = np.zeros(m)
         score = np.zeros(m)
         if len(rows) == 0:
             return Moves.empty()
-        first = taus[np.argmax(host_viol[rows], axis=1)]
-        att = attach_k[rows]
-        acc = access_k[rows]
+        first = taus[np.argmax(host_viol, axis=1)]
+        att = attach_k
+        acc = access_k
         host = s.host[rows]
         half = max(net.near.shape[1] // 2, 1)
         cand = np.concatenate([host[:, None], net.near[att[:, 0], :half],
@@ -395,6 +396,33 @@ class PredictivePolicy(Policy):
         gain_ms[rows] = _pick(saved_ms, column)
         score[rows] = _pick(net_gain, column)
         return _moves(state, target, gain_ms, score, budget_links, score)
+
+    def _at_host(self, state: ClusterState, queue: FloatArray, taus: FloatArray,
+                 rows: IntArray) -> tuple[IntArray, FloatArray, BoolArray]:
+        """For sessions `rows` at each instant of `taus` (extrapolated positions):
+        the access point, the access RTT, and whether the host breaks the budget."""
+        s = state.sessions
+        net = state.network
+        m, k = len(rows), len(taus)
+        future = (s.position_m[rows, None, :]
+                  + s.velocity_m_s[rows, None, :] * taus[None, :, None]).reshape(-1, 2)
+        attach, dist = net.index.nearest(future)
+        attach = attach.reshape(m, k)
+        access = net.latency.access_rtt_ms(dist).reshape(m, k)
+        host = s.host[rows]
+        host_rtt = (access + _backhaul_over_horizon(state, attach, host[:, None])[:, 0]
+                    + queue[host][:, None])
+        at_host = s.measured(rows, host)
+        if at_host is not None:
+            # A measurement replaces the model's "now"; its trend (clients without
+            # position reports have only that) extends it over the horizon.
+            measured, slope = at_host
+            host_rtt = (host_rtt + np.where(np.isnan(measured), 0.0,
+                                            measured - host_rtt[:, 0])[:, None]
+                        + slope[:, None] * taus[None, :])
+        viol: BoolArray = (host_rtt + s.service_ms[rows, None]
+                           > s.budget_ms[rows, None] - self.margin_ms)
+        return attach, access, viol
 
     def _share_links(self, state: ClusterState, budget: LinkBudget, rows: IntArray,
                      host: IntArray, target: IntArray, column: IntArray,
