@@ -5,8 +5,9 @@ agent`, its own process, uvloop, calls inline on its event loop) hosts two kvsto
 VMs; this process (uvloop too) calls `add(1, 2)` on them one call at a time:
 
 - through the SDK: `await session.call("add", 1, 2)`, which numbers the call,
-  keeps it for resending, waits with a deadline, and is answered by the
-  session's reader task;
+  keeps it for resending, waits with a deadline, and (called back to back, as
+  here) reads its answer from the stream itself, no hand-over from the
+  session's task;
 - through a raw aiohttp WebSocket client in the same run, on the same loop,
   sending `{"id", "fn": "add", "args": [1, 2]}` and reading the reply itself
   (no sequence number, no deadline, nothing kept): the floor any client pays;

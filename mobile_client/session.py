@@ -11,6 +11,14 @@ stream to the destination in a task of its own, so the reads and writes of the
 current stream never wait for that connect, and at the commit it writes its
 resends on the standby instead of connecting.
 
+Answers reach their callers without a hand-over where they can: a call made
+while the session's task is between reads (as it is right after answering the
+previous call) reads the stream itself until its answer comes, handing out any
+other answer it reads, so back-to-back calls cost one task wake-up each, as a
+bare WebSocket client's do; a call made while that task is inside a read waits
+for it to hand the answer over (a read is never cancelled to take it over).
+Call deadlines share one timer per session.
+
 The application sees latency, never an error, for drops, moves and a cloudlet
 that came back from an older checkpoint; it sees an error only when a call's
 deadline passes (`CallTimeout`, and the call may still apply later, exactly
@@ -111,6 +119,20 @@ class Session:
         self._deadlines_s: dict[int, float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at_s = 0.0
+        # Who reads the current stream. The connection task does while it waits for
+        # data (`_stream`), unless a caller leads: a call that finds that task between
+        # reads (not inside `receive`) reads its own answer itself, saving the second
+        # task wake-up of a hand-over, and hands others the answers it reads. The
+        # connection task parks meanwhile, and takes back what the protocol asks for
+        # beyond answers (`_stashed`, the first such event). A reader inside `receive`
+        # is never cancelled for this: a call arriving then simply waits its answer.
+        self._in_stream = False  # the connection task is in `_stream`
+        self._reading = False  # ... and inside `receive`
+        self._leader: asyncio.Task[Any] | None = None
+        self._leader_seq = 0
+        self._leader_expired = False  # the deadline timer cancelled the leader
+        self._park: asyncio.Future[None] | None = None
+        self._stashed: Event | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         # The stream opened ahead of a move (`OpenStandby`), and the task that opens
         # and then watches it (it must not read the current stream's turn).
@@ -254,6 +276,10 @@ class Session:
                 self._deadlines_s[seq] = at_s
                 if self._timer is None or at_s < self._timer_at_s:
                     self._arm(loop, at_s)
+                if (numbered.data is not None and ws is not None and ws is self._ws
+                        and self._in_stream and not self._reading
+                        and self._leader is None and self._stashed is None):
+                    await self._lead(ws, seq, future)
             result = await future
         except _Expired:
             raise protocol.deadline_passed(seq, deadline_s * 1000) from None
@@ -264,6 +290,54 @@ class Session:
             slots.release()
         self._record((time.perf_counter() - started) * 1000)
         return result
+
+    async def _lead(self, ws: aiohttp.ClientWebSocketResponse, seq: int,
+                    future: asyncio.Future[Any]) -> None:
+        """Read the stream until `future` has its answer, handing out every answer read
+        on the way; stop early, leaving the rest to the connection task, when the
+        protocol asks for more than answers. Returns, not raises, when the call's own
+        deadline ended the read (`future` then holds that)."""
+        protocol, waiting = self._protocol, self._waiting
+        task = asyncio.current_task()
+        assert task is not None
+        self._leader, self._leader_seq = task, seq
+        binary = aiohttp.WSMsgType.BINARY
+        try:
+            while not future.done():
+                try:
+                    msg = await ws.receive()
+                except _STREAM_ERRORS as exc:
+                    log.info("VM %s: stream to %s broke (%r); reconnecting", self.vm_id,
+                             protocol.location.node, exc)
+                    protocol.stream_closed()
+                else:
+                    if msg.type is binary:
+                        protocol.receive_data(msg.data)
+                    elif msg.type in _STREAM_ENDS:
+                        protocol.stream_closed()
+                ev = protocol.next_event()
+                while isinstance(ev, Answer | CallFailed):
+                    answered = waiting.get(ev.seq)
+                    if answered is not None and not answered.done():
+                        if isinstance(ev, Answer):
+                            answered.set_result(ev.value)
+                        else:
+                            answered.set_exception(ev.error)
+                    ev = protocol.next_event()
+                if not isinstance(ev, NeedData):
+                    self._stashed = ev  # the connection task's to do, first
+                    return
+        except asyncio.CancelledError:
+            # Cancelled by this call's deadline (the timer ended the wait too), and by
+            # nothing else: carry on as a call whose deadline passed.
+            if not self._leader_expired or task.uncancel() > 0:
+                raise
+        finally:
+            self._leader = None
+            self._leader_expired = False
+            park = self._park
+            if park is not None and not park.done():
+                park.set_result(None)
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at_s: float) -> None:
         if self._timer is not None:
@@ -283,6 +357,10 @@ class Session:
                 future = self._waiting.get(seq)
                 if future is not None and not future.done():
                     future.set_exception(_Expired())
+                    leader = self._leader
+                    if leader is not None and self._leader_seq == seq:
+                        self._leader_expired = True
+                        leader.cancel()
             elif at_s < earliest_s:
                 earliest_s = at_s
         if earliest_s != float("inf"):
@@ -396,13 +474,30 @@ class Session:
         """Read frames and hand out their answers for as long as the protocol asks for
         nothing else (the hot path: no trip through `_run`'s dispatch per answer);
         returns the first event that is not `NeedData`."""
+        self._in_stream = True
+        try:
+            return await self._read()
+        finally:
+            self._in_stream = False
+            self._park = None
+
+    async def _read(self) -> Event:
         protocol, waiting = self._protocol, self._waiting
         binary = aiohttp.WSMsgType.BINARY
+        loop = asyncio.get_running_loop()
         while True:
+            if self._leader is not None:  # a caller reads: wait until it stops
+                self._park = park = loop.create_future()
+                await park
+                continue
+            stashed, self._stashed = self._stashed, None
+            if stashed is not None:
+                return stashed
             ws = self._ws
             if ws is None:  # closed under the protocol's feet (a location notice)
                 protocol.stream_closed()
             else:
+                self._reading = True
                 try:
                     msg = await ws.receive()
                 except _STREAM_ERRORS as exc:
@@ -414,12 +509,21 @@ class Session:
                         protocol.receive_data(msg.data)
                     elif msg.type in _STREAM_ENDS:
                         protocol.stream_closed()
+                finally:
+                    self._reading = False
             ev = protocol.next_event()
-            while isinstance(ev, Answer):
-                future = waiting.get(ev.seq)
-                if future is not None and not future.done():
-                    future.set_result(ev.value)
-                ev = protocol.next_event()
+            if isinstance(ev, Answer):
+                while isinstance(ev, Answer):
+                    future = waiting.get(ev.seq)
+                    if future is not None and not future.done():
+                        future.set_result(ev.value)
+                    ev = protocol.next_event()
+                if isinstance(ev, NeedData):
+                    # Let the callers just answered run before reading again: a caller
+                    # that calls again at once then finds this task between reads and
+                    # reads its answer itself (see `_lead`).
+                    await asyncio.sleep(0)
+                    continue
             if not isinstance(ev, NeedData):
                 return ev
 

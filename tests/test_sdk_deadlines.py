@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,5 +88,61 @@ def test_a_long_deadline_is_not_cut_short_by_a_shorter_one(daemon: Daemon) -> No
             link.cut()
             link.hold = False
             assert await s.call("kv_get", 1) == 3  # both applied, once each, in order
+
+    asyncio.run(run())
+
+
+def test_a_caller_reading_its_own_answer_still_ends_at_its_deadline(daemon: Daemon) -> None:
+    """Back to back, a call reads the stream itself (no hand-over from the session's
+    task): its deadline still ends it on time, cancels nothing around it, and the
+    session reads on for the next call."""
+    token = daemon.token("fay")
+
+    async def run() -> None:
+        async with FaultProxy(daemon.port) as link, \
+                CloudletClient(token, endpoints=[link.endpoint]) as client, \
+                client.session(KVSTORE) as s:
+            async with asyncio.timeout(20):
+                assert await s.call("kv_put", 1, 1) == 1
+                link.hold = True
+                started = time.perf_counter()
+                with pytest.raises(CallTimeout):
+                    await s.call("kv_put", 1, 2, deadline_ms=300)
+                assert 0.29 <= time.perf_counter() - started < 2.0
+                task = asyncio.current_task()
+                assert task is not None and task.cancelling() == 0
+                link.cut()
+                link.hold = False
+                assert await s.call("kv_get", 1) == 2  # it applied, once
+                assert await s.call("kv_get", 1) == 2
+
+    asyncio.run(run())
+
+
+def test_a_cancelled_caller_that_was_reading_leaves_the_session_working(
+        daemon: Daemon) -> None:
+    token = daemon.token("gus")
+
+    async def run() -> None:
+        async with FaultProxy(daemon.port) as link, \
+                CloudletClient(token, endpoints=[link.endpoint]) as client, \
+                client.session(KVSTORE) as s:
+            assert await s.call("kv_put", 1, 1) == 1
+
+            async def two_calls() -> Any:
+                await s.call("kv_get", 1)
+                link.hold = True
+                return await s.call("kv_put", 1, 5)  # reads its own answer: held
+
+            pending = asyncio.ensure_future(two_calls())
+            await asyncio.sleep(0.3)
+            assert not pending.done()
+            pending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+            link.cut()
+            link.hold = False
+            assert await s.call("kv_get", 1) == 5  # the cancelled call applied, once
+            assert s.pending == ()
 
     asyncio.run(run())
