@@ -502,7 +502,17 @@ async def hosted_or_arrived(request: web.Request,
     who = principal(request)
     with arrivals.hold(arrival, who):
         await open_websocket(request, ws)
-        hosted = await arrival.wait(request.app[CONFIG].move_deadline_s)
+        # Unread means unread: what the client writes while it is held waits in the
+        # kernel's socket buffers, not in ours (aiohttp would read up to a whole
+        # message, twice the request cap, before its own flow control stops it).
+        transport = request.transport
+        if transport is not None:
+            transport.pause_reading()
+        try:
+            hosted = await arrival.wait(request.app[CONFIG].move_deadline_s)
+        finally:
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
     if (hosted is None or request.app[HOST].vms.get(vm_id) is not hosted
             or not (who.is_peer or hosted.owner == who.name)):
         # Not coming (or gone again at once): the client resends where the VM is. Or

@@ -22,8 +22,9 @@ node's share from the others) and `MAX_HELD` in all (`capacity_exceeded`),
 each for at most the move deadline. An arrival belongs to the attempt that
 announced it: an older attempt that ends late does not close the streams held
 for a newer one. What waits on a held
-stream is bounded by the WebSocket reader: past 64 KiB it stops reading the
-socket, and TCP flow control keeps the rest at the client. The price of not
+stream stays in the kernel: the stream handler pauses reading its socket until
+the VM lands, and TCP flow control keeps the rest at the client (aiohttp's own
+reader would take up to a whole message, twice the request cap, first). The price of not
 reading: a client that closes a held stream is noticed only when the VM lands
 (or the hold ends), so until then it counts against the bounds.
 """
@@ -46,8 +47,8 @@ MAX_HELD_PER_VM = 4
 # standby for each of 32 VMs moving together, an eighth of `MAX_HELD`, so a
 # client cannot hold every stream the node keeps for everyone's arrivals.
 MAX_HELD_PER_CLIENT = 32
-# Sockets held at once for all arriving VMs; each costs a socket and a 64 KiB
-# buffer at most, so this is ~16 MiB in the worst case.
+# Sockets held at once for all arriving VMs; each costs a socket and its kernel
+# buffers (reading is paused while it is held), nothing of the daemon's heap.
 MAX_HELD = 256
 
 
