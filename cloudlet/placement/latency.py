@@ -171,9 +171,41 @@ class AccessIndex:
         self.candidates = np.ascontiguousarray(cands[:, :width])
         self._x = np.ascontiguousarray(pos[:, 0])
         self._y = np.ascontiguousarray(pos[:, 1])
+        # Within half the distance to its nearest neighbour, a cloudlet is strictly the
+        # nearest (any other is at least twice that far from it, so farther from the
+        # point): `nearest` with a hint answers most positions with one distance. A
+        # hair less than half, so that rounding never turns a tie into a "sure".
+        if n > 1:
+            gap, _ = tree.query(pos, k=[2])
+            half = np.asarray(gap, dtype=np.float64).reshape(n) * (0.5 * (1.0 - 1e-9))
+        else:
+            half = np.full(n, np.inf)
+        self._sure_d2 = half * half
 
-    def nearest(self, xy_m: FloatArray) -> tuple[IntArray, FloatArray]:
-        """For (m, 2) positions: the nearest cloudlet's index and the distance to it."""
+    def nearest(self, xy_m: FloatArray,
+                hint: IntArray | None = None) -> tuple[IntArray, FloatArray]:
+        """For (m, 2) positions: the nearest cloudlet's index and the distance to it.
+
+        `hint` (one cloudlet per position, -1 for none) is a guess, e.g. where each
+        was attached a moment ago: a position within half its hint's distance to its
+        nearest neighbour is answered from that one distance, the rest as without.
+        The answers are the same either way, bit for bit."""
+        if hint is None:
+            return self._nearest(xy_m)
+        guess = np.asarray(hint, dtype=np.int64)
+        known = guess >= 0
+        at = np.where(known, guess, 0)
+        dx = self._x[at] - xy_m[:, 0]
+        dy = self._y[at] - xy_m[:, 1]
+        d2 = dx * dx + dy * dy
+        unsure = np.flatnonzero(~(known & (d2 < self._sure_d2[at])))
+        index: IntArray = at
+        distance: FloatArray = np.sqrt(d2)
+        if len(unsure):
+            index[unsure], distance[unsure] = self._nearest(xy_m[unsure])
+        return index, distance
+
+    def _nearest(self, xy_m: FloatArray) -> tuple[IntArray, FloatArray]:
         cell = np.floor((xy_m - self.origin_m) / self.cell_m).astype(np.int64)
         cx = np.clip(cell[:, 0], 0, self.shape[0] - 1)
         cy = np.clip(cell[:, 1], 0, self.shape[1] - 1)

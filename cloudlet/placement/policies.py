@@ -98,7 +98,7 @@ def _backhaul_over_horizon(state: ClusterState, attach: IntArray,
 def _candidates(state: ClusterState, queue_ms: FloatArray) -> tuple[_Candidates, IntArray]:
     s = state.sessions
     net = state.network
-    attach, dist = net.index.nearest(s.position_m)
+    attach, dist = net.index.nearest(s.position_m, s.host)  # most are near their host
     access_ms = net.latency.access_rtt_ms(dist)
     cand = np.concatenate([s.host[:, None], net.near[attach]], axis=1)
     return _Candidates(cand, _rtt_now(state, cand, attach, access_ms, queue_ms)), attach
@@ -406,7 +406,8 @@ class PredictivePolicy(Policy):
         m, k = len(rows), len(taus)
         future = (s.position_m[rows, None, :]
                   + s.velocity_m_s[rows, None, :] * taus[None, :, None]).reshape(-1, 2)
-        attach, dist = net.index.nearest(future)
+        # Most sessions are near their host: the hint answers them from one distance.
+        attach, dist = net.index.nearest(future, np.repeat(s.host[rows], k))
         attach = attach.reshape(m, k)
         access = net.latency.access_rtt_ms(dist).reshape(m, k)
         host = s.host[rows]

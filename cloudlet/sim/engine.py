@@ -106,6 +106,9 @@ class World:
         self.workloads = Workloads.of(sc.workloads)
         self.users = Users.empty(mobility.slots)
         self.links = backhaul_links(topology)
+        # Each slot's access point last tick (-1: none yet): the hint that answers
+        # most of this tick's attachments from one distance (AccessIndex.nearest).
+        self.last_attach = np.full(mobility.slots, -1, dtype=np.int64)
 
     @property
     def slots(self) -> int:
@@ -151,7 +154,13 @@ class World:
     def _interactions(self, dt_s: float) -> None:
         """The active slots' attachment, and the interactions each makes this tick."""
         idx = self.idx = np.flatnonzero(self.users.active)
-        self.attach, dist = self.net.index.nearest(self.users.xy_m[idx])
+        if len(self.last_attach) < len(self.users):
+            grown = np.full(len(self.users), -1, dtype=np.int64)
+            grown[:len(self.last_attach)] = self.last_attach
+            self.last_attach = grown
+        self.attach, dist = self.net.index.nearest(self.users.xy_m[idx],
+                                                   self.last_attach[idx])
+        self.last_attach[idx] = self.attach
         self.access_ms = self.net.latency.access_rtt_ms(dist)
         wl = self.wl = self.users.workload[idx]
         w = self.workloads
