@@ -404,13 +404,18 @@ class PredictivePolicy(Policy):
         s = state.sessions
         net = state.network
         m, k = len(rows), len(taus)
-        future = (s.position_m[rows, None, :]
-                  + s.velocity_m_s[rows, None, :] * taus[None, :, None]).reshape(-1, 2)
-        # Most sessions are near their host: the hint answers them from one distance.
-        attach, dist = net.index.nearest(future, np.repeat(s.host[rows], k))
-        attach = attach.reshape(m, k)
-        access = net.latency.access_rtt_ms(dist).reshape(m, k)
         host = s.host[rows]
+        position, velocity = s.position_m[rows], s.velocity_m_s[rows]
+        attach = np.empty((m, k), dtype=np.int64)
+        dist = np.empty((m, k))
+        # Instant by instant, each hinted with the one before (the first with the
+        # host): a session moves a little between instants, so most lookups are
+        # answered from one distance (AccessIndex.nearest).
+        hint = host
+        for i in range(k):
+            hint, dist[:, i] = net.index.nearest(position + velocity * taus[i], hint)
+            attach[:, i] = hint
+        access = net.latency.access_rtt_ms(dist)
         host_rtt = (access + _backhaul_over_horizon(state, attach, host[:, None])[:, 0]
                     + queue[host][:, None])
         at_host = s.measured(rows, host)
