@@ -49,6 +49,9 @@ class Policy(ABC):
     """A placer: cluster state in, moves out."""
 
     name: ClassVar[str]
+    # True for a policy that never moves anything: a caller may skip building the
+    # state for it (the simulator does, every tick of every `never` run).
+    never_moves: ClassVar[bool] = False
 
     @abstractmethod
     def decide(self, state: ClusterState) -> Moves:
@@ -187,6 +190,7 @@ class NeverPolicy(Policy):
     """Sessions stay where they started: what a cloud without handoff gives."""
 
     name: ClassVar[str] = "never"
+    never_moves: ClassVar[bool] = True
 
     def decide(self, state: ClusterState) -> Moves:
         return Moves.empty()

@@ -334,6 +334,8 @@ class PolicyRun:
                 np.concatenate([budget, budget[rows]]))
 
     def _decide(self, t_s: float, row: FloatArray) -> None:
+        if self.policy.never_moves:
+            return
         w = self.world
         hosting = self.hosting
         idx = w.idx
