@@ -205,6 +205,14 @@ class AccessIndex:
             index[unsure], distance[unsure] = self._nearest(xy_m[unsure])
         return index, distance
 
+    def distance_m(self, xy_m: FloatArray, index: IntArray) -> FloatArray:
+        """Distance from each position to cloudlet `index` of it, computed as `nearest`
+        computes it (the same floats)."""
+        dx = self._x[index] - xy_m[:, 0]
+        dy = self._y[index] - xy_m[:, 1]
+        distance: FloatArray = np.sqrt(dx * dx + dy * dy)
+        return distance
+
     def _nearest(self, xy_m: FloatArray) -> tuple[IntArray, FloatArray]:
         cell = np.floor((xy_m - self.origin_m) / self.cell_m).astype(np.int64)
         cx = np.clip(cell[:, 0], 0, self.shape[0] - 1)

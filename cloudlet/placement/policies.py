@@ -410,15 +410,22 @@ class PredictivePolicy(Policy):
         m, k = len(rows), len(taus)
         host = s.host[rows]
         position, velocity = s.position_m[rows], s.velocity_m_s[rows]
-        attach = np.empty((m, k), dtype=np.int64)
-        dist = np.empty((m, k))
-        # Instant by instant, each hinted with the one before (the first with the
-        # host): a session moves a little between instants, so most lookups are
-        # answered from one distance (AccessIndex.nearest).
-        hint = host
-        for i in range(k):
-            hint, dist[:, i] = net.index.nearest(position + velocity * taus[i], hint)
-            attach[:, i] = hint
+        xy = [position + velocity * tau for tau in taus]
+        attach = np.full((m, k), -1, dtype=np.int64)
+        # The ends first (hinted with the host: most sessions are near it), then the
+        # instants between by halving: a straight path whose two ends attach to one
+        # cloudlet stays in its convex Voronoi cell, so every instant between them
+        # attaches there too; only where the ends differ is the middle looked up.
+        attach[:, 0], _ = net.index.nearest(xy[0], host)
+        if k > 1:
+            attach[:, k - 1], _ = net.index.nearest(xy[k - 1], attach[:, 0])
+        for mid, lo, hi in _halving(k):
+            same = attach[:, lo] == attach[:, hi]
+            attach[:, mid] = np.where(same, attach[:, lo], -1)
+            look = np.flatnonzero(~same)
+            if len(look):
+                attach[look, mid], _ = net.index.nearest(xy[mid][look], attach[look, lo])
+        dist = np.stack([net.index.distance_m(xy[i], attach[:, i]) for i in range(k)], axis=1)
         access = net.latency.access_rtt_ms(dist)
         host_rtt = (access + _backhaul_over_horizon(state, attach, host[:, None])[:, 0]
                     + queue[host][:, None])
@@ -472,6 +479,22 @@ class PredictivePolicy(Policy):
         keep = ((gain - (1.0 + self.cost_margin) * cost > self.min_gain)
                 & (arrive_s <= self.horizon_s) & fine_then & ~priced.full)
         target[r[~keep]] = -1
+
+
+def _halving(k: int) -> list[tuple[int, int, int]]:
+    """Instants 1..k-2 as (middle, low end, high end), each interval's middle after
+    the interval's ends: the order in which halving fills a path of k instants."""
+    out: list[tuple[int, int, int]] = []
+    spans = [(0, k - 1)] if k > 2 else []
+    while spans:
+        nxt = []
+        for lo, hi in spans:
+            mid = (lo + hi) // 2
+            if lo < mid < hi:
+                out.append((mid, lo, hi))
+                nxt += [(lo, mid), (mid, hi)]
+        spans = nxt
+    return out
 
 
 class _Subset:
