@@ -72,6 +72,7 @@ from scipy.sparse import csr_matrix  # type: ignore[import-untyped]
 from scipy.sparse.csgraph import connected_components, dijkstra  # type: ignore[import-untyped]
 
 from cloudlet.errors import InvalidArgument
+from cloudlet.placement import kernels
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -358,20 +359,9 @@ class GraphBackhaul(Backhaul):
 
     def _find_rows(self, row: IntArray, col: IntArray) -> IntArray:
         """The slot of each kept (row, col), -1 where not kept."""
-        mask = self._width - 1
-        slot = row * self._width + self._hash(col, self._bits)
-        out = np.full(len(row), -1, dtype=np.int64)
-        idx = np.arange(len(row))
-        key = self._key[slot]
-        while True:
-            hit = key == col[idx]
-            out[idx[hit]] = slot[hit]
-            go = ~hit & (key >= 0)
-            if not go.any():
-                return out
-            idx = idx[go]
-            slot = row[idx] * self._width + ((slot[go] + 1) & mask)
-            key = self._key[slot]
+        return kernels.find_in_rows(self._key, self._width, self._bits,
+                                    np.ascontiguousarray(row, dtype=np.int64),
+                                    np.ascontiguousarray(col, dtype=np.int64))
 
     def _settle(self, slots: IntArray) -> None:
         """Hops and bottleneck bandwidth of `slots` from their parents', parents first."""
@@ -684,17 +674,7 @@ class _FarTable:
         return h
 
     def find(self, key: IntArray) -> IntArray:
-        mask = self.capacity - 1
-        out = np.full(len(key), -1, dtype=np.int64)
-        idx = np.arange(len(key))
-        slot = self._hash(key)
-        while len(idx):
-            got = self.key[slot]
-            hit = got == key[idx]
-            out[idx[hit]] = slot[hit]
-            go = ~hit & (got >= 0)
-            idx, slot = idx[go], (slot[go] + 1) & mask
-        return out
+        return kernels.find_keys(self.key, self.bits, np.ascontiguousarray(key, dtype=np.int64))
 
     def insert(self, key: IntArray) -> None:
         """Insert distinct keys not yet present."""

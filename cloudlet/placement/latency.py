@@ -32,6 +32,7 @@ from numpy.typing import NDArray
 from scipy.spatial import cKDTree  # type: ignore[import-untyped]
 
 from cloudlet.errors import InvalidArgument
+from cloudlet.placement import kernels
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -190,20 +191,30 @@ class AccessIndex:
         was attached a moment ago: a position within half its hint's distance to its
         nearest neighbour is answered from that one distance, the rest as without.
         The answers are the same either way, bit for bit."""
+        xy = np.ascontiguousarray(xy_m, dtype=np.float64)
         if hint is None:
-            return self._nearest(xy_m)
-        guess = np.asarray(hint, dtype=np.int64)
-        known = guess >= 0
-        at = np.where(known, guess, 0)
-        dx = self._x[at] - xy_m[:, 0]
-        dy = self._y[at] - xy_m[:, 1]
-        d2 = dx * dx + dy * dy
-        unsure = np.flatnonzero(~(known & (d2 < self._sure_d2[at])))
-        index: IntArray = at
-        distance: FloatArray = np.sqrt(d2)
-        if len(unsure):
-            index[unsure], distance[unsure] = self._nearest(xy_m[unsure])
-        return index, distance
+            guess = np.full(len(xy), -1, dtype=np.int64)
+        else:
+            guess = np.ascontiguousarray(hint, dtype=np.int64)
+        return kernels.nearest(xy, guess, self._x, self._y, self._sure_d2, self.candidates,
+                               self.shape[0], self.shape[1], float(self.origin_m[0]),
+                               float(self.origin_m[1]), float(self.cell_m))
+
+    def nearest_along(self, position_m: FloatArray, velocity_m_s: FloatArray,
+                      taus_s: FloatArray, hint: IntArray, halving: IntArray | None = None
+                      ) -> tuple[IntArray, FloatArray]:
+        """`nearest` at each instant `tau` of each straight path `position + velocity *
+        tau`: (m, S) indices and distances. `hint` is one cloudlet per path (where it
+        is now, say). With `halving` (kernels.nearest_along) instants between two
+        that attach to one cloudlet are not looked up."""
+        order = np.zeros((0, 3), dtype=np.int64) if halving is None else halving
+        return kernels.nearest_along(
+            np.ascontiguousarray(position_m, dtype=np.float64),
+            np.ascontiguousarray(velocity_m_s, dtype=np.float64),
+            np.ascontiguousarray(taus_s, dtype=np.float64),
+            np.ascontiguousarray(hint, dtype=np.int64), np.ascontiguousarray(order),
+            self._x, self._y, self._sure_d2, self.candidates, self.shape[0], self.shape[1],
+            float(self.origin_m[0]), float(self.origin_m[1]), float(self.cell_m))
 
     def distance_m(self, xy_m: FloatArray, index: IntArray) -> FloatArray:
         """Distance from each position to cloudlet `index` of it, computed as `nearest`
@@ -212,24 +223,3 @@ class AccessIndex:
         dy = self._y[index] - xy_m[:, 1]
         distance: FloatArray = np.sqrt(dx * dx + dy * dy)
         return distance
-
-    def _nearest(self, xy_m: FloatArray) -> tuple[IntArray, FloatArray]:
-        cell = np.floor((xy_m - self.origin_m) / self.cell_m).astype(np.int64)
-        cx = np.clip(cell[:, 0], 0, self.shape[0] - 1)
-        cy = np.clip(cell[:, 1], 0, self.shape[1] - 1)
-        cand = self.candidates[cx * self.shape[1] + cy]
-        dx = self._x[cand] - xy_m[:, :1]
-        dy = self._y[cand] - xy_m[:, 1:]
-        d2 = dx * dx + dy * dy
-        best = np.argmin(d2, axis=1)
-        rows = np.arange(len(xy_m))
-        index: IntArray = cand[rows, best]
-        best_d2 = d2[rows, best]
-        outside = (cx != cell[:, 0]) | (cy != cell[:, 1])
-        if outside.any():
-            far = xy_m[outside]
-            dd = ((far[:, None, :] - self.position_m[None, :, :]) ** 2).sum(axis=-1)
-            index[outside] = np.argmin(dd, axis=1)
-            best_d2[outside] = dd.min(axis=1)
-        distance: FloatArray = np.sqrt(best_d2)
-        return index, distance

@@ -29,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloudlet.errors import InvalidArgument
+from cloudlet.placement import kernels
 from cloudlet.placement.congestion import (
     MAX_LINK_MIGRATIONS,
     LinkBudget,
@@ -36,7 +37,7 @@ from cloudlet.placement.congestion import (
     ahead_of,
     price,
 )
-from cloudlet.placement.state import ClusterState, Move, Moves, Network, Sessions
+from cloudlet.placement.state import ClusterState, Move, Moves, Sessions
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -44,8 +45,9 @@ BoolArray = NDArray[np.bool_]
 
 GiB = float(1 << 30)
 # Sessions from which predictive attaches their extrapolated positions by halving
-# (a few numpy calls per instant) rather than all instants in one lookup: a city
-# of 1,000 users spends more on the calls than halving saves; 100,000 do not.
+# their paths rather than looking every instant up. Halving once paid only from
+# here; compiled, it pays for any number, but below this the lookups stay as they
+# were so that small scenarios keep their exact answers at exact ties.
 HALVING_MIN_ROWS = 4096
 
 
@@ -88,18 +90,18 @@ def _rtt_now(state: ClusterState, cand: IntArray, attach: IntArray,
 
 
 def _backhaul_over_horizon(state: ClusterState, attach: IntArray,
-                           target: IntArray) -> FloatArray:
-    """(m, C, S): backhaul RTT from each instant's access point (`attach`, (m, S)) to
-    each target ((m, C)). A user keeps its access point for most instants, so
-    the pairs are looked up only where it changes and carried forward."""
+                           target: IntArray) -> tuple[FloatArray, IntArray]:
+    """Backhaul RTT from each instant's access point (`attach`, (m, S)) to each
+    target ((m, C)), as (rtt (q, C), last (m, S)): session i's RTT at instant t is
+    rtt[last[i, t]]. A user keeps its access point for most instants, so the pairs
+    are looked up only where it changes and carried forward."""
     m, k = attach.shape
     change = np.ones((m, k), dtype=bool)
     change[:, 1:] = attach[:, 1:] != attach[:, :-1]
     rows, at = np.nonzero(change)
-    got = state.network.backhaul.rtt_ms(attach[rows, at][:, None], target[rows])  # (q, C)
-    last = np.cumsum(change.ravel()).reshape(m, k) - 1
-    out: FloatArray = got[last].transpose(0, 2, 1)
-    return out
+    got: FloatArray = state.network.backhaul.rtt_ms(attach[rows, at][:, None], target[rows])
+    last: IntArray = np.cumsum(change.ravel()).reshape(m, k) - 1
+    return got, last
 
 
 def _candidates(state: ClusterState, queue_ms: FloatArray) -> tuple[_Candidates, IntArray]:
@@ -358,48 +360,32 @@ class PredictivePolicy(Policy):
         half = max(net.near.shape[1] // 2, 1)
         cand = np.concatenate([host[:, None], net.near[att[:, 0], :half],
                                net.near[att[:, -1], :half]], axis=1)
-        rtt = (acc[:, None, :] + _backhaul_over_horizon(state, att, cand)
-               + queue[cand][:, :, None])
+        backhaul, last = _backhaul_over_horizon(state, att, cand)
         at_cand = s.measured(rows, cand)
-        if at_cand is not None:
-            # Measurements correct the model by a per-(session, cloudlet) offset,
-            # and their trend extends it.
-            got, slope = at_cand
-            rtt = (rtt + np.where(np.isnan(got), 0.0, got - rtt[:, :, 0])[:, :, None]
-                   + slope[:, :, None] * taus[None, None, :])
-        service = s.service_ms[rows]
-        budget = s.budget_ms[rows] - self.margin_ms
-        lat = rtt + service[:, None, None]
-        pen = (lat > budget[:, None, None]) + self.latency_weight * lat
+        # Measurements correct the model by a per-(session, cloudlet) offset, and
+        # their trend extends it (kernels.py).
+        measured, slope = at_cand if at_cand is not None else (_NO_MEASUREMENTS,
+                                                                 _NO_MEASUREMENTS)
+        paths = _Paths(acc, backhaul, last, np.ascontiguousarray(queue[cand]),
+                       np.ascontiguousarray(measured), np.ascontiguousarray(slope), taus,
+                       np.ascontiguousarray(s.service_ms[rows]),
+                       s.budget_ms[rows] - self.margin_ms,
+                       np.ascontiguousarray(s.interaction_rate_hz[rows]))
         budget_links = LinkBudget(self.max_link_migrations)
         priced = price(state, budget_links, host[:, None], cand, s.overlay_bytes[rows, None],
                        s.memory_bytes[rows, None], s.dirty_rate_bytes_s[rows, None])
         est = priced.estimate
-        arrive_s = priced.start_to_end_s
-        served = taus[None, None, :] >= arrive_s[:, :, None]
-        stay = pen[:, :1, :]
-        dt = self.horizon_s / k
-        rate = s.interaction_rate_hz[rows, None]
-        gain = rate * dt * ((stay - pen) * served).sum(axis=2)
-        cost = rate * est.downtime_s + self.gib_cost * est.wire_bytes / GiB
-        net_gain = gain - (1.0 + self.cost_margin) * cost
-        due = first[:, None] <= arrive_s + self.lead_s
-        # The target must still meet the budget at the first instant it serves.
-        at = np.minimum(np.ceil(arrive_s / dt - 1e-9).astype(np.int64), k)
-        fine_then = np.take_along_axis(lat, at[:, :, None], axis=2)[:, :, 0] <= budget[:, None]
-        # Where no candidate will meet the budget (more sessions than places nearby:
-        # every queue is long), that rule would freeze the session where it is; the
-        # predicted gain alone decides there, so a lower latency is still worth a move.
-        fine_any: BoolArray = np.asarray(fine_then.any(axis=1))
-        fine_then |= ~fine_any[:, None]
-        ok = (due & (net_gain > self.min_gain) & (arrive_s <= self.horizon_s) & fine_then
-              & ~priced.full)
+        shape = cand.shape
+        net_gain, ok, over_full, saved_ms = kernels.predictive_value(
+            *paths.arrays(), _dense(priced.start_to_end_s, shape),
+            _dense(est.downtime_s, shape), _dense(est.wire_bytes, shape),
+            np.ascontiguousarray(np.broadcast_to(priced.full, shape)), first,
+            self.latency_weight, self.gib_cost, self.cost_margin, self.min_gain,
+            self.horizon_s, self.lead_s)
         sub = _Subset(state, rows)
         sub_target, column = _assign(sub.state, cand, -net_gain, ok, net_gain.max(axis=1))
-        self._share_links(state, budget_links, rows, host, sub_target, column, net_gain,
-                          stay, pen, lat, budget, ~fine_any, taus)
-        n_served = np.maximum(served.sum(axis=2), 1)
-        saved_ms = ((rtt[:, :1, :] - rtt) * served).sum(axis=2) / n_served
+        self._share_links(state, budget_links, paths, rows, host, sub_target, column,
+                          net_gain, over_full)
         target[rows] = sub_target
         gain_ms[rows] = _pick(saved_ms, column)
         score[rows] = _pick(net_gain, column)
@@ -414,17 +400,14 @@ class PredictivePolicy(Policy):
         m, k = len(rows), len(taus)
         host = s.host[rows]
         position, velocity = s.position_m[rows], s.velocity_m_s[rows]
-        if m < HALVING_MIN_ROWS:
-            # Few sessions: one lookup of every instant (hinted with the host) costs
-            # less than halving's numpy calls per instant.
-            future = (position[:, None, :] + velocity[:, None, :] * taus[None, :, None])
-            flat, dist_flat = net.index.nearest(future.reshape(-1, 2), np.repeat(host, k))
-            attach, dist = flat.reshape(m, k), dist_flat.reshape(m, k)
-        else:
-            attach, dist = _attach_by_halving(net, position, velocity, taus, host)
+        # Many sessions: halve each path (kernels.nearest_along). Few: look every
+        # instant up, which gave these answers before halving existed (the two differ
+        # only at positions exactly between two cloudlets).
+        halving = _halving_order(k) if m >= HALVING_MIN_ROWS else None
+        attach, dist = net.index.nearest_along(position, velocity, taus, host, halving)
         access = net.latency.access_rtt_ms(dist)
-        host_rtt = (access + _backhaul_over_horizon(state, attach, host[:, None])[:, 0]
-                    + queue[host][:, None])
+        backhaul, last = _backhaul_over_horizon(state, attach, host[:, None])
+        host_rtt = access + backhaul[last, 0] + queue[host][:, None]
         at_host = s.measured(rows, host)
         if at_host is not None:
             # A measurement replaces the model's "now"; its trend (clients without
@@ -437,11 +420,9 @@ class PredictivePolicy(Policy):
                            > s.budget_ms[rows, None] - self.margin_ms)
         return attach, access, viol
 
-    def _share_links(self, state: ClusterState, budget: LinkBudget, rows: IntArray,
-                     host: IntArray, target: IntArray, column: IntArray,
-                     net_gain: FloatArray, stay: FloatArray, pen: FloatArray,
-                     lat: FloatArray, budget_ms: FloatArray, over_full: BoolArray,
-                     taus: FloatArray) -> None:
+    def _share_links(self, state: ClusterState, budget: LinkBudget, paths: _Paths,
+                     rows: IntArray, host: IntArray, target: IntArray, column: IntArray,
+                     net_gain: FloatArray, over_full: BoolArray) -> None:
         """Price again, sharing their links, the moves chosen this round that start
         together (each was priced as if it alone joined the migrations in flight),
         and drop (set `target` to -1) those that no longer pay or arrive in time.
@@ -461,49 +442,53 @@ class PredictivePolicy(Policy):
         at_rows = rows[chosen]
         priced = price(state, budget, src, dst, s.overlay_bytes[at_rows],
                        s.memory_bytes[at_rows], s.dirty_rate_bytes_s[at_rows], ahead)
-        arrive_s = priced.start_to_end_s
-        r, c = chosen, col
-        k = len(taus) - 1
-        dt = self.horizon_s / k
-        served = taus[None, :] >= arrive_s[:, None]
-        rate = s.interaction_rate_hz[at_rows]
-        gain = rate * dt * ((stay[r, 0, :] - pen[r, c, :]) * served).sum(axis=1)
-        cost = (rate * priced.estimate.downtime_s
-                + self.gib_cost * priced.estimate.wire_bytes / GiB)
-        at = np.minimum(np.ceil(arrive_s / dt - 1e-9).astype(np.int64), k)
-        fine_then = (lat[r, c, at] <= budget_ms[r]) | over_full[r]
-        keep = ((gain - (1.0 + self.cost_margin) * cost > self.min_gain)
-                & (arrive_s <= self.horizon_s) & fine_then & ~priced.full)
-        target[r[~keep]] = -1
+        n = len(chosen)
+        keep = kernels.predictive_keep(
+            chosen, np.ascontiguousarray(col), *paths.arrays(), over_full,
+            _dense(priced.start_to_end_s, n), _dense(priced.estimate.downtime_s, n),
+            _dense(priced.estimate.wire_bytes, n),
+            np.ascontiguousarray(np.broadcast_to(priced.full, n)), self.latency_weight,
+            self.gib_cost, self.cost_margin, self.min_gain, self.horizon_s)
+        target[chosen[~keep]] = -1
 
 
-def _attach_by_halving(net: Network, position: FloatArray, velocity: FloatArray,
-                       taus: FloatArray, host: IntArray) -> tuple[IntArray, FloatArray]:
-    """Each session's access point and distance at each instant of its straight path
-    `position + velocity * tau`."""
-    m, k = len(position), len(taus)
-    xy = [position + velocity * tau for tau in taus]
-    attach = np.full((m, k), -1, dtype=np.int64)
-    # The ends first (hinted with the host: most sessions are near it), then the
-    # instants between by halving: a straight path whose two ends attach to one
-    # cloudlet stays in its convex Voronoi cell, so every instant between them
-    # attaches there too; only where the ends differ is the middle looked up.
-    attach[:, 0], _ = net.index.nearest(xy[0], host)
-    if k > 1:
-        attach[:, k - 1], _ = net.index.nearest(xy[k - 1], attach[:, 0])
-    for mid, lo, hi in _halving(k):
-        same = attach[:, lo] == attach[:, hi]
-        attach[:, mid] = np.where(same, attach[:, lo], -1)
-        look = np.flatnonzero(~same)
-        if len(look):
-            attach[look, mid], _ = net.index.nearest(xy[mid][look], attach[look, lo])
-    dist = np.stack([net.index.distance_m(xy[i], attach[:, i]) for i in range(k)], axis=1)
-    return attach, dist
+@dataclass(frozen=True)
+class _Paths:
+    """What predictive's value needs of the sessions it weighs (kernels.py): each
+    instant's access RTT (m, S), the backhaul RTT by access-point change (q, C) with
+    each instant's change (m, S), the candidates' queueing (m, C), measurements
+    ((m, C) each, or (0, 0) for none), the instants, service times, budgets less the
+    margin, and interaction rates (m)."""
+
+    access: FloatArray
+    backhaul: FloatArray
+    last: IntArray
+    queue: FloatArray
+    measured: FloatArray
+    slope: FloatArray
+    taus: FloatArray
+    service: FloatArray
+    budget: FloatArray
+    rate: FloatArray
+
+    def arrays(self) -> tuple[FloatArray, FloatArray, IntArray, FloatArray, FloatArray,
+                              FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
+        return (self.access, self.backhaul, self.last, self.queue, self.measured,
+                self.slope, self.taus, self.service, self.budget, self.rate)
 
 
-def _halving(k: int) -> list[tuple[int, int, int]]:
-    """Instants 1..k-2 as (middle, low end, high end), each interval's middle after
-    the interval's ends: the order in which halving fills a path of k instants."""
+_NO_MEASUREMENTS = np.zeros((0, 0))
+
+
+def _dense(values: FloatArray, shape: tuple[int, ...] | int) -> FloatArray:
+    """`values` broadcast to `shape` as a contiguous float array (a kernel's input)."""
+    out: FloatArray = np.ascontiguousarray(np.broadcast_to(values, shape), dtype=np.float64)
+    return out
+
+
+def _halving_order(k: int) -> IntArray:
+    """Instants 1..k-2 as rows (middle, low end, high end), each interval's middle
+    after the interval's ends: the order in which halving fills a path of k instants."""
     out: list[tuple[int, int, int]] = []
     spans = [(0, k - 1)] if k > 2 else []
     while spans:
@@ -514,7 +499,7 @@ def _halving(k: int) -> list[tuple[int, int, int]]:
                 out.append((mid, lo, hi))
                 nxt += [(lo, mid), (mid, hi)]
         spans = nxt
-    return out
+    return np.array(out, dtype=np.int64).reshape(-1, 3)
 
 
 class _Subset:

@@ -1,0 +1,393 @@
+"""Compiled loops for the placer's per-session lookups, where numpy's array-at-a-time
+style costs more than the work: a hash probe or a nearest-cloudlet search is a few
+comparisons per session, but in numpy each probe round or candidate column is a pass
+over every session's arrays (and a temporary the size of them). At 100,000 users the
+simulator's tick spent a fifth of its time in two such lookups.
+
+The lookups compute exactly what the numpy code they replace computed: the same
+integer hashing, the same float expressions in the same order (no fast-math, so no
+reassociation or fused multiply-adds), the same tie-breaking (the first minimum).
+`tests/test_kernels.py` checks them bit for bit against that numpy code. Predictive's
+value sums its instants in instant order; numpy's order had depended on the arrays'
+memory layout (sequential for some shapes, pairwise for others), so a sum can differ
+from numpy's in its last bit, and two sessions whose gains tie exactly can be
+served in the other order.
+
+numba compiles them (the `sim` extra installs it). Without numba they run as plain
+Python, which gives the same answers, slowly: fine for a live orchestrator's few
+sessions, not for the simulator at scale.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import numpy as np
+from numpy.typing import NDArray
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_PLAIN: dict[str, Callable[..., Any]] = {}  # every kernel and helper, in definition order
+_ready = False
+
+
+def compiled(fn: F) -> F:
+    """`fn`, compiled on the first call of any kernel (importing numba costs a
+    process ~0.1 s and 60 MB: a daemon that never places pays none of it)."""
+    _PLAIN[fn.__name__] = fn
+
+    @functools.wraps(fn)
+    def first_call(*args: Any) -> Any:
+        _compile_all()
+        return globals()[fn.__name__](*args)
+
+    return cast(F, first_call)
+
+
+def _compile_all() -> None:
+    """Replace every kernel and helper of this module by its compiled dispatcher
+    (compiled code finds its helpers by their global names), or by the plain
+    function without numba. Machine code is cached beside this file."""
+    global _ready
+    if _ready:
+        return
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - the `sim` extra installs numba
+        globals().update(_PLAIN)
+    else:
+        # numpy's error model: a float divided by zero is inf or nan, as in numpy,
+        # not an exception checked on every division.
+        jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+        globals().update({name: jit(fn) for name, fn in _PLAIN.items()})
+    _ready = True
+
+
+IntArray = NDArray[np.int64]
+FloatArray = NDArray[np.float64]
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@compiled
+def find_in_rows(key: NDArray[np.int32], width: int, bits: int, row: IntArray,
+                 col: IntArray) -> IntArray:
+    """Open addressing, one table of `width` slots per row: the slot holding each
+    (row, col), -1 where it is not kept. Linear probing within the row from the
+    Fibonacci hash of `col`, stopping at an empty slot (-1)."""
+    mask = width - 1
+    shift = np.uint64(64 - bits)
+    out = np.full(len(row), -1, dtype=np.int64)
+    for i in range(len(row)):
+        c = col[i]
+        h = np.int64((np.uint64(c) * GOLDEN) >> shift)
+        base = row[i] * width
+        while True:
+            k = key[base + h]
+            if k == c:
+                out[i] = base + h
+                break
+            if k < 0:
+                break
+            h = (h + 1) & mask
+    return out
+
+
+@compiled
+def find_keys(table: IntArray, bits: int, key: IntArray) -> IntArray:
+    """Open addressing over one table of int64 keys: the slot of each key, -1 where
+    it is absent."""
+    mask = len(table) - 1
+    shift = np.uint64(64 - bits)
+    out = np.full(len(key), -1, dtype=np.int64)
+    for i in range(len(key)):
+        k = key[i]
+        s = np.int64((np.uint64(k) * GOLDEN) >> shift)
+        while True:
+            got = table[s]
+            if got == k:
+                out[i] = s
+                break
+            if got < 0:
+                break
+            s = (s + 1) & mask
+    return out
+
+
+# Helpers called per element take scalars only: a compiled call that passes arrays
+# costs ~30 ns (reference counting), more than the work of a lookup.
+
+
+@compiled
+def _sure_d2(px: float, py: float, hx: float, hy: float, sure: float) -> float:
+    """The squared distance from (px, py) to a hinted cloudlet at (hx, hy) if the
+    position is within its `sure` radius (squared), so that it is the nearest; -1 if
+    not."""
+    dx = hx - px
+    dy = hy - py
+    d2 = dx * dx + dy * dy
+    return d2 if d2 < sure else -1.0
+
+
+@compiled
+def _search(px: float, py: float, x: FloatArray, y: FloatArray, candidates: IntArray,
+            shape0: int, shape1: int, origin_x: float, origin_y: float,
+            cell_m: float) -> tuple[int, float]:
+    """The nearest cloudlet to (px, py) and the squared distance to it, without a
+    hint: the raster cell's candidates, or every cloudlet off the raster."""
+    fx = np.floor((px - origin_x) / cell_m)
+    fy = np.floor((py - origin_y) / cell_m)
+    if 0.0 <= fx <= shape0 - 1 and 0.0 <= fy <= shape1 - 1:
+        row = int(fx) * shape1 + int(fy)
+        best = candidates[row, 0]
+        dx = x[best] - px
+        dy = y[best] - py
+        best_d2 = dx * dx + dy * dy
+        for j in range(1, candidates.shape[1]):
+            c = candidates[row, j]
+            dx = x[c] - px
+            dy = y[c] - py
+            d2 = dx * dx + dy * dy
+            if d2 < best_d2:
+                best, best_d2 = c, d2
+        return best, best_d2
+    best = 0
+    dx = px - x[0]
+    dy = py - y[0]
+    best_d2 = dx * dx + dy * dy
+    for c in range(1, len(x)):
+        dx = px - x[c]
+        dy = py - y[c]
+        d2 = dx * dx + dy * dy
+        if d2 < best_d2:
+            best, best_d2 = c, d2
+    return best, best_d2
+
+
+@compiled
+def nearest(xy: FloatArray, hint: IntArray, x: FloatArray, y: FloatArray,
+            sure_d2: FloatArray, candidates: IntArray, shape0: int, shape1: int,
+            origin_x: float, origin_y: float, cell_m: float) -> tuple[IntArray, FloatArray]:
+    """The nearest cloudlet of each position and the distance to it.
+
+    A hint (-1 for none) answers a position within its `sure_d2`; otherwise the
+    position's raster cell lists the cloudlets that can be nearest, and a position
+    off the raster is compared with every cloudlet. Ties go to the first candidate
+    in the cell's order (the raster orders them by distance, then index), or to the
+    lowest index off the raster."""
+    m = len(xy)
+    index = np.empty(m, dtype=np.int64)
+    distance = np.empty(m, dtype=np.float64)
+    for i in range(m):
+        px = xy[i, 0]
+        py = xy[i, 1]
+        h = hint[i]
+        d2 = _sure_d2(px, py, x[h], y[h], sure_d2[h]) if h >= 0 else -1.0
+        if d2 >= 0.0:
+            best = h
+        else:
+            best, d2 = _search(px, py, x, y, candidates, shape0, shape1, origin_x,
+                               origin_y, cell_m)
+        index[i] = best
+        distance[i] = np.sqrt(d2)
+    return index, distance
+
+
+@compiled
+def nearest_along(position: FloatArray, velocity: FloatArray, taus: FloatArray,
+                  host: IntArray, halving: IntArray, x: FloatArray, y: FloatArray,
+                  sure_d2: FloatArray, candidates: IntArray, shape0: int, shape1: int,
+                  origin_x: float, origin_y: float, cell_m: float
+                  ) -> tuple[IntArray, FloatArray]:
+    """The nearest cloudlet and the distance to it at each instant of each session's
+    straight path `position + velocity * tau`, (m, S) each.
+
+    Without `halving` ((0, 3)) every instant is looked up, hinted with the host.
+    With it (rows of middle, low end, high end, as policies._halving_order orders
+    them), the ends are looked up and then each middle whose interval's ends attach
+    to one cloudlet attaches there too: a straight path between two points of a
+    convex Voronoi cell stays in it. The answers differ only where a position is
+    exactly as far from two cloudlets."""
+    m = len(position)
+    s = len(taus)
+    attach = np.empty((m, s), dtype=np.int64)
+    dist = np.empty((m, s), dtype=np.float64)
+    look = np.empty(s, dtype=np.bool_)
+    for i in range(m):
+        x0, y0 = position[i, 0], position[i, 1]
+        vx, vy = velocity[i, 0], velocity[i, 1]
+        # Which instants to look up, and each one's hint: -1 (the host), -2 (the
+        # instant 0's answer), or a halving row's low end.
+        if halving.shape[0] == 0:
+            look[:] = True
+        else:
+            look[:] = False
+            look[0] = True
+            look[s - 1] = True
+        for step in range(s + halving.shape[0]):
+            if step < s:
+                t = step
+                if not look[t]:
+                    continue
+                h = host[i] if (t == 0 or halving.shape[0] == 0) else attach[i, 0]
+            else:
+                r = step - s
+                t, lo, hi = halving[r, 0], halving[r, 1], halving[r, 2]
+                if attach[i, lo] == attach[i, hi]:
+                    attach[i, t] = attach[i, lo]
+                    continue
+                h = attach[i, lo]
+            px = x0 + vx * taus[t]
+            py = y0 + vy * taus[t]
+            d2 = _sure_d2(px, py, x[h], y[h], sure_d2[h]) if h >= 0 else -1.0
+            if d2 >= 0.0:
+                attach[i, t] = h
+            else:
+                attach[i, t] = _search(px, py, x, y, candidates, shape0, shape1, origin_x,
+                                       origin_y, cell_m)[0]
+        for t in range(s):
+            a = attach[i, t]
+            dx = x[a] - (x0 + vx * taus[t])
+            dy = y[a] - (y0 + vy * taus[t])
+            dist[i, t] = np.sqrt(dx * dx + dy * dy)
+    return attach, dist
+
+
+# --- predictive's value of each candidate ---------------------------------------------------
+#
+# The model's RTT of session i at candidate c and instant t is
+#     (access[i, t] + backhaul[last[i, t], c]) + queue[i, c]
+# plus, where the session has measurements, an offset that makes instant 0 the
+# measured RTT and the measured trend: (rtt + offset) + slope * tau. Sums over
+# instants run in instant order.
+
+
+@compiled
+def _rtt_rows(i: int, cols: IntArray, access: FloatArray, backhaul: FloatArray,
+              last: IntArray, queue: FloatArray, measured: FloatArray, slope: FloatArray,
+              taus: FloatArray, out: FloatArray) -> None:
+    """Session i's RTT at each candidate of `cols` over every instant, into the rows
+    of `out` (one call per session: a call passing arrays costs ~30 ns)."""
+    s = len(taus)
+    corrected = measured.shape[0] > 0
+    for r in range(len(cols)):
+        c = cols[r]
+        q = queue[i, c]
+        for t in range(s):
+            out[r, t] = (access[i, t] + backhaul[last[i, t], c]) + q
+        if corrected:
+            g = measured[i, c]
+            offset = 0.0 if np.isnan(g) else g - out[r, 0]
+            sl = slope[i, c]
+            for t in range(s):
+                out[r, t] = (out[r, t] + offset) + sl * taus[t]
+
+
+@compiled
+def _penalty(latency: float, budget: float, latency_weight: float) -> float:
+    """One instant's penalty: 1 over budget, plus `latency_weight` per ms."""
+    return (1.0 if latency > budget else 0.0) + latency_weight * latency
+
+
+@compiled
+def predictive_value(access: FloatArray, backhaul: FloatArray, last: IntArray,
+                     queue: FloatArray, measured: FloatArray, slope: FloatArray,
+                     taus: FloatArray, service: FloatArray, budget: FloatArray,
+                     rate: FloatArray, arrive: FloatArray, downtime: FloatArray,
+                     wire: FloatArray, full: NDArray[np.bool_], first: FloatArray,
+                     latency_weight: float, gib_cost: float, cost_margin: float,
+                     min_gain: float, horizon_s: float, lead_s: float
+                     ) -> tuple[FloatArray, NDArray[np.bool_], NDArray[np.bool_], FloatArray]:
+    """For each session and candidate (column 0 the host): the move's net gain, whether
+    it may start, and the RTT it saves on average while it serves; per session,
+    whether no candidate meets the budget when it would arrive (over-full).
+
+    What PredictivePolicy's docstring states, per session: a penalty per instant of
+    1 over budget plus `latency_weight` per ms; the gain is the penalty saved over
+    the instants the target serves (those at or after its arrival); the cost the
+    interactions stalled by the downtime plus `gib_cost` per GiB moved."""
+    m, s = access.shape
+    n_cand = queue.shape[1]
+    k = s - 1
+    dt = horizon_s / k
+    gib = float(1 << 30)
+    net_gain = np.empty((m, n_cand))
+    ok = np.zeros((m, n_cand), dtype=np.bool_)
+    over_full = np.zeros(m, dtype=np.bool_)
+    saved = np.zeros((m, n_cand))
+    rtt = np.empty((n_cand, s))
+    pen = np.empty((n_cand, s))
+    fine = np.empty(n_cand, dtype=np.bool_)
+    cols = np.arange(n_cand)
+    for i in range(m):
+        _rtt_rows(i, cols, access, backhaul, last, queue, measured, slope, taus, rtt)
+        for c in range(n_cand):
+            for t in range(s):
+                pen[c, t] = _penalty(rtt[c, t] + service[i], budget[i], latency_weight)
+        any_fine = False
+        for c in range(n_cand):
+            a = arrive[i, c]
+            from_t = 0  # the first instant at or after the arrival
+            while from_t < s and not taus[from_t] >= a:
+                from_t += 1
+            gain = 0.0
+            saved_ms = 0.0
+            for t in range(from_t, s):
+                gain += pen[0, t] - pen[c, t]
+                saved_ms += rtt[0, t] - rtt[c, t]
+            gain = (rate[i] * dt) * gain
+            cost = rate[i] * downtime[i, c] + gib_cost * wire[i, c] / gib
+            net_gain[i, c] = gain - (1.0 + cost_margin) * cost
+            saved[i, c] = saved_ms / max(s - from_t, 1)
+            v = np.ceil(a / dt - 1e-9)
+            at = k if not v < k else int(v)
+            fine[c] = rtt[c, at] + service[i] <= budget[i]
+            any_fine = any_fine or fine[c]
+        over_full[i] = not any_fine
+        for c in range(n_cand):
+            a = arrive[i, c]
+            ok[i, c] = (first[i] <= a + lead_s and net_gain[i, c] > min_gain
+                        and a <= horizon_s and (fine[c] or not any_fine) and not full[i, c])
+    return net_gain, ok, over_full, saved
+
+
+@compiled
+def predictive_keep(rows: IntArray, cols: IntArray, access: FloatArray,
+                    backhaul: FloatArray, last: IntArray, queue: FloatArray,
+                    measured: FloatArray, slope: FloatArray, taus: FloatArray,
+                    service: FloatArray, budget: FloatArray, rate: FloatArray,
+                    over_full: NDArray[np.bool_], arrive: FloatArray, downtime: FloatArray,
+                    wire: FloatArray, full: NDArray[np.bool_], latency_weight: float,
+                    gib_cost: float, cost_margin: float, min_gain: float,
+                    horizon_s: float) -> NDArray[np.bool_]:
+    """Whether each chosen move (session rows[j] to its column cols[j]) still pays
+    and arrives in time at the arrival `arrive[j]` it gets sharing its links: the
+    value `predictive_value` computes, for one candidate at another arrival."""
+    s = len(taus)
+    k = s - 1
+    dt = horizon_s / k
+    gib = float(1 << 30)
+    keep = np.zeros(len(rows), dtype=np.bool_)
+    rtt = np.empty((2, s))
+    pair = np.zeros(2, dtype=np.int64)
+    for j in range(len(rows)):
+        i, a = rows[j], arrive[j]
+        pair[1] = cols[j]
+        _rtt_rows(i, pair, access, backhaul, last, queue, measured, slope, taus, rtt)
+        from_t = 0
+        while from_t < s and not taus[from_t] >= a:
+            from_t += 1
+        gain = 0.0
+        for t in range(from_t, s):
+            gain += (_penalty(rtt[0, t] + service[i], budget[i], latency_weight)
+                     - _penalty(rtt[1, t] + service[i], budget[i], latency_weight))
+        gain = (rate[i] * dt) * gain
+        cost = rate[i] * downtime[j] + gib_cost * wire[j] / gib
+        v = np.ceil(a / dt - 1e-9)
+        at = k if not v < k else int(v)
+        fine = rtt[1, at] + service[i] <= budget[i] or over_full[i]
+        keep[j] = (gain - (1.0 + cost_margin) * cost > min_gain and a <= horizon_s
+                   and fine and not full[j])
+    return keep
