@@ -335,8 +335,16 @@ def _self_peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def warm_up(policy: str) -> None:
+    """Load the placer's compiled kernels (numba's cache: ~0.6 s once per process)
+    with a tiny run, so that every point times the same work: a process-wide
+    constant counted in the smallest point would flatter the growth per 10x."""
+    simulate(scale_scenario(200, 16, policy).with_duration(20.0))
+
+
 def scale_child(users: int, cloudlets: int, policy: str) -> int:
     """One point of the series (in a child process): one JSON line on stdout."""
+    warm_up(policy)
     sc = scale_scenario(users, cloudlets, policy)
     t0 = time.perf_counter()
     res = simulate(sc)
@@ -350,6 +358,7 @@ def scale_child(users: int, cloudlets: int, policy: str) -> int:
 
 def placer_child(sessions: int, cloudlets: int) -> int:
     """The predictive placer's round on a (sessions x cloudlets) state (child process)."""
+    warm_up("predictive")
     t0 = time.perf_counter()
     state = placer_state(sessions, cloudlets, measured=False)
     build_s = time.perf_counter() - t0

@@ -182,3 +182,37 @@ def test_predictive_value_matches_the_numpy_formula(with_measurements: bool) -> 
     clear = np.abs(want[0] - 1.0) > 1e-6
     assert np.array_equal(got[1][clear], want[1][clear])
     assert want[1].any() and not want[1].all()
+
+
+def test_nearest_settled_keeps_what_a_full_dijkstra_finds_within_the_radius() -> None:
+    from scipy.sparse import csr_matrix  # type: ignore[import-untyped]
+    from scipy.sparse.csgraph import dijkstra  # type: ignore[import-untyped]
+
+    rng = np.random.default_rng(8)
+    nodes, cloudlets, keep = 300, 200, 12
+    a, b = rng.integers(0, nodes, 900), rng.integers(0, nodes, 900)
+    w = rng.choice([1.0, 2.0, 2.5], 900)  # few weights: many ties in distance
+    ok = a != b
+    g = csr_matrix((np.r_[w[ok], w[ok]], (np.r_[a[ok], b[ok]], np.r_[b[ok], a[ok]])),
+                   shape=(nodes, nodes))
+    g.sum_duplicates()
+    full = dijkstra(g, directed=True)
+    sources = np.arange(cloudlets)
+    row, col, dist, pred, radius = kernels.nearest_settled(
+        g.indptr.astype(np.int64), g.indices.astype(np.int64), g.data, sources, cloudlets,
+        keep)
+    for s in sources:
+        d = full[s]
+        finite = np.sort(d[:cloudlets][np.isfinite(d[:cloudlets])])
+        want_r = finite[keep - 1] if len(finite) >= keep else np.inf
+        assert radius[s] == want_r
+        want = set(np.flatnonzero(d <= want_r) if np.isfinite(want_r)
+                   else np.flatnonzero(np.isfinite(d)))
+        mine = row == s
+        assert set(col[mine]) == want
+        assert np.array_equal(dist[mine], d[col[mine]])
+        # Every predecessor lies on a shortest path; the source has none.
+        p, v = pred[mine], col[mine]
+        assert (p[v == s] == -1).all()
+        inner = v != s
+        assert np.allclose(d[p[inner]] + np.asarray(g[p[inner], v[inner]]).ravel(), d[v[inner]])

@@ -270,44 +270,15 @@ class GraphBackhaul(Backhaul):
 
     def _build(self) -> None:
         n, keep = self.size, self.keep
-        w = self._graph.data
-        # A first radius that, on a grid, holds `keep` cloudlets; doubled per source
-        # until it does.
-        limit0 = float(np.median(w) if len(w) else 1.0) * (np.sqrt(keep / 2.0) + 2.0)
-        # Past the sum of every link's RTT, a limit changes nothing: search everything.
-        total = float(w.sum()) + 1.0
-        rows: list[IntArray] = []
-        cols: list[IntArray] = []
-        dist: list[FloatArray] = []
-        pred: list[IntArray] = []
-        radius = np.zeros(n)
-        for start in range(0, n, CHUNK_SOURCES):
-            src = np.arange(start, min(start + CHUNK_SOURCES, n))
-            limit = np.full(len(src), min(limit0, total))
-            todo = np.arange(len(src))
-            while len(todo):
-                lim = float(limit[todo].max())
-                d, p = dijkstra(self._graph, directed=True, indices=src[todo],
-                                limit=lim if lim < total else np.inf,
-                                return_predecessors=True)
-                kth = np.partition(d[:, :n], keep - 1, axis=1)[:, keep - 1]
-                # Settled when the keep-th cloudlet is strictly inside the limit (every
-                # tie at its distance is then found), or the search was unlimited.
-                done = (kth < lim) | (lim >= total)
-                r = np.where(np.isfinite(kth), kth, np.inf)
-                ii, at = np.nonzero(done[:, None] & (d <= r[:, None]) & np.isfinite(d))
-                rows.append(src[todo[ii]])
-                cols.append(at.astype(np.int64))
-                dist.append(d[ii, at])
-                pred.append(p[ii, at].astype(np.int64))
-                radius[src[todo[done]]] = np.where(np.isfinite(kth[done]), kth[done], total)
-                limit[todo[~done]] = np.minimum(limit[todo[~done]] * 2.0, total)
-                todo = todo[~done]
+        g = self._graph
+        # Past the sum of every link's RTT, a distance is unreachable: the radius of a
+        # cloudlet with fewer than `keep` cloudlets in reach.
+        total = float(g.data.sum()) + 1.0
+        row, col, rtt, prd, radius = kernels.nearest_settled(
+            np.asarray(g.indptr, dtype=np.int64), np.asarray(g.indices, dtype=np.int64),
+            np.asarray(g.data, dtype=np.float64), np.arange(n, dtype=np.int64), n, keep)
+        radius = np.where(np.isfinite(radius), radius, total)
         self._total_ms = total
-        row = np.concatenate(rows)
-        col = np.concatenate(cols)
-        rtt = np.concatenate(dist)
-        prd = np.concatenate(pred)
         order = np.lexsort((col, rtt, row))
         row, col, rtt, prd = row[order], col[order], rtt[order], prd[order]
         self.radius_ms = radius

@@ -391,3 +391,134 @@ def predictive_keep(rows: IntArray, cols: IntArray, access: FloatArray,
         keep[j] = (gain - (1.0 + cost_margin) * cost > min_gain and a <= horizon_s
                    and fine and not full[j])
     return keep
+
+
+# --- the backhaul's kept pairs ----------------------------------------------------------------
+
+
+@compiled
+def _before(d_a: float, node_a: int, d_b: float, node_b: int) -> bool:
+    """Heap order: distance, then node index (so equal distances settle by index)."""
+    return d_a < d_b or (d_a == d_b and node_a < node_b)
+
+
+@compiled
+def nearest_settled(indptr: IntArray, indices: IntArray,
+                    weights: FloatArray, sources: IntArray, cloudlets: int, keep: int
+                    ) -> tuple[IntArray, IntArray, FloatArray, IntArray, FloatArray]:
+    """Dijkstra from each source over a CSR graph, stopped once `keep` cloudlets
+    (nodes below `cloudlets`, the source included) are settled and every node as near
+    as the last of them is: per source, every node within that radius, with its
+    distance and predecessor (-1 for the source), and the radius (inf where fewer
+    than `keep` cloudlets are reachable: then every reachable node).
+
+    Its work per source grows with the nodes within the radius, not with the graph:
+    scipy's dijkstra fills a row of every node per source (n^2 at n sources)."""
+    n = len(indptr) - 1
+    dist = np.full(n, np.inf)
+    pred = np.full(n, -1, dtype=np.int64)
+    done = np.zeros(n, dtype=np.bool_)
+    touched = np.empty(n, dtype=np.int64)
+    cap = max(len(indices) + 1, 16)
+    heap_d = np.empty(cap)
+    heap_n = np.empty(cap, dtype=np.int64)
+    out_row = np.empty(len(sources) * 2 * keep + 16, dtype=np.int64)
+    out_col = np.empty_like(out_row)
+    out_d = np.empty(len(out_row))
+    out_p = np.empty_like(out_row)
+    radius = np.empty(len(sources))
+    count = 0
+    for r in range(len(sources)):
+        src = sources[r]
+        n_touched = 0
+        dist[src] = 0.0
+        touched[n_touched] = src
+        n_touched += 1
+        heap_d[0] = 0.0
+        heap_n[0] = src
+        size = 1
+        found = 0
+        kth = np.inf
+        while size > 0:
+            d_u, u = heap_d[0], heap_n[0]
+            if d_u > kth:
+                break
+            # Pop the top: the last element sifts down from the root.
+            size -= 1
+            if size > 0:
+                heap_d[0], heap_n[0] = heap_d[size], heap_n[size]
+                i = 0
+                while True:
+                    lo = 2 * i + 1
+                    if lo >= size:
+                        break
+                    best = lo
+                    if lo + 1 < size and _before(heap_d[lo + 1], heap_n[lo + 1],
+                                                 heap_d[lo], heap_n[lo]):
+                        best = lo + 1
+                    if _before(heap_d[best], heap_n[best], heap_d[i], heap_n[i]):
+                        heap_d[i], heap_d[best] = heap_d[best], heap_d[i]
+                        heap_n[i], heap_n[best] = heap_n[best], heap_n[i]
+                        i = best
+                    else:
+                        break
+            if done[u] or d_u > dist[u]:
+                continue  # a stale entry
+            done[u] = True
+            if count == len(out_row):
+                grown = 2 * len(out_row)
+                out_row = _grown_int(out_row, grown)
+                out_col = _grown_int(out_col, grown)
+                out_p = _grown_int(out_p, grown)
+                more_d = np.empty(grown)
+                more_d[:count] = out_d[:count]
+                out_d = more_d
+            out_row[count] = r
+            out_col[count] = u
+            out_d[count] = d_u
+            out_p[count] = pred[u]
+            count += 1
+            if u < cloudlets:
+                found += 1
+                if found == keep:
+                    kth = d_u
+            for e in range(indptr[u], indptr[u + 1]):
+                v = indices[e]
+                nd = d_u + weights[e]
+                if nd < dist[v]:
+                    if dist[v] == np.inf:
+                        touched[n_touched] = v
+                        n_touched += 1
+                    dist[v] = nd
+                    pred[v] = u
+                    if size == len(heap_d):
+                        more_hd = np.empty(2 * size)
+                        more_hd[:size] = heap_d
+                        heap_d = more_hd
+                        heap_n = _grown_int(heap_n, 2 * size)
+                    # Push: sift up from the end.
+                    i = size
+                    heap_d[i], heap_n[i] = nd, v
+                    size += 1
+                    while i > 0:
+                        up = (i - 1) // 2
+                        if _before(heap_d[i], heap_n[i], heap_d[up], heap_n[up]):
+                            heap_d[i], heap_d[up] = heap_d[up], heap_d[i]
+                            heap_n[i], heap_n[up] = heap_n[up], heap_n[i]
+                            i = up
+                        else:
+                            break
+        radius[r] = kth
+        for j in range(n_touched):
+            t = touched[j]
+            dist[t] = np.inf
+            pred[t] = -1
+            done[t] = False
+    return out_row[:count], out_col[:count], out_d[:count], out_p[:count], radius
+
+
+@compiled
+def _grown_int(a: IntArray, size: int) -> IntArray:
+    out = np.empty(size, dtype=np.int64)
+    out[:len(a)] = a
+    return out
