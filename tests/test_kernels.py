@@ -216,3 +216,38 @@ def test_nearest_settled_keeps_what_a_full_dijkstra_finds_within_the_radius() ->
         assert (p[v == s] == -1).all()
         inner = v != s
         assert np.allclose(d[p[inner]] + np.asarray(g[p[inner], v[inner]]).ravel(), d[v[inner]])
+
+
+def test_manhattan_driving_matches_the_numpy_reference_and_keeps_to_the_streets() -> None:
+    from cloudlet.sim import mobility
+
+    dirs = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    grid = mobility.ManhattanGrid(3000, 4000.0, 3000.0, np.random.default_rng(2),
+                                  block_m=250.0, speed_max_m_s=60.0)
+    for _ in range(50):
+        grid.step(1.0)
+    xy, direction = grid.xy.copy(), grid.direction.copy()
+    travel = np.random.default_rng(3).uniform(0, 700, len(xy))
+    idx = np.arange(len(xy))
+    # The reference: numpy, as the grid drove before its loop was compiled.
+    want_xy, want_travel = xy.copy(), travel.copy()
+    d = direction[idx]
+    c = want_xy[idx, d % 2] / 250.0
+    nxt = np.where(d < 2, np.floor(c + 1e-9) + 1.0, np.ceil(c - 1e-9) - 1.0)
+    dist = np.abs(nxt - c) * 250.0
+    reach = want_travel[idx] >= dist
+    go, hit = idx[~reach], idx[reach]
+    want_xy[go] += dirs[direction[go]] * want_travel[go][:, None]
+    want_travel[go] = 0.0
+    want_xy[hit] += dirs[direction[hit]] * dist[reach][:, None]
+    want_xy[hit] = np.round(want_xy[hit] / 250.0) * 250.0
+    want_travel[hit] -= dist[reach]
+    got_hit = mobility._drive(xy, direction, travel, idx, 250.0)  # noqa: SLF001
+    assert np.array_equal(got_hit, hit)
+    assert np.array_equal(xy, want_xy) and np.array_equal(travel, want_travel)
+    # After a whole step every user is on a street, inside the grid.
+    grid.step(1.0)
+    on_x = np.isclose(grid.xy[:, 0] / 250.0, np.round(grid.xy[:, 0] / 250.0))
+    on_y = np.isclose(grid.xy[:, 1] / 250.0, np.round(grid.xy[:, 1] / 250.0))
+    assert (on_x | on_y).all()
+    assert (grid.xy >= 0).all() and (grid.xy <= grid.max_c).all()

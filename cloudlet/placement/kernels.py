@@ -13,57 +13,17 @@ memory layout (sequential for some shapes, pairwise for others), so a sum can di
 from numpy's in its last bit, and two sessions whose gains tie exactly can be
 served in the other order.
 
-numba compiles them (the `sim` extra installs it). Without numba they run as plain
-Python, which gives the same answers, slowly: fine for a live orchestrator's few
-sessions, not for the simulator at scale.
+numba compiles them on first use (cloudlet/jit.py; the `sim` extra installs it).
+Without numba they run as plain Python, which gives the same answers, slowly: fine
+for a live orchestrator's few sessions, not for the simulator at scale.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
-
 import numpy as np
 from numpy.typing import NDArray
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-_PLAIN: dict[str, Callable[..., Any]] = {}  # every kernel and helper, in definition order
-_ready = False
-
-
-def compiled(fn: F) -> F:
-    """`fn`, compiled on the first call of any kernel (importing numba costs a
-    process ~0.1 s and 60 MB: a daemon that never places pays none of it)."""
-    _PLAIN[fn.__name__] = fn
-
-    @functools.wraps(fn)
-    def first_call(*args: Any) -> Any:
-        _compile_all()
-        return globals()[fn.__name__](*args)
-
-    return cast(F, first_call)
-
-
-def _compile_all() -> None:
-    """Replace every kernel and helper of this module by its compiled dispatcher
-    (compiled code finds its helpers by their global names), or by the plain
-    function without numba. Machine code is cached beside this file."""
-    global _ready
-    if _ready:
-        return
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - the `sim` extra installs numba
-        globals().update(_PLAIN)
-    else:
-        # numpy's error model: a float divided by zero is inf or nan, as in numpy,
-        # not an exception checked on every division.
-        jit = numba.njit(cache=True, nogil=True, error_model="numpy")
-        globals().update({name: jit(fn) for name, fn in _PLAIN.items()})
-    _ready = True
-
+from cloudlet.jit import compiled
 
 IntArray = NDArray[np.int64]
 FloatArray = NDArray[np.float64]
@@ -114,10 +74,6 @@ def find_keys(table: IntArray, bits: int, key: IntArray) -> IntArray:
                 break
             s = (s + 1) & mask
     return out
-
-
-# Helpers called per element take scalars only: a compiled call that passes arrays
-# costs ~30 ns (reference counting), more than the work of a lookup.
 
 
 @compiled

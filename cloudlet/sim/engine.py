@@ -181,6 +181,10 @@ class PolicyRun:
         self.net = topo.network
         self.rng = np.random.default_rng(seed)
         self.hosting = Hosting.empty(world.slots)
+        # Each slot's last (access point, host) pair and its backhaul RTT.
+        self._pair_attach = np.full(world.slots, -1, dtype=np.int64)
+        self._pair_host = np.full(world.slots, -1, dtype=np.int64)
+        self._pair_rtt_ms = np.full(world.slots, np.nan)
         self.load = CloudletLoad.empty(self.net.size)
         self.link_rate = topo.directed_bandwidth_mbit_s * (1e6 / 8.0)
         self.cost = self.net.cost
@@ -287,8 +291,7 @@ class PolicyRun:
         total = counts.sum()
         served_counts = np.where(placed, counts, 0.0)
         h = np.maximum(host, 0)
-        rtt = (w.access_ms + self.net.backhaul.rtt_ms(w.attach, h)
-               + self._queue_ms[h])
+        rtt = w.access_ms + self._backhaul_rtt_ms(w.attach, h) + self._queue_ms[h]
         wl = w.wl
         lat = rtt + w.workloads.service_ms[wl] + w.jitter_ms
         budget = w.workloads.budget_ms[wl]
@@ -313,6 +316,27 @@ class PolicyRun:
         row[3] = within
         row[4] = total - served
         row[5] = lat_sum / served if served else math.nan
+
+    def _backhaul_rtt_ms(self, attach: IntArray, host: IntArray) -> FloatArray:
+        """The backhaul RTT from each active user's access point to its host. A user
+        keeps both for many ticks, so each slot keeps its last pair and RTT and only
+        changed pairs are looked up: a lookup is a cache miss in the backhaul's tables,
+        which at 10,000 cloudlets no longer fit the cache (the same RTTs either way)."""
+        idx = self.world.idx
+        if len(self._pair_rtt_ms) < self.world.slots:
+            size = self.world.slots
+            self._pair_attach = _grown(self._pair_attach, size, -1)
+            self._pair_host = _grown(self._pair_host, size, -1)
+            self._pair_rtt_ms = _grown(self._pair_rtt_ms, size, np.nan)
+        stale = np.flatnonzero((self._pair_attach[idx] != attach)
+                               | (self._pair_host[idx] != host))
+        if len(stale):
+            at = idx[stale]
+            self._pair_rtt_ms[at] = self.net.backhaul.rtt_ms(attach[stale], host[stale])
+            self._pair_attach[at] = attach[stale]
+            self._pair_host[at] = host[stale]
+        out: FloatArray = self._pair_rtt_ms[idx]
+        return out
 
     def _paused(self, pause: Pauses, lat: FloatArray, served_counts: FloatArray,
                 budget: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
@@ -550,3 +574,10 @@ def _run(sc: Scenario, st: Setting, progress: bool) -> SimResult:
     return SimResult(scenario=sc, topology=topology, extent_m=extent, policies=results,
                      ticks=ticks, user_steps=user_steps, world_wall_s=world_s,
                      trajectories=traj, trace=info, users=world.slots)
+
+
+def _grown(values: NDArray[Any], size: int, fill: float) -> NDArray[Any]:
+    """`values` extended to `size` with `fill`."""
+    out = np.full(size, fill, dtype=values.dtype)
+    out[:len(values)] = values
+    return out

@@ -25,6 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloudlet.errors import InvalidArgument
+from cloudlet.jit import compiled
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
@@ -238,16 +239,6 @@ class ManhattanGrid(_Synthetic):
         self.direction = np.where(horizontal, 0, 1) + 2 * (rng.random(users) < 0.5)
         self.speed = rng.uniform(*self.speed_range, users)
 
-    def _to_next(self, idx: NDArray[np.int64]) -> FloatArray:
-        d = self.direction[idx]
-        axis = d % 2
-        sign = np.where(d < 2, 1.0, -1.0)
-        c = self.xy[idx, axis] / self.block
-        eps = 1e-9
-        nxt = np.where(sign > 0, np.floor(c + eps) + 1.0, np.ceil(c - eps) - 1.0)
-        dist: FloatArray = np.abs(nxt - c) * self.block
-        return dist
-
     def step(self, dt_s: float) -> None:
         n = len(self.xy)
         change = self.rng.random(n) < self.change_p
@@ -258,21 +249,13 @@ class ManhattanGrid(_Synthetic):
         for _ in range(self.MAX_CROSSINGS):
             if len(idx) == 0:
                 break
-            dist = self._to_next(idx)
-            reach = travel[idx] >= dist
-            go = idx[~reach]
-            self.xy[go] += _DIRS[self.direction[go]] * travel[go][:, None]
-            travel[go] = 0.0
-            hit = idx[reach]
+            hit = _drive(self.xy, self.direction, travel, idx, float(self.block))
             if len(hit) == 0:
                 break
-            self.xy[hit] += _DIRS[self.direction[hit]] * dist[reach][:, None]
-            # Snap to the intersection: no drift off the streets over an hour.
-            self.xy[hit] = np.round(self.xy[hit] / self.block) * self.block
-            travel[hit] -= dist[reach]
             self._turn(hit)
             idx = hit[travel[hit] > 0]
-        self._snap()
+        _snap(self.xy, self.direction, float(self.block), float(self.max_c[0]),
+              float(self.max_c[1]))
 
     def _turn(self, idx: NDArray[np.int64]) -> None:
         d = self.direction[idx]
@@ -299,10 +282,45 @@ class ManhattanGrid(_Synthetic):
             want[bad] = choice
         self.direction[idx] = want
 
-    def _snap(self) -> None:
-        # The coordinate across the street stays exactly on it.
-        axis = self.direction % 2
-        across = 1 - axis
-        rows = np.arange(len(self.xy))
-        self.xy[rows, across] = np.round(self.xy[rows, across] / self.block) * self.block
-        np.clip(self.xy, 0.0, self.max_c, out=self.xy)
+
+
+@compiled
+def _drive(xy: FloatArray, direction: NDArray[np.int64], travel: FloatArray,
+           idx: NDArray[np.int64], block: float) -> NDArray[np.int64]:
+    """Move users `idx` along their streets by their `travel` (metres left this step),
+    no further than the next intersection: those that reach it stop there, snapped to
+    it (no drift off the streets over an hour), with `travel` reduced by the way
+    driven; the rest drive it all. Returns the users at an intersection, in order."""
+    hit = np.empty(len(idx), dtype=np.int64)
+    n_hit = 0
+    for j in range(len(idx)):
+        i = idx[j]
+        d = direction[i]
+        axis = d % 2
+        c = xy[i, axis] / block
+        nxt = np.floor(c + 1e-9) + 1.0 if d < 2 else np.ceil(c - 1e-9) - 1.0
+        dist = np.abs(nxt - c) * block
+        dx, dy = _DIRS[d, 0], _DIRS[d, 1]
+        if travel[i] >= dist:
+            xy[i, 0] = np.round((xy[i, 0] + dx * dist) / block) * block
+            xy[i, 1] = np.round((xy[i, 1] + dy * dist) / block) * block
+            travel[i] -= dist
+            hit[n_hit] = i
+            n_hit += 1
+        else:
+            xy[i, 0] += dx * travel[i]
+            xy[i, 1] += dy * travel[i]
+            travel[i] = 0.0
+    return hit[:n_hit]
+
+
+@compiled
+def _snap(xy: FloatArray, direction: NDArray[np.int64], block: float, max_x: float,
+          max_y: float) -> None:
+    """Keep the coordinate across each user's street exactly on it, and every user
+    inside the grid."""
+    for i in range(len(xy)):
+        across = 1 - direction[i] % 2
+        xy[i, across] = np.round(xy[i, across] / block) * block
+        xy[i, 0] = min(max(xy[i, 0], 0.0), max_x)
+        xy[i, 1] = min(max(xy[i, 1], 0.0), max_y)
