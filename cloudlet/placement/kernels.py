@@ -160,7 +160,8 @@ def nearest_along(position: FloatArray, velocity: FloatArray, taus: FloatArray,
     """The nearest cloudlet and the distance to it at each instant of each session's
     straight path `position + velocity * tau`, (m, S) each.
 
-    Without `halving` ((0, 3)) every instant is looked up, hinted with the host.
+    Without `halving` ((0, 3)) every instant is looked up, hinted with the host
+    (the first) or the instant before (the rest).
     With it (rows of middle, low end, high end, as policies._halving_order orders
     them), the ends are looked up and then each middle whose interval's ends attach
     to one cloudlet attaches there too: a straight path between two points of a
@@ -174,8 +175,7 @@ def nearest_along(position: FloatArray, velocity: FloatArray, taus: FloatArray,
     for i in range(m):
         x0, y0 = position[i, 0], position[i, 1]
         vx, vy = velocity[i, 0], velocity[i, 1]
-        # Which instants to look up, and each one's hint: -1 (the host), -2 (the
-        # instant 0's answer), or a halving row's low end.
+        # Which instants to look up: every one, or the ends and then the halving rows.
         if halving.shape[0] == 0:
             look[:] = True
         else:
@@ -187,7 +187,8 @@ def nearest_along(position: FloatArray, velocity: FloatArray, taus: FloatArray,
                 t = step
                 if not look[t]:
                     continue
-                h = host[i] if (t == 0 or halving.shape[0] == 0) else attach[i, 0]
+                # The host hints the first instant, each answer the next instant's.
+                h = host[i] if t == 0 else attach[i, t - 1 if halving.shape[0] == 0 else 0]
             else:
                 r = step - s
                 t, lo, hi = halving[r, 0], halving[r, 1], halving[r, 2]
