@@ -332,7 +332,11 @@ def scale_scenario(users: int, cloudlets: int, policy: str) -> Any:
 
 
 def _self_peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    """This process's own resident high-water mark. Not getrusage's ru_maxrss: on
+    Linux a child started by fork and exec inherits its parent's, so every point
+    reported this script's peak (its city runs) rather than its own."""
+    own = _vm_hwm_bytes(os.getpid())
+    return own or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def warm_up(policy: str) -> None:
