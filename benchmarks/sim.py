@@ -306,6 +306,9 @@ SCALE_DURATION_S = 300.0
 # The 100k target is 60 s, so a point not done by then has missed it; the cap keeps the
 # full run within ~12 minutes on two cores.
 SCALE_CAP_S = 60.0
+# Points shorter than this run SCALE_REPEATS times; the median is reported.
+SCALE_REPEAT_UNDER_S = 10.0
+SCALE_REPEATS = 3
 # A point whose resident memory passes this is stopped before it starves the machine.
 SCALE_MEM_CAP_GIB = 8.0
 # The 100k placer point's own cap: its state holds 33,000 sessions hosted across the
@@ -430,28 +433,45 @@ def run_capped(args: list[str], cap_s: float, mem_cap_bytes: float) -> dict[str,
 
 
 def bench_scale(quick: bool, cap_s: float, mem_cap_gib: float) -> list[dict[str, Any]]:
+    """Each point in its own process; a point under SCALE_REPEAT_UNDER_S runs
+    SCALE_REPEATS times (fresh processes) and reports the median: a half-second
+    point jitters by 5-10% on a shared host, and the growth per 10x divides by it."""
     points = SCALE_QUICK_POINTS if quick else SCALE_POINTS
     policies = SCALE_QUICK_POLICIES if quick else tuple(POLICIES)
     out = []
     for users, cloudlets in points:
         for policy in policies:
-            got = run_capped(["--scale-point", str(users), str(cloudlets), policy],
-                             cap_s, mem_cap_gib * GiB)
-            a = got["answer"]
+            runs = []
+            while True:
+                got = run_capped(["--scale-point", str(users), str(cloudlets), policy],
+                                 cap_s, mem_cap_gib * GiB)
+                runs.append(got)
+                a = got["answer"]
+                if (a is None or a["wall_s"] >= SCALE_REPEAT_UNDER_S
+                        or len(runs) == SCALE_REPEATS):
+                    break
+            done = [r for r in runs if r["answer"] is not None]
+            walls = [r["answer"]["wall_s"] for r in done]
+            mid = done[walls.index(statistics.median_low(walls))] if done else runs[-1]
+            a = mid["answer"]
             row: dict[str, Any] = {
                 "users": users, "cloudlets": cloudlets, "policy": policy,
                 "finished": a is not None,
                 "wall_s": a["wall_s"] if a else None,
+                "wall_s_runs": walls,
                 "user_steps_per_s": a["user_steps"] / a["wall_s"] if a else None,
-                "peak_rss_mib": got["peak_rss_bytes"] / MiB,
+                "peak_rss_mib": max(r["peak_rss_bytes"] for r in runs) / MiB,
                 "setup_s": a["setup_s"] if a else None,
                 "stepping_s": a["stepping_s"] if a else None,
-                "stopped_after_s": None if a else got["elapsed_s"],
-                "reason": got["reason"],
+                "stopped_after_s": None if a else mid["elapsed_s"],
+                "reason": mid["reason"],
             }
             out.append(row)
+            spread = (f"  ({min(walls):.2f}-{max(walls):.2f} over {len(walls)})"
+                      if len(walls) > 1 else "")
             print(f"  scale {users:>7,} x {cloudlets:>6,} {policy:<11}"
-                  f"{_fmt_s(row['wall_s'], got['reason'])}", file=sys.stderr, flush=True)
+                  f"{_fmt_s(row['wall_s'], mid['reason'])}{spread}", file=sys.stderr,
+                  flush=True)
     return out
 
 

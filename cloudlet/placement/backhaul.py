@@ -10,15 +10,15 @@ Yet nearly every pair asked is local: a user's access point and the cloudlets
 near it, or the cloudlet its session left a few kilometres back.
 
 `GraphBackhaul` keeps the local pairs only. From every cloudlet, Dijkstra over
-the sparse backhaul graph (scipy.sparse.csgraph, a well-kept C implementation
-with a distance `limit`) runs until it has settled the `keep` closest cloudlets
-(by backhaul RTT); every node within that radius is kept (ties included, and
+the sparse backhaul graph runs until it has settled the `keep` closest cloudlets
+(by backhaul RTT) and everything as near (kernels.nearest_settled, compiled:
+scipy's dijkstra returns a row of every node per source, n^2 work even with a
+distance limit); every node within that radius is kept (ties included, and
 routers: a star's core), with its RTT, the path's bottleneck bandwidth, the
 last link of the path and the entry of the node before it. A node on a
 shortest path from `a` to `j` is closer to `a` than `j` is, so each kept pair's
 predecessor is kept too, and the whole route is rebuilt by following them.
-Memory: O(cloudlets x keep); build time: O(cloudlets x keep log keep) Dijkstra
-work (plus a vectorised pass over each chunk's dense output row).
+Memory: O(cloudlets x keep); build time: O(cloudlets x keep log keep).
 
 Lookups are vectorised over arrays of (a, j) of any broadcastable shape: each
 cloudlet's kept pairs live in its own open-addressing table (a power of two
@@ -28,7 +28,8 @@ at least 1.5 times its pairs), the slot picked by a multiplicative hash of
 Far pairs. A pair beyond the kept radius (a session whose host stayed far behind
 its user, common under `never`; a move from such a host) still gets an exact
 answer: the missing pairs of one call are grouped by source, Dijkstra runs from
-those sources in batches (the limit four times the kept radius, four times
+those sources in batches (scipy.sparse.csgraph, with a distance limit: four
+times the kept radius, four times
 wider again for the sources still short), and each pair's RTT, bottleneck and
 hops are found by walking its predecessors back to a kept node. Only when a
 route is asked (`path`) are the nodes of that walk stored too, linked to their
@@ -44,7 +45,8 @@ then none. Memory stays
 O(cloudlets x keep + pairs asked), never n^2.
 
 Ties. Dijkstra keeps, for each node, the first predecessor that reaches its
-least RTT (scipy's order); among equal-RTT routes the one chosen may differ from
+least RTT: for kept pairs nodes settle in order of RTT, then index; for far
+pairs in scipy's order. Among equal-RTT routes the one chosen may differ from
 what another algorithm picks, but RTTs are the same up to float rounding. A pair
 of parallel links between two nodes counts once: the one of lower RTT (the
 first listed on a tie). A link of zero RTT is taken as 1e-12 ms, so that a
