@@ -251,3 +251,16 @@ def test_manhattan_driving_matches_the_numpy_reference_and_keeps_to_the_streets(
     on_y = np.isclose(grid.xy[:, 1] / 250.0, np.round(grid.xy[:, 1] / 250.0))
     assert (on_x | on_y).all()
     assert (grid.xy >= 0).all() and (grid.xy <= grid.max_c).all()
+
+
+@pytest.mark.parametrize("name", ["never", "nearest", "threshold", "predictive"])
+def test_warm_up_runs_every_policy_on_its_tiny_cluster(name: str) -> None:
+    from cloudlet.placement import make_policy
+    from cloudlet.placement.warm import tiny_cluster, warm_up
+
+    policy = make_policy(name)
+    warm_up(policy)
+    moves = policy.decide(tiny_cluster())
+    # The tiny cluster has sessions far from their hosts: every policy that moves
+    # weighs (and makes) moves there, so warming up reaches its kernels.
+    assert (len(moves.session) > 0) == (name != "never")

@@ -35,6 +35,7 @@ import numpy as np
 
 from cloudlet.errors import ConfigError, TrustError
 from cloudlet.placement import Policy, make_policy
+from cloudlet.placement.warm import warm_up
 from cloudlet.protocol import (
     ALL_EVENTS,
     ALL_POSITIONS,
@@ -144,6 +145,10 @@ class Orchestrator:
 
     async def run(self) -> None:
         """Stay connected and decide until cancelled, reconnecting with backoff."""
+        # The placer's compiled loops load on their first call: off the event loop and
+        # before the lease is contested, so that a slow first round cannot stall the
+        # lease's renewals (cloudlet.placement.warm).
+        await asyncio.to_thread(warm_up, self.policy)
         host, port, tls = broker_address(self.config.broker_url)
         backoff = BACKOFF_START_S
         while True:
