@@ -18,10 +18,13 @@ should take scalars only: a compiled call that passes arrays costs ~30 ns
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger(__name__)
 
 # Per module (by name): its @compiled functions in definition order, and whether
 # they have been replaced yet.
@@ -49,9 +52,15 @@ def _compile_module(module: str, namespace: dict[str, Any]) -> None:
     plain = _PLAIN[module]
     try:
         import numba
-    except ImportError:  # pragma: no cover - the `sim` extra installs numba
+
+        jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+        compiled_fns = {name: jit(fn) for name, fn in plain.items()}
+    except Exception as exc:  # pragma: no cover - the `sim` extra installs numba
+        # No numba, or one that cannot work here (no writable cache directory, an
+        # llvmlite that fails to load): the same answers in plain Python, slowly.
+        if not isinstance(exc, ImportError):
+            log.warning("numba unusable (%r): %s runs as plain Python", exc, module)
         namespace.update(plain)
     else:
-        jit = numba.njit(cache=True, nogil=True, error_model="numpy")
-        namespace.update({name: jit(fn) for name, fn in plain.items()})
+        namespace.update(compiled_fns)
     _READY.add(module)

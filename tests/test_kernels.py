@@ -264,3 +264,20 @@ def test_warm_up_runs_every_policy_on_its_tiny_cluster(name: str) -> None:
     # The tiny cluster has sessions far from their hosts: every policy that moves
     # weighs (and makes) moves there, so warming up reaches its kernels.
     assert (len(moves.session) > 0) == (name != "never")
+
+
+def test_bad_hints_and_shapes_are_refused_before_the_kernels_read_them() -> None:
+    from cloudlet.errors import InvalidArgument
+
+    index = AccessIndex(np.array([[0.0, 0.0], [100.0, 0.0]]))
+    xy = np.zeros((3, 2))
+    with pytest.raises(InvalidArgument):
+        index.nearest(xy, np.array([0, 1, 2]))  # no cloudlet 2
+    with pytest.raises(InvalidArgument):
+        index.nearest(xy, np.array([0, 1]))  # one hint short
+    with pytest.raises(InvalidArgument):
+        index.nearest(np.zeros((3, 1)))
+    with pytest.raises(InvalidArgument):
+        index.nearest_along(xy, np.zeros((2, 2)), np.array([0.0, 1.0]), np.zeros(3))
+    got, _ = index.nearest(xy, np.array([-1, 0, 1]))
+    assert got.tolist() == [0, 0, 0]

@@ -277,6 +277,24 @@ def test_rtt_trends_extend_measurements_when_no_position_is_known() -> None:
     assert slope[0, 0] > 0 > slope[0, 1]  # walking away from a, towards b
 
 
+def test_absurd_rtts_are_dropped_and_trends_stay_finite() -> None:
+    """A client's reports reach the placer's compiled value: an RTT of 1e308 ms, or
+    an infinite trend made from two finite reports, would make a move's gain inf."""
+    v = _view()
+    v.telemetry("a", _telemetry({"vm1": "alice"}), 100.0)
+    v.telemetry("b", _telemetry({}), 100.0)
+    v.client_rtt("alice", {"rtt_ms": {"a": 1.0, "b": 20.0}}, 100.0)
+    v.client_rtt("alice", {"rtt_ms": {"a": 1e308, "b": 59_000.0}}, 100.1)
+    v.client_rtt("alice", {"rtt_ms": {"a": 2.0, "b": 1.7e308}}, 1e-300 + 100.1)
+    snap = v.snapshot(100.2)
+    assert snap is not None
+    rtt = snap.state.sessions.rtt_ms
+    assert isinstance(rtt, MeasuredRtt)
+    now, slope = rtt.lookup(np.array([0]), np.array([[0, 1]]))
+    assert np.isfinite(slope).all(), slope
+    assert not (np.nan_to_num(now) > 60_000).any(), now
+
+
 def test_garbage_in_reports_and_telemetry_is_ignored() -> None:
     v = _view()
     v.client_rtt("x", {"rtt_ms": {"a": "fast", "b": -1, "zz": 3.0, 5: 1.0}}, 100.0)

@@ -191,14 +191,23 @@ class AccessIndex:
         was attached a moment ago: a position within half its hint's distance to its
         nearest neighbour is answered from that one distance, the rest as without.
         The answers are the same either way, bit for bit."""
-        xy = np.ascontiguousarray(xy_m, dtype=np.float64)
-        if hint is None:
-            guess = np.full(len(xy), -1, dtype=np.int64)
-        else:
-            guess = np.ascontiguousarray(hint, dtype=np.int64)
+        xy = _points(xy_m)
+        guess = np.full(len(xy), -1, dtype=np.int64) if hint is None else self._hints(hint,
+                                                                                      len(xy))
         return kernels.nearest(xy, guess, self._x, self._y, self._sure_d2, self.candidates,
                                self.shape[0], self.shape[1], float(self.origin_m[0]),
                                float(self.origin_m[1]), float(self.cell_m))
+
+    def _hints(self, hint: IntArray, count: int) -> IntArray:
+        """`hint` as the kernels take it: one per position, and no hint past the last
+        cloudlet (the compiled kernels check only for -1 and would read out of
+        bounds), so anything else is refused here."""
+        out = np.ascontiguousarray(hint, dtype=np.int64)
+        if out.shape != (count,):
+            raise InvalidArgument(f"need one hint per position ({count}), got {out.shape}")
+        if len(out) and out.max() >= len(self._x):
+            raise InvalidArgument(f"hints must be cloudlet rows 0..{len(self._x) - 1} or -1")
+        return out
 
     def nearest_along(self, position_m: FloatArray, velocity_m_s: FloatArray,
                       taus_s: FloatArray, hint: IntArray, halving: IntArray | None = None
@@ -208,11 +217,14 @@ class AccessIndex:
         is now, say). With `halving` (kernels.nearest_along) instants between two
         that attach to one cloudlet are not looked up."""
         order = np.zeros((0, 3), dtype=np.int64) if halving is None else halving
+        position = _points(position_m)
+        velocity = _points(velocity_m_s)
+        if velocity.shape != position.shape:
+            raise InvalidArgument("need one velocity per position")
         return kernels.nearest_along(
-            np.ascontiguousarray(position_m, dtype=np.float64),
-            np.ascontiguousarray(velocity_m_s, dtype=np.float64),
+            position, velocity,
             np.ascontiguousarray(taus_s, dtype=np.float64),
-            np.ascontiguousarray(hint, dtype=np.int64), np.ascontiguousarray(order),
+            self._hints(hint, len(position)), np.ascontiguousarray(order),
             self._x, self._y, self._sure_d2, self.candidates, self.shape[0], self.shape[1],
             float(self.origin_m[0]), float(self.origin_m[1]), float(self.cell_m))
 
@@ -223,3 +235,11 @@ class AccessIndex:
         dy = self._y[index] - xy_m[:, 1]
         distance: FloatArray = np.sqrt(dx * dx + dy * dy)
         return distance
+
+
+def _points(xy_m: FloatArray) -> FloatArray:
+    """(m, 2) positions as the compiled kernels read them (they check no shapes)."""
+    xy = np.ascontiguousarray(xy_m, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise InvalidArgument(f"positions must be an (m, 2) array, not {xy.shape}")
+    return xy

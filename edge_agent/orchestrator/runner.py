@@ -148,7 +148,11 @@ class Orchestrator:
         # The placer's compiled loops load on their first call: off the event loop and
         # before the lease is contested, so that a slow first round cannot stall the
         # lease's renewals (cloudlet.placement.warm).
-        await asyncio.to_thread(warm_up, self.policy)
+        try:
+            await asyncio.to_thread(warm_up, self.policy)
+        except Exception:
+            # Not fatal: the first round compiles what it needs, only later.
+            log.exception("orchestrator: warming the placer up failed")
         host, port, tls = broker_address(self.config.broker_url)
         backoff = BACKOFF_START_S
         while True:

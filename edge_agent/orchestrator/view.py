@@ -58,6 +58,8 @@ STALE_AFTER_REFRESHES = 3.0
 # reports weighs this much. Enough smoothing that one jittery probe does not
 # look like a user walking away.
 SLOPE_WEIGHT = 0.3
+# A reported RTT above a minute is not a measurement of an edge link: dropped.
+MAX_MEASURED_RTT_MS = 60_000.0
 # An interaction rate for a VM that has not been called since the last telemetry:
 # not zero, or an idle session could never be worth a move.
 MIN_RATE_HZ = 0.2
@@ -330,7 +332,8 @@ class ClusterView:
         pairs: list[tuple[float, int]] = []
         for node, ms in rtts.items():
             kind = type(ms)  # msgpack gives exact ints and floats; a bool is neither here
-            if (kind is not float and kind is not int) or not math.isfinite(ms) or ms < 0:
+            if ((kind is not float and kind is not int) or not math.isfinite(ms) or ms < 0
+                    or ms > MAX_MEASURED_RTT_MS):
                 continue
             i = index.get(node) if isinstance(node, str) else None
             if i is not None:
@@ -352,7 +355,10 @@ class ClusterView:
             values[k] = ms
             prev = old.get(i)
             if trend and prev is not None and not math.isnan(prev[0]):
-                slopes[k] = SLOPE_WEIGHT * (ms - prev[0]) / dt + (1 - SLOPE_WEIGHT) * prev[1]
+                slope = SLOPE_WEIGHT * (ms - prev[0]) / dt + (1 - SLOPE_WEIGHT) * prev[1]
+                # Finite RTTs can still make an infinite trend (1e308 ms 0.1 s after
+                # 1 ms): the placer's value would then be inf, not a refusal.
+                slopes[k] = slope if math.isfinite(slope) else 0.0
         c.rtt_node[r] = nodes
         c.rtt_ms[r] = values
         c.slope[r] = slopes
