@@ -73,6 +73,7 @@ LATENCY_WINDOW = 100_000
 _STREAM_ERRORS = (ConnectionError, RuntimeError, aiohttp.ClientError)
 _STREAM_ENDS = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
                 aiohttp.WSMsgType.ERROR)
+_BINARY = aiohttp.WSMsgType.BINARY
 
 Locator = Callable[[str], Awaitable[Location | None]]
 
@@ -303,20 +304,9 @@ class Session:
         task = asyncio.current_task()
         assert task is not None
         self._leader, self._leader_seq = task, seq
-        binary = aiohttp.WSMsgType.BINARY
         try:
             while not future.done():
-                try:
-                    msg = await ws.receive()
-                except _STREAM_ERRORS as exc:
-                    log.info("VM %s: stream to %s broke (%r); reconnecting", self.vm_id,
-                             protocol.location.node, exc)
-                    protocol.stream_closed()
-                else:
-                    if msg.type is binary:
-                        protocol.receive_data(msg.data)
-                    elif msg.type in _STREAM_ENDS:
-                        protocol.stream_closed()
+                await self._receive_into(ws)
                 ev = protocol.next_event()
                 while isinstance(ev, Answer | CallFailed):
                     answered = waiting.get(ev.seq)
@@ -485,7 +475,6 @@ class Session:
 
     async def _read(self) -> Event:
         protocol, waiting = self._protocol, self._waiting
-        binary = aiohttp.WSMsgType.BINARY
         loop = asyncio.get_running_loop()
         while True:
             if self._leader is not None:  # a caller reads: wait until it stops
@@ -501,16 +490,7 @@ class Session:
             else:
                 self._reading = True
                 try:
-                    msg = await ws.receive()
-                except _STREAM_ERRORS as exc:
-                    log.info("VM %s: stream to %s broke (%r); reconnecting", self.vm_id,
-                             protocol.location.node, exc)
-                    protocol.stream_closed()
-                else:
-                    if msg.type is binary:
-                        protocol.receive_data(msg.data)
-                    elif msg.type in _STREAM_ENDS:
-                        protocol.stream_closed()
+                    await self._receive_into(ws)
                 finally:
                     self._reading = False
             ev = protocol.next_event()
@@ -528,6 +508,22 @@ class Session:
                     continue
             if not isinstance(ev, NeedData):
                 return ev
+
+    async def _receive_into(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Read one frame of the VM's stream into the protocol: its data, or the
+        stream's end (a break is logged; the protocol then reconnects)."""
+        protocol = self._protocol
+        try:
+            msg = await ws.receive()
+        except _STREAM_ERRORS as exc:
+            log.info("VM %s: stream to %s broke (%r); reconnecting", self.vm_id,
+                     protocol.location.node, exc)
+            protocol.stream_closed()
+        else:
+            if msg.type is _BINARY:
+                protocol.receive_data(msg.data)
+            elif msg.type in _STREAM_ENDS:
+                protocol.stream_closed()
 
     async def _send(self, data: bytes) -> None:
         ws = self._ws

@@ -10,8 +10,9 @@ armed again once the session had nothing waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,17 @@ from tests.test_sdk_faults import FaultProxy
 KVSTORE = WORKLOADS / "kvstore.wasm"
 
 
+@contextlib.asynccontextmanager
+async def _session_behind_a_proxy(daemon: Daemon, user: str
+                                  ) -> AsyncIterator[tuple[FaultProxy, Any]]:
+    """A kvstore session of `user`'s whose stream passes a proxy that can hold or
+    cut the daemon's answers."""
+    async with FaultProxy(daemon.port) as link, \
+            CloudletClient(daemon.token(user), endpoints=[link.endpoint]) as client, \
+            client.session(KVSTORE) as s:
+        yield link, s
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     d = make_daemon(tmp_path, "deadlines").start()
@@ -34,12 +46,8 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 
 def test_a_short_deadline_behind_a_long_one_fires_on_time(daemon: Daemon) -> None:
-    token = daemon.token("dora")
-
     async def run() -> None:
-        async with FaultProxy(daemon.port) as link, \
-                CloudletClient(token, endpoints=[link.endpoint]) as client, \
-                client.session(KVSTORE) as s:
+        async with _session_behind_a_proxy(daemon, "dora") as (link, s):
             assert await s.call("kv_put", 1, 1) == 1
             link.hold = True
             long_call = asyncio.ensure_future(s.call("kv_put", 1, 2, deadline_ms=5000))
@@ -68,12 +76,8 @@ def test_a_short_deadline_behind_a_long_one_fires_on_time(daemon: Daemon) -> Non
 
 
 def test_a_long_deadline_is_not_cut_short_by_a_shorter_one(daemon: Daemon) -> None:
-    token = daemon.token("ed")
-
     async def run() -> None:
-        async with FaultProxy(daemon.port) as link, \
-                CloudletClient(token, endpoints=[link.endpoint]) as client, \
-                client.session(KVSTORE) as s:
+        async with _session_behind_a_proxy(daemon, "ed") as (link, s):
             assert await s.call("kv_put", 1, 1) == 1
             link.hold = True
             started = time.perf_counter()
@@ -96,12 +100,8 @@ def test_a_caller_reading_its_own_answer_still_ends_at_its_deadline(daemon: Daem
     """Back to back, a call reads the stream itself (no hand-over from the session's
     task): its deadline still ends it on time, cancels nothing around it, and the
     session reads on for the next call."""
-    token = daemon.token("fay")
-
     async def run() -> None:
-        async with FaultProxy(daemon.port) as link, \
-                CloudletClient(token, endpoints=[link.endpoint]) as client, \
-                client.session(KVSTORE) as s:
+        async with _session_behind_a_proxy(daemon, "fay") as (link, s):
             async with asyncio.timeout(20):
                 assert await s.call("kv_put", 1, 1) == 1
                 link.hold = True
@@ -121,12 +121,8 @@ def test_a_caller_reading_its_own_answer_still_ends_at_its_deadline(daemon: Daem
 
 def test_a_cancelled_caller_that_was_reading_leaves_the_session_working(
         daemon: Daemon) -> None:
-    token = daemon.token("gus")
-
     async def run() -> None:
-        async with FaultProxy(daemon.port) as link, \
-                CloudletClient(token, endpoints=[link.endpoint]) as client, \
-                client.session(KVSTORE) as s:
+        async with _session_behind_a_proxy(daemon, "gus") as (link, s):
             assert await s.call("kv_put", 1, 1) == 1
 
             async def two_calls() -> Any:
