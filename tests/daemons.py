@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,16 @@ def operator_broker_auth(cluster_dir: Path) -> tuple[str, str]:
 
     secret = load_secret(cluster_dir / "cluster.key")
     return acl.OPERATOR_USER, acl.derived_password(secret, acl.OPERATOR_USER)
+
+
+def daemon_pair(tmp: Path, **settings: Any) -> Iterator[tuple[Daemon, Daemon]]:
+    """Two started daemons, "east" and "west", of one cluster, for a fixture to yield
+    from: afterwards each is stopped, or killed if a test already killed it."""
+    east = make_daemon(tmp, "east", **settings).start()
+    west = make_daemon(tmp, "west", **settings).start()
+    yield east, west
+    for d in (east, west):
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        else:
+            d.kill()

@@ -39,7 +39,7 @@ from edge_agent.app import NOT_ARRIVING_CLOSE_CODE
 from edge_agent.arrivals import MAX_HELD, MAX_HELD_PER_CLIENT, MAX_HELD_PER_VM
 from edge_agent.live_migration import new_migration_id
 from mobile_client import CloudletClient
-from tests.daemons import Daemon, make_daemon
+from tests.daemons import Daemon, daemon_pair
 from tests.tcp_proxy import LoopbackProxy, reset, until_either_ends
 from tests.test_migration_standby import (
     KVSTORE,
@@ -62,14 +62,7 @@ SILENCE_S = 0.5  # how long a held stream is watched for a frame that must not c
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
-    east = make_daemon(tmp_path, "east", **SETTINGS).start()
-    west = make_daemon(tmp_path, "west", **SETTINGS).start()
-    yield east, west
-    for d in (east, west):
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-        else:
-            d.kill()
+    yield from daemon_pair(tmp_path, **SETTINGS)
 
 
 # --- the attacker's tools -------------------------------------------------------------------

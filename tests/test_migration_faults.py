@@ -30,7 +30,7 @@ import pytest
 from cloudlet.vm import VM, ImageStore, VMLimits
 from mobile_client import CloudletClient
 from tests.conftest import WORKLOADS
-from tests.daemons import Daemon, make_daemon, sealed_body
+from tests.daemons import Daemon, daemon_pair, make_daemon, sealed_body
 from tests.migration_proxy import MigrationProxy, Trigger
 from tests.mqtt_brokers import address
 from tests.waiting import async_wait_until
@@ -63,14 +63,7 @@ CASES = [
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
-    east = make_daemon(tmp_path, "east", **SETTINGS).start()
-    west = make_daemon(tmp_path, "west", **SETTINGS).start()
-    yield east, west
-    for d in (east, west):
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-        else:
-            d.kill()
+    yield from daemon_pair(tmp_path, **SETTINGS)
 
 
 class Twin:

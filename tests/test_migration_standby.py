@@ -38,7 +38,7 @@ from edge_agent.app import NOT_ARRIVING_CLOSE_CODE
 from edge_agent.arrivals import MAX_HELD_PER_VM
 from mobile_client import CloudletClient, Session
 from tests.conftest import WORKLOADS
-from tests.daemons import Daemon, free_port, make_daemon
+from tests.daemons import Daemon, daemon_pair, free_port
 from tests.migration_proxy import FrameReader
 from tests.tcp_proxy import LoopbackProxy, reset, until_either_ends
 from tests.waiting import async_wait_until
@@ -56,14 +56,7 @@ WS_HANDSHAKE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
-    east = make_daemon(tmp_path, "east", **SETTINGS).start()
-    west = make_daemon(tmp_path, "west", **SETTINGS).start()
-    yield east, west
-    for d in (east, west):
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-        else:
-            d.kill()
+    yield from daemon_pair(tmp_path, **SETTINGS)
 
 
 # --- on the path --------------------------------------------------------------------------
