@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 
 from cloudlet.placement import GraphBackhaul, Network
 from cloudlet.placement import backhaul as backhaul_module
+from cloudlet.placement.backhaul import Backhaul
 from cloudlet.sim import engine as sim_engine
 from cloudlet.sim import load_scenario, simulate
 from cloudlet.sim.topology import Topology
@@ -49,7 +50,7 @@ def floyd_warshall(n: int, a: IntArray, b: IntArray,
     return dist, nxt
 
 
-class ReferenceBackhaul:
+class ReferenceBackhaul(Backhaul):
     """The dense reference behind GraphBackhaul's interface: Floyd-Warshall RTTs,
     next-hop routes (the first link listed between two nodes) and their bottleneck."""
 
@@ -90,6 +91,10 @@ class ReferenceBackhaul:
     def near(self, k: int) -> IntArray:
         n = self.size
         return np.argsort(self.rtt[:n, :n], axis=1, kind="stable")[:, :min(k, n)]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.rtt.nbytes + self.bw.nbytes + self.routes.nbytes)
 
     def path(self, source: Any, target: Any) -> IntArray:
         got: IntArray = self.routes[source, target]

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from cloudlet.placement import AccessIndex, kernels
+from cloudlet.errors import InvalidArgument
+from cloudlet.placement import AccessIndex, GraphBackhaul, LatencyModel, kernels, slices
+from cloudlet.placement.congestion import highest_first
+from cloudlet.placement.cost import PrecopyModel
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -156,6 +159,16 @@ def _reference_value(access, backhaul, last, queue, measured, slope, taus, servi
     return net_gain, ok, over_full, saved
 
 
+def _by_run(args):  # type: ignore[no-untyped-def]
+    """The reference's arguments as the kernel takes them: each move's arrival,
+    downtime and wire bytes as one run each, after no wait."""
+    arrive, downtime, wire = args[10], args[11], args[12]
+    m, c = arrive.shape
+    run = np.arange(m * c).reshape(m, c)
+    return (*args[:10], run, np.zeros((m, c)), arrive.ravel(), downtime.ravel(),
+            wire.ravel(), *args[13:])
+
+
 @pytest.mark.parametrize("with_measurements", [False, True])
 def test_predictive_value_matches_the_numpy_formula(with_measurements: bool) -> None:
     rng = np.random.default_rng(5 + with_measurements)
@@ -174,7 +187,7 @@ def test_predictive_value_matches_the_numpy_formula(with_measurements: bool) -> 
             rng.uniform(1e8, 1e9, (m, c)), rng.random((m, c)) < 0.1, rng.uniform(0, 30, m),
             0.001, 0.5, 0.5, 1.0, 30.0, 2.0)
     want = _reference_value(*args)
-    got = kernels.predictive_value(*args)
+    got = kernels.predictive_value(*_by_run(args))
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(got[3], want[3], rtol=1e-12, atol=1e-9)
     assert np.array_equal(got[2], want[2])
@@ -267,8 +280,6 @@ def test_warm_up_runs_every_policy_on_its_tiny_cluster(name: str) -> None:
 
 
 def test_bad_hints_and_shapes_are_refused_before_the_kernels_read_them() -> None:
-    from cloudlet.errors import InvalidArgument
-
     index = AccessIndex(np.array([[0.0, 0.0], [100.0, 0.0]]))
     xy = np.zeros((3, 2))
     with pytest.raises(InvalidArgument):
@@ -281,3 +292,270 @@ def test_bad_hints_and_shapes_are_refused_before_the_kernels_read_them() -> None
         index.nearest_along(xy, np.zeros((2, 2)), np.array([0.0, 1.0]), np.zeros(3))
     got, _ = index.nearest(xy, np.array([-1, 0, 1]))
     assert got.tolist() == [0, 0, 0]
+
+
+# --- the placer round's other loops -----------------------------------------------------------
+
+
+def _reference_changes(attach: NDArray[np.int64],
+                       target: NDArray[np.int64]) -> tuple[NDArray[np.int64], ...]:
+    """The pairs to look up where each access point changes, as numpy computed them."""
+    m, k = attach.shape
+    change = np.ones((m, k), dtype=bool)
+    change[:, 1:] = attach[:, 1:] != attach[:, :-1]
+    rows, at = np.nonzero(change)
+    src = np.broadcast_to(attach[rows, at][:, None], (len(rows), target.shape[1]))
+    last = np.cumsum(change.ravel()).reshape(m, k) - 1
+    return src, target[rows], last
+
+
+def test_changes_along_matches_the_numpy_reference() -> None:
+    rng = np.random.default_rng(11)
+    attach = np.cumsum(rng.random((500, 16)) < 0.3, axis=1) + rng.integers(0, 50, (500, 1))
+    target = rng.integers(0, 60, (500, 5))
+    got = kernels.changes_along(attach, target)
+    for a, b in zip(got, _reference_changes(attach, target), strict=True):
+        assert np.array_equal(a, b)
+
+
+def _grid_backhaul(side: int, keep: int, far: int = 0) -> GraphBackhaul:
+    n = side * side
+    idx = np.arange(n)
+    right = idx[(idx % side) + 1 < side]
+    down = idx[idx + side < n]
+    a = np.concatenate([right, down])
+    b = np.concatenate([right + 1, down + side])
+    rng = np.random.default_rng(side)
+    return GraphBackhaul(n, n, a, b, rng.uniform(1, 5, len(a)),
+                         rng.integers(1, 10, len(a)) * 100.0, keep=keep, dense_max=0,
+                         far_capacity=far or None)
+
+
+def test_pair_lookups_answer_what_the_slot_tables_answer_near_far_and_new() -> None:
+    """rtt_ms and path_bandwidth_mbit_s (one compiled pass, far pairs never asked
+    computed after it) give what the tables' slots hold, and count lookups the same."""
+    g = _grid_backhaul(12, keep=6)
+    ref = _grid_backhaul(12, keep=6)
+    rng = np.random.default_rng(3)
+    for round_ in range(3):
+        src = rng.integers(0, 144, (400, 7))
+        dst = rng.integers(0, 144, (400, 7))
+        dst[:, 0] = src[:, 0]  # self pairs (bandwidth inf)
+        got_rtt = g.rtt_ms(src, dst)
+        got_bw = g.path_bandwidth_mbit_s(src, dst)
+        slot = ref._slots(src.ravel(), dst.ravel())  # noqa: SLF001 - the reference
+        assert np.array_equal(got_rtt, ref._rtt[slot].reshape(src.shape))  # noqa: SLF001
+        slot = ref._slots(src.ravel(), dst.ravel())  # noqa: SLF001
+        assert np.array_equal(got_bw, ref._bw[slot].reshape(src.shape))  # noqa: SLF001
+        assert np.isinf(got_bw[:, 0]).all() and np.isfinite(got_rtt).all()
+        assert g.stats.far_lookups > 0, round_
+    assert g.stats == ref.stats
+    with pytest.raises(InvalidArgument):
+        g.rtt_ms(np.array([0, 144]), np.array([1, 2]))
+    with pytest.raises(InvalidArgument):
+        g.path_bandwidth_mbit_s(np.array([-1]), np.array([1]))
+
+
+def test_rtt_along_on_a_far_table_that_empties_mid_call() -> None:
+    """Far pairs found in the far table are kept when the same call's new far pairs
+    then empty it (a bounded table): every answer equals the reference's."""
+    g = _grid_backhaul(10, keep=4, far=8)
+    g._max_far_slots = 64  # noqa: SLF001 - a table that must empty to take a call's pairs
+    dense = _grid_backhaul(10, keep=100)  # every pair kept: the reference
+    rng = np.random.default_rng(9)
+    attach = rng.integers(0, 100, (30, 6))
+    target = rng.integers(0, 100, (30, 4))
+    for call in range(3):
+        # Pairs asked before (in the far table now), then many new ones: their fill
+        # empties the table the earlier ones were found in.
+        fresh = rng.integers(0, 100, (270, 6))
+        ask = np.concatenate([attach[:30], fresh]) if call else attach[:30]
+        ask_target = np.concatenate([target, rng.integers(0, 100, (270, 4))]) if call else target
+        got, last = g.rtt_along(ask, ask_target)
+        src, dst, want_last = _reference_changes(ask, ask_target)
+        assert np.array_equal(last, want_last)
+        np.testing.assert_allclose(got, dense.rtt_ms(src, dst), rtol=1e-12)
+    assert g.stats.clears >= 2
+
+
+def _reference_host(attach, dist, backhaul, last, queue_host, measured, slope, taus,  # type: ignore[no-untyped-def]
+                    service, budget, lat: LatencyModel):
+    """The host's latency and violations as numpy computed them."""
+    access = lat.access_rtt_ms(dist)
+    host_rtt = access + backhaul[last, 0] + queue_host[:, None]
+    if measured.shape[0]:
+        host_rtt = (host_rtt + np.where(np.isnan(measured), 0.0,
+                                        measured - host_rtt[:, 0])[:, None]
+                    + slope[:, None] * taus[None, :])
+    return access, host_rtt + service[:, None] > budget[:, None]
+
+
+@pytest.mark.parametrize("with_measurements", [False, True])
+def test_host_breaks_matches_the_numpy_formula(with_measurements: bool) -> None:
+    rng = np.random.default_rng(21 + with_measurements)
+    m, s, n = 3000, 16, 40
+    x, y = rng.uniform(0, 5000, n), rng.uniform(0, 5000, n)
+    position, velocity = rng.uniform(0, 5000, (m, 2)), rng.normal(0, 10, (m, 2))
+    taus = np.linspace(0.0, 30.0, s)
+    attach = np.where(rng.random((m, 1)) < 0.5, rng.integers(0, n, (m, 1)),
+                      rng.integers(0, n, (m, s)))
+    dist = np.array([[kernels.distance_along(*position[i], *velocity[i], taus[t],
+                                             x[attach[i, t]], y[attach[i, t]])
+                      for t in range(s)] for i in range(m)])
+    backhaul, last = rng.uniform(0, 20, (m * s, 1)), np.arange(m * s).reshape(m, s)
+    queue, service, budget = rng.uniform(0, 3, m), rng.uniform(1, 5, m), rng.uniform(8, 40, m)
+    measured, slope = np.zeros(0), np.zeros(0)
+    if with_measurements:
+        measured = np.where(rng.random(m) < 0.5, rng.uniform(5, 50, m), np.nan)
+        slope = rng.normal(0, 0.5, m)
+    lat = LatencyModel(access_range_m=800.0, out_of_range_rtt_ms=9.0)
+    access, viol = _reference_host(attach, dist, backhaul, last, queue, measured, slope,
+                                   taus, service, budget, lat)
+    for screen in ([False] if with_measurements else [False, True]):
+        due, due_attach, due_access, first, ends, steady = kernels.host_breaks(
+            attach, position, velocity, x, y, backhaul, last, queue, measured, slope, taus,
+            service, budget, lat.radio_rtt_ms, lat.propagation_rtt_ms_per_km * 1e-3,
+            lat.access_range_m, lat.out_of_range_rtt_ms, screen)
+        want_steady = ((attach[:, 0] == attach[:, -1]) & ~viol[:, 0] & ~viol[:, -1]
+                       if screen else np.zeros(m, dtype=bool))
+        assert np.array_equal(steady, want_steady)
+        breaking = viol.any(axis=1) & ~want_steady
+        assert np.array_equal(due, np.flatnonzero(breaking))
+        assert np.array_equal(due_attach, attach[due])
+        assert np.array_equal(due_access, access[due])
+        assert np.array_equal(first, np.argmax(viol[due], axis=1))
+        assert np.array_equal(ends[~want_steady], viol[~want_steady][:, [0, -1]])
+        assert 0 < len(due) < m
+
+
+def _reference_assign(cand, score, ok, host, priority, memory, free_vms, free_mem):  # type: ignore[no-untyped-def]
+    """policies._assign as numpy computed it, round by round."""
+    m, c = cand.shape
+    target = np.full(m, -1, dtype=np.int64)
+    column = np.full(m, -1, dtype=np.int64)
+    ok = ok & (cand != host[:, None])
+    active = np.flatnonzero(ok.any(axis=1))
+    if len(active) == 0:
+        return target, column
+    free_vms, free_mem = free_vms.copy(), free_mem.copy()
+    sub_ok, sub_cand = ok[active], cand[active]
+    order = np.argsort(np.where(sub_ok, score[active], np.inf), axis=1, kind="stable")
+    pending = np.ones(len(active), dtype=bool)
+    for rank in range(c):
+        col = order[:, rank]
+        rows = np.flatnonzero(pending & sub_ok[np.arange(len(active)), col])
+        if len(rows) == 0:
+            break
+        t = sub_cand[rows, col[rows]]
+        sess = active[rows]
+        o = np.lexsort((sess, -priority[sess], t))
+        rows, t, sess = rows[o], t[o], sess[o]
+        mem = memory[sess]
+        starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
+        group = np.repeat(starts, np.diff(np.r_[starts, len(t)]))
+        cum_n = np.arange(len(t)) - group + 1
+        cum_mem = np.cumsum(mem)
+        cum_mem = cum_mem - (cum_mem[group] - mem[group])
+        accept = (cum_n <= free_vms[t]) & (cum_mem <= free_mem[t])
+        target[sess[accept]] = t[accept]
+        column[sess[accept]] = col[rows[accept]]
+        pending[rows[accept]] = False
+        np.subtract.at(free_vms, t[accept], 1.0)
+        np.subtract.at(free_mem, t[accept], mem[accept])
+    return target, column
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_assign_greedy_matches_the_numpy_rounds(seed: int) -> None:
+    """Crowded cloudlets (few slots, little memory), tied scores and priorities, NaN
+    priorities and sessions with nothing acceptable."""
+    rng = np.random.default_rng(seed)
+    m, c, n = 2000, 9, 60
+    cand = rng.integers(0, n, (m, c))
+    host = cand[:, 0].copy()
+    score = rng.integers(0, 5, (m, c)).astype(np.float64)
+    ok = rng.random((m, c)) < 0.6
+    priority = rng.integers(0, 20, m).astype(np.float64)
+    priority[rng.random(m) < 0.05] = np.nan
+    memory = rng.integers(1, 4, m).astype(np.float64) * (1 << 29)
+    free_vms = rng.integers(0, 30, n).astype(np.float64)
+    free_mem = rng.integers(0, 16, n).astype(np.float64) * (1 << 30)
+    want = _reference_assign(cand, score, ok, host, priority, memory, free_vms, free_mem)
+    got = kernels.assign_greedy(cand, score, ok, host, highest_first(priority), memory,
+                                free_vms.copy(), free_mem.copy())
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    assert (want[0] >= 0).any() and (want[0] < 0).any()
+
+
+def _reference_ahead(links: NDArray[np.int64], priority: NDArray[np.float64]) -> NDArray[np.int64]:
+    """congestion.ahead_of as numpy computed it (two lexsorts)."""
+    m, p = links.shape
+    out = np.zeros(links.shape, dtype=np.int64)
+    order = np.lexsort((np.arange(m), -priority))
+    rank = np.empty(m, dtype=np.int64)
+    rank[order] = np.arange(m)
+    row, col, flat = np.repeat(np.arange(m), p), np.tile(np.arange(p), m), links.ravel()
+    valid = flat >= 0
+    row, col, flat = row[valid], col[valid], flat[valid]
+    o = np.lexsort((rank[row], flat))
+    row, col, flat = row[o], col[o], flat[o]
+    starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
+    out[row, col] = np.arange(len(flat)) - np.repeat(starts, np.diff(np.r_[starts, len(flat)]))
+    return out
+
+
+def test_ahead_counts_and_highest_first_match_the_numpy_sorts() -> None:
+    rng = np.random.default_rng(4)
+    m = 5000
+    links = rng.integers(0, 300, (m, 4)) * 1_000_003  # sparse ids
+    links[rng.random((m, 4)) < 0.3] = -1
+    priority = rng.integers(0, 50, m).astype(np.float64)
+    priority[rng.random(m) < 0.05] = np.nan
+    priority[:40] = 7.0  # a long run of ties
+    want_order = np.lexsort((np.arange(m), -priority))
+    assert np.array_equal(highest_first(priority), want_order)
+    got = kernels.ahead_counts(highest_first(priority), links)
+    assert np.array_equal(got, _reference_ahead(links, priority))
+
+
+def test_pricing_runs_of_equal_inputs_gives_each_moves_own_estimate() -> None:
+    """estimate (once per run of equal inputs) is bit for bit the estimate of each move
+    on its own: runs along rows and across them, 1-D and 2-D, and inputs too varied
+    for runs."""
+    rng = np.random.default_rng(8)
+    model = PrecopyModel()
+    m = 5000
+    overlay = rng.choice([64.0, 128.0], (m, 1)) * (1 << 20)
+    memory = np.full((m, 1), 512.0 * (1 << 20))
+    dirty = rng.choice([1.0, 8.0, 40.0], (m, 1)) * (1 << 20)
+    bw = np.where(rng.random((m, 9)) < 0.8, 1000.0, rng.choice([100.0, np.inf], (m, 9)))
+    for args in ((overlay, memory, dirty, bw), (np.full(m, 1e8), memory[:, 0],
+                                                np.full(m, 4e6), bw[:, 0], 2.0),
+                 (rng.uniform(1e7, 1e9, (m, 2)), memory, dirty, bw[:, :2])):
+        runs, run = model.estimate_runs(*args)
+        want = model._estimate(*np.broadcast_arrays(*(np.asarray(x, dtype=np.float64)  # noqa: SLF001
+                                                    for x in args)))
+        got = model.estimate(*args)
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == b.shape and np.array_equal(a, b)
+        if args[0].shape[-1] == 2 and args[0].ndim == 2:
+            assert run is None  # too varied: priced move by move
+        else:
+            assert run is not None and len(runs.duration_s) < run.size // 2
+
+
+def test_row_slices_in_threads_answer_as_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    index = AccessIndex(np.random.default_rng(2).uniform(0, 10_000, (300, 2)))
+    rng = np.random.default_rng(3)
+    xy, v = rng.uniform(0, 10_000, (40_000, 2)), rng.normal(0, 10, (40_000, 2))
+    taus = np.linspace(0, 30, 16)
+    monkeypatch.setenv("CLOUDLET_PLACER_THREADS", "1")
+    one = index.nearest_along(xy, v, taus, np.zeros(len(xy), dtype=np.int64))
+    monkeypatch.setenv("CLOUDLET_PLACER_THREADS", "3")
+    assert slices.threads() == 3
+    three = index.nearest_along(xy, v, taus, np.zeros(len(xy), dtype=np.int64))
+    assert all(np.array_equal(a, b) for a, b in zip(one, three, strict=True))
+    for bad in ("0", "two"):
+        monkeypatch.setenv("CLOUDLET_PLACER_THREADS", bad)
+        with pytest.raises(InvalidArgument):
+            slices.threads()

@@ -295,3 +295,67 @@ def test_make_policy_checks_names_and_parameters() -> None:
         make_policy("nearest", horizon_s=3)
     with pytest.raises(InvalidArgument):
         PredictivePolicy(samples=0)
+
+
+def _metro(sessions: int, side: int, away: float, speed_m_s: float,
+           seed: int) -> ClusterState:
+    """`side` x `side` cloudlets 1 km apart on a grid backhaul, sessions spread over
+    them and moving, a fraction `away` hosted at a random cloudlet."""
+    rng = np.random.default_rng(seed)
+    n = side * side
+    xs = (np.arange(side) + 0.5) * 1000.0
+    pos = np.stack(np.meshgrid(xs, xs, indexing="ij"), -1).reshape(-1, 2)
+    idx = np.arange(n)
+    right, down = idx[(idx % side) + 1 < side], idx[idx + side < n]
+    a, b = np.concatenate([right, down]), np.concatenate([right + 1, down + side])
+    backhaul = GraphBackhaul(n, n, a, b, np.full(len(a), 5.0), np.full(len(a), 1000.0),
+                             dense_max=0)
+    net = Network.build(pos, np.full(n, 40), np.full(n, 64 * GiB), backhaul,
+                        latency=LatencyModel(access_range_m=800),
+                        extent_m=(0.0, 0.0, side * 1000.0, side * 1000.0))
+    users = rng.uniform(0, side * 1000.0, (sessions, 2))
+    host, _ = net.index.nearest(users)
+    moved = rng.random(sessions) < away
+    host[moved] = rng.integers(0, n, int(moved.sum()))
+    vms = np.bincount(host, minlength=n)
+    return ClusterState(
+        time_s=1000.0, network=net, vms=vms, memory_used_bytes=vms * 512 * MiB,
+        sessions=Sessions(
+            host=host, position_m=users, velocity_m_s=rng.normal(0, speed_m_s, (sessions, 2)),
+            memory_bytes=np.full(sessions, 512 * MiB),
+            overlay_bytes=rng.choice([64.0, 128.0], sessions) * MiB,
+            dirty_rate_bytes_s=np.full(sessions, 6 * MiB), budget_ms=np.full(sessions, 25.0),
+            service_ms=np.full(sessions, 5.0), interaction_rate_hz=np.full(sessions, 5.0),
+            last_move_s=np.full(sessions, -np.inf), previous_host=np.full(sessions, -1),
+            movable=np.ones(sessions, dtype=bool)))
+
+
+@pytest.mark.parametrize(("sessions", "away", "speed"), [(14_000, 1 / 3, 8.0),
+                                                          (6000, 0.02, 3.0)])
+def test_predictive_screens_in_one_pass_what_it_screened_in_two(
+        monkeypatch: pytest.MonkeyPatch, sessions: int, away: float, speed: float) -> None:
+    """Many sessions are screened for steady ones and followed over the horizon in
+    one pass; the moves are exactly those of the two passes (the screen, then the
+    unsettled). With few unsettled the second pass looks every instant up, as
+    before: the second case takes that branch."""
+    from cloudlet.placement import policies
+
+    st = _metro(sessions, 20, away, speed, seed=7)
+    policy = make_policy("predictive")
+    passes: list[tuple[int, bool]] = []
+    at_host = policies.PredictivePolicy._at_host  # noqa: SLF001 - spied on
+
+    def spy(self, state, queue, taus, rows, halving, screen=False):  # type: ignore[no-untyped-def]
+        passes.append((len(taus), halving))
+        return at_host(self, state, queue, taus, rows, halving, screen)
+
+    monkeypatch.setattr(policies.PredictivePolicy, "_at_host", spy)
+    one = policy.decide(st)
+    # One pass with halving, then (few unsettled) every instant of those looked up.
+    assert passes == ([(16, True)] if away > 0.1 else [(16, True), (16, False)])
+    monkeypatch.setattr(policies, "ONE_PASS_MIN_ROWS", 10**9)
+    two = policy.decide(st)
+    assert len(one.session) > 10
+    for field in ("session", "source", "target", "expected_gain_ms", "score", "wire_bytes",
+                  "duration_s", "downtime_s", "rounds"):
+        assert np.array_equal(getattr(one, field), getattr(two, field)), field

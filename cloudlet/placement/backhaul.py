@@ -74,7 +74,7 @@ from scipy.sparse import csr_matrix  # type: ignore[import-untyped]
 from scipy.sparse.csgraph import connected_components, dijkstra  # type: ignore[import-untyped]
 
 from cloudlet.errors import InvalidArgument
-from cloudlet.placement import kernels
+from cloudlet.placement import kernels, slices
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -136,6 +136,19 @@ class Backhaul(ABC):
         """(n, min(k, n)): the RTT to each of `near(k)`, row by row."""
         near = self.near(k)
         return self.rtt_ms(np.arange(self.size)[:, None], near)
+
+    def rtt_along(self, attach: IntArray, target: IntArray) -> tuple[FloatArray, IntArray]:
+        """RTT from each instant's access point (`attach`, (m, S)) to each target
+        ((m, C)), as (rtt (q, C), last (m, S)): session i's RTT at instant t is
+        rtt[last[i, t]]. A user keeps its access point for most instants, so pairs
+        are looked up only where it changes and carried forward."""
+        a = np.ascontiguousarray(attach, dtype=np.int64)
+        t = np.ascontiguousarray(target, dtype=np.int64)
+        if a.ndim != 2 or t.ndim != 2 or len(a) != len(t):
+            raise InvalidArgument("rtt_along: attach (m, S) and target (m, C)")
+        source, target_of, last = kernels.changes_along(a, t)
+        got = self.rtt_ms(source, target_of)
+        return got, last
 
     @property
     @abstractmethod
@@ -570,17 +583,44 @@ class GraphBackhaul(Backhaul):
         if self._dense_rtt is not None:
             got: FloatArray = self._dense_rtt[source, target]
             return got
-        slot, shape = self._pairs(source, target)
-        out: FloatArray = self._rtt[slot].reshape(shape)
+        return self._values("_rtt", source, target)
+
+    def _values(self, name: str, source: IntArray, target: IntArray) -> FloatArray:
+        """Field `name` (`_rtt`, `_bw`) of each pair (broadcast), looked up in one
+        compiled pass (kernels.pair_values); pairs stored nowhere yet (far pairs never
+        asked) are then computed through `_slots`, which stores them. Stored values are
+        never NaN (an RTT is finite, a bandwidth finite or inf): NaN marks those."""
+        a, j = np.broadcast_arrays(np.asarray(source, dtype=np.int64),
+                                   np.asarray(target, dtype=np.int64))
+        src = np.ascontiguousarray(a.ravel())
+        dst = np.ascontiguousarray(j.ravel())
+        field = getattr(self, name)
+
+        def run(lo: int, hi: int) -> tuple[FloatArray, IntArray]:
+            got, far, missing = kernels.pair_values(
+                src[lo:hi], dst[lo:hi], self._key, self._width, self._bits, self._far.key,
+                self._far.bits, self.nodes, field)
+            return got, np.array([far, missing])
+
+        got, counts = slices.by_rows(len(src), run)
+        counts = counts.reshape(-1, 2)
+        if (counts < 0).any():  # the kernel checks each pair is of two cloudlets
+            raise InvalidArgument(f"cloudlet rows must be 0..{self.size - 1}")
+        far, missing = (int(x) for x in counts.sum(axis=0))
+        self.stats.lookups += len(src) - missing
+        self.stats.far_lookups += far
+        if missing:
+            at = np.flatnonzero(np.isnan(got))
+            slot = self._slots(src[at], dst[at])
+            got[at] = getattr(self, name)[slot]  # after `_slots`: it may grow the fields
+        out: FloatArray = got.reshape(a.shape)
         return out
 
     def path_bandwidth_mbit_s(self, source: IntArray, target: IntArray) -> FloatArray:
         if self._dense_bw is not None:
             got: FloatArray = self._dense_bw[source, target]
             return got
-        slot, shape = self._pairs(source, target)
-        out: FloatArray = self._bw[slot].reshape(shape)
-        return out
+        return self._values("_bw", source, target)
 
     def path(self, source: IntArray, target: IntArray) -> IntArray:
         """The directed link ids of each pair's path, source to target: (..., P),

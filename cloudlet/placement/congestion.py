@@ -32,12 +32,14 @@ Everything is arrays over the moves considered; no loop over sessions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from numpy.typing import NDArray
 
 from cloudlet.errors import InvalidArgument
-from cloudlet.placement.cost import MigrationEstimate
+from cloudlet.placement import kernels
+from cloudlet.placement.cost import MigrationEstimate, each_move
 from cloudlet.placement.state import ClusterState
 
 FloatArray = NDArray[np.float64]
@@ -68,10 +70,22 @@ class LinkBudget:
 class Pricing:
     """A move's price under the migrations in flight (arrays shaped as the moves)."""
 
-    estimate: MigrationEstimate  # at the bandwidth it would get once started
+    # At the bandwidth it would get once started: per run of equal inputs, with each
+    # move's run (PrecopyModel.estimate_runs), or per move where `run` is None.
+    runs: MigrationEstimate
+    run: IntArray | None
     wait_s: FloatArray  # before it can start (a full link)
     full: BoolArray  # a link on its path is at its budget: not admitted now
     bandwidth_mbit_s: FloatArray
+
+    @cached_property
+    def estimate(self) -> MigrationEstimate:
+        """Each move's estimate."""
+        return self.runs if self.run is None else each_move(self.runs, self.run)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.wait_s.shape
 
     @property
     def start_to_end_s(self) -> FloatArray:
@@ -116,23 +130,25 @@ def price(state: ClusterState, budget: LinkBudget, source: IntArray, target: Int
     if ahead is not None:
         n = n + ahead
     k = budget.max_migrations
+    shape = np.broadcast_shapes(np.shape(overlay_bytes), np.shape(memory_bytes),
+                                np.shape(dirty_rate_bytes_s), bw.shape[:-1])
     if k <= 0:
         got = (bw / (n + 1.0)).min(axis=-1)
-        est = state.network.cost.estimate(overlay_bytes, memory_bytes, dirty_rate_bytes_s,
-                                          got)
-        zero = np.zeros(est.duration_s.shape)
-        return Pricing(est, zero, np.zeros(zero.shape, dtype=bool), got)
+        runs, run = state.network.cost.estimate_runs(overlay_bytes, memory_bytes,
+                                                     dirty_rate_bytes_s, got)
+        zero = np.zeros(shape)
+        return Pricing(runs, run, zero, np.zeros(shape, dtype=bool), got)
     got = (bw / (np.minimum(n, k - 1) + 1.0)).min(axis=-1)
     over = np.maximum(n - k + 1, 0).max(axis=-1)
-    est = state.network.cost.estimate(overlay_bytes, memory_bytes, dirty_rate_bytes_s,
-                                      got)
+    runs, run = state.network.cost.estimate_runs(overlay_bytes, memory_bytes,
+                                                 dirty_rate_bytes_s, got)
     full = over > 0
-    wait = np.zeros(est.duration_s.shape)
+    wait = np.zeros(shape)
     if full.any():
         slot = state.network.cost.estimate(overlay_bytes, memory_bytes, dirty_rate_bytes_s,
                                            (bw / k).min(axis=-1))
         wait = np.where(full, over / k * slot.duration_s / 2.0, 0.0)
-    return Pricing(est, wait, np.broadcast_to(full, wait.shape).copy(), got)
+    return Pricing(runs, run, wait, np.broadcast_to(full, wait.shape).copy(), got)
 
 
 def ahead_of(state: ClusterState, source: IntArray, target: IntArray,
@@ -145,21 +161,18 @@ def ahead_of(state: ClusterState, source: IntArray, target: IntArray,
     out = np.zeros(links.shape, dtype=np.int64)
     if m == 0:
         return out
-    order = np.lexsort((np.arange(m), -np.asarray(priority, dtype=np.float64)))
-    rank = np.empty(m, dtype=np.int64)
-    rank[order] = np.arange(m)
-    p = links.shape[1]
-    row = np.repeat(np.arange(m), p)
-    col = np.tile(np.arange(p), m)
-    flat = links.ravel()
-    valid = flat >= 0
-    row, col, flat = row[valid], col[valid], flat[valid]
-    # Within each link, moves in priority order: the i-th one has i ahead of it.
-    o = np.lexsort((rank[row], flat))
-    row, col, flat = row[o], col[o], flat[o]
-    starts = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])
-    out[row, col] = np.arange(len(flat)) - np.repeat(starts, np.diff(np.r_[starts, len(flat)]))
+    out = kernels.ahead_counts(highest_first(priority),
+                               np.ascontiguousarray(links, dtype=np.int64))
     return out
+
+
+def highest_first(priority: FloatArray) -> IntArray:
+    """Indices by priority, highest first, equal priorities by index (NaN last): a
+    stable sort's order, from numpy's quicksort and a pass over the ties."""
+    keys = -np.asarray(priority, dtype=np.float64)
+    order = np.argsort(keys).astype(np.int64)
+    kernels.ties_by_index(order, keys)
+    return order
 
 
 def admit(state: ClusterState, budget: LinkBudget, source: IntArray, target: IntArray,

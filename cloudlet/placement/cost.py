@@ -44,6 +44,7 @@ the same rounds one at a time under changing shared bandwidth (`next_round`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -51,6 +52,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloudlet.errors import InvalidArgument
+from cloudlet.placement import kernels
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -68,6 +70,10 @@ MAX_ROUNDS = 30
 RESUME_S = 0.010
 
 
+# From this many moves, `estimate` prices each run of equal inputs once.
+DEDUP_MIN_MOVES = 4096
+
+
 class MigrationEstimate(NamedTuple):
     """Arrays, one entry per migration: the model's answer."""
 
@@ -77,6 +83,18 @@ class MigrationEstimate(NamedTuple):
     duration_s: FloatArray
     rounds: IntArray  # pre-copy rounds, round 0 included; stop-and-copy not counted
     setup_s: FloatArray  # part of precopy_s: before round 0 (the VM keeps serving)
+
+
+def each_move(runs: MigrationEstimate, run: IntArray) -> MigrationEstimate:
+    """Per-run estimates (`PrecopyModel.estimate_runs`) as each move's, shaped as `run`."""
+    out = kernels.take_runs(run.ravel(), runs.wire_bytes, runs.precopy_s, runs.downtime_s,
+                            runs.duration_s, runs.setup_s,
+                            np.asarray(runs.rounds, dtype=np.int64))
+    shape = run.shape
+    return MigrationEstimate(
+        wire_bytes=out[0].reshape(shape), precopy_s=out[1].reshape(shape),
+        downtime_s=out[2].reshape(shape), duration_s=out[3].reshape(shape),
+        rounds=out[5].reshape(shape), setup_s=out[4].reshape(shape))
 
 
 class RoundVolumes(NamedTuple):
@@ -158,6 +176,37 @@ class PrecopyModel:
                  source_sharing: FloatArray | float = 1.0) -> MigrationEstimate:
         """Time, downtime and bytes of the rounds above, at a constant bandwidth, with
         `source_sharing` migrations leaving the source at once (1: alone)."""
+        runs, run = self.estimate_runs(overlay_bytes, memory_bytes, dirty_rate_bytes_s,
+                                       bandwidth_mbit_s, source_sharing)
+        return runs if run is None else each_move(runs, run)
+
+    def estimate_runs(self, overlay_bytes: FloatArray, memory_bytes: FloatArray,
+                      dirty_rate_bytes_s: FloatArray, bandwidth_mbit_s: FloatArray,
+                      source_sharing: FloatArray | float = 1.0
+                      ) -> tuple[MigrationEstimate, IntArray | None]:
+        """`estimate`, once per run of equal inputs: (the estimate of each run, each
+        move's run, shaped as the inputs broadcast), or (each move's estimate, None)
+        where runs would not pay. A placer prices each session's candidates side by
+        side, and they mostly share a path bandwidth and a workload; numpy's
+        elementwise results do not depend on an element's position, so the answers
+        are the same."""
+        raw = [np.asarray(x, dtype=np.float64) for x in (overlay_bytes, memory_bytes,
+                                                         dirty_rate_bytes_s, bandwidth_mbit_s,
+                                                         source_sharing)]
+        shape = np.broadcast_shapes(*(x.shape for x in raw))
+        args = [np.broadcast_to(x, shape) for x in raw]
+        if math.prod(shape) < DEDUP_MIN_MOVES or len(shape) > 2:
+            return self._estimate(*args), None
+        views = [x if x.ndim == 2 else x.reshape(1, -1) for x in args]
+        starts, run = kernels.runs_of_equal(*views)
+        if len(starts) > len(run) // 2:
+            return self._estimate(*args), None
+        at = np.unravel_index(starts, views[0].shape)
+        return self._estimate(*(x[at] for x in views)), run.reshape(shape)
+
+    def _estimate(self, overlay_bytes: FloatArray, memory_bytes: FloatArray,
+                  dirty_rate_bytes_s: FloatArray, bandwidth_mbit_s: FloatArray,
+                  source_sharing: FloatArray | float = 1.0) -> MigrationEstimate:
         vol = self.volumes(overlay_bytes, memory_bytes, dirty_rate_bytes_s, bandwidth_mbit_s,
                            source_sharing)
         setup_s = np.broadcast_to(self.setup_time_s(memory_bytes),

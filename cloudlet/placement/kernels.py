@@ -77,6 +77,98 @@ def find_keys(table: IntArray, bits: int, key: IntArray) -> IntArray:
 
 
 @compiled
+def pair_values(source: IntArray, target: IntArray, key: NDArray[np.int32], width: int,
+                bits: int, far_key: IntArray, far_bits: int, nodes: int,
+                field: FloatArray) -> tuple[FloatArray, int, int]:
+    """A backhaul field (RTT, bandwidth) of each pair (source[e], target[e]) from
+    GraphBackhaul's tables: each source's open-addressing row of `width` slots in
+    `key`, then the far pairs' table `far_key` (key source * nodes + target), the
+    field by slot, the far table's slots after the rows'. Returns the values (NaN
+    where the pair is stored nowhere: the caller computes those), the count found in
+    the far table, and the count found nowhere; or -1 twice if a pair is not of two
+    cloudlets (rows of the tables).
+
+    Repeated pairs are looked up again: copying them (a third of predictive's
+    candidates repeat) made this twice as slow, as the lookups' cache misses no
+    longer overlapped."""
+    n = len(source)
+    out = np.empty(n)
+    mask = width - 1
+    shift = np.uint64(64 - bits)
+    far_mask = len(far_key) - 1
+    far_shift = np.uint64(64 - far_bits)
+    base_far = len(key)
+    rows = len(key) // width
+    far_found = 0
+    missing = 0
+    for e in range(n):
+        a = source[e]
+        b = target[e]
+        if a < 0 or a >= rows or b < 0 or b >= rows:
+            return out, -1, -1
+        value = np.nan
+        found = False
+        h = np.int64((np.uint64(b) * GOLDEN) >> shift)
+        base = a * width
+        while True:
+            k = key[base + h]
+            if k == b:
+                value = field[base + h]
+                found = True
+                break
+            if k < 0:
+                break
+            h = (h + 1) & mask
+        if not found:
+            fk = a * nodes + b
+            f = np.int64((np.uint64(fk) * GOLDEN) >> far_shift)
+            while True:
+                got = far_key[f]
+                if got == fk:
+                    value = field[base_far + f]
+                    found = True
+                    far_found += 1
+                    break
+                if got < 0:
+                    break
+                f = (f + 1) & far_mask
+            if not found:
+                missing += 1
+        out[e] = value
+    return out, far_found, missing
+
+
+@compiled
+def changes_along(attach: IntArray, target: IntArray
+                  ) -> tuple[IntArray, IntArray, IntArray]:
+    """The pairs to look up for each instant's access point (`attach`, (m, S)) and
+    each of its session's targets ((m, C)), only where the access point changes:
+    (source (q, C), target (q, C), last (m, S): session i's pairs at instant t are
+    row last[i, t])."""
+    m, s = attach.shape
+    n_cand = target.shape[1]
+    last = np.empty((m, s), dtype=np.int64)
+    q = 0
+    for i in range(m):
+        for t in range(s):
+            if t == 0 or attach[i, t] != attach[i, t - 1]:
+                q += 1
+            last[i, t] = q - 1
+    src = np.empty((q, n_cand), dtype=np.int64)
+    dst = np.empty((q, n_cand), dtype=np.int64)
+    r = 0
+    for i in range(m):
+        for t in range(s):
+            if t > 0 and attach[i, t] == attach[i, t - 1]:
+                continue
+            for j in range(n_cand):
+                src[r, j] = attach[i, t]
+                dst[r, j] = target[i, j]
+            r += 1
+    return src, dst, last
+
+
+@compiled
 def _sure_d2(px: float, py: float, hx: float, hy: float, sure: float) -> float:
     """The squared distance from (px, py) to a hinted cloudlet at (hx, hy) if the
     position is within its `sure` radius (squared), so that it is the nearest; -1 if
@@ -155,10 +247,11 @@ def nearest(xy: FloatArray, hint: IntArray, x: FloatArray, y: FloatArray,
 def nearest_along(position: FloatArray, velocity: FloatArray, taus: FloatArray,
                   host: IntArray, halving: IntArray, x: FloatArray, y: FloatArray,
                   sure_d2: FloatArray, candidates: IntArray, shape0: int, shape1: int,
-                  origin_x: float, origin_y: float, cell_m: float
+                  origin_x: float, origin_y: float, cell_m: float, with_distance: bool
                   ) -> tuple[IntArray, FloatArray]:
     """The nearest cloudlet and the distance to it at each instant of each session's
-    straight path `position + velocity * tau`, (m, S) each.
+    straight path `position + velocity * tau`, (m, S) each (distances (0, S) without
+    `with_distance`: `distance_along` computes them as this does).
 
     Without `halving` ((0, 3)) every instant is looked up, hinted with the host
     (the first) or the instant before (the rest).
@@ -170,7 +263,7 @@ def nearest_along(position: FloatArray, velocity: FloatArray, taus: FloatArray,
     m = len(position)
     s = len(taus)
     attach = np.empty((m, s), dtype=np.int64)
-    dist = np.empty((m, s), dtype=np.float64)
+    dist = np.empty((m if with_distance else 0, s), dtype=np.float64)
     look = np.empty(s, dtype=np.bool_)
     for i in range(m):
         x0, y0 = position[i, 0], position[i, 1]
@@ -204,12 +297,101 @@ def nearest_along(position: FloatArray, velocity: FloatArray, taus: FloatArray,
             else:
                 attach[i, t] = _search(px, py, x, y, candidates, shape0, shape1, origin_x,
                                        origin_y, cell_m)[0]
-        for t in range(s):
-            a = attach[i, t]
-            dx = x[a] - (x0 + vx * taus[t])
-            dy = y[a] - (y0 + vy * taus[t])
-            dist[i, t] = np.sqrt(dx * dx + dy * dy)
+        if with_distance:
+            for t in range(s):
+                dist[i, t] = distance_along(x0, y0, vx, vy, taus[t], x[attach[i, t]],
+                                            y[attach[i, t]])
     return attach, dist
+
+
+@compiled
+def distance_along(x0: float, y0: float, vx: float, vy: float, tau: float, ax: float,
+                   ay: float) -> float:
+    """From the point at `tau` on the path (x0, y0) + (vx, vy) tau to (ax, ay)."""
+    dx = ax - (x0 + vx * tau)
+    dy = ay - (y0 + vy * tau)
+    return float(np.sqrt(dx * dx + dy * dy))
+
+
+@compiled
+def host_breaks(attach: IntArray, position: FloatArray, velocity: FloatArray, x: FloatArray,
+                y: FloatArray, backhaul: FloatArray, last: IntArray,
+                queue_host: FloatArray, measured: FloatArray, slope: FloatArray,
+                taus: FloatArray, service: FloatArray, budget_less_margin: FloatArray,
+                radio_ms: float, ms_per_m: float, access_range_m: float,
+                out_of_range_ms: float, screen: bool
+                ) -> tuple[IntArray, IntArray, FloatArray, IntArray, NDArray[np.bool_],
+                           NDArray[np.bool_]]:
+    """Which sessions' hosts break the budget over their paths, and from when.
+
+    A session's latency at its host at each instant: the latency model's access RTT
+    (from the distance to its access point `attach`, at x, y, from its path
+    `position` + `velocity` tau: `distance_along`), plus the backhaul to the host
+    (row last[i, t] of `backhaul`, (q, 1)), plus the host's queueing, corrected where
+    measured (`measured`, `slope`: (m,) or (0,) for none) as `_rtt_rows` corrects;
+    over budget when that plus the service time exceeds the budget less the margin.
+    The float expressions are LatencyModel.access_rtt_ms's and PredictivePolicy's,
+    in their order.
+
+    Returns, for the sessions that break it (in order): their rows, their access
+    points and access RTTs at each instant, and the first instant over budget; and
+    for every session whether it is over budget at the first and last instants, and
+    (with `screen`, no measurements) whether it is steady: attached to one cloudlet
+    at both ends and within budget at both (PredictivePolicy.decide says why it then
+    never breaks it; its instants between are not computed)."""
+    m, s = attach.shape
+    due = np.empty(m, dtype=np.int64)
+    due_attach = np.empty((m, s), dtype=np.int64)
+    due_access = np.empty((m, s))
+    first = np.empty(m, dtype=np.int64)
+    ends = np.zeros((m, 2), dtype=np.bool_)
+    steady = np.zeros(m, dtype=np.bool_)
+    corrected = measured.shape[0] > 0
+    n_due = 0
+    for i in range(m):
+        q = queue_host[i]
+        x0, y0 = position[i, 0], position[i, 1]
+        vx, vy = velocity[i, 0], velocity[i, 1]
+        if screen and attach[i, 0] == attach[i, s - 1]:
+            for e in range(2):
+                t = 0 if e == 0 else s - 1
+                c = attach[i, t]
+                d = distance_along(x0, y0, vx, vy, taus[t], x[c], y[c])
+                a = (radio_ms + ms_per_m * d) + (out_of_range_ms if d > access_range_m
+                                                 else 0.0)
+                ends[i, e] = ((a + backhaul[last[i, t], 0]) + q + service[i]
+                              > budget_less_margin[i])
+            if not ends[i, 0] and not ends[i, 1]:
+                steady[i] = True
+                continue
+        offset = 0.0
+        first_t = -1
+        for t in range(s):
+            c = attach[i, t]
+            d = distance_along(x0, y0, vx, vy, taus[t], x[c], y[c])
+            a = (radio_ms + ms_per_m * d) + (out_of_range_ms if d > access_range_m else 0.0)
+            due_access[n_due, t] = a
+            rtt = (a + backhaul[last[i, t], 0]) + q
+            if corrected:
+                if t == 0:
+                    g = measured[i]
+                    offset = 0.0 if np.isnan(g) else g - rtt
+                rtt = (rtt + offset) + slope[i] * taus[t]
+            over = rtt + service[i] > budget_less_margin[i]
+            if over and first_t < 0:
+                first_t = t
+            if t == 0:
+                ends[i, 0] = over
+            if t == s - 1:
+                ends[i, 1] = over
+        if first_t >= 0:
+            for t in range(s):
+                due_attach[n_due, t] = attach[i, t]
+            due[n_due] = i
+            first[n_due] = first_t
+            n_due += 1
+    return (due[:n_due], due_attach[:n_due], due_access[:n_due], first[:n_due], ends,
+            steady)
 
 
 # --- predictive's value of each candidate ---------------------------------------------------
@@ -252,8 +434,9 @@ def _penalty(latency: float, budget: float, latency_weight: float) -> float:
 def predictive_value(access: FloatArray, backhaul: FloatArray, last: IntArray,
                      queue: FloatArray, measured: FloatArray, slope: FloatArray,
                      taus: FloatArray, service: FloatArray, budget: FloatArray,
-                     rate: FloatArray, arrive: FloatArray, downtime: FloatArray,
-                     wire: FloatArray, full: NDArray[np.bool_], first: FloatArray,
+                     rate: FloatArray, run: IntArray, wait: FloatArray,
+                     duration_by_run: FloatArray, downtime_by_run: FloatArray,
+                     wire_by_run: FloatArray, full: NDArray[np.bool_], first: FloatArray,
                      latency_weight: float, gib_cost: float, cost_margin: float,
                      min_gain: float, horizon_s: float, lead_s: float
                      ) -> tuple[FloatArray, NDArray[np.bool_], NDArray[np.bool_], FloatArray]:
@@ -264,7 +447,10 @@ def predictive_value(access: FloatArray, backhaul: FloatArray, last: IntArray,
     What PredictivePolicy's docstring states, per session: a penalty per instant of
     1 over budget plus `latency_weight` per ms; the gain is the penalty saved over
     the instants the target serves (those at or after its arrival); the cost the
-    interactions stalled by the downtime plus `gib_cost` per GiB moved."""
+    interactions stalled by the downtime plus `gib_cost` per GiB moved.
+
+    A move's price is its run's (`run`, PrecopyModel.estimate_runs): it arrives
+    after wait + duration, stalls for the downtime, and sends the wire bytes."""
     m, s = access.shape
     n_cand = queue.shape[1]
     k = s - 1
@@ -277,6 +463,7 @@ def predictive_value(access: FloatArray, backhaul: FloatArray, last: IntArray,
     rtt = np.empty((n_cand, s))
     pen = np.empty((n_cand, s))
     fine = np.empty(n_cand, dtype=np.bool_)
+    arrive = np.empty(n_cand)
     cols = np.arange(n_cand)
     for i in range(m):
         _rtt_rows(i, cols, access, backhaul, last, queue, measured, slope, taus, rtt)
@@ -285,7 +472,9 @@ def predictive_value(access: FloatArray, backhaul: FloatArray, last: IntArray,
                 pen[c, t] = _penalty(rtt[c, t] + service[i], budget[i], latency_weight)
         any_fine = False
         for c in range(n_cand):
-            a = arrive[i, c]
+            r = run[i, c]
+            a = wait[i, c] + duration_by_run[r]
+            arrive[c] = a
             from_t = 0  # the first instant at or after the arrival
             while from_t < s and not taus[from_t] >= a:
                 from_t += 1
@@ -295,7 +484,7 @@ def predictive_value(access: FloatArray, backhaul: FloatArray, last: IntArray,
                 gain += pen[0, t] - pen[c, t]
                 saved_ms += rtt[0, t] - rtt[c, t]
             gain = (rate[i] * dt) * gain
-            cost = rate[i] * downtime[i, c] + gib_cost * wire[i, c] / gib
+            cost = rate[i] * downtime_by_run[r] + gib_cost * wire_by_run[r] / gib
             net_gain[i, c] = gain - (1.0 + cost_margin) * cost
             saved[i, c] = saved_ms / max(s - from_t, 1)
             v = np.ceil(a / dt - 1e-9)
@@ -304,7 +493,7 @@ def predictive_value(access: FloatArray, backhaul: FloatArray, last: IntArray,
             any_fine = any_fine or fine[c]
         over_full[i] = not any_fine
         for c in range(n_cand):
-            a = arrive[i, c]
+            a = arrive[c]
             ok[i, c] = (first[i] <= a + lead_s and net_gain[i, c] > min_gain
                         and a <= horizon_s and (fine[c] or not any_fine) and not full[i, c])
     return net_gain, ok, over_full, saved
@@ -348,6 +537,208 @@ def predictive_keep(rows: IntArray, cols: IntArray, access: FloatArray,
         keep[j] = (gain - (1.0 + cost_margin) * cost > min_gain and a <= horizon_s
                    and fine and not full[j])
     return keep
+
+
+@compiled
+def runs_of_equal(a: FloatArray, b: FloatArray, c: FloatArray, d: FloatArray,
+                  e: FloatArray) -> tuple[IntArray, IntArray]:
+    """Runs of consecutive equal tuples (a, b, c, d, e) over five (r, k) arrays of one
+    shape (broadcast views welcome: nothing is copied), in row-major order: the flat
+    index where each run starts, and each element's run. A placer prices each
+    session's candidates side by side, and they mostly share a path bandwidth and a
+    workload."""
+    rows, cols = a.shape
+    run = np.empty(rows * cols, dtype=np.int64)
+    starts = np.empty(rows * cols, dtype=np.int64)
+    count = 0
+    flat = 0
+    pa = pb = pc = pd = pe = 0.0
+    for i in range(rows):
+        for j in range(cols):
+            xa, xb, xc, xd, xe = a[i, j], b[i, j], c[i, j], d[i, j], e[i, j]
+            if flat == 0 or xa != pa or xb != pb or xc != pc or xd != pd or xe != pe:
+                starts[count] = flat
+                count += 1
+            pa, pb, pc, pd, pe = xa, xb, xc, xd, xe
+            run[flat] = count - 1
+            flat += 1
+    return starts[:count], run
+
+
+@compiled
+def take_runs(run: IntArray, a: FloatArray, b: FloatArray, c: FloatArray, d: FloatArray,
+              e: FloatArray, f: IntArray
+              ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, IntArray]:
+    """Each element's value of six per-run arrays (`run` from runs_of_equal)."""
+    n = len(run)
+    oa, ob, oc, od, oe = np.empty(n), np.empty(n), np.empty(n), np.empty(n), np.empty(n)
+    of = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        r = run[i]
+        oa[i], ob[i], oc[i], od[i], oe[i], of[i] = a[r], b[r], c[r], d[r], e[r], f[r]
+    return oa, ob, oc, od, oe, of
+
+
+# --- moves that start together ---------------------------------------------------------------
+
+
+@compiled
+def ties_by_index(order: IntArray, keys: FloatArray) -> None:
+    """Make `order` (an argsort of `keys` by an unstable sort) stable: within each run
+    of equal keys (NaN equal to NaN), indices ascending. numpy's stable sort of
+    floats is five times slower than its quicksort, and equal keys are few."""
+    n = len(order)
+    start = 0
+    while start < n:
+        end = start + 1
+        ks = keys[order[start]]
+        while end < n:
+            ke = keys[order[end]]
+            if not (ke == ks or (np.isnan(ke) and np.isnan(ks))):
+                break
+            end += 1
+        if end - start > 32:
+            order[start:end] = np.sort(order[start:end])
+        else:
+            for j in range(start + 1, end):  # insertion sort: runs are short
+                x = order[j]
+                k = j - 1
+                while k >= start and order[k] > x:
+                    order[k + 1] = order[k]
+                    k -= 1
+                order[k + 1] = x
+        start = end
+
+
+@compiled
+def ahead_counts(order: IntArray, links: IntArray) -> IntArray:
+    """For each move (row of `links`, its path's link ids, -1 past the end) and each
+    link of its path, how many moves before it in `order` cross that link too.
+
+    One pass in that order with a counter per link, the counters in an open-addressing
+    table keyed by link id (ids are sparse: a pair's own link is source * n + target)."""
+    m, p = links.shape
+    out = np.zeros((m, p), dtype=np.int64)
+    size = 16
+    while size < 2 * m * p:
+        size *= 2
+    bits = 0
+    while (1 << bits) < size:
+        bits += 1
+    mask = size - 1
+    shift = np.uint64(64 - bits)
+    table = np.full(size, -1, dtype=np.int64)
+    count = np.zeros(size, dtype=np.int64)
+    for r in range(m):
+        i = order[r]
+        for c in range(p):
+            link = links[i, c]
+            if link < 0:
+                continue
+            h = np.int64((np.uint64(link) * GOLDEN) >> shift)
+            while table[h] != link and table[h] >= 0:
+                h = (h + 1) & mask
+            table[h] = link
+            out[i, c] = count[h]
+            count[h] += 1
+    return out
+
+
+@compiled
+def _less(a: float, b: float) -> bool:
+    """numpy's sort order: NaN after everything, inf included."""
+    return a < b or (np.isnan(b) and not np.isnan(a))
+
+
+@compiled
+def assign_greedy(cand: IntArray, score: FloatArray, ok: NDArray[np.bool_], host: IntArray,
+                  by_priority: IntArray, memory: FloatArray, free_vms: FloatArray,
+                  free_mem: FloatArray) -> tuple[IntArray, IntArray]:
+    """policies._assign's rounds (its docstring states the rule): each row's
+    candidates ranked by `score` where `ok` and not its `host` (stable: ties by
+    column; the others after them, as +inf), then round r proposes each pending row's
+    r-th if acceptable, rounds ending at the first with no proposal; within a round
+    each cloudlet grants its proposals in `by_priority` order while the count and the
+    memory granted so far fit what it had free at the round's start. `free_vms` and
+    `free_mem` are updated. Returns (target, column) per row, -1 where none.
+
+    Memory sums are running sums per cloudlet where numpy summed by differences of
+    one running sum: the same for byte counts (integers) below 2^53."""
+    a, c = cand.shape
+    order = np.empty((a, c), dtype=np.int64)
+    fits = np.empty((a, c), dtype=np.bool_)
+    masked = np.empty(c)
+    for i in range(a):
+        for j in range(c):
+            order[i, j] = j
+            fits[i, j] = ok[i, j] and cand[i, j] != host[i]
+            masked[j] = score[i, j] if fits[i, j] else np.inf
+        for j in range(1, c):  # insertion sort, stable
+            x = order[i, j]
+            v = masked[x]
+            k = j - 1
+            while k >= 0 and _less(v, masked[order[i, k]]):
+                order[i, k + 1] = order[i, k]
+                k -= 1
+            order[i, k + 1] = x
+    target = np.full(a, -1, dtype=np.int64)
+    column = np.full(a, -1, dtype=np.int64)
+    # The rows still pending that can propose at all, in priority order.
+    pend = np.empty(a, dtype=np.int64)
+    n_pend = 0
+    for r in range(a):
+        i = by_priority[r]
+        for j in range(c):
+            if fits[i, j]:
+                pend[n_pend] = i
+                n_pend += 1
+                break
+    n = len(free_vms)
+    count = np.zeros(n)
+    mem = np.zeros(n)
+    touched = np.empty(a, dtype=np.int64)
+    won = np.empty(a, dtype=np.int64)
+    for rank in range(c):
+        n_touched = 0
+        n_won = 0
+        proposals = 0
+        for r in range(n_pend):
+            i = pend[r]
+            col = order[i, rank]
+            if not fits[i, col]:
+                continue
+            proposals += 1
+            t = cand[i, col]
+            if count[t] == 0.0:
+                touched[n_touched] = t
+                n_touched += 1
+            count[t] += 1.0
+            mem[t] += memory[i]
+            if count[t] <= free_vms[t] and mem[t] <= free_mem[t]:
+                won[n_won] = i
+                n_won += 1
+        if proposals == 0:
+            break
+        for j in range(n_touched):
+            t = touched[j]
+            count[t] = 0.0
+            mem[t] = 0.0
+        for w in range(n_won):
+            i = won[w]
+            col = order[i, rank]
+            t = cand[i, col]
+            target[i] = t
+            column[i] = col
+            free_vms[t] -= 1.0
+            free_mem[t] -= memory[i]
+        kept = 0
+        for r in range(n_pend):
+            i = pend[r]
+            if target[i] < 0:
+                pend[kept] = i
+                kept += 1
+        n_pend = kept
+    return target, column
 
 
 # --- the backhaul's kept pairs ----------------------------------------------------------------

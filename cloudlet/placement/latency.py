@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 from scipy.spatial import cKDTree  # type: ignore[import-untyped]
 
 from cloudlet.errors import InvalidArgument
-from cloudlet.placement import kernels
+from cloudlet.placement import kernels, slices
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -210,10 +210,11 @@ class AccessIndex:
         return out
 
     def nearest_along(self, position_m: FloatArray, velocity_m_s: FloatArray,
-                      taus_s: FloatArray, hint: IntArray, halving: IntArray | None = None
-                      ) -> tuple[IntArray, FloatArray]:
+                      taus_s: FloatArray, hint: IntArray, halving: IntArray | None = None,
+                      distances: bool = True) -> tuple[IntArray, FloatArray]:
         """`nearest` at each instant `tau` of each straight path `position + velocity *
-        tau`: (m, S) indices and distances. `hint` is one cloudlet per path (where it
+        tau`: (m, S) indices and distances (without `distances`, (0, S):
+        kernels.distance_along gives them). `hint` is one cloudlet per path (where it
         is now, say). With `halving` (kernels.nearest_along) instants between two
         that attach to one cloudlet are not looked up."""
         order = np.zeros((0, 3), dtype=np.int64) if halving is None else halving
@@ -221,12 +222,29 @@ class AccessIndex:
         velocity = _points(velocity_m_s)
         if velocity.shape != position.shape:
             raise InvalidArgument("need one velocity per position")
-        return kernels.nearest_along(
-            position, velocity,
-            np.ascontiguousarray(taus_s, dtype=np.float64),
-            self._hints(hint, len(position)), np.ascontiguousarray(order),
-            self._x, self._y, self._sure_d2, self.candidates, self.shape[0], self.shape[1],
-            float(self.origin_m[0]), float(self.origin_m[1]), float(self.cell_m))
+        taus = np.ascontiguousarray(taus_s, dtype=np.float64)
+        hints = self._hints(hint, len(position))
+        order = np.ascontiguousarray(order)
+
+        def run(lo: int, hi: int) -> tuple[IntArray, FloatArray]:
+            return kernels.nearest_along(
+                position[lo:hi], velocity[lo:hi], taus, hints[lo:hi], order, self._x,
+                self._y, self._sure_d2, self.candidates, self.shape[0], self.shape[1],
+                float(self.origin_m[0]), float(self.origin_m[1]), float(self.cell_m),
+                distances)
+
+        attach, dist = slices.by_rows(len(position), run)
+        return attach, dist
+
+    @property
+    def x_m(self) -> FloatArray:
+        """The cloudlets' x coordinates, contiguous (as the kernels read them)."""
+        return self._x
+
+    @property
+    def y_m(self) -> FloatArray:
+        """The cloudlets' y coordinates, contiguous."""
+        return self._y
 
     def distance_m(self, xy_m: FloatArray, index: IntArray) -> FloatArray:
         """Distance from each position to cloudlet `index` of it, computed as `nearest`

@@ -23,21 +23,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
 
 from cloudlet.errors import InvalidArgument
-from cloudlet.placement import kernels
+from cloudlet.placement import kernels, slices
 from cloudlet.placement.congestion import (
     MAX_LINK_MIGRATIONS,
     LinkBudget,
     admit,
     ahead_of,
+    highest_first,
     price,
 )
-from cloudlet.placement.state import ClusterState, Move, Moves, Sessions
+from cloudlet.placement.state import ClusterState, Move, Moves
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -49,6 +50,9 @@ GiB = float(1 << 30)
 # here; compiled, it pays for any number, but below this the lookups stay as they
 # were so that small scenarios keep their exact answers at exact ties.
 HALVING_MIN_ROWS = 4096
+# From this many sessions ready to move, the screen for steady ones and the whole
+# horizon of the others are one pass (the same answers as two).
+ONE_PASS_MIN_ROWS = HALVING_MIN_ROWS
 
 
 class Policy(ABC):
@@ -89,21 +93,6 @@ def _rtt_now(state: ClusterState, cand: IntArray, attach: IntArray,
     return rtt
 
 
-def _backhaul_over_horizon(state: ClusterState, attach: IntArray,
-                           target: IntArray) -> tuple[FloatArray, IntArray]:
-    """Backhaul RTT from each instant's access point (`attach`, (m, S)) to each
-    target ((m, C)), as (rtt (q, C), last (m, S)): session i's RTT at instant t is
-    rtt[last[i, t]]. A user keeps its access point for most instants, so the pairs
-    are looked up only where it changes and carried forward."""
-    m, k = attach.shape
-    change = np.ones((m, k), dtype=bool)
-    change[:, 1:] = attach[:, 1:] != attach[:, :-1]
-    rows, at = np.nonzero(change)
-    got: FloatArray = state.network.backhaul.rtt_ms(attach[rows, at][:, None], target[rows])
-    last: IntArray = np.cumsum(change.ravel()).reshape(m, k) - 1
-    return got, last
-
-
 def _candidates(state: ClusterState, queue_ms: FloatArray) -> tuple[_Candidates, IntArray]:
     s = state.sessions
     net = state.network
@@ -114,53 +103,27 @@ def _candidates(state: ClusterState, queue_ms: FloatArray) -> tuple[_Candidates,
 
 
 def _assign(state: ClusterState, cand: IntArray, score: FloatArray, ok: BoolArray,
-            priority: FloatArray) -> tuple[IntArray, IntArray]:
+            priority: FloatArray, rows: IntArray | None = None) -> tuple[IntArray, IntArray]:
     """Greedy, capacity-aware: each session takes its best acceptable candidate with room.
 
     Rounds go down the preference lists; within a round, proposals to one cloudlet
     are granted in priority order (then session index) while its free VM slots and
     memory last. Room freed by sessions leaving is not counted: a source keeps its
     VM until the destination commits. Returns (target, column), -1 where no move.
+    `cand` and the rest are of sessions `rows` (default: all of them).
     """
-    m, c = cand.shape
     net = state.network
-    target = np.full(m, -1, dtype=np.int64)
-    column = np.full(m, -1, dtype=np.int64)
-    ok = ok & (cand != state.sessions.host[:, None])
-    active = np.flatnonzero(ok.any(axis=1))
-    if len(active) == 0:
-        return target, column
-    free_vms = (net.capacity_vms - state.vms).astype(np.float64)
-    free_mem = net.capacity_memory_bytes - state.memory_used_bytes
-    memory = state.sessions.memory_bytes
-    sub_ok = ok[active]
-    sub_cand = cand[active]
-    masked = np.where(sub_ok, score[active], np.inf)
-    order = np.argsort(masked, axis=1, kind="stable")
-    pending = np.ones(len(active), dtype=bool)
-    for rank in range(c):
-        col = order[:, rank]
-        rows = np.flatnonzero(pending & sub_ok[np.arange(len(active)), col])
-        if len(rows) == 0:
-            break
-        t = sub_cand[rows, col[rows]]
-        sess = active[rows]
-        o = np.lexsort((sess, -priority[sess], t))
-        rows, t, sess = rows[o], t[o], sess[o]
-        mem = memory[sess]
-        starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
-        group = np.repeat(starts, np.diff(np.r_[starts, len(t)]))
-        cum_n = np.arange(len(t)) - group + 1
-        cum_mem = np.cumsum(mem)
-        cum_mem = cum_mem - (cum_mem[group] - mem[group])
-        accept = (cum_n <= free_vms[t]) & (cum_mem <= free_mem[t])
-        got_rows, got_t, got_sess = rows[accept], t[accept], sess[accept]
-        target[got_sess] = got_t
-        column[got_sess] = col[got_rows]
-        pending[got_rows] = False
-        np.subtract.at(free_vms, got_t, 1.0)
-        np.subtract.at(free_mem, got_t, mem[accept])
-    return target, column
+    s = state.sessions
+    host = s.host if rows is None else s.host[rows]
+    memory = s.memory_bytes if rows is None else s.memory_bytes[rows]
+    by_priority = highest_first(priority)
+    return kernels.assign_greedy(
+        np.ascontiguousarray(cand, dtype=np.int64),
+        np.ascontiguousarray(score, dtype=np.float64), np.ascontiguousarray(ok),
+        np.ascontiguousarray(host, dtype=np.int64), by_priority,
+        np.ascontiguousarray(memory, dtype=np.float64),
+        (net.capacity_vms - state.vms).astype(np.float64),
+        np.array(net.capacity_memory_bytes - state.memory_used_bytes, dtype=np.float64))
 
 
 def _moves(state: ClusterState, target: IntArray, gain_ms: FloatArray,
@@ -331,36 +294,46 @@ class PredictivePolicy(Policy):
         rows = np.flatnonzero(ready)
         if len(rows) == 0:
             return Moves.empty()
-        if s.rtt_ms is None:
-            # Most sessions are fine for the whole horizon, and two instants prove it:
-            # a session attached to one cloudlet at both ends of its straight path
-            # stays in that cloudlet's (convex) Voronoi cell throughout, where its
-            # latency grows with its distance to the access point, which is convex
-            # along the path; so its latency peaks at an end. (With measurements a
-            # trend is added and this does not hold: every instant is computed.)
-            ends_attach, _, ends_viol = self._at_host(state, queue, taus[[0, -1]], rows)
-            steady = (ends_attach[:, 0] == ends_attach[:, 1]) & ~ends_viol.any(axis=1)
-            rows = rows[~steady]
+        # Most sessions are fine for the whole horizon, and two instants prove it: a
+        # session attached to one cloudlet at both ends of its straight path stays in
+        # that cloudlet's (convex) Voronoi cell throughout, where its latency grows
+        # with its distance to the access point, which is convex along the path; so
+        # its latency peaks at an end. (With measurements a trend is added and this
+        # does not hold: every instant is computed.)
+        screen = s.rtt_ms is None
+        if screen and len(rows) >= ONE_PASS_MIN_ROWS:
+            # Many sessions: one pass. Halving looks each path's ends up first, with
+            # the hints the two-instant screen gives them, and a steady session's
+            # instants between are neither looked up nor computed.
+            path = self._at_host(state, queue, taus, rows, True, screen=True)
+            unsettled = np.flatnonzero(~path.steady)
+            if len(unsettled) < HALVING_MIN_ROWS:
+                # Few unsettled: every instant looked up, as the two-pass screen did.
+                rows = rows[unsettled]
+                path = self._at_host(state, queue, taus, rows, False)
+        else:
+            if screen:
+                ends = self._at_host(state, queue, taus[[0, -1]], rows,
+                                     len(rows) >= HALVING_MIN_ROWS)
+                steady = ((ends.attach[:, 0] == ends.attach[:, 1])
+                          & ~ends.over_at_ends.any(axis=1))
+                rows = rows[~steady]
+            path = self._at_host(state, queue, taus, rows, len(rows) >= HALVING_MIN_ROWS)
+        # Only sessions whose host is predicted to break the budget can be due.
+        rows = rows[path.due]
         if len(rows) == 0:
             return Moves.empty()
-        # Only sessions whose host is predicted to break the budget can be due.
-        attach_k, access_k, host_viol = self._at_host(state, queue, taus, rows)
-        breaking = host_viol.any(axis=1)
-        rows, attach_k, access_k = rows[breaking], attach_k[breaking], access_k[breaking]
-        host_viol = host_viol[breaking]
         target = np.full(m, -1, dtype=np.int64)
         gain_ms = np.zeros(m)
         score = np.zeros(m)
-        if len(rows) == 0:
-            return Moves.empty()
-        first = taus[np.argmax(host_viol, axis=1)]
-        att = attach_k
-        acc = access_k
+        first = taus[path.first]
+        att = path.due_attach
+        acc = path.due_access
         host = s.host[rows]
         half = max(net.near.shape[1] // 2, 1)
         cand = np.concatenate([host[:, None], net.near[att[:, 0], :half],
                                net.near[att[:, -1], :half]], axis=1)
-        backhaul, last = _backhaul_over_horizon(state, att, cand)
+        backhaul, last = state.network.backhaul.rtt_along(att, cand)
         at_cand = s.measured(rows, cand)
         # Measurements correct the model by a per-(session, cloudlet) offset, and
         # their trend extends it (kernels.py).
@@ -374,16 +347,23 @@ class PredictivePolicy(Policy):
         budget_links = LinkBudget(self.max_link_migrations)
         priced = price(state, budget_links, host[:, None], cand, s.overlay_bytes[rows, None],
                        s.memory_bytes[rows, None], s.dirty_rate_bytes_s[rows, None])
-        est = priced.estimate
         shape = cand.shape
-        net_gain, ok, over_full, saved_ms = kernels.predictive_value(
-            *paths.arrays(), _dense(priced.start_to_end_s, shape),
-            _dense(est.downtime_s, shape), _dense(est.wire_bytes, shape),
-            np.ascontiguousarray(np.broadcast_to(priced.full, shape)), first,
-            self.latency_weight, self.gib_cost, self.cost_margin, self.min_gain,
-            self.horizon_s, self.lead_s)
-        sub = _Subset(state, rows)
-        sub_target, column = _assign(sub.state, cand, -net_gain, ok, net_gain.max(axis=1))
+        runs = priced.runs
+        run = (np.arange(cand.size).reshape(shape) if priced.run is None
+               else np.ascontiguousarray(priced.run.reshape(shape)))
+        wait = _dense(priced.wait_s, shape)
+        duration, downtime, wire = (np.ascontiguousarray(x, dtype=np.float64).ravel() for x in
+                                    (runs.duration_s, runs.downtime_s, runs.wire_bytes))
+        full = np.ascontiguousarray(np.broadcast_to(priced.full, shape))
+
+        def value(lo: int, hi: int) -> tuple[FloatArray, BoolArray, BoolArray, FloatArray]:
+            return kernels.predictive_value(
+                *paths.rows(lo, hi), run[lo:hi], wait[lo:hi], duration, downtime, wire,
+                full[lo:hi], first[lo:hi], self.latency_weight, self.gib_cost,
+                self.cost_margin, self.min_gain, self.horizon_s, self.lead_s)
+
+        net_gain, ok, over_full, saved_ms = slices.by_rows(len(rows), value)
+        sub_target, column = _assign(state, cand, -net_gain, ok, net_gain.max(axis=1), rows)
         self._share_links(state, budget_links, paths, rows, host, sub_target, column,
                           net_gain, over_full)
         target[rows] = sub_target
@@ -392,33 +372,37 @@ class PredictivePolicy(Policy):
         return _moves(state, target, gain_ms, score, budget_links, score)
 
     def _at_host(self, state: ClusterState, queue: FloatArray, taus: FloatArray,
-                 rows: IntArray) -> tuple[IntArray, FloatArray, BoolArray]:
-        """For sessions `rows` at each instant of `taus` (extrapolated positions):
-        the access point, the access RTT, and whether the host breaks the budget."""
+                 rows: IntArray, halving: bool, screen: bool = False) -> _HostPath:
+        """Sessions `rows` at each instant of `taus` (extrapolated positions) at their
+        hosts (kernels.host_breaks)."""
         s = state.sessions
         net = state.network
-        m, k = len(rows), len(taus)
         host = s.host[rows]
         position, velocity = s.position_m[rows], s.velocity_m_s[rows]
         # Many sessions: halve each path (kernels.nearest_along). Few: look every
         # instant up, which gave these answers before halving existed (the two differ
         # only at positions exactly between two cloudlets).
-        halving = _halving_order(k) if m >= HALVING_MIN_ROWS else None
-        attach, dist = net.index.nearest_along(position, velocity, taus, host, halving)
-        access = net.latency.access_rtt_ms(dist)
-        backhaul, last = _backhaul_over_horizon(state, attach, host[:, None])
-        host_rtt = access + backhaul[last, 0] + queue[host][:, None]
+        order = _halving_order(len(taus)) if halving else None
+        attach, _ = net.index.nearest_along(position, velocity, taus, host, order,
+                                            distances=False)
+        backhaul, last = net.backhaul.rtt_along(attach, host[:, None])
         at_host = s.measured(rows, host)
-        if at_host is not None:
-            # A measurement replaces the model's "now"; its trend (clients without
-            # position reports have only that) extends it over the horizon.
-            measured, slope = at_host
-            host_rtt = (host_rtt + np.where(np.isnan(measured), 0.0,
-                                            measured - host_rtt[:, 0])[:, None]
-                        + slope[:, None] * taus[None, :])
-        viol: BoolArray = (host_rtt + s.service_ms[rows, None]
-                           > s.budget_ms[rows, None] - self.margin_ms)
-        return attach, access, viol
+        # A measurement replaces the model's "now"; its trend (clients without
+        # position reports have only that) extends it over the horizon.
+        measured, slope = ((np.ascontiguousarray(at_host[0]), np.ascontiguousarray(at_host[1]))
+                           if at_host is not None else (_NONE, _NONE))
+        lat = net.latency
+        got = kernels.host_breaks(
+            attach, np.ascontiguousarray(position, dtype=np.float64),
+            np.ascontiguousarray(velocity, dtype=np.float64), net.index.x_m, net.index.y_m,
+            backhaul, last, np.ascontiguousarray(queue[host]), measured, slope,
+            np.ascontiguousarray(taus, dtype=np.float64),
+            np.ascontiguousarray(s.service_ms[rows], dtype=np.float64),
+            np.ascontiguousarray(s.budget_ms[rows] - self.margin_ms, dtype=np.float64),
+            float(lat.radio_rtt_ms), float(lat.propagation_rtt_ms_per_km * 1e-3),
+            float(lat.access_range_m), float(lat.out_of_range_rtt_ms),
+            screen and at_host is None)
+        return _HostPath(attach, *got)
 
     def _share_links(self, state: ClusterState, budget: LinkBudget, paths: _Paths,
                      rows: IntArray, host: IntArray, target: IntArray, column: IntArray,
@@ -452,6 +436,22 @@ class PredictivePolicy(Policy):
         target[chosen[~keep]] = -1
 
 
+class _HostPath(NamedTuple):
+    """PredictivePolicy._at_host's answer for m sessions over S instants: each one's
+    access point at each instant (m, S); of those whose host breaks the budget (d of
+    them), their rows in the m, access points and access RTTs (d, S) and first
+    instant over budget (d); then per session whether over budget at the first and
+    last instants (m, 2) and whether steady (m)."""
+
+    attach: IntArray
+    due: IntArray
+    due_attach: IntArray
+    due_access: FloatArray
+    first: IntArray
+    over_at_ends: BoolArray
+    steady: BoolArray
+
+
 @dataclass(frozen=True)
 class _Paths:
     """What predictive's value needs of the sessions it weighs (kernels.py): each
@@ -476,8 +476,17 @@ class _Paths:
         return (self.access, self.backhaul, self.last, self.queue, self.measured,
                 self.slope, self.taus, self.service, self.budget, self.rate)
 
+    def rows(self, lo: int, hi: int) -> tuple[FloatArray, FloatArray, IntArray, FloatArray,
+                                              FloatArray, FloatArray, FloatArray, FloatArray,
+                                              FloatArray, FloatArray]:
+        """`arrays` of sessions lo..hi-1 (`last` still indexes the whole `backhaul`)."""
+        return (self.access[lo:hi], self.backhaul, self.last[lo:hi], self.queue[lo:hi],
+                self.measured[lo:hi], self.slope[lo:hi], self.taus, self.service[lo:hi],
+                self.budget[lo:hi], self.rate[lo:hi])
+
 
 _NO_MEASUREMENTS = np.zeros((0, 0))
+_NONE = np.zeros(0)
 
 
 def _dense(values: FloatArray, shape: tuple[int, ...] | int) -> FloatArray:
@@ -500,26 +509,6 @@ def _halving_order(k: int) -> IntArray:
                 nxt += [(lo, mid), (mid, hi)]
         spans = nxt
     return np.array(out, dtype=np.int64).reshape(-1, 3)
-
-
-class _Subset:
-    """A view of the state restricted to some sessions, for `_assign`."""
-
-    def __init__(self, state: ClusterState, rows: IntArray) -> None:
-        s = state.sessions
-        self.state = ClusterState(
-            time_s=state.time_s, network=state.network, vms=state.vms,
-            serving_vms=state.serving_vms, memory_used_bytes=state.memory_used_bytes,
-            in_flight=state.in_flight, links=state.links,
-            sessions=Sessions(
-                host=s.host[rows], position_m=s.position_m[rows],
-                velocity_m_s=s.velocity_m_s[rows], memory_bytes=s.memory_bytes[rows],
-                overlay_bytes=s.overlay_bytes[rows],
-                dirty_rate_bytes_s=s.dirty_rate_bytes_s[rows], budget_ms=s.budget_ms[rows],
-                service_ms=s.service_ms[rows],
-                interaction_rate_hz=s.interaction_rate_hz[rows],
-                last_move_s=s.last_move_s[rows], previous_host=s.previous_host[rows],
-                movable=s.movable[rows]))
 
 
 POLICIES: dict[str, type[Policy]] = {

@@ -5,8 +5,8 @@ first call: ~0.6 s with a warm cache, seconds without one. A live orchestrator
 decides on its event loop, which also renews its leadership lease; a first
 round that stalls it that long can let the lease lapse. `warm_up` runs the
 policy once on a tiny cluster (every kernel the policy calls, with the types a
-real round passes), off the event loop before the orchestrator competes for
-the lease.
+real round passes) and prices a large round's worth of moves, off the event
+loop before the orchestrator competes for the lease.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from cloudlet.placement.backhaul import GraphBackhaul
+from cloudlet.placement.cost import DEDUP_MIN_MOVES, PrecopyModel
 from cloudlet.placement.policies import Policy
 from cloudlet.placement.state import ClusterState, Network, Sessions
 
@@ -51,6 +52,15 @@ def tiny_cluster() -> ClusterState:
 
 
 def warm_up(policy: Policy) -> None:
-    """Run `policy` once on `tiny_cluster` (nothing for a policy that never moves)."""
-    if not policy.never_moves:
-        policy.decide(tiny_cluster())
+    """Run `policy` once on `tiny_cluster` (nothing for a policy that never moves),
+    and price as many moves as a large round prices, in the layouts it passes (the
+    cost model prices runs of equal inputs from DEDUP_MIN_MOVES moves on)."""
+    if policy.never_moves:
+        return
+    policy.decide(tiny_cluster())
+    model = PrecopyModel()
+    n = DEDUP_MIN_MOVES
+    column = np.full((n, 1), 1e8)
+    model.estimate(column, column, column, np.full((n, 2), 1000.0))  # candidates
+    flat = np.full(n, 1e8)
+    model.estimate(flat, flat, flat, np.full(n, 1000.0))  # a round's chosen moves
