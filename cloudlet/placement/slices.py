@@ -49,6 +49,11 @@ def threads() -> int:
         if n < 1:
             raise InvalidArgument(f"CLOUDLET_PLACER_THREADS must be >= 1, not {n}")
         return min(n, MAX_THREADS)
+    return threads_default()
+
+
+def threads_default() -> int:
+    """The cores this process may run on, at most MAX_THREADS."""
     return max(1, min(len(os.sched_getaffinity(0)), MAX_THREADS))
 
 
