@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 # they have been replaced yet.
 _PLAIN: dict[str, dict[str, Callable[..., Any]]] = {}
 _READY: set[str] = set()
+_LOCK = threading.RLock()
 
 
 def compiled(fn: F) -> F:
@@ -47,6 +49,11 @@ def compiled(fn: F) -> F:
 
 
 def _compile_module(module: str, namespace: dict[str, Any]) -> None:
+    with _LOCK:  # threads' first calls (placement/slices.py) compile a module once
+        _compile_module_locked(module, namespace)
+
+
+def _compile_module_locked(module: str, namespace: dict[str, Any]) -> None:
     if module in _READY:
         return
     plain = _PLAIN[module]

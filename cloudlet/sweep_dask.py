@@ -32,7 +32,8 @@ CONNECT_TIMEOUT_S = 30
 
 
 def default_workers() -> int:
-    """One worker per core this process may use (a run is single-threaded numpy)."""
+    """One worker per core this process may use (each worker runs one run at a time,
+    its placer on one thread)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -77,7 +78,10 @@ def dask_engine(workers: int | None = None, scheduler: str | None = None
     n = default_workers() if workers is None else workers
     # No dashboard (its port may be taken, and nobody looks at it in a batch run);
     # one thread per worker: a run holds the GIL for its whole length.
+    # One worker per core, each run on one thread: the placer's per-row threads
+    # (placement/slices.py) would only contend with the other workers.
     with (LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                       dashboard_address=None, silence_logs=logging.ERROR) as cluster,
+                       dashboard_address=None, silence_logs=logging.ERROR,
+                       env={"CLOUDLET_PLACER_THREADS": "1"}) as cluster,
           Client(cluster) as client):
         yield DaskEngine(client)

@@ -465,10 +465,10 @@ def _reference_assign(cand, score, ok, host, priority, memory, free_vms, free_me
     return target, column
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_assign_greedy_matches_the_numpy_rounds(seed: int) -> None:
     """Crowded cloudlets (few slots, little memory), tied scores and priorities, NaN
-    priorities and sessions with nothing acceptable."""
+    priorities, sessions with nothing acceptable, fractional and NaN byte counts."""
     rng = np.random.default_rng(seed)
     m, c, n = 2000, 9, 60
     cand = rng.integers(0, n, (m, c))
@@ -477,9 +477,17 @@ def test_assign_greedy_matches_the_numpy_rounds(seed: int) -> None:
     ok = rng.random((m, c)) < 0.6
     priority = rng.integers(0, 20, m).astype(np.float64)
     priority[rng.random(m) < 0.05] = np.nan
-    memory = rng.integers(1, 4, m).astype(np.float64) * (1 << 29)
+    if seed % 2:
+        memory = rng.integers(1, 4, m).astype(np.float64) * (1 << 29)
+        free_mem = rng.integers(0, 16, n).astype(np.float64) * (1 << 30)
+    else:
+        # Fractional MiB (a scenario's memory_mib: 300.7) and capacities that are exact
+        # sums of them: the float sums decide at the boundary. And one NaN.
+        sizes = np.array([100.1, 300.7, 51.3]) * (1 << 20)
+        memory = rng.choice(sizes, m)
+        memory[rng.integers(0, m)] = np.nan
+        free_mem = (rng.choice(sizes, (n, 3)) * rng.integers(0, 30, (n, 3))).sum(axis=1)
     free_vms = rng.integers(0, 30, n).astype(np.float64)
-    free_mem = rng.integers(0, 16, n).astype(np.float64) * (1 << 30)
     want = _reference_assign(cand, score, ok, host, priority, memory, free_vms, free_mem)
     got = kernels.assign_greedy(cand, score, ok, host, highest_first(priority), memory,
                                 free_vms.copy(), free_mem.copy())
@@ -555,7 +563,88 @@ def test_row_slices_in_threads_answer_as_one_call(monkeypatch: pytest.MonkeyPatc
     assert slices.threads() == 3
     three = index.nearest_along(xy, v, taus, np.zeros(len(xy), dtype=np.int64))
     assert all(np.array_equal(a, b) for a, b in zip(one, three, strict=True))
-    for bad in ("0", "two"):
+    for bad in ("0", "two", ""):
         monkeypatch.setenv("CLOUDLET_PLACER_THREADS", bad)
+        assert slices.threads() == slices.threads_default()  # logged, not fatal
+
+
+def test_a_forked_child_runs_large_loops_on_its_own_pool(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent's pool has no threads in a forked child: a child that used it would
+    wait forever. It starts its own."""
+    import os
+    import time
+
+    monkeypatch.setenv("CLOUDLET_PLACER_THREADS", "2")
+    rows = 4 * slices.MIN_ROWS_PER_THREAD
+
+    def run(lo: int, hi: int) -> tuple[NDArray[np.int64]]:
+        return (np.arange(lo, hi),)
+
+    assert np.array_equal(slices.by_rows(rows, run)[0], np.arange(rows))  # the pool exists
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = np.array_equal(slices.by_rows(rows, run)[0], np.arange(rows))
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung on its parent's thread pool")
+
+
+def test_inputs_the_compiled_loops_would_read_out_of_bounds_are_refused() -> None:
+    """numba does not check bounds: what reaches a kernel is checked before it."""
+    from cloudlet.placement import Sessions
+    from cloudlet.placement.congestion import ahead_of
+    from cloudlet.placement.warm import tiny_cluster
+
+    m = 3
+    good = dict(host=np.zeros(m, dtype=np.int64), position_m=np.zeros((m, 2)),
+                velocity_m_s=np.zeros((m, 2)), memory_bytes=np.ones(m),
+                overlay_bytes=np.ones(m), dirty_rate_bytes_s=np.ones(m),
+                budget_ms=np.ones(m), service_ms=np.ones(m),
+                interaction_rate_hz=np.ones(m), last_move_s=np.zeros(m),
+                previous_host=np.zeros(m, dtype=np.int64), movable=np.ones(m, dtype=bool))
+    Sessions(**good)  # type: ignore[arg-type]
+    for name, bad in (("memory_bytes", np.ones(1)), ("position_m", np.zeros((m, 3))),
+                      ("movable", np.ones(m + 1, dtype=bool))):
         with pytest.raises(InvalidArgument):
-            slices.threads()
+            Sessions(**{**good, name: bad})  # type: ignore[arg-type]
+    state = tiny_cluster()
+    with pytest.raises(InvalidArgument):
+        ahead_of(state, np.array([0, 1]), np.array([2, 2]), np.zeros(4_000_000))
+    index = AccessIndex(np.array([[0.0, 0.0], [100.0, 0.0]]))
+    xy = np.zeros((2, 2))
+    for halving in (np.array([[5000, 0, 2]]), np.array([[1, 1, 2]]), np.array([[1, 0, 3]])):
+        with pytest.raises(InvalidArgument):
+            index.nearest_along(xy, xy, np.linspace(0, 1, 3), np.zeros(2, dtype=np.int64),
+                                halving)
+    with pytest.raises(InvalidArgument):
+        index.nearest_along(xy, xy, np.zeros(0), np.zeros(2, dtype=np.int64))
+    with pytest.raises(InvalidArgument):  # NaN is the lookups' "not stored"
+        GraphBackhaul(2, 2, np.array([0]), np.array([1]), np.array([1.0]),
+                      np.array([np.nan]))
+
+
+def test_a_run_of_prices_keeps_the_sign_of_zero() -> None:
+    model = PrecopyModel()
+    n = 5000
+    overlay = np.where((np.arange(n) // 100) % 2 == 0, 0.0, -0.0)  # runs of 100
+    got = model.estimate(overlay, np.full(n, 1e8), np.zeros(n), np.full(n, 1000.0))
+    want = model._estimate(overlay, np.full(n, 1e8), np.zeros(n), np.full(n, 1000.0))  # noqa: SLF001
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(np.signbit(a), np.signbit(b)) and np.array_equal(a, b)
+    assert np.signbit(got.wire_bytes).any() and not np.signbit(got.wire_bytes).all()
+
+
+def test_threads_default_without_sched_getaffinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert 1 <= slices.threads_default() <= slices.MAX_THREADS

@@ -222,6 +222,9 @@ class GraphBackhaul(Backhaul):
             raise InvalidArgument(f"link ends must be nodes 0..{nodes - 1}")
         if keep < 1:
             raise InvalidArgument("keep must be >= 1")
+        if np.isnan(w).any() or (w < 0).any() or np.isnan(bw).any():
+            # The compiled lookups take NaN for "not stored": no stored value may be.
+            raise InvalidArgument("link RTTs must be numbers >= 0, and bandwidths numbers")
         self.size = cloudlets
         self.nodes = nodes
         self.keep = min(keep, cloudlets)

@@ -68,7 +68,8 @@ class LinkBudget:
 
 @dataclass(frozen=True, eq=False)
 class Pricing:
-    """A move's price under the migrations in flight (arrays shaped as the moves)."""
+    """A move's price under the migrations in flight (arrays shaped as the moves, but
+    `runs`: one entry per run of equal inputs)."""
 
     # At the bandwidth it would get once started: per run of equal inputs, with each
     # move's run (PrecopyModel.estimate_runs), or per move where `run` is None.
@@ -82,10 +83,6 @@ class Pricing:
     def estimate(self) -> MigrationEstimate:
         """Each move's estimate."""
         return self.runs if self.run is None else each_move(self.runs, self.run)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.wait_s.shape
 
     @property
     def start_to_end_s(self) -> FloatArray:
@@ -159,6 +156,8 @@ def ahead_of(state: ClusterState, source: IntArray, target: IntArray,
     m = len(source)
     links = state.path_links(source, target)  # (m, P)
     out = np.zeros(links.shape, dtype=np.int64)
+    if np.shape(priority) != (m,) or links.shape[0] != m:
+        raise InvalidArgument(f"ahead_of: one priority and one path per move ({m})")
     if m == 0:
         return out
     out = kernels.ahead_counts(highest_first(priority),

@@ -87,6 +87,8 @@ class MigrationEstimate(NamedTuple):
 
 def each_move(runs: MigrationEstimate, run: IntArray) -> MigrationEstimate:
     """Per-run estimates (`PrecopyModel.estimate_runs`) as each move's, shaped as `run`."""
+    if run.size and (run.min() < 0 or run.max() >= len(runs.duration_s)):
+        raise InvalidArgument("each_move: a run index past the runs")
     out = kernels.take_runs(run.ravel(), runs.wire_bytes, runs.precopy_s, runs.downtime_s,
                             runs.duration_s, runs.setup_s,
                             np.asarray(runs.rounds, dtype=np.int64))

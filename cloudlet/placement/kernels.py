@@ -556,13 +556,24 @@ def runs_of_equal(a: FloatArray, b: FloatArray, c: FloatArray, d: FloatArray,
     for i in range(rows):
         for j in range(cols):
             xa, xb, xc, xd, xe = a[i, j], b[i, j], c[i, j], d[i, j], e[i, j]
-            if flat == 0 or xa != pa or xb != pb or xc != pc or xd != pd or xe != pe:
+            if (flat == 0 or xa != pa or xb != pb or xc != pc or xd != pd or xe != pe
+                    or _zero_signs(xa, pa, xb, pb, xc, pc, xd, pd, xe, pe)):
                 starts[count] = flat
                 count += 1
             pa, pb, pc, pd, pe = xa, xb, xc, xd, xe
             run[flat] = count - 1
             flat += 1
     return starts[:count], run
+
+
+@compiled
+def _zero_signs(xa: float, pa: float, xb: float, pb: float, xc: float, pc: float,
+                xd: float, pd: float, xe: float, pe: float) -> bool:
+    """Whether equal inputs differ in a zero's sign (0.0 == -0.0, but not in every
+    result: a run must not join them)."""
+    return bool(np.signbit(xa) != np.signbit(pa) or np.signbit(xb) != np.signbit(pb)
+                or np.signbit(xc) != np.signbit(pc) or np.signbit(xd) != np.signbit(pd)
+                or np.signbit(xe) != np.signbit(pe))
 
 
 @compiled
@@ -662,8 +673,9 @@ def assign_greedy(cand: IntArray, score: FloatArray, ok: NDArray[np.bool_], host
     memory granted so far fit what it had free at the round's start. `free_vms` and
     `free_mem` are updated. Returns (target, column) per row, -1 where none.
 
-    Memory sums are running sums per cloudlet where numpy summed by differences of
-    one running sum: the same for byte counts (integers) below 2^53."""
+    The memory granted so far is computed as numpy computed it, float for float (one
+    running sum over the round's proposals ordered by target, less its value where
+    the target's group starts), so fractional and NaN byte counts decide as before."""
     a, c = cand.shape
     order = np.empty((a, c), dtype=np.int64)
     fits = np.empty((a, c), dtype=np.bool_)
@@ -694,43 +706,67 @@ def assign_greedy(cand: IntArray, score: FloatArray, ok: NDArray[np.bool_], host
                 n_pend += 1
                 break
     n = len(free_vms)
-    count = np.zeros(n)
-    mem = np.zeros(n)
+    count = np.zeros(n, dtype=np.int64)
+    offset = np.zeros(n, dtype=np.int64)
     touched = np.empty(a, dtype=np.int64)
-    won = np.empty(a, dtype=np.int64)
+    prop_row = np.empty(a, dtype=np.int64)
+    prop_t = np.empty(a, dtype=np.int64)
+    by_target = np.empty(a, dtype=np.int64)
+    granted = np.zeros(a, dtype=np.bool_)
     for rank in range(c):
+        # This round's proposals, in priority order.
+        n_prop = 0
         n_touched = 0
-        n_won = 0
-        proposals = 0
         for r in range(n_pend):
             i = pend[r]
             col = order[i, rank]
             if not fits[i, col]:
                 continue
-            proposals += 1
             t = cand[i, col]
-            if count[t] == 0.0:
+            prop_row[n_prop] = i
+            prop_t[n_prop] = t
+            n_prop += 1
+            if count[t] == 0:
                 touched[n_touched] = t
                 n_touched += 1
-            count[t] += 1.0
-            mem[t] += memory[i]
-            if count[t] <= free_vms[t] and mem[t] <= free_mem[t]:
-                won[n_won] = i
-                n_won += 1
-        if proposals == 0:
+            count[t] += 1
+        if n_prop == 0:
             break
+        # By target, then priority (a stable counting sort), as numpy's lexsort had
+        # them; one running sum of memory over them all, each proposal's share of its
+        # target taken as the difference from its group's start: numpy's floats.
+        targets = np.sort(touched[:n_touched])
+        at = 0
         for j in range(n_touched):
-            t = touched[j]
-            count[t] = 0.0
-            mem[t] = 0.0
-        for w in range(n_won):
-            i = won[w]
-            col = order[i, rank]
-            t = cand[i, col]
-            target[i] = t
-            column[i] = col
-            free_vms[t] -= 1.0
-            free_mem[t] -= memory[i]
+            offset[targets[j]] = at
+            at += count[targets[j]]
+        for p in range(n_prop):
+            t = prop_t[p]
+            by_target[offset[t]] = p
+            offset[t] += 1
+        total = 0.0
+        base = 0.0
+        start = 0
+        for q in range(n_prop):
+            p = by_target[q]
+            i = prop_row[p]
+            t = prop_t[p]
+            total += memory[i]
+            if q == 0 or t != prop_t[by_target[q - 1]]:
+                start = q
+                base = total - memory[i]
+            granted[q] = (q - start + 1 <= free_vms[t]) and (total - base <= free_mem[t])
+        for q in range(n_prop):
+            p = by_target[q]
+            t = prop_t[p]
+            if granted[q]:
+                i = prop_row[p]
+                target[i] = t
+                column[i] = order[i, rank]
+                free_vms[t] -= 1.0
+                free_mem[t] -= memory[i]
+        for j in range(n_touched):
+            count[touched[j]] = 0
         kept = 0
         for r in range(n_pend):
             i = pend[r]

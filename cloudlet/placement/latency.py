@@ -217,7 +217,16 @@ class AccessIndex:
         kernels.distance_along gives them). `hint` is one cloudlet per path (where it
         is now, say). With `halving` (kernels.nearest_along) instants between two
         that attach to one cloudlet are not looked up."""
-        order = np.zeros((0, 3), dtype=np.int64) if halving is None else halving
+        order = (np.zeros((0, 3), dtype=np.int64) if halving is None
+                 else np.ascontiguousarray(halving, dtype=np.int64))
+        steps = len(taus_s)
+        if steps < 1:
+            raise InvalidArgument("nearest_along: need at least one instant")
+        if len(order) and (order.ndim != 2 or order.shape[1] != 3
+                           or not ((order[:, 1] < order[:, 0]) & (order[:, 0] < order[:, 2])
+                                   & (order[:, 1] >= 0) & (order[:, 2] < steps)).all()):
+            raise InvalidArgument("nearest_along: halving rows must be (middle, low, high) "
+                                  f"instants with 0 <= low < middle < high < {steps}")
         position = _points(position_m)
         velocity = _points(velocity_m_s)
         if velocity.shape != position.shape:

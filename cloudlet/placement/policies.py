@@ -116,6 +116,11 @@ def _assign(state: ClusterState, cand: IntArray, score: FloatArray, ok: BoolArra
     s = state.sessions
     host = s.host if rows is None else s.host[rows]
     memory = s.memory_bytes if rows is None else s.memory_bytes[rows]
+    m = len(host)
+    if (cand.ndim != 2 or len(cand) != m or score.shape != cand.shape
+            or ok.shape != cand.shape or np.shape(priority) != (m,)):
+        raise InvalidArgument("assign: one row of candidates, scores and flags and one "
+                              "priority per session")
     by_priority = highest_first(priority)
     return kernels.assign_greedy(
         np.ascontiguousarray(cand, dtype=np.int64),

@@ -113,6 +113,21 @@ class Sessions:
     movable: BoolArray
     rtt_ms: FloatArray | MeasuredRtt | None = None
 
+    def __post_init__(self) -> None:
+        # One row per session in every array: the placer's compiled loops index them
+        # by session without bounds checks.
+        m = len(self.host)
+        for name in ("host", "memory_bytes", "overlay_bytes", "dirty_rate_bytes_s",
+                     "budget_ms", "service_ms", "interaction_rate_hz", "last_move_s",
+                     "previous_host", "movable"):
+            if np.shape(getattr(self, name)) != (m,):
+                raise InvalidArgument(f"sessions: {name} must have one entry per session "
+                                      f"({m}), not shape {np.shape(getattr(self, name))}")
+        for name in ("position_m", "velocity_m_s"):
+            if np.shape(getattr(self, name)) != (m, 2):
+                raise InvalidArgument(f"sessions: {name} must be ({m}, 2), not "
+                                      f"{np.shape(getattr(self, name))}")
+
     @property
     def count(self) -> int:
         return len(self.host)
