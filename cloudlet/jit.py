@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,6 +35,24 @@ log = logging.getLogger(__name__)
 _PLAIN: dict[str, dict[str, Callable[..., Any]]] = {}
 _READY: set[str] = set()
 _LOCK = threading.RLock()
+
+
+def cache_in(directory: Path) -> None:
+    """Keep numba's machine code under `directory` unless NUMBA_CACHE_DIR says where.
+
+    numba caches beside each module by default, or in the user's home: a daemon whose
+    service may write only its state directory (systemd's ProtectSystem=strict) could
+    cache nowhere, and would compile every kernel again at every start (seconds
+    before its orchestrator contests its lease). Call before the first compile:
+    numba reads the setting when it is imported."""
+    if "NUMBA_CACHE_DIR" in os.environ or "numba" in sys.modules:
+        return
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("no numba cache in %s (%s): compiled code is not kept", directory, exc)
+        return
+    os.environ["NUMBA_CACHE_DIR"] = str(directory)
 
 
 def compiled(fn: F) -> F:

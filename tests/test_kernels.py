@@ -5,6 +5,9 @@ hash tables with long probe chains."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from numpy.typing import NDArray
@@ -572,7 +575,6 @@ def test_a_forked_child_runs_large_loops_on_its_own_pool(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The parent's pool has no threads in a forked child: a child that used it would
     wait forever. It starts its own."""
-    import os
     import time
 
     monkeypatch.setenv("CLOUDLET_PLACER_THREADS", "2")
@@ -644,7 +646,23 @@ def test_a_run_of_prices_keeps_the_sign_of_zero() -> None:
 
 
 def test_threads_default_without_sched_getaffinity(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     monkeypatch.delattr(os, "sched_getaffinity")
     assert 1 <= slices.threads_default() <= slices.MAX_THREADS
+
+
+def test_compiled_code_is_cached_under_the_directory_a_daemon_names(tmp_path: Path) -> None:
+    """A daemon that may write only its state directory keeps its placer's machine code
+    there (cloudlet.jit.cache_in), so a restart loads rather than compiles it. A fresh
+    interpreter: numba reads the setting when it is imported."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "numba-cache"
+    code = ("import pathlib, numpy as np\n"
+            "from cloudlet.jit import cache_in\n"
+            f"cache_in(pathlib.Path({str(cache)!r}))\n"
+            "from cloudlet.placement import kernels\n"
+            "kernels.find_keys(np.full(8, -1), 3, np.arange(4))\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    assert any(p.suffix == ".nbi" for p in cache.rglob("*")), list(cache.rglob("*"))

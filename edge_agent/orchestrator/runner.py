@@ -34,6 +34,7 @@ import aiomqtt
 import numpy as np
 
 from cloudlet.errors import ConfigError, TrustError
+from cloudlet.jit import cache_in
 from cloudlet.placement import Policy, make_policy
 from cloudlet.placement.warm import warm_up
 from cloudlet.protocol import (
@@ -67,6 +68,8 @@ log = logging.getLogger(__name__)
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 10.0
 ORCHESTRATOR_DIR = "orchestrator"
+# The placer's compiled code, under the state directory (cloudlet.jit.cache_in).
+NUMBA_CACHE_DIR = "numba-cache"
 
 
 def build_view(config: NodeConfig) -> tuple[ClusterView, Policy]:
@@ -148,6 +151,7 @@ class Orchestrator:
         # The placer's compiled loops load on their first call: off the event loop and
         # before the lease is contested, so that a slow first round cannot stall the
         # lease's renewals (cloudlet.placement.warm).
+        cache_in(self.config.state_path / NUMBA_CACHE_DIR)
         try:
             await asyncio.to_thread(warm_up, self.policy)
         except Exception:
