@@ -37,15 +37,20 @@ _READY: set[str] = set()
 _LOCK = threading.RLock()
 
 
-def cache_in(directory: Path) -> None:
-    """Keep numba's machine code under `directory` unless NUMBA_CACHE_DIR says where.
+def cache_in(directory: Path, source_dir: Path) -> None:
+    """Keep numba's machine code under `directory` when it cannot be kept beside the
+    compiled modules in `source_dir` (numba's default, shared by every process) and
+    NUMBA_CACHE_DIR does not say where.
 
-    numba caches beside each module by default, or in the user's home: a daemon whose
-    service may write only its state directory (systemd's ProtectSystem=strict) could
-    cache nowhere, and would compile every kernel again at every start (seconds
-    before its orchestrator contests its lease). Call before the first compile:
-    numba reads the setting when it is imported."""
+    A daemon whose service may write only its state directory (systemd's
+    ProtectSystem=strict) could otherwise cache nowhere, and would compile every
+    kernel again at every start (seconds before its orchestrator contests its
+    lease). Call before the first compile: numba reads the setting when it is
+    imported."""
     if "NUMBA_CACHE_DIR" in os.environ or "numba" in sys.modules:
+        return
+    beside = source_dir / "__pycache__"
+    if os.access(beside if beside.exists() else source_dir, os.W_OK):
         return
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -651,18 +651,32 @@ def test_threads_default_without_sched_getaffinity(monkeypatch: pytest.MonkeyPat
 
 
 def test_compiled_code_is_cached_under_the_directory_a_daemon_names(tmp_path: Path) -> None:
-    """A daemon that may write only its state directory keeps its placer's machine code
-    there (cloudlet.jit.cache_in), so a restart loads rather than compiles it. A fresh
-    interpreter: numba reads the setting when it is imported."""
+    """A daemon that cannot write beside the compiled modules (a read-only install)
+    keeps its placer's machine code in the directory it names (cloudlet.jit.cache_in),
+    so a restart loads rather than compiles it; where it can, numba's default stays
+    (one cache shared by every process). Fresh interpreters: numba reads the setting
+    when it is imported."""
     import subprocess
     import sys
 
     cache = tmp_path / "numba-cache"
-    code = ("import pathlib, numpy as np\n"
-            "from cloudlet.jit import cache_in\n"
-            f"cache_in(pathlib.Path({str(cache)!r}))\n"
-            "from cloudlet.placement import kernels\n"
-            "kernels.find_keys(np.full(8, -1), 3, np.arange(4))\n")
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+    def run(install_writable: bool) -> None:
+        # A read-only install as a service user meets it (root ignores modes: the
+        # check is told so).
+        code = ("import os, pathlib, numpy as np\n"
+                + ("" if install_writable else "os.access = lambda *a, **k: False\n")
+                + "from cloudlet.jit import cache_in\n"
+                f"cache_in(pathlib.Path({str(cache)!r}), pathlib.Path({str(tmp_path)!r}))\n"
+                "print(os.environ.get('NUMBA_CACHE_DIR', ''))\n"
+                "from cloudlet.placement import kernels\n"
+                "kernels.find_keys(np.full(8, -1), 3, np.arange(4))\n")
+        env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+        out = subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120,
+                             capture_output=True, text=True)
+        assert out.stdout.strip() == ("" if install_writable else str(cache))
+
+    run(install_writable=True)  # numba's own place, shared by every process
+    assert not cache.exists()
+    run(install_writable=False)
     assert any(p.suffix == ".nbi" for p in cache.rglob("*")), list(cache.rglob("*"))

@@ -33,6 +33,7 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
+from cloudlet import placement
 from cloudlet.errors import ConfigError, TrustError
 from cloudlet.jit import cache_in
 from cloudlet.placement import Policy, make_policy
@@ -151,7 +152,7 @@ class Orchestrator:
         # The placer's compiled loops load on their first call: off the event loop and
         # before the lease is contested, so that a slow first round cannot stall the
         # lease's renewals (cloudlet.placement.warm).
-        cache_in(self.config.state_path / NUMBA_CACHE_DIR)
+        cache_in(self.config.state_path / NUMBA_CACHE_DIR, Path(placement.__file__).parent)
         try:
             await asyncio.to_thread(warm_up, self.policy)
         except Exception:
