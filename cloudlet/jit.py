@@ -76,24 +76,20 @@ def compiled(fn: F) -> F:
 
 def _compile_module(module: str, namespace: dict[str, Any]) -> None:
     with _LOCK:  # threads' first calls (placement/slices.py) compile a module once
-        _compile_module_locked(module, namespace)
+        if module in _READY:
+            return
+        plain = _PLAIN[module]
+        try:
+            import numba
 
-
-def _compile_module_locked(module: str, namespace: dict[str, Any]) -> None:
-    if module in _READY:
-        return
-    plain = _PLAIN[module]
-    try:
-        import numba
-
-        jit = numba.njit(cache=True, nogil=True, error_model="numpy")
-        compiled_fns = {name: jit(fn) for name, fn in plain.items()}
-    except Exception as exc:  # pragma: no cover - the `sim` extra installs numba
-        # No numba, or one that cannot work here (no writable cache directory, an
-        # llvmlite that fails to load): the same answers in plain Python, slowly.
-        if not isinstance(exc, ImportError):
-            log.warning("numba unusable (%r): %s runs as plain Python", exc, module)
-        namespace.update(plain)
-    else:
-        namespace.update(compiled_fns)
-    _READY.add(module)
+            jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+            compiled_fns = {name: jit(fn) for name, fn in plain.items()}
+        except Exception as exc:  # pragma: no cover - the `sim` extra installs numba
+            # No numba, or one that cannot work here (no writable cache directory, an
+            # llvmlite that fails to load): the same answers in plain Python, slowly.
+            if not isinstance(exc, ImportError):
+                log.warning("numba unusable (%r): %s runs as plain Python", exc, module)
+            namespace.update(plain)
+        else:
+            namespace.update(compiled_fns)
+        _READY.add(module)

@@ -247,11 +247,9 @@ def nearest(xy: FloatArray, hint: IntArray, x: FloatArray, y: FloatArray,
 def nearest_along(position: FloatArray, velocity: FloatArray, taus: FloatArray,
                   host: IntArray, halving: IntArray, x: FloatArray, y: FloatArray,
                   sure_d2: FloatArray, candidates: IntArray, shape0: int, shape1: int,
-                  origin_x: float, origin_y: float, cell_m: float, with_distance: bool
-                  ) -> tuple[IntArray, FloatArray]:
-    """The nearest cloudlet and the distance to it at each instant of each session's
-    straight path `position + velocity * tau`, (m, S) each (distances (0, S) without
-    `with_distance`: `distance_along` computes them as this does).
+                  origin_x: float, origin_y: float, cell_m: float) -> IntArray:
+    """The nearest cloudlet at each instant of each session's straight path
+    `position + velocity * tau`, (m, S) (`distance_along` gives the distance to it).
 
     Without `halving` ((0, 3)) every instant is looked up, hinted with the host
     (the first) or the instant before (the rest).
@@ -263,7 +261,6 @@ def nearest_along(position: FloatArray, velocity: FloatArray, taus: FloatArray,
     m = len(position)
     s = len(taus)
     attach = np.empty((m, s), dtype=np.int64)
-    dist = np.empty((m if with_distance else 0, s), dtype=np.float64)
     look = np.empty(s, dtype=np.bool_)
     for i in range(m):
         x0, y0 = position[i, 0], position[i, 1]
@@ -297,11 +294,7 @@ def nearest_along(position: FloatArray, velocity: FloatArray, taus: FloatArray,
             else:
                 attach[i, t] = _search(px, py, x, y, candidates, shape0, shape1, origin_x,
                                        origin_y, cell_m)[0]
-        if with_distance:
-            for t in range(s):
-                dist[i, t] = distance_along(x0, y0, vx, vy, taus[t], x[attach[i, t]],
-                                            y[attach[i, t]])
-    return attach, dist
+    return attach
 
 
 @compiled
@@ -311,6 +304,13 @@ def distance_along(x0: float, y0: float, vx: float, vy: float, tau: float, ax: f
     dx = ax - (x0 + vx * tau)
     dy = ay - (y0 + vy * tau)
     return float(np.sqrt(dx * dx + dy * dy))
+
+
+@compiled
+def _access_rtt(d: float, radio_ms: float, ms_per_m: float, access_range_m: float,
+                out_of_range_ms: float) -> float:
+    """LatencyModel.access_rtt_ms at distance `d`, its floats in its order."""
+    return (radio_ms + ms_per_m * d) + (out_of_range_ms if d > access_range_m else 0.0)
 
 
 @compiled
@@ -330,8 +330,8 @@ def host_breaks(attach: IntArray, position: FloatArray, velocity: FloatArray, x:
     (row last[i, t] of `backhaul`, (q, 1)), plus the host's queueing, corrected where
     measured (`measured`, `slope`: (m,) or (0,) for none) as `_rtt_rows` corrects;
     over budget when that plus the service time exceeds the budget less the margin.
-    The float expressions are LatencyModel.access_rtt_ms's and PredictivePolicy's,
-    in their order.
+    The float expressions are PredictivePolicy's, in its order (`_access_rtt` the
+    latency model's).
 
     Returns, for the sessions that break it (in order): their rows, their access
     points and access RTTs at each instant, and the first instant over budget; and
@@ -356,9 +356,8 @@ def host_breaks(attach: IntArray, position: FloatArray, velocity: FloatArray, x:
             for e in range(2):
                 t = 0 if e == 0 else s - 1
                 c = attach[i, t]
-                d = distance_along(x0, y0, vx, vy, taus[t], x[c], y[c])
-                a = (radio_ms + ms_per_m * d) + (out_of_range_ms if d > access_range_m
-                                                 else 0.0)
+                a = _access_rtt(distance_along(x0, y0, vx, vy, taus[t], x[c], y[c]),
+                                radio_ms, ms_per_m, access_range_m, out_of_range_ms)
                 ends[i, e] = ((a + backhaul[last[i, t], 0]) + q + service[i]
                               > budget_less_margin[i])
             if not ends[i, 0] and not ends[i, 1]:
@@ -368,8 +367,8 @@ def host_breaks(attach: IntArray, position: FloatArray, velocity: FloatArray, x:
         first_t = -1
         for t in range(s):
             c = attach[i, t]
-            d = distance_along(x0, y0, vx, vy, taus[t], x[c], y[c])
-            a = (radio_ms + ms_per_m * d) + (out_of_range_ms if d > access_range_m else 0.0)
+            a = _access_rtt(distance_along(x0, y0, vx, vy, taus[t], x[c], y[c]),
+                            radio_ms, ms_per_m, access_range_m, out_of_range_ms)
             due_access[n_due, t] = a
             rtt = (a + backhaul[last[i, t], 0]) + q
             if corrected:

@@ -210,13 +210,13 @@ class AccessIndex:
         return out
 
     def nearest_along(self, position_m: FloatArray, velocity_m_s: FloatArray,
-                      taus_s: FloatArray, hint: IntArray, halving: IntArray | None = None,
-                      distances: bool = True) -> tuple[IntArray, FloatArray]:
+                      taus_s: FloatArray, hint: IntArray,
+                      halving: IntArray | None = None) -> IntArray:
         """`nearest` at each instant `tau` of each straight path `position + velocity *
-        tau`: (m, S) indices and distances (without `distances`, (0, S):
-        kernels.distance_along gives them). `hint` is one cloudlet per path (where it
-        is now, say). With `halving` (kernels.nearest_along) instants between two
-        that attach to one cloudlet are not looked up."""
+        tau`: (m, S) indices (kernels.distance_along gives the distances). `hint` is
+        one cloudlet per path (where it is now, say). With `halving`
+        (kernels.nearest_along) instants between two that attach to one cloudlet are
+        not looked up."""
         order = (np.zeros((0, 3), dtype=np.int64) if halving is None
                  else np.ascontiguousarray(halving, dtype=np.int64))
         steps = len(taus_s)
@@ -235,15 +235,14 @@ class AccessIndex:
         hints = self._hints(hint, len(position))
         order = np.ascontiguousarray(order)
 
-        def run(lo: int, hi: int) -> tuple[IntArray, FloatArray]:
-            return kernels.nearest_along(
+        def run(lo: int, hi: int) -> tuple[IntArray]:
+            return (kernels.nearest_along(
                 position[lo:hi], velocity[lo:hi], taus, hints[lo:hi], order, self._x,
                 self._y, self._sure_d2, self.candidates, self.shape[0], self.shape[1],
-                float(self.origin_m[0]), float(self.origin_m[1]), float(self.cell_m),
-                distances)
+                float(self.origin_m[0]), float(self.origin_m[1]), float(self.cell_m)),)
 
-        attach, dist = slices.by_rows(len(position), run)
-        return attach, dist
+        (attach,) = slices.by_rows(len(position), run)
+        return attach
 
     @property
     def x_m(self) -> FloatArray:

@@ -388,8 +388,7 @@ class PredictivePolicy(Policy):
         # instant up, which gave these answers before halving existed (the two differ
         # only at positions exactly between two cloudlets).
         order = _halving_order(len(taus)) if halving else None
-        attach, _ = net.index.nearest_along(position, velocity, taus, host, order,
-                                            distances=False)
+        attach = net.index.nearest_along(position, velocity, taus, host, order)
         backhaul, last = net.backhaul.rtt_along(attach, host[:, None])
         at_host = s.measured(rows, host)
         # A measurement replaces the model's "now"; its trend (clients without
