@@ -443,3 +443,17 @@ seeds = [1]
     assert err.startswith(f"cloudlet: error [scenario_invalid]: {scenario}: key "
                           f"'mobility.block_m': must be <= the area's smaller side")
     assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_a_local_cluster_runs_each_placer_on_one_thread() -> None:
+    """Its workers take a core each: the placer's per-row threads (placement/slices.py)
+    would only contend with the other workers."""
+    import os
+
+    from cloudlet.sweep_dask import dask_engine
+
+    with dask_engine(workers=1) as engine:
+        # os.getenv, not os.environ.get: a bound method would carry this process's
+        # environment along with it.
+        seen = engine.client.run(os.getenv, "CLOUDLET_PLACER_THREADS")
+    assert list(seen.values()) == ["1"]
