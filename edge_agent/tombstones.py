@@ -6,9 +6,16 @@ so that a client that comes back is answered `vm_moved` with the new address,
 and so that a restart never brings a VM back to life here once it lives
 elsewhere. Writing a live migration's tombstone is that migration's commit
 point (docs/migration.md), hence written atomically (write, fsync, rename).
-A live migration splits that in two (`prepare`, then `commit_prepared`), so that
-the record's own write and fsync happen while the destination applies the final
-round, and only the rename and its directory's fsync remain at the commit point.
+
+A live migration splits that in three, so that its commit point costs one
+block's overwrite. `prepare` writes the record (`ID.moved.prepared`, its
+first byte `?`: undecided) and makes it durable, file and directory, while the
+destination applies the final round. `decide` is the commit point itself: the
+first byte becomes `!` in place, then `fdatasync` (an overwrite of a block the
+file already has: no metadata to journal, ~0.15 ms here, against ~0.5 ms for a
+rename and its directory's fsync). `settle` renames the decided record to the
+tombstone's own name later, off the downtime's path. A restart reads a decided
+record as the tombstone it is (and settles it), and drops an undecided one.
 
 Synchronous on purpose: a tombstone is a few hundred bytes, and the commit must
 be durable before the destination is told; the host decides which thread runs
@@ -17,6 +24,7 @@ each write.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,7 +36,9 @@ from cloudlet.protocol import Location
 log = logging.getLogger(__name__)
 
 SUFFIX = ".moved"
-PREPARED = ".prepared"  # a record written ahead, not a tombstone until renamed
+PREPARED = ".prepared"  # a record written ahead: a tombstone once its first byte says so
+UNDECIDED = b"?"
+DECIDED = b"!"
 
 
 class Tombstones:
@@ -49,7 +59,18 @@ class Tombstones:
         return self.vm_dir / f"{vm_id}{SUFFIX}"
 
     def load(self) -> None:
-        """Read every tombstone on disk; an unreadable one is logged and skipped."""
+        """Read every tombstone on disk; an unreadable one is logged and skipped. A
+        decided record is settled into a tombstone; an undecided one is dropped (its
+        migration stopped before its commit point)."""
+        for path in self.vm_dir.glob(f"*{SUFFIX}{PREPARED}"):
+            try:
+                decided = path.read_bytes()[:1] == DECIDED
+                if decided:
+                    self.settle(path, path.name.removesuffix(f"{SUFFIX}{PREPARED}"))
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.error("cannot settle prepared tombstone %s: %r", path.name, exc)
         for path in self.vm_dir.glob(f"*{SUFFIX}"):
             try:
                 wire = json.loads(path.read_bytes())
@@ -58,8 +79,6 @@ class Tombstones:
                     self._moved_by[wire["migration"]] = path.stem
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("ignoring unreadable tombstone %s: %r", path.name, exc)
-        for path in self.vm_dir.glob(f"*{SUFFIX}{PREPARED}"):
-            path.unlink(missing_ok=True)  # a migration that stopped before its decision
 
     def write(self, vm_id: str, where: Location, migration_id: str | None) -> None:
         """Durably record that `vm_id` lives at `where` now."""
@@ -70,23 +89,25 @@ class Tombstones:
             self._moved_by[migration_id] = vm_id
 
     def prepare(self, vm_id: str, where: Location, migration_id: str) -> Path:
-        """The first half of `write`, ahead of the decision: the record, written and
-        fsynced under a name no restart reads as a tombstone."""
+        """The record, written and made durable ahead of the decision, under a name
+        and a first byte no restart reads as a tombstone."""
         path = self.vm_dir / f"{vm_id}{SUFFIX}{PREPARED}"
-        atomic_write(path, json.dumps({**where.to_wire(), "migration": migration_id}).encode())
+        record = json.dumps({**where.to_wire(), "migration": migration_id}).encode()
+        atomic_write(path, [UNDECIDED, record])
         return path
 
-    def commit_prepared(self, prepared: Path, vm_id: str, where: Location,
-                        migration_id: str) -> None:
-        """The second half, the decision itself: the prepared record becomes
-        `vm_id`'s tombstone (a rename, made durable by its directory's fsync)."""
+    def decide(self, prepared: Path, vm_id: str, where: Location, migration_id: str) -> None:
+        """The commit point: the prepared record's first byte says decided, durably
+        (overwritten in place, then `fdatasync`). Cheap enough for the event loop's
+        thread, where a worker thread's hop would cost more than the write."""
         try:
-            os.replace(prepared, self.path(vm_id))
-            dir_fd = os.open(self.vm_dir, os.O_RDONLY)
+            fd = os.open(prepared, os.O_WRONLY)
             try:
-                os.fsync(dir_fd)
+                if os.pwrite(fd, DECIDED, 0) != 1:
+                    raise OSError(errno.EIO, "short write")
+                os.fdatasync(fd)
             finally:
-                os.close(dir_fd)
+                os.close(fd)
         except OSError as exc:
             if exc.errno in STORAGE_ERRNOS:
                 raise storage_full(exc, f"cannot write {self.path(vm_id).name}") from exc
@@ -94,10 +115,26 @@ class Tombstones:
         self.where[vm_id] = where
         self._moved_by[migration_id] = vm_id
 
+    def settle(self, prepared: Path, vm_id: str) -> None:
+        """A decided record becomes `vm_id`'s tombstone under its own name (a rename,
+        made durable by its directory's fsync). Until then, and if a crash comes
+        first, the decided record is the tombstone (`load` reads it as one)."""
+        body = prepared.read_bytes()
+        if body[:1] != DECIDED:
+            raise ValueError(f"{prepared.name} is not decided")
+        atomic_write(self.path(vm_id), body[1:])
+        prepared.unlink(missing_ok=True)
+        _sync_dir(self.vm_dir)  # a crash must not bring the decided record back
+
     def pop(self, vm_id: str) -> Location | None:
         """Forget `vm_id`'s tombstone in memory (its file is `path`, for the caller
         to remove on the thread it chooses)."""
         return self.where.pop(vm_id, None)
+
+    def remove_files(self, vm_id: str) -> None:
+        """Remove `vm_id`'s tombstone files, under either name (it came back)."""
+        self.path(vm_id).unlink(missing_ok=True)
+        (self.vm_dir / f"{vm_id}{SUFFIX}{PREPARED}").unlink(missing_ok=True)
 
     def forget(self, vm_id: str) -> None:
         """Remove `vm_id`'s tombstone, in memory and on disk (a move that did not
@@ -112,3 +149,11 @@ class Tombstones:
         """Whether `vm_id` left by a live migration (whose protocol settled who owns
         it), rather than by a stop-and-copy handover not yet confirmed."""
         return vm_id in self._moved_by.values()
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

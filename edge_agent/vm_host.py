@@ -516,21 +516,29 @@ class VMHost:
         # never dropped for them (docs/daemon.md).
         self._share_reply_room(hosted.owner)
         if self.tombstones.pop(vm.id) is not None:  # it came back
-            self.tombstones.path(vm.id).unlink(missing_ok=True)
+            self.tombstones.remove_files(vm.id)
         self.on_change(vm.id, hosted)
         return hosted
 
     async def hand_over(self, hosted: HostedVM, where: Location) -> None:
         """The destination committed: forget the VM here, durably, and leave a
         tombstone. Call while `paused`: no call can slip in after the last snapshot."""
+        self.let_go(hosted, where)
+        await self.free_moved(hosted)
+
+    def let_go(self, hosted: HostedVM, where: Location) -> None:
+        """`hand_over`'s first half: the VM is no longer hosted here (its tombstone
+        written if it is not yet), and its clients are told where it went."""
         if self.tombstones.get(hosted.id) != where:
             self.tombstones.write(hosted.id, where, None)
         self.vms.pop(hosted.id, None)
         self._share_reply_room(hosted.owner)
-        # Clients first (they are waiting to follow it), then the cleanup: freeing a
-        # large VM's memory takes milliseconds that are not theirs to wait for.
         self.on_change(hosted.id, None)
         self.on_moved(hosted.id, where)
+
+    async def free_moved(self, hosted: HostedVM) -> None:
+        """`hand_over`'s second half: free the VM's memory and drop its checkpoint
+        (on a checkpoint thread: unmapping a large memory takes milliseconds)."""
         await self._forget(hosted)
 
     async def adopt_snapshot(self, who: Principal, source: Path, max_bytes: int,
@@ -562,9 +570,9 @@ class VMHost:
                                       on_orphan=VM.close)
             hosted = await self._adopt_durably(vm, admission, gate, generation_of(snap.annex))
         if self.tombstones.pop(vm.id) is not None:  # it came back
-            path = self.tombstones.path(vm.id)
+            vm_id = vm.id
             await self.workers.checkpoints.run(Workers.NODE,
-                                               lambda: path.unlink(missing_ok=True))
+                                               lambda: self.tombstones.remove_files(vm_id))
         self.on_change(vm.id, hosted)
         return hosted
 

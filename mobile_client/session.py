@@ -139,6 +139,7 @@ class Session:
         # and then watches it (it must not read the current stream's turn).
         self._standby: aiohttp.ClientWebSocketResponse | None = None
         self._standby_task: asyncio.Task[None] | None = None
+        self._retired: asyncio.Task[None] | None = None  # its watcher, being cancelled
         self._runner: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[bool]] = set()
         self._latencies_ms: list[float] = []
@@ -224,6 +225,7 @@ class Session:
             await self._ws.close()
             self._ws = None
         await self._drop_standby()
+        await self._reap_standby_watcher()
         for task in list(self._closing):
             try:
                 await task
@@ -409,6 +411,8 @@ class Session:
             while True:
                 ev = protocol.next_event()
                 if isinstance(ev, NeedData):
+                    if self._retired is not None:
+                        await self._reap_standby_watcher()
                     ev = await self._stream()
                 if isinstance(ev, Answer | CallFailed):
                     self._deliver(ev)
@@ -431,7 +435,7 @@ class Session:
                 elif isinstance(ev, CloseStream):
                     await self._close_stream()
                 elif isinstance(ev, UseStandby):
-                    ws = await self._take_standby()
+                    ws = self._switch_to_standby()
                     if ws is None:
                         protocol.open_failed(NoCloudletAvailable(
                             f"the standby stream to {ev.location.node} ended"))
@@ -571,6 +575,26 @@ class Session:
         self._standby = None
         protocol.standby_closed(where)
         await ws.close()
+
+    def _switch_to_standby(self) -> aiohttp.ClientWebSocketResponse | None:
+        """The standby stream, taken over at once (None if it ended): the resends go
+        out on it before its watcher has finished, which `_run` awaits before the
+        stream is read. Safe to write first: the watcher's cancellation is queued to
+        run before the loop next polls for I/O, so it cannot read an answer to them."""
+        task, self._standby_task = self._standby_task, None
+        if task is not None:
+            task.cancel()
+            self._retired = task
+        ws, self._standby = self._standby, None
+        if ws is not None and ws.closed:
+            return None
+        return ws
+
+    async def _reap_standby_watcher(self) -> None:
+        task, self._retired = self._retired, None
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _take_standby(self) -> aiohttp.ClientWebSocketResponse | None:
         """Stop watching the standby stream and hand it over; None if it ended."""

@@ -169,6 +169,18 @@ class Snapshot:
         return cls.from_bytes(data, max_bytes)
 
 
+def encoded_length(data: bytes | memoryview, max_bytes: int = MAX_SNAPSHOT_BYTES) -> int | None:
+    """How long the encoded snapshot at the start of `data` is, by its checked
+    header; None when `data` does not start with one. For a snapshot written over
+    the start of a larger, zero-filled file (a live migration's final round goes
+    into a file made ahead of time, so that writing it costs no metadata)."""
+    view = memoryview(data)
+    if bytes(view[: len(MAGIC)]) != MAGIC:
+        return None
+    header, start = _head(view, len(view), max_bytes)
+    return start + int(header["body_bytes"])
+
+
 def read_header(data: bytes | memoryview) -> dict[str, Any]:
     """The checked header of an encoded snapshot (for `cloudlet vm inspect`)."""
     header, _ = _split(memoryview(data), MAX_SNAPSHOT_BYTES)
