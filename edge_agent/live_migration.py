@@ -399,6 +399,7 @@ class LiveMigrations:
         if isinstance(last_call, float) and last_call > 0:
             hosted.arrived_last_call_unix = last_call
         self.arrivals.landed(hosted.id, hosted)
+        await asyncio.sleep(0)  # the streams held for it go first: their calls wait
         if where_before is not None:
             await asyncio.to_thread(self.host.tombstones.remove_files, vm.id)
         if migration_id:

@@ -433,7 +433,15 @@ class Session:
                     else:
                         protocol.stream_opened()
                 elif isinstance(ev, CloseStream):
-                    await self._close_stream()
+                    if ev.in_background:
+                        # The close handshake is a round trip with the old place, which
+                        # the standby's resends must not wait for (`close()` does).
+                        ws, self._ws = self._ws, None
+                        if ws is not None:
+                            own(self._closing, ws.close(),
+                                f"closing a stream of VM {self.vm_id}", log)
+                    else:
+                        await self._close_stream()
                 elif isinstance(ev, UseStandby):
                     ws = self._switch_to_standby()
                     if ws is None:

@@ -75,7 +75,13 @@ class OpenStream:
 
 @dataclass(frozen=True, slots=True)
 class CloseStream:
-    """Close the current stream, if one is open (closing twice is harmless)."""
+    """Close the current stream, if one is open (closing twice is harmless). With
+    `in_background`, the next stream need not wait for the close handshake: the VM
+    has left that place, which takes no more calls for it. Otherwise wait for it: the
+    old place has then handled every call written on the stream before the next
+    stream resends them."""
+
+    in_background: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -466,7 +466,7 @@ class SessionProtocol:
         moved = reply.get("moved")
         if isinstance(moved, dict):
             if self._phase in (Phase.RESENDING, Phase.STREAMING):
-                self._leave_stream(stable=True)
+                self._leave_stream(stable=True, moved=True)
                 self._follow(moved)
             return
         if "moving" in reply and reply.get("id") is None:
@@ -487,7 +487,7 @@ class SessionProtocol:
                 if self._phase in (Phase.RESENDING, Phase.STREAMING):
                     # A gap: the cloudlet rolled back, or lost the VM: find where it
                     # stands. Moved: go where it went.
-                    self._leave_stream(stable=True)
+                    self._leave_stream(stable=True, moved=isinstance(exc, VMMoved))
                     if isinstance(exc, VMMoved):
                         self._follow(exc.details)
                 return
@@ -552,12 +552,13 @@ class SessionProtocol:
 
     # --- inside ---------------------------------------------------------------------
 
-    def _leave_stream(self, *, stable: bool) -> None:
+    def _leave_stream(self, *, stable: bool, moved: bool = False) -> None:
         """Stop using the current stream. Its queued resends are dropped (the next
         stream resends them). A stream that ended at once without an answer counts
-        as a failed connection: back off before the next (do not hammer)."""
+        as a failed connection: back off before the next (do not hammer). One left
+        because the VM `moved` is closed in the background (`CloseStream`)."""
         self._drop_sends()
-        self._events.append(CloseStream())
+        self._events.append(CloseStream(in_background=moved))
         self._phase = Phase.DISCONNECTED
         if stable:
             self._backoff_s = BACKOFF_START_S

@@ -378,6 +378,25 @@ def _gone_then_located(p: SessionProtocol) -> None:
     p.located(WEST)
 
 
+def test_only_a_stream_the_vm_left_is_closed_without_waiting() -> None:
+    """Left because the VM moved (its notice, a `vm_moved` answer), the old stream is
+    closed in the background: the next stream's resends need not wait for the close
+    handshake, as that place takes no more calls for the VM. Left for a gap, its
+    close is waited for: the old place has then handled every call written there
+    before the next stream resends them."""
+    for learn in (_notice_on_the_stream, _vm_moved_answer):
+        p = streaming()
+        calls(p, 2)
+        learn(p)
+        assert CloseStream(in_background=True) in until_asked(p), learn.__name__
+    p = streaming()
+    calls(p, 2)
+    p.receive_data(error(2, "sequence_gap", vm_seq=0))
+    events = until_asked(p)
+    assert CloseStream(in_background=False) in events
+    assert CloseStream(in_background=True) not in events
+
+
 # (how the move is learnt, whether the old cloudlet's word vouches for the new one)
 MOVES: list[tuple[Callable[[SessionProtocol], None], bool]] = [
     (_notice_on_the_stream, True),
