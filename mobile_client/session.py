@@ -58,6 +58,7 @@ from mobile_client.session_events import (
     Vouch,
 )
 from mobile_client.session_protocol import MAX_IN_FLIGHT, SessionProtocol
+from mobile_client.slots import CallSlots
 from mobile_client.transport import Http, Location
 
 __all__ = ["DEFAULT_CALL_DEADLINE_MS", "MAX_IN_FLIGHT", "Session", "SessionStats"]
@@ -74,6 +75,7 @@ _STREAM_ERRORS = (ConnectionError, RuntimeError, aiohttp.ClientError)
 _STREAM_ENDS = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
                 aiohttp.WSMsgType.ERROR)
 _BINARY = aiohttp.WSMsgType.BINARY
+_DELIVERED = (Answer, CallFailed)  # a tuple: `Answer | CallFailed` is built anew each time
 
 Locator = Callable[[str], Awaitable[Location | None]]
 
@@ -111,7 +113,7 @@ class Session:
         self._locate = locate
         # Callers wait here for a slot; the protocol counts the same calls (its
         # bound is the contract, this is how waiting for it looks on asyncio).
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._slots = CallSlots(MAX_IN_FLIGHT)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         # Call deadlines, by number, on the loop's clock. One timer per session, armed
         # for the earliest of them, rather than one per call: a timer handle made and
@@ -235,7 +237,7 @@ class Session:
         if protocol.lost is None:
             protocol.close()
         while not isinstance(ev := protocol.next_event(), Lost):
-            if isinstance(ev, Answer | CallFailed):
+            if isinstance(ev, _DELIVERED):
                 self._deliver(ev)
 
     # --- calls ----------------------------------------------------------------------------
@@ -253,11 +255,12 @@ class Session:
             raise InvalidArgument(f"deadline_ms must be positive, not {deadline_ms!r}")
         started = time.perf_counter()
         slots = self._slots
-        await slots.acquire()
+        if not slots.try_take():
+            await slots.wait()
         try:
             numbered = protocol.call(fn, args)  # a refusal takes no number
         except BaseException:
-            slots.release()
+            slots.give()
             raise
         seq = numbered.seq
         loop = asyncio.get_running_loop()
@@ -285,14 +288,15 @@ class Session:
                         and self._in_stream and not self._reading
                         and self._leader is None and self._stashed is None):
                     await self._lead(ws, seq, future)
-            result = await future
+            # Led, the answer is here: no trip through the future's `__await__`.
+            result = future.result() if future.done() else await future
         except _Expired:
             raise protocol.deadline_passed(seq, deadline_s * 1000) from None
         finally:
             self._deadlines_s.pop(seq, None)
             del self._waiting[seq]
             protocol.caller_gone(seq)
-            slots.release()
+            slots.give()
         self._record((time.perf_counter() - started) * 1000)
         return result
 
@@ -308,9 +312,20 @@ class Session:
         self._leader, self._leader_seq = task, seq
         try:
             while not future.done():
-                await self._receive_into(ws)
+                # `_receive_into`, inlined: one coroutine frame less per call.
+                try:
+                    msg = await ws.receive()
+                except _STREAM_ERRORS as exc:
+                    log.info("VM %s: stream to %s broke (%r); reconnecting", self.vm_id,
+                             protocol.location.node, exc)
+                    protocol.stream_closed()
+                else:
+                    if msg.type is _BINARY:
+                        protocol.receive_data(msg.data)
+                    elif msg.type in _STREAM_ENDS:
+                        protocol.stream_closed()
                 ev = protocol.next_event()
-                while isinstance(ev, Answer | CallFailed):
+                while isinstance(ev, _DELIVERED):
                     answered = waiting.get(ev.seq)
                     if answered is not None and not answered.done():
                         if isinstance(ev, Answer):
@@ -331,7 +346,18 @@ class Session:
             self._leader_expired = False
             park = self._park
             if park is not None and not park.done():
-                park.set_result(None)
+                if self._stashed is not None:
+                    park.set_result(None)
+                else:
+                    # Back-to-back calls lead one after another: the connection task
+                    # is woken only if no call leads by the loop's next turn (each
+                    # wake-up of it that finds a new leader is a task step wasted).
+                    asyncio.get_running_loop().call_soon(self._unpark_unled, park)
+
+    def _unpark_unled(self, park: asyncio.Future[None]) -> None:
+        """Nobody leads: the connection task reads the stream again."""
+        if self._leader is None and not park.done():
+            park.set_result(None)
 
     def _arm(self, loop: asyncio.AbstractEventLoop, at_s: float) -> None:
         if self._timer is not None:
@@ -414,7 +440,7 @@ class Session:
                     if self._retired is not None:
                         await self._reap_standby_watcher()
                     ev = await self._stream()
-                if isinstance(ev, Answer | CallFailed):
+                if isinstance(ev, _DELIVERED):
                     self._deliver(ev)
                 elif isinstance(ev, Send):
                     await self._send(ev.data)

@@ -144,6 +144,7 @@ class SessionProtocol:
     def __init__(self, vm_id: str, location: Location, *, seq: int = 0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.vm_id = vm_id
+        self._packer = msgpack.Packer()  # reused: `msgpack.packb` makes one per call
         self.location = location
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self._clock = clock
@@ -240,7 +241,7 @@ class SessionProtocol:
         self._next_seq = seq + 1
         body["id"] = body["seq"] = seq
         body["ack"] = self._acked
-        message: bytes = msgpack.packb(body)
+        message: bytes = self._packer.pack(body)
         self._pending[seq] = _Pending(seq, fn, message)
         self._in_flight += 1
         if self._phase is Phase.STREAMING:
@@ -463,17 +464,30 @@ class SessionProtocol:
             return  # not a frame of the protocol: nothing in it to act on
         if not isinstance(reply, dict):
             return
+        seq = reply.get("id")
+        if type(seq) is int and "error" not in reply:
+            # The common frame, first: an answer (notices carry no number).
+            pending = self._pending.pop(seq, None)
+            if pending is None:
+                return  # a replayed call's answer, or a duplicate: already delivered
+            self._answered(pending)
+            if pending.waiting:
+                self._in_flight -= 1
+                self._events.append(Answer(seq, reply.get("data", reply.get("result"))))
+            durable = reply.get("durable")
+            if type(durable) is int:
+                self._journal_trim(durable)
+            return
         moved = reply.get("moved")
         if isinstance(moved, dict):
             if self._phase in (Phase.RESENDING, Phase.STREAMING):
                 self._leave_stream(stable=True, moved=True)
                 self._follow(moved)
             return
-        if "moving" in reply and reply.get("id") is None:
+        if "moving" in reply and seq is None:
             if self._phase in (Phase.RESENDING, Phase.STREAMING):
                 self._moving(reply["moving"])
             return
-        seq = reply.get("id")
         if type(seq) is not int:
             return
         pending = self._pending.pop(seq, None)
@@ -658,11 +672,12 @@ class SessionProtocol:
             self._journal_bytes -= len(old)
 
     def _journal_trim(self, durable_seq: int) -> None:
-        while self._journal:
-            seq = next(iter(self._journal))
+        journal = self._journal
+        while journal:
+            seq = next(iter(journal))
             if seq > durable_seq:
                 break
-            self._journal_bytes -= len(self._journal.pop(seq))
+            self._journal_bytes -= len(journal.pop(seq))
 
     def _give_up(self, error: CloudletError) -> None:
         self._end(error, Phase.LOST)

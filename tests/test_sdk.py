@@ -8,7 +8,6 @@ import os
 import random
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from tests.chaos_proxy import ChaosProxy
 from tests.conftest import ROOT, WORKLOADS
 from tests.daemons import Daemon, make_daemon
 from tests.mqtt_brokers import address
+from tests.waiting import live_threads
 
 # Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -388,7 +388,7 @@ def test_importing_the_sdk_pulls_in_neither_numpy_nor_wasmtime() -> None:
 
 
 def test_closing_leaves_no_task_socket_or_thread(daemon: Daemon) -> None:
-    threads_before = threading.active_count()
+    threads_before = live_threads()
 
     async def run() -> None:
         async with CloudletClient(daemon.token("ivy"), endpoints=[daemon.endpoint]) as client:
@@ -404,7 +404,7 @@ def test_closing_leaves_no_task_socket_or_thread(daemon: Daemon) -> None:
             assert s.call("kv_put", 5, 6) == 1
             assert s.call("kv_get", 5) == 6
         assert client.offload(KVSTORE, "kv_count").value == 0
-    assert threading.active_count() == threads_before
+    assert live_threads() == threads_before
     status, body = daemon.request("GET", "/v1/vms", token=daemon.token("ivy"))
     assert status == 200 and body["vms"] == []  # the offload VM was destroyed on close
 

@@ -24,7 +24,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, make_daemon
 from tests.tcp_proxy import LoopbackProxy, reset, until_either_ends
 from tests.waiting import async_wait_until as wait_until
+from tests.waiting import live_threads
 
 # Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -502,7 +502,7 @@ def test_session_rides_out_sigterm_restarts(cluster: Callable[..., Daemon]) -> N
     token = d.token("rita")
     rng = random.Random(23)
     rec = Recorder()
-    threads_before = threading.active_count()
+    threads_before = live_threads()
 
     async def run() -> None:
         async with CloudletClient(token, endpoints=[d.endpoint]) as client:
@@ -534,7 +534,7 @@ def test_session_rides_out_sigterm_restarts(cluster: Callable[..., Daemon]) -> N
         assert no_tasks_left() == []
 
     asyncio.run(run())
-    assert threading.active_count() == threads_before
+    assert live_threads() == threads_before
     assert_healthy(d)
 
 
@@ -1024,7 +1024,7 @@ def test_session_closed_right_after_a_move_leaves_no_vm(cluster: Callable[..., D
 def test_blocking_client_used_after_close(cluster: Callable[..., Daemon]) -> None:
     d = cluster("blocking")
     token = d.token("cal")
-    threads_before = threading.active_count()
+    threads_before = live_threads()
     client = BlockingClient(token, endpoints=[d.endpoint])
     with client.session(KVSTORE) as s:
         assert s.call("kv_put", 1, 2) == 1
@@ -1039,13 +1039,13 @@ def test_blocking_client_used_after_close(cluster: Callable[..., Daemon]) -> Non
         pass
     with pytest.raises(CloudletError):
         kept.call("kv_get", 1)
-    assert threading.active_count() == threads_before
+    assert live_threads() == threads_before
     assert vms_of(d, token) == []
     assert_healthy(d)
 
 
 def test_blocking_client_with_bad_options_leaks_no_thread() -> None:
-    threads_before = threading.active_count()
+    threads_before = live_threads()
     failures = []
     token = ClientTokens(b"s" * 32, SigningKey.generate().public_bytes).issue("t", 60)
     for options in ({}, {"endpoints": ["ftp://nowhere"]},
@@ -1054,7 +1054,7 @@ def test_blocking_client_with_bad_options_leaks_no_thread() -> None:
             BlockingClient(token, **options)
         failures.append(failed)
     assert len(failures) == 3
-    leaked = threading.active_count() - threads_before
+    leaked = live_threads() - threads_before
     assert leaked == 0, f"{leaked} loop threads left running"
 
 

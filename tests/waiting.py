@@ -9,6 +9,7 @@ hang, so it is generous and says, when it expires, which condition never held.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 
@@ -50,3 +51,10 @@ def _never(predicate: Callable[[], bool], timeout_s: float, what: str) -> str:
     code = getattr(predicate, "__code__", None)
     where = f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
     return f"not within {timeout_s} s: {getattr(predicate, '__qualname__', predicate)!r}{where}"
+
+
+def live_threads() -> int:
+    """Threads alive now, less the wasm engine's epoch ticker: started by the first
+    VM a process makes and kept for its life, it is no session's leak (a test run
+    alone starts it itself)."""
+    return sum(1 for t in threading.enumerate() if t.name != "cloudlet-epoch")
