@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 # for the capture). Larger VMs are captured on a checkpoint thread.
 INLINE_CAPTURE_MAX_BYTES = 2 << 20
 SUFFIX = ".snap"
+RETIRED = ".retired"  # a checkpoint set aside for deletion: its VM left (`retire`)
 
 
 class Checkpoints:
@@ -66,6 +68,19 @@ class Checkpoints:
 
     def path(self, vm_id: str) -> Path:
         return self.vm_dir / f"{vm_id}{SUFFIX}"
+
+    def retire(self, vm_id: str) -> Path | None:
+        """Rename the checkpoint of a VM that left aside, for its deletion later
+        (`VMHost.free_moved`): if the VM comes back first, the checkpoint it then
+        writes is not the file deleted. A rename, not synced: on the event loop.
+        A restart removes what was left aside (the tombstone says the VM left)."""
+        path = self.path(vm_id)
+        aside = path.with_name(path.name + RETIRED)
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return None
+        return aside
 
     async def first(self, hosted: HostedVM) -> None:
         """A new VM's checkpoint, before anyone hears of it. A write the disk refused
@@ -175,6 +190,8 @@ class Checkpoints:
         # lock (edge_agent.statelock) says no other process is writing here.
         for tmp in self.vm_dir.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+        for aside in self.vm_dir.glob(f"*{SUFFIX}{RETIRED}"):  # of VMs that left
+            aside.unlink(missing_ok=True)
         boots = self._workers().boots
         for path in sorted(self.vm_dir.glob(f"*{SUFFIX}")):
             where = tombstones.get(path.stem)

@@ -148,10 +148,8 @@ class Outgoing:
         self.paused = False
         self.last_call_unix = 0.0
         # The tombstone's record, written (and fsynced) while pre-copy runs: only one
-        # byte's overwrite is left for the commit point (`Tombstones.decide`), and
-        # the rename to the tombstone's own name comes after it (`settle`).
+        # byte's overwrite is left for the commit point (`Tombstones.decide`).
         self._prepared: asyncio.Task[Path] | None = None
-        self._decided: Path | None = None
 
     @contextlib.asynccontextmanager
     async def access(self) -> AsyncIterator[None]:
@@ -197,7 +195,6 @@ class Outgoing:
                 # where a worker thread's hop costs more than the write.
                 self.host.tombstones.decide(prepared, self.hosted.id, self.where,
                                             self.migration_id)
-                self._decided = prepared
         except BaseException:
             # No decision on disk (a full disk, say): it did not commit, and a
             # destination asking in doubt must hear so rather than wait forever.
@@ -211,19 +208,6 @@ class Outgoing:
         # Commit goes out, not after it: their resends reach the destination with it,
         # and wait there, on the streams it holds, for the VM to land.
         self.on_decided()
-
-    async def settle(self) -> None:
-        """The decided record becomes a tombstone under its own name, off the
-        downtime's path. Failing is logged, not fatal: the decided record is the
-        tombstone until then, and a restart settles it."""
-        prepared, self._decided = self._decided, None
-        if prepared is None:
-            return
-        try:
-            await asyncio.to_thread(self.host.tombstones.settle, prepared, self.hosted.id)
-        except (OSError, ValueError) as exc:
-            log.error("tombstone of VM %s stays a decided record for now: %r",
-                      self.hosted.id, exc)
 
     def annex(self) -> dict[str, Any]:
         return {ANNEX_KEY: self.hosted.replies.to_wire(), LAST_CALL_KEY: self.last_call_unix,
@@ -291,12 +275,12 @@ class LiveMigrations:
             self.on_moving(hosted.id, where)
 
         committed = False
-        hooks.prepare()
         try:
             # Checkpoints and downloads take full snapshots, which would move the base
             # the next round is diffed against: they wait for the migration.
             async with hosted.persist_lock:
                 self.host.check_alive(hosted)
+                hooks.prepare()  # only now: a second move asked meanwhile waits above
                 try:
                     stats = await run_source(
                         hosted.vm, AnnouncingChannel(ws, announce), hooks=hooks,
@@ -310,15 +294,16 @@ class LiveMigrations:
                 if stats.outcome == "committed":
                     committed = True
                     try:
-                        self.host.let_go(hosted, where)
+                        retired = self.host.let_go(hosted, where)
                     finally:
                         hooks.release()  # waiting calls now learn where it went
                     # The client's switch and the destination's first calls (a few ms)
-                    # come first: settling the tombstone and unmapping a large memory
-                    # keep a core busy, which a small host has few of.
+                    # come first: unmapping a large memory and deleting its checkpoint
+                    # keep a core busy, which a small host has few of. (The checkpoint
+                    # was renamed aside by `let_go`: if the VM comes back meanwhile,
+                    # its new checkpoint is not the file deleted here.)
                     await asyncio.sleep(AFTER_MOVE_CLEANUP_S)
-                    await hooks.settle()
-                    await self.host.free_moved(hosted)
+                    await self.host.free_moved(hosted, retired)
                 return stats
         finally:
             self._outgoing.pop(migration_id, None)
@@ -578,10 +563,15 @@ class Incoming:
 
 
 def _zero_fill(path: Path, size: int) -> None:
-    with path.open("wb") as f:
-        f.write(bytes(size))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with path.open("wb") as f:
+            f.write(bytes(size))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:
+            raise storage_full(exc, f"cannot write {path.name}") from exc
+        raise
 
 
 def _write_over(path: Path, segments: list[bytes | memoryview]) -> None:

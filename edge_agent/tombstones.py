@@ -7,15 +7,16 @@ and so that a restart never brings a VM back to life here once it lives
 elsewhere. Writing a live migration's tombstone is that migration's commit
 point (docs/migration.md), hence written atomically (write, fsync, rename).
 
-A live migration splits that in three, so that its commit point costs one
-block's overwrite. `prepare` writes the record (`ID.moved.prepared`, its
-first byte `?`: undecided) and makes it durable, file and directory, while the
-destination applies the final round. `decide` is the commit point itself: the
-first byte becomes `!` in place, then `fdatasync` (an overwrite of a block the
-file already has: no metadata to journal, ~0.15 ms here, against ~0.5 ms for a
-rename and its directory's fsync). `settle` renames the decided record to the
-tombstone's own name later, off the downtime's path. A restart reads a decided
-record as the tombstone it is (and settles it), and drops an undecided one.
+A live migration splits that in two, so that its commit point costs one
+block's overwrite. `prepare`, as pre-copy starts, writes the migration's record
+(`ID.moved.MIGRATION.prepared`, its first byte `?`: undecided) and makes it
+durable, file and directory. `decide` is the commit point itself: the first
+byte becomes `!` in place, then `fdatasync` (an overwrite of a block the file
+already has: no metadata to journal, ~0.15 ms here, against ~0.5 ms for a rename
+and its directory's fsync). The decided record is the VM's tombstone from then
+on; a restart reads it as one and renames it to `ID.moved` (`load`), and drops an
+undecided one (its migration stopped before its commit point). A record is named
+by its migration, so two moves of one VM asked at once never share one.
 
 Synchronous on purpose: a tombstone is a few hundred bytes, and the commit must
 be durable before the destination is told; the host decides which thread runs
@@ -24,11 +25,13 @@ each write.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from cloudlet.fsutil import STORAGE_ERRNOS, atomic_write, storage_full
 from cloudlet.protocol import Location
@@ -60,25 +63,36 @@ class Tombstones:
 
     def load(self) -> None:
         """Read every tombstone on disk; an unreadable one is logged and skipped. A
-        decided record is settled into a tombstone; an undecided one is dropped (its
-        migration stopped before its commit point)."""
-        for path in self.vm_dir.glob(f"*{SUFFIX}{PREPARED}"):
-            try:
-                decided = path.read_bytes()[:1] == DECIDED
-                if decided:
-                    self.settle(path, path.name.removesuffix(f"{SUFFIX}{PREPARED}"))
-                else:
-                    path.unlink(missing_ok=True)
-            except OSError as exc:
-                log.error("cannot settle prepared tombstone %s: %r", path.name, exc)
+        decided record is a tombstone, renamed to the tombstone's own name if that
+        can be done now (if not, it stays the tombstone on disk); an undecided one
+        is dropped (its migration stopped before its commit point)."""
         for path in self.vm_dir.glob(f"*{SUFFIX}"):
             try:
-                wire = json.loads(path.read_bytes())
-                self.where[path.stem] = Location(str(wire["node"]), str(wire["endpoint"]))
-                if isinstance(wire.get("migration"), str):
-                    self._moved_by[wire["migration"]] = path.stem
+                self._register(path.stem, json.loads(path.read_bytes()))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("ignoring unreadable tombstone %s: %r", path.name, exc)
+        for path in self.vm_dir.glob(f"*{SUFFIX}*{PREPARED}"):
+            vm_id = path.name.split(".", 1)[0]
+            try:
+                body = path.read_bytes()
+                if body[:1] != DECIDED:
+                    path.unlink(missing_ok=True)
+                    continue
+                self._register(vm_id, json.loads(body[1:]))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("ignoring unreadable tombstone record %s: %r", path.name, exc)
+                continue
+            try:
+                atomic_write(self.path(vm_id), body[1:])
+                path.unlink()
+                _sync_dir(self.vm_dir)  # a crash must not bring the record back
+            except OSError as exc:  # it stays the tombstone under its record's name
+                log.error("cannot rename tombstone record %s: %r", path.name, exc)
+
+    def _register(self, vm_id: str, wire: Any) -> None:
+        self.where[vm_id] = Location(str(wire["node"]), str(wire["endpoint"]))
+        if isinstance(wire.get("migration"), str):
+            self._moved_by[wire["migration"]] = vm_id
 
     def write(self, vm_id: str, where: Location, migration_id: str | None) -> None:
         """Durably record that `vm_id` lives at `where` now."""
@@ -89,9 +103,9 @@ class Tombstones:
             self._moved_by[migration_id] = vm_id
 
     def prepare(self, vm_id: str, where: Location, migration_id: str) -> Path:
-        """The record, written and made durable ahead of the decision, under a name
-        and a first byte no restart reads as a tombstone."""
-        path = self.vm_dir / f"{vm_id}{SUFFIX}{PREPARED}"
+        """Migration `migration_id`'s record, written and made durable ahead of the
+        decision, under a name and a first byte no restart reads as a tombstone."""
+        path = self.vm_dir / f"{vm_id}{SUFFIX}.{migration_id}{PREPARED}"
         record = json.dumps({**where.to_wire(), "migration": migration_id}).encode()
         atomic_write(path, [UNDECIDED, record])
         return path
@@ -99,7 +113,9 @@ class Tombstones:
     def decide(self, prepared: Path, vm_id: str, where: Location, migration_id: str) -> None:
         """The commit point: the prepared record's first byte says decided, durably
         (overwritten in place, then `fdatasync`). Cheap enough for the event loop's
-        thread, where a worker thread's hop would cost more than the write."""
+        thread, where a worker thread's hop would cost more than the write. If it
+        fails, the record goes: a byte written but not synced must not decide at a
+        restart a migration that was refused (the VM serves on here)."""
         try:
             fd = os.open(prepared, os.O_WRONLY)
             try:
@@ -109,22 +125,13 @@ class Tombstones:
             finally:
                 os.close(fd)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                prepared.unlink()
             if exc.errno in STORAGE_ERRNOS:
                 raise storage_full(exc, f"cannot write {self.path(vm_id).name}") from exc
             raise
         self.where[vm_id] = where
         self._moved_by[migration_id] = vm_id
-
-    def settle(self, prepared: Path, vm_id: str) -> None:
-        """A decided record becomes `vm_id`'s tombstone under its own name (a rename,
-        made durable by its directory's fsync). Until then, and if a crash comes
-        first, the decided record is the tombstone (`load` reads it as one)."""
-        body = prepared.read_bytes()
-        if body[:1] != DECIDED:
-            raise ValueError(f"{prepared.name} is not decided")
-        atomic_write(self.path(vm_id), body[1:])
-        prepared.unlink(missing_ok=True)
-        _sync_dir(self.vm_dir)  # a crash must not bring the decided record back
 
     def pop(self, vm_id: str) -> Location | None:
         """Forget `vm_id`'s tombstone in memory (its file is `path`, for the caller
@@ -132,9 +139,10 @@ class Tombstones:
         return self.where.pop(vm_id, None)
 
     def remove_files(self, vm_id: str) -> None:
-        """Remove `vm_id`'s tombstone files, under either name (it came back)."""
+        """Remove `vm_id`'s tombstone and its migrations' records (it came back)."""
         self.path(vm_id).unlink(missing_ok=True)
-        (self.vm_dir / f"{vm_id}{SUFFIX}{PREPARED}").unlink(missing_ok=True)
+        for record in self.vm_dir.glob(f"{vm_id}{SUFFIX}.*{PREPARED}"):
+            record.unlink(missing_ok=True)
 
     def forget(self, vm_id: str) -> None:
         """Remove `vm_id`'s tombstone, in memory and on disk (a move that did not

@@ -523,23 +523,31 @@ class VMHost:
     async def hand_over(self, hosted: HostedVM, where: Location) -> None:
         """The destination committed: forget the VM here, durably, and leave a
         tombstone. Call while `paused`: no call can slip in after the last snapshot."""
-        self.let_go(hosted, where)
-        await self.free_moved(hosted)
+        await self.free_moved(hosted, self.let_go(hosted, where))
 
-    def let_go(self, hosted: HostedVM, where: Location) -> None:
+    def let_go(self, hosted: HostedVM, where: Location) -> Path | None:
         """`hand_over`'s first half: the VM is no longer hosted here (its tombstone
-        written if it is not yet), and its clients are told where it went."""
+        written if it is not yet), its clients are told where it went, and its
+        checkpoint is set aside (returned, for `free_moved`)."""
         if self.tombstones.get(hosted.id) != where:
             self.tombstones.write(hosted.id, where, None)
         self.vms.pop(hosted.id, None)
         self._share_reply_room(hosted.owner)
         self.on_change(hosted.id, None)
         self.on_moved(hosted.id, where)
+        return self.checkpoints.retire(hosted.id)
 
-    async def free_moved(self, hosted: HostedVM) -> None:
-        """`hand_over`'s second half: free the VM's memory and drop its checkpoint
-        (on a checkpoint thread: unmapping a large memory takes milliseconds)."""
-        await self._forget(hosted)
+    async def free_moved(self, hosted: HostedVM, retired: Path | None) -> None:
+        """`hand_over`'s second half: free the VM's memory and delete its checkpoint
+        set aside by `let_go`, on a checkpoint thread (unmapping a large memory
+        takes milliseconds)."""
+
+        def free() -> None:
+            hosted.vm.close()
+            if retired is not None:
+                retired.unlink(missing_ok=True)
+
+        await self.workers.checkpoints.run(Workers.NODE, free)
 
     async def adopt_snapshot(self, who: Principal, source: Path, max_bytes: int,
                              owner: str | None = None) -> HostedVM:

@@ -1,18 +1,22 @@
 """Tombstones on disk: a live migration's record written ahead, decided in place,
-settled under its own name, and what a restart makes of each stage."""
+and what a restart makes of each stage; the final round's file at the destination."""
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
 
 from cloudlet.protocol import Location
 from cloudlet.vm import VM, Image
+from edge_agent import tombstones
 from edge_agent.live_migration import FINAL_ROUND, _write_over, _zero_fill, read_final
-from edge_agent.tombstones import DECIDED, SUFFIX, UNDECIDED, Tombstones
+from edge_agent.tombstones import DECIDED, PREPARED, SUFFIX, UNDECIDED, Tombstones
 
 WEST = Location("west", "http://127.0.0.1:1")
+EAST = Location("east", "http://127.0.0.1:2")
 
 
 def restarted(vm_dir: Path) -> Tombstones:
@@ -25,50 +29,83 @@ def test_an_undecided_record_is_no_tombstone_and_a_restart_drops_it(tmp_path: Pa
     stones = Tombstones(tmp_path)
     prepared = stones.prepare("vm1", WEST, "m1")
     assert prepared.read_bytes()[:1] == UNDECIDED
+    assert prepared.name == f"vm1{SUFFIX}.m1{PREPARED}"  # named by its migration
     assert "vm1" not in stones
     again = restarted(tmp_path)
     assert "vm1" not in again and not again.moved_by_migration("m1")
     assert not prepared.exists()
 
 
-def test_a_decided_record_is_the_tombstone_before_and_after_it_settles(tmp_path: Path) -> None:
+def test_a_decided_record_is_the_tombstone_and_a_restart_renames_it(tmp_path: Path) -> None:
     stones = Tombstones(tmp_path)
     prepared = stones.prepare("vm1", WEST, "m1")
     size = prepared.stat().st_size
     stones.decide(prepared, "vm1", WEST, "m1")
     assert prepared.read_bytes()[:1] == DECIDED and prepared.stat().st_size == size
     assert stones.get("vm1") == WEST and stones.moved_by_migration("m1")
-    # A crash before it settles: the restart reads the decided record as a tombstone,
-    # and settles it itself.
-    again = restarted(tmp_path)
+    again = restarted(tmp_path)  # a kill -9 after the decision
     assert again.get("vm1") == WEST and again.moved_by_migration("m1")
-    assert again.path("vm1").exists() and not prepared.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"vm1{SUFFIX}"]
+    assert restarted(tmp_path).moved_by_migration("m1")  # and again, from its own name
 
 
-def test_settling_renames_and_a_return_removes_both_names(tmp_path: Path) -> None:
+def test_a_decided_record_stays_the_tombstone_when_the_restart_cannot_rename_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stones = Tombstones(tmp_path)
     prepared = stones.prepare("vm1", WEST, "m1")
     stones.decide(prepared, "vm1", WEST, "m1")
-    stones.settle(prepared, "vm1")
-    assert not prepared.exists()
-    assert restarted(tmp_path).get("vm1") == WEST
-    with pytest.raises(FileNotFoundError):  # settled once: nothing left to settle
-        stones.settle(prepared, "vm1")
-    # The VM leaves again (decided, not settled yet), then comes back: no name is left.
-    prepared = stones.prepare("vm1", WEST, "m2")
-    stones.decide(prepared, "vm1", WEST, "m2")
-    stones.remove_files("vm1")
-    assert list(tmp_path.iterdir()) == []
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tombstones, "atomic_write", full)
+    again = restarted(tmp_path)
+    assert again.get("vm1") == WEST and again.moved_by_migration("m1")
+    assert prepared.exists()  # still the tombstone on disk, for the next restart
+    monkeypatch.undo()
+    assert restarted(tmp_path).moved_by_migration("m1")
+
+
+def test_two_migrations_of_one_vm_never_share_a_record(tmp_path: Path) -> None:
+    stones = Tombstones(tmp_path)
+    first = stones.prepare("vm1", WEST, "m1")
+    second = stones.prepare("vm1", EAST, "m2")  # a second move asked meanwhile
+    assert first != second
+    stones.decide(first, "vm1", WEST, "m1")
+    second.unlink()  # the second one never ran: its record goes
+    again = restarted(tmp_path)
+    assert again.get("vm1") == WEST and again.moved_by_migration("m1")
+    assert not again.moved_by_migration("m2")
+
+
+def test_a_failed_decision_leaves_no_record_behind(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    stones = Tombstones(tmp_path)
+    prepared = stones.prepare("vm1", WEST, "m1")
+
+    def failing(_: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        stones.decide(prepared, "vm1", WEST, "m1")
+    monkeypatch.undo()
+    # The byte may have reached the page cache; the record is gone instead, so a
+    # restart cannot read the refused migration as decided.
+    assert not prepared.exists() and "vm1" not in stones
     assert "vm1" not in restarted(tmp_path)
 
 
-def test_settling_refuses_an_undecided_record(tmp_path: Path) -> None:
+def test_a_return_removes_the_tombstone_and_every_record(tmp_path: Path) -> None:
     stones = Tombstones(tmp_path)
-    prepared = stones.prepare("vm1", WEST, "m1")
-    with pytest.raises(ValueError, match="not decided"):
-        stones.settle(prepared, "vm1")
-    assert not stones.path("vm1").exists()
+    stones.write("vm1", WEST, None)
+    prepared = stones.prepare("vm1", WEST, "m2")
+    stones.decide(prepared, "vm1", WEST, "m2")
+    stones.prepare("vm1", EAST, "m3")
+    stones.prepare("vm10", EAST, "m4")  # another VM whose id starts the same
+    stones.remove_files("vm1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"vm10{SUFFIX}.m4{PREPARED}"]
+    assert "vm1" not in restarted(tmp_path)
 
 
 def test_a_final_round_written_over_its_zero_filled_file(workload: dict[str, Image],

@@ -1,0 +1,146 @@
+"""Live migration against moves that race it, between real daemons killed with -9.
+
+Two cases the pause's fast commit must not break: a VM that comes back to its
+source while the source is still cleaning up after it left (its new checkpoint
+must survive the cleanup), and two moves of one VM asked at once (the tombstone
+on disk must name the migration that committed, or a restart answers a
+destination in doubt "not committed" and the VM is on neither daemon).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import WORKLOADS
+from tests.daemons import Daemon, daemon_pair, http_request
+from tests.test_migration_faults import KVSTORE, homes
+
+pytestmark = pytest.mark.slow  # starts daemons
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
+    yield from daemon_pair(tmp_path, checkpoint_interval_s=30.0, migration_deadline_s=10.0)
+
+
+def kill_and_restart(d: Daemon) -> None:
+    assert d.proc is not None
+    os.kill(d.proc.pid, signal.SIGKILL)
+    d.proc.wait(10)
+    d.kill()
+    d.start()
+
+
+def upload(d: Daemon, token: str, wasm: Path) -> str:
+    status, body = d.request("POST", "/v1/images", raw=wasm.read_bytes(), token=token)
+    assert status == 201, body
+    digest: str = body["digest"]
+    return digest
+
+
+def test_a_vm_handed_back_at_once_keeps_its_new_checkpoint(
+        pair: tuple[Daemon, Daemon]) -> None:
+    """Moved live east -> west, then at once handed back west -> east (stop-and-copy,
+    ~10 ms): east's cleanup of the first move, 50 ms after its commit, must not
+    delete the checkpoint the returned VM wrote; a kill -9 of east then loses
+    nothing."""
+    east, west = pair
+    token = east.token("pat")
+    status, created = east.request("POST", "/v1/vms", {"image": upload(east, token, KVSTORE)},
+                                   token=token)
+    assert status == 201, created
+    vm_id = created["vm"]
+    for k in range(5):
+        status, _ = east.request("POST", f"/v1/vms/{vm_id}/call",
+                                 {"fn": "kv_put", "args": [k, k * 7]}, token=token)
+        assert status == 200
+    first: dict[str, Any] = {}
+
+    def move_away() -> None:
+        first["answer"] = east.request("POST", f"/v1/vms/{vm_id}/migrate",
+                                       {"endpoint": west.endpoint},
+                                       token=east.operator_token(), timeout_s=30)
+
+    mover = threading.Thread(target=move_away)
+    mover.start()
+    deadline = time.monotonic() + 20
+    while west.request("GET", f"/v1/vms/{vm_id}", token=token, timeout_s=5)[0] != 200:
+        assert time.monotonic() < deadline, "the VM never landed on west"
+        time.sleep(0.001)
+    back = west.request("POST", f"/v1/vms/{vm_id}/migrate",
+                        {"endpoint": east.endpoint, "mode": "stop_and_copy"},
+                        token=west.operator_token(), timeout_s=30)
+    mover.join()
+    assert first["answer"][0] == 200, first
+    assert back[0] == 200, back
+    time.sleep(0.3)  # well past the first move's cleanup
+    assert (east.state_dir / "vms" / f"{vm_id}.snap").exists()
+    kill_and_restart(east)
+    assert homes({"east": east, "west": west}, token, vm_id) == ["east"]
+    status, answer = east.request("POST", f"/v1/vms/{vm_id}/call",
+                                  {"fn": "kv_get", "args": [4]}, token=token)
+    assert status == 200 and answer["result"] == 28, answer
+
+
+def test_two_moves_asked_at_once_leave_the_committed_ones_tombstone(
+        pair: tuple[Daemon, Daemon]) -> None:
+    """Two moves of one VM asked 5 ms apart: the second waits for the first (or is
+    refused); the tombstone on disk names the migration that committed, before
+    and after a kill -9 of the source."""
+    east, west = pair
+    token = east.token("pat")
+    status, created = east.request("POST", "/v1/vms", {
+        "image": upload(east, token, WORKLOADS / "memhog.wasm"),
+        "limits": {"memory_bytes": 256 << 20}}, token=token)
+    assert status == 201, created
+    vm_id = created["vm"]
+    # Much memory written: the first move's starting checkpoint takes a while.
+    for fn, args in (("hog_grow", [96]), ("hog_dirty", [96 * 256, 3])):
+        status, out = east.request("POST", f"/v1/vms/{vm_id}/call", {"fn": fn, "args": args},
+                                   token=token)
+        assert status == 200, out
+    answers: list[tuple[int, Any]] = []
+    operator = east.operator_token()
+
+    def move() -> None:
+        answers.append(east.request("POST", f"/v1/vms/{vm_id}/migrate",
+                                    {"endpoint": west.endpoint}, token=operator, timeout_s=60))
+
+    movers = [threading.Thread(target=move) for _ in range(2)]
+    for t in movers:
+        t.start()
+        time.sleep(0.005)
+    for t in movers:
+        t.join()
+    committed = [body for status, body in answers if status == 200]
+    assert len(committed) == 1, answers
+    migration_id = committed[0]["migration_id"]
+    vms = east.state_dir / "vms"
+    peer = east.peer_token("west")
+
+    def tombstone_migration() -> str | None:
+        for path in vms.iterdir():
+            if path.name.startswith(vm_id) and ".moved" in path.name:
+                body = path.read_bytes()
+                record = json.loads(body[1:] if body[:1] in (b"!", b"?") else body)
+                if body[:1] != b"?":
+                    return str(record["migration"])
+        return None
+
+    assert tombstone_migration() == migration_id
+    assert http_request(east.endpoint, "GET", f"/v1/peer/migrations/{migration_id}",
+                        token=peer) == (200, {"committed": True})
+    kill_and_restart(east)
+    assert tombstone_migration() == migration_id
+    assert http_request(east.endpoint, "GET", f"/v1/peer/migrations/{migration_id}",
+                        token=peer) == (200, {"committed": True})
+    assert homes({"east": east, "west": west}, token, vm_id) == ["west"]
