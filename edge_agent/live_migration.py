@@ -299,11 +299,11 @@ class LiveMigrations:
                         hooks.release()  # waiting calls now learn where it went
                     # The client's switch and the destination's first calls (a few ms)
                     # come first: unmapping a large memory and deleting its checkpoint
-                    # keep a core busy, which a small host has few of. (The checkpoint
+                    # keep a core busy, which a small host has few of. In the
+                    # background, so the move's answer does not wait. (The checkpoint
                     # was renamed aside by `let_go`: if the VM comes back meanwhile,
                     # its new checkpoint is not the file deleted here.)
-                    await asyncio.sleep(AFTER_MOVE_CLEANUP_S)
-                    await self.host.free_moved(hosted, retired)
+                    self._spawn(self._free_later(hosted, retired))
                 return stats
         finally:
             self._outgoing.pop(migration_id, None)
@@ -311,6 +311,10 @@ class LiveMigrations:
                 self.on_moving(hosted.id, None)  # it stays: standby streams are dropped
             if not committed:
                 await hooks.discard_prepared()
+
+    async def _free_later(self, hosted: HostedVM, retired: Path | None) -> None:
+        await asyncio.sleep(AFTER_MOVE_CLEANUP_S)
+        await self.host.free_moved(hosted, retired)
 
     async def committed(self, migration_id: str) -> bool:
         """The source's answer to "did migration X commit?". Authoritative: a
@@ -518,12 +522,12 @@ class Incoming:
                 # the write below): the final round, inside the pause, then overwrites
                 # blocks the file has, and its fdatasync writes no metadata (~0.2 ms
                 # here, against ~0.4-1 ms for a file that grows).
-                _zero_fill(final_path, FINAL_ROUND_BYTES)
+                zero_fill(final_path, FINAL_ROUND_BYTES)
             atomic_write(folder / "meta.json", json.dumps({
                 "vm": event.vm_id, "node": self.source.node,
                 "endpoint": self.source.endpoint}).encode())
         if event.final and final_path.exists():
-            _write_over(final_path, event.snapshot.to_segments("none"))
+            write_over(final_path, event.snapshot.to_segments("none"))
             self.chunk_data.extend(m.data for m in event.snapshot.memories if m.data)
             return
         # The final round is on the downtime's path: written as it is. Earlier rounds
@@ -562,7 +566,7 @@ class Incoming:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _zero_fill(path: Path, size: int) -> None:
+def zero_fill(path: Path, size: int) -> None:
     try:
         with path.open("wb") as f:
             f.write(bytes(size))
@@ -574,7 +578,7 @@ def _zero_fill(path: Path, size: int) -> None:
         raise
 
 
-def _write_over(path: Path, segments: list[bytes | memoryview]) -> None:
+def write_over(path: Path, segments: list[bytes | memoryview]) -> None:
     """Write `segments` over the start of the zero-filled file `path`, durably. Not
     atomic, and need not be: it is read only if the source committed, which it
     does only after this returned (the destination says `ready` then); a restart
@@ -593,7 +597,7 @@ def _write_over(path: Path, segments: list[bytes | memoryview]) -> None:
 
 
 def read_final(path: Path) -> Snapshot | None:
-    """The final round written by `_write_over`, or None if it never came (the file
+    """The final round written by `write_over`, or None if it never came (the file
     is empty or still zero-filled at its start)."""
     data = path.read_bytes()
     length = encoded_length(data)

@@ -70,8 +70,12 @@ class MigrationProxy(LoopbackProxy):
                 writer.write(data)
                 await writer.drain()
                 if hit and trigger is not None and trigger.when == "after":
-                    await asyncio.sleep(0.01)  # let it reach the peer
-                    self._act(trigger)
+                    try:
+                        await asyncio.sleep(0.01)  # let it reach the peer
+                    finally:
+                        # Even if the connection ends meanwhile (the message was its
+                        # last: a source closes the channel right after `commit`).
+                        self._act(trigger)
                     if trigger.kind == "drop":
                         return
 

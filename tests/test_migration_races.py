@@ -23,6 +23,7 @@ import pytest
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, daemon_pair, http_request
 from tests.test_migration_faults import KVSTORE, homes
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # starts daemons
 
@@ -89,6 +90,26 @@ def test_a_vm_handed_back_at_once_keeps_its_new_checkpoint(
     status, answer = east.request("POST", f"/v1/vms/{vm_id}/call",
                                   {"fn": "kv_get", "args": [4]}, token=token)
     assert status == 200 and answer["result"] == 28, answer
+
+
+def test_a_moved_vms_checkpoint_is_deleted_after_the_move(pair: tuple[Daemon, Daemon]) -> None:
+    """The cleanup after a commit runs in the background: the move's answer does not
+    wait for it, and it leaves no checkpoint of the VM behind, under either name."""
+    east, west = pair
+    token = east.token("pat")
+    status, created = east.request("POST", "/v1/vms", {"image": upload(east, token, KVSTORE)},
+                                   token=token)
+    assert status == 201, created
+    vm_id = created["vm"]
+    vms = east.state_dir / "vms"
+    assert (vms / f"{vm_id}.snap").exists()
+    status, answer = east.request("POST", f"/v1/vms/{vm_id}/migrate",
+                                  {"endpoint": west.endpoint}, token=east.operator_token(),
+                                  timeout_s=30)
+    assert status == 200, answer
+    wait_until(lambda: not any(p.name.startswith(f"{vm_id}.snap") for p in vms.iterdir()), 5,
+               what="the moved VM's checkpoint deleted")
+    assert homes({"east": east, "west": west}, token, vm_id) == ["west"]
 
 
 def test_two_moves_asked_at_once_leave_the_committed_ones_tombstone(

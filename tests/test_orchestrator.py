@@ -301,6 +301,9 @@ def test_a_client_that_moves_gets_its_vm_moved_and_its_session_follows(
 
     with orchestrator(cluster, "west", "follow") as o:
         calls, seq, orders, node, sitter_at = asyncio.run(run())
+        # The session follows the move on the source's `moved` notice, which can come
+        # before the orchestrator hears the command's outcome: wait for that line.
+        wait_until(lambda: "moved VM" in o.text(), 15)
         log = o.text()
     assert orders == ["east"], log[-3000:]
     assert node == "east"

@@ -12,7 +12,7 @@ import pytest
 from cloudlet.protocol import Location
 from cloudlet.vm import VM, Image
 from edge_agent import tombstones
-from edge_agent.live_migration import FINAL_ROUND, _write_over, _zero_fill, read_final
+from edge_agent.live_migration import FINAL_ROUND, read_final, write_over, zero_fill
 from edge_agent.tombstones import DECIDED, PREPARED, SUFFIX, UNDECIDED, Tombstones
 
 WEST = Location("west", "http://127.0.0.1:1")
@@ -111,19 +111,19 @@ def test_a_return_removes_the_tombstone_and_every_record(tmp_path: Path) -> None
 def test_a_final_round_written_over_its_zero_filled_file(workload: dict[str, Image],
                                                          tmp_path: Path) -> None:
     path = tmp_path / FINAL_ROUND
-    _zero_fill(path, 1 << 20)
+    zero_fill(path, 1 << 20)
     assert read_final(path) is None  # made ahead: the final round never came
     vm = VM.create(workload["memhog"])
     vm.call("hog_grow", 2)
     vm.call("hog_fill", 0, 40, 7)
     snap = vm.snapshot()
-    _write_over(path, snap.to_segments("none"))
+    write_over(path, snap.to_segments("none"))
     assert path.stat().st_size == 1 << 20  # overwritten, not grown
     back = read_final(path)
     assert back is not None and back.to_bytes() == snap.to_bytes()
     # Larger than the file made for it: the file grows, and reads back the same.
-    _zero_fill(path, 4096)
-    _write_over(path, snap.to_segments("none"))
+    zero_fill(path, 4096)
+    write_over(path, snap.to_segments("none"))
     back = read_final(path)
     assert back is not None and back.to_bytes() == snap.to_bytes()
     # An empty file (made by an older daemon) is a final round that never came.
