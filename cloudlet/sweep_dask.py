@@ -30,6 +30,9 @@ from cloudlet.sim.sweep import Metrics, Run, run_unit
 # A cluster the user named may be busy or far: how long to wait for its scheduler.
 CONNECT_TIMEOUT_S = 30
 
+# The scheduler's HTTP server (health, metrics) on a free port, its dashboard off.
+NO_FIXED_HTTP_PORT = {"dashboard": False, "dashboard_address": ":0"}
+
 
 def default_workers() -> int:
     """One worker per core this process may use (each worker runs one run at a time,
@@ -76,12 +79,14 @@ def dask_engine(workers: int | None = None, scheduler: str | None = None
             yield DaskEngine(client)
         return
     n = default_workers() if workers is None else workers
-    # No dashboard (its port may be taken, and nobody looks at it in a batch run);
-    # one thread per worker: a run holds the GIL for its whole length.
-    # One worker per core, each run on one thread: the placer's per-row threads
-    # (placement/slices.py) would only contend with the other workers.
+    # No dashboard (nobody looks at it in a batch run), and the scheduler's own HTTP
+    # server on a free port (without one it takes 8787, which another cluster on
+    # the machine may hold); one thread per worker: a run holds the GIL for its
+    # whole length. One worker per core, each run on one thread: the placer's
+    # per-row threads (placement/slices.py) would only contend with the other workers.
     with (LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                        dashboard_address=None, silence_logs=logging.ERROR,
+                       scheduler_kwargs=NO_FIXED_HTTP_PORT,
                        env={"CLOUDLET_PLACER_THREADS": "1"}) as cluster,
           Client(cluster) as client):
         yield DaskEngine(client)

@@ -372,8 +372,11 @@ def cluster_address() -> Iterator[str]:
 
     from distributed import LocalCluster
 
+    from cloudlet.sweep_dask import NO_FIXED_HTTP_PORT
+
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None, silence_logs=logging.ERROR) as cluster:
+                      dashboard_address=None, silence_logs=logging.ERROR,
+                      scheduler_kwargs=NO_FIXED_HTTP_PORT) as cluster:
         yield str(cluster.scheduler_address)
 
 
