@@ -6,15 +6,17 @@ connects them to the daemon: a peer WebSocket as the channel, the VM's locks as
 the pause, the daemon's disk for what must survive a crash.
 
 Who decides: the source, when it receives the destination's `Ready`. Before it
-sends `Commit` it writes the tombstone (`STATE/vms/ID.moved`, with the
-migration id), so the decision is durable. The destination makes every round
-durable before it says `Ready` (`STATE/incoming/MIGRATION/NNN.snap`: the overlay,
-then deltas), so once the source decides, a crash of either side cannot lose the
-VM. A destination that lost the channel after `Ready`, or restarted with an
-incoming VM on disk, asks the source (`GET /v1/peer/migrations/ID`); the source
-answers from its tombstones, and for a migration still running that has not
-reached its decision it answers "no" and refuses to commit it later, so the two
-can never disagree. Never both, never neither.
+sends `Commit` it makes the tombstone durable: the migration's record, written
+as pre-copy started (`STATE/vms/ID.moved.MIGRATION.prepared`), is marked decided
+in place (edge_agent/tombstones.py). The destination makes every round durable
+before it says `Ready` (`STATE/incoming/MIGRATION/NNNN.snap`: the overlay, then
+deltas, the final round over a zero-filled `final.snap`), so once the source
+decides, a crash of either side cannot lose the VM. A destination that lost the
+channel after `Ready`, or restarted with an incoming VM on disk, asks the source
+(`GET /v1/peer/migrations/ID`); the source answers from its tombstones, and for
+a migration still running that has not reached its decision it answers "no" and
+refuses to commit it later, so the two can never disagree. Never both, never
+neither.
 
 Checkpoints and snapshot downloads of the VM wait while it migrates: each takes
 a full snapshot, which would move the base the next delta round is taken
