@@ -13,7 +13,7 @@ import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cloudlet.errors import StorageFull
@@ -30,12 +30,20 @@ def atomic_write(path: str | os.PathLike[str], data: Buffer | Sequence[Buffer]) 
     """`data` may be one buffer or several written back to back (no joined copy:
     a 256 MiB snapshot is written from the VM's own chunk bytes). Raises
     `StorageFull` (an `OSError` too) for the errors in `STORAGE_ERRNOS`."""
-    try:
+    with storage_errors(Path(path).name):
         _write_then_rename(Path(path), data)
+
+
+@contextlib.contextmanager
+def storage_errors(name: str) -> Iterator[None]:
+    """Within: an `OSError` in `STORAGE_ERRNOS` is raised as `StorageFull`, saying it
+    could not write `name` (a file's name, not its path: the message may reach a
+    client); any other error as it is."""
+    try:
+        yield
     except OSError as exc:
-        if exc.errno in STORAGE_ERRNOS:
-            # The file's name, not its path: this message may reach a client.
-            raise storage_full(exc, f"cannot write {Path(path).name}") from exc
+        if exc.errno in STORAGE_ERRNOS and not isinstance(exc, StorageFull):
+            raise storage_full(exc, f"cannot write {name}") from exc
         raise
 
 

@@ -40,7 +40,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from cloudlet.errors import (
     MigrationChannelLost,
     MigrationProtocolError,
 )
-from cloudlet.fsutil import STORAGE_ERRNOS, atomic_write, storage_full
+from cloudlet.fsutil import atomic_write, storage_errors
 from cloudlet.migration import (
     BecomeTombstone,
     ChunkStore,
@@ -175,7 +175,6 @@ class Outgoing:
         await self.hosted.lock.acquire()
         self.paused = True
         self.last_call_unix = time.time()
-        self.prepare()  # a no-op when pre-copy started it
 
     async def resume(self) -> None:
         if self.paused and self.state != "committed":
@@ -188,7 +187,7 @@ class Outgoing:
             raise MigrationAborted("the destination was told this migration did not commit")
         self.state = "committing"
         try:
-            if self._prepared is None:  # never paused (a driver without a pause)
+            if self._prepared is None:  # never prepared: written now, at the decision
                 await asyncio.to_thread(self.host.record_move, self.hosted.id, self.where,
                                         self.migration_id)
             else:
@@ -305,7 +304,7 @@ class LiveMigrations:
                     # background, so the move's answer does not wait. (The checkpoint
                     # was renamed aside by `let_go`: if the VM comes back meanwhile,
                     # its new checkpoint is not the file deleted here.)
-                    self._spawn(self._free_later(hosted, retired))
+                    self._spawn(self._clean_up_moved(hosted, retired))
                 return stats
         finally:
             self._outgoing.pop(migration_id, None)
@@ -314,7 +313,7 @@ class LiveMigrations:
             if not committed:
                 await hooks.discard_prepared()
 
-    async def _free_later(self, hosted: HostedVM, retired: Path | None) -> None:
+    async def _clean_up_moved(self, hosted: HostedVM, retired: Path | None) -> None:
         await asyncio.sleep(AFTER_MOVE_CLEANUP_S)
         await self.host.free_moved(hosted, retired)
 
@@ -569,15 +568,8 @@ class Incoming:
 
 
 def zero_fill(path: Path, size: int) -> None:
-    try:
-        with path.open("wb") as f:
-            f.write(bytes(size))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        if exc.errno in STORAGE_ERRNOS:
-            raise storage_full(exc, f"cannot write {path.name}") from exc
-        raise
+    """Make `path` `size` zero bytes long, durably (its name is the caller's to sync)."""
+    _write_synced(path, "wb", [bytes(size)], os.fsync)
 
 
 def write_over(path: Path, segments: list[bytes | memoryview]) -> None:
@@ -586,16 +578,16 @@ def write_over(path: Path, segments: list[bytes | memoryview]) -> None:
     does only after this returned (the destination says `ready` then); a restart
     before then finds no snapshot at its start (`read_final`). A final round larger
     than the file grows it (and its sync then writes metadata too)."""
-    try:
-        with path.open("r+b") as f:
-            for segment in segments:
-                f.write(segment)
-            f.flush()
-            os.fdatasync(f.fileno())
-    except OSError as exc:
-        if exc.errno in STORAGE_ERRNOS:
-            raise storage_full(exc, f"cannot write {path.name}") from exc
-        raise
+    _write_synced(path, "r+b", segments, os.fdatasync)
+
+
+def _write_synced(path: Path, mode: str, parts: Sequence[bytes | memoryview],
+                  sync: Callable[[int], None]) -> None:
+    with storage_errors(path.name), path.open(mode) as f:
+        for part in parts:
+            f.write(part)
+        f.flush()
+        sync(f.fileno())
 
 
 def read_final(path: Path) -> Snapshot | None:

@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cloudlet.fsutil import STORAGE_ERRNOS, atomic_write, storage_full
+from cloudlet.fsutil import atomic_write, storage_errors
 from cloudlet.protocol import Location
 
 log = logging.getLogger(__name__)
@@ -117,18 +117,17 @@ class Tombstones:
         fails, the record goes: a byte written but not synced must not decide at a
         restart a migration that was refused (the VM serves on here)."""
         try:
-            fd = os.open(prepared, os.O_WRONLY)
-            try:
-                if os.pwrite(fd, DECIDED, 0) != 1:
-                    raise OSError(errno.EIO, "short write")
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
+            with storage_errors(self.path(vm_id).name):
+                fd = os.open(prepared, os.O_WRONLY)
+                try:
+                    if os.pwrite(fd, DECIDED, 0) != 1:
+                        raise OSError(errno.EIO, "short write")
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+        except OSError:
             with contextlib.suppress(OSError):
                 prepared.unlink()
-            if exc.errno in STORAGE_ERRNOS:
-                raise storage_full(exc, f"cannot write {self.path(vm_id).name}") from exc
             raise
         self.where[vm_id] = where
         self._moved_by[migration_id] = vm_id

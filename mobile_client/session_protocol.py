@@ -468,15 +468,8 @@ class SessionProtocol:
         if type(seq) is int and "error" not in reply:
             # The common frame, first: an answer (notices carry no number).
             pending = self._pending.pop(seq, None)
-            if pending is None:
-                return  # a replayed call's answer, or a duplicate: already delivered
-            self._answered(pending)
-            if pending.waiting:
-                self._in_flight -= 1
-                self._events.append(Answer(seq, reply.get("data", reply.get("result"))))
-            durable = reply.get("durable")
-            if type(durable) is int:
-                self._journal_trim(durable)
+            if pending is not None:  # else a replayed call's answer, or a duplicate
+                self._answered(pending, reply, Answer(seq, reply.get("data", reply.get("result"))))
             return
         moved = reply.get("moved")
         if isinstance(moved, dict):
@@ -509,18 +502,9 @@ class SessionProtocol:
                 vm_seq = exc.details.get("vm_seq")
                 if type(vm_seq) is int and vm_seq >= self._next_seq:
                     self._next_seq = vm_seq + 1  # another writer: number after it
-            self._answered(pending)
-            if pending.waiting:
-                self._in_flight -= 1
-                self._events.append(CallFailed(seq, exc))
+            self._answered(pending, reply, CallFailed(seq, exc))
         else:
-            self._answered(pending)
-            if pending.waiting:
-                self._in_flight -= 1
-                self._events.append(Answer(seq, reply.get("data", reply.get("result"))))
-        durable = reply.get("durable")
-        if type(durable) is int:
-            self._journal_trim(durable)
+            self._answered(pending, reply, Answer(seq, reply.get("data", reply.get("result"))))
 
     def stream_closed(self) -> None:
         """The stream ended or broke (either side). Idempotent."""
@@ -653,11 +637,20 @@ class SessionProtocol:
             self.location = where
             self.moves_followed += 1
 
-    def _answered(self, pending: _Pending) -> None:
+    def _answered(self, pending: _Pending, reply: dict[str, Any],
+                  event: Answer | CallFailed) -> None:
+        """Call `pending` got its answer (`reply`): journal it, hand `event` to its
+        caller if one waits, and forget what the reply says is durable."""
         self.calls_answered += 1
         self._journal_add(pending.seq, pending.message)
         while self._acked + 1 < self._next_seq and self._acked + 1 not in self._pending:
             self._acked += 1
+        if pending.waiting:
+            self._in_flight -= 1
+            self._events.append(event)
+        durable = reply.get("durable")
+        if type(durable) is int:
+            self._journal_trim(durable)
 
     def _journal_add(self, seq: int, message: bytes) -> None:
         journal = self._journal

@@ -41,11 +41,18 @@ def kill_and_restart(d: Daemon) -> None:
     d.start()
 
 
-def upload(d: Daemon, token: str, wasm: Path) -> str:
+def new_vm(d: Daemon, token: str, wasm: Path = KVSTORE,
+           limits: dict[str, Any] | None = None) -> str:
+    """A VM of `wasm` on `d`, its image uploaded first; its id."""
     status, body = d.request("POST", "/v1/images", raw=wasm.read_bytes(), token=token)
     assert status == 201, body
-    digest: str = body["digest"]
-    return digest
+    asked: dict[str, Any] = {"image": body["digest"]}
+    if limits is not None:
+        asked["limits"] = limits
+    status, created = d.request("POST", "/v1/vms", asked, token=token)
+    assert status == 201, created
+    vm_id: str = created["vm"]
+    return vm_id
 
 
 def test_a_vm_handed_back_at_once_keeps_its_new_checkpoint(
@@ -56,10 +63,7 @@ def test_a_vm_handed_back_at_once_keeps_its_new_checkpoint(
     nothing."""
     east, west = pair
     token = east.token("pat")
-    status, created = east.request("POST", "/v1/vms", {"image": upload(east, token, KVSTORE)},
-                                   token=token)
-    assert status == 201, created
-    vm_id = created["vm"]
+    vm_id = new_vm(east, token)
     for k in range(5):
         status, _ = east.request("POST", f"/v1/vms/{vm_id}/call",
                                  {"fn": "kv_put", "args": [k, k * 7]}, token=token)
@@ -97,10 +101,7 @@ def test_a_moved_vms_checkpoint_is_deleted_after_the_move(pair: tuple[Daemon, Da
     wait for it, and it leaves no checkpoint of the VM behind, under either name."""
     east, west = pair
     token = east.token("pat")
-    status, created = east.request("POST", "/v1/vms", {"image": upload(east, token, KVSTORE)},
-                                   token=token)
-    assert status == 201, created
-    vm_id = created["vm"]
+    vm_id = new_vm(east, token)
     vms = east.state_dir / "vms"
     assert (vms / f"{vm_id}.snap").exists()
     status, answer = east.request("POST", f"/v1/vms/{vm_id}/migrate",
@@ -119,11 +120,7 @@ def test_two_moves_asked_at_once_leave_the_committed_ones_tombstone(
     and after a kill -9 of the source."""
     east, west = pair
     token = east.token("pat")
-    status, created = east.request("POST", "/v1/vms", {
-        "image": upload(east, token, WORKLOADS / "memhog.wasm"),
-        "limits": {"memory_bytes": 256 << 20}}, token=token)
-    assert status == 201, created
-    vm_id = created["vm"]
+    vm_id = new_vm(east, token, WORKLOADS / "memhog.wasm", {"memory_bytes": 256 << 20})
     # Much memory written: the first move's starting checkpoint takes a while.
     for fn, args in (("hog_grow", [96]), ("hog_dirty", [96 * 256, 3])):
         status, out = east.request("POST", f"/v1/vms/{vm_id}/call", {"fn": fn, "args": args},
