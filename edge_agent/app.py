@@ -34,6 +34,7 @@ from cloudlet.trust.sealed import Identity
 from edge_agent.auth import Authority, Principal
 from edge_agent.bodies import BodyLimit, read_body, spooled_body
 from edge_agent.config import NodeConfig
+from edge_agent.direct_ws import DirectWebSocket
 from edge_agent.handoff import Mover
 from edge_agent.identity import NodeTrust
 from edge_agent.live_migration import peer_of
@@ -449,7 +450,7 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     cap_bytes = config.max_request_kib << 10
     # Messages up to twice the cap are read and refused with a typed answer (one
     # that carries a sequence number uses it up); only larger ones end the stream.
-    ws = web.WebSocketResponse(max_msg_size=2 * cap_bytes + OVERSIZE_SLACK_BYTES)
+    ws = DirectWebSocket(max_msg_size=2 * cap_bytes + OVERSIZE_SLACK_BYTES)
     hosted = await hosted_or_arrived(request, ws)
     if hosted is None:
         return ws  # held for a VM that did not arrive: closed
@@ -459,8 +460,10 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     streams = request.app[STREAMS]
     streams.add(hosted.id, ws)
     calls = StreamCalls(request.app[HOST], request.app[METRICS], hosted, cap_bytes)
-    # `receive()` itself rather than `async for`: one coroutine frame less a message.
-    receive, send_bytes = ws.receive, ws.send_bytes
+    ws.serve_directly(calls.direct_server(ws, request.transport))
+    # `receive_when_idle()` rather than `async for`: one coroutine frame less a
+    # message, and while it waits, calls are answered as they are parsed.
+    receive, send_bytes = ws.receive_when_idle, ws.send_bytes
     binary = WSMsgType.BINARY  # an enum member's lookup costs more than the check
     try:
         while True:

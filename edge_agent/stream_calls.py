@@ -26,6 +26,7 @@ import msgpack
 
 from cloudlet import errors
 from cloudlet.errors import CloudletError
+from edge_agent.direct_ws import DirectWebSocket, Serve, write_binary
 from edge_agent.metrics import Metrics
 from edge_agent.requests import Call, parse_call
 from edge_agent.stream import decode_stream_message
@@ -93,6 +94,25 @@ class StreamCalls:
             reply = {**reply, "id": req_id}  # the kept answer is shared: copy it
         answer: bytes = self._packer.pack(reply)
         return answer
+
+    def direct_server(self, ws: DirectWebSocket, transport: Any) -> Serve:
+        """`answer_now` for messages answered as they are parsed (edge_agent/direct_ws.py):
+        the answer is written to `transport` at once. A call that must wait, or an
+        answer that cannot be written now, is declined before anything runs, and the
+        stream's coroutine takes the message as usual."""
+        answer_now, can_write_now = self.answer_now, ws.can_write_now
+        can_call_now, hosted = self.host.can_call_now, self.hosted
+
+        def serve(raw: bytes) -> bool:
+            if not (can_call_now(hosted) and can_write_now(transport)):
+                return False
+            answer = answer_now(raw)
+            if isinstance(answer, Pending):  # not reached: the VM was free a line above
+                return False
+            write_binary(transport, answer)
+            return True
+
+        return serve
 
     async def answer_later(self, pending: Pending) -> bytes:
         """The answer to a call that had to wait for its turn or for a thread."""
