@@ -15,14 +15,18 @@ fragments, size caps, UTF-8 checks), control frames, the close handshake, and
 every message `serve` declines, which reaches `receive()` as usual.
 
 When `serve` may run, so the order of messages and answers is kept:
-- only while the handler's coroutine is parked in `receive_when_idle()` with
-  nothing queued: the coroutine is between messages, not in the middle of one;
+- only while the handler's coroutine waits in `receive_when_idle()`, entered
+  with nothing queued: the coroutine is between messages, not in the middle of
+  one. (Entered with messages queued, it is not: aiohttp may have stopped
+  parsing at its queue's limit, and resumes inside `receive()` as it hands over
+  the next message; what it parses then queues behind that message.)
 - never once a message has gone to the queue, until the coroutine has taken it
   and come back to `receive_when_idle()`;
-- never while the socket's write buffer is over `DIRECT_WRITE_LIMIT` bytes: the
-  coroutine then answers, and its `send_bytes` waits for the client to read
-  (aiohttp's flow control), while further messages wait in aiohttp's queue,
-  which stops reading the socket at its own limit.
+- only while the socket's write buffer holds at most `DIRECT_WRITE_LIMIT`
+  bytes (so it holds at most that plus one answer). Beyond it the coroutine
+  answers, and its `send_bytes` waits for the client to read (aiohttp's flow
+  control), while further messages wait in aiohttp's queue, which stops
+  reading the socket at its own limit.
 
 Compression is off on these streams: an answer written here is a plain frame,
 and a compressed frame aiohttp were still writing (it compresses large ones in a
@@ -83,13 +87,28 @@ class _DirectQueue(WebSocketDataQueue):
     def __init__(self, protocol: Any, limit: int, *, loop: Any) -> None:
         super().__init__(protocol, limit, loop=loop)
         self.serve: Serve | None = None
-        self.idle = False  # the coroutine is parked in receive_when_idle()
+        self.idle = False  # the coroutine is parked in receive_when_idle(), between messages
+
+    def park(self) -> None:
+        """The coroutine is about to wait for its next message. It is between messages
+        only if none is queued: when one is, aiohttp may have stopped parsing at its
+        queue's limit and resumes inside `receive()`, as it hands that one over, and
+        what it parses then must queue behind it."""
+        self.idle = not self._buffer
 
     def feed_data(self, data: WSMessage | WSMessageTextBytes, size: int) -> None:
         if self.idle and data.type is _BINARY and not self._buffer:
             serve = self.serve
-            if serve is not None and serve(data.data):
-                return
+            if serve is not None:
+                try:
+                    served = serve(data.data)
+                except Exception:
+                    # aiohttp's reader would keep this as the stream's error and end
+                    # the stream without a word: say what it was.
+                    log.exception("answering a stream message failed; the stream ends")
+                    raise
+                if served:
+                    return
         self.idle = False  # queued: nothing overtakes it until the coroutine has it
         WebSocketDataQueue.feed_data(self, data, size)
 
@@ -97,14 +116,15 @@ class _DirectQueue(WebSocketDataQueue):
 class DirectWebSocket(web.WebSocketResponse):
     """A server WebSocket whose binary messages `serve` may answer as they arrive.
 
-    Use as a `WebSocketResponse` (compression is always off), then, once prepared,
+    Use as a `WebSocketResponse` (compression is always off, and pings are answered
+    by `receive_when_idle`, not by `receive`), then, once prepared,
     `serve_directly(serve)` and read with `receive_when_idle()`. `serve(payload)`
     answers one binary message and returns True, or returns False having done
     nothing, and the message is then returned by `receive_when_idle()`.
     """
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**{**kwargs, "compress": False})
+        super().__init__(**{**kwargs, "compress": False, "autoping": False})
         self._direct: _DirectQueue | None = None
 
     @property
@@ -144,15 +164,25 @@ class DirectWebSocket(web.WebSocketResponse):
             self._direct.serve = serve
 
     async def receive_when_idle(self) -> WSMessage:
-        """`receive()`, marking the coroutine as between messages while it waits."""
+        """`receive()`, marking the coroutine as between messages while it waits.
+
+        Pings are answered here, not inside `receive()` (this socket has no
+        autoping): between a ping and the next message the coroutine is between
+        messages again, and `receive()` would wait for that one without saying so."""
         queue = self._direct
-        if queue is None:
-            return await self.receive()
-        queue.idle = True
-        try:
-            return await self.receive()
-        finally:
-            queue.idle = False
+        while True:
+            if queue is None:
+                msg = await self.receive()
+            else:
+                queue.park()
+                try:
+                    msg = await self.receive()
+                finally:
+                    queue.idle = False
+            if msg.type is WSMsgType.PING:
+                await self.pong(msg.data)
+            elif msg.type is not WSMsgType.PONG:
+                return msg
 
     def can_write_now(self, transport: Any) -> bool:
         """True when an answer may be written straight to `transport`: open, and its

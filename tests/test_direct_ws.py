@@ -136,6 +136,46 @@ def test_order_is_kept_when_the_coroutine_is_busy() -> None:
     asyncio.run(run())
 
 
+def test_order_is_kept_when_aiohttp_resumes_parsing_inside_receive() -> None:
+    """Found by a second reader: aiohttp stops parsing once its queue holds 512 KiB and
+    resumes inside `receive()` as it hands over the next message. The small messages
+    parsed then must queue behind that large one, not be answered before it."""
+    async def run() -> None:
+        async with echo_server() as (server, url), aiohttp.ClientSession() as s, \
+                s.ws_connect(url) as ws:
+            server.decline = lambda payload: payload == b"M0"
+            server.hold.clear()
+            await ws.send_bytes(b"M0")
+            while not server.coroutine_seen:
+                await asyncio.sleep(0.01)
+            big = b"M1" + bytes(600 << 10)  # over the queue's limit on its own
+            for payload in (big, b"M2", b"M3"):
+                await ws.send_bytes(payload)
+            await asyncio.sleep(0.2)  # all of it read, M2 and M3 left unparsed
+            server.hold.set()
+            answers = [(await ws.receive_bytes())[:12] for _ in range(4)]
+            assert answers == [b"coroutine:M0", b"coroutine:M1", b"coroutine:M2",
+                               b"coroutine:M3"]
+    asyncio.run(run())
+
+
+def test_a_failure_inside_serve_ends_the_stream_and_is_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    def broken(payload: bytes) -> bool:
+        raise RuntimeError("a defect in serve")
+
+    async def run() -> None:
+        async with echo_server() as (server, url), aiohttp.ClientSession() as s, \
+                s.ws_connect(url) as ws:
+            server.decline = broken
+            await ws.send_bytes(b"x")
+            msg = await ws.receive()
+            assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+    asyncio.run(run())
+    assert "answering a stream message failed" in caplog.text
+    assert "a defect in serve" in caplog.text
+
+
 def test_text_and_declined_messages_reach_the_coroutine() -> None:
     async def run() -> None:
         async with echo_server() as (server, url), aiohttp.ClientSession() as s, \
