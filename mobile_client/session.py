@@ -143,6 +143,10 @@ class Session:
         self._standby_task: asyncio.Task[None] | None = None
         self._retired: asyncio.Task[None] | None = None  # its watcher, being cancelled
         self._runner: asyncio.Task[None] | None = None
+        # The loop the session started on, kept: on Python 3.11 every
+        # `asyncio.get_running_loop()` (and `current_task()` without a loop) makes a
+        # getpid() system call, three per call on the call path.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: set[asyncio.Task[bool]] = set()
         self._latencies_ms: list[float] = []
         self._over_budget = 0
@@ -210,8 +214,8 @@ class Session:
 
     async def start(self) -> None:
         if self._runner is None:
-            self._runner = asyncio.get_running_loop().create_task(
-                self._run(), name=f"cloudlet-session-{self.vm_id}")
+            self._loop = loop = asyncio.get_running_loop()
+            self._runner = loop.create_task(self._run(), name=f"cloudlet-session-{self.vm_id}")
 
     async def close(self) -> None:
         """Stop the connection task and close the stream. Calls still waiting fail."""
@@ -263,7 +267,8 @@ class Session:
             slots.give()
             raise
         seq = numbered.seq
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # set with the runner, checked above
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting[seq] = future
         deadline_s = (self.call_deadline_ms if deadline_ms is None else deadline_ms) / 1000
@@ -307,7 +312,9 @@ class Session:
         protocol asks for more than answers. Returns, not raises, when the call's own
         deadline ended the read (`future` then holds that)."""
         protocol = self._protocol
-        task = asyncio.current_task()
+        loop = self._loop
+        assert loop is not None
+        task = asyncio.current_task(loop)
         assert task is not None
         self._leader, self._leader_seq = task, seq
         try:
@@ -342,7 +349,7 @@ class Session:
                     # Back-to-back calls lead one after another: the connection task
                     # is woken only if no call leads by the loop's next turn (each
                     # wake-up of it that finds a new leader is a task step wasted).
-                    asyncio.get_running_loop().call_soon(self._unpark_unled, park)
+                    loop.call_soon(self._unpark_unled, park)
 
     def _unpark_unled(self, park: asyncio.Future[None]) -> None:
         """Nobody leads: the connection task reads the stream again."""
