@@ -5,8 +5,10 @@ of microseconds, most of it the WebSocket itself), so it is written to do each
 step once: decode the message (`decode_stream_message`), parse it into a `Call`,
 run it on the event loop when the VM allows (`VMHost.call_now`: no task, no
 future, no thread hop), and encode the answer with the stream's own msgpack
-`Packer`. The stream handler in `edge_agent/app.py` only moves bytes: it hands
-each binary message to `answer_now` and writes what comes back; only a call that
+`Packer`. Most messages are answered from inside aiohttp's frame parser, as they
+are read (`direct_server`, edge_agent/direct_ws.py): the answer frame is written
+at once. The rest reach the stream handler in `edge_agent/app.py`, which hands
+each binary message to `answer_now` and writes what comes back; a call that
 must wait (a VM with a long deadline, one that is paused or moving) returns a
 `Pending` for `answer_later`, which awaits `VMHost.call` as the HTTP route does.
 
@@ -19,6 +21,7 @@ copied before the `id` goes in, since a resend may be answered from it later.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -95,19 +98,19 @@ class StreamCalls:
         answer: bytes = self._packer.pack(reply)
         return answer
 
-    def direct_server(self, ws: DirectWebSocket, transport: Any) -> Serve:
+    def direct_server(self, ws: DirectWebSocket, transport: asyncio.Transport | None) -> Serve:
         """`answer_now` for messages answered as they are parsed (edge_agent/direct_ws.py):
-        the answer is written to `transport` at once. A call that must wait, or an
-        answer that cannot be written now, is declined before anything runs, and the
-        stream's coroutine takes the message as usual."""
+        the answer is written to `transport` at once. An answer that cannot be written
+        now is declined before anything runs; a call that must wait (`Pending`: nothing
+        ran either) too. The stream's coroutine then takes the message as usual (and
+        parses it again: the slow path)."""
         answer_now, can_write_now = self.answer_now, ws.can_write_now
-        can_call_now, hosted = self.host.can_call_now, self.hosted
 
         def serve(raw: bytes) -> bool:
-            if not (can_call_now(hosted) and can_write_now(transport)):
+            if transport is None or not can_write_now(transport):
                 return False
             answer = answer_now(raw)
-            if isinstance(answer, Pending):  # not reached: the VM was free a line above
+            if isinstance(answer, Pending):
                 return False
             write_binary(transport, answer)
             return True

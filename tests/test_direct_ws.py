@@ -79,6 +79,17 @@ async def echo_server() -> AsyncIterator[tuple[EchoServer, str]]:
         await runner.cleanup()
 
 
+async def hold_in_coroutine(server: EchoServer, ws: aiohttp.ClientWebSocketResponse,
+                            first: bytes) -> None:
+    """Send `first`, declined by the direct path, and return once the server's
+    coroutine holds it (until `server.hold` is set)."""
+    server.decline = lambda payload: payload == first
+    server.hold.clear()
+    await ws.send_bytes(first)
+    while not server.coroutine_seen:
+        await asyncio.sleep(0.01)
+
+
 def test_the_installed_aiohttp_takes_the_direct_path() -> None:
     """If an aiohttp upgrade changes the reader this relies on, streams fall back to
     aiohttp's own path; this says so instead of letting the daemon slow down quietly."""
@@ -117,11 +128,7 @@ def test_order_is_kept_when_the_coroutine_is_busy() -> None:
     async def run() -> None:
         async with echo_server() as (server, url), aiohttp.ClientSession() as s, \
                 s.ws_connect(url) as ws:
-            server.decline = lambda payload: payload == b"slow"
-            server.hold.clear()
-            await ws.send_bytes(b"slow")
-            while not server.coroutine_seen:
-                await asyncio.sleep(0.01)
+            await hold_in_coroutine(server, ws, b"slow")
             for k in range(20):
                 await ws.send_bytes(b"m%d" % k)
             await ws.ping()  # a control frame among them changes nothing
@@ -143,11 +150,7 @@ def test_order_is_kept_when_aiohttp_resumes_parsing_inside_receive() -> None:
     async def run() -> None:
         async with echo_server() as (server, url), aiohttp.ClientSession() as s, \
                 s.ws_connect(url) as ws:
-            server.decline = lambda payload: payload == b"M0"
-            server.hold.clear()
-            await ws.send_bytes(b"M0")
-            while not server.coroutine_seen:
-                await asyncio.sleep(0.01)
+            await hold_in_coroutine(server, ws, b"M0")
             big = b"M1" + bytes(600 << 10)  # over the queue's limit on its own
             for payload in (big, b"M2", b"M3"):
                 await ws.send_bytes(payload)
@@ -225,8 +228,8 @@ def test_a_client_that_does_not_read_gets_no_direct_answers_beyond_the_limit() -
 
 def test_an_aiohttp_with_another_reader_falls_back_to_its_own_path(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fallback: a reader that takes other arguments (as an older aiohttp's does)
-    leaves the stream on aiohttp's own path, working."""
+    """The fallback: a reader that takes other arguments (as aiohttp 3.11-3.13's, which
+    have no `decode_text`) leaves the stream on aiohttp's own path, working."""
     def other_reader(*args: Any, **kwargs: Any) -> Any:
         raise TypeError("__init__() takes exactly 4 positional arguments (5 given)")
 
