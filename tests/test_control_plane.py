@@ -30,6 +30,7 @@ from tests.daemons import (
     operator_of,
     sealed_body,
 )
+from tests.metro import free_port_run
 from tests.mqtt_brokers import Mosquitto, address, require_binary
 from tests.waiting import wait_until
 
@@ -163,7 +164,8 @@ def test_data_plane_survives_losing_the_broker(tmp_path: Path) -> None:
 def test_cloudlet_up_presence_and_last_will_seen_by_mosquitto_sub(tmp_path: Path) -> None:
     sub = require_binary("mosquitto_sub", "mosquitto-clients")
     log_path = tmp_path / "up.log"  # its cloudlets' logs: shown if the metro stops unclean
-    broker_port, base_port = free_port(), free_port()
+    # Three cloudlets take base_port .. base_port+2: a run found free, not just its first.
+    broker_port, base_port = free_port_run(1), free_port_run(3)
     up = subprocess.Popen(
         [sys.executable, "-m", "cloudlet.cli", "up", "--nodes", "3", "--base-port",
          str(base_port), "--broker-port", str(broker_port), "--state-dir", str(tmp_path / "m")],
