@@ -190,10 +190,10 @@ class DirectWebSocket(web.WebSocketResponse):
             elif msg.type is not WSMsgType.PONG:
                 return msg
 
-    def can_write_now(self, transport: asyncio.Transport | None) -> bool:
+    def can_write_now(self, transport: asyncio.Transport) -> bool:
         """True when an answer may be written straight to `transport`: open, and its
         write buffer under `DIRECT_WRITE_LIMIT`."""
-        return (not self.closed and transport is not None and not transport.is_closing()
+        return (not self.closed and not transport.is_closing()
                 and transport.get_write_buffer_size() <= DIRECT_WRITE_LIMIT)
 
 

@@ -46,7 +46,7 @@ class EchoServer:
         self.transports.append(transport)
 
         def serve(payload: bytes) -> bool:
-            if self.decline(payload) or not ws.can_write_now(transport):
+            if self.decline(payload) or transport is None or not ws.can_write_now(transport):
                 return False
             self.direct_seen.append(payload)
             write_binary(transport, b"direct:" + payload)
