@@ -67,14 +67,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.sparse import csr_matrix  # type: ignore[import-untyped]
-from scipy.sparse.csgraph import connected_components, dijkstra  # type: ignore[import-untyped]
 
 from cloudlet.errors import InvalidArgument
 from cloudlet.placement import kernels, slices
+
+if TYPE_CHECKING:
+    from scipy.sparse import csr_matrix  # type: ignore[import-untyped]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -274,6 +276,8 @@ class GraphBackhaul(Backhaul):
 
     def disconnected(self) -> tuple[int, int] | None:
         """The first pair of cloudlets (in row-major order) with no path, or None."""
+        from scipy.sparse.csgraph import connected_components  # type: ignore[import-untyped]
+
         _, label = connected_components(self._graph, directed=False)
         bad = np.flatnonzero(label[:self.size] != label[0])
         return (0, int(bad[0])) if len(bad) else None
@@ -402,6 +406,8 @@ class GraphBackhaul(Backhaul):
         d = np.empty((len(chunk), self.nodes))
         p = np.empty((len(chunk), self.nodes), dtype=np.int32)
         todo = np.arange(len(chunk))
+        from scipy.sparse.csgraph import dijkstra
+
         while len(todo):
             lim = float(limit[todo].max())
             d[todo], p[todo] = dijkstra(self._graph, directed=True, indices=chunk[todo],
@@ -723,5 +729,7 @@ def _graph(nodes: int, a: IntArray, b: IntArray,
     key, tail, head, ww, did = key[order], tail[order], head[order], ww[order], did[order]
     first = np.r_[True, key[1:] != key[:-1]] if len(key) else np.zeros(0, dtype=bool)
     key, tail, head, ww, did = key[first], tail[first], head[first], ww[first], did[first]
+    from scipy.sparse import csr_matrix
+
     graph = csr_matrix((ww, (tail, head)), shape=(nodes, nodes))
     return graph, key, did

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.spatial import cKDTree  # type: ignore[import-untyped]
 
 from cloudlet.errors import InvalidArgument
 from cloudlet.placement import kernels, slices
@@ -155,6 +154,8 @@ class AccessIndex:
         # The k nearest of each centre from a k-d tree (O(cells log n), where a
         # distance to every cloudlet is O(cells x n): minutes at 10,000 cloudlets),
         # then their exact distances, ordered by distance and index.
+        from scipy.spatial import cKDTree  # type: ignore[import-untyped]
+
         tree = cKDTree(pos)
         for start in range(0, len(centres), 4096):
             block = centres[start:start + 4096]

@@ -20,14 +20,17 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.spatial import cKDTree  # type: ignore[import-untyped]
 
 from cloudlet.errors import ScenarioError
 from cloudlet.placement import GraphBackhaul, LatencyModel, Network, PrecopyModel
 from cloudlet.sim.scenario import BackhaulSpec, CloudletSpec, Scenario, TopologySpec
+
+if TYPE_CHECKING:
+    from scipy.spatial import cKDTree  # type: ignore[import-untyped]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -240,6 +243,8 @@ def _knn_connected(pos: FloatArray, k: int) -> list[tuple[int, int]]:
     components joined until one component is left (a random layout must stay
     connected). A k-d tree answers both, so no n x n distance matrix is built."""
     n = len(pos)
+    from scipy.spatial import cKDTree
+
     tree = cKDTree(pos)
     k = min(k, n - 1)
     edges: set[tuple[int, int]] = set()
