@@ -109,15 +109,36 @@ class HoldAfterAccept(LoopbackProxy):
                 await up_writer.drain()
 
         async def back() -> None:
+            # Held messages wait in `out` while the destination is still read: if it
+            # dies meanwhile, the source sees its connection end (as it would with no
+            # proxy between) instead of waiting out its migration deadline.
             frames = FrameReader(masked=False)
-            while data := await up_reader.read(65536):
-                types = frames.feed(data)
-                if link["migration"] and self.accepted.is_set() and not self.hold_commit:
-                    await self._released.wait()
-                writer.write(data)
-                await writer.drain()
-                if link["migration"] and "accept" in types:
-                    self.accepted.set()
+            out: asyncio.Queue[tuple[bytes, bool] | None] = asyncio.Queue()
+            holding = {"count": 0}  # held messages not yet delivered
+
+            async def deliver() -> None:
+                while (item := await out.get()) is not None:
+                    data, held = item
+                    if held:
+                        await self._released.wait()
+                        holding["count"] -= 1
+                    writer.write(data)
+                    await writer.drain()
+
+            delivering = asyncio.ensure_future(deliver())
+            try:
+                while data := await up_reader.read(65536):
+                    types = frames.feed(data)
+                    held = link["migration"] and self.accepted.is_set() and not self.hold_commit
+                    holding["count"] += held
+                    out.put_nowait((data, held))
+                    if link["migration"] and "accept" in types:
+                        self.accepted.set()
+                if holding["count"] == 0 or self._released.is_set():
+                    out.put_nowait(None)  # the destination closed: pass on what it said
+                    await delivering
+            finally:
+                delivering.cancel()
 
         with contextlib.suppress(ConnectionError, OSError):
             await until_either_ends(forth(), back())
