@@ -2,7 +2,8 @@
 
 Nothing lost: every VM that applied calls since its last checkpoint is
 snapshotted every `checkpoint_interval_s` and at shutdown, to `STATE/vms/ID.snap`,
-atomically (write, fsync, rename, fsync the directory: `Snapshot.write`). On
+atomically (write, fsync, rename, fsync the directory: `Snapshot.write`, and
+`atomic_write_all` for a round's batch of small VMs under about one flush). On
 start every checkpoint is restored. So a clean restart loses nothing, and a
 kill -9 loses at most the calls applied in the last checkpoint interval
 (docs/daemon.md, "Nothing lost").
@@ -30,7 +31,7 @@ from functools import partial
 from pathlib import Path
 
 from cloudlet.errors import CloudletError, SnapshotCorrupt, VMInterrupted
-from cloudlet.fsutil import storage_full
+from cloudlet.fsutil import atomic_write_all, storage_full
 from cloudlet.vm import VM, ImageStore, Snapshot
 from cloudlet.vm.snapshot import HEAD_BYTES, check_head
 from edge_agent.hosted import HostedVM
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 # needs the GIL back and forth while the loop is busy, and the VM's calls wait
 # for the capture). Larger VMs are captured on a checkpoint thread.
 INLINE_CAPTURE_MAX_BYTES = 2 << 20
+# A round writes the VMs it captured together, under about one flush, once their
+# memory adds up to this much (and at its end): many small VMs share a flush, and a
+# large VM's capture is not held in memory while others are captured.
+BATCH_MAX_BYTES = 8 << 20
 SUFFIX = ".snap"
 RETIRED = ".retired"  # a checkpoint set aside for deletion: its VM left (`retire`)
 
@@ -109,32 +114,46 @@ class Checkpoints:
         The capture (a scan of all the VM's memory if it wrote all of it) runs on a
         checkpoint thread unless the VM is small, and the write always does: the
         loop keeps serving every other VM meanwhile, and this VM's calls wait only
-        for the capture. With `wait` false (the periodic round), a VM that is busy
-        (a long call, a migration) is not waited for: its checkpoint follows on its
-        own as soon as it is free."""
-        if not wait and (hosted.lock.locked() or hosted.persist_lock.locked()):
+        for the capture. With `wait` false, a VM that is busy (a long call, a
+        migration) is not waited for: its checkpoint follows on its own as soon as
+        it is free."""
+        if not wait and self._busy(hosted):
             self._defer(hosted)
             return False
-        pool = self._workers().checkpoints
         async with hosted.persist_lock:
-            async with hosted.lock:
-                if self._vms.get(hosted.id) is not hosted or hosted.vm.failed is not None:
-                    return False
-                if not force and hosted.vm.seq == hosted.checkpointed_seq:
-                    return False
-                if hosted.vm.memory_bytes <= INLINE_CAPTURE_MAX_BYTES:
-                    snap = hosted.snapshot()
-                else:
-                    snap = await pool.run(Workers.NODE, hosted.snapshot)
+            snap = await self._capture(hosted, force=force)
+            if snap is None:
+                return False
             # Written as segments: no joined copy of a big guest's memory. The capture
             # is handed to the writing thread, which frees it too (unmapping a large
             # one takes milliseconds).
             path, seq, handed = self.path(hosted.id), snap.seq, [snap]
             del snap
-            await pool.run(Workers.NODE, lambda: handed.pop().write(path))
-            hosted.checkpointed_seq = seq
-            hosted.checkpointed_at = time.monotonic()
+            await self._workers().checkpoints.run(Workers.NODE,
+                                                  lambda: handed.pop().write(path))
+            self._landed(hosted, seq)
             return True
+
+    @staticmethod
+    def _busy(hosted: HostedVM) -> bool:
+        return hosted.lock.locked() or hosted.persist_lock.locked()
+
+    async def _capture(self, hosted: HostedVM, *, force: bool) -> Snapshot | None:
+        """`hosted`'s state now (the caller holds its `persist_lock`), or None when
+        there is nothing to write: gone, failed, or no call since its checkpoint."""
+        async with hosted.lock:
+            if self._vms.get(hosted.id) is not hosted or hosted.vm.failed is not None:
+                return None
+            if not force and hosted.vm.seq == hosted.checkpointed_seq:
+                return None
+            if hosted.vm.memory_bytes <= INLINE_CAPTURE_MAX_BYTES:
+                return hosted.snapshot()
+            return await self._workers().checkpoints.run(Workers.NODE, hosted.snapshot)
+
+    @staticmethod
+    def _landed(hosted: HostedVM, seq: int) -> None:
+        hosted.checkpointed_seq = seq
+        hosted.checkpointed_at = time.monotonic()
 
     def _defer(self, hosted: HostedVM) -> None:
         if hosted.id in self._deferred or self._closing():
@@ -158,14 +177,43 @@ class Checkpoints:
         checkpointed seq stays where it was (so no answer claims it durable, and the
         next round tries again); the round says which failed, and `storage` takes it
         in. While degraded, a round with nothing to write probes the disk instead.
-        The periodic round (without `force`) waits for no busy VM (`write`)."""
-        written, failed = 0, {}
-        for hosted in list(self._vms.values()):
-            try:
-                written += await self.write(hosted, force=force, wait=force)
-            except Exception as exc:  # a full disk must not stop the daemon: retry next round
-                self.failures += 1
-                failed[hosted.id] = exc
+        The periodic round (without `force`) waits for no busy VM (`write`).
+
+        The captures are written in batches (`_Batch`), each under about one flush
+        and with one hand-off to the checkpoint thread, instead of two flushes and a
+        hand-off per VM: a round of 64 small VMs took 41 ms of CPU written one by
+        one. Each VM's `persist_lock` is held from its capture until its batch is
+        written, as `write` holds it; the round never waits for a lock while it
+        holds others (it writes its batch first), so two rounds cannot deadlock."""
+        failed: dict[str, Exception] = {}
+        batch = _Batch()
+        try:
+            for hosted in list(self._vms.values()):
+                if self._busy(hosted):
+                    if not force:
+                        self._defer(hosted)
+                        continue
+                    await self._write_batch(batch, failed)
+                await hosted.persist_lock.acquire()
+                try:
+                    snap = await self._capture(hosted, force=force)
+                except Exception as exc:  # a full disk must not stop the daemon
+                    hosted.persist_lock.release()
+                    self.failures += 1
+                    failed[hosted.id] = exc
+                    continue
+                if snap is None:
+                    hosted.persist_lock.release()
+                    continue
+                batch.add(hosted, snap)
+                if batch.memory_bytes >= BATCH_MAX_BYTES:
+                    await self._write_batch(batch, failed)
+                else:
+                    await asyncio.sleep(0)  # other clients' calls between captures
+            await self._write_batch(batch, failed)
+        finally:
+            batch.release()  # only if cancelled between a capture and its write
+        written = batch.written
         probed, probe_error = False, None
         if not written and not failed and not self.storage.ok:
             probed = True
@@ -176,6 +224,33 @@ class Checkpoints:
         done = CheckpointRound(written, failed, probed, probe_error)
         self.storage.round_done(done, self._vms)
         return done
+
+    async def _write_batch(self, batch: _Batch, failed: dict[str, Exception]) -> None:
+        """Write the batch's captures (one hand-off, `atomic_write_all`) and release
+        their VMs' locks; each written VM's checkpointed seq moves on, each failed one
+        goes into `failed`."""
+        entries = batch.take()
+        if not entries:
+            return
+        landing = [(hosted, snap.seq) for hosted, snap in entries]
+        # The captures go to the writing thread, which frees them (as in `write`).
+        files = [(self.path(hosted.id), snap) for hosted, snap in entries]
+        del entries
+        try:
+            errors: list[Exception | None] = list(await self._workers().checkpoints.run(
+                Workers.NODE, partial(_write_all, files)))
+        except Exception as exc:  # not one file's error: the whole batch failed
+            errors = [exc] * len(landing)
+        finally:
+            for hosted, _ in landing:
+                hosted.persist_lock.release()
+        for (hosted, seq), error in zip(landing, errors, strict=True):
+            if error is None:
+                self._landed(hosted, seq)
+                batch.written += 1
+            else:
+                self.failures += 1
+                failed[hosted.id] = error
 
     async def drain(self) -> None:
         """Wait for the deferred checkpoints still running (at shutdown)."""
@@ -244,3 +319,32 @@ def read_snapshot(path: Path, max_bytes: int) -> Snapshot:
     except OSError as exc:
         raise SnapshotCorrupt(f"cannot read the received snapshot: {exc.strerror}") from None
     return Snapshot.from_bytes(data, max_bytes)
+
+
+class _Batch:
+    """A round's captures not written yet; their VMs' `persist_lock`s are held."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[HostedVM, Snapshot]] = []
+        self.memory_bytes = 0  # of the captures held (the chunks they carry)
+        self.written = 0  # over the round
+
+    def add(self, hosted: HostedVM, snap: Snapshot) -> None:
+        self._entries.append((hosted, snap))
+        self.memory_bytes += snap.overlay_bytes
+
+    def take(self) -> list[tuple[HostedVM, Snapshot]]:
+        entries, self._entries, self.memory_bytes = self._entries, [], 0
+        return entries
+
+    def release(self) -> None:
+        for hosted, _ in self.take():
+            hosted.persist_lock.release()
+
+
+def _write_all(files: list[tuple[Path, Snapshot]]) -> list[OSError | None]:
+    """The snapshots encoded and written together (`atomic_write_all`), on the
+    checkpoint thread; each is dropped as soon as it is encoded."""
+    encoded = [(path, snap.to_segments("auto")) for path, snap in files]
+    files.clear()
+    return atomic_write_all(encoded)

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from cloudlet.errors import NoCloudletAvailable, StateDirLocked, StorageFull
-from cloudlet.fsutil import atomic_write
+from cloudlet.fsutil import atomic_write, atomic_write_all
 from cloudlet.vm import Snapshot
 from edge_agent.fencing import EPOCH_FILE
 from edge_agent.statelock import LOCK_FILE, StateLock
@@ -324,6 +324,26 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_nothing(
     filler.unlink()
     atomic_write(target, b"new")
     assert target.read_bytes() == b"new"
+
+
+def test_atomic_write_all_writes_what_fits_and_keeps_the_old_rest(small_disk: Path) -> None:
+    """Files written together: the one the disk cannot take keeps its old version, the
+    others land, and no temporary file is left."""
+    names = ("a.snap", "big.snap", "c.snap")
+    for name in names:
+        atomic_write(small_disk / name, b"old " + name.encode())
+    filler = fill(small_disk)
+    os.truncate(filler, filler.stat().st_size - (256 << 10))  # room for small files only
+    errors = atomic_write_all([(small_disk / "a.snap", b"new a"),
+                               (small_disk / "big.snap", [b"new", os.urandom(1 << 20)]),
+                               (small_disk / "c.snap", [b"new ", memoryview(b"c")])])
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], StorageFull) and errors[1].errno == errno.ENOSPC
+    assert "big.snap" in errors[1].message and str(small_disk) not in errors[1].message
+    assert [(small_disk / n).read_bytes() for n in names] == [b"new a", b"old big.snap",
+                                                              b"new c"]
+    assert sorted(p.name for p in small_disk.iterdir()) == ["a.snap", "big.snap", "c.snap",
+                                                            "filler"]
 
 
 def test_a_full_disk_refuses_new_vms_degrades_health_and_recovers(
