@@ -16,12 +16,13 @@ import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cloudlet.errors import StorageFull
 
 Buffer = bytes | bytearray | memoryview
+Contents = Buffer | Sequence[Buffer]  # one buffer, or several written back to back
 
 # The errors that say "this storage cannot take the write now" (as opposed to "this
 # path is wrong", EACCES or EISDIR): a full disk, a full quota, a file over the size
@@ -60,8 +61,8 @@ def storage_full(exc: OSError, doing: str) -> StorageFull:
     return err
 
 
-def atomic_write_all(files: Sequence[tuple[Path, Buffer | Sequence[Buffer]]]
-                     ) -> list[OSError | None]:
+def atomic_write_all(files: Sequence[tuple[Path, Contents | Callable[[], Contents]]]
+                     ) -> list[Exception | None]:
     """Write several files, each whole or absent, as `atomic_write` does one.
 
     Why: each file written alone costs two flushes (its data, then its directory
@@ -71,21 +72,29 @@ def atomic_write_all(files: Sequence[tuple[Path, Buffer | Sequence[Buffer]]]
     the same: a file's data is on disk before its rename, and its rename is on disk
     before this returns None for it.
 
+    A file's contents may be given as a function that makes them: it is called
+    when that file is written, and what it made is let go before the next file's
+    is made (a batch of encoded snapshots is never all in memory at once).
+
     One file's failure does not stop the others: the answer holds, per file in
     order, None (written and durable) or its error (`StorageFull` for the errors in
-    `STORAGE_ERRNOS`), and a failed file's old version stays. A file whose
+    `STORAGE_ERRNOS`; whatever a contents function raised), and a failed file's old
+    version stays. A file whose
     directory's fsync failed is reported failed although renamed: its rename may
     not survive a crash, so no caller may count it durable."""
-    errors: list[OSError | None] = [None] * len(files)
+    errors: list[Exception | None] = [None] * len(files)
     staged: list[tuple[int, int, str]] = []  # (index, open fd, temporary path)
     unrenamed: set[str] = set()  # temporaries to remove if this stops half-way
     renamed: dict[Path, list[int]] = {}  # directory -> the files renamed into it
     try:
-        for i, (target, data) in enumerate(files):
+        for i, (target, contents) in enumerate(files):
             try:
-                fd, tmp = _stage(target, data)
+                fd, tmp = _stage(target, contents() if callable(contents) else contents)
             except OSError as exc:
                 errors[i] = _as_storage_error(exc, target.name)
+                continue
+            except Exception as exc:  # a contents function's own failure: this file's
+                errors[i] = exc
                 continue
             staged.append((i, fd, tmp))
             unrenamed.add(tmp)
@@ -101,7 +110,8 @@ def atomic_write_all(files: Sequence[tuple[Path, Buffer | Sequence[Buffer]]]
             renamed.setdefault(target.parent, []).append(i)
     finally:
         for _, fd, _ in staged:
-            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
         for tmp in unrenamed:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

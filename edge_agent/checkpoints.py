@@ -50,6 +50,7 @@ INLINE_CAPTURE_MAX_BYTES = 2 << 20
 # memory adds up to this much (and at its end): many small VMs share a flush, and a
 # large VM's capture is not held in memory while others are captured.
 BATCH_MAX_BYTES = 8 << 20
+BATCH_MAX_FILES = 64
 SUFFIX = ".snap"
 RETIRED = ".retired"  # a checkpoint set aside for deletion: its VM left (`retire`)
 
@@ -122,7 +123,7 @@ class Checkpoints:
             return False
         async with hosted.persist_lock:
             snap = await self._capture(hosted, force=force)
-            if snap is None:
+            if not isinstance(snap, Snapshot):
                 return False
             # Written as segments: no joined copy of a big guest's memory. The capture
             # is handed to the writing thread, which frees it too (unmapping a large
@@ -138,10 +139,16 @@ class Checkpoints:
     def _busy(hosted: HostedVM) -> bool:
         return hosted.lock.locked() or hosted.persist_lock.locked()
 
-    async def _capture(self, hosted: HostedVM, *, force: bool) -> Snapshot | None:
+    async def _capture(self, hosted: HostedVM, *, force: bool,
+                       wait: bool = True) -> Snapshot | _Busy | None:
         """`hosted`'s state now (the caller holds its `persist_lock`), or None when
-        there is nothing to write: gone, failed, or no call since its checkpoint."""
-        async with hosted.lock:
+        there is nothing to write: gone, failed, or no call since its checkpoint.
+        Without `wait`, `_BUSY` when its lock is not free now (a call or a move)."""
+        if wait:
+            await hosted.lock.acquire()
+        elif not await _take_now(hosted.lock):
+            return _BUSY
+        try:
             if self._vms.get(hosted.id) is not hosted or hosted.vm.failed is not None:
                 return None
             if not force and hosted.vm.seq == hosted.checkpointed_seq:
@@ -149,6 +156,8 @@ class Checkpoints:
             if hosted.vm.memory_bytes <= INLINE_CAPTURE_MAX_BYTES:
                 return hosted.snapshot()
             return await self._workers().checkpoints.run(Workers.NODE, hosted.snapshot)
+        finally:
+            hosted.lock.release()
 
     @staticmethod
     def _landed(hosted: HostedVM, seq: int) -> None:
@@ -181,32 +190,47 @@ class Checkpoints:
 
         The captures are written in batches (`_Batch`), each under about one flush
         and with one hand-off to the checkpoint thread, instead of two flushes and a
-        hand-off per VM: a round of 64 small VMs took 41 ms of CPU written one by
-        one. Each VM's `persist_lock` is held from its capture until its batch is
-        written, as `write` holds it; the round never waits for a lock while it
-        holds others (it writes its batch first), so two rounds cannot deadlock."""
+        hand-off per VM: a round of 64 small VMs took 48 ms of CPU written one by
+        one, 24 ms in one batch. Each VM's `persist_lock` is held from its capture
+        until its batch is written, as `write` holds it. The round never waits while
+        it holds a batch: before a wait for a VM's lock, or a capture on a thread (a
+        large VM), it writes the batch first. So it neither deadlocks with another
+        round nor holds other VMs up behind someone else's long call or move."""
         failed: dict[str, Exception] = {}
         batch = _Batch()
         try:
             for hosted in list(self._vms.values()):
-                if self._busy(hosted):
+                if hosted.vm.memory_bytes > INLINE_CAPTURE_MAX_BYTES:
+                    await self._write_batch(batch, failed)  # its capture awaits a thread
+                if not await _take_now(hosted.persist_lock):
                     if not force:
                         self._defer(hosted)
                         continue
                     await self._write_batch(batch, failed)
-                await hosted.persist_lock.acquire()
+                    await hosted.persist_lock.acquire()
                 try:
-                    snap = await self._capture(hosted, force=force)
+                    snap = await self._capture(hosted, force=force, wait=False)
+                    if snap is _BUSY:
+                        if not force:
+                            hosted.persist_lock.release()
+                            self._defer(hosted)
+                            continue
+                        await self._write_batch(batch, failed)
+                        snap = await self._capture(hosted, force=force)
                 except Exception as exc:  # a full disk must not stop the daemon
                     hosted.persist_lock.release()
                     self.failures += 1
                     failed[hosted.id] = exc
                     continue
-                if snap is None:
+                except BaseException:  # cancelled: the lock must not outlive the round
+                    hosted.persist_lock.release()
+                    raise
+                if not isinstance(snap, Snapshot):
                     hosted.persist_lock.release()
                     continue
-                batch.add(hosted, snap)
-                if batch.memory_bytes >= BATCH_MAX_BYTES:
+                batch.add(hosted, snap, reply_bytes=hosted.replies.size_bytes)
+                del snap  # the batch's writer frees it, not this frame (a large one)
+                if batch.full():
                     await self._write_batch(batch, failed)
                 else:
                     await asyncio.sleep(0)  # other clients' calls between captures
@@ -321,17 +345,43 @@ def read_snapshot(path: Path, max_bytes: int) -> Snapshot:
     return Snapshot.from_bytes(data, max_bytes)
 
 
+class _Busy:
+    """What `Checkpoints._capture` says of a VM whose lock it would have to wait for."""
+
+
+_BUSY = _Busy()
+
+
+async def _take_now(lock: asyncio.Lock) -> bool:
+    """Acquire `lock` if that needs no wait; else False, holding nothing. A lock
+    just released to a queued waiter reads as unlocked yet would make `acquire`
+    wait its turn; a zero timeout takes it back out of the queue."""
+    if lock.locked():
+        return False
+    try:
+        async with asyncio.timeout(0):
+            await lock.acquire()
+    except TimeoutError:
+        return False
+    return True
+
+
 class _Batch:
-    """A round's captures not written yet; their VMs' `persist_lock`s are held."""
+    """A round's captures not written yet; their VMs' `persist_lock`s are held.
+    Full at BATCH_MAX_BYTES of what they hold in memory (chunks and reply logs) or
+    BATCH_MAX_FILES files (each file's descriptor stays open until the batch's flush)."""
 
     def __init__(self) -> None:
         self._entries: list[tuple[HostedVM, Snapshot]] = []
-        self.memory_bytes = 0  # of the captures held (the chunks they carry)
+        self.memory_bytes = 0
         self.written = 0  # over the round
 
-    def add(self, hosted: HostedVM, snap: Snapshot) -> None:
+    def add(self, hosted: HostedVM, snap: Snapshot, *, reply_bytes: int) -> None:
         self._entries.append((hosted, snap))
-        self.memory_bytes += snap.overlay_bytes
+        self.memory_bytes += snap.overlay_bytes + reply_bytes
+
+    def full(self) -> bool:
+        return self.memory_bytes >= BATCH_MAX_BYTES or len(self._entries) >= BATCH_MAX_FILES
 
     def take(self) -> list[tuple[HostedVM, Snapshot]]:
         entries, self._entries, self.memory_bytes = self._entries, [], 0
@@ -342,9 +392,12 @@ class _Batch:
             hosted.persist_lock.release()
 
 
-def _write_all(files: list[tuple[Path, Snapshot]]) -> list[OSError | None]:
-    """The snapshots encoded and written together (`atomic_write_all`), on the
-    checkpoint thread; each is dropped as soon as it is encoded."""
-    encoded = [(path, snap.to_segments("auto")) for path, snap in files]
+def _write_all(files: list[tuple[Path, Snapshot]]) -> list[Exception | None]:
+    """The snapshots written together (`atomic_write_all`), on the checkpoint
+    thread: each is encoded as its file is written, and let go once it is."""
+    def encoder(held: list[Snapshot]) -> Callable[[], list[bytes | memoryview]]:
+        return lambda: held.pop().to_segments("auto")
+
+    batch = [(path, encoder([snap])) for path, snap in files]
     files.clear()
-    return atomic_write_all(encoded)
+    return atomic_write_all(batch)
