@@ -2,7 +2,7 @@
 
 Why in the test suite: CI runs exactly the README's command, and this keeps it
 so; a decoder change that crashes on a mutation of a committed input fails the
-build like any test. Six seconds a target (about a minute for all, beside the
+build like any test. Four seconds a target (about 45 s for all, beside the
 rest of the suite) finds shallow crashes; longer runs are `python -m fuzz run` by hand.
 Off outside CI (CI=true), where the replay test still runs every committed input.
 """
@@ -20,7 +20,7 @@ from fuzz import runner
 # Starts daemons, brokers or other processes: not in the fast subset (-m 'not slow').
 pytestmark = pytest.mark.slow
 
-SECONDS_PER_TARGET = 6
+SECONDS_PER_TARGET = 4
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 

@@ -120,8 +120,11 @@ def test_two_moves_asked_at_once_leave_the_committed_ones_tombstone(
     and after a kill -9 of the source."""
     east, west = pair
     token = east.token("pat")
-    vm_id = new_vm(east, token, WORKLOADS / "memhog.wasm", {"memory_bytes": 256 << 20})
-    # Much memory written: the first move's starting checkpoint takes a while.
+    # Much memory written: the first move's starting checkpoint takes a while. Its
+    # first write faults in 96 MiB, which can pass the default 50 ms per call on a
+    # loaded machine: this VM's calls get 2 s.
+    vm_id = new_vm(east, token, WORKLOADS / "memhog.wasm",
+                   {"memory_bytes": 256 << 20, "deadline_ms": 2000})
     for fn, args in (("hog_grow", [96]), ("hog_dirty", [96 * 256, 3])):
         status, out = east.request("POST", f"/v1/vms/{vm_id}/call", {"fn": fn, "args": args},
                                    token=token)

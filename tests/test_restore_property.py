@@ -27,7 +27,7 @@ from tests.conftest import WORKLOAD_NAMES, WORKLOADS, wat_file
 pytestmark = pytest.mark.slow
 
 SEED_HEX = "ab" * 32
-SETTINGS = settings(max_examples=12, deadline=None,
+SETTINGS = settings(max_examples=8, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
 
