@@ -14,6 +14,7 @@ import shlex
 import struct
 import subprocess
 import sys
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -539,6 +540,50 @@ def test_proc_exit_marks_only_that_vm_failed(store, kv):
             action()
     assert other.call("log") == 6 and other.failed is None
     assert_bystander_untouched(kv)
+
+
+def test_an_exit_on_one_thread_is_not_charged_to_a_trap_on_another(store, workload):
+    """Promise: with guests running on several threads at once, each call's failure is its
+    own: one VM's proc_exit is never reported as another's trap, nor the other way round
+    (wasmtime-py keeps the last host exception in one slot for the whole process)."""
+    image = store.add(wat_file("wasi.wat"))
+    wrong: list[str] = []
+    done = threading.Event()
+
+    def exiter() -> None:
+        for _ in range(300):
+            vm = VM.create(image, LIMITS, clock="virtual")
+            try:
+                vm.call("exit", 3)
+                wrong.append("exit returned")
+            except err.VMExited:
+                pass
+            except err.VMError as exc:
+                wrong.append(f"exit gave {exc!r}")
+            vm.close()
+        done.set()
+
+    def trapper() -> None:
+        vm = VM.create(workload["memhog"], LIMITS)
+        while not done.is_set():
+            try:
+                vm.call("hog_trap", 1)
+            except err.VMTrapped:
+                pass
+            except err.VMError as exc:
+                wrong.append(f"trap gave {exc!r}")
+            if vm.failed:
+                wrong.append(f"trapping VM failed: {vm.failed}")
+                break
+        vm.close()
+
+    threads = [threading.Thread(target=f) for f in (exiter, trapper, trapper)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert done.is_set()
+    assert wrong == [], f"{len(wrong)} calls got another VM's failure, e.g. {wrong[:3]}"
 
 
 # --- 8. the command line -------------------------------------------------------------------

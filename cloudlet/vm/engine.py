@@ -82,7 +82,11 @@ def host_state_of(caller: Any) -> HostState:
 
 def _bind(fn: Any) -> Any:
     def host_call(caller: Any, *args: Any) -> Any:
-        return fn(host_state_of(caller), *args)
+        try:
+            return fn(host_state_of(caller), *args)
+        except BaseException as exc:  # unwinds the guest: its call says why (`RawTrap`)
+            fastcall.record_host_failure(caller, exc)
+            raise
 
     return host_call
 

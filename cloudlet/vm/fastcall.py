@@ -20,6 +20,7 @@ objects: a store's context, raw export handles, memory addresses, a
 from __future__ import annotations
 
 import ctypes
+import threading
 from typing import Any, Protocol
 
 import wasmtime
@@ -88,6 +89,30 @@ def caller_data(caller: wasmtime.Caller) -> Any:
     """The Python object a host function's store was created with (`Store(data=...)`)."""
     data: Any = ffi.wasmtime_context_get_data(caller._context())  # noqa: SLF001
     return wasmtime_value._unintern(data)  # noqa: SLF001
+
+
+# What a host function raised, per thread, with the store it ran in: wasmtime-py keeps
+# one `LAST_EXCEPTION` for the whole process, so with guests running on several
+# threads one VM's exit or failure could be read as another's. The host function
+# runs on the thread of the guest call it serves, and records here before it raises.
+_host_failures = threading.local()
+
+
+def record_host_failure(caller: wasmtime.Caller, exc: BaseException) -> None:
+    """Say that a host function called by `caller`'s guest raised `exc` (it is about
+    to unwind the guest; `FastCaller` gives it to the call's `RawTrap`)."""
+    _host_failures.last = (_address(caller._context()), exc)  # noqa: SLF001
+
+
+def _host_failure_in(ctx: int) -> BaseException | None:
+    """The exception a host function raised on this thread in the store at `ctx`,
+    taken (so it cannot be read again), or None."""
+    last = getattr(_host_failures, "last", None)
+    _host_failures.last = None
+    if last is None or last[0] != ctx:
+        return None
+    exc: BaseException = last[1]
+    return exc
 
 
 def error_text(err: Any) -> str:
@@ -256,8 +281,10 @@ class FastCaller:
                  "_fuel_left_address", "_trap", "_trap_address", "fuel", "fuel_used")
 
     def __init__(self, store: wasmtime.Store, clock: EpochClock) -> None:
-        # Plain addresses: the store outlives this object (both belong to one VM),
-        # and `_fuel_left` and `_trap` are held here.
+        # Plain addresses. `_fuel_left` and `_trap` are held here; the store belongs
+        # to the same VM, which frees it on close and from then on refuses calls
+        # before they reach this object (`VM.failed`). Never re-entered: one call
+        # at a time per store (the VM's lock), and no host function calls a guest.
         self._ctx = _address(context_of(store))
         self._clock = clock
         self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
@@ -316,9 +343,15 @@ class FastCaller:
             return views[0].value
         return fn.results()
 
+    def take_host_failure(self) -> BaseException | None:
+        """What a host function raised in this store on this thread since it was last
+        read, or None: for guest code wasmtime-py ran itself (a start function)."""
+        return _host_failure_in(self._ctx)
+
     def _trap_of(self, err: Any) -> RawTrap:
-        host_exc = wasmtime_func.LAST_EXCEPTION
+        # wasmtime-py's one slot for every thread is dropped, not read (above).
         wasmtime_func.LAST_EXCEPTION = None
+        host_exc = _host_failure_in(self._ctx)
         if err:
             return RawTrap(error_text(err), None, host_exc)
         trap = wasmtime.Trap._from_ptr(self._trap)  # noqa: SLF001

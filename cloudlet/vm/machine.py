@@ -120,18 +120,23 @@ class VM:
         try:
             vm._calls.arm()  # start functions run under the boot limits too
             vm._instance = image.pre.instantiate(store)
-        except wasmtime.Trap as exc:
+        except (wasmtime.Trap, GuestExit) as exc:
+            # wasmtime-py reports a host function's exception from one slot shared by
+            # every thread: what this store's own host functions raised decides.
+            own = vm._calls.take_host_failure()
             vm.close()
+            if isinstance(own, GuestExit):  # proc_exit in a start function
+                raise VMExited(f"image {image.digest[:12]} exited while instantiating "
+                               f"(status {own.status})") from None
+            why = exc.message if isinstance(exc, wasmtime.Trap) else "a host call failed"
             raise VMTrapped(f"image {image.digest[:12]} trapped while instantiating: "
-                            f"{exc.message}") from None
+                            f"{why}") from None
         except wasmtime.WasmtimeError as exc:
             vm.close()
             raise VMMemoryLimit(f"cannot instantiate image {image.digest[:12]} within "
                                 f"{limits.memory_bytes} bytes: {exc}") from None
-        except GuestExit as exc:  # proc_exit in a start function
-            vm.close()
-            raise VMExited(f"image {image.digest[:12]} exited while instantiating "
-                           f"(status {exc.status})") from None
+        finally:
+            vm._calls.take_host_failure()  # nothing left for a later store at this address
         memory = vm._memory
         try:
             memory.attach([vm._export_memory(m.export) for m in image.memories],
