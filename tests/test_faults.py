@@ -16,7 +16,9 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -542,6 +544,36 @@ def test_proc_exit_marks_only_that_vm_failed(store, kv):
     assert_bystander_untouched(kv)
 
 
+def run_threads(*targets: Callable[[], None]) -> None:
+    """Run each target on its own thread; an exception on any of them fails the test."""
+    errors: list[BaseException] = []
+
+    def guarded(target: Callable[[], None]) -> None:
+        try:
+            target()
+        except BaseException as exc:  # re-raised below, on the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish"
+    if errors:
+        raise errors[0]
+
+
+def exits_until(image: Any, done: threading.Event) -> None:
+    """VMs calling proc_exit(3), one after another, until `done`: each call's host
+    function raises, which is what another thread must not be charged with."""
+    while not done.is_set():
+        vm = VM.create(image, LIMITS, clock="virtual")
+        with contextlib.suppress(err.VMExited):
+            vm.call("exit", 3)
+        vm.close()
+
+
 def test_an_exit_on_one_thread_is_not_charged_to_a_trap_on_another(store, workload):
     """Promise: with guests running on several threads at once, each call's failure is its
     own: one VM's proc_exit is never reported as another's trap, nor the other way round
@@ -551,17 +583,19 @@ def test_an_exit_on_one_thread_is_not_charged_to_a_trap_on_another(store, worklo
     done = threading.Event()
 
     def exiter() -> None:
-        for _ in range(300):
-            vm = VM.create(image, LIMITS, clock="virtual")
-            try:
-                vm.call("exit", 3)
-                wrong.append("exit returned")
-            except err.VMExited:
-                pass
-            except err.VMError as exc:
-                wrong.append(f"exit gave {exc!r}")
-            vm.close()
-        done.set()
+        try:
+            for _ in range(600):
+                vm = VM.create(image, LIMITS, clock="virtual")
+                try:
+                    vm.call("exit", 3)
+                    wrong.append("exit returned")
+                except err.VMExited:
+                    pass
+                except err.VMError as exc:
+                    wrong.append(f"exit gave {exc!r}")
+                vm.close()
+        finally:
+            done.set()
 
     def trapper() -> None:
         vm = VM.create(workload["memhog"], LIMITS)
@@ -577,13 +611,48 @@ def test_an_exit_on_one_thread_is_not_charged_to_a_trap_on_another(store, worklo
                 break
         vm.close()
 
-    threads = [threading.Thread(target=f) for f in (exiter, trapper, trapper)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert done.is_set()
+    run_threads(exiter, trapper, trapper)
     assert wrong == [], f"{len(wrong)} calls got another VM's failure, e.g. {wrong[:3]}"
+
+
+def test_a_boot_fails_for_its_own_reason_while_other_threads_exit(store):
+    """Promise: a VM whose boot fails (a start function that traps or exits, a memory
+    minimum over the cap) gets the error of its own failure while guests on other
+    threads call proc_exit, whose status never appears in it."""
+    start_fails = """(module (import {wasi} "{fn}" (func $f {sig}))
+      (memory (export "memory") 1)
+      (func $s (if (i32.eq (memory.grow (i32.const 256)) (i32.const -1)) (then {fail})))
+      (start $s))"""
+    kinds = {  # image, under a 1 MiB cap -> the error and what its message must say
+        "trap": (store.add(wat(start_fails.format(
+            wasi=WASI, fn="sched_yield", sig="(result i32)", fail="unreachable"))),
+            err.VMTrapped, "unreachable"),
+        "exit": (store.add(wat(start_fails.format(
+            wasi=WASI, fn="proc_exit", sig="(param i32)", fail="(call $f (i32.const 7))"))),
+            err.VMExited, "status 7"),
+        "too big": (store.add(wat('(module (memory (export "memory") 32))')),
+                    err.VMMemoryLimit, "within 1048576 bytes"),
+    }
+    small = VMLimits(memory_bytes=1 << 20)
+    exiter_image = store.add(wat_file("wasi.wat"))
+    wrong: list[str] = []
+    done = threading.Event()
+
+    def booter() -> None:
+        try:
+            for _ in range(300):
+                for kind, (image, error, says) in kinds.items():
+                    try:
+                        VM.create(image, small).close()
+                        wrong.append(f"{kind}: booted")
+                    except err.VMError as exc:
+                        if type(exc) is not error or says not in str(exc):
+                            wrong.append(f"{kind}: {exc!r}")
+        finally:
+            done.set()
+
+    run_threads(booter, lambda: exits_until(exiter_image, done))
+    assert wrong == [], f"{len(wrong)} boots got another failure, e.g. {wrong[:3]}"
 
 
 # --- 8. the command line -------------------------------------------------------------------

@@ -249,11 +249,32 @@ class RawTrap(Exception):
     """
 
     def __init__(self, message: str, code: wasmtime.TrapCode | None,
-                 host_exc: BaseException | None) -> None:
+                 host_exc: BaseException | None, *, is_error: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.host_exc = host_exc
+        self.is_error = is_error  # wasmtime returned an error (a limit, say), not a trap
+
+
+def instantiate(pre: wasmtime.InstancePre, store: wasmtime.Store) -> wasmtime.Instance:
+    """`pre.instantiate(store)`, running start functions, minus wasmtime-py's one
+    exception slot for the whole process: a host function's exception is this
+    store's own record on this thread (`record_host_failure`), never another
+    thread's. Raises RawTrap if a start function trapped or wasmtime refused."""
+    instance = ffi.wasmtime_instance_t()
+    trap = ctypes.POINTER(ffi.wasm_trap_t)()
+    ctx = context_of(store)
+    err = ffi.wasmtime_instance_pre_instantiate(
+        pre.ptr(), ctx, ctypes.byref(instance), ctypes.byref(trap))
+    if err or trap:
+        wasmtime_func.LAST_EXCEPTION = None  # not read: see `_host_failures`
+        host_exc = _host_failure_in(_address(ctx))
+        if err:
+            raise RawTrap(error_text(err), None, host_exc, is_error=True)
+        caught = wasmtime.Trap._from_ptr(trap)  # noqa: SLF001
+        raise RawTrap(caught.message, caught.trap_code, host_exc)
+    return wasmtime.Instance._from_raw(instance)  # noqa: SLF001
 
 
 class EpochClock(Protocol):
@@ -343,17 +364,12 @@ class FastCaller:
             return views[0].value
         return fn.results()
 
-    def take_host_failure(self) -> BaseException | None:
-        """What a host function raised in this store on this thread since it was last
-        read, or None: for guest code wasmtime-py ran itself (a start function)."""
-        return _host_failure_in(self._ctx)
-
     def _trap_of(self, err: Any) -> RawTrap:
         # wasmtime-py's one slot for every thread is dropped, not read (above).
         wasmtime_func.LAST_EXCEPTION = None
         host_exc = _host_failure_in(self._ctx)
         if err:
-            return RawTrap(error_text(err), None, host_exc)
+            return RawTrap(error_text(err), None, host_exc, is_error=True)
         trap = wasmtime.Trap._from_ptr(self._trap)  # noqa: SLF001
         # The Trap now owns the pointer: the next call needs a fresh one.
         self._trap = ctypes.POINTER(ffi.wasm_trap_t)()

@@ -119,24 +119,10 @@ class VM:
                          memories=max(1, len(image.memories) + bool(image.dirty_export)))
         try:
             vm._calls.arm()  # start functions run under the boot limits too
-            vm._instance = image.pre.instantiate(store)
-        except (wasmtime.Trap, GuestExit) as exc:
-            # wasmtime-py reports a host function's exception from one slot shared by
-            # every thread: what this store's own host functions raised decides.
-            own = vm._calls.take_host_failure()
+            vm._instance = fastcall.instantiate(image.pre, store)
+        except RawTrap as failure:
             vm.close()
-            if isinstance(own, GuestExit):  # proc_exit in a start function
-                raise VMExited(f"image {image.digest[:12]} exited while instantiating "
-                               f"(status {own.status})") from None
-            why = exc.message if isinstance(exc, wasmtime.Trap) else "a host call failed"
-            raise VMTrapped(f"image {image.digest[:12]} trapped while instantiating: "
-                            f"{why}") from None
-        except wasmtime.WasmtimeError as exc:
-            vm.close()
-            raise VMMemoryLimit(f"cannot instantiate image {image.digest[:12]} within "
-                                f"{limits.memory_bytes} bytes: {exc}") from None
-        finally:
-            vm._calls.take_host_failure()  # nothing left for a later store at this address
+            raise vm._boot_error(failure) from None
         memory = vm._memory
         try:
             memory.attach([vm._export_memory(m.export) for m in image.memories],
@@ -276,9 +262,28 @@ class VM:
         except RawTrap as trap:
             raise self._trap_error(fn.name, trap) from None
 
+    def _boot_error(self, failure: RawTrap) -> VMError:
+        """The error `boot` raises when instantiating failed (a start function
+        trapped or exited, or the memory cap was too small)."""
+        image = f"image {self.image.digest[:12]}"
+        host_exc = failure.host_exc
+        if isinstance(host_exc, GuestExit):
+            return VMExited(f"{image} exited while instantiating (status {host_exc.status})")
+        if host_exc is not None:
+            if not isinstance(host_exc, Exception):
+                raise host_exc  # KeyboardInterrupt, SystemExit: not the guest's doing
+            return VMTrapped(f"{image} trapped while instantiating: host function "
+                             f"failed: {host_exc!r}")
+        if failure.is_error:
+            return VMMemoryLimit(f"cannot instantiate {image} within "
+                                 f"{self.limits.memory_bytes} bytes: {failure.message}")
+        return VMTrapped(f"{image} trapped while instantiating: {failure.message}")
+
     def _trap_error(self, name: str, trap: RawTrap) -> VMError:
         """The error a caller sees for a call that trapped (`proc_exit` fails the VM)."""
         host_exc = trap.host_exc
+        if host_exc is not None and not isinstance(host_exc, Exception):
+            raise host_exc  # KeyboardInterrupt, SystemExit: not the guest's doing
         if isinstance(host_exc, GuestExit):
             self.failed = f"guest exited with status {host_exc.status}"
             return VMExited(f"{name!r}: {self.failed}")
