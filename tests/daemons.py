@@ -49,6 +49,7 @@ class Daemon:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    stop_asked: bool = False  # `ask_to_stop` signalled this process: `stop` only waits
 
     @property
     def endpoint(self) -> str:
@@ -71,6 +72,7 @@ class Daemon:
         return peer_tokens.mint(cloudlet_identity(self.cluster_dir, node), self.name)
 
     def start(self) -> Daemon:
+        self.stop_asked = False
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cloudlet.cli", "agent", "--config", str(self.config_path)],
@@ -95,12 +97,19 @@ class Daemon:
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
+        if self.proc.poll() is None and not self.stop_asked:
             self.proc.send_signal(sig)
         code = self.proc.wait(timeout_s)
         if self.proc.stdout:
             self.proc.stdout.close()
         return code
+
+    def ask_to_stop(self, sig: int = signal.SIGTERM) -> None:
+        """Send `sig` without waiting: several daemons then shut down side by side
+        (`stop` afterwards waits, and sends nothing more)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.stop_asked = True
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -208,6 +217,8 @@ def daemon_pair(tmp: Path, **settings: Any) -> Iterator[tuple[Daemon, Daemon]]:
     east = make_daemon(tmp, "east", **settings).start()
     west = make_daemon(tmp, "west", **settings).start()
     yield east, west
+    for d in (east, west):  # side by side
+        d.ask_to_stop()
     for d in (east, west):
         if d.proc is not None and d.proc.poll() is None:
             d.stop()

@@ -126,6 +126,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         try:
             yield Cluster(tmp, url, daemons)
         finally:
+            for d in daemons.values():  # side by side: each may wait out its grace period
+                d.ask_to_stop()
             for d in daemons.values():
                 with contextlib.suppress(Exception):
                     d.stop()
