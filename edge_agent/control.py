@@ -101,6 +101,7 @@ class ControlPlane:
         self._events: list[dict[str, Any]] = []  # outcomes to publish (e.g. migrations)
         self._wake = asyncio.Event()
         self.connected = asyncio.Event()
+        self._stopping = False  # `stop()`: `run` ends rather than reconnect
         self._last_calls: dict[str, int] = {}
         self._last_tick = time.monotonic()
         # Orders signed before this process started are refused: the nonces that
@@ -158,8 +159,21 @@ class ControlPlane:
                     self.connected.clear()
                     self.metrics.mqtt_connected.set(0)
                     self._client = None
+                if self._stopping:
+                    return  # the session's end may be an error that came in place of a cancel
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def stop(self) -> None:
+        """The daemon is stopping: `run`, cancelled next, must end, not reconnect.
+
+        Why a flag and not the cancellation alone: on Python 3.11 a cancellation can
+        arrive as an error instead (a TaskGroup whose child fails while being
+        cancelled raises that error; aiomqtt's disconnect, cut short, raises
+        MqttError), which `run` takes for a lost broker; and a TaskGroup can leave
+        the task counted as cancelling after a mere broker loss, so
+        `Task.cancelling()` cannot tell either."""
+        self._stopping = True
 
     async def _session(self, host_name: str, port: int, tls: bool,
                        running: asyncio.TaskGroup) -> None:

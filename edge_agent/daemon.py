@@ -107,20 +107,25 @@ async def _serve(config: NodeConfig, stop: asyncio.Event) -> list[str]:
                      len(host.vms))
             async with contextlib.AsyncExitStack() as roles, asyncio.TaskGroup() as tg:
                 background = [tg.create_task(_checkpoint_loop(host, config, metrics))]
+                stoppers: list[Callable[[], None]] = []
                 if control is not None:
                     background.append(tg.create_task(control.run()))
+                    stoppers.append(control.stop)
                 if control is not None and config.orchestrator.enabled:
                     roles.enter_context(StateLock(config.state_path / ORCHESTRATOR_DIR,
                                                   f"the orchestrator of {config.name}"))
                     orchestrator = Orchestrator(config, trust.identity, trust.verifier,
                                                 OrchestratorMetrics(metrics.registry))
                     background.append(tg.create_task(orchestrator.run()))
+                    stoppers.append(orchestrator.stop)
                 await stop.wait()
                 log.info("shutting down: finishing requests, checkpointing VMs")
                 await runner.cleanup()  # stop listening, close streams, finish requests
                 unsaved = await host.shutdown()
                 if control is not None:
                     await control.say_goodbye()
+                for stop_reconnecting in stoppers:
+                    stop_reconnecting()
                 for task in background:
                     task.cancel()
         finally:

@@ -98,6 +98,7 @@ class Discovery:
         self._task: asyncio.Task[None] | None = None
         self._subscribing: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
+        self._closing = False
 
     async def __aenter__(self) -> Discovery:
         if self.broker:
@@ -108,6 +109,9 @@ class Discovery:
     async def __aexit__(self, *exc: object) -> None:
         tasks = [t for t in (self._task, *self._subscribing) if t is not None]
         self._task = None
+        # The loop must end, not reconnect, even if the cancellation arrives as an
+        # MqttError (aiomqtt's disconnect, cut short, raises one in its place).
+        self._closing = True
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -247,6 +251,8 @@ class Discovery:
             finally:
                 self._mqtt = None
                 self.connected.clear()
+            if self._closing:
+                return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 

@@ -212,6 +212,12 @@ class Mosquitto:
             time.sleep(0.05)
         return False
 
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the broker: SIGSTOP hangs it (the kernel still accepts its TCP
+        connections, nothing answers), SIGCONT lets it go on."""
+        assert self._proc is not None, "not started"
+        self._proc.send_signal(sig)
+
     def _log_tail(self) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])

@@ -22,6 +22,9 @@ import pytest
 
 from cloudlet.protocol import command_message
 from cloudlet.trust.sealed import seal
+from edge_agent.config import NodeConfig
+from edge_agent.control import ControlPlane
+from edge_agent.metrics import Metrics
 from tests.conftest import WORKLOADS
 from tests.daemons import (
     free_port,
@@ -159,6 +162,81 @@ def test_data_plane_survives_losing_the_broker(tmp_path: Path) -> None:
             assert topics[f"{P}/vms/{vm}/location"]["node"] == "cp2"
     finally:
         d.kill()
+
+
+def test_a_daemon_whose_broker_hangs_still_stops_on_sigterm(tmp_path: Path) -> None:
+    """Promise: SIGTERM stops a daemon whose broker hangs (its socket open, nothing
+    answered): its offline presence times out (the Will says it later) and it exits."""
+    binary = require_binary("mosquitto", "mosquitto")
+    broker = Mosquitto(binary, tmp_path)
+    with broker as url:
+        # A long keepalive: the hung broker is not noticed before the SIGTERM.
+        d = make_daemon(tmp_path, "cp3", broker_url=url, mqtt_keepalive_s=60).start()
+        try:
+            collect(url, [f"{P}/nodes/cp3/presence"], lambda g: bool(g))
+            broker.signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                code = d.stop(timeout_s=45)
+                took_s = time.monotonic() - started
+            finally:
+                broker.signal(signal.SIGCONT)
+        finally:
+            d.kill()
+    assert code == 0, d.log_path.read_text(errors="replace")[-2000:]
+    assert took_s < 30, f"stopping took {took_s:.1f} s"
+
+
+def test_a_stopped_control_plane_ends_even_if_its_session_ends_in_an_error() -> None:
+    """Promise: stopping `ControlPlane.run` (`stop()`, then cancel: the daemon's shutdown)
+    ends it, even when the MQTT session it was in ends with an MqttError instead of
+    the cancellation (on Python 3.11 a TaskGroup whose child fails while being
+    cancelled raises that error, and aiomqtt's disconnect can fail the same way). The loop took it for a
+    lost broker and retried for ever: a daemon stuck after its shutdown's last step
+    was found in a suite run, its control plane 'cancelling' in the retry sleep.
+
+    The session is the one stand-in here: that race cannot be provoked on demand."""
+
+    class EndsInAnError(ControlPlane):
+        sessions = 0
+
+        async def _session(self, host_name: str, port: int, tls: bool,
+                           running: asyncio.TaskGroup) -> None:
+            type(self).sessions += 1
+            self.connected.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise aiomqtt.MqttError("Operation timed out") from None
+
+    # Only what `run` itself reads: the rest of a control plane is not involved.
+    plane = EndsInAnError.__new__(EndsInAnError)
+    plane.config = NodeConfig(broker_url="mqtt://127.0.0.1:1")
+    plane.metrics = Metrics()
+    plane.connected = asyncio.Event()
+    plane._client = None  # noqa: SLF001
+    plane._stopping = False  # noqa: SLF001
+
+    async def main() -> str:
+        task = asyncio.create_task(plane.run())
+        await asyncio.wait_for(plane.connected.wait(), 5)
+        plane.stop()  # as the daemon does, before it cancels its background tasks
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        if not done:  # before the fix: it slept, reconnected, and never ended
+            return f"still running after the cancel, {EndsInAnError.sessions} sessions"
+        return "ended" if task.cancelled() or task.exception() is None \
+            else f"ended with {task.exception()!r}"
+
+    # A loop of its own, closed without waiting for what is left: a task that ignores
+    # cancellation would make asyncio.run's clean-up wait for ever.
+    loop = asyncio.new_event_loop()
+    try:
+        outcome = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert outcome == "ended"
+    assert EndsInAnError.sessions == 1
 
 
 def test_cloudlet_up_presence_and_last_will_seen_by_mosquitto_sub(tmp_path: Path) -> None:

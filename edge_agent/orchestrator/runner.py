@@ -135,6 +135,7 @@ class Orchestrator:
         self.keeper.note_epoch(self.tracker.epoch_seen)
         self.username, self.password = broker_credentials(config)
         self.connected = asyncio.Event()
+        self._stopping = False  # `stop()`: `run` ends rather than reconnect
         self.rounds = 0
         self.last_round_s = 0.0
         self.outcomes: list[Outcome] = []  # recent, for tests and the emulator
@@ -172,8 +173,16 @@ class Orchestrator:
                 self.connected.clear()
                 self.metrics.leader.set(0)
                 self._client = None
+            if self._stopping:
+                return  # the session's end may be an error that came in place of a cancel
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def stop(self) -> None:
+        """Stopping: `run`, cancelled next, must end, not reconnect (as
+        `ControlPlane.stop`: on Python 3.11 the cancellation can arrive as an
+        MqttError)."""
+        self._stopping = True
 
     async def _session(self, host: str, port: int, tls: bool) -> None:
         c = self.config

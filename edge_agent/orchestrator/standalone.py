@@ -49,6 +49,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
             print(f"orchestrator {orchestrator.holder} policy {orchestrator.policy.name} "
                   f"region {config.orchestrator.region}", flush=True)
             await stop.wait()
+            orchestrator.stop()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
