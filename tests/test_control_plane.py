@@ -191,9 +191,10 @@ def test_a_stopped_control_plane_ends_even_if_its_session_ends_in_an_error() -> 
     """Promise: stopping `ControlPlane.run` (`stop()`, then cancel: the daemon's shutdown)
     ends it, even when the MQTT session it was in ends with an MqttError instead of
     the cancellation (on Python 3.11 a TaskGroup whose child fails while being
-    cancelled raises that error, and aiomqtt's disconnect can fail the same way). The loop took it for a
-    lost broker and retried for ever: a daemon stuck after its shutdown's last step
-    was found in a suite run, its control plane 'cancelling' in the retry sleep.
+    cancelled raises that error, and aiomqtt's disconnect can fail the same way).
+    The loop took it for a lost broker and retried for ever: a daemon stuck after
+    its shutdown's last step was found in a suite run, its control plane
+    'cancelling' in the retry sleep.
 
     The session is the one stand-in here: that race cannot be provoked on demand."""
 
