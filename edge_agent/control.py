@@ -141,6 +141,7 @@ class ControlPlane:
         away does not cancel a migration half-way."""
         host_name, port, tls = broker_address(self.config.broker_url)
         backoff = BACKOFF_START_S
+        self._stopping = False
         async with asyncio.TaskGroup() as running:
             while True:
                 # Errors arrive wrapped in ExceptionGroups from the session's TaskGroup.
@@ -159,8 +160,8 @@ class ControlPlane:
                     self.connected.clear()
                     self.metrics.mqtt_connected.set(0)
                     self._client = None
-                if self._stopping:
-                    return  # the session's end may be an error that came in place of a cancel
+                if self._stopping:  # the session's end may be an error in place of the cancel
+                    raise asyncio.CancelledError  # ... and commands under way are cancelled
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 # orchestrator or operator of the cluster, fresh, of a current epoch.
 COMMANDER = Principal("control-plane", is_peer=True, is_operator=True)
 SHUTDOWN_GRACE_S = 10.0  # in-flight requests get this long to finish
+CANCEL_AGAIN_S = 1.0  # a background task not ended by its cancel is cancelled again
 __all__ = ["SECRET_FILE", "run", "serve"]
 
 
@@ -118,19 +119,32 @@ async def _serve(config: NodeConfig, stop: asyncio.Event) -> list[str]:
                                                 OrchestratorMetrics(metrics.registry))
                     background.append(tg.create_task(orchestrator.run()))
                     stoppers.append(orchestrator.stop)
-                await stop.wait()
-                log.info("shutting down: finishing requests, checkpointing VMs")
-                await runner.cleanup()  # stop listening, close streams, finish requests
-                unsaved = await host.shutdown()
-                if control is not None:
-                    await control.say_goodbye()
-                for stop_reconnecting in stoppers:
-                    stop_reconnecting()
-                for task in background:
-                    task.cancel()
+                try:
+                    await stop.wait()
+                    log.info("shutting down: finishing requests, checkpointing VMs")
+                    await runner.cleanup()  # stop listening, close streams, finish requests
+                    unsaved = await host.shutdown()
+                    if control is not None:
+                        await control.say_goodbye()
+                finally:  # also when a background task failed and the group cancels the rest
+                    for stop_reconnecting in stoppers:
+                        stop_reconnecting()
+                await _cancel_until_done(background)
         finally:
             await runner.cleanup()
     return unsaved
+
+
+async def _cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel `tasks`, again every second until each has ended: on Python 3.11 a
+    cancel that lands as an awaited operation completes (`asyncio.wait_for`, which
+    aiomqtt's publish uses) is dropped, and the task would run on."""
+    pending = [t for t in tasks if not t.done()]
+    while pending:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+        pending = [t for t in pending if not t.done()]
 
 
 async def _checkpoint_loop(host: VMHost, config: NodeConfig, metrics: Metrics) -> None:

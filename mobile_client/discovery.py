@@ -101,6 +101,7 @@ class Discovery:
         self._closing = False
 
     async def __aenter__(self) -> Discovery:
+        self._closing = False
         if self.broker:
             self._task = asyncio.get_running_loop().create_task(self._run(),
                                                                 name="cloudlet-discovery")
@@ -251,8 +252,8 @@ class Discovery:
             finally:
                 self._mqtt = None
                 self.connected.clear()
-            if self._closing:
-                return
+            if self._closing:  # the session's end may be an error in place of the cancel
+                raise asyncio.CancelledError
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 

@@ -187,6 +187,28 @@ def test_a_daemon_whose_broker_hangs_still_stops_on_sigterm(tmp_path: Path) -> N
     assert took_s < 30, f"stopping took {took_s:.1f} s"
 
 
+@pytest.mark.parametrize("after_s", [0.0, 0.05, 0.1, 0.15, 0.25])
+def test_a_daemon_whose_broker_stops_during_its_shutdown_still_exits(
+        tmp_path: Path, after_s: float) -> None:
+    """Promise: a daemon and its broker stopped side by side (a host going down, a test's
+    teardown) both end. The broker going away mid-shutdown ended the control plane's
+    session with an error in place of the cancellation, and the daemon then retried
+    the broker for ever (about half of such stops hung, before the fix)."""
+    binary = require_binary("mosquitto", "mosquitto")
+    broker = Mosquitto(binary, tmp_path)
+    with broker as url:
+        d = make_daemon(tmp_path, "cp4", broker_url=url, mqtt_keepalive_s=5).start()
+        try:
+            time.sleep(0.5)  # connected, or about to be: both are cases to stop from
+            d.ask_to_stop()
+            time.sleep(after_s)
+            broker.signal(signal.SIGTERM)
+            code = d.stop(timeout_s=20)
+        finally:
+            d.kill()
+    assert code == 0, d.log_path.read_text(errors="replace")[-2000:]
+
+
 def test_a_stopped_control_plane_ends_even_if_its_session_ends_in_an_error() -> None:
     """Promise: stopping `ControlPlane.run` (`stop()`, then cancel: the daemon's shutdown)
     ends it, even when the MQTT session it was in ends with an MqttError instead of

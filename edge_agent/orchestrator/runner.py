@@ -161,6 +161,7 @@ class Orchestrator:
             log.exception("orchestrator: warming the placer up failed")
         host, port, tls = broker_address(self.config.broker_url)
         backoff = BACKOFF_START_S
+        self._stopping = False
         while True:
             try:
                 await self._session(host, port, tls or self.config.broker_tls)
@@ -173,8 +174,8 @@ class Orchestrator:
                 self.connected.clear()
                 self.metrics.leader.set(0)
                 self._client = None
-            if self._stopping:
-                return  # the session's end may be an error that came in place of a cancel
+            if self._stopping:  # the session's end may be an error in place of the cancel
+                raise asyncio.CancelledError
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
