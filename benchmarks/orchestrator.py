@@ -402,6 +402,7 @@ async def running(o: Orchestrator) -> AsyncIterator[Orchestrator]:
             await o.connected.wait()
         yield o
     finally:
+        o.stop()  # else a cancel that arrives as an MqttError leaves it reconnecting
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
