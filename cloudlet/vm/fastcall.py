@@ -268,13 +268,21 @@ def instantiate(pre: wasmtime.InstancePre, store: wasmtime.Store) -> wasmtime.In
     err = ffi.wasmtime_instance_pre_instantiate(
         pre.ptr(), ctx, ctypes.byref(instance), ctypes.byref(trap))
     if err or trap:
-        wasmtime_func.LAST_EXCEPTION = None  # not read: see `_host_failures`
-        host_exc = _host_failure_in(_address(ctx))
-        if err:
-            raise RawTrap(error_text(err), None, host_exc, is_error=True)
-        caught = wasmtime.Trap._from_ptr(trap)  # noqa: SLF001
-        raise RawTrap(caught.message, caught.trap_code, host_exc)
+        raise raw_trap(_address(ctx), err, trap)
     return wasmtime.Instance._from_raw(instance)  # noqa: SLF001
+
+
+def raw_trap(ctx: int, err: Any, trap: Any) -> RawTrap:
+    """What ended guest code in the store at `ctx`: wasmtime's error `err`, else the
+    trap `trap` points to (the returned RawTrap's `Trap` now owns that pointer),
+    with the exception a host function of this store raised on this thread.
+    wasmtime-py's one slot for every thread is dropped, not read (`_host_failures`)."""
+    wasmtime_func.LAST_EXCEPTION = None
+    host_exc = _host_failure_in(ctx)
+    if err:
+        return RawTrap(error_text(err), None, host_exc, is_error=True)
+    caught = wasmtime.Trap._from_ptr(trap)  # noqa: SLF001
+    return RawTrap(caught.message, caught.trap_code, host_exc)
 
 
 class EpochClock(Protocol):
@@ -365,13 +373,8 @@ class FastCaller:
         return fn.results()
 
     def _trap_of(self, err: Any) -> RawTrap:
-        # wasmtime-py's one slot for every thread is dropped, not read (above).
-        wasmtime_func.LAST_EXCEPTION = None
-        host_exc = _host_failure_in(self._ctx)
-        if err:
-            return RawTrap(error_text(err), None, host_exc, is_error=True)
-        trap = wasmtime.Trap._from_ptr(self._trap)  # noqa: SLF001
-        # The Trap now owns the pointer: the next call needs a fresh one.
-        self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
-        self._trap_address = ctypes.addressof(self._trap)
-        return RawTrap(trap.message, trap.trap_code, host_exc)
+        failure = raw_trap(self._ctx, err, self._trap)
+        if not err:  # the Trap now owns the pointer: the next call needs a fresh one
+            self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
+            self._trap_address = ctypes.addressof(self._trap)
+        return failure
