@@ -130,6 +130,7 @@ class DirectWebSocket(web.WebSocketResponse):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**{**kwargs, "compress": False, "autoping": False})
         self._direct: _DirectQueue | None = None
+        self._transport: asyncio.Transport | None = None
 
     @property
     def direct(self) -> bool:
@@ -162,6 +163,7 @@ class DirectWebSocket(web.WebSocketResponse):
         request.protocol.set_parser(parser, data_received_cb=callback)
         request.protocol.keep_alive(False)  # as aiohttp: no HTTP keep-alive on a WebSocket
         self._direct = queue
+        self._transport = request.transport
 
     def serve_directly(self, serve: Serve) -> None:
         """From now on, offer each binary message to `serve` first (no-op when not
@@ -195,6 +197,20 @@ class DirectWebSocket(web.WebSocketResponse):
         write buffer under `DIRECT_WRITE_LIMIT`."""
         return (not self.closed and not transport.is_closing()
                 and transport.get_write_buffer_size() <= DIRECT_WRITE_LIMIT)
+
+
+    def write_now(self, payload: bytes) -> bool:
+        """Write `payload` as one binary frame at once, without waiting for the loop's
+        next turn, if it can be written now (`can_write_now`); False, with nothing
+        written, if not. For a notice the client is waiting on (`moved`): a task
+        would send it only after whatever the caller does next. A whole frame in
+        one go, so it cannot land inside another frame: every frame here is
+        written whole (compression, which aiohttp may do in a thread, is off)."""
+        transport = self._transport
+        if self._direct is None or transport is None or not self.can_write_now(transport):
+            return False
+        write_binary(transport, payload)
+        return True
 
 
 def write_binary(transport: asyncio.Transport, payload: bytes) -> None:

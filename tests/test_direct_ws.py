@@ -226,6 +226,35 @@ def test_a_client_that_does_not_read_gets_no_direct_answers_beyond_the_limit() -
     asyncio.run(run())
 
 
+def test_a_notice_written_now_arrives_whole_and_only_while_the_socket_keeps_up() -> None:
+    """`write_now` (the `moved` notice at a migration's decision) writes a frame at
+    once, without a loop turn, between whole answers; once a client that does not
+    read has filled the socket past the limit it writes nothing and says so (the
+    caller then sends it through aiohttp's flow control)."""
+    async def run() -> None:
+        async with echo_server() as (server, url), aiohttp.ClientSession() as s, \
+                s.ws_connect(url, max_msg_size=1 << 20) as ws:
+            await ws.send_bytes(b"one")
+            assert await ws.receive_bytes() == b"direct:one"
+            notice = msgpack.packb({"id": None, "moved": {"vm": "v", "node": "n"}})
+            before = server.transports[0].get_write_buffer_size()
+            assert server.sockets[0].write_now(notice)  # no await: written as called
+            assert server.transports[0].get_write_buffer_size() <= before
+            await ws.send_bytes(b"two")
+            assert [await ws.receive_bytes() for _ in range(2)] == [notice, b"direct:two"]
+            big = bytes(32 << 10)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1):
+                    while True:
+                        await ws.send_bytes(big)
+            transport = server.transports[0]
+            assert transport.get_write_buffer_size() > direct_ws.DIRECT_WRITE_LIMIT
+            buffered = transport.get_write_buffer_size()
+            assert not server.sockets[0].write_now(notice)
+            assert transport.get_write_buffer_size() == buffered
+    asyncio.run(run())
+
+
 def test_an_aiohttp_with_another_reader_falls_back_to_its_own_path(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The fallback: a reader that takes other arguments (as aiohttp 3.11-3.13's, which
