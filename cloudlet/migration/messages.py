@@ -17,6 +17,7 @@ import dataclasses
 import re
 import reprlib
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
@@ -200,52 +201,59 @@ def decode(data: bytes | bytearray | memoryview,
     cls = MESSAGE_TYPES.get(kind) if type(kind) is str else None  # not str(kind): any value
     if cls is None:
         raise MigrationProtocolError("unknown message type")
-    hints = _hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in body:
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+    for name, optional, fits in _field_checks(cls):
+        if name not in body:
+            if optional:
                 continue
-            raise MigrationProtocolError(f"{cls.TYPE}: field {f.name!r} is missing")
-        value = body.pop(f.name)
-        if not _fits(value, hints[f.name]):
-            raise MigrationProtocolError(f"{cls.TYPE}: field {f.name!r} has the wrong type")
-        kwargs[f.name] = value
+            raise MigrationProtocolError(f"{cls.TYPE}: field {name!r} is missing")
+        value = body.pop(name)
+        if not fits(value):
+            raise MigrationProtocolError(f"{cls.TYPE}: field {name!r} has the wrong type")
+        kwargs[name] = value
     if body:
         raise MigrationProtocolError(f"{cls.TYPE}: unknown fields {sorted(map(str, body))}")
     return cls(**kwargs)
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+Check = Callable[[Any], bool]
+_FIELD_CHECKS: dict[type, tuple[tuple[str, bool, Check], ...]] = {}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = get_type_hints(cls)
-    return hints
+def _field_checks(cls: type) -> tuple[tuple[str, bool, Check], ...]:
+    """Each field's name, whether it may be left out, and its wire check; built once
+    per message type. Why: walking `typing`'s objects for every field of every
+    message cost ~40% of decoding a `final` (~0.1 ms), on the migration's pause."""
+    checks = _FIELD_CHECKS.get(cls)
+    if checks is None:
+        hints = get_type_hints(cls)
+        checks = _FIELD_CHECKS[cls] = tuple(
+            (f.name,
+             f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING,
+             _check_of(hints[f.name]))
+            for f in dataclasses.fields(cls))
+    return checks
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """Shallow check of a decoded value against a field's annotation."""
+def _check_of(hint: Any) -> Check:
+    """A shallow check of a decoded value against a field's annotation."""
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
-        return any(_fits(value, arm) for arm in get_args(hint))
+        arms = tuple(_check_of(arm) for arm in get_args(hint))
+        return lambda value: any(arm(value) for arm in arms)
     if hint is type(None):
-        return value is None
+        return lambda value: value is None
     if hint is Any:
-        return True
-    if hint is int:
-        return type(value) is int
-    if hint is float:
-        return type(value) is float
-    if hint in (str, bytes, bool):
-        return type(value) is hint
+        return lambda value: True
+    if hint in (int, float, str, bytes, bool):
+        return lambda value: type(value) is hint
     if origin is list:
         (item,) = get_args(hint)
-        return isinstance(value, list) and all(_fits(v, item) for v in value)
+        item_fits = _check_of(item)
+        return lambda value: isinstance(value, list) and all(item_fits(v) for v in value)
     if origin is dict:
         key, item = get_args(hint)
-        return isinstance(value, dict) and all(
-            _fits(k, key) and _fits(v, item) for k, v in value.items())
+        key_fits, item_fits = _check_of(key), _check_of(item)
+        return lambda value: isinstance(value, dict) and all(
+            key_fits(k) and item_fits(v) for k, v in value.items())
     raise TypeError(f"no wire check for {hint!r}")  # a programming error, caught by tests
