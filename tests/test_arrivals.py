@@ -48,6 +48,30 @@ def test_held_streams_learn_that_the_vm_landed_or_is_not_coming() -> None:
     run(case())
 
 
+def test_a_held_stream_wakes_ahead_of_the_rest_of_the_landing() -> None:
+    """The destination lands the VM, gives the loop one turn, then goes on with its
+    own work (removing files, the chunk store): the held stream, whose client's
+    call waits on it, must have run by then."""
+    async def case() -> None:
+        arrivals = Arrivals()
+        arrival = arrivals.expect("vm-1", "alice")
+        order: list[str] = []
+
+        async def held() -> None:
+            assert await arrival.wait(5.0) is HOSTED
+            order.append("stream")
+
+        task = asyncio.ensure_future(held())
+        await asyncio.sleep(0)
+        arrivals.landed("vm-1", HOSTED)
+        await asyncio.sleep(0)
+        order.append("rest of the landing")
+        await task
+        assert order == ["stream", "rest of the landing"]
+
+    run(case())
+
+
 def test_a_held_stream_waits_at_most_its_bound() -> None:
     async def case() -> None:
         arrival = Arrivals().expect("vm-1", "alice")
