@@ -26,7 +26,8 @@ _TYPE = re.compile(rb"\xa1t([\xa0-\xbf])")  # msgpack: the key "t", then a short
 @dataclass
 class Trigger:
     message: str  # the migration message type to act on
-    when: str  # "before" or "after" forwarding it
+    when: str  # "before" forwarding it (which it then never is), "after", or "on-the-way"
+    # (acted on, then forwarded: the action happens before the peer can react)
     action: Callable[[], None]  # what to do (kill a process, ...); "drop"/"stall" built in
     kind: str = "call"  # "call", "drop" or "stall"
 
@@ -67,6 +68,8 @@ class MigrationProxy(LoopbackProxy):
                     if trigger.kind == "stall":
                         continue  # swallowed, and everything after it
                     return  # the message (and what came with it) never arrives
+                if hit and trigger is not None and trigger.when == "on-the-way":
+                    self._act(trigger)
                 writer.write(data)
                 await writer.drain()
                 if hit and trigger is not None and trigger.when == "after":

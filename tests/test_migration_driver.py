@@ -8,6 +8,7 @@ state intact; after it, it lives at the destination. Never both, never neither.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from cloudlet.errors import ImageNotFound, MigrationChannelLost, VMMoved
 from cloudlet.linkproxy import shaped_link
 from cloudlet.migration import (
+    BecomeTombstone,
     ChunkStore,
     MemoryChannel,
     MigrationStats,
@@ -171,6 +173,36 @@ def test_destination_raising_aborts_and_the_source_resumes(store: ImageStore,
     stats, got, gate, _ = asyncio.run(migrate(vm, a, b, BrokenImages(store)))
     assert stats.outcome == got.outcome == "aborted" and stats.abort_code == "image_not_found"
     assert not gate.paused and state(vm) == before
+
+
+class DiskFullAtTheDecision(VMGate):
+    """Source hooks whose commit point cannot be written (a full disk)."""
+
+    async def tombstone(self, event: BecomeTombstone) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_decision_that_cannot_be_written_aborts_both_ends_and_the_source_resumes(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """The hook's error is an OSError, like a lost channel's; taken for one after the
+    machine's commit, the driver returned "committed" without sending `Commit`: the
+    source dropped the VM and the destination, asking, heard "no"."""
+    vm = make_vm(workload["memhog"])
+    before = state(vm)
+    gate = DiskFullAtTheDecision()
+
+    async def main() -> tuple[MigrationStats, Received]:
+        a, b = memory_channel_pair()
+        return await asyncio.gather(run_source(vm, a, hooks=gate, deadline_s=DEADLINE_S),
+                                    run_destination(b, store, ChunkStore(),
+                                                    deadline_s=DEADLINE_S))
+
+    stats, got = asyncio.run(main())
+    assert stats.outcome == "aborted" and stats.abort_code == "migration_decision_failed"
+    assert stats.committed_s is None
+    assert got.outcome == "aborted" and got.vm is None  # told to drop what it held
+    assert not gate.paused and gate.tombstoned is None and state(vm) == before
+    vm.call("hog_dirty", 1, 1)  # serving here again
 
 
 def test_destination_silent_times_out_and_the_source_resumes(workload: dict[str, Image]) -> None:

@@ -58,6 +58,9 @@ CASES = [
     ("commit", "before", "drop", "west"),
     ("chunks", "after", "stall", "east"),
     ("final", "before", "stall", "east"),
+    # The source's decision cannot be made durable (its record is gone, as a full disk
+    # would fail it): not committed; the destination is told to drop what it holds.
+    ("ready", "on-the-way", "lose-record", "east"),
 ]
 
 
@@ -109,7 +112,14 @@ def test_fault_at_each_phase(pair: tuple[Daemon, Daemon], message: str, when: st
         assert d.proc is not None
         os.kill(d.proc.pid, signal.SIGKILL)
 
-    action = {"kill-destination": lambda: kill(west), "kill-source": lambda: kill(east)}
+    def lose_record() -> None:
+        records = list((east.state_dir / "vms").glob(f"{vm_id}.moved.*.prepared"))
+        assert records, "no record written ahead of the decision"
+        for record in records:
+            record.unlink()
+
+    action = {"kill-destination": lambda: kill(west), "kill-source": lambda: kill(east),
+              "lose-record": lose_record}
     kind = fault if fault in ("drop", "stall") else "call"
 
     async def run() -> None:

@@ -27,7 +27,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcon
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cloudlet.errors import MigrationChannelLost, MigrationProtocolError, VMMoved
+from cloudlet.errors import CloudletError, MigrationChannelLost, MigrationProtocolError, VMMoved
 from cloudlet.migration.chunkstore import ChunkStore
 from cloudlet.migration.destination import DestinationMigration, ImageSource
 from cloudlet.migration.events import (
@@ -181,7 +181,7 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
                 elif isinstance(ev, Throttle) and hasattr(hooks, "throttle"):
                     hooks.throttle(ev.call_interval_s)
                 elif isinstance(ev, BecomeTombstone):
-                    await hooks.tombstone(ev)
+                    await _decide(mig, hooks, ev)
             except TimeoutError:
                 if mig.outcome == "committed":
                     return mig.stats  # the Commit may be late; the destination will ask
@@ -201,6 +201,21 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
         if lift is not None:
             lift(0.0)  # the spacing was for this migration only
         _free_later(mig)
+
+
+async def _decide(mig: SourceMigration, hooks: SourceHooks, ev: BecomeTombstone) -> None:
+    """The commit point: `hooks.tombstone`. If it fails, nothing was decided, whatever
+    the error (a full disk's is an OSError, like a lost channel's, but the channel is
+    fine): the `Commit` must not go, and the VM serves here again. (Taken for a lost
+    channel after the machine's commit, it returned "committed": the source dropped
+    the VM, the destination, never told, asked and heard "no": the VM was nowhere.)"""
+    try:
+        await hooks.tombstone(ev)
+    except Exception as exc:
+        code = exc.code if isinstance(exc, CloudletError) else "migration_decision_failed"
+        log.error("migration %s: the decision could not be made durable (%r); the VM "
+                  "stays here", mig.migration_id, exc)
+        mig.decision_failed(code, f"the decision could not be made durable: {exc!r}")
 
 
 def _free_later(mig: SourceMigration | DestinationMigration) -> None:

@@ -257,6 +257,16 @@ class SourceMigration:
         self._annex = dict(annex or {})
         self.state = SourceState.FINAL
 
+    def decision_failed(self, code: str, reason: str) -> None:
+        """The driver could not make the decision durable (its `BecomeTombstone`
+        failed: a full disk, a record gone, a refusal): the migration did not commit
+        after all. The queued `Commit` is withdrawn, the destination is told to abort
+        (it holds the VM, ready, not serving: it drops it), and the VM resumes here."""
+        if self.state is not SourceState.COMMITTED:
+            raise MigrationError(f"decision_failed() in state {self.state.value}")
+        self.stats.committed_s = None
+        self._abort(code, reason)
+
     def abort(self, code: str, reason: str, *, tell_peer: bool = True) -> None:
         """Give up (timeout, lost channel, shutdown). A no-op once committed or aborted."""
         if self.state in (SourceState.COMMITTED, SourceState.ABORTED):
