@@ -385,6 +385,7 @@ class LiveMigrations:
         # milliseconds: forgotten in memory now, its file removed off the loop below
         # (before the incoming rounds go: a restart in between restores it from them).
         where_before = self.host.tombstones.pop(vm.id)
+        old_migrations = self.host.tombstones.migrations_of(vm.id) if where_before else []
         try:
             hosted = self.host.activate(vm, annex.get(ANNEX_KEY), generation_of(annex))
         except BaseException:
@@ -396,10 +397,18 @@ class LiveMigrations:
             hosted.arrived_last_call_unix = last_call
         self.arrivals.landed(hosted.id, hosted)
         await asyncio.sleep(HELD_STREAMS_FIRST_S)  # the held streams' calls go first
-        if where_before is not None:
-            await asyncio.to_thread(self.host.tombstones.remove_files, vm.id)
+        self._spawn(self._after_landing(hosted, where_before is not None, old_migrations,
+                                        migration_id))
+
+    async def _after_landing(self, hosted: HostedVM, came_back: bool,
+                             old_migrations: list[str], migration_id: str | None) -> None:
+        """The old tombstone's files go first (by name, under the VM's persist lock:
+        `VMHost.forget_tombstone`), then, later, the incoming rounds: a restart in
+        between restores the VM from them, never finds a tombstone beside them."""
+        if came_back:
+            await self.host.forget_tombstone(hosted, old_migrations)
         if migration_id:
-            self._spawn(self._checkpoint_then_forget(hosted, migration_id))
+            await self._checkpoint_then_forget(hosted, migration_id)
 
     async def _remember_chunks(self, chunk_data: list[bytes | memoryview]) -> None:
         """Put what arrived into the chunk store, so later migrations of similar VMs

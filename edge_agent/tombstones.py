@@ -30,6 +30,7 @@ import errno
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -137,11 +138,21 @@ class Tombstones:
         to remove on the thread it chooses)."""
         return self.where.pop(vm_id, None)
 
-    def remove_files(self, vm_id: str) -> None:
-        """Remove `vm_id`'s tombstone and its migrations' records (it came back)."""
-        self.path(vm_id).unlink(missing_ok=True)
-        for record in self.vm_dir.glob(f"{vm_id}{SUFFIX}.*{PREPARED}"):
-            record.unlink(missing_ok=True)
+    def migrations_of(self, vm_id: str) -> list[str]:
+        """The live migrations that moved `vm_id` away from here (their records are
+        named by them)."""
+        return [m for m, moved in self._moved_by.items() if moved == vm_id]
+
+    def remove_files(self, vm_id: str, migration_ids: Iterable[str], *,
+                     tombstone: bool = True) -> None:
+        """Remove `vm_id`'s tombstone (unless `tombstone` is False) and the records of
+        `migration_ids` (it came back). By name, never by pattern: a record written
+        meanwhile, by a move of the VM out again, is that move's (its commit point),
+        and must stay."""
+        if tombstone:
+            self.path(vm_id).unlink(missing_ok=True)
+        for migration_id in migration_ids:
+            (self.vm_dir / f"{vm_id}{SUFFIX}.{migration_id}{PREPARED}").unlink(missing_ok=True)
 
     def forget(self, vm_id: str) -> None:
         """Remove `vm_id`'s tombstone, in memory and on disk (a move that did not

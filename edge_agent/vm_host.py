@@ -516,9 +516,22 @@ class VMHost:
         # never dropped for them (docs/daemon.md).
         self._share_reply_room(hosted.owner)
         if self.tombstones.pop(vm.id) is not None:  # it came back
-            self.tombstones.remove_files(vm.id)
+            self.tombstones.remove_files(vm.id, self.tombstones.migrations_of(vm.id))
         self.on_change(vm.id, hosted)
         return hosted
+
+    async def forget_tombstone(self, hosted: HostedVM, migration_ids: list[str]) -> None:
+        """Remove the files of the tombstone `hosted` left when it went away (it came
+        back: forgotten in memory already), on a worker thread, under its persist
+        lock: every move out writes its tombstone under that lock, so none is being
+        written meanwhile, and if the VM has left again by now, `ID.moved` is that
+        move's and stays (the old migrations' records go in any case)."""
+        tombstones = self.tombstones
+        async with hosted.persist_lock:
+            gone_again = hosted.id in tombstones.where
+            await self.workers.checkpoints.run(
+                Workers.NODE, lambda: tombstones.remove_files(hosted.id, migration_ids,
+                                                              tombstone=not gone_again))
 
     async def hand_over(self, hosted: HostedVM, where: Location) -> None:
         """The destination committed: forget the VM here, durably, and leave a
@@ -578,9 +591,7 @@ class VMHost:
                                       on_orphan=VM.close)
             hosted = await self._adopt_durably(vm, admission, gate, generation_of(snap.annex))
         if self.tombstones.pop(vm.id) is not None:  # it came back
-            vm_id = vm.id
-            await self.workers.checkpoints.run(Workers.NODE,
-                                               lambda: self.tombstones.remove_files(vm_id))
+            await self.forget_tombstone(hosted, self.tombstones.migrations_of(vm.id))
         self.on_change(vm.id, hosted)
         return hosted
 

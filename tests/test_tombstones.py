@@ -96,16 +96,39 @@ def test_a_failed_decision_leaves_no_record_behind(tmp_path: Path,
     assert "vm1" not in restarted(tmp_path)
 
 
-def test_a_return_removes_the_tombstone_and_every_record(tmp_path: Path) -> None:
+def test_a_return_removes_the_tombstone_and_its_records_but_not_a_new_moves(
+        tmp_path: Path) -> None:
+    """The VM came back: its tombstone and the records of the migrations that moved it
+    away go, by name. A record prepared since is a new move's (out again, under way)
+    and stays: removing it by pattern made that move's decision fail."""
     stones = Tombstones(tmp_path)
     stones.write("vm1", WEST, None)
     prepared = stones.prepare("vm1", WEST, "m2")
     stones.decide(prepared, "vm1", WEST, "m2")
-    stones.prepare("vm1", EAST, "m3")
     stones.prepare("vm10", EAST, "m4")  # another VM whose id starts the same
-    stones.remove_files("vm1")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"vm10{SUFFIX}.m4{PREPARED}"]
-    assert "vm1" not in restarted(tmp_path)
+    assert stones.pop("vm1") == WEST  # it came back
+    old = stones.migrations_of("vm1")
+    assert old == ["m2"]
+    new_move = stones.prepare("vm1", EAST, "m3")  # and is on its way out again
+    stones.remove_files("vm1", old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"vm1{SUFFIX}.m3{PREPARED}", f"vm10{SUFFIX}.m4{PREPARED}"]
+    stones.decide(new_move, "vm1", EAST, "m3")  # its commit point still works
+    assert restarted(tmp_path).get("vm1") == EAST
+
+
+def test_a_return_keeps_the_tombstone_of_a_move_out_again(tmp_path: Path) -> None:
+    """If the VM has left again by the time its old tombstone's files go, `ID.moved` is
+    the new move's: only the old records go."""
+    stones = Tombstones(tmp_path)
+    prepared = stones.prepare("vm1", WEST, "m1")
+    stones.decide(prepared, "vm1", WEST, "m1")
+    stones.pop("vm1")
+    old = stones.migrations_of("vm1")
+    stones.write("vm1", EAST, None)  # out again, by a handover
+    stones.remove_files("vm1", old, tombstone=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"vm1{SUFFIX}"]
+    assert restarted(tmp_path).get("vm1") == EAST
 
 
 def test_a_final_round_written_over_its_zero_filled_file(workload: dict[str, Image],
