@@ -149,7 +149,8 @@ class Outgoing:
                  migration_id: str) -> None:
         self.host, self.hosted, self.where = host, hosted, where
         self.migration_id = migration_id
-        # Told once the move is decided (durably): the VM's clients may go at once.
+        # Told once the move is decided (durably) and the Commit written: the VM's
+        # clients may go at once.
         self.on_decided: Callable[[], None] = lambda: None
         self.state = "running"  # -> "committing" -> "committed", or "refused"
         self.durable = asyncio.Event()
@@ -210,10 +211,16 @@ class Outgoing:
             raise
         self.state = "committed"
         self.durable.set()
-        # Decided: the VM is the destination's whatever fails from here (a lost Commit
-        # is settled by the destination asking). So the clients are told now, as the
-        # Commit goes out, not after it: their resends reach the destination with it,
-        # and wait there, on the streams it holds, for the VM to land.
+
+    def committed(self) -> None:
+        """Decided, and the `Commit` written: the VM is the destination's whatever fails
+        from here (a lost Commit is settled by the destination asking). So the
+        clients are told now, not after the handover: their resends reach the
+        destination beside the Commit, and wait there, on the streams it holds, for
+        the VM to land. After the Commit rather than before it: the destination's
+        path (its trip, the landing) is the longer one, ~0.1 ms shorter this way
+        (timestamps in both daemons and the client), while the clients' resends
+        still arrive before the VM lands."""
         self.on_decided()
 
     def annex(self) -> dict[str, Any]:

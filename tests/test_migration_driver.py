@@ -205,6 +205,41 @@ def test_a_decision_that_cannot_be_written_aborts_both_ends_and_the_source_resum
     vm.call("hog_dirty", 1, 1)  # serving here again
 
 
+def test_the_hooks_hear_committed_once_the_commit_is_written(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """`committed()` (the daemon tells the VM's clients then) comes after the decision
+    and after the `Commit` is on the channel, once."""
+    order: list[str] = []
+
+    class Recording(VMGate):
+        async def tombstone(self, event: BecomeTombstone) -> None:
+            order.append("decided")
+            await super().tombstone(event)
+
+        def committed(self) -> None:
+            order.append("clients told")
+
+    class Watching(MemoryChannel):
+        async def send(self, data: bytes) -> None:
+            await super().send(data)
+            if msgpack.unpackb(data).get("t") == "commit":
+                order.append("commit written")
+
+    vm = make_vm(workload["memhog"])
+    gate = Recording()
+
+    async def main() -> tuple[MigrationStats, Received]:
+        a, b = memory_channel_pair()
+        a.__class__ = Watching
+        return await asyncio.gather(run_source(vm, a, hooks=gate, deadline_s=DEADLINE_S),
+                                    run_destination(b, store, ChunkStore(),
+                                                    deadline_s=DEADLINE_S))
+
+    stats, got = asyncio.run(main())
+    assert stats.outcome == got.outcome == "committed"
+    assert order == ["decided", "commit written", "clients told"]
+
+
 def test_destination_silent_times_out_and_the_source_resumes(workload: dict[str, Image]) -> None:
     vm = make_vm(workload["memhog"])
     before = state(vm)

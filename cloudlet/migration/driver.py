@@ -11,8 +11,9 @@ returns once none is running; `resume()` lets them in again; `tombstone()`
 records durably that the VM moved, before the `Commit` goes out; `annex()` is the
 opaque state that travels with the VM (e.g. the reply cache); `throttle(s)`
 spaces calls at least `s` apart (auto-converge; 0 lifts it, as the driver does
-when the migration ends). `VMGate` is a ready-made gate for VMs called from the
-event loop's thread.
+when the migration ends); `committed()`, if the hooks have it, is called once
+the `Commit` is written (to tell the VM's clients where it went). `VMGate` is a
+ready-made gate for VMs called from the event loop's thread.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from cloudlet.migration.events import (
     Send,
     Throttle,
 )
-from cloudlet.migration.messages import MAX_MESSAGE_BYTES, Offer
+from cloudlet.migration.messages import MAX_MESSAGE_BYTES, Commit, Offer
 from cloudlet.migration.pacing import CallPacer
 from cloudlet.migration.source import PreCopyPolicy, SourceMigration
 from cloudlet.migration.stats import MigrationStats
@@ -170,6 +171,8 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
                     if data is not None:
                         async with access():
                             mig.receive(data)
+                    elif isinstance(ev, Send) and isinstance(ev.message, Commit):
+                        _committed(hooks)
                 elif isinstance(ev, PauseVM):
                     async with asyncio.timeout(deadline_s):
                         await hooks.pause()
@@ -216,6 +219,15 @@ async def _decide(mig: SourceMigration, hooks: SourceHooks, ev: BecomeTombstone)
         log.error("migration %s: the decision could not be made durable (%r); the VM "
                   "stays here", mig.migration_id, exc)
         mig.decision_failed(code, f"the decision could not be made durable: {exc!r}")
+
+
+def _committed(hooks: SourceHooks) -> None:
+    """The `Commit` is written: hooks that tell others the VM moved (its clients) do
+    it now, after it rather than at the decision, because the destination's path
+    (the `Commit`'s trip, the landing) is the longer of the two that follow."""
+    committed = getattr(hooks, "committed", None)  # optional, as `throttle`
+    if committed is not None:
+        committed()
 
 
 def _free_later(mig: SourceMigration | DestinationMigration) -> None:
