@@ -321,8 +321,13 @@ class LiveMigrations:
                 return stats
         finally:
             self._outgoing.pop(migration_id, None)
-            if announced and not committed:
+            if announced and hooks.state != "committed":
                 self.on_moving(hosted.id, None)  # it stays: standby streams are dropped
+            elif announced and not committed:
+                # Decided, then stopped before the handover (cancelled while the Commit
+                # was being written): the VM is the destination's. Its clients hear
+                # where it went, not that the move is off.
+                hooks.committed()
             if not committed:
                 await hooks.discard_prepared()
 
