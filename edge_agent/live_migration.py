@@ -295,16 +295,14 @@ class LiveMigrations:
             async with hosted.persist_lock:
                 self.host.check_alive(hosted)
                 hooks.prepare()  # only now: a second move asked meanwhile waits above
-                try:
-                    stats = await run_source(
-                        hosted.vm, AnnouncingChannel(ws, announce), hooks=hooks,
-                        vm_access=hooks.access,
-                        policy=self.policy, migration_id=migration_id,
-                        deadline_s=self.host.config.migration_deadline_s,
-                        image_wasm=lambda: self.host.images.wasm_bytes(digest))
-                except MigrationAborted:
-                    hooks.release()  # refused at the commit point: it stays here
-                    raise
+                # A refusal at the commit point (`tombstone` raises) is the driver's to
+                # settle: it aborts and resumes the VM, as for a failed decision.
+                stats = await run_source(
+                    hosted.vm, AnnouncingChannel(ws, announce), hooks=hooks,
+                    vm_access=hooks.access,
+                    policy=self.policy, migration_id=migration_id,
+                    deadline_s=self.host.config.migration_deadline_s,
+                    image_wasm=lambda: self.host.images.wasm_bytes(digest))
                 if stats.outcome == "committed":
                     committed = True
                     try:
