@@ -38,6 +38,9 @@ class HostedVM:
     # first call here, which turns it into the migration's downtime as users see it.
     arrived_last_call_unix: float = 0.0
     arrival_downtime_ms: float | None = None
+    # Set by a move about to pause the VM: resolved by the next call answered on the
+    # event loop (`VMHost.call_now`), so the pause can start on a call boundary.
+    answered: asyncio.Future[None] | None = None
     generation: int = 0  # moves between cloudlets so far (see replies.GENERATION_KEY)
     # Auto-converge: while a live migration outruns the link, calls are spaced apart.
     pacer: CallPacer = field(default_factory=CallPacer)

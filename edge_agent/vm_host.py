@@ -318,8 +318,12 @@ class VMHost:
             out = (vm.call(fn, *call.args) if call.data is None
                    else vm.call_bytes(fn, call.data))
         except Exception as exc:
+            if hosted.answered is not None:
+                _answered(hosted)
             self._fail(hosted, call, exc)
         hosted.calls = seq = vm.seq
+        if hosted.answered is not None:
+            _answered(hosted)
         if hosted.arrived_last_call_unix:
             hosted.arrival_downtime_ms = (time.time() - hosted.arrived_last_call_unix) * 1000
             hosted.arrived_last_call_unix = 0.0
@@ -627,3 +631,12 @@ class VMHost:
         workers, self._workers = self._workers, None
         workers.shutdown()
         return unsaved
+
+
+def _answered(hosted: HostedVM) -> None:
+    """A call into `hosted` ended: wake the move waiting to pause it (see
+    `HostedVM.answered`). Its task runs on a later turn of the loop, after this
+    call's answer has been written."""
+    waiter, hosted.answered = hosted.answered, None
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
