@@ -1,11 +1,13 @@
-"""A live migration pauses its VM on a call boundary (`Outgoing.pause`): right after
-the next answer, when one comes within `PAUSE_ON_ANSWER_WAIT_S`. On a real VMHost
-with a real kvstore VM; the wait's bound is made huge where a test must show that
-an answer, not the bound, ended it."""
+"""What a live migration does beside the calls of its VMs, kept out of their way:
+it pauses a VM on a call boundary (`Outgoing.pause`: right after the next answer,
+when one comes within `PAUSE_ON_ANSWER_WAIT_S`), and fills the chunk store after
+an arrival in short slices. On a real VMHost with a real kvstore VM; the wait's
+bound is made huge where a test must show that an answer, not the bound, ended it."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,13 @@ from typing import Any
 import msgpack
 import pytest
 
+from cloudlet.migration.chunkstore import chunk_digests
 from cloudlet.protocol import Location
+from cloudlet.vm.chunks import CHUNK_BYTES
 from edge_agent import live_migration
 from edge_agent.auth import Principal
 from edge_agent.config import NodeConfig
-from edge_agent.live_migration import Outgoing
+from edge_agent.live_migration import LiveMigrations, Outgoing
 from edge_agent.metrics import Metrics
 from edge_agent.stream_calls import StreamCalls
 from edge_agent.vm_host import HostedVM, VMHost
@@ -132,3 +136,28 @@ def test_a_cancelled_pause_leaves_no_waiter(tmp_path: Path,
         assert hosted.answered is None and not hosted.lock.locked()
         assert call(calls, "add", 2, 2)["result"] == 4
     with_vm(tmp_path, body)
+
+
+def test_filling_the_chunk_store_gives_the_loop_turns(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An arrival's chunks go into the store after it landed, in short slices: a
+    move's pause (another VM's, or this one's out again) that falls on the fill
+    waits for at most one slice. With a zero time budget it yields every
+    `CHUNK_STORE_CHECK_EVERY` chunks, and every chunk still goes in."""
+    monkeypatch.setattr(live_migration, "CHUNK_STORE_DELAY_S", 0.0)
+    monkeypatch.setattr(live_migration, "CHUNK_STORE_SLICE_S", 0.0)
+    n_chunks = 1024
+    data = os.urandom(n_chunks * CHUNK_BYTES)
+
+    async def run() -> None:
+        async with VMHost(NodeConfig(state_dir=str(tmp_path))) as host:
+            migrations = LiveMigrations(host)
+            ticks = 0
+            filling = asyncio.create_task(migrations._remember_chunks([data]))  # noqa: SLF001
+            while not filling.done():
+                ticks += 1
+                await asyncio.sleep(0)
+            await filling
+            assert all(d in migrations.chunks for d in chunk_digests(data))
+            assert ticks >= n_chunks // live_migration.CHUNK_STORE_CHECK_EVERY
+    asyncio.run(run())
