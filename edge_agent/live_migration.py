@@ -103,7 +103,10 @@ AFTER_MOVE_CLEANUP_S = 0.05  # a source's cleanup waits this long after the comm
 HELD_STREAMS_FIRST_S = 0.002
 # The pause waits at most this long for the VM's next answer, so that it starts on
 # a call boundary (`Outgoing.pause`): a 50 Hz client's call interval. A guest runs
-# only inside calls, so the wait adds one call's dirtying to the final round.
+# only inside calls, so what the wait adds to the final round is what the calls
+# answered meanwhile dirtied: one call, for a session calling one at a time; every
+# call in the socket read that woke it (and the next poll's), for a client that
+# pipelines. The final round is captured after the wait, so nothing is missed.
 PAUSE_ON_ANSWER_WAIT_S = 0.02
 
 
