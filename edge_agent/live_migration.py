@@ -196,9 +196,12 @@ class Outgoing:
         random moment (on loopback, with a call every millisecond, ~0.5-1 ms less
         of the downtime a client sees; a client calling less often than the pause
         lasts may not see it at all). A VM whose calls run in worker threads
-        pauses as before: its lock already waits for the running call."""
+        pauses as before: its lock already waits for the running call. So does
+        a VM whose calls auto-converge spaces apart: its next call would carry
+        a whole interval's dirtying into the final round (at 100 Mbit/s, 10
+        MiB/s, calls 80 ms apart, the pause went from ~4 to ~19 ms)."""
         hosted = self.hosted
-        if hosted.inline:
+        if hosted.inline and not hosted.pacer.active:
             waiter = hosted.answered = asyncio.get_running_loop().create_future()
             try:
                 await asyncio.wait((waiter,), timeout=PAUSE_ON_ANSWER_WAIT_S)

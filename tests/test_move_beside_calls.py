@@ -171,3 +171,20 @@ def test_filling_the_chunk_store_gives_the_loop_turns(tmp_path: Path,
             assert all(d in store for d in chunk_digests(data))
             assert most_in_one_turn <= live_migration.CHUNK_STORE_CHECK_EVERY + 1
     asyncio.run(run())
+
+
+def test_a_vm_whose_calls_are_spaced_apart_pauses_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Auto-converge spaces its calls: the next one would bring a whole interval's
+    dirtying into the final round, so the pause does not wait for it."""
+    monkeypatch.setattr(live_migration, "PAUSE_ON_ANSWER_WAIT_S", NEVER_S)
+
+    async def body(calls: StreamCalls, hosted: HostedVM) -> None:
+        assert hosted.inline
+        hosted.pacer.set_interval(0.08)
+        outgoing = Outgoing(calls.host, hosted, THERE, "m1")
+        await asyncio.wait_for(outgoing.pause(), SETTLED_S)
+        assert hosted.lock.locked() and hosted.answered is None
+        outgoing.release()
+        hosted.pacer.set_interval(0.0)
+    with_vm(tmp_path, body)
