@@ -113,6 +113,10 @@ class CloudletClient:
         self._position_source = position_source
         self.position_interval_s = position_interval_s
         self._position_task: asyncio.Task[None] | None = None
+        # Set by close() before it cancels the polling task: on Python 3.11 a
+        # cancel can be lost inside the broker client's publish (its wait_for drops
+        # one that lands as the wait completes), and the loop must end anyway.
+        self._positions_stopped = False
         self._broker_seen = False  # connected at least once: later drops answer False at once
         self._stack = contextlib.AsyncExitStack()
 
@@ -131,6 +135,7 @@ class CloudletClient:
     async def close(self) -> None:
         task, self._position_task = self._position_task, None
         if task is not None:
+            self._positions_stopped = True
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -193,7 +198,7 @@ class CloudletClient:
         The application's callback may fail or answer nonsense: that is logged (once
         per run of failures), never fatal to the client."""
         failing = False
-        while True:
+        while not self._positions_stopped:
             await self.discovery.connected.wait()
             try:
                 position = source()

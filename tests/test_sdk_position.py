@@ -247,3 +247,30 @@ def test_no_cloudlet_on_the_broker_is_said_in_those_words(metro: Metro) -> None:
 
     with pytest.raises(NoCloudletAvailable, match="no cloudlet announced itself on the broker"):
         asyncio.run(run())
+
+
+def test_closing_ends_the_polling_even_if_its_cancel_is_lost(metro: Metro) -> None:
+    """On Python 3.11 `asyncio.wait_for` (inside the broker client's publish) can drop
+    a cancel that lands as its wait completes; the polling loop then went on, and
+    `close()`, awaiting it, never returned (a suite run hung here for 300 s). A
+    report that swallows its cancellation stands in for that publish."""
+    reports = 0
+
+    async def run() -> None:
+        nonlocal reports
+        async with CloudletClient(metro.token("alice"), broker=metro.broker_url,
+                                  position_source=lambda: (1.0, 2.0),
+                                  position_interval_s=0.01) as client:
+            async def swallowing_report(x_m: float, y_m: float) -> bool:
+                nonlocal reports
+                reports += 1
+                with contextlib.suppress(asyncio.CancelledError):  # the lost cancel
+                    await asyncio.sleep(0.05)
+                return True
+            client.report_position = swallowing_report  # type: ignore[method-assign,assignment]
+            await async_wait_until(lambda: reports >= 3, 10)
+            async with asyncio.timeout(10):  # the old loop never ended here
+                await client.close()
+        assert [t for t in asyncio.all_tasks() if t.get_name().startswith("cloudlet-")] == []
+
+    asyncio.run(run())
