@@ -40,7 +40,7 @@ from cloudlet.errors import (
     SequenceGap,
     error_from_wire,
 )
-from edge_agent.replies import REPLY_WINDOW, ReplyLog
+from edge_agent.replies import REPLY_WINDOW, ReplyLog, result_size
 from edge_agent.requests import Call
 
 
@@ -151,14 +151,20 @@ class ExactlyOnce:
         """The answer to a call the VM just ran, which returned `out`; kept when the
         call is numbered. `durable_seq` is the VM's last checkpointed `seq`: the
         client may forget answered calls up to it, they survive a kill -9."""
-        if call.data is not None:
+        data = call.data
+        if data is not None:
             reply: dict[str, Any] = {"data": out, "seq": applied_seq}
         else:
             reply = {"result": list(out) if isinstance(out, tuple) else out,
                      "seq": applied_seq}
         if call.seq is not None:
             reply["durable"] = durable_seq
-            self.replies.add(call.seq, call.identity(), reply)
+            if data is None:
+                # `call.identity()` and the log's sizing, inline: every numbered call.
+                fn = call.fn
+                self.replies.add(call.seq, [fn, list(call.args)], reply, result_size(fn))
+            else:
+                self.replies.add(call.seq, call.identity(), reply)
         return reply
 
     def failed(self, call: Call, applied_seq: int, error: CloudletError) -> bool:

@@ -60,10 +60,20 @@ def call_identity(fn: str, args: tuple[Any, ...], data: bytes | None) -> list[An
     return [fn, list(args)]
 
 
+def result_size(fn: str) -> int:
+    """`_size_of` a numeric call's result the daemon just made (`{"result", "seq",
+    "durable"}`), from its function name alone: every numbered call's path, where
+    looking through the reply again is a measurable share of the call."""
+    return _FIXED_BYTES + len(fn)
+
+
+_BYTES = (bytes, bytearray)  # a tuple: `bytes | bytearray` builds a union per call
+
+
 def _size_of(identity: list[Any], reply: dict[str, Any]) -> int:
     size = _FIXED_BYTES + len(str(identity[0]))
     data = reply.get("data")
-    if isinstance(data, bytes | bytearray):
+    if isinstance(data, _BYTES):
         size += len(data)
     error = reply.get("error")
     if isinstance(error, dict):
@@ -90,8 +100,12 @@ class ReplyLog:
     def size_bytes(self) -> int:
         return self._bytes
 
-    def add(self, seq: int, identity: list[Any], reply: dict[str, Any]) -> None:
-        size = _size_of(identity, reply)
+    def add(self, seq: int, identity: list[Any], reply: dict[str, Any],
+            size: int | None = None) -> None:
+        """Keep `reply` as call `seq`'s answer. `size` is `_size_of(identity, reply)`
+        when the caller has it already (`result_size`)."""
+        if size is None:
+            size = _size_of(identity, reply)
         entries = self._entries
         replaced = entries.pop(seq, None)
         if replaced is not None:  # only from a malformed log: the daemon never reuses a number

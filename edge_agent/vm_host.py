@@ -294,8 +294,9 @@ class VMHost:
 
     def can_call_now(self, hosted: HostedVM) -> bool:
         """True when `call_now` may run: an interactive VM nobody holds across an await."""
-        return (hosted.inline and not hosted.lock.locked() and not hosted.pacer.busy
-                and not self.closing)
+        pacer = hosted.pacer  # `pacer.busy`, inline: this runs before every call
+        return (hosted.inline and not hosted.lock.locked() and not pacer.interval_s
+                and not pacer.in_turn and not self.closing)
 
     def call_now(self, hosted: HostedVM, call: Call) -> dict[str, Any]:
         """The fast path, synchronous: nothing awaits between the admission and the

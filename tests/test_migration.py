@@ -382,3 +382,33 @@ def test_an_offer_whose_overlay_cannot_fit_its_memory_is_refused(
     assert dst.outcome == "aborted" and dst.stats.abort_code == "migration_protocol_error"
     ev = dst.next_event()
     assert isinstance(ev, Send) and isinstance(decode(ev.data), Abort)
+
+
+def test_call_pacer_stays_busy_until_every_waiting_call_went_in() -> None:
+    """A call still inside `wait_turn` keeps the pacer busy, even in the moment after
+    the lock passed to it and before it runs: an inline call (which checks `busy`
+    and skips the gate) must not overtake it."""
+    import asyncio
+
+    from cloudlet.migration import CallPacer
+
+    async def main() -> None:
+        pacer = CallPacer()
+        await pacer.wait_turn()  # admitted now: the next call waits out the interval
+        pacer.set_interval(3600.0)
+        first = asyncio.create_task(pacer.wait_turn())
+        second = asyncio.create_task(pacer.wait_turn())
+        await asyncio.sleep(0)
+        pacer.set_interval(0.0)
+        seen_between = 0
+        for _ in range(100):
+            if first.done() and not second.done():
+                seen_between += 1
+                assert pacer.busy, "the second call is still in its turn"
+            if second.done():
+                break
+            await asyncio.sleep(0)
+        assert second.done() and seen_between > 0
+        assert not pacer.busy and pacer.in_turn == 0
+
+    asyncio.run(main())
