@@ -12,17 +12,18 @@ the next `next_event()`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cloudlet.errors import CloudletError
 from cloudlet.protocol import Location
 
 
-@dataclass(frozen=True, slots=True)
-class Numbered:
+class Numbered(NamedTuple):
     """What `SessionProtocol.call()` gives back: the call's sequence number, and its
     frame when the driver is to write it on the open stream now (None: the
-    protocol sends it itself, as a `Send`, once a stream is up)."""
+    protocol sends it itself, as a `Send`, once a stream is up). A named tuple, not
+    a frozen dataclass like the events: one is made per call, and a frozen
+    dataclass's `__init__` costs half again as much."""
 
     seq: int
     data: bytes | None

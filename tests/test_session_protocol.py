@@ -1010,3 +1010,69 @@ def test_the_protocol_does_no_io() -> None:
                      if isinstance(node, ast.ImportFrom)}
         assert not imported & {"asyncio", "aiohttp", "socket", "mobile_client.transport"}
         assert "mobile_client.transport" not in inspect.getsource(module)
+
+
+# --- the answer fast path ----------------------------------------------------------------
+
+
+def state(p: SessionProtocol) -> tuple[Any, ...]:
+    return (p.phase, p.pending, p.journal, p.acked, p.in_flight, p.calls_answered, p.seq)
+
+
+def test_answer_in_takes_a_waited_for_answer_as_receive_data_would() -> None:
+    """The fast path gives the value back itself; every other state is as if the
+    frame went through `receive_data` and its `Answer` through `next_event`."""
+    slow, fast = streaming(), streaming()
+    for p in (slow, fast):
+        calls(p, 3)
+    for seq, durable in ((1, None), (2, 1), (3, 1)):
+        extra = {} if durable is None else {"durable": durable}
+        slow.receive_data(answer(seq, seq * 10, **extra))
+        assert until_asked(slow) == [Answer(seq, seq * 10), NEED_DATA]
+        assert fast.answer_in(answer(seq, seq * 10, **extra)) == (seq, seq * 10)
+        assert fast.next_event() == NEED_DATA  # nothing queued: the value was handed back
+        assert state(fast) == state(slow)
+    assert fast.journal == (2, 3) and fast.acked == 3 and fast.in_flight == 0
+
+
+def test_answer_in_bytes_answers_carry_their_data() -> None:
+    p = streaming()
+    p.call("echo", (b"hi",))
+    assert p.answer_in(frame({"id": 1, "data": b"ih", "seq": 1})) == (1, b"ih")
+
+
+NOT_FAST = {
+    "an error": error(1, "vm_trapped"),
+    "a moved notice": moved_notice(WEST),
+    "a moving notice": frame({"id": None, "moving": {"node": "west",
+                                                     "endpoint": WEST.endpoint}}),
+    "an unknown call": answer(7),
+    "not msgpack": b"\xc1",
+    "not a map": frame([1, 2]),
+    "a string id": frame({"id": "1", "result": 0}),
+}
+
+
+@pytest.mark.parametrize("data", NOT_FAST.values(), ids=NOT_FAST.keys())
+def test_answer_in_leaves_every_other_frame_to_receive_data(data: bytes) -> None:
+    p = streaming()
+    calls(p, 1)
+    before = state(p)
+    assert p.answer_in(data) is None
+    assert state(p) == before
+
+
+def test_answer_in_leaves_answers_nobody_waits_for_and_queued_events_alone() -> None:
+    gone = streaming()
+    calls(gone, 1)
+    gone.caller_gone(1)  # its deadline passed: the answer is taken, handed to no one
+    before = state(gone)
+    assert gone.answer_in(answer(1)) is None and state(gone) == before
+    queued = streaming()
+    calls(queued, 2)
+    queued.receive_data(answer(1))  # its `Answer` not taken yet: nothing overtakes it
+    before = state(queued)
+    assert queued.answer_in(answer(2)) is None and state(queued) == before
+    offline = SessionProtocol(VM_ID, EAST, clock=Clock())
+    offline.call("kv_get", (1,))  # no stream yet
+    assert offline.answer_in(answer(1)) is None
