@@ -25,9 +25,10 @@ feeds aiohttp's payload parser itself, as aiohttp's own does (reading
 turns the low-level server aiohttp built (`AppRunner._make_server`) into a
 subclass that makes these handlers, so the server keeps every setting it was
 built with. A connection is between requests when every request parsed on it
-was answered; bytes that arrive then begin a new head. (A head that a client pipelines while its previous request is
-still being served is timed by `idle_timeout_s` instead.) It costs ~0.13 us per
-chunk received on a connection that is not a stream. The daemon's tests of silent
+was answered; bytes that arrive then begin a new head. (A head that a client
+pipelines while its previous request is still being served is timed by
+`idle_timeout_s` instead.) It costs ~0.13 us per chunk received on a
+connection that is not a stream. The daemon's tests of silent
 and half-sent connections (tests/test_isolation.py), and every stream test, fail
 if a new aiohttp changes what this relies on.
 """
