@@ -170,6 +170,7 @@ class Mover:
     async def _move_stopped(self, hosted: HostedVM, where: Location) -> dict[str, Any]:
         started_unix = time.time()  # the first request about this VM goes out now
         image_bytes = await self._ensure_image(hosted, where)
+        await self.live.supersede_arrival(hosted)
         async with self.host.paused(hosted):
             paused_at = time.perf_counter()
             # Captured in a thread (the VM is paused: nothing else touches it), so the

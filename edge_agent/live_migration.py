@@ -291,6 +291,9 @@ class LiveMigrations:
         self.chunks = chunk_store or ChunkStore()
         self.incoming_dir = host.config.state_path / "incoming"
         self._outgoing: dict[str, Outgoing] = {}
+        # VMs whose arrival's rounds are still on disk (until their first checkpoint
+        # here replaces them): VM id -> that arrival's migration.
+        self._arrived: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.arrivals = Arrivals()
         # Told when a VM's move is under way (where to), and when it is off (None):
@@ -306,6 +309,7 @@ class LiveMigrations:
         # Checkpoints wait while the VM migrates, so make what it has applied so far
         # durable first: a source killed mid-migration restarts from here.
         await self.host.checkpoint(hosted)
+        await self.supersede_arrival(hosted)
         hooks = Outgoing(self.host, hosted, where, migration_id)
         hooks.on_decided = lambda: self.host.on_moved(hosted.id, where)
         self._outgoing[migration_id] = hooks
@@ -431,6 +435,8 @@ class LiveMigrations:
             if where_before is not None:
                 self.host.tombstones.where[vm.id] = where_before
             raise
+        if migration_id:
+            self._arrived[hosted.id] = migration_id  # before anyone can move it out
         last_call = annex.get(LAST_CALL_KEY)
         if isinstance(last_call, float) and last_call > 0:
             hosted.arrived_last_call_unix = last_call
@@ -466,6 +472,26 @@ class LiveMigrations:
                     await asyncio.sleep(0)
                     until = clock() + CHUNK_STORE_SLICE_S
 
+    async def supersede_arrival(self, hosted: HostedVM) -> None:
+        """Before `hosted` moves out again: if it arrived here by live migration and
+        that arrival's rounds are still on disk (its first checkpoint here, one
+        interval after the landing, replaces them), checkpoint it now and delete
+        them. Otherwise a restart would find the rounds of a committed migration
+        beside the decided record of this later move, and bring the VM back to life
+        here while it lives at its destination. MigrationAborted if the VM cannot
+        be checkpointed (the move would open that window)."""
+        migration_id = self._arrived.get(hosted.id)
+        if migration_id is None:
+            return
+        if hosted.checkpointed_seq < 0:  # never checkpointed here
+            await self.host.checkpoint(hosted, force=True)
+        if hosted.checkpointed_seq < 0:
+            raise MigrationAborted(f"VM {hosted.id} arrived moments ago and has no "
+                                   "checkpoint here yet; it stays here")
+        await asyncio.to_thread(shutil.rmtree, self.incoming_dir / migration_id, True)
+        if self._arrived.get(hosted.id) == migration_id:
+            del self._arrived[hosted.id]
+
     async def _checkpoint_then_forget(self, hosted: HostedVM, migration_id: str) -> None:
         """The VM's own checkpoint replaces the incoming rounds on disk. Not at once:
         a full snapshot of a large VM holds it for a while, and its first calls here
@@ -477,6 +503,8 @@ class LiveMigrations:
             log.error("first checkpoint of arrived VM %s failed: %r", hosted.id, exc)
             return  # the incoming rounds stay: a restart recovers from them
         await asyncio.to_thread(shutil.rmtree, self.incoming_dir / migration_id, True)
+        if self._arrived.get(hosted.id) == migration_id:
+            del self._arrived[hosted.id]
 
     async def _settle(self, incoming: Incoming, vm: VM | None, annex: dict[str, Any]) -> None:
         """In doubt: ask the source until it answers, then activate or discard."""

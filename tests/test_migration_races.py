@@ -165,3 +165,43 @@ def test_two_moves_asked_at_once_leave_the_committed_ones_tombstone(
     assert http_request(east.endpoint, "GET", f"/v1/peer/migrations/{migration_id}",
                         token=peer) == (200, {"committed": True})
     assert homes({"east": east, "west": west}, token, vm_id) == ["west"]
+
+
+@pytest.mark.parametrize("mode", ["live", "stop_and_copy"])
+def test_a_vm_that_moved_on_is_not_brought_back_from_its_arrivals_rounds(
+        pair: tuple[Daemon, Daemon], mode: str) -> None:
+    """Moved live east -> west, then at once west -> east, and west killed -9
+    before its first checkpoint of the arrived VM (30 s here) replaced the arrival's
+    rounds on disk. At the restart those rounds belong to a committed migration, but
+    the VM moved on since (west's decided record of the second move): west must drop
+    them, not bring the VM back to life beside east's copy."""
+    east, west = pair
+    token = east.token("pat")
+    vm_id = new_vm(east, token)
+    for k in range(5):
+        status, _ = east.request("POST", f"/v1/vms/{vm_id}/call",
+                                 {"fn": "kv_put", "args": [k, k * 7]}, token=token)
+        assert status == 200
+    there = east.request("POST", f"/v1/vms/{vm_id}/migrate", {"endpoint": west.endpoint},
+                         token=east.operator_token(), timeout_s=30)
+    assert there[0] == 200, there
+    status, _ = west.request("POST", f"/v1/vms/{vm_id}/call",
+                             {"fn": "kv_put", "args": [5, 35]}, token=token)
+    assert status == 200
+    back = west.request("POST", f"/v1/vms/{vm_id}/migrate",
+                        {"endpoint": east.endpoint, "mode": mode},
+                        token=west.operator_token(), timeout_s=30)
+    assert back[0] == 200, back
+    incoming = west.state_dir / "incoming"
+    # Checkpointed and forgotten as the VM left again, not 30 s after it landed.
+    assert not (incoming / there[1]["migration_id"]).exists()
+    kill_and_restart(west)
+    # A restart that still found them would ask east whether the first move committed
+    # (yes) and restore the VM from them within a second or two.
+    time.sleep(3)
+    assert homes({"east": east, "west": west}, token, vm_id) == ["east"]
+    status, answer = west.request("GET", f"/v1/vms/{vm_id}", token=token)
+    assert status == 410, (status, answer)  # vm_moved: its tombstone, east
+    status, answer = east.request("POST", f"/v1/vms/{vm_id}/call",
+                                  {"fn": "kv_get", "args": [5]}, token=token)
+    assert status == 200 and answer["result"] == 35, answer
