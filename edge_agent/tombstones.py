@@ -143,6 +143,14 @@ class Tombstones:
         named by them)."""
         return [m for m, moved in self._moved_by.items() if moved == vm_id]
 
+    def forget_migrations(self, migration_ids: Iterable[str]) -> None:
+        """Forget, in memory, that `migration_ids` moved a VM away: it came back, and
+        their records are being removed, so a restart would not know them either.
+        Without this the map grew by one entry per move for the daemon's life (and
+        `migrations_of`, which scans it, with it)."""
+        for migration_id in migration_ids:
+            self._moved_by.pop(migration_id, None)
+
     def remove_files(self, vm_id: str, migration_ids: Iterable[str], *,
                      tombstone: bool = True) -> None:
         """Remove `vm_id`'s tombstone (unless `tombstone` is False) and the records of

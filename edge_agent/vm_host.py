@@ -521,7 +521,9 @@ class VMHost:
         # never dropped for them (docs/daemon.md).
         self._share_reply_room(hosted.owner)
         if self.tombstones.pop(vm.id) is not None:  # it came back
-            self.tombstones.remove_files(vm.id, self.tombstones.migrations_of(vm.id))
+            old_migrations = self.tombstones.migrations_of(vm.id)
+            self.tombstones.remove_files(vm.id, old_migrations)
+            self.tombstones.forget_migrations(old_migrations)
         self.on_change(vm.id, hosted)
         return hosted
 
@@ -532,6 +534,7 @@ class VMHost:
         written meanwhile, and if the VM has left again by now, `ID.moved` is that
         move's and stays (the old migrations' records go in any case)."""
         tombstones = self.tombstones
+        tombstones.forget_migrations(migration_ids)  # in memory now, on the loop
         async with hosted.persist_lock:
             gone_again = hosted.id in tombstones.where
             await self.workers.checkpoints.run(

@@ -117,6 +117,28 @@ def test_a_return_removes_the_tombstone_and_its_records_but_not_a_new_moves(
     assert restarted(tmp_path).get("vm1") == EAST
 
 
+def test_a_return_forgets_the_old_migrations_as_a_restart_would(tmp_path: Path) -> None:
+    """Every move out adds a migration to the map `committed` answers from; a return
+    removes their records, and forgets them: the map does not grow with every move
+    for the daemon's life, and says what a restart (reading the disk) would say."""
+    stones = Tombstones(tmp_path)
+    for k in range(50):  # out and back, 50 times
+        moved = stones.prepare("vm1", WEST, f"m{k}")
+        stones.decide(moved, "vm1", WEST, f"m{k}")
+        assert stones.moved_by_migration(f"m{k}")
+        stones.pop("vm1")
+        old = stones.migrations_of("vm1")
+        assert old == [f"m{k}"]
+        stones.remove_files("vm1", old)
+        stones.forget_migrations(old)
+    assert stones.migrations_of("vm1") == [] and not stones.moved_by_migration("m49")
+    assert not restarted(tmp_path).moved_by_migration("m49")
+    moved = stones.prepare("vm1", EAST, "m50")  # and out once more: that one counts
+    stones.decide(moved, "vm1", EAST, "m50")
+    assert stones.migrations_of("vm1") == ["m50"]
+    assert restarted(tmp_path).moved_by_migration("m50")
+
+
 def test_a_return_keeps_the_tombstone_of_a_move_out_again(tmp_path: Path) -> None:
     """If the VM has left again by the time its old tombstone's files go, `ID.moved` is
     the new move's: only the old records go."""
@@ -152,3 +174,35 @@ def test_a_final_round_written_over_its_zero_filled_file(workload: dict[str, Ima
     # An empty file (made by an older daemon) is a final round that never came.
     path.write_bytes(b"")
     assert read_final(path) is None
+
+
+def test_a_vm_that_comes_back_leaves_no_old_migration_in_the_hosts_map(
+        tmp_path: Path) -> None:
+    """On a real VMHost: moved away live, then arriving back (`activate`), the VM's
+    old migration is forgotten in memory as its files go."""
+    import asyncio
+
+    from edge_agent.auth import Principal
+    from edge_agent.config import NodeConfig
+    from edge_agent.vm_host import VMHost
+    from tests.conftest import WORKLOADS
+
+    alice = Principal("alice", is_peer=False)
+
+    async def run() -> None:
+        async with VMHost(NodeConfig(state_dir=str(tmp_path))) as host:
+            image = await host.add_image(alice, (WORKLOADS / "kvstore.wasm").read_bytes(),
+                                         None)
+            hosted = await host.create(alice, image.digest, None)
+            snap = host.snapshot_with_annex(hosted, moving=True)
+            stones = host.tombstones
+            stones.decide(stones.prepare(hosted.id, WEST, "m1"), hosted.id, WEST, "m1")
+            host.let_go(hosted, WEST)
+            assert stones.moved_by_migration("m1")
+            back = VM.restore(host.images.get(snap.image_digest), snap)
+            host.activate(back, None)
+            assert not stones.moved_by_migration("m1")
+            assert stones.migrations_of(hosted.id) == [] and hosted.id not in stones
+            assert not any(".moved" in p.name for p in host.vm_dir.iterdir())
+
+    asyncio.run(run())
