@@ -394,8 +394,8 @@ def test_call_pacer_stays_busy_until_every_waiting_call_went_in() -> None:
 
     async def main() -> None:
         pacer = CallPacer()
-        await pacer.wait_turn()  # admitted now: the next call waits out the interval
         pacer.set_interval(3600.0)
+        await pacer.wait_turn()  # admitted now: the next calls wait out the interval
         first = asyncio.create_task(pacer.wait_turn())
         second = asyncio.create_task(pacer.wait_turn())
         await asyncio.sleep(0)
