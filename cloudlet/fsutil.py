@@ -150,6 +150,13 @@ def _as_storage_error(exc: OSError, name: str) -> OSError:
     return exc
 
 
+def durable_rename(source: Path, target: Path) -> None:
+    """Rename `source` to `target` (in the same directory) and make the rename
+    durable: the directory is fsynced."""
+    os.replace(source, target)
+    _fsync_dir(target.parent)
+
+
 def _fsync_dir(directory: Path) -> None:
     dir_fd = os.open(directory, os.O_RDONLY)
     try:

@@ -193,12 +193,16 @@ def test_a_vm_that_moved_on_is_not_brought_back_from_its_arrivals_rounds(
                         token=west.operator_token(), timeout_s=30)
     assert back[0] == 200, back
     incoming = west.state_dir / "incoming"
-    # Checkpointed and forgotten as the VM left again, not 30 s after it landed.
+    # Checkpointed, and the rounds set aside as the VM left again (deleted later),
+    # not 30 s after it landed.
     assert not (incoming / there[1]["migration_id"]).exists()
+    set_aside = incoming / f"{there[1]['migration_id']}.set-aside"
+    assert set_aside.exists()
     kill_and_restart(west)
     # A restart that still found them would ask east whether the first move committed
-    # (yes) and restore the VM from them within a second or two.
-    time.sleep(3)
+    # (yes) and restore the VM from them within a second or two. Set aside, they go.
+    wait_until(lambda: not set_aside.exists(), 10, what="the set-aside rounds deleted")
+    time.sleep(2)
     assert homes({"east": east, "west": west}, token, vm_id) == ["east"]
     status, answer = west.request("GET", f"/v1/vms/{vm_id}", token=token)
     assert status == 410, (status, answer)  # vm_moved: its tombstone, east
