@@ -117,7 +117,7 @@ def atomic_write_all(files: Sequence[tuple[Path, Contents | Callable[[], Content
                 os.unlink(tmp)
     for directory, indexes in renamed.items():
         try:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except OSError as exc:
             for i in indexes:
                 errors[i] = _as_storage_error(exc, files[i][0].name)
@@ -150,14 +150,8 @@ def _as_storage_error(exc: OSError, name: str) -> OSError:
     return exc
 
 
-def durable_rename(source: Path, target: Path) -> None:
-    """Rename `source` to `target` (in the same directory) and make the rename
-    durable: the directory is fsynced."""
-    os.replace(source, target)
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make the renames, creations and removals in `directory` durable."""
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the renames into it durable
@@ -181,4 +175,4 @@ def _write_then_rename(target: Path, data: Buffer | Sequence[Buffer]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)

@@ -557,7 +557,11 @@ async def download_snapshot(request: web.Request) -> web.Response:
 
 
 async def destroy_vm(request: web.Request) -> web.Response:
-    await request.app[HOST].destroy(hosted_vm(request))
+    hosted = hosted_vm(request)
+    # A VM that arrived moments ago: its arrival's rounds go aside first, or a
+    # restart would bring the deleted VM back from them.
+    await request.app[MOVER].live.forget_arrival(hosted.id)
+    await request.app[HOST].destroy(hosted)
     return web.Response(status=204)
 
 

@@ -53,7 +53,7 @@ from cloudlet.errors import (
     MigrationChannelLost,
     MigrationProtocolError,
 )
-from cloudlet.fsutil import atomic_write, durable_rename, storage_errors
+from cloudlet.fsutil import atomic_write, fsync_dir, storage_errors
 from cloudlet.migration import (
     BecomeTombstone,
     ChunkStore,
@@ -477,23 +477,41 @@ class LiveMigrations:
 
     async def supersede_arrival(self, hosted: HostedVM) -> None:
         """Before `hosted` moves out again: if it arrived here by live migration and
-        that arrival's rounds are still on disk (its first checkpoint here, one
-        interval after the landing, replaces them), checkpoint it now and delete
-        them. Otherwise a restart would find the rounds of a committed migration
+        that arrival's rounds may still be on disk (its first checkpoint here, one
+        interval after the landing, replaces them), checkpoint it now and set them
+        aside. Otherwise a restart would find the rounds of a committed migration
         beside the decided record of this later move, and bring the VM back to life
         here while it lives at its destination. MigrationAborted if the VM cannot
         be checkpointed (the move would open that window)."""
-        migration_id = self._arrived.get(hosted.id)
-        if migration_id is None:
+        if hosted.id not in self._arrived:
             return
         if hosted.checkpointed_seq < 0:  # never checkpointed here
             await self.host.checkpoint(hosted, force=True)
         if hosted.checkpointed_seq < 0:
             raise MigrationAborted(f"VM {hosted.id} arrived moments ago and has no "
                                    "checkpoint here yet; it stays here")
+        await self.forget_arrival(hosted.id)
+
+    async def forget_arrival(self, vm_id: str) -> None:
+        """Set aside, durably, the rounds VM `vm_id` arrived with, if they may still
+        be on disk: before it moves out (`supersede_arrival`) or is deleted, either
+        of which a restart that restored it from them would undo. Deleted later
+        (`_checkpoint_then_forget`, `_retire_arrival`, or a restart)."""
+        migration_id = self._arrived.get(vm_id)
+        if migration_id is None:
+            return
         await asyncio.to_thread(_set_aside, self.incoming_dir / migration_id)
-        if self._arrived.get(hosted.id) == migration_id:
-            del self._arrived[hosted.id]
+        if self._arrived.get(vm_id) == migration_id:
+            del self._arrived[vm_id]
+
+    async def _retire_arrival(self, vm_id: str, migration_id: str) -> None:
+        """Rounds found at a restart of a VM restored from its own checkpoint (written
+        after it arrived): set aside at once, without asking their source, then
+        deleted."""
+        aside = await asyncio.to_thread(_set_aside, self.incoming_dir / migration_id)
+        if self._arrived.get(vm_id) == migration_id:
+            del self._arrived[vm_id]
+        await asyncio.to_thread(shutil.rmtree, aside, True)
 
     async def _checkpoint_then_forget(self, hosted: HostedVM, migration_id: str) -> None:
         """The VM's own checkpoint replaces the incoming rounds on disk. Not at once:
@@ -505,10 +523,12 @@ class LiveMigrations:
         except Exception as exc:
             log.error("first checkpoint of arrived VM %s failed: %r", hosted.id, exc)
             return  # the incoming rounds stay: a restart recovers from them
-        for name in (migration_id, migration_id + SET_ASIDE):  # set aside by a move out
-            await asyncio.to_thread(shutil.rmtree, self.incoming_dir / name, True)
+        # Set aside first (if a move out has not already): a crash in the middle of
+        # deleting them must not leave a committed migration with rounds missing.
+        aside = await asyncio.to_thread(_set_aside, self.incoming_dir / migration_id)
         if self._arrived.get(hosted.id) == migration_id:
             del self._arrived[hosted.id]
+        await asyncio.to_thread(shutil.rmtree, aside, True)
 
     async def _settle(self, incoming: Incoming, vm: VM | None, annex: dict[str, Any]) -> None:
         """In doubt: ask the source until it answers, then activate or discard."""
@@ -546,6 +566,14 @@ class LiveMigrations:
         for folder in sorted(p for p in self.incoming_dir.iterdir() if p.is_dir()):
             if folder.name.endswith(SET_ASIDE):  # superseded by a later move out
                 self._spawn(asyncio.to_thread(shutil.rmtree, folder, True))
+                continue
+            vm_id = _vm_of(folder)
+            if vm_id is not None and self.host.vms.get(vm_id) is not None:
+                # Restored from its own checkpoint, written after it arrived: these
+                # rounds are stale. Known at once (no await before a move of the VM
+                # can start), so a move out sets them aside before it decides.
+                self._arrived[vm_id] = folder.name
+                self._spawn(self._retire_arrival(vm_id, folder.name))
             else:
                 self._spawn(self._recover_one(folder, peers))
 
@@ -561,6 +589,8 @@ class LiveMigrations:
         incoming = Incoming(self, source, peers, migration_id=migration_id)
         while (answer := await incoming.ask_source(migration_id)) is None:
             await asyncio.sleep(RESOLVE_RETRY_S)
+        if not folder.exists():
+            return  # set aside meanwhile
         if not answer:
             log.info("migration %s did not commit; dropping what arrived", migration_id)
             incoming.discard()
@@ -658,15 +688,29 @@ class Incoming:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _set_aside(folder: Path) -> None:
+def _set_aside(folder: Path) -> Path:
     """Rename an arrival's rounds out of recovery's way, durably: one rename and a
-    directory fsync. Deleting them there and then (a megabyte or more of blocks to
-    free) puts the file system's work a few hundred milliseconds before the move's
-    pause; in alternated series of 24 moves the worst move was ~1-1.5 ms slower
-    that way. They are deleted later, where the arrival's rounds would have been
-    (`_checkpoint_then_forget`), or by a restart."""
-    if folder.exists():
-        durable_rename(folder, folder.with_name(folder.name + SET_ASIDE))
+    directory fsync; returns the new name. Deleting them there and then (a megabyte
+    or more of blocks to free) put the file system's work a few hundred
+    milliseconds before a move's pause; in alternated series of 24 moves the worst
+    move was ~1-1.5 ms slower that way. Idempotent: rounds set aside already (two
+    moves asked at once) or deleted are no error, and the directory is synced
+    anyway, so no caller goes on before the rename is durable."""
+    aside = folder.with_name(folder.name + SET_ASIDE)
+    with storage_errors(folder.name):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(folder, aside)
+        fsync_dir(folder.parent)
+    return aside
+
+
+def _vm_of(folder: Path) -> str | None:
+    """The VM an incoming migration's folder is for (its `meta.json`), if readable."""
+    try:
+        vm = json.loads((folder / "meta.json").read_text()).get("vm")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return vm if isinstance(vm, str) else None
 
 
 def zero_fill(path: Path, size: int) -> None:

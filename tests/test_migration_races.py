@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import WORKLOADS
-from tests.daemons import Daemon, daemon_pair, http_request
+from tests.daemons import Daemon, daemon_pair, http_request, make_daemon
 from tests.test_migration_faults import KVSTORE, homes
 from tests.waiting import wait_until
 
@@ -209,3 +209,61 @@ def test_a_vm_that_moved_on_is_not_brought_back_from_its_arrivals_rounds(
     status, answer = east.request("POST", f"/v1/vms/{vm_id}/call",
                                   {"fn": "kv_get", "args": [5]}, token=token)
     assert status == 200 and answer["result"] == 35, answer
+
+
+def test_rounds_found_beside_the_vms_own_checkpoint_are_set_aside_at_the_restart(
+        pair: tuple[Daemon, Daemon], tmp_path: Path) -> None:
+    """West stops cleanly moments after the VM arrived (its shutdown checkpoint is
+    written, the arrival's rounds are still there) and restarts while the VM's
+    source, east, is down, so it cannot ask east about those rounds. The VM, served
+    from its checkpoint, moves on to north; when east is back, west must not
+    restore it from the rounds (the VM would live on west and north)."""
+    east, west = pair
+    north = make_daemon(tmp_path, "north", checkpoint_interval_s=30.0,
+                        migration_deadline_s=10.0).start()
+    try:
+        token = east.token("pat")
+        vm_id = new_vm(east, token)
+        status, _ = east.request("POST", f"/v1/vms/{vm_id}/call",
+                                 {"fn": "kv_put", "args": [1, 11]}, token=token)
+        assert status == 200
+        there = east.request("POST", f"/v1/vms/{vm_id}/migrate",
+                             {"endpoint": west.endpoint}, token=east.operator_token(),
+                             timeout_s=30)
+        assert there[0] == 200, there
+        rounds = west.state_dir / "incoming" / there[1]["migration_id"]
+        assert rounds.exists()
+        assert west.stop() == 0 and east.stop() == 0
+        assert rounds.exists()  # kept by the clean stop: the interval had not passed
+        west.start()
+        assert homes({"west": west}, token, vm_id) == ["west"]  # from its checkpoint
+        wait_until(lambda: not rounds.exists(), 10, what="the stale rounds set aside")
+        on = west.request("POST", f"/v1/vms/{vm_id}/migrate", {"endpoint": north.endpoint},
+                          token=west.operator_token(), timeout_s=30)
+        assert on[0] == 200, on
+        east.start()
+        time.sleep(3)  # west would have asked east (once a second) and restored it
+        assert homes({"east": east, "west": west, "north": north}, token, vm_id) == ["north"]
+        status, answer = north.request("POST", f"/v1/vms/{vm_id}/call",
+                                       {"fn": "kv_get", "args": [1]}, token=token)
+        assert status == 200 and answer["result"] == 11, answer
+    finally:
+        north.stop()
+
+
+def test_a_vm_deleted_moments_after_it_arrived_stays_deleted_after_a_kill(
+        pair: tuple[Daemon, Daemon]) -> None:
+    """Deleted at west before its first checkpoint there replaced the arrival's
+    rounds, then west killed -9: the restart must not bring it back from them."""
+    east, west = pair
+    token = east.token("pat")
+    vm_id = new_vm(east, token)
+    there = east.request("POST", f"/v1/vms/{vm_id}/migrate", {"endpoint": west.endpoint},
+                         token=east.operator_token(), timeout_s=30)
+    assert there[0] == 200, there
+    status, _ = west.request("DELETE", f"/v1/vms/{vm_id}", token=token)
+    assert status == 204
+    kill_and_restart(west)
+    time.sleep(3)  # a restart that found the rounds would restore it within a second
+    assert homes({"east": east, "west": west}, token, vm_id) == []
+    assert not any((west.state_dir / "incoming").iterdir())

@@ -178,8 +178,9 @@ def test_a_final_round_written_over_its_zero_filled_file(workload: dict[str, Ima
 
 def test_a_vm_that_comes_back_leaves_no_old_migration_in_the_hosts_map(
         tmp_path: Path) -> None:
-    """On a real VMHost: moved away live, then arriving back (`activate`), the VM's
-    old migration is forgotten in memory as its files go."""
+    """On a real VMHost, the steps a live arrival takes (edge_agent/live_migration.py
+    `_activate`): moved away live, then back, the VM's old migration is forgotten in
+    memory as its files go (`forget_tombstone`)."""
     import asyncio
 
     from edge_agent.auth import Principal
@@ -197,10 +198,13 @@ def test_a_vm_that_comes_back_leaves_no_old_migration_in_the_hosts_map(
             snap = host.snapshot_with_annex(hosted, moving=True)
             stones = host.tombstones
             stones.decide(stones.prepare(hosted.id, WEST, "m1"), hosted.id, WEST, "m1")
-            host.let_go(hosted, WEST)
+            await host.free_moved(hosted, host.let_go(hosted, WEST))
             assert stones.moved_by_migration("m1")
             back = VM.restore(host.images.get(snap.image_digest), snap)
-            host.activate(back, None)
+            assert stones.pop(hosted.id) == WEST
+            old_migrations = stones.migrations_of(hosted.id)
+            returned = host.activate(back, None)
+            await host.forget_tombstone(returned, old_migrations)
             assert not stones.moved_by_migration("m1")
             assert stones.migrations_of(hosted.id) == [] and hosted.id not in stones
             assert not any(".moved" in p.name for p in host.vm_dir.iterdir())
