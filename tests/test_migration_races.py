@@ -55,6 +55,26 @@ def new_vm(d: Daemon, token: str, wasm: Path = KVSTORE,
     return vm_id
 
 
+def vm_with_values(d: Daemon, token: str) -> str:
+    """A kvstore VM on `d` holding k -> 7k for k in 0..4; its id."""
+    vm_id = new_vm(d, token)
+    for k in range(5):
+        status, _ = d.request("POST", f"/v1/vms/{vm_id}/call",
+                              {"fn": "kv_put", "args": [k, k * 7]}, token=token)
+        assert status == 200
+    return vm_id
+
+
+def move_live(source: Daemon, to: Daemon, vm_id: str) -> str:
+    """Move `vm_id` live from `source` to `to`; the migration's id."""
+    status, answer = source.request("POST", f"/v1/vms/{vm_id}/migrate",
+                                    {"endpoint": to.endpoint},
+                                    token=source.operator_token(), timeout_s=30)
+    assert status == 200, answer
+    migration_id: str = answer["migration_id"]
+    return migration_id
+
+
 def test_a_vm_handed_back_at_once_keeps_its_new_checkpoint(
         pair: tuple[Daemon, Daemon]) -> None:
     """Moved live east -> west, then at once handed back west -> east (stop-and-copy,
@@ -63,11 +83,7 @@ def test_a_vm_handed_back_at_once_keeps_its_new_checkpoint(
     nothing."""
     east, west = pair
     token = east.token("pat")
-    vm_id = new_vm(east, token)
-    for k in range(5):
-        status, _ = east.request("POST", f"/v1/vms/{vm_id}/call",
-                                 {"fn": "kv_put", "args": [k, k * 7]}, token=token)
-        assert status == 200
+    vm_id = vm_with_values(east, token)
     first: dict[str, Any] = {}
 
     def move_away() -> None:
@@ -172,19 +188,13 @@ def test_a_vm_that_moved_on_is_not_brought_back_from_its_arrivals_rounds(
         pair: tuple[Daemon, Daemon], mode: str) -> None:
     """Moved live east -> west, then at once west -> east, and west killed -9
     before its first checkpoint of the arrived VM (30 s here) replaced the arrival's
-    rounds on disk. At the restart those rounds belong to a committed migration, but
-    the VM moved on since (west's decided record of the second move): west must drop
-    them, not bring the VM back to life beside east's copy."""
+    rounds on disk. Those rounds belong to a committed migration, but the VM moved on
+    since (west's decided record of the second move): the move sets them aside, so
+    the restart does not bring the VM back to life beside east's copy."""
     east, west = pair
     token = east.token("pat")
-    vm_id = new_vm(east, token)
-    for k in range(5):
-        status, _ = east.request("POST", f"/v1/vms/{vm_id}/call",
-                                 {"fn": "kv_put", "args": [k, k * 7]}, token=token)
-        assert status == 200
-    there = east.request("POST", f"/v1/vms/{vm_id}/migrate", {"endpoint": west.endpoint},
-                         token=east.operator_token(), timeout_s=30)
-    assert there[0] == 200, there
+    vm_id = vm_with_values(east, token)
+    arrival = move_live(east, west, vm_id)
     status, _ = west.request("POST", f"/v1/vms/{vm_id}/call",
                              {"fn": "kv_put", "args": [5, 35]}, token=token)
     assert status == 200
@@ -195,8 +205,8 @@ def test_a_vm_that_moved_on_is_not_brought_back_from_its_arrivals_rounds(
     incoming = west.state_dir / "incoming"
     # Checkpointed, and the rounds set aside as the VM left again (deleted later),
     # not 30 s after it landed.
-    assert not (incoming / there[1]["migration_id"]).exists()
-    set_aside = incoming / f"{there[1]['migration_id']}.set-aside"
+    assert not (incoming / arrival).exists()
+    set_aside = incoming / f"{arrival}.set-aside"
     assert set_aside.exists()
     kill_and_restart(west)
     # A restart that still found them would ask east whether the first move committed
@@ -227,20 +237,15 @@ def test_rounds_found_beside_the_vms_own_checkpoint_are_set_aside_at_the_restart
         status, _ = east.request("POST", f"/v1/vms/{vm_id}/call",
                                  {"fn": "kv_put", "args": [1, 11]}, token=token)
         assert status == 200
-        there = east.request("POST", f"/v1/vms/{vm_id}/migrate",
-                             {"endpoint": west.endpoint}, token=east.operator_token(),
-                             timeout_s=30)
-        assert there[0] == 200, there
-        rounds = west.state_dir / "incoming" / there[1]["migration_id"]
+        arrival = move_live(east, west, vm_id)
+        rounds = west.state_dir / "incoming" / arrival
         assert rounds.exists()
         assert west.stop() == 0 and east.stop() == 0
         assert rounds.exists()  # kept by the clean stop: the interval had not passed
         west.start()
         assert homes({"west": west}, token, vm_id) == ["west"]  # from its checkpoint
         wait_until(lambda: not rounds.exists(), 10, what="the stale rounds set aside")
-        on = west.request("POST", f"/v1/vms/{vm_id}/migrate", {"endpoint": north.endpoint},
-                          token=west.operator_token(), timeout_s=30)
-        assert on[0] == 200, on
+        move_live(west, north, vm_id)
         east.start()
         time.sleep(3)  # west would have asked east (once a second) and restored it
         assert homes({"east": east, "west": west, "north": north}, token, vm_id) == ["north"]
@@ -258,9 +263,8 @@ def test_a_vm_deleted_moments_after_it_arrived_stays_deleted_after_a_kill(
     east, west = pair
     token = east.token("pat")
     vm_id = new_vm(east, token)
-    there = east.request("POST", f"/v1/vms/{vm_id}/migrate", {"endpoint": west.endpoint},
-                         token=east.operator_token(), timeout_s=30)
-    assert there[0] == 200, there
+    arrival = move_live(east, west, vm_id)
+    assert (west.state_dir / "incoming" / arrival).exists()  # its first checkpoint: 30 s
     status, _ = west.request("DELETE", f"/v1/vms/{vm_id}", token=token)
     assert status == 204
     kill_and_restart(west)
