@@ -496,21 +496,23 @@ class LiveMigrations:
         """Set aside, durably, the rounds VM `vm_id` arrived with, if they may still
         be on disk: before it moves out (`supersede_arrival`) or is deleted, either
         of which a restart that restored it from them would undo. Deleted later
-        (`_checkpoint_then_forget`, `_retire_arrival`, or a restart)."""
+        (`_checkpoint_then_forget`, or a restart)."""
         migration_id = self._arrived.get(vm_id)
-        if migration_id is None:
-            return
-        await asyncio.to_thread(_set_aside, self.incoming_dir / migration_id)
-        if self._arrived.get(vm_id) == migration_id:
-            del self._arrived[vm_id]
+        if migration_id is not None:
+            await self._set_arrival_aside(vm_id, migration_id)
 
-    async def _retire_arrival(self, vm_id: str, migration_id: str) -> None:
-        """Rounds found at a restart of a VM restored from its own checkpoint (written
-        after it arrived): set aside at once, without asking their source, then
-        deleted."""
+    async def _set_arrival_aside(self, vm_id: str, migration_id: str) -> Path:
+        """`_set_aside` the rounds VM `vm_id` arrived with by `migration_id`, and stop
+        tracking them; returns where they are now."""
         aside = await asyncio.to_thread(_set_aside, self.incoming_dir / migration_id)
         if self._arrived.get(vm_id) == migration_id:
             del self._arrived[vm_id]
+        return aside
+
+    async def _drop_arrival(self, vm_id: str, migration_id: str) -> None:
+        """Set aside first, then delete: a crash in the middle of the delete must not
+        leave a committed migration with rounds missing."""
+        aside = await self._set_arrival_aside(vm_id, migration_id)
         await asyncio.to_thread(shutil.rmtree, aside, True)
 
     async def _checkpoint_then_forget(self, hosted: HostedVM, migration_id: str) -> None:
@@ -523,12 +525,7 @@ class LiveMigrations:
         except Exception as exc:
             log.error("first checkpoint of arrived VM %s failed: %r", hosted.id, exc)
             return  # the incoming rounds stay: a restart recovers from them
-        # Set aside first (if a move out has not already): a crash in the middle of
-        # deleting them must not leave a committed migration with rounds missing.
-        aside = await asyncio.to_thread(_set_aside, self.incoming_dir / migration_id)
-        if self._arrived.get(hosted.id) == migration_id:
-            del self._arrived[hosted.id]
-        await asyncio.to_thread(shutil.rmtree, aside, True)
+        await self._drop_arrival(hosted.id, migration_id)
 
     async def _settle(self, incoming: Incoming, vm: VM | None, annex: dict[str, Any]) -> None:
         """In doubt: ask the source until it answers, then activate or discard."""
@@ -567,25 +564,27 @@ class LiveMigrations:
             if folder.name.endswith(SET_ASIDE):  # superseded by a later move out
                 self._spawn(asyncio.to_thread(shutil.rmtree, folder, True))
                 continue
-            vm_id = _vm_of(folder)
-            if vm_id is not None and self.host.vms.get(vm_id) is not None:
+            try:
+                meta = json.loads((folder / "meta.json").read_text())
+                vm_id = str(meta["vm"])
+                source = Location(str(meta["node"]), str(meta["endpoint"]))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("incoming migration %s is unreadable (%r); left for a human",
+                          folder.name, exc)
+                continue
+            if self.host.vms.get(vm_id) is not None:
                 # Restored from its own checkpoint, written after it arrived: these
-                # rounds are stale. Known at once (no await before a move of the VM
-                # can start), so a move out sets them aside before it decides.
+                # rounds are stale, and dropped without asking their source. Known
+                # at once (no await before a move of the VM can start), so a move
+                # out sets them aside before it decides.
                 self._arrived[vm_id] = folder.name
-                self._spawn(self._retire_arrival(vm_id, folder.name))
+                self._spawn(self._drop_arrival(vm_id, folder.name))
             else:
-                self._spawn(self._recover_one(folder, peers))
+                self._spawn(self._recover_one(folder, vm_id, source, peers))
 
-    async def _recover_one(self, folder: Path, peers: PeerClient) -> None:
-        try:
-            meta = json.loads((folder / "meta.json").read_text())
-            source = Location(str(meta["node"]), str(meta["endpoint"]))
-            migration_id = folder.name
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.error("incoming migration %s is unreadable (%r); left for a human",
-                      folder.name, exc)
-            return
+    async def _recover_one(self, folder: Path, vm_id: str, source: Location,
+                           peers: PeerClient) -> None:
+        migration_id = folder.name
         incoming = Incoming(self, source, peers, migration_id=migration_id)
         while (answer := await incoming.ask_source(migration_id)) is None:
             await asyncio.sleep(RESOLVE_RETRY_S)
@@ -595,8 +594,8 @@ class LiveMigrations:
             log.info("migration %s did not commit; dropping what arrived", migration_id)
             incoming.discard()
             return
-        if self.host.vms.get(str(meta.get("vm"))) is not None:
-            incoming.discard()  # its checkpoint was written before the stop: it is here
+        if self.host.vms.get(vm_id) is not None:
+            incoming.discard()  # it arrived here again meanwhile
             return
         snaps = [snap for p in sorted(folder.glob("*.snap"))
                  if (snap := await asyncio.to_thread(_read_round, p)) is not None]
@@ -702,15 +701,6 @@ def _set_aside(folder: Path) -> Path:
             os.replace(folder, aside)
         fsync_dir(folder.parent)
     return aside
-
-
-def _vm_of(folder: Path) -> str | None:
-    """The VM an incoming migration's folder is for (its `meta.json`), if readable."""
-    try:
-        vm = json.loads((folder / "meta.json").read_text()).get("vm")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return vm if isinstance(vm, str) else None
 
 
 def zero_fill(path: Path, size: int) -> None:
