@@ -52,6 +52,7 @@ from cloudlet.vm.snapshot import (
     capture_memories,
     check_applicable,
     check_restorable,
+    grow_memories,
 )
 
 INPUT_EXPORT = "cloudlet_input"  # bytes ABI: guest returns a buffer for `len` input bytes
@@ -488,6 +489,29 @@ class VM:
 
     def apply_delta(self, delta: Snapshot) -> None:
         """Bring this VM forward by a delta taken against its current state."""
+        self._check_delta(delta)
+        try:
+            self._apply(delta)
+        except BaseException:
+            self.failed = f"delta {delta.snapshot_id[:12]} failed midway: state unknown"
+            raise
+
+    def prepare_delta(self, delta: Snapshot) -> None:
+        """Do ahead what in `apply_delta` can refuse `delta` or run out of memory: every
+        check, the new limits, the memories' growth. Why: a migration's destination
+        says it is ready once the final round is durable and known to apply, and
+        writes it into the VM while the source decides (off the downtime's path);
+        what is left then only copies into memory that is already there."""
+        self._check_delta(delta)
+        try:
+            if delta.limits != self.limits:
+                self.set_limits(delta.limits)
+            grow_memories(self._memory, delta)
+        except BaseException:
+            self.failed = f"delta {delta.snapshot_id[:12]} failed while growing: state unknown"
+            raise
+
+    def _check_delta(self, delta: Snapshot) -> None:
         if self.failed is not None:
             raise VMFailed(f"VM {self.id} has failed: {self.failed}")
         self._check_applicable(delta)
@@ -499,11 +523,6 @@ class VM:
             raise SnapshotImageMismatch(
                 f"delta {delta.snapshot_id[:12]} does not apply on this VM's state "
                 f"({(self.last_snapshot_id or 'none')[:12]})")
-        try:
-            self._apply(delta)
-        except BaseException:
-            self.failed = f"delta {delta.snapshot_id[:12]} failed midway: state unknown"
-            raise
 
     # --- lifecycle --------------------------------------------------------------------
 
