@@ -412,3 +412,64 @@ def test_call_pacer_stays_busy_until_every_waiting_call_went_in() -> None:
         assert not pacer.busy and pacer.in_turn == 0
 
     asyncio.run(main())
+
+
+class _ReadyWatcher(DestinationMigration):
+    """Notes the VM's sequence number at the moment `Ready` goes out."""
+
+    seq_at_ready: int | None = None
+
+    def next_event(self) -> Any:
+        ev = super().next_event()
+        if isinstance(ev, Send) and ev.message.TYPE == "ready":
+            assert self.vm is not None
+            self.seq_at_ready = self.vm.seq
+        return ev
+
+
+def test_ready_goes_out_before_the_final_round_is_written_into_the_vm(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """The destination says ready once the final round is checked and durable, and
+    writes it into the VM after (while the source decides): at `Ready` its VM is
+    still at the last pre-copy round's call; activated, it is the twin."""
+    vm, twin = pair(workload["memhog"], [("hog_grow", (4,)), ("hog_dirty", (600, 3))])
+    calls: list[Call] = []
+
+    def between(round_no: int) -> None:
+        call = ("hog_dirty", (20, 500 + round_no))
+        vm.call(call[0], *call[1])
+        calls.append(call)
+
+    dst = _ReadyWatcher(store, ChunkStore())
+    actions = drive(SourceMigration(vm), dst, between_rounds=between)
+    moved = actions[-1]
+    assert isinstance(moved, ActivateVM)
+    for name, args in calls:
+        twin.call(name, *args)
+    assert fingerprint(moved.vm) == fingerprint(twin)
+    assert dst.seq_at_ready is not None and dst.seq_at_ready < moved.vm.seq == twin.seq
+
+
+def test_the_final_round_is_sent_as_content_even_when_the_destination_holds_it(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """Pre-copy rounds send chunks the destination holds by reference; the final
+    round, inside the pause, sends content without hashing it (a hit is rare for
+    chunks just written): here every chunk it carries is one the destination holds."""
+    # Chunks of each value the calls below write, elsewhere in memory: sent in round
+    # 0, so the destination holds that content from then on.
+    setup: list[Call] = [("hog_grow", (4,)), ("hog_dirty", (600, 3))]
+    setup += [("hog_fill", (100 + value, 1, value)) for value in range(10, 30)]
+    vm, _ = pair(workload["memhog"], setup)
+
+    def between(round_no: int) -> None:  # new chunks here, content the destination has
+        vm.call("hog_fill", 0, 8, 10 + round_no)
+
+    # A small stop threshold: a pre-copy round after round 0, then the final one.
+    src = SourceMigration(vm, policy=PreCopyPolicy(stop_dirty_bytes=4096,
+                                                   target_downtime_s=0.0))
+    actions = drive(src, DestinationMigration(store, ChunkStore()), between_rounds=between)
+    moved = actions[-1]
+    assert isinstance(moved, ActivateVM) and fingerprint(moved.vm) == fingerprint(vm)
+    final, before = src.stats.rounds[-1], src.stats.rounds[1:-1]
+    assert before and sum(r.ref_chunks for r in before) > 0  # pre-copy used references
+    assert final.final and final.data_chunks >= 8 and final.ref_chunks == 0

@@ -77,6 +77,45 @@ def test_delta_applies_onto_a_running_copy(workload: dict[str, Image]) -> None:
         dst.apply_delta(src.snapshot(delta=True))  # dst ran kv_checksum: no longer the base
 
 
+def test_a_prepared_delta_applies_and_a_refused_one_leaves_the_copy_as_it_was(
+        workload: dict[str, Image]) -> None:
+    """`prepare_delta` does ahead what can refuse a delta (checks, growth): a refused
+    delta changes nothing, and a prepared one then applies as `apply_delta` would."""
+    src = VM.create(workload["memhog"], clock="virtual", random_seed=SEED)
+    src.call("hog_grow", 1)
+    dst = VM.restore(workload["memhog"], src.snapshot())
+    src.call("hog_grow", 2)  # the delta grows memory
+    src.call("hog_dirty", 40, 3)
+    delta = src.snapshot(delta=True)
+    size, seq = len(dst.memory_view()), dst.seq
+    dst.prepare_delta(delta)
+    assert len(dst.memory_view()) > size and dst.seq == seq  # grown, not written yet
+    dst.apply_delta(delta)
+    assert dst.call("hog_checksum") == src.call("hog_checksum")
+    other = VM.restore(workload["memhog"], src.snapshot())
+    with pytest.raises(SnapshotImageMismatch):
+        other.prepare_delta(delta)  # not its base
+    assert other.failed is None and other.call("hog_checksum") == src.call("hog_checksum")
+
+
+def test_chunk_ids_that_are_negative_unsorted_or_past_the_memory_are_refused(
+        workload: dict[str, Image]) -> None:
+    import dataclasses
+
+    vm = VM.create(workload["memhog"])
+    vm.call("hog_grow", 1)
+    vm.call("hog_dirty", 3, 1)
+    snap = vm.snapshot()
+    (mem,) = snap.memories
+    n = mem.pages * (65536 // CHUNK_BYTES)
+    ids = mem.chunk_ids.astype(np.int64)
+    for bad in (np.concatenate([[-1], ids[1:]]), ids[::-1].copy(),
+                np.concatenate([ids[:-1], [n]])):
+        forged = dataclasses.replace(snap, memories=(dataclasses.replace(mem, chunk_ids=bad),))
+        with pytest.raises(SnapshotCorrupt, match="ascending"):
+            VM.restore(workload["memhog"], forged)
+
+
 def test_unexported_stack_pointer_and_heap_resume(store: ImageStore) -> None:
     image = store.add(wat_file("stackdep.wat"))
     vm = VM.create(image)
