@@ -521,10 +521,19 @@ class LiveMigrations:
         are what the user feels; the rounds on disk already make it durable."""
         await asyncio.sleep(self.host.config.checkpoint_interval_s)
         try:
-            await self.host.checkpoint(hosted)
+            # Forced: written whatever its calls since the landing. False when none
+            # was written (the VM failed, or is gone): then the rounds are all there
+            # is of it (a VM failed by its final round's copy is restored from them
+            # at a restart), and moves out and deletes set them aside themselves.
+            landed = await self.host.checkpoint(hosted, force=True)
         except Exception as exc:
             log.error("first checkpoint of arrived VM %s failed: %r", hosted.id, exc)
             return  # the incoming rounds stay: a restart recovers from them
+        if not landed:
+            if hosted.vm.failed is not None:
+                log.error("arrived VM %s failed (%s); its incoming rounds are kept for a "
+                          "restart to restore it from", hosted.id, hosted.vm.failed)
+            return
         await self._drop_arrival(hosted.id, migration_id)
 
     async def _settle(self, incoming: Incoming, vm: VM | None, annex: dict[str, Any]) -> None:

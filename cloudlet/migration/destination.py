@@ -18,7 +18,6 @@ one) and calls `resolve()`.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import secrets
 import time
@@ -432,13 +431,17 @@ class DestinationMigration:
 
     def _apply_final(self) -> None:
         """Write the prepared final round into the VM. Only the host running out of
-        memory can fail it now, after `Ready`: the VM is then marked failed (its calls
-        say so), and its state is what the driver persisted before `Ready`, which a
+        memory should fail it now, after `Ready`: the VM is then marked failed (its
+        calls say so), and its state is in what the driver persisted before `Ready`,
+        which the daemon keeps (no first checkpoint of a failed VM replaces it) and a
         restart of the destination restores if the source committed."""
         snap, self._unapplied = self._unapplied, None
         assert self.vm is not None and snap is not None
-        with contextlib.suppress(CloudletError, MemoryError):  # `vm.failed` says it
+        try:
             self.vm.apply_delta(snap)
+        except Exception as exc:  # after `Ready`: never an abort, never raised
+            if self.vm.failed is None:
+                self.vm.failed = f"the final round could not be applied: {exc!r}"
 
 
 @dataclass(frozen=True)
