@@ -237,7 +237,7 @@ async def echo_server(port: int) -> None:
     daemon's stream; no middlewares, no auth, no decoding."""
 
     async def ws_echo(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_MSG_BYTES, heartbeat=30.0)
+        ws = web.WebSocketResponse(max_msg_size=MAX_MSG_BYTES)
         await ws.prepare(request)
         async for msg in ws:
             if msg.type == WSMsgType.BINARY:

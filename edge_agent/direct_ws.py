@@ -213,11 +213,17 @@ class DirectWebSocket(web.WebSocketResponse):
         return True
 
 
+# The headers of the small frames, made once: a call's answer is a few dozen bytes.
+SHORT_HEADERS = tuple(_HEADER_SHORT(_FIN_BINARY, n) for n in range(126))
+
+
 def write_binary(transport: asyncio.Transport, payload: bytes) -> None:
     """One binary frame carrying `payload`, written to `transport` now."""
-    header = binary_frame_header(len(payload))
-    if len(payload) > _ONE_WRITE_MAX:
-        transport.write(header)
+    length = len(payload)
+    if length < 126:
+        transport.write(SHORT_HEADERS[length] + payload)
+    elif length > _ONE_WRITE_MAX:
+        transport.write(binary_frame_header(length))
         transport.write(payload)
     else:
-        transport.write(header + payload)
+        transport.write(binary_frame_header(length) + payload)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from time import perf_counter
 from typing import Any
 
 import msgpack
@@ -66,23 +67,22 @@ class StreamCalls:
         """The answer to one binary message, or `Pending` if its call must wait."""
         req_id = None
         try:
-            decoded = decode_stream_message(raw, self.cap_bytes)
-            req_id = decoded.req_id
+            req_id, body = decode_stream_message(raw, self.cap_bytes)
             try:
-                call = parse_call(decoded.body)
+                call = parse_call(body)
             except CloudletError:
                 self._record(False, 0.0)
                 raise
             host, hosted = self.host, self.hosted
             if not host.can_call_now(hosted):
                 return Pending(req_id, call)
-            started = time.perf_counter()
-            ok = False
+            started = perf_counter()
             try:
                 reply = host.call_now(hosted, call)
-                ok = True
-            finally:
-                self._record(ok, time.perf_counter() - started)
+            except BaseException:
+                self._record(False, perf_counter() - started)
+                raise
+            self._record(True, perf_counter() - started)
         except CloudletError as exc:
             return self._refused(req_id, exc)
         except (ValueError, msgpack.UnpackException) as exc:
@@ -105,9 +105,11 @@ class StreamCalls:
         ran either) too. The stream's coroutine then takes the message as usual (and
         parses it again: the slow path)."""
         answer_now, can_write_now = self.answer_now, ws.can_write_now
+        if transport is None:
+            return lambda raw: False
 
         def serve(raw: bytes) -> bool:
-            if transport is None or not can_write_now(transport):
+            if not can_write_now(transport):
                 return False
             answer = answer_now(raw)
             if isinstance(answer, Pending):
