@@ -326,7 +326,9 @@ def test_a_final_round_that_fails_to_copy_after_ready_is_restored_by_a_restart(
     final round into the VM. The VM is failed there (its calls say so), exists at
     no other cloudlet, and its arrival's rounds outlive the first checkpoint (which
     writes nothing of a failed VM): a restart of the destination restores it from
-    them, with every call the source applied, each once."""
+    them, with every call the source applied, each once. Calls go on through the
+    migration, so the final round carries some of them: a restore that missed it
+    would miss those calls."""
     east = make_daemon(tmp_path, "east", **SETTINGS).start()
     inject = tmp_path / "inject"
     inject.mkdir()
@@ -342,25 +344,47 @@ def test_a_final_round_that_fails_to_copy_after_ready_is_restored_by_a_restart(
                                        token=token)
         assert status == 201, created
         vm_id = created["vm"]
-        calls = [("kv_put", (key, key * 7 + 1)) for key in range(40)] + [("kv_del", (3,))]
-        for fn, args in calls:
-            status, body = east.request("POST", f"/v1/vms/{vm_id}/call",
-                                        {"fn": fn, "args": list(args)}, token=token)
-            assert status == 200, body
-        status, answer = east.request("POST", f"/v1/vms/{vm_id}/migrate",
-                                      {"endpoint": west.endpoint},
-                                      token=east.operator_token(), timeout_s=60)
-        assert status == 200 and answer["mode"] == "live", answer
+        applied: list[tuple[str, tuple[int, ...]]] = []
+        refused: list[tuple[int, Any]] = []
+
+        def call_until_moved() -> None:
+            """Calls at the source until one is not applied there (it moved)."""
+            for i in range(100_000):
+                op = ("kv_del", (i % 11,)) if i % 5 == 4 else ("kv_put", (i % 11, i * 31))
+                status, body = east.request("POST", f"/v1/vms/{vm_id}/call",
+                                            {"fn": op[0], "args": list(op[1])}, token=token)
+                if status != 200:
+                    refused.append((status, body))
+                    return
+                applied.append(op)
+
+        async def migrate_while_calling() -> dict[str, Any]:
+            caller = asyncio.create_task(asyncio.to_thread(call_until_moved))
+            await async_wait_until(lambda: len(applied) >= 30)
+            status, answer = await asyncio.to_thread(
+                east.request, "POST", f"/v1/vms/{vm_id}/migrate",
+                {"endpoint": west.endpoint}, token=east.operator_token(), timeout_s=60)
+            assert status == 200 and answer["mode"] == "live", answer
+            await asyncio.wait_for(caller, 30)
+            assert refused and refused[0][0] == 410, refused  # moved, not failed
+            moved: dict[str, Any] = answer
+            return moved
+
+        answer = asyncio.run(migrate_while_calling())
+        final = answer["round_stats"][-1]
+        assert final["final"] and final["data_chunks"] > 0, answer["round_stats"]
         status, body = west.request("POST", f"/v1/vms/{vm_id}/call",
                                     {"fn": "kv_count", "args": []}, token=token)
         assert body.get("code") == "vm_failed", (status, body, west.log())
         assert east.request("GET", f"/v1/vms/{vm_id}", token=token)[0] == 410
 
-        # Well past the first checkpoint's time (0.3 s): the rounds are still there.
+        # Past the first checkpoint's time (0.3 s after the landing): the rounds stay.
+        def full_log() -> str:
+            return west.log_path.read_text(errors="replace")
+
+        asyncio.run(async_wait_until(lambda: "its incoming rounds are kept" in full_log(), 10))
         incoming = west.state_dir / "incoming"
-        time.sleep(2.0)
-        assert [p.name for p in incoming.iterdir()] == [answer["migration_id"]], west.log()
-        assert "its incoming rounds are kept" in west.log()
+        assert [p.name for p in incoming.iterdir()] == [answer["migration_id"]], full_log()
         assert not (west.state_dir / "vms" / f"{vm_id}.snap").exists()
 
         assert west.stop() == 0  # as an operator would, seeing the failed VM
@@ -369,9 +393,11 @@ def test_a_final_round_that_fails_to_copy_after_ready_is_restored_by_a_restart(
             asyncio.run(async_wait_until(lambda: homes(daemons, token, vm_id) == ["west"],
                                          SETTLE_S, poll_s=0.1))
         assert homes(daemons, token, vm_id) == ["west"], west.log()
+        status, info = west.request("GET", f"/v1/vms/{vm_id}", token=token)
+        assert status == 200 and info["seq"] == len(applied), (info, len(applied))
         state = [west.request("POST", f"/v1/vms/{vm_id}/call", {"fn": fn, "args": []},
                               token=token)[1]["result"] for fn in ("kv_checksum", "kv_count")]
-        assert tuple(state) == Twin().state(calls)
+        assert tuple(state) == Twin().state(applied)
         # Its own checkpoint replaces the rounds once it runs healthy here.
         asyncio.run(async_wait_until(lambda: not any(incoming.iterdir()), 10))
     finally:
