@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,9 +217,15 @@ def daemon_pair(tmp: Path, **settings: Any) -> Iterator[tuple[Daemon, Daemon]]:
     east = make_daemon(tmp, "east", **settings).start()
     west = make_daemon(tmp, "west", **settings).start()
     yield east, west
-    for d in (east, west):  # side by side
+    stop_all([east, west])
+
+
+def stop_all(daemons: Sequence[Daemon]) -> None:
+    """Stop every daemon, side by side, each waiting out its own grace period; one
+    a test already killed (or never started) is only reaped."""
+    for d in daemons:
         d.ask_to_stop()
-    for d in (east, west):
+    for d in daemons:
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
         else:

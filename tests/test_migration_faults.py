@@ -30,7 +30,7 @@ import pytest
 from cloudlet.vm import VM, ImageStore, VMLimits
 from mobile_client import CloudletClient
 from tests.conftest import WORKLOADS
-from tests.daemons import Daemon, daemon_pair, make_daemon, sealed_body
+from tests.daemons import Daemon, daemon_pair, make_daemon, sealed_body, stop_all
 from tests.migration_proxy import MigrationProxy, Trigger
 from tests.mqtt_brokers import address
 from tests.waiting import async_wait_until
@@ -401,10 +401,4 @@ def test_a_final_round_that_fails_to_copy_after_ready_is_restored_by_a_restart(
         # Its own checkpoint replaces the rounds once it runs healthy here.
         asyncio.run(async_wait_until(lambda: not any(incoming.iterdir()), 10))
     finally:
-        for d in (east, west):
-            d.ask_to_stop()
-        for d in (east, west):
-            if d.proc is not None and d.proc.poll() is None:
-                d.stop()
-            else:
-                d.kill()
+        stop_all([east, west])
