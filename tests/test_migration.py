@@ -240,6 +240,37 @@ def test_precopy_stops_when_the_dirty_set_stops_shrinking(store: ImageStore,
     assert len(src.stats.rounds) == 3  # round 0, one that did not shrink the set, final
 
 
+def test_spaced_calls_that_outlast_a_round_do_not_stop_pre_copy_as_not_shrinking(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """Auto-converge has spaced the VM's calls far further apart than a round takes.
+    Two rounds each catch a call to the same hot chunks, so the dirty set does not
+    shrink; pre-copy goes on instead of pausing the VM for that call's dirtying,
+    and stops once a round catches none: the final round then carries no chunks.
+    (Without the spacing, the same calls stop it as not shrinking: the test above.)"""
+    # 16 MiB: enough for round 0 to measure the link, which the rule needs.
+    vm, twin = pair(workload["memhog"], [("hog_grow", (16,)), ("hog_dirty", (4096, 1))])
+    calls: list[Call] = []
+
+    def between(round_no: int) -> None:
+        if round_no <= 1:  # one spaced call in each of the first two rounds, same pages
+            call = ("hog_dirty", (16, 5))
+            vm.call(call[0], *call[1])
+            calls.append(call)
+
+    src = SourceMigration(vm, policy=PreCopyPolicy(stop_dirty_bytes=0, target_downtime_s=0,
+                                                   compression=False))
+    src.call_interval_s = 0.25  # as auto-converge leaves a guest that outran its link
+    actions = drive(src, DestinationMigration(store, ChunkStore()), between_rounds=between)
+    assert src.stats.stop_reason == "small"
+    assert len(src.stats.rounds) == 4  # round 0, two that caught a call, the final
+    assert src.stats.rounds[-1].final and src.stats.rounds[-1].chunks == 0
+    moved = actions[-1]
+    assert isinstance(moved, ActivateVM)
+    for name, args in calls:
+        twin.call(name, *args)
+    assert fingerprint(moved.vm) == fingerprint(twin)
+
+
 def test_a_guest_outrunning_the_link_is_throttled_and_bytes_stay_in_budget(
         store: ImageStore, workload: dict[str, Image]) -> None:
     """Auto-converge and the byte budget, on a virtual clock: every look at the clock
