@@ -240,35 +240,81 @@ def test_precopy_stops_when_the_dirty_set_stops_shrinking(store: ImageStore,
     assert len(src.stats.rounds) == 3  # round 0, one that did not shrink the set, final
 
 
-def test_spaced_calls_that_outlast_a_round_do_not_stop_pre_copy_as_not_shrinking(
-        store: ImageStore, workload: dict[str, Image]) -> None:
-    """Auto-converge has spaced the VM's calls far further apart than a round takes.
-    Two rounds each catch a call to the same hot chunks, so the dirty set does not
-    shrink; pre-copy goes on instead of pausing the VM for that call's dirtying,
-    and stops once a round catches none: the final round then carries no chunks.
-    (Without the spacing, the same calls stop it as not shrinking: the test above.)"""
-    # 16 MiB: enough for round 0 to measure the link, which the rule needs.
+def spaced_calls_migration(store: ImageStore, workload: dict[str, Image], *,
+                           call_rounds: Callable[[int], bool], interval_s: float = 0.25,
+                           clock: Callable[[], float] | None = None,
+                           **policy: Any) -> SourceMigration:
+    """A 16 MiB memhog (enough for round 0 to measure the link) migrated with its
+    calls spaced `interval_s` apart, as auto-converge leaves a guest that outran its
+    link; after each round `n` with `call_rounds(n)`, one call rewrites the same 16
+    pages. Checks that the VM arrives exactly; returns the source, for its stats."""
     vm, twin = pair(workload["memhog"], [("hog_grow", (16,)), ("hog_dirty", (4096, 1))])
     calls: list[Call] = []
 
     def between(round_no: int) -> None:
-        if round_no <= 1:  # one spaced call in each of the first two rounds, same pages
+        if call_rounds(round_no):
             call = ("hog_dirty", (16, 5))
             vm.call(call[0], *call[1])
             calls.append(call)
 
-    src = SourceMigration(vm, policy=PreCopyPolicy(stop_dirty_bytes=0, target_downtime_s=0,
-                                                   compression=False))
-    src.call_interval_s = 0.25  # as auto-converge leaves a guest that outran its link
+    src = SourceMigration(vm, policy=PreCopyPolicy(
+        stop_dirty_bytes=0, target_downtime_s=0, compression=False, **policy),
+        **({} if clock is None else {"clock": clock}))
+    # Set, not reached through `Throttle`: the stop rule is under test, not how the
+    # spacing came about (the test above covers that).
+    src.call_interval_s = interval_s
     actions = drive(src, DestinationMigration(store, ChunkStore()), between_rounds=between)
-    assert src.stats.stop_reason == "small"
-    assert len(src.stats.rounds) == 4  # round 0, two that caught a call, the final
-    assert src.stats.rounds[-1].final and src.stats.rounds[-1].chunks == 0
     moved = actions[-1]
     assert isinstance(moved, ActivateVM)
     for name, args in calls:
         twin.call(name, *args)
     assert fingerprint(moved.vm) == fingerprint(twin)
+    return src
+
+
+def test_spaced_calls_that_outlast_a_round_do_not_stop_pre_copy_as_not_shrinking(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """Two rounds each catch a call to the same pages, so the dirty set does not
+    shrink; with the calls spaced far further apart than a round takes, pre-copy
+    goes on instead of pausing the VM for that call's dirtying, and stops once a
+    round catches none: the final round then carries no chunks. (Without the
+    spacing, the same calls stop it as not shrinking: the test above.)"""
+    src = spaced_calls_migration(store, workload, call_rounds=lambda n: n <= 1)
+    assert src.stats.stop_reason == "small"
+    assert len(src.stats.rounds) == 4  # round 0, two that caught a call, the final
+    assert src.stats.rounds[-1].final and src.stats.rounds[-1].chunks == 0
+
+
+def test_spaced_calls_caught_by_every_round_still_stop_at_the_round_limit(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """Every round catches a call: going on never empties the dirty set, and the
+    round limit stops pre-copy as before the rule."""
+    src = spaced_calls_migration(store, workload, call_rounds=lambda n: True, max_rounds=4)
+    assert src.stats.stop_reason == "max_rounds"
+    assert len(src.stats.rounds) == 4 + 2  # round 0, the limit's live rounds, the final
+
+
+@pytest.mark.parametrize("why", ["larger-than-a-final-round", "rounds-longer-than-the-gap"])
+def test_spaced_calls_do_not_keep_pre_copy_going_when_a_round_would_not_fit(
+        store: ImageStore, workload: dict[str, Image], why: str) -> None:
+    """Not shrinking still stops pre-copy when the next round is larger than a final
+    round may be, or when rounds last longer than half the calls' spacing (here
+    every look at the clock takes 5 ms, so a round lasts far longer than its link
+    time says): then the next round would likely catch a call too."""
+    now = [0.0]
+
+    def slow_clock() -> float:
+        now[0] += 0.005
+        return now[0]
+
+    if why == "larger-than-a-final-round":  # 16 pages are 64 KiB
+        src = spaced_calls_migration(store, workload, call_rounds=lambda n: n <= 1,
+                                     max_final_bytes=32 * 1024)
+    else:
+        src = spaced_calls_migration(store, workload, call_rounds=lambda n: n <= 1,
+                                     interval_s=0.01, clock=slow_clock)
+    assert src.stats.stop_reason == "not_shrinking"
+    assert len(src.stats.rounds) == 3
 
 
 def test_a_guest_outrunning_the_link_is_throttled_and_bytes_stay_in_budget(

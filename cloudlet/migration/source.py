@@ -559,17 +559,24 @@ class SourceMigration:
 
     def _calls_outlast_a_round(self, dirty_bytes: int, rate: float | None) -> bool:
         """Auto-converge spaces the VM's calls at least twice as far apart as the next
-        round takes to send. A round that did not shrink the dirty set then only
-        caught one of those calls, and whether the next one catches any is chance:
-        one that catches none leaves the final round nearly empty. Stopping instead
-        pauses the VM for a whole call's dirtying (256 MiB dirtied at 10 MiB/s over
-        25 Mbit/s, calls 250 ms apart: a 193 KB final round, 57 ms of link time
-        with the VM paused). `max_rounds` and the byte budget still bound the
-        rounds this adds."""
+        round should take, and that round is small (at most `max_final_bytes`). A
+        round that did not shrink the dirty set then most likely caught one of those
+        calls, and whether the next one catches any is chance: one that catches
+        none leaves the final round nearly empty. Stopping instead pauses the VM for
+        a whole call's dirtying (256 MiB dirtied at 10 MiB/s over 25 Mbit/s, calls
+        250 ms apart: a 193 KB final round, 57 ms of link time with the VM paused).
+        `max_rounds` and the byte budget still bound the rounds this adds.
+
+        The next round's length is the larger of its link time and the length of the
+        round just acknowledged, which moved about as much: that one includes what
+        the link rate leaves out (the capture, the destination's write, the acks'
+        round trip), and a rate measured from a burst of acks can be far too high."""
         interval = self.call_interval_s
-        if not interval or not rate:
+        if not interval or not rate or dirty_bytes > self.policy.max_final_bytes:
             return False
-        return self._wire_ratio() * dirty_bytes / rate <= interval / 2
+        expected_s = max(self._wire_ratio() * dirty_bytes / rate,
+                         self.stats.rounds[-1].duration_s)
+        return expected_s <= interval / 2
 
     def _over_budget(self, dirty_ids: list[chunks.ChunkIds], dirty_bytes: int) -> bool:
         """Would one more live round (sending `dirty_ids`, then the final round its
