@@ -49,6 +49,17 @@ def pair(image: Image, setup: list[Call]) -> tuple[VM, VM]:
     return vms
 
 
+def arrived_as_twin(actions: list[object], twin: VM, calls: list[Call]) -> VM:
+    """The VM the migration activated (its last action), once `twin` has made the
+    same `calls`: checked equal to it in memory, globals, seq and host state."""
+    moved = actions[-1]
+    assert isinstance(moved, ActivateVM)
+    for name, args in calls:
+        twin.call(name, *args)
+    assert fingerprint(moved.vm) == fingerprint(twin)
+    return moved.vm
+
+
 def drive(src: SourceMigration, dst: DestinationMigration, *,
           between_rounds: Callable[[int], None] = lambda r: None,
           annex: dict[str, Any] | None = None) -> list[object]:
@@ -136,14 +147,10 @@ def test_kvstore_state_and_later_calls_match_the_twin(store: ImageStore,
     src = SourceMigration(vm, policy=PreCopyPolicy(stop_dirty_bytes=0, target_downtime_s=0,
                                                    max_rounds=3, min_shrink=100.0))
     actions = drive(src, DestinationMigration(store, ChunkStore()), between_rounds=between)
-    moved = actions[-1]
-    assert isinstance(moved, ActivateVM)
-    for name, args in calls:
-        twin.call(name, *args)
-    assert fingerprint(moved.vm) == fingerprint(twin)
+    arrived = arrived_as_twin(actions, twin, calls)
     for k in (3, 1999, 10_001, 99_999):  # later calls answer the same
-        assert moved.vm.call("kv_get", k) == twin.call("kv_get", k)
-    assert moved.vm.call("kv_count") == twin.call("kv_count")
+        assert arrived.call("kv_get", k) == twin.call("kv_get", k)
+    assert arrived.call("kv_count") == twin.call("kv_count")
     assert len(src.stats.rounds) == 5  # round 0, three pre-copy rounds (the limit), final
 
 
@@ -264,11 +271,7 @@ def spaced_calls_migration(store: ImageStore, workload: dict[str, Image], *,
     # spacing came about (the test above covers that).
     src.call_interval_s = interval_s
     actions = drive(src, DestinationMigration(store, ChunkStore()), between_rounds=between)
-    moved = actions[-1]
-    assert isinstance(moved, ActivateVM)
-    for name, args in calls:
-        twin.call(name, *args)
-    assert fingerprint(moved.vm) == fingerprint(twin)
+    arrived_as_twin(actions, twin, calls)
     return src
 
 
@@ -355,11 +358,7 @@ def test_a_guest_outrunning_the_link_is_throttled_and_bytes_stay_in_budget(
     assert src.stats.max_call_interval_s == throttles[-1].call_interval_s
     assert src.stats.stop_reason is not None
     assert src.stats.bytes_sent <= 1.1 * src.stats.overlay_plus_dirty_bytes
-    moved = actions[-1]
-    assert isinstance(moved, ActivateVM)
-    for name, args in calls:
-        twin.call(name, *args)
-    assert fingerprint(moved.vm) == fingerprint(twin)
+    arrived_as_twin(actions, twin, calls)
 
 
 @pytest.mark.parametrize("budget", [1.08, 1e9])
@@ -389,11 +388,7 @@ def test_without_auto_converge_the_byte_budget_alone_stops_pre_copy(
         assert ratio < 1.2
     else:
         assert src.stats.stop_reason == "max_rounds" and ratio > 1.5
-    moved = actions[-1]
-    assert isinstance(moved, ActivateVM)
-    for name, args in calls:
-        twin.call(name, *args)
-    assert fingerprint(moved.vm) == fingerprint(twin)
+    arrived_as_twin(actions, twin, calls)
 
 
 def test_call_pacer_spaces_calls_in_order_and_lifts_at_once() -> None:
@@ -519,12 +514,8 @@ def test_ready_goes_out_before_the_final_round_is_written_into_the_vm(
 
     dst = _ReadyWatcher(store, ChunkStore())
     actions = drive(SourceMigration(vm), dst, between_rounds=between)
-    moved = actions[-1]
-    assert isinstance(moved, ActivateVM)
-    for name, args in calls:
-        twin.call(name, *args)
-    assert fingerprint(moved.vm) == fingerprint(twin)
-    assert dst.seq_at_ready is not None and dst.seq_at_ready < moved.vm.seq == twin.seq
+    arrived = arrived_as_twin(actions, twin, calls)
+    assert dst.seq_at_ready is not None and dst.seq_at_ready < arrived.seq == twin.seq
 
 
 def test_the_final_round_is_sent_as_content_even_when_the_destination_holds_it(
