@@ -22,7 +22,6 @@ copied before the `id` goes in, since a resend may be answered from it later.
 from __future__ import annotations
 
 import asyncio
-import time
 from time import perf_counter
 from typing import Any
 
@@ -121,7 +120,7 @@ class StreamCalls:
 
     async def answer_later(self, pending: Pending) -> bytes:
         """The answer to a call that had to wait for its turn or for a thread."""
-        started = time.perf_counter()
+        started = perf_counter()
         ok = False
         try:
             reply = await self.host.call(self.hosted, pending.call)
@@ -129,7 +128,7 @@ class StreamCalls:
         except CloudletError as exc:
             return self._refused(pending.req_id, exc)
         finally:
-            self._record(ok, time.perf_counter() - started)
+            self._record(ok, perf_counter() - started)
         return self._answer(pending.req_id, pending.call, reply)
 
     def _answer(self, req_id: Any, call: Call, reply: dict[str, Any]) -> bytes:
