@@ -390,6 +390,13 @@ class MigrationChannelLost(MigrationAborted):
     code = "migration_channel_lost"
 
 
+class KeptRoundNotFound(MigrationError):
+    """A source keeps no final round of this migration (it never moved a VM by it, or
+    its destination already said it has its own copy)."""
+
+    code = "kept_round_not_found"
+
+
 class MigrationInDoubt(MigrationError):
     """The destination holds a restored VM but lost the channel between `Ready` and
     `Commit`: only the source knows whether it committed. Ask it, then `resolve()`."""

@@ -148,6 +148,7 @@ STATUS: list[tuple[type[CloudletError], int]] = [
     (errors.Unauthorized, 401),
     (errors.Forbidden, 403),
     (errors.VMNotFound, 404),
+    (errors.KeptRoundNotFound, 404),
     (errors.VMMoved, 410),
     (errors.SequenceError, 409),
     (errors.ImageNotFound, 404),
@@ -605,6 +606,35 @@ async def migration_outcome(request: web.Request) -> web.Response:
     return web.json_response({"committed": committed})
 
 
+async def kept_final_round(request: web.Request) -> web.Response:
+    """The final round this cloudlet kept with its decision to move a VM away, for
+    the destination it moved to (which lost its own copy: a restart before it was
+    flushed there). Nobody else's: it is the VM's memory."""
+    who = peer_only(request)
+    migration_id = request.match_info["migration"]
+    kept = await asyncio.to_thread(request.app[HOST].tombstones.kept_final, migration_id)
+    if kept is None:
+        raise errors.KeptRoundNotFound(f"no final round of migration {migration_id!r} is "
+                                       "kept here")
+    where, data = kept
+    if where.node != peer_of(who.name):
+        raise errors.Forbidden("a kept final round is only for the cloudlet the VM moved to")
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
+async def release_final_round(request: web.Request) -> web.Response:
+    """The destination has the final round on its own disk now: the copy kept here
+    goes. Only that destination may say so."""
+    who = peer_only(request)
+    migration_id = request.match_info["migration"]
+    released = await asyncio.to_thread(request.app[HOST].tombstones.release_kept,
+                                       migration_id, peer_of(who.name))
+    if not released:
+        raise errors.KeptRoundNotFound(f"no final round of migration {migration_id!r} is "
+                                       "kept here for you")
+    return web.Response(status=204)
+
+
 async def synthesize_vm(request: web.Request) -> web.Response:
     """VM synthesis: a new VM of this client from an image this cloudlet holds plus
     an overlay snapshot the client sends (`cloudlet vm run --snapshot-out`)."""
@@ -662,6 +692,8 @@ def build_app(config: NodeConfig, host: VMHost, trust: NodeTrust, metrics: Metri
     app.router.add_post("/v1/peer/vms", adopt_vm)
     app.router.add_get("/v1/peer/migrate", accept_migration)
     app.router.add_get("/v1/peer/migrations/{migration}", migration_outcome)
+    app.router.add_get("/v1/peer/migrations/{migration}/final", kept_final_round)
+    app.router.add_delete("/v1/peer/migrations/{migration}/final", release_final_round)
     app.router.add_post("/v1/vms/synthesize", synthesize_vm)
     app.router.add_get("/v1/peer/vms", peer_vms)
     app.on_shutdown.append(_close_sockets)

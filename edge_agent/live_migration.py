@@ -8,10 +8,15 @@ the pause, the daemon's disk for what must survive a crash.
 Who decides: the source, when it receives the destination's `Ready`. Before it
 sends `Commit` it makes the tombstone durable: the migration's record, written
 as pre-copy started (`STATE/vms/ID.moved.MIGRATION.prepared`), is marked decided
-in place (edge_agent/tombstones.py). The destination makes every round durable
-before it says `Ready` (`STATE/incoming/MIGRATION/NNNN.snap`: the overlay, then
-deltas, the final round over a zero-filled `final.snap`), so once the source
-decides, a crash of either side cannot lose the VM. A destination that lost the
+in place (edge_agent/tombstones.py), and the final round is written into the
+same record, durable by the same flush. The destination makes every pre-copy
+round durable before it acknowledges it (`STATE/incoming/MIGRATION/NNNN.snap`:
+the overlay, then deltas) and writes its own copy of the final round after the
+landing, over a zero-filled `final.snap`, off the downtime's path; a restart
+that finds no whole one there fetches the source's copy (`GET
+/v1/peer/migrations/ID/final`), and once its own is flushed it lets the source
+drop that (`DELETE`, same route). So once the source decides, a crash of either
+side cannot lose the VM. A destination that lost the
 channel after `Ready`, or restarted with an incoming VM on disk, asks the source
 (`GET /v1/peer/migrations/ID`); the source answers from its tombstones, and for
 a migration still running that has not reached its decision it answers "no" and
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -41,6 +47,7 @@ import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +56,11 @@ from aiohttp import WSMsgType, web
 
 from cloudlet.errors import (
     CloudletError,
+    KeptRoundNotFound,
     MigrationAborted,
     MigrationChannelLost,
     MigrationProtocolError,
+    SnapshotError,
 )
 from cloudlet.fsutil import atomic_write, fsync_dir, storage_errors
 from cloudlet.migration import (
@@ -81,19 +90,18 @@ LAST_CALL_KEY = "last_call_unix"  # in the annex: when the source served its las
 FINAL_ROUND = "final.snap"  # sorts after the numbered rounds, as it must when restored
 RESOLVE_RETRY_S = 1.0  # an in-doubt destination asks the source again this often
 RESOLVE_TIMEOUT_S = 5.0
+ANSWER_BYTES = 4096  # a source's answer to "did it commit?" is a few bytes of JSON
 # Filling the chunk store yields to the loop after this long: a slice of 1,024
 # chunks took 1-5 ms, and a move of another VM (or this one, out again) whose pause
 # fell on it waited that out (the series' outliers of 9-14 ms, against ~4).
 CHUNK_STORE_SLICE_S = 0.0002
 CHUNK_STORE_CHECK_EVERY = 32  # chunks between two looks at the clock
 CHUNK_STORE_DELAY_S = 1.0  # hashing 64 MiB in a thread still contends for the GIL
-# The final round's file is made this large, zero-filled, ahead of the pause: the
-# final round is at most `PreCopyPolicy.max_final_bytes` (512 KiB) of chunks, plus
-# its state and headers.
+# The final round's file at the destination, and the room the source's record keeps
+# for it, are made this large, zero-filled, ahead of the pause: the final round is
+# at most `PreCopyPolicy.max_final_bytes` (512 KiB) of chunks, plus its state and
+# headers, unless pre-copy stopped for another reason (then writing it grows them).
 FINAL_ROUND_BYTES = 1 << 20
-# A final round up to this size is written on the event loop's thread (~0.4 ms for
-# 32 KiB with its fsync here); a larger one in a worker thread.
-INLINE_FINAL_BYTES = 256 << 10
 # An arrival's rounds that a move out of its VM set aside (`supersede_arrival`):
 # deleted later, never restored from.
 SET_ASIDE = ".set-aside"
@@ -190,7 +198,8 @@ class Outgoing:
         pause."""
         if self._prepared is None:
             self._prepared = asyncio.get_running_loop().create_task(asyncio.to_thread(
-                self.host.tombstones.prepare, self.hosted.id, self.where, self.migration_id))
+                functools.partial(self.host.tombstones.prepare, self.hosted.id, self.where,
+                                  self.migration_id, keep_bytes=FINAL_ROUND_BYTES)))
 
     async def pause(self) -> None:
         """Stop calls, right after an answer when one comes soon. A call that finds
@@ -226,15 +235,15 @@ class Outgoing:
             raise MigrationAborted("the destination was told this migration did not commit")
         self.state = "committing"
         try:
-            if self._prepared is None:  # never prepared: written now, at the decision
-                await asyncio.to_thread(self.host.record_move, self.hosted.id, self.where,
-                                        self.migration_id)
-            else:
-                prepared = await self._prepared
-                # On this thread: one block's fdatasync (~0.15 ms) inside the pause,
-                # where a worker thread's hop costs more than the write.
-                self.host.tombstones.decide(prepared, self.hosted.id, self.where,
-                                            self.migration_id)
+            self.prepare()  # a no-op unless never prepared: then written now
+            assert self._prepared is not None
+            prepared = await self._prepared
+            # The final round is kept with the decision (the destination did not flush
+            # its copy). On this thread: a few blocks' fdatasync (~0.2-0.9 ms here)
+            # inside the pause, where a worker thread's hop costs more than the write.
+            kept = () if event.final_round is None else event.final_round.to_segments("none")
+            self.host.tombstones.decide(prepared, self.hosted.id, self.where,
+                                        self.migration_id, kept)
         except BaseException:
             # No decision on disk (a full disk, say): it did not commit, and a
             # destination asking in doubt must hear so rather than wait forever.
@@ -410,7 +419,7 @@ class LiveMigrations:
                 max_memory_bytes=self.host.free_memory_bytes(),
                 deadline_s=self.host.config.migration_deadline_s, admit=admit)
             if got.outcome == "committed" and got.vm is not None:
-                await self._activate(got.vm, got.annex, incoming.migration_id)
+                await self._activate(got.vm, got.annex, incoming.migration_id, incoming)
                 self._spawn(self._remember_chunks(incoming.chunk_data))
             elif got.outcome == "in_doubt" and got.migration is not None:
                 migration = got.migration
@@ -425,7 +434,8 @@ class LiveMigrations:
                 self.arrivals.not_coming(incoming.vm_id, incoming)
         return {"outcome": got.outcome, **got.stats.to_dict()}
 
-    async def _activate(self, vm: VM, annex: dict[str, Any], migration_id: str | None) -> None:
+    async def _activate(self, vm: VM, annex: dict[str, Any], migration_id: str | None,
+                        incoming: Incoming | None = None) -> None:
         # A VM that comes back finds its old tombstone here. `activate` would unlink
         # its file on the loop, which on a busy disk stalls the VM's first calls for
         # milliseconds: forgotten in memory now, its file removed off the loop below
@@ -446,13 +456,17 @@ class LiveMigrations:
         self.arrivals.landed(hosted.id, hosted)
         await asyncio.sleep(HELD_STREAMS_FIRST_S)  # the held streams' calls go first
         self._spawn(self._after_landing(hosted, where_before is not None, old_migrations,
-                                        migration_id))
+                                        migration_id, incoming))
 
     async def _after_landing(self, hosted: HostedVM, came_back: bool,
-                             old_migrations: list[str], migration_id: str | None) -> None:
-        """The old tombstone's files go first (by name, under the VM's persist lock:
+                             old_migrations: list[str], migration_id: str | None,
+                             incoming: Incoming | None) -> None:
+        """The final round goes to disk here first (the source keeps a copy until
+        then), then the old tombstone's files (by name, under the VM's persist lock:
         `VMHost.forget_tombstone`), then, later, the incoming rounds: a restart in
         between restores the VM from them, never finds a tombstone beside them."""
+        if incoming is not None:
+            await incoming.keep_final()
         if came_back:
             await self.host.forget_tombstone(hosted, old_migrations)
         if migration_id:
@@ -544,7 +558,7 @@ class LiveMigrations:
                 break
             await asyncio.sleep(RESOLVE_RETRY_S)
         if answer and vm is not None:
-            await self._activate(vm, annex, incoming.migration_id)
+            await self._activate(vm, annex, incoming.migration_id, incoming)
         else:
             if incoming.vm_id is not None:
                 self.arrivals.not_coming(incoming.vm_id, incoming)
@@ -606,16 +620,27 @@ class LiveMigrations:
         if self.host.vms.get(vm_id) is not None:
             incoming.discard()  # it arrived here again meanwhile
             return
-        snaps = [snap for p in sorted(folder.glob("*.snap"))
-                 if (snap := await asyncio.to_thread(_read_round, p)) is not None]
-        final = [s for s in snaps if s.annex]
-        if not snaps or not final:
+        snaps = [await asyncio.to_thread(Snapshot.read, p)
+                 for p in sorted(folder.glob("[0-9]*.snap"))]
+        if not snaps:
             log.error("migration %s committed but its rounds are incomplete", migration_id)
             return
+        final = (snaps.pop() if snaps[-1].annex  # no pre-copy round: round 0 was final
+                 else await asyncio.to_thread(read_final, folder / FINAL_ROUND))
+        if final is None:
+            # Never written, or lost with the page cache: the source kept it with its
+            # decision. Until it answers (or if what it sends is not this VM's final
+            # round), the VM is not restored: a human can see why in the log.
+            final = await incoming.fetch_final(snaps[-1], self.host.config.max_snapshot_mib << 20)
+            if final is None:
+                return
+        else:  # written after the landing, perhaps never flushed: flushed now
+            await asyncio.to_thread(sync_file, folder / FINAL_ROUND)
+        self._spawn(incoming.release_at_source())
         image = await asyncio.to_thread(self.host.images.get, snaps[0].image_digest)
-        vm = await asyncio.to_thread(VM.restore, image, snaps[0], *snaps[1:])
+        vm = await asyncio.to_thread(VM.restore, image, *snaps, final)
         log.info("recovered VM %s from committed migration %s", vm.id, migration_id)
-        await self._activate(vm, final[-1].annex, migration_id)
+        await self._activate(vm, final.annex, migration_id)
 
 
 class Incoming:
@@ -628,6 +653,7 @@ class Incoming:
         self.vm_id: str | None = None  # once offered: streams held for it wait
         # What arrived, for the chunk store afterwards.
         self.chunk_data: list[bytes | memoryview] = []
+        self.final_round: Snapshot | None = None  # until written here (`keep_final`)
 
     @property
     def folder(self) -> Path:
@@ -635,12 +661,90 @@ class Incoming:
 
     async def persist(self, event: PersistRound) -> None:
         self.migration_id = event.migration_id
-        if event.final and _data_bytes(event.snapshot) <= INLINE_FINAL_BYTES:
-            # Inside the pause: a small write and its fsync cost less on this thread
-            # than a worker thread's hop (which waits for the GIL) would add.
-            self._write(event)
-        else:
-            await asyncio.to_thread(self._write, event)
+        if event.final and event.round > 0:
+            # Not written now: the source keeps the final round with its decision, in
+            # the same flush, so this copy is written after the landing (`keep_final`),
+            # off the downtime's path (its write and flush took 0.4-1 ms of it here).
+            self.final_round = event.snapshot
+            self.chunk_data.extend(m.data for m in event.snapshot.memories if m.data)
+            return
+        await asyncio.to_thread(self._write, event)
+
+    async def keep_final(self) -> None:
+        """After the landing: the final round onto this cloudlet's disk, durably, and
+        then the source may drop its copy. A VM that moved on or was deleted
+        meanwhile has its rounds set aside: nothing to write then."""
+        snap, self.final_round = self.final_round, None
+        if snap is None:
+            return
+        try:
+            await asyncio.to_thread(write_over, self.folder / FINAL_ROUND,
+                                    snap.to_segments("none"))
+        except FileNotFoundError:
+            pass  # set aside (moved on, checkpointed first; or deleted): never restored
+        except OSError as exc:
+            # The source still has it: a restart fetches it from there.
+            log.error("migration %s: cannot write the final round here (%r); the source "
+                      "keeps its copy", self.migration_id, exc)
+            return
+        await self.release_at_source()
+
+    async def release_at_source(self) -> None:
+        """Tell the source its kept copy of the final round may go (best effort: if
+        this fails, it stays there, a megabyte on its disk, and does no harm)."""
+        try:
+            await self._peer_request("DELETE", "/final")
+        except (aiohttp.ClientError, TimeoutError, CloudletError) as exc:
+            log.info("migration %s: could not release the source's copy of the final "
+                     "round (%r); it stays there", self.migration_id, exc)
+
+    async def fetch_final(self, last: Snapshot, max_bytes: int) -> Snapshot | None:
+        """The final round the source kept with its decision (asked until it answers),
+        checked to be this VM's and rebased onto `last`, the last round on disk
+        here, then written here durably; None if the source has none or sends
+        something else (logged: the rounds stay for a human)."""
+        while True:
+            try:
+                data = await self._peer_request("GET", "/final", max_bytes=max_bytes)
+                break
+            except KeptRoundNotFound as exc:
+                log.error("migration %s committed, its final round is not on disk here, "
+                          "and its source has none: %s", self.migration_id, exc)
+                return None
+            except (aiohttp.ClientError, TimeoutError, CloudletError) as exc:
+                log.warning("migration %s: cannot fetch the final round from %s yet (%r)",
+                            self.migration_id, self.source.node, exc)
+                await asyncio.sleep(RESOLVE_RETRY_S)
+        try:
+            final = kept_round_onto(last, Snapshot.from_bytes(data, max_bytes))
+        except (CloudletError, ValueError) as exc:
+            log.error("migration %s: the final round from %s is refused: %s",
+                      self.migration_id, self.source.node, exc)
+            return None
+        await asyncio.to_thread(write_over, self.folder / FINAL_ROUND, final.to_segments("none"))
+        log.info("migration %s: fetched the final round from %s (none was on disk here)",
+                 self.migration_id, self.source.node)
+        return final
+
+    async def _peer_request(self, method: str, suffix: str, *, max_bytes: int = 0) -> bytes:
+        """`method` on this migration's peer route at the source (which proves itself
+        first); the body of a 2xx answer, at most `max_bytes`."""
+        url = f"{self.source.endpoint}/v1/peer/migrations/{self.migration_id}{suffix}"
+        source = await self.peers.prove(self.source, self.source.node)
+        async with self.peers.http.request(
+                method, url, headers=self.peers.headers(source.node), allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=RESOLVE_TIMEOUT_S)) as resp:
+            if resp.status == 404:
+                raise KeptRoundNotFound(f"{self.source.node} answered 404")
+            if resp.status // 100 != 2:
+                raise MigrationChannelLost(f"{self.source.node} answered HTTP {resp.status}")
+            if resp.content_length is not None and resp.content_length > max_bytes:
+                raise MigrationProtocolError(f"a final round of {resp.content_length} bytes; "
+                                             f"the limit is {max_bytes}")
+            body = await resp.content.read(max_bytes + 1)
+            if len(body) > max_bytes:
+                raise MigrationProtocolError(f"a final round over {max_bytes} bytes")
+            return body
 
     def _write(self, event: PersistRound) -> None:
         folder = self.folder
@@ -656,13 +760,10 @@ class Incoming:
             atomic_write(folder / "meta.json", json.dumps({
                 "vm": event.vm_id, "node": self.source.node,
                 "endpoint": self.source.endpoint}).encode())
-        if event.final and final_path.exists():
-            write_over(final_path, event.snapshot.to_segments("none"))
-            self.chunk_data.extend(m.data for m in event.snapshot.memories if m.data)
-            return
-        # The final round is on the downtime's path: written as it is. Earlier rounds
-        # are zstd'd when a sample says it pays (~1 GB/s, and a compressible 256 MiB
-        # round 0 then writes a few MiB instead of taking ~0.7 s of disk).
+        # Rounds are zstd'd when a sample says it pays (~1 GB/s, and a compressible
+        # 256 MiB round 0 then writes a few MiB instead of taking ~0.7 s of disk).
+        # (A source that sends no pre-copy round at all has its whole VM written here
+        # before `Ready`, as it is: its kept copy, a whole overlay, is not fetched.)
         event.snapshot.write(folder / f"{event.round:04d}.snap",
                              compression="none" if event.final else "auto")
         self.chunk_data.extend(m.data for m in event.snapshot.memories if m.data)
@@ -670,16 +771,9 @@ class Incoming:
     async def ask_source(self, migration_id: str) -> bool | None:
         """True/False from the source; None if it could not be asked. The source's
         endpoint proves it is that cloudlet before it gets a token (for it alone)."""
-        url = f"{self.source.endpoint}/v1/peer/migrations/{migration_id}"
+        self.migration_id = migration_id
         try:
-            source = await self.peers.prove(self.source, self.source.node)
-            async with self.peers.http.get(url, headers=self.peers.headers(source.node),
-                                           timeout=aiohttp.ClientTimeout(
-                                               total=RESOLVE_TIMEOUT_S),
-                                           allow_redirects=False) as resp:
-                if resp.status != 200:
-                    return None
-                body = await resp.json(content_type=None)
+            body = json.loads(await self._peer_request("GET", "", max_bytes=ANSWER_BYTES))
         except (aiohttp.ClientError, TimeoutError, ValueError, CloudletError):
             return None
         committed = body.get("committed") if isinstance(body, dict) else None
@@ -719,11 +813,17 @@ def zero_fill(path: Path, size: int) -> None:
 
 def write_over(path: Path, segments: list[bytes | memoryview]) -> None:
     """Write `segments` over the start of the zero-filled file `path`, durably. Not
-    atomic, and need not be: it is read only if the source committed, which it
-    does only after this returned (the destination says `ready` then); a restart
-    before then finds no snapshot at its start (`read_final`). A final round larger
-    than the file grows it (and its sync then writes metadata too)."""
+    atomic, and need not be: a restart that finds no whole snapshot at its start
+    (`read_final`: never written, or torn) fetches the copy the source kept with
+    its decision. A final round larger than the file grows it (and its sync then
+    writes metadata too)."""
     _write_synced(path, "r+b", segments, os.fdatasync)
+
+
+def sync_file(path: Path) -> None:
+    """Flush `path`'s data (a final round written before a restart, maybe never
+    flushed: the process died, the page cache did not)."""
+    _write_synced(path, "r+b", (), os.fdatasync)
 
 
 def _write_synced(path: Path, mode: str, parts: Sequence[bytes | memoryview],
@@ -736,22 +836,32 @@ def _write_synced(path: Path, mode: str, parts: Sequence[bytes | memoryview],
 
 
 def read_final(path: Path) -> Snapshot | None:
-    """The final round written by `write_over`, or None if it never came (the file
-    is empty or still zero-filled at its start)."""
-    data = path.read_bytes()
-    length = encoded_length(data)
-    if length is None:
+    """The final round written by `write_over`, or None if there is no whole one:
+    the file is missing, still zero-filled at its start, or its write was torn
+    (the snapshot's digest does not match)."""
+    try:
+        data = path.read_bytes()
+        length = encoded_length(data)
+        return None if length is None else Snapshot.from_bytes(memoryview(data)[:length])
+    except FileNotFoundError:
         return None
-    return Snapshot.from_bytes(memoryview(data)[:length])
+    except SnapshotError as exc:
+        log.warning("%s is not a whole snapshot (%s): its write was cut short", path, exc)
+        return None
 
 
-def _read_round(path: Path) -> Snapshot | None:
-    """One round on disk; None for a final round that never came."""
-    return read_final(path) if path.name == FINAL_ROUND else Snapshot.read(path)
-
-
-def _data_bytes(snapshot: Snapshot) -> int:
-    return sum(len(m.data) for m in snapshot.memories)
+def kept_round_onto(last: Snapshot, kept: Snapshot) -> Snapshot:
+    """`kept`, a final round a source kept with its decision, checked to follow `last`
+    (the last round this destination has of the same VM) and rebased onto it (the
+    source's snapshots have their own ids). MigrationProtocolError if it is not
+    such a round: from a source that is who it says, but wrong all the same."""
+    if kept.kind != "delta" or not kept.annex:
+        raise MigrationProtocolError("not a final round (a delta with its annex)")
+    if kept.vm_id != last.vm_id or kept.image_digest != last.image_digest:
+        raise MigrationProtocolError(f"a round of VM {kept.vm_id}, not of {last.vm_id}")
+    if kept.seq < last.seq or len(kept.memories) != len(last.memories):
+        raise MigrationProtocolError("a round that does not follow the last one here")
+    return replace(kept, base_id=last.snapshot_id)
 
 
 def new_migration_id() -> str:

@@ -18,6 +18,16 @@ on; a restart reads it as one and renames it to `ID.moved` (`load`), and drops a
 undecided one (its migration stopped before its commit point). A record is named
 by its migration, so two moves of one VM asked at once never share one.
 
+The record also keeps the migration's final round (`kept_at`): the destination
+then need not flush its own copy before it says `ready` (a flush off the
+downtime's path), since the decision's one `fdatasync` makes the round durable
+here with it. The record is zero-filled that far ahead, so the decision still
+writes no metadata. A decided record whose kept round does not check out (the
+snapshot's digest) is a decision whose flush never finished: nobody was told,
+and a restart drops it as undecided. A destination that lost its unsynced copy
+fetches the kept round (`kept_final`); once it has its own copy on disk it says
+so, and the record becomes a plain decided one (`release_kept`).
+
 Synchronous on purpose: a tombstone is a few hundred bytes, and the commit must
 be durable before the destination is told; the host decides which thread runs
 each write.
@@ -30,12 +40,16 @@ import errno
 import json
 import logging
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cloudlet.errors import SnapshotError
 from cloudlet.fsutil import atomic_write, storage_errors
 from cloudlet.protocol import Location
+from cloudlet.vm import Snapshot
+from cloudlet.vm.snapshot import encoded_length
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +57,7 @@ SUFFIX = ".moved"
 PREPARED = ".prepared"  # a record written ahead: a tombstone once its first byte says so
 UNDECIDED = b"?"
 DECIDED = b"!"
+KEPT_AT = 4096  # a record's kept final round starts here; its JSON line fits before
 
 
 class Tombstones:
@@ -52,6 +67,9 @@ class Tombstones:
         self.vm_dir = vm_dir
         self.where: dict[str, Location] = {}  # VMs moved away -> where they went
         self._moved_by: dict[str, str] = {}  # migration id -> the VM it moved away
+        # Removing a record and rewriting it (`release_kept`) never interleave: a
+        # rewrite must not bring back a record just removed (the VM came back).
+        self._files = threading.Lock()
 
     def __contains__(self, vm_id: object) -> bool:
         return vm_id in self.where
@@ -79,12 +97,24 @@ class Tombstones:
                 if body[:1] != DECIDED:
                     path.unlink(missing_ok=True)
                     continue
-                self._register(vm_id, json.loads(body[1:]))
+                wire, kept = _parse_record(body)
+                if wire.get("kept_at") is not None:
+                    if kept is None:
+                        log.warning("dropping record %s: decided, but its kept final round "
+                                    "is incomplete, so its flush never finished and no one "
+                                    "was told it committed", path.name)
+                        path.unlink(missing_ok=True)
+                        continue
+                    # The tombstone under its record's name, until its destination has
+                    # its own copy of the kept round (`release_kept`).
+                    self._register(vm_id, wire)
+                    continue
+                self._register(vm_id, wire)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("ignoring unreadable tombstone record %s: %r", path.name, exc)
                 continue
             try:
-                atomic_write(self.path(vm_id), body[1:])
+                atomic_write(self.path(vm_id), json.dumps(wire).encode())
                 path.unlink()
                 _sync_dir(self.vm_dir)  # a crash must not bring the record back
             except OSError as exc:  # it stays the tombstone under its record's name
@@ -103,24 +133,40 @@ class Tombstones:
         if migration_id:
             self._moved_by[migration_id] = vm_id
 
-    def prepare(self, vm_id: str, where: Location, migration_id: str) -> Path:
+    def prepare(self, vm_id: str, where: Location, migration_id: str, *,
+                keep_bytes: int = 0) -> Path:
         """Migration `migration_id`'s record, written and made durable ahead of the
-        decision, under a name and a first byte no restart reads as a tombstone."""
-        path = self.vm_dir / f"{vm_id}{SUFFIX}.{migration_id}{PREPARED}"
-        record = json.dumps({**where.to_wire(), "migration": migration_id}).encode()
-        atomic_write(path, [UNDECIDED, record])
+        decision, under a name and a first byte no restart reads as a tombstone.
+        With `keep_bytes`, zero-filled for a final round that large to be kept at
+        `KEPT_AT` (a larger one grows the file, and its flush then writes metadata)."""
+        path = self.record_path(vm_id, migration_id)
+        wire: dict[str, Any] = {**where.to_wire(), "migration": migration_id}
+        if not keep_bytes:
+            atomic_write(path, [UNDECIDED, json.dumps(wire).encode()])
+            return path
+        wire["kept_at"] = KEPT_AT
+        line = json.dumps(wire).encode() + b"\n"
+        if 1 + len(line) > KEPT_AT:
+            raise ValueError(f"a tombstone record of {len(line)} bytes does not fit "
+                             f"before its kept round ({KEPT_AT})")
+        atomic_write(path, [UNDECIDED, line, bytes(KEPT_AT - 1 - len(line) + keep_bytes)])
         return path
 
-    def decide(self, prepared: Path, vm_id: str, where: Location, migration_id: str) -> None:
-        """The commit point: the prepared record's first byte says decided, durably
-        (overwritten in place, then `fdatasync`). Cheap enough for the event loop's
-        thread, where a worker thread's hop would cost more than the write. If it
-        fails, the record goes: a byte written but not synced must not decide at a
-        restart a migration that was refused (the VM serves on here)."""
+    def decide(self, prepared: Path, vm_id: str, where: Location, migration_id: str,
+               kept: Sequence[bytes | memoryview] = ()) -> None:
+        """The commit point: the prepared record's first byte says decided, and the
+        final round `kept` (an encoded snapshot, prepared with `keep_bytes`) is
+        written at `KEPT_AT`, both durable by one `fdatasync` (overwritten in place:
+        no metadata). Cheap enough for the event loop's thread, where a worker
+        thread's hop would cost more than the write. If it fails, the record goes:
+        a byte written but not synced must not decide at a restart a migration that
+        was refused (the VM serves on here)."""
         try:
             with storage_errors(self.path(vm_id).name):
                 fd = os.open(prepared, os.O_WRONLY)
                 try:
+                    if kept and os.pwritev(fd, kept, KEPT_AT) != sum(map(len, kept)):
+                        raise OSError(errno.EIO, "short write")
                     if os.pwrite(fd, DECIDED, 0) != 1:
                         raise OSError(errno.EIO, "short write")
                     os.fdatasync(fd)
@@ -132,6 +178,44 @@ class Tombstones:
             raise
         self.where[vm_id] = where
         self._moved_by[migration_id] = vm_id
+
+    def record_path(self, vm_id: str, migration_id: str) -> Path:
+        return self.vm_dir / f"{vm_id}{SUFFIX}.{migration_id}{PREPARED}"
+
+    def kept_final(self, migration_id: str) -> tuple[Location, bytes] | None:
+        """The final round migration `migration_id` kept with its decision, and where
+        the VM went; None if this cloudlet keeps none (never moved it, or released)."""
+        vm_id = self._moved_by.get(migration_id)
+        if vm_id is None:
+            return None
+        try:
+            body = self.record_path(vm_id, migration_id).read_bytes()
+        except FileNotFoundError:
+            return None
+        wire, kept = _parse_record(body)
+        if body[:1] != DECIDED or kept is None:
+            return None
+        return Location(str(wire["node"]), str(wire["endpoint"])), bytes(kept)
+
+    def release_kept(self, migration_id: str, node: str) -> bool:
+        """The destination `node` has the final round on its own disk: the record
+        becomes a plain decided one (written whole, then renamed over itself), its
+        kept round gone. False if there is none to release, for `node`: a record of
+        another destination is never touched."""
+        with self._files:
+            vm_id = self._moved_by.get(migration_id)
+            if vm_id is None:
+                return False
+            path = self.record_path(vm_id, migration_id)
+            try:
+                body = path.read_bytes()
+            except FileNotFoundError:
+                return False
+            wire, _ = _parse_record(body)
+            if body[:1] != DECIDED or wire.pop("kept_at", None) is None or wire["node"] != node:
+                return False
+            atomic_write(path, [DECIDED, json.dumps(wire).encode()])
+            return True
 
     def pop(self, vm_id: str) -> Location | None:
         """Forget `vm_id`'s tombstone in memory (its file is `path`, for the caller
@@ -157,10 +241,11 @@ class Tombstones:
         `migration_ids` (it came back). By name, never by pattern: a record written
         meanwhile, by a move of the VM out again, is that move's (its commit point),
         and must stay."""
-        if tombstone:
-            self.path(vm_id).unlink(missing_ok=True)
-        for migration_id in migration_ids:
-            (self.vm_dir / f"{vm_id}{SUFFIX}.{migration_id}{PREPARED}").unlink(missing_ok=True)
+        with self._files:
+            if tombstone:
+                self.path(vm_id).unlink(missing_ok=True)
+            for migration_id in migration_ids:
+                self.record_path(vm_id, migration_id).unlink(missing_ok=True)
 
     def forget(self, vm_id: str) -> None:
         """Remove `vm_id`'s tombstone, in memory and on disk (a move that did not
@@ -175,6 +260,28 @@ class Tombstones:
         """Whether `vm_id` left by a live migration (whose protocol settled who owns
         it), rather than by a stop-and-copy handover not yet confirmed."""
         return vm_id in self._moved_by.values()
+
+
+def _parse_record(body: bytes) -> tuple[dict[str, Any], memoryview | None]:
+    """A record's JSON (after its first byte: up to the newline, or all of it in a
+    record that keeps no round) and its kept final round, if whole: the encoded
+    snapshot at `kept_at`, its digest checked."""
+    line = body[1:].split(b"\n", 1)[0]
+    wire = json.loads(line)
+    if not isinstance(wire, dict):
+        raise ValueError("a tombstone record is not a JSON object")
+    kept_at = wire.get("kept_at")
+    if not isinstance(kept_at, int) or not 0 < kept_at < len(body):
+        return wire, None
+    view = memoryview(body)[kept_at:]
+    try:
+        length = encoded_length(view)
+        if length is None:
+            return wire, None
+        Snapshot.from_bytes(view[:length])  # the digest: a torn write fails it
+    except SnapshotError:
+        return wire, None
+    return wire, view[:length]
 
 
 def _sync_dir(folder: Path) -> None:

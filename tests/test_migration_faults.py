@@ -27,7 +27,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from cloudlet.vm import VM, ImageStore, VMLimits
+from cloudlet.vm import VM, ImageStore, Snapshot, VMLimits
 from mobile_client import CloudletClient
 from tests.conftest import WORKLOADS
 from tests.daemons import Daemon, daemon_pair, make_daemon, sealed_body, stop_all
@@ -402,3 +402,97 @@ def test_a_final_round_that_fails_to_copy_after_ready_is_restored_by_a_restart(
         asyncio.run(async_wait_until(lambda: not any(incoming.iterdir()), 10))
     finally:
         stop_all([east, west])
+
+
+def test_a_destination_that_dies_before_writing_the_final_round_fetches_the_sources_copy(
+        pair: tuple[Daemon, Daemon]) -> None:
+    """The destination writes its copy of the final round only after the landing (the
+    source keeps one with its decision, in the same flush). Killed after `Ready`, as
+    the `Commit` comes: its restart finds no final round on disk, asks the source,
+    which committed, fetches the kept copy, restores the VM with every call applied
+    once, and then lets the source drop its copy. Only that destination may read
+    or release it: it is the VM's memory."""
+    east, west = pair
+    daemons = {"east": east, "west": west}
+    token = east.token("pat")
+    status, created = east.request("POST", "/v1/vms", {"image": upload(east, token)},
+                                   token=token)
+    assert status == 201, created
+    vm_id = created["vm"]
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    rng = random.Random("kept-round")
+
+    def kept(as_node: str, method: str = "GET") -> tuple[int, Any]:
+        return east.request(method, f"/v1/peer/migrations/{migration_id}/final",
+                            token=east.peer_token(as_node))
+
+    async def run() -> None:
+        nonlocal migration_id
+        async with MigrationProxy(west.port) as proxy, \
+                CloudletClient(token, endpoints=[east.endpoint, west.endpoint]) as client, \
+                client.attach(vm_id, east.endpoint, call_deadline_ms=60_000) as s:
+            assert west.proc is not None
+            # Killed as the `Commit` comes, which it never receives: `Ready` was sent.
+            proxy.trigger = Trigger("commit", "before",
+                                    lambda: os.kill(west.proc.pid, signal.SIGKILL), "call")
+            done = asyncio.Event()
+
+            async def caller() -> None:
+                while not done.is_set():
+                    key = rng.randrange(11)
+                    op = ("kv_put", (key, len(calls) * 31 + key))
+                    calls.append(op)
+                    await s.call(op[0], *op[1])
+                    await asyncio.sleep(0.002)
+
+            async def kill_then_restart() -> None:
+                nonlocal migration_id
+                await async_wait_until(lambda: len(calls) >= 20)
+                status, answer = await asyncio.to_thread(
+                    east.request, "POST", f"/v1/vms/{vm_id}/migrate",
+                    {"endpoint": proxy.endpoint}, token=east.operator_token(), timeout_s=30)
+                assert status == 200 and answer["outcome"] == "committed", answer
+                migration_id = answer["migration_id"]
+                assert west.proc is not None and west.proc.wait(10) == -signal.SIGKILL
+                west.kill()
+                round_dir = west.state_dir / "incoming" / migration_id
+                assert (round_dir / "final.snap").read_bytes()[:64] == bytes(64)  # never came
+
+                # Only the destination reads the kept copy, and only it releases it.
+                status, data = await asyncio.to_thread(kept, "west")
+                assert status == 200, data
+                snap = Snapshot.from_bytes(data)
+                assert snap.vm_id == vm_id and snap.kind == "delta" and snap.annex
+                for outsider in ("north",):
+                    status, body = await asyncio.to_thread(kept, outsider)
+                    assert status == 403 and body["code"] == "forbidden", body
+                    status, body = await asyncio.to_thread(kept, outsider, "DELETE")
+                    assert status == 404 and body["code"] == "kept_round_not_found", body
+                status, body = await asyncio.to_thread(
+                    east.request, "GET", f"/v1/peer/migrations/{migration_id}/final",
+                    token=token)
+                assert status == 403, body  # a client, even the VM's owner
+                assert (await asyncio.to_thread(kept, "west"))[0] == 200  # still kept
+
+                west.start()
+                with contextlib.suppress(TimeoutError):
+                    await async_wait_until(lambda: homes(daemons, token, vm_id) == ["west"],
+                                           SETTLE_S, poll_s=0.1)
+                assert homes(daemons, token, vm_id) == ["west"], west.log()
+                assert "fetched the final round" in west.log()
+                # Flushed at the destination now: the source's copy went.
+                await async_wait_until(lambda: kept("west")[0] == 404, 10)
+                settled = len(calls)
+                await async_wait_until(lambda: len(calls) >= settled + 20)
+                done.set()
+
+            await asyncio.gather(caller(), kill_then_restart())
+            checksum, count = await s.call("kv_checksum"), await s.call("kv_count")
+            assert (checksum, count) == Twin().state(calls)  # each call applied once
+            status, info = west.request("GET", f"/v1/vms/{vm_id}", token=token)
+            assert status == 200 and info["seq"] == len(calls) + 2
+
+    migration_id = ""
+    asyncio.run(run())
+    records = list((east.state_dir / "vms").glob(f"{vm_id}.moved*"))
+    assert records and all(b"kept_at" not in p.read_bytes()[:4096] for p in records)

@@ -9,11 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from cloudlet.errors import MigrationProtocolError
 from cloudlet.protocol import Location
-from cloudlet.vm import VM, Image
+from cloudlet.vm import VM, Image, Snapshot
 from edge_agent import tombstones
-from edge_agent.live_migration import FINAL_ROUND, read_final, write_over, zero_fill
-from edge_agent.tombstones import DECIDED, PREPARED, SUFFIX, UNDECIDED, Tombstones
+from edge_agent.live_migration import (
+    FINAL_ROUND,
+    kept_round_onto,
+    read_final,
+    write_over,
+    zero_fill,
+)
+from edge_agent.tombstones import DECIDED, KEPT_AT, PREPARED, SUFFIX, UNDECIDED, Tombstones
 
 WEST = Location("west", "http://127.0.0.1:1")
 EAST = Location("east", "http://127.0.0.1:2")
@@ -174,6 +181,97 @@ def test_a_final_round_written_over_its_zero_filled_file(workload: dict[str, Ima
     # An empty file (made by an older daemon) is a final round that never came.
     path.write_bytes(b"")
     assert read_final(path) is None
+    # A write cut short (a crash before its flush): no whole round, so none.
+    whole = snap.to_bytes("none")
+    path.write_bytes(whole[: len(whole) - 100] + bytes(100))
+    assert read_final(path) is None
+    path.unlink()
+    assert read_final(path) is None  # and none at all
+
+
+def final_round_of(workload: dict[str, Image]) -> tuple[Snapshot, Snapshot]:
+    """A VM's last pre-copy round and the final round after it (with its annex)."""
+    vm = VM.create(workload["memhog"], vm_id="vm1")
+    vm.call("hog_grow", 2)
+    vm.call("hog_fill", 0, 40, 7)
+    last = vm.snapshot()
+    vm.call("hog_fill", 3, 2, 9)
+    final = vm.snapshot(delta=True)
+    return last, Snapshot(**{**final.__dict__, "annex": {"replies": [1, 2]}})
+
+
+def test_the_decision_keeps_the_final_round_and_only_its_destination_releases_it(
+        workload: dict[str, Image], tmp_path: Path) -> None:
+    _, final = final_round_of(workload)
+    stones = Tombstones(tmp_path)
+    prepared = stones.prepare("vm1", WEST, "m1", keep_bytes=1 << 20)
+    size = prepared.stat().st_size
+    assert size == KEPT_AT + (1 << 20) and stones.kept_final("m1") is None
+    stones.decide(prepared, "vm1", WEST, "m1", final.to_segments("none"))
+    assert prepared.stat().st_size == size  # written over blocks it had: no metadata
+    where, data = stones.kept_final("m1") or (None, b"")
+    assert where == WEST and data == final.to_bytes("none")
+
+    again = restarted(tmp_path)  # a kill -9 after the decision: it stays the record
+    assert again.get("vm1") == WEST and again.kept_final("m1") is not None
+    assert prepared.exists() and not again.path("vm1").exists()
+
+    assert not again.release_kept("m1", "east")  # another cloudlet's word is nothing
+    assert again.kept_final("m1") is not None
+    assert again.release_kept("m1", "west")
+    assert again.kept_final("m1") is None and not again.release_kept("m1", "west")
+    assert prepared.stat().st_size < KEPT_AT
+    after = restarted(tmp_path)  # a plain decided record now: renamed to the tombstone
+    assert after.get("vm1") == WEST and after.moved_by_migration("m1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"vm1{SUFFIX}"]
+
+
+def test_a_decision_whose_kept_round_is_torn_never_happened(
+        workload: dict[str, Image], tmp_path: Path) -> None:
+    """The decision's byte reached the disk, its kept round did not (one flush for
+    both, cut short): the flush never returned, so nobody was told it committed."""
+    _, final = final_round_of(workload)
+    stones = Tombstones(tmp_path)
+    prepared = stones.prepare("vm1", WEST, "m1", keep_bytes=1 << 20)
+    whole = final.to_bytes("none")
+    fd = os.open(prepared, os.O_WRONLY)
+    try:
+        os.pwrite(fd, whole[: len(whole) // 2], KEPT_AT)
+        os.pwrite(fd, DECIDED, 0)
+    finally:
+        os.close(fd)
+    again = restarted(tmp_path)
+    assert "vm1" not in again and not again.moved_by_migration("m1")
+    assert not prepared.exists()
+
+
+def test_a_release_never_brings_back_a_record_the_vms_return_removed(
+        workload: dict[str, Image], tmp_path: Path) -> None:
+    _, final = final_round_of(workload)
+    stones = Tombstones(tmp_path)
+    prepared = stones.prepare("vm1", WEST, "m1", keep_bytes=1 << 20)
+    stones.decide(prepared, "vm1", WEST, "m1", final.to_segments("none"))
+    stones.pop("vm1")  # it came back: its records go
+    stones.remove_files("vm1", ["m1"])
+    assert not stones.release_kept("m1", "west") and not prepared.exists()
+    assert stones.kept_final("m1") is None
+
+
+def test_a_kept_round_is_taken_only_onto_the_round_it_follows(
+        workload: dict[str, Image]) -> None:
+    last, final = final_round_of(workload)
+    rebased = kept_round_onto(last, final)
+    assert rebased.base_id == last.snapshot_id and rebased.seq == final.seq
+    vm = VM.restore(workload["memhog"], last, rebased)  # the chain restores
+    assert vm.seq == final.seq
+    for wrong, why in [
+        (Snapshot(**{**final.__dict__, "annex": {}}), "not a final round"),
+        (Snapshot(**{**final.__dict__, "vm_id": "vm2"}), "of VM vm2"),
+        (Snapshot(**{**final.__dict__, "seq": last.seq - 1}), "does not follow"),
+        (Snapshot(**{**last.__dict__, "annex": {"a": 1}}), "not a final round"),  # overlay
+    ]:
+        with pytest.raises(MigrationProtocolError, match=why):
+            kept_round_onto(last, wrong)
 
 
 def test_a_vm_that_comes_back_leaves_no_old_migration_in_the_hosts_map(

@@ -59,10 +59,16 @@ class Throttle:
 class BecomeTombstone:
     """Source: the VM now lives at the destination. Record that durably (the tombstone
     answers "where did it go?" and "did migration X commit?"), redirect waiting
-    calls, drop the VM; only then send the `Commit` that follows this event."""
+    calls, drop the VM; only then send the `Commit` that follows this event.
+
+    `final_round` is the final round as the destination received it (the delta
+    since the last pre-copy round, with the annex): kept with the decision, in the
+    same flush, it is what a destination that lost its own unsynced copy fetches
+    (so the destination need not flush it before `Ready`)."""
 
     migration_id: str
     vm_id: str
+    final_round: Snapshot | None = None
 
 
 @dataclass(frozen=True)

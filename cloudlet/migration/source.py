@@ -31,7 +31,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -351,7 +351,9 @@ class SourceMigration:
         self.stats.outcome = "committed"
         self.stats.committed_s = self.stats.ended_s = now
         self.stats.rounds[-1].ended_s = now
-        self._events.append(BecomeTombstone(self.migration_id, self.vm.id))
+        assert self._round is not None  # the final round: `_final_sent()` said so
+        final = replace(self._round.snap, annex=self._annex)
+        self._events.append(BecomeTombstone(self.migration_id, self.vm.id, final))
         self._send(Commit(self.migration_id))
 
     def _new_round(self, number: int, snap: Snapshot) -> _Round:
