@@ -179,8 +179,10 @@ class Outgoing:
         self.paused = False
         self.last_call_unix = 0.0
         # The tombstone's record, written (and fsynced) while pre-copy runs: only one
-        # byte's overwrite is left for the commit point (`Tombstones.decide`).
+        # byte's overwrite is left for the commit point (`Tombstones.decide`), once
+        # the final round is in it (`keep_final`).
         self._prepared: asyncio.Task[Path] | None = None
+        self._kept = False
 
     @contextlib.asynccontextmanager
     async def access(self) -> AsyncIterator[None]:
@@ -200,6 +202,22 @@ class Outgoing:
             self._prepared = asyncio.get_running_loop().create_task(asyncio.to_thread(
                 functools.partial(self.host.tombstones.prepare, self.hosted.id, self.where,
                                   self.migration_id, keep_bytes=FINAL_ROUND_BYTES)))
+
+    def keep_final(self, final_round: Snapshot) -> None:
+        """Write the final round into the record now, while the destination takes it
+        in (the source's loop only waits for `Ready` meanwhile): ~0.2 ms less
+        between `Ready` and the `Commit`. Not if the record is not written yet, or
+        the write fails: then the decision writes it."""
+        task = self._prepared
+        if task is None or not task.done() or task.cancelled() or task.exception():
+            return
+        try:
+            self.host.tombstones.keep(task.result(), final_round.to_segments("none"))
+        except OSError as exc:
+            log.warning("migration %s: the final round could not be written ahead (%r); "
+                        "the decision writes it", self.migration_id, exc)
+            return
+        self._kept = True
 
     async def pause(self) -> None:
         """Stop calls, right after an answer when one comes soon. A call that finds
@@ -241,7 +259,8 @@ class Outgoing:
             # The final round is kept with the decision (the destination did not flush
             # its copy). On this thread: a few blocks' fdatasync (~0.2-0.9 ms here)
             # inside the pause, where a worker thread's hop costs more than the write.
-            kept = () if event.final_round is None else event.final_round.to_segments("none")
+            kept = (() if event.final_round is None or self._kept
+                    else event.final_round.to_segments("none"))
             self.host.tombstones.decide(prepared, self.hosted.id, self.where,
                                         self.migration_id, kept)
         except BaseException:

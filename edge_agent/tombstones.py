@@ -152,15 +152,27 @@ class Tombstones:
         atomic_write(path, [UNDECIDED, line, bytes(KEPT_AT - 1 - len(line) + keep_bytes)])
         return path
 
+    def keep(self, prepared: Path, kept: Sequence[bytes | memoryview]) -> None:
+        """Write the final round `kept` into the undecided record `prepared`, ahead of
+        the decision and not flushed (the decision's flush takes it with the byte):
+        the decision is then a byte and a flush. Harmless if no decision follows."""
+        with storage_errors(prepared.name):
+            fd = os.open(prepared, os.O_WRONLY)
+            try:
+                if os.pwritev(fd, kept, KEPT_AT) != sum(map(len, kept)):
+                    raise OSError(errno.EIO, "short write")
+            finally:
+                os.close(fd)
+
     def decide(self, prepared: Path, vm_id: str, where: Location, migration_id: str,
                kept: Sequence[bytes | memoryview] = ()) -> None:
         """The commit point: the prepared record's first byte says decided, and the
-        final round `kept` (an encoded snapshot, prepared with `keep_bytes`) is
-        written at `KEPT_AT`, both durable by one `fdatasync` (overwritten in place:
-        no metadata). Cheap enough for the event loop's thread, where a worker
-        thread's hop would cost more than the write. If it fails, the record goes:
-        a byte written but not synced must not decide at a restart a migration that
-        was refused (the VM serves on here)."""
+        final round `kept` (an encoded snapshot, prepared with `keep_bytes`; or
+        written ahead by `keep`) is written at `KEPT_AT`, both durable by one
+        `fdatasync` (overwritten in place: no metadata). Cheap enough for the event
+        loop's thread, where a worker thread's hop would cost more than the write. If
+        it fails, the record goes: a byte written but not synced must not decide at a
+        restart a migration that was refused (the VM serves on here)."""
         try:
             with storage_errors(self.path(vm_id).name):
                 fd = os.open(prepared, os.O_WRONLY)

@@ -21,6 +21,7 @@ from cloudlet.migration import (
     DestinationMigration,
     DiscardVM,
     Done,
+    KeepFinal,
     NeedData,
     PauseVM,
     PreCopyPolicy,
@@ -78,7 +79,7 @@ def drive(src: SourceMigration, dst: DestinationMigration, *,
             actions.append(ev)
             src.paused(annex)
             progressed = True
-        elif isinstance(ev, ResumeVM | BecomeTombstone | Throttle):
+        elif isinstance(ev, ResumeVM | BecomeTombstone | Throttle | KeepFinal):
             actions.append(ev)
             progressed = True
         dev = dst.next_event()
@@ -116,9 +117,14 @@ def test_memhog_migrates_with_calls_between_rounds(store: ImageStore,
     dst = DestinationMigration(store, ChunkStore())
     actions = drive(src, dst, between_rounds=between, annex={"replies": {1: b"ok"}})
     kinds = [type(a).__name__ for a in actions]
-    assert kinds == ["PauseVM", "BecomeTombstone", "ActivateVM"]
+    assert kinds == ["PauseVM", "KeepFinal", "BecomeTombstone", "ActivateVM"]
     moved = actions[-1]
     assert isinstance(moved, ActivateVM) and moved.annex == {"replies": {1: b"ok"}}
+    # The final round the source keeps with its decision is the one that landed.
+    keep, decided = actions[1], actions[2]
+    assert isinstance(keep, KeepFinal) and isinstance(decided, BecomeTombstone)
+    assert decided.final_round is keep.final_round is not None
+    assert keep.final_round.seq == moved.vm.seq and keep.final_round.annex == moved.annex
     for name, args in calls:
         twin.call(name, *args)
     assert fingerprint(moved.vm) == fingerprint(twin)

@@ -226,6 +226,24 @@ def test_the_decision_keeps_the_final_round_and_only_its_destination_releases_it
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"vm1{SUFFIX}"]
 
 
+def test_a_final_round_written_ahead_is_kept_by_the_decisions_flush(
+        workload: dict[str, Image], tmp_path: Path) -> None:
+    """`keep` writes the round while the destination takes it in; the decision then
+    flips its byte and flushes both. Written ahead and never decided, it is dropped."""
+    _, final = final_round_of(workload)
+    stones = Tombstones(tmp_path)
+    undecided = stones.prepare("vm2", WEST, "m0", keep_bytes=1 << 20)
+    stones.keep(undecided, final.to_segments("none"))
+    assert "vm2" not in restarted(tmp_path) and not undecided.exists()  # no decision
+    prepared = stones.prepare("vm1", WEST, "m1", keep_bytes=1 << 20)
+    stones.keep(prepared, final.to_segments("none"))
+    assert stones.kept_final("m1") is None  # not decided yet
+    stones.decide(prepared, "vm1", WEST, "m1")
+    where, data = stones.kept_final("m1") or (None, b"")
+    assert where == WEST and data == final.to_bytes("none")
+    assert restarted(tmp_path).kept_final("m1") is not None
+
+
 def test_a_decision_whose_kept_round_is_torn_never_happened(
         workload: dict[str, Image], tmp_path: Path) -> None:
     """The decision's byte reached the disk, its kept round did not (one flush for

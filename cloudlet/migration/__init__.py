@@ -34,8 +34,13 @@ event                     side    the driver must
 `ResumeVM`                source  serve calls at the source again (idempotent)
 `Throttle`                source  let calls in no closer than `call_interval_s`
                                   (auto-converge; lift it when the migration ends)
-`BecomeTombstone`         source  record durably that the VM moved, redirect its
+`KeepFinal`               source  optionally: write `event.final_round` where the
+                                  decision will keep it, undecided, not flushed
+`BecomeTombstone`         source  record durably that the VM moved, with its final
+                                  round (`event.final_round`), and redirect its
                                   calls; only then send the `Commit` that follows
+`PersistRound`            dest    make a pre-copy round durable (the final round:
+                                  keep it; the source has it durable)
 `ActivateVM`              dest    serve `event.vm`; hand over `event.annex`
 `DiscardVM`               dest    nothing: the machine already dropped everything
 `Done`                    both    stop; `machine.outcome` says how it ended
@@ -70,6 +75,7 @@ from cloudlet.migration.events import (
     DiscardVM,
     Done,
     Event,
+    KeepFinal,
     NeedData,
     PauseVM,
     PersistRound,
@@ -84,9 +90,10 @@ from cloudlet.migration.stats import MigrationStats, RoundStats
 
 __all__ = [
     "SCHEMA_VERSION", "ActivateVM", "BecomeTombstone", "CallPacer", "Channel", "ChunkStore",
-    "Codec", "CompressionChooser", "DestinationMigration", "DestinationState", "DiscardVM", "Done",
-    "Event", "ImageSource", "MemoryChannel", "Message", "MigrationStats", "NeedData", "PauseVM",
-    "PersistRound", "PreCopyPolicy", "Received", "ResumeVM", "RoundStats", "Send", "SourceHooks",
-    "SourceMigration", "SourceState", "StreamChannel", "Throttle", "VMGate", "chunk_digest",
-    "decode", "encode", "memory_channel_pair", "run_destination", "run_source",
+    "Codec", "CompressionChooser", "DestinationMigration", "DestinationState", "DiscardVM",
+    "Done", "Event", "ImageSource", "KeepFinal", "MemoryChannel", "Message", "MigrationStats",
+    "NeedData", "PauseVM", "PersistRound", "PreCopyPolicy", "Received", "ResumeVM", "RoundStats",
+    "Send", "SourceHooks", "SourceMigration", "SourceState", "StreamChannel", "Throttle",
+    "VMGate", "chunk_digest", "decode", "encode", "memory_channel_pair", "run_destination",
+    "run_source",
 ]

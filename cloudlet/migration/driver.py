@@ -12,8 +12,10 @@ records durably that the VM moved, before the `Commit` goes out; `annex()` is th
 opaque state that travels with the VM (e.g. the reply cache); `throttle(s)`
 spaces calls at least `s` apart (auto-converge; 0 lifts it, as the driver does
 when the migration ends); `committed()`, if the hooks have it, is called once
-the `Commit` is written (to tell the VM's clients where it went). `VMGate` is a
-ready-made gate for VMs called from the event loop's thread.
+the `Commit` is written (to tell the VM's clients where it went);
+`keep_final(snapshot)`, if they have it, gets the final round while the
+destination takes it in (to write it ahead where the decision keeps it). `VMGate`
+is a ready-made gate for VMs called from the event loop's thread.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from cloudlet.migration.events import (
     BecomeTombstone,
     DiscardVM,
     Done,
+    KeepFinal,
     NeedData,
     PauseVM,
     PersistRound,
@@ -183,6 +186,8 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
                     return mig.stats
                 elif isinstance(ev, Throttle) and hasattr(hooks, "throttle"):
                     hooks.throttle(ev.call_interval_s)
+                elif isinstance(ev, KeepFinal) and hasattr(hooks, "keep_final"):
+                    hooks.keep_final(ev.final_round)
                 elif isinstance(ev, BecomeTombstone):
                     await _decide(mig, hooks, ev)
             except TimeoutError:

@@ -72,6 +72,17 @@ class BecomeTombstone:
 
 
 @dataclass(frozen=True)
+class KeepFinal:
+    """Source: the final round is on its way (its `Final` was just sent), and
+    `BecomeTombstone` will carry it if the destination says `Ready`. A driver whose
+    hooks keep it with the decision may write it now, undecided, while waiting:
+    the decision then only flips its byte and flushes. Optional: ignoring it is
+    correct, only slower."""
+
+    final_round: Snapshot
+
+
+@dataclass(frozen=True)
 class PersistRound:
     """Destination: a round was applied to the held VM. Make `snapshot` (the round's
     overlay or delta, in order) durable before going on: the `Ready` after the final
@@ -108,8 +119,8 @@ class Done:
     outcome: str
 
 
-Event = (Send | NeedData | PauseVM | ResumeVM | Throttle | BecomeTombstone | PersistRound
-         | ActivateVM | DiscardVM | Done)
+Event = (Send | NeedData | PauseVM | ResumeVM | Throttle | KeepFinal | BecomeTombstone
+         | PersistRound | ActivateVM | DiscardVM | Done)
 
 
 def take_send(events: deque[Event]) -> Send | None:

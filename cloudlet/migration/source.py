@@ -43,6 +43,7 @@ from cloudlet.migration.events import (
     BecomeTombstone,
     Done,
     Event,
+    KeepFinal,
     NeedData,
     PauseVM,
     ResumeVM,
@@ -170,6 +171,8 @@ class SourceMigration:
         self.stats = MigrationStats(self.migration_id, vm.id)
         self._events: deque[Event] = deque()
         self._round: _Round | None = None
+        self._annex: dict[str, Any] = {}
+        self._kept: tuple[Snapshot, Snapshot] | None = None  # the final round, as kept
         self._dest_has: set[bytes] = set()
         self._offered: list[bytes] = []
         self._in_flight: dict[tuple[int, int], int] = {}  # (round, batch) -> bytes
@@ -352,9 +355,16 @@ class SourceMigration:
         self.stats.committed_s = self.stats.ended_s = now
         self.stats.rounds[-1].ended_s = now
         assert self._round is not None  # the final round: `_final_sent()` said so
-        final = replace(self._round.snap, annex=self._annex)
-        self._events.append(BecomeTombstone(self.migration_id, self.vm.id, final))
+        self._events.append(BecomeTombstone(self.migration_id, self.vm.id,
+                                            self._final_round(self._round.snap)))
         self._send(Commit(self.migration_id))
+
+    def _final_round(self, snap: Snapshot) -> Snapshot:
+        """The final round as the destination restores it: the delta, with the annex
+        (made once: `KeepFinal` and `BecomeTombstone` carry the same one)."""
+        if self._kept is None or self._kept[0] is not snap:
+            self._kept = (snap, replace(snap, annex=self._annex))
+        return self._kept[1]
 
     def _new_round(self, number: int, snap: Snapshot) -> _Round:
         if self.state is not SourceState.STOPPING or len(self._chooser.costs) <= 1:
@@ -463,6 +473,7 @@ class SourceMigration:
         stats = self.stats.rounds[rnd.number]
         if self.state is SourceState.FINAL:
             self._send(Final(self.migration_id, annex=self._annex, **fields), stats)
+            self._events.append(KeepFinal(self._final_round(snap)))
         else:
             size = self._send(RoundEnd(self.migration_id, **fields), stats)
             # In flight until the destination says the round is applied and durable:
