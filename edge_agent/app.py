@@ -609,30 +609,42 @@ async def migration_outcome(request: web.Request) -> web.Response:
 async def kept_final_round(request: web.Request) -> web.Response:
     """The final round this cloudlet kept with its decision to move a VM away, for
     the destination it moved to (which lost its own copy: a restart before it was
-    flushed there). Nobody else's: it is the VM's memory."""
-    who = peer_only(request)
+    flushed there). Nobody else's, not even an operator's: it is the VM's memory."""
+    node = _destination_peer(request)
     migration_id = request.match_info["migration"]
-    kept = await asyncio.to_thread(request.app[HOST].tombstones.kept_final, migration_id)
-    if kept is None:
+    try:
+        data = await asyncio.to_thread(request.app[HOST].tombstones.kept_final,
+                                       migration_id, node)
+    except PermissionError:
+        raise errors.Forbidden("a kept final round is only for the cloudlet the VM moved "
+                               "to") from None
+    if data is None:
         raise errors.KeptRoundNotFound(f"no final round of migration {migration_id!r} is "
                                        "kept here")
-    where, data = kept
-    if where.node != peer_of(who.name):
-        raise errors.Forbidden("a kept final round is only for the cloudlet the VM moved to")
     return web.Response(body=data, content_type="application/octet-stream")
 
 
 async def release_final_round(request: web.Request) -> web.Response:
     """The destination has the final round on its own disk now: the copy kept here
     goes. Only that destination may say so."""
-    who = peer_only(request)
+    node = _destination_peer(request)
     migration_id = request.match_info["migration"]
     released = await asyncio.to_thread(request.app[HOST].tombstones.release_kept,
-                                       migration_id, peer_of(who.name))
+                                       migration_id, node)
     if not released:
         raise errors.KeptRoundNotFound(f"no final round of migration {migration_id!r} is "
                                        "kept here for you")
     return web.Response(status=204)
+
+
+def _destination_peer(request: web.Request) -> str:
+    """The node name of the peer cloudlet asking (never an operator: an operator's
+    token names a person, who may happen to share a node's name)."""
+    who = peer_only(request)
+    if who.is_operator:
+        raise errors.Forbidden("a kept final round is for the cloudlet the VM moved to, "
+                               "not for an operator")
+    return peer_of(who.name)
 
 
 async def synthesize_vm(request: web.Request) -> web.Response:

@@ -56,6 +56,7 @@ from aiohttp import WSMsgType, web
 
 from cloudlet.errors import (
     CloudletError,
+    Forbidden,
     KeptRoundNotFound,
     MigrationAborted,
     MigrationChannelLost,
@@ -78,7 +79,7 @@ from cloudlet.protocol import Location
 from cloudlet.tasks import own
 from cloudlet.vm import VM, Snapshot
 from cloudlet.vm.chunks import CHUNK_BYTES
-from cloudlet.vm.snapshot import encoded_length
+from cloudlet.vm.snapshot import MAX_SNAPSHOT_BYTES, encoded_length
 from edge_agent.arrivals import Arrivals
 from edge_agent.peer_client import PeerClient
 from edge_agent.replies import ANNEX_KEY, GENERATION_KEY, generation_of
@@ -91,6 +92,12 @@ FINAL_ROUND = "final.snap"  # sorts after the numbered rounds, as it must when r
 RESOLVE_RETRY_S = 1.0  # an in-doubt destination asks the source again this often
 RESOLVE_TIMEOUT_S = 5.0
 ANSWER_BYTES = 4096  # a source's answer to "did it commit?" is a few bytes of JSON
+# Fetching a kept final round (a restart that lost its own copy): no total deadline
+# (a round can be most of a large VM, over a slow link), but no silence this long.
+FETCH_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=RESOLVE_TIMEOUT_S,
+                                      sock_read=RESOLVE_TIMEOUT_S * 6)
+FETCH_SLACK_BYTES = 64 << 20  # a kept round's state and annex, beyond its memory
+RELEASE_ATTEMPTS = 5  # telling the source it may drop its copy: 1, 2, 4, 8 s apart
 # Filling the chunk store yields to the loop after this long: a slice of 1,024
 # chunks took 1-5 ms, and a move of another VM (or this one, out again) whose pause
 # fell on it waited that out (the series' outliers of 9-14 ms, against ~4).
@@ -102,6 +109,10 @@ CHUNK_STORE_DELAY_S = 1.0  # hashing 64 MiB in a thread still contends for the G
 # at most `PreCopyPolicy.max_final_bytes` (512 KiB) of chunks, plus its state and
 # headers, unless pre-copy stopped for another reason (then writing it grows them).
 FINAL_ROUND_BYTES = 1 << 20
+# A final round of more chunk data than this is kept (encoded, hashed, written,
+# flushed) by the source in a worker thread, and written by the destination in one:
+# on the loop it would stall every other VM (~0.4 ms for 32 KiB here, on the loop).
+INLINE_KEEP_BYTES = 256 << 10
 # An arrival's rounds that a move out of its VM set aside (`supersede_arrival`):
 # deleted later, never restored from.
 SET_ASIDE = ".set-aside"
@@ -182,6 +193,7 @@ class Outgoing:
         # byte's overwrite is left for the commit point (`Tombstones.decide`), once
         # the final round is in it (`keep_final`).
         self._prepared: asyncio.Task[Path] | None = None
+        self._keeping: asyncio.Task[None] | None = None  # a large round written ahead
         self._kept = False
 
     @contextlib.asynccontextmanager
@@ -206,13 +218,23 @@ class Outgoing:
     def keep_final(self, final_round: Snapshot) -> None:
         """Write the final round into the record now, while the destination takes it
         in (the source's loop only waits for `Ready` meanwhile): ~0.2 ms less
-        between `Ready` and the `Commit`. Not if the record is not written yet, or
-        the write fails: then the decision writes it."""
+        between `Ready` and the `Commit`. A large round (pre-copy stopped on its
+        round or byte budget) is encoded and written in a worker thread, which the
+        decision waits for: hashing and copying it would stall every VM here. Not
+        if the record is not written yet: then the decision writes it."""
         task = self._prepared
         if task is None or not task.done() or task.cancelled() or task.exception():
             return
+        prepared = task.result()
+        if _data_bytes(final_round) > INLINE_KEEP_BYTES:
+            self._keeping = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self._keep, prepared, final_round))
+        else:
+            self._keep(prepared, final_round)
+
+    def _keep(self, prepared: Path, final_round: Snapshot) -> None:
         try:
-            self.host.tombstones.keep(task.result(), final_round.to_segments("none"))
+            self.host.tombstones.keep(prepared, final_round.to_segments("none"))
         except OSError as exc:
             log.warning("migration %s: the final round could not be written ahead (%r); "
                         "the decision writes it", self.migration_id, exc)
@@ -253,16 +275,24 @@ class Outgoing:
             raise MigrationAborted("the destination was told this migration did not commit")
         self.state = "committing"
         try:
+            if event.final_round is None:  # the record says it keeps one: never without
+                raise MigrationAborted("no final round to keep with the decision")
             self.prepare()  # a no-op unless never prepared: then written now
             assert self._prepared is not None
             prepared = await self._prepared
+            if self._keeping is not None:
+                await self._keeping
             # The final round is kept with the decision (the destination did not flush
             # its copy). On this thread: a few blocks' fdatasync (~0.2-0.9 ms here)
-            # inside the pause, where a worker thread's hop costs more than the write.
-            kept = (() if event.final_round is None or self._kept
-                    else event.final_round.to_segments("none"))
-            self.host.tombstones.decide(prepared, self.hosted.id, self.where,
-                                        self.migration_id, kept)
+            # inside the pause, where a worker thread's hop costs more than the write;
+            # a large round's in a worker thread.
+            kept = () if self._kept else event.final_round.to_segments("none")
+            decide = functools.partial(self.host.tombstones.decide, prepared, self.hosted.id,
+                                       self.where, self.migration_id, kept)
+            if _data_bytes(event.final_round) > INLINE_KEEP_BYTES:
+                await asyncio.to_thread(decide)
+            else:
+                decide()
         except BaseException:
             # No decision on disk (a full disk, say): it did not commit, and a
             # destination asking in doubt must hear so rather than wait forever.
@@ -362,7 +392,7 @@ class LiveMigrations:
                 # A refusal at the commit point (`tombstone` raises) is the driver's to
                 # settle: it aborts and resumes the VM, as for a failed decision.
                 stats = await run_source(
-                    hosted.vm, AnnouncingChannel(ws, announce), hooks=hooks,
+                    hosted.vm, AnnouncingChannel(ws, announce), hooks=hooks, keeps_final=True,
                     vm_access=hooks.access,
                     policy=self.policy, migration_id=migration_id,
                     deadline_s=self.host.config.migration_deadline_s,
@@ -484,8 +514,10 @@ class LiveMigrations:
         then), then the old tombstone's files (by name, under the VM's persist lock:
         `VMHost.forget_tombstone`), then, later, the incoming rounds: a restart in
         between restores the VM from them, never finds a tombstone beside them."""
-        if incoming is not None:
-            await incoming.keep_final()
+        if incoming is not None and await incoming.keep_final():
+            # Its own task: the source may be slow or down, and the old tombstone's
+            # files must go now (a restart must not find them beside a later move's).
+            self._spawn(incoming.release_at_source())
         if came_back:
             await self.host.forget_tombstone(hosted, old_migrations)
         if migration_id:
@@ -621,6 +653,8 @@ class LiveMigrations:
                 # out sets them aside before it decides.
                 self._arrived[vm_id] = folder.name
                 self._spawn(self._drop_arrival(vm_id, folder.name))
+                # Its checkpoint has the final round too: the source's copy may go.
+                self._spawn(Incoming(self, source, peers, folder.name).release_at_source())
             else:
                 self._spawn(self._recover_one(folder, vm_id, source, peers))
 
@@ -646,20 +680,30 @@ class LiveMigrations:
             return
         final = (snaps.pop() if snaps[-1].annex  # no pre-copy round: round 0 was final
                  else await asyncio.to_thread(read_final, folder / FINAL_ROUND))
+        fetched = final is None
         if final is None:
             # Never written, or lost with the page cache: the source kept it with its
             # decision. Until it answers (or if what it sends is not this VM's final
             # round), the VM is not restored: a human can see why in the log.
-            final = await incoming.fetch_final(snaps[-1], self.host.config.max_snapshot_mib << 20)
+            final = await incoming.fetch_final(snaps[-1])
             if final is None:
                 return
+        image = await asyncio.to_thread(self.host.images.get, snaps[0].image_digest)
+        try:
+            # Restored before the fetched round is written here: what does not restore
+            # is never stored as this VM's final round, and the source keeps its copy.
+            vm = await asyncio.to_thread(VM.restore, image, *snaps, final)
+        except CloudletError as exc:
+            log.error("migration %s committed, but its rounds do not restore (%s); left "
+                      "for a human", migration_id, exc)
+            return
+        if fetched:
+            await asyncio.to_thread(write_over, folder / FINAL_ROUND, final.to_segments("none"))
         else:  # written after the landing, perhaps never flushed: flushed now
             await asyncio.to_thread(sync_file, folder / FINAL_ROUND)
-        self._spawn(incoming.release_at_source())
-        image = await asyncio.to_thread(self.host.images.get, snaps[0].image_digest)
-        vm = await asyncio.to_thread(VM.restore, image, *snaps, final)
         log.info("recovered VM %s from committed migration %s", vm.id, migration_id)
         await self._activate(vm, final.annex, migration_id)
+        self._spawn(incoming.release_at_source())
 
 
 class Incoming:
@@ -680,22 +724,27 @@ class Incoming:
 
     async def persist(self, event: PersistRound) -> None:
         self.migration_id = event.migration_id
-        if event.final and event.round > 0:
+        if event.source_keeps and event.round > 0:
             # Not written now: the source keeps the final round with its decision, in
             # the same flush, so this copy is written after the landing (`keep_final`),
             # off the downtime's path (its write and flush took 0.4-1 ms of it here).
             self.final_round = event.snapshot
             self.chunk_data.extend(m.data for m in event.snapshot.memories if m.data)
-            return
-        await asyncio.to_thread(self._write, event)
+        elif event.final and _data_bytes(event.snapshot) <= INLINE_KEEP_BYTES:
+            # A source that does not keep it: durable before `Ready`, inside the pause,
+            # where a worker thread's hop (waiting for the GIL) costs more than the write.
+            self._write(event)
+        else:
+            await asyncio.to_thread(self._write, event)
 
-    async def keep_final(self) -> None:
-        """After the landing: the final round onto this cloudlet's disk, durably, and
-        then the source may drop its copy. A VM that moved on or was deleted
-        meanwhile has its rounds set aside: nothing to write then."""
+    async def keep_final(self) -> bool:
+        """After the landing: the final round onto this cloudlet's disk, durably; True
+        when the source may drop its copy now. A VM that moved on or was deleted
+        meanwhile has its rounds set aside (after a checkpoint, for a move): nothing
+        to write then, and nothing the source's copy is needed for."""
         snap, self.final_round = self.final_round, None
         if snap is None:
-            return
+            return False
         try:
             await asyncio.to_thread(write_over, self.folder / FINAL_ROUND,
                                     snap.to_segments("none"))
@@ -705,30 +754,41 @@ class Incoming:
             # The source still has it: a restart fetches it from there.
             log.error("migration %s: cannot write the final round here (%r); the source "
                       "keeps its copy", self.migration_id, exc)
-            return
-        await self.release_at_source()
+            return False
+        return True
 
     async def release_at_source(self) -> None:
-        """Tell the source its kept copy of the final round may go (best effort: if
-        this fails, it stays there, a megabyte on its disk, and does no harm)."""
-        try:
-            await self._peer_request("DELETE", "/final")
-        except (aiohttp.ClientError, TimeoutError, CloudletError) as exc:
-            log.info("migration %s: could not release the source's copy of the final "
-                     "round (%r); it stays there", self.migration_id, exc)
+        """Tell the source its kept copy of the final round may go, a few times over a
+        minute if it cannot be reached (if it never hears, the copy stays there, a
+        megabyte on its disk, and does no harm)."""
+        for attempt in range(RELEASE_ATTEMPTS):
+            try:
+                await self._peer_request("DELETE", "/final", max_bytes=ANSWER_BYTES)
+                return
+            except KeptRoundNotFound:
+                return  # released already, or the VM came back there
+            except (aiohttp.ClientError, TimeoutError, CloudletError) as exc:
+                if attempt + 1 == RELEASE_ATTEMPTS:
+                    log.info("migration %s: could not release the source's copy of the "
+                             "final round (%r); it stays there", self.migration_id, exc)
+                    return
+            await asyncio.sleep(RESOLVE_RETRY_S * 2 ** attempt)
 
-    async def fetch_final(self, last: Snapshot, max_bytes: int) -> Snapshot | None:
-        """The final round the source kept with its decision (asked until it answers),
-        checked to be this VM's and rebased onto `last`, the last round on disk
-        here, then written here durably; None if the source has none or sends
-        something else (logged: the rounds stay for a human)."""
+    async def fetch_final(self, last: Snapshot) -> Snapshot | None:
+        """The final round the source kept with its decision (asked until it answers
+        whole), checked to be this VM's and rebased onto `last`, the last round on
+        disk here; None if the source has none, refuses, or sends something that is
+        not this VM's final round (logged: the rounds stay for a human)."""
+        # No more than the VM's whole memory and a generous annex (its reply log).
+        max_bytes = min(MAX_SNAPSHOT_BYTES, last.memory_bytes + FETCH_SLACK_BYTES)
         while True:
             try:
-                data = await self._peer_request("GET", "/final", max_bytes=max_bytes)
+                data = await self._peer_request("GET", "/final", max_bytes=max_bytes,
+                                                timeout=FETCH_TIMEOUT)
                 break
-            except KeptRoundNotFound as exc:
+            except (KeptRoundNotFound, Forbidden, MigrationProtocolError) as exc:
                 log.error("migration %s committed, its final round is not on disk here, "
-                          "and its source has none: %s", self.migration_id, exc)
+                          "and its source does not give it: %s", self.migration_id, exc)
                 return None
             except (aiohttp.ClientError, TimeoutError, CloudletError) as exc:
                 log.warning("migration %s: cannot fetch the final round from %s yet (%r)",
@@ -740,30 +800,37 @@ class Incoming:
             log.error("migration %s: the final round from %s is refused: %s",
                       self.migration_id, self.source.node, exc)
             return None
-        await asyncio.to_thread(write_over, self.folder / FINAL_ROUND, final.to_segments("none"))
         log.info("migration %s: fetched the final round from %s (none was on disk here)",
                  self.migration_id, self.source.node)
         return final
 
-    async def _peer_request(self, method: str, suffix: str, *, max_bytes: int = 0) -> bytes:
+    async def _peer_request(self, method: str, suffix: str, *, max_bytes: int,
+                            timeout: aiohttp.ClientTimeout | None = None) -> bytes:
         """`method` on this migration's peer route at the source (which proves itself
-        first); the body of a 2xx answer, at most `max_bytes`."""
+        first); the whole body of a 2xx answer, at most `max_bytes` (more is a
+        `MigrationProtocolError`; a body cut short, a `MigrationChannelLost`)."""
         url = f"{self.source.endpoint}/v1/peer/migrations/{self.migration_id}{suffix}"
         source = await self.peers.prove(self.source, self.source.node)
         async with self.peers.http.request(
                 method, url, headers=self.peers.headers(source.node), allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=RESOLVE_TIMEOUT_S)) as resp:
+                timeout=timeout or aiohttp.ClientTimeout(total=RESOLVE_TIMEOUT_S)) as resp:
             if resp.status == 404:
                 raise KeptRoundNotFound(f"{self.source.node} answered 404")
+            if resp.status == 403:
+                raise Forbidden(f"{self.source.node} refused (403)")
             if resp.status // 100 != 2:
                 raise MigrationChannelLost(f"{self.source.node} answered HTTP {resp.status}")
             if resp.content_length is not None and resp.content_length > max_bytes:
-                raise MigrationProtocolError(f"a final round of {resp.content_length} bytes; "
+                raise MigrationProtocolError(f"an answer of {resp.content_length} bytes; "
                                              f"the limit is {max_bytes}")
-            body = await resp.content.read(max_bytes + 1)
-            if len(body) > max_bytes:
-                raise MigrationProtocolError(f"a final round over {max_bytes} bytes")
-            return body
+            body = bytearray()
+            async for piece in resp.content.iter_any():
+                body += piece
+                if len(body) > max_bytes:
+                    raise MigrationProtocolError(f"an answer over {max_bytes} bytes")
+            if resp.content_length is not None and len(body) != resp.content_length:
+                raise MigrationChannelLost(f"{self.source.node}'s answer was cut short")
+            return bytes(body)
 
     def _write(self, event: PersistRound) -> None:
         folder = self.folder
@@ -779,10 +846,15 @@ class Incoming:
             atomic_write(folder / "meta.json", json.dumps({
                 "vm": event.vm_id, "node": self.source.node,
                 "endpoint": self.source.endpoint}).encode())
+        if event.final and final_path.exists():  # from a source that does not keep it
+            write_over(final_path, event.snapshot.to_segments("none"))
+            self.chunk_data.extend(m.data for m in event.snapshot.memories if m.data)
+            return
         # Rounds are zstd'd when a sample says it pays (~1 GB/s, and a compressible
-        # 256 MiB round 0 then writes a few MiB instead of taking ~0.7 s of disk).
-        # (A source that sends no pre-copy round at all has its whole VM written here
-        # before `Ready`, as it is: its kept copy, a whole overlay, is not fetched.)
+        # 256 MiB round 0 then writes a few MiB instead of taking ~0.7 s of disk). A
+        # final round is on the downtime's path: written as it is. (A source that
+        # sends no pre-copy round at all has its whole VM written here before
+        # `Ready`: its kept copy, a whole overlay, is never fetched.)
         event.snapshot.write(folder / f"{event.round:04d}.snap",
                              compression="none" if event.final else "auto")
         self.chunk_data.extend(m.data for m in event.snapshot.memories if m.data)
@@ -876,11 +948,21 @@ def kept_round_onto(last: Snapshot, kept: Snapshot) -> Snapshot:
     such a round: from a source that is who it says, but wrong all the same."""
     if kept.kind != "delta" or not kept.annex:
         raise MigrationProtocolError("not a final round (a delta with its annex)")
-    if kept.vm_id != last.vm_id or kept.image_digest != last.image_digest:
-        raise MigrationProtocolError(f"a round of VM {kept.vm_id}, not of {last.vm_id}")
-    if kept.seq < last.seq or len(kept.memories) != len(last.memories):
+    if (kept.vm_id, kept.owner, kept.image_digest) != (last.vm_id, last.owner,
+                                                       last.image_digest):
+        raise MigrationProtocolError(f"a round of VM {kept.vm_id} ({kept.owner}), not of "
+                                     f"{last.vm_id} ({last.owner})")
+    if kept.limits != last.limits:
+        raise MigrationProtocolError("a round with other limits than the last one here")
+    if (kept.seq < last.seq or len(kept.memories) != len(last.memories)
+            or any(k.pages < m.pages for k, m in zip(kept.memories, last.memories,
+                                                      strict=True))):
         raise MigrationProtocolError("a round that does not follow the last one here")
     return replace(kept, base_id=last.snapshot_id)
+
+
+def _data_bytes(snapshot: Snapshot) -> int:
+    return sum(len(m.data) for m in snapshot.memories)
 
 
 def new_migration_id() -> str:

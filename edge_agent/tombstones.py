@@ -58,6 +58,7 @@ PREPARED = ".prepared"  # a record written ahead: a tombstone once its first byt
 UNDECIDED = b"?"
 DECIDED = b"!"
 KEPT_AT = 4096  # a record's kept final round starts here; its JSON line fits before
+IOV_MAX = 1024  # buffers per `pwritev` (Linux's limit)
 
 
 class Tombstones:
@@ -159,8 +160,7 @@ class Tombstones:
         with storage_errors(prepared.name):
             fd = os.open(prepared, os.O_WRONLY)
             try:
-                if os.pwritev(fd, kept, KEPT_AT) != sum(map(len, kept)):
-                    raise OSError(errno.EIO, "short write")
+                _pwrite_all(fd, kept, KEPT_AT)
             finally:
                 os.close(fd)
 
@@ -177,8 +177,7 @@ class Tombstones:
             with storage_errors(self.path(vm_id).name):
                 fd = os.open(prepared, os.O_WRONLY)
                 try:
-                    if kept and os.pwritev(fd, kept, KEPT_AT) != sum(map(len, kept)):
-                        raise OSError(errno.EIO, "short write")
+                    _pwrite_all(fd, kept, KEPT_AT)
                     if os.pwrite(fd, DECIDED, 0) != 1:
                         raise OSError(errno.EIO, "short write")
                     os.fdatasync(fd)
@@ -187,6 +186,9 @@ class Tombstones:
         except OSError:
             with contextlib.suppress(OSError):
                 prepared.unlink()
+                # Durably gone: a decided byte and round written back by the kernel
+                # must not come back after a power loss as a decision.
+                _sync_dir(self.vm_dir)
             raise
         self.where[vm_id] = where
         self._moved_by[migration_id] = vm_id
@@ -194,20 +196,28 @@ class Tombstones:
     def record_path(self, vm_id: str, migration_id: str) -> Path:
         return self.vm_dir / f"{vm_id}{SUFFIX}.{migration_id}{PREPARED}"
 
-    def kept_final(self, migration_id: str) -> tuple[Location, bytes] | None:
-        """The final round migration `migration_id` kept with its decision, and where
-        the VM went; None if this cloudlet keeps none (never moved it, or released)."""
+    def kept_final(self, migration_id: str, node: str) -> bytes | None:
+        """The final round migration `migration_id` kept with its decision, for the
+        cloudlet `node` it moved the VM to; None if this cloudlet keeps none (never
+        moved it, or released it). PermissionError if the VM went elsewhere: that is
+        checked on the record's first line, before its round is read."""
         vm_id = self._moved_by.get(migration_id)
         if vm_id is None:
             return None
+        path = self.record_path(vm_id, migration_id)
         try:
-            body = self.record_path(vm_id, migration_id).read_bytes()
+            with path.open("rb") as f:
+                head = f.read(KEPT_AT)
+                wire, _ = _parse_record(head)
+                if wire.get("node") != node:
+                    raise PermissionError(f"migration {migration_id} moved its VM elsewhere")
+                if head[:1] != DECIDED or wire.get("kept_at") is None:
+                    return None
+                body = head + f.read()
         except FileNotFoundError:
             return None
-        wire, kept = _parse_record(body)
-        if body[:1] != DECIDED or kept is None:
-            return None
-        return Location(str(wire["node"]), str(wire["endpoint"])), bytes(kept)
+        _, kept = _parse_record(body)
+        return None if kept is None else bytes(kept)
 
     def release_kept(self, migration_id: str, node: str) -> bool:
         """The destination `node` has the final round on its own disk: the record
@@ -272,6 +282,22 @@ class Tombstones:
         """Whether `vm_id` left by a live migration (whose protocol settled who owns
         it), rather than by a stop-and-copy handover not yet confirmed."""
         return vm_id in self._moved_by.values()
+
+
+def _pwrite_all(fd: int, parts: Sequence[bytes | memoryview], offset: int) -> None:
+    """`parts` back to back at `offset`, whatever the kernel takes per call (a write
+    stops short at ~2 GiB, or on a signal)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        n = os.pwritev(fd, views[:IOV_MAX], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 def _parse_record(body: bytes) -> tuple[dict[str, Any], memoryview | None]:

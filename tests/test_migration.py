@@ -24,6 +24,7 @@ from cloudlet.migration import (
     KeepFinal,
     NeedData,
     PauseVM,
+    PersistRound,
     PreCopyPolicy,
     ResumeVM,
     Send,
@@ -113,7 +114,7 @@ def test_memhog_migrates_with_calls_between_rounds(store: ImageStore,
 
     policy = PreCopyPolicy(stop_dirty_bytes=16 * 4096, target_downtime_s=0.0,
                            batch_bytes=256 * 1024, compression=compression)
-    src = SourceMigration(vm, policy=policy)
+    src = SourceMigration(vm, policy=policy, keeps_final=True)
     dst = DestinationMigration(store, ChunkStore())
     actions = drive(src, dst, between_rounds=between, annex={"replies": {1: b"ok"}})
     kinds = [type(a).__name__ for a in actions]
@@ -547,3 +548,33 @@ def test_the_final_round_is_sent_as_content_even_when_the_destination_holds_it(
     final, before = src.stats.rounds[-1], src.stats.rounds[1:-1]
     assert before and sum(r.ref_chunks for r in before) > 0  # pre-copy used references
     assert final.final and final.data_chunks >= 8 and final.ref_chunks == 0
+
+
+@pytest.mark.parametrize("keeps", [False, True])
+def test_the_destination_defers_the_final_round_only_when_the_source_keeps_it(
+        store: ImageStore, workload: dict[str, Image], keeps: bool) -> None:
+    """`Final.source_keeps` is the source's word that it keeps the round durable with
+    its decision; without it (a source, or hooks, that do not) the destination must
+    make the round durable before `Ready`, as it does every pre-copy round."""
+    vm, _ = pair(workload["memhog"], [("hog_grow", (2,)), ("hog_dirty", (100, 1))])
+    src = SourceMigration(vm, policy=PreCopyPolicy(stop_dirty_bytes=16 * 4096),
+                          keeps_final=keeps)
+    dst = DestinationMigration(store, ChunkStore())
+    persisted: list[PersistRound] = []
+    src.start()
+    for _ in range(10_000):
+        ev, dev = src.next_event(), dst.next_event()
+        if isinstance(ev, Send):
+            dst.receive(ev.data)
+        elif isinstance(ev, PauseVM):
+            src.paused({"replies": {}})
+        if isinstance(dev, Send):
+            src.receive(dev.data)
+        elif isinstance(dev, PersistRound):
+            persisted.append(dev)
+        if isinstance(ev, Done) and isinstance(dev, Done):
+            break
+    final = [p for p in persisted if p.final]
+    assert len(final) == 1 and final[0].source_keeps is keeps
+    assert not any(p.source_keeps for p in persisted if not p.final)
+    assert src.outcome == "committed"

@@ -206,20 +206,21 @@ def test_the_decision_keeps_the_final_round_and_only_its_destination_releases_it
     stones = Tombstones(tmp_path)
     prepared = stones.prepare("vm1", WEST, "m1", keep_bytes=1 << 20)
     size = prepared.stat().st_size
-    assert size == KEPT_AT + (1 << 20) and stones.kept_final("m1") is None
+    assert size == KEPT_AT + (1 << 20) and stones.kept_final("m1", "west") is None
     stones.decide(prepared, "vm1", WEST, "m1", final.to_segments("none"))
     assert prepared.stat().st_size == size  # written over blocks it had: no metadata
-    where, data = stones.kept_final("m1") or (None, b"")
-    assert where == WEST and data == final.to_bytes("none")
+    assert stones.kept_final("m1", "west") == final.to_bytes("none")
+    with pytest.raises(PermissionError):
+        stones.kept_final("m1", "east")  # only for the cloudlet the VM moved to
 
     again = restarted(tmp_path)  # a kill -9 after the decision: it stays the record
-    assert again.get("vm1") == WEST and again.kept_final("m1") is not None
+    assert again.get("vm1") == WEST and again.kept_final("m1", "west") is not None
     assert prepared.exists() and not again.path("vm1").exists()
 
     assert not again.release_kept("m1", "east")  # another cloudlet's word is nothing
-    assert again.kept_final("m1") is not None
+    assert again.kept_final("m1", "west") is not None
     assert again.release_kept("m1", "west")
-    assert again.kept_final("m1") is None and not again.release_kept("m1", "west")
+    assert again.kept_final("m1", "west") is None and not again.release_kept("m1", "west")
     assert prepared.stat().st_size < KEPT_AT
     after = restarted(tmp_path)  # a plain decided record now: renamed to the tombstone
     assert after.get("vm1") == WEST and after.moved_by_migration("m1")
@@ -237,11 +238,10 @@ def test_a_final_round_written_ahead_is_kept_by_the_decisions_flush(
     assert "vm2" not in restarted(tmp_path) and not undecided.exists()  # no decision
     prepared = stones.prepare("vm1", WEST, "m1", keep_bytes=1 << 20)
     stones.keep(prepared, final.to_segments("none"))
-    assert stones.kept_final("m1") is None  # not decided yet
+    assert stones.kept_final("m1", "west") is None  # not decided yet
     stones.decide(prepared, "vm1", WEST, "m1")
-    where, data = stones.kept_final("m1") or (None, b"")
-    assert where == WEST and data == final.to_bytes("none")
-    assert restarted(tmp_path).kept_final("m1") is not None
+    assert stones.kept_final("m1", "west") == final.to_bytes("none")
+    assert restarted(tmp_path).kept_final("m1", "west") is not None
 
 
 def test_a_decision_whose_kept_round_is_torn_never_happened(
@@ -272,7 +272,7 @@ def test_a_release_never_brings_back_a_record_the_vms_return_removed(
     stones.pop("vm1")  # it came back: its records go
     stones.remove_files("vm1", ["m1"])
     assert not stones.release_kept("m1", "west") and not prepared.exists()
-    assert stones.kept_final("m1") is None
+    assert stones.kept_final("m1", "west") is None
 
 
 def test_a_kept_round_is_taken_only_onto_the_round_it_follows(

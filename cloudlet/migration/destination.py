@@ -8,12 +8,12 @@ the stop-and-copy round only applies its few chunks and the state, which keeps
 the downtime short. Every snapshot is built through `cloudlet.vm.snapshot`'s
 own wire checks, so a lying peer costs an `Abort`, never a corrupt VM.
 
-Once `Final` is durable and known to apply (checked, memory grown) it says
-`Ready`, then writes it into the VM (`next_event`, while the source decides) and
-holds the VM; `Commit` makes it `ActivateVM`. If the channel goes between the
-two, only the source knows whether it passed its commit point: the machine is
-then in doubt until the driver asks the source (its tombstone, or its lack of
-one) and calls `resolve()`.
+Once `Final` is durable (or kept by the source, `Final.source_keeps`) and known
+to apply (checked, memory grown) it says `Ready`, then writes it into the VM
+(`next_event`, while the source decides) and holds the VM; `Commit` makes it
+`ActivateVM`. If the channel goes between the two, only the source knows whether
+it passed its commit point: the machine is then in doubt until the driver asks
+the source (its tombstone, or its lack of one) and calls `resolve()`.
 """
 
 from __future__ import annotations
@@ -421,7 +421,7 @@ class DestinationMigration:
             assert isinstance(msg, Final)
             self.annex = msg.annex
         self._events.append(PersistRound(self.migration_id, self.offer.vm_id, msg.round, snap,
-                                         final))
+                                         final, isinstance(msg, Final) and msg.source_keeps))
         if final:
             self.state = DestinationState.READY
             self._send(Ready(self.migration_id))
@@ -434,7 +434,8 @@ class DestinationMigration:
         memory should fail it now, after `Ready`: the VM is then marked failed (its
         calls say so), and its state is in what the driver persisted before `Ready`,
         which the daemon keeps (no first checkpoint of a failed VM replaces it) and a
-        restart of the destination restores if the source committed."""
+        restart of the destination restores if the source committed (the final
+        round from the source's kept copy if it was not written here)."""
         snap, self._unapplied = self._unapplied, None
         assert self.vm is not None and snap is not None
         try:

@@ -150,14 +150,18 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
                      policy: PreCopyPolicy | None = None,
                      image_wasm: bytes | Callable[[], bytes] | None = None,
                      migration_id: str | None = None, deadline_s: float = DEFAULT_DEADLINE_S,
-                     clock: Callable[[], float] = time.monotonic) -> MigrationStats:
+                     clock: Callable[[], float] = time.monotonic,
+                     keeps_final: bool = False) -> MigrationStats:
     """Migrate `vm` out over `channel`. Returns the stats; `stats.outcome` is
     "committed" (the VM is the destination's now: drop it) or "aborted" (it
     serves here again, `hooks.resume()` was called). Never raises for a peer's
-    or the channel's failure; a cancellation resumes the VM and propagates."""
+    or the channel's failure; a cancellation resumes the VM and propagates.
+    `keeps_final`: `hooks.tombstone` keeps `event.final_round` durable with the
+    decision (so the destination need not flush it before `Ready`)."""
     hooks = hooks or VMGate()
     access = vm_access or _no_lock
     mig = SourceMigration(vm, migration_id=migration_id, policy=policy, image_wasm=image_wasm,
+                          keeps_final=keeps_final,
                           clock=clock)
     large = vm.memory_bytes >= OFF_LOOP_MEMORY_BYTES
     async with access():

@@ -73,7 +73,8 @@ class BecomeTombstone:
 
 @dataclass(frozen=True)
 class KeepFinal:
-    """Source: the final round is on its way (its `Final` was just sent), and
+    """Source (one that keeps the final round, `keeps_final`): the final round is
+    on its way (its `Final` was just sent), and
     `BecomeTombstone` will carry it if the destination says `Ready`. A driver whose
     hooks keep it with the decision may write it now, undecided, while waiting:
     the decision then only flips its byte and flushes. Optional: ignoring it is
@@ -86,13 +87,16 @@ class KeepFinal:
 class PersistRound:
     """Destination: a round was applied to the held VM. Make `snapshot` (the round's
     overlay or delta, in order) durable before going on: the `Ready` after the final
-    one promises that a crash here loses nothing the source may commit."""
+    one promises that a crash here loses nothing the source may commit. Unless
+    `source_keeps` (a final round the source keeps durable with its decision): then
+    it may be written after the landing, and fetched from the source if lost."""
 
     migration_id: str
     vm_id: str
     round: int
     snapshot: Snapshot
     final: bool
+    source_keeps: bool = False
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,10 @@ class Final(RoundEnd):
 
     TYPE: ClassVar[str] = "final"
     annex: dict[str, Any] = field(default_factory=dict)
+    # The source keeps this round durable with its decision (and serves it to this
+    # destination if it loses its copy): the destination may then write its own
+    # after the landing instead of before `Ready`. False from a source that does not.
+    source_keeps: bool = False
 
 
 @dataclass(frozen=True)

@@ -161,8 +161,12 @@ class SourceMigration:
                  policy: PreCopyPolicy | None = None,
                  image_wasm: bytes | Callable[[], bytes] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 cpu_clock: Callable[[], float] = time.perf_counter) -> None:
+                 cpu_clock: Callable[[], float] = time.perf_counter,
+                 keeps_final: bool = False) -> None:
         self.vm = vm
+        # The driver keeps the final round durable with its decision (`KeepFinal`,
+        # `BecomeTombstone.final_round`), and says so in `Final`.
+        self.keeps_final = keeps_final
         self.migration_id = migration_id or secrets.token_hex(8)
         self.policy = policy or PreCopyPolicy()
         self._image_wasm = image_wasm
@@ -472,8 +476,10 @@ class SourceMigration:
             globals=snap.globals, host=snap.host)
         stats = self.stats.rounds[rnd.number]
         if self.state is SourceState.FINAL:
-            self._send(Final(self.migration_id, annex=self._annex, **fields), stats)
-            self._events.append(KeepFinal(self._final_round(snap)))
+            self._send(Final(self.migration_id, annex=self._annex,
+                             source_keeps=self.keeps_final, **fields), stats)
+            if self.keeps_final:
+                self._events.append(KeepFinal(self._final_round(snap)))
         else:
             size = self._send(RoundEnd(self.migration_id, **fields), stats)
             # In flight until the destination says the round is applied and durable:
