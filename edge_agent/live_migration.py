@@ -70,6 +70,7 @@ from cloudlet.migration import (
     MigrationStats,
     PersistRound,
     PreCopyPolicy,
+    collections_off,
     run_destination,
     run_source,
 )
@@ -485,6 +486,16 @@ class LiveMigrations:
 
     async def _activate(self, vm: VM, annex: dict[str, Any], migration_id: str | None,
                         incoming: Incoming | None = None) -> None:
+        # No garbage collection while the VM lands and its held streams' first calls
+        # are served (collections_off): it runs after that, when it will.
+        collections_off.hold()
+        try:
+            await self._land(vm, annex, migration_id, incoming)
+        finally:
+            collections_off.release()
+
+    async def _land(self, vm: VM, annex: dict[str, Any], migration_id: str | None,
+                    incoming: Incoming | None) -> None:
         # A VM that comes back finds its old tombstone here. `activate` would unlink
         # its file on the loop, which on a busy disk stalls the VM's first calls for
         # milliseconds: forgotten in memory now, its file removed off the loop below

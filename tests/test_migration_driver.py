@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import hashlib
 from typing import Any
 
@@ -311,3 +312,42 @@ def test_over_real_tcp(store: ImageStore, workload: dict[str, Image],
     assert stats.downtime_s is not None and stats.total_s is not None
     d = stats.to_dict()
     assert d["bytes_sent"] == stats.bytes_sent and len(d["bytes_per_round"]) == len(stats.rounds)
+
+
+def test_no_garbage_collection_runs_inside_the_pause_and_it_runs_again_after(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """A full collection of a large heap takes milliseconds: both ends hold the
+    collector off on the downtime's path (the source from the pause to its end, the
+    destination from the final round to just after the landing), and let it run
+    again afterwards, also when the migration aborts."""
+    seen: dict[str, bool] = {}
+
+    class Watching(VMGate):
+        async def pause(self) -> None:
+            await super().pause()
+            seen["pause"] = gc.isenabled()
+
+        async def tombstone(self, event: BecomeTombstone) -> None:
+            seen["decision"] = gc.isenabled()
+            await super().tombstone(event)
+
+    async def main(gate: VMGate) -> tuple[MigrationStats, Received]:
+        a, b = memory_channel_pair()
+        return await asyncio.gather(run_source(make_vm(workload["memhog"]), a, hooks=gate,
+                                               deadline_s=DEADLINE_S),
+                                    run_destination(b, store, ChunkStore(),
+                                                    deadline_s=DEADLINE_S))
+
+    assert gc.isenabled()
+    stats, got = asyncio.run(main(Watching()))
+    assert stats.outcome == got.outcome == "committed"
+    assert seen == {"pause": False, "decision": False}
+    assert gc.isenabled()  # the destination's hold ended with its loop
+    stats, got = asyncio.run(main(DiskFullAtTheDecision()))
+    assert stats.outcome == "aborted" and gc.isenabled()
+    gc.disable()  # an application that runs without it keeps it so
+    try:
+        asyncio.run(main(VMGate()))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

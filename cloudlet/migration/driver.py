@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cloudlet.errors import CloudletError, MigrationChannelLost, MigrationProtocolError, VMMoved
+from cloudlet.migration import collections_off
 from cloudlet.migration.chunkstore import ChunkStore
 from cloudlet.migration.destination import DestinationMigration, ImageSource
 from cloudlet.migration.events import (
@@ -164,6 +165,7 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
                           keeps_final=keeps_final,
                           clock=clock)
     large = vm.memory_bytes >= OFF_LOOP_MEMORY_BYTES
+    holding = False
     async with access():
         await _step(mig.start, large)  # round 0: the whole overlay is captured
     try:
@@ -181,6 +183,9 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
                     elif isinstance(ev, Send) and isinstance(ev.message, Commit):
                         _committed(hooks)
                 elif isinstance(ev, PauseVM):
+                    if not holding:  # none inside the pause (collections_off)
+                        collections_off.hold()
+                        holding = True
                     async with asyncio.timeout(deadline_s):
                         await hooks.pause()
                     mig.paused(hooks.annex())
@@ -212,6 +217,8 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
         lift = getattr(hooks, "throttle", None)  # hooks written before throttling existed
         if lift is not None:
             lift(0.0)  # the spacing was for this migration only
+        if holding:
+            collections_off.release()
         _free_later(mig)
 
 
@@ -311,6 +318,7 @@ async def run_destination(channel: Channel, images: ImageSource, store: ChunkSto
         kwargs["max_memory_bytes"] = max_memory_bytes
     mig = DestinationMigration(images, store, **kwargs)
     activated: ActivateVM | None = None
+    holding = False  # collections held off from the final round on
     try:
         while True:
             ev = mig.next_event()
@@ -330,8 +338,17 @@ async def run_destination(channel: Channel, images: ImageSource, store: ChunkSto
                     data = await _exchange(ev, channel, deadline_s)
                     if data is not None:
                         # Staging a round's chunks; the small final round stays inline.
-                        await _step(functools.partial(mig.receive, data),
-                                    len(data) >= OFF_LOOP_MESSAGE_BYTES)
+                        # No collection while a message is taken in: a `final` may be
+                        # this one, and from it on the VM is paused at the source.
+                        if not holding:
+                            collections_off.hold()
+                        try:
+                            await _step(functools.partial(mig.receive, data),
+                                        len(data) >= OFF_LOOP_MESSAGE_BYTES)
+                        finally:
+                            holding = mig.state.value in ("ready", "in_doubt", "committed")
+                            if not holding:
+                                collections_off.release()
                 elif isinstance(ev, PersistRound):
                     if persist is not None:
                         try:
@@ -352,6 +369,8 @@ async def run_destination(channel: Channel, images: ImageSource, store: ChunkSto
         mig.abort("migration_aborted", "the destination driver stopped", tell_peer=False)
         raise
     finally:
+        if holding:  # a daemon holds it on over the landing itself, if it wants
+            collections_off.release()
         _free_later(mig)
     if activated is not None:
         return Received("committed", mig.stats, activated.vm, activated.annex)
