@@ -4,8 +4,8 @@ Why: a full collection of a daemon's heap (a large VM's migration alone holds
 tens of thousands of chunk digests) takes milliseconds, and the interpreter
 starts one whenever its allocation counters say so: inside the pause as likely
 as anywhere. Measured on single 256 MiB moves, one sitting: the source paused
-4.6-5.9 ms when the collector was free to run there, 2.1-2.9 ms when it was
-held off, and the client's gap went from 6.4-8.3 to 4.4-4.9 ms. The
+4.4-6.4 ms when the collector was free to run there, 2.0-2.9 ms when it was
+held off, and the client's gap went from 6.4-8.3 to 3.8-5.2 ms. The
 collection is deferred, not dropped: it runs at the next allocation threshold
 after the hold ends, outside the pause.
 
