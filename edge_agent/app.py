@@ -610,7 +610,7 @@ async def kept_final_round(request: web.Request) -> web.Response:
     """The final round this cloudlet kept with its decision to move a VM away, for
     the destination it moved to (which lost its own copy: a restart before it was
     flushed there). Nobody else's, not even an operator's: it is the VM's memory."""
-    node = _destination_peer(request)
+    node = _destination_node(peer_only(request))
     migration_id = request.match_info["migration"]
     try:
         data = await asyncio.to_thread(request.app[HOST].tombstones.kept_final,
@@ -627,7 +627,7 @@ async def kept_final_round(request: web.Request) -> web.Response:
 async def release_final_round(request: web.Request) -> web.Response:
     """The destination has the final round on its own disk now: the copy kept here
     goes. Only that destination may say so."""
-    node = _destination_peer(request)
+    node = _destination_node(peer_only(request))
     migration_id = request.match_info["migration"]
     released = await asyncio.to_thread(request.app[HOST].tombstones.release_kept,
                                        migration_id, node)
@@ -637,10 +637,9 @@ async def release_final_round(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _destination_peer(request: web.Request) -> str:
+def _destination_node(who: Principal) -> str:
     """The node name of the peer cloudlet asking (never an operator: an operator's
     token names a person, who may happen to share a node's name)."""
-    who = peer_only(request)
     if who.is_operator:
         raise errors.Forbidden("a kept final round is for the cloudlet the VM moved to, "
                                "not for an operator")
