@@ -208,7 +208,7 @@ class Tombstones:
         try:
             with path.open("rb") as f:
                 head = f.read(KEPT_AT)
-                wire, _ = _parse_record(head)
+                wire = _record_head(head)
                 if wire.get("node") != node:
                     raise PermissionError(f"migration {migration_id} moved its VM elsewhere")
                 if head[:1] != DECIDED or wire.get("kept_at") is None:
@@ -230,11 +230,12 @@ class Tombstones:
                 return False
             path = self.record_path(vm_id, migration_id)
             try:
-                body = path.read_bytes()
+                with path.open("rb") as f:
+                    head = f.read(KEPT_AT)  # the JSON line: the kept round is not read
             except FileNotFoundError:
                 return False
-            wire, _ = _parse_record(body)
-            if body[:1] != DECIDED or wire.pop("kept_at", None) is None or wire["node"] != node:
+            wire = _record_head(head)
+            if head[:1] != DECIDED or wire.pop("kept_at", None) is None or wire["node"] != node:
                 return False
             atomic_write(path, [DECIDED, json.dumps(wire).encode()])
             return True
@@ -300,14 +301,20 @@ def _pwrite_all(fd: int, parts: Sequence[bytes | memoryview], offset: int) -> No
             views[0] = views[0][n:]
 
 
+def _record_head(body: bytes) -> dict[str, Any]:
+    """A record's JSON: after its first byte, up to the newline (or all of it, in a
+    record that keeps no round). Enough to read from the first `KEPT_AT` bytes."""
+    wire = json.loads(body[1:].split(b"\n", 1)[0])
+    if not isinstance(wire, dict):
+        raise ValueError("a tombstone record is not a JSON object")
+    return wire
+
+
 def _parse_record(body: bytes) -> tuple[dict[str, Any], memoryview | None]:
     """A record's JSON (after its first byte: up to the newline, or all of it in a
     record that keeps no round) and its kept final round, if whole: the encoded
     snapshot at `kept_at`, its digest checked."""
-    line = body[1:].split(b"\n", 1)[0]
-    wire = json.loads(line)
-    if not isinstance(wire, dict):
-        raise ValueError("a tombstone record is not a JSON object")
+    wire = _record_head(body)
     kept_at = wire.get("kept_at")
     if not isinstance(kept_at, int) or not 0 < kept_at < len(body):
         return wire, None
