@@ -47,7 +47,7 @@ import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,13 @@ INLINE_KEEP_BYTES = 256 << 10
 # deleted later, never restored from.
 SET_ASIDE = ".set-aside"
 AFTER_MOVE_CLEANUP_S = 0.05  # a source's cleanup waits this long after the commit
+# After the `Commit` and the clients' `moved` notices, the source stays off the CPU
+# this long before its own work (letting the VM go, answering the move, closing
+# the migration's stream): the client's switch and the destination's landing
+# need a core each, and on a 2-core host a source that went on at once (~0.5 ms
+# of its loop) left one of them waiting for a core that long (scheduler traces of
+# the downtime series: `perf sched timehist`).
+QUIET_AFTER_COMMIT_S = 0.003
 # A landing's own work waits this long after the VM is served here: the held
 # streams' first reads need a turn of the loop's I/O, and without the wait that
 # work (the old tombstone's files, the migration's end: its stream, events,
@@ -196,6 +203,8 @@ class Outgoing:
         self._prepared: asyncio.Task[Path] | None = None
         self._keeping: asyncio.Task[None] | None = None  # a large round written ahead
         self._kept = False
+        # Clients told (`committed`), and collections held: until the quiet period ends.
+        self.holds_collections = False
 
     @contextlib.asynccontextmanager
     async def access(self) -> AsyncIterator[None]:
@@ -304,14 +313,19 @@ class Outgoing:
         self.durable.set()
 
     def committed(self) -> None:
-        """Decided, and the `Commit` written: the VM is the destination's whatever fails
-        from here (a lost Commit is settled by the destination asking). So the
-        clients are told now, not after the handover: their resends reach the
-        destination beside the Commit, and wait there, on the streams it holds, for
-        the VM to land. After the Commit rather than before it: the destination's
-        path (its trip, the landing) is the longer one, ~0.1 ms shorter this way
-        (timestamps in both daemons and the client), while the clients' resends
-        still arrive before the VM lands."""
+        """Decided, durably: the VM is the destination's whatever fails from here (a
+        lost Commit is settled by the destination asking). So the clients are told
+        now, before the Commit is written: their resends reach the destination
+        beside it, and wait there, on the streams it holds, for the VM to land (at
+        once, from inside its driver). Clients first: switching to their standby
+        streams is the longer path, and on a small host the one that waits for a
+        core. Once, whoever calls it."""
+        if self.holds_collections:
+            return
+        # No collection until the source's quiet period ends (`QUIET_AFTER_COMMIT_S`):
+        # taken inside the driver's own hold, so none can start in between.
+        collections_off.hold()
+        self.holds_collections = True
         self.on_decided()
 
     def annex(self) -> dict[str, Any]:
@@ -401,9 +415,12 @@ class LiveMigrations:
                 if stats.outcome == "committed":
                     committed = True
                     try:
-                        retired = self.host.let_go(hosted, where)
-                    finally:
-                        hooks.release()  # waiting calls now learn where it went
+                        await asyncio.sleep(QUIET_AFTER_COMMIT_S)
+                    finally:  # cancelled or not: the VM is the destination's
+                        try:
+                            retired = self.host.let_go(hosted, where)
+                        finally:
+                            hooks.release()  # waiting calls now learn where it went
                     # The client's switch and the destination's first calls (a few ms)
                     # come first: unmapping a large memory and deleting its checkpoint
                     # keep a core busy, which a small host has few of. In the
@@ -413,16 +430,21 @@ class LiveMigrations:
                     self._spawn(self._clean_up_moved(hosted, retired))
                 return stats
         finally:
-            self._outgoing.pop(migration_id, None)
-            if announced and hooks.state != "committed":
-                self.on_moving(hosted.id, None)  # it stays: standby streams are dropped
-            elif announced and not committed:
-                # Decided, then stopped before the handover (cancelled while the Commit
-                # was being written): the VM is the destination's. Its clients hear
-                # where it went, not that the move is off.
-                hooks.committed()
-            if not committed:
-                await hooks.discard_prepared()
+            try:
+                self._outgoing.pop(migration_id, None)
+                if announced and hooks.state != "committed":
+                    self.on_moving(hosted.id, None)  # it stays: standby streams are dropped
+                elif announced and not committed:
+                    # Decided, then stopped before the handover (cancelled while the
+                    # Commit was being written): the VM is the destination's. Its
+                    # clients hear where it went, not that the move is off.
+                    hooks.committed()
+                if not committed:
+                    await hooks.discard_prepared()
+            finally:
+                if hooks.holds_collections:
+                    hooks.holds_collections = False
+                    collections_off.release()
 
     async def _clean_up_moved(self, hosted: HostedVM, retired: Path | None) -> None:
         await asyncio.sleep(AFTER_MOVE_CLEANUP_S)
@@ -461,15 +483,33 @@ class LiveMigrations:
                                       incoming)
             incoming.vm_id = offer.vm_id
 
+        def ready(vm: VM, annex: dict[str, Any]) -> None:
+            incoming.prepared = self.host.prepare_activation(vm, annex.get(ANNEX_KEY),
+                                                             generation_of(annex))
+
+        def activate(vm: VM, annex: dict[str, Any]) -> None:
+            # At the Commit, inside the driver: the held streams are served from the
+            # loop's next turn, not after the driver's ending and this task's return.
+            # Nothing is collected from here until the landing's end (`_activate`).
+            collections_off.hold()
+            try:
+                incoming.landing = self._land_now(vm, annex, incoming.migration_id, incoming)
+            except BaseException:
+                collections_off.release()
+                raise  # logged by the driver; `_activate` below lands it, or says why not
+
         settling = False
         try:
             got = await run_destination(
                 WebSocketChannel(ws), self.host.images, self.chunks,
                 resolve=incoming.must_ask_source, persist=incoming.persist,
                 max_memory_bytes=self.host.free_memory_bytes(),
-                deadline_s=self.host.config.migration_deadline_s, admit=admit)
+                deadline_s=self.host.config.migration_deadline_s, admit=admit,
+                ready=ready, activate=activate)
             if got.outcome == "committed" and got.vm is not None:
-                await self._activate(got.vm, got.annex, incoming.migration_id, incoming)
+                landing, incoming.landing = incoming.landing, None
+                await self._activate(got.vm, got.annex, incoming.migration_id, incoming,
+                                     landing)
                 self._spawn(self._remember_chunks(incoming.chunk_data))
             elif got.outcome == "in_doubt" and got.migration is not None:
                 migration = got.migration
@@ -479,31 +519,45 @@ class LiveMigrations:
             else:
                 incoming.discard()
         finally:
+            if incoming.landing is not None:  # landed, then this task was cancelled
+                incoming.landing = None
+                collections_off.release()
             if incoming.vm_id is not None and not settling:
                 # A no-op once it landed, or once a newer attempt took its place.
                 self.arrivals.not_coming(incoming.vm_id, incoming)
         return {"outcome": got.outcome, **got.stats.to_dict()}
 
     async def _activate(self, vm: VM, annex: dict[str, Any], migration_id: str | None,
-                        incoming: Incoming | None = None) -> None:
+                        incoming: Incoming | None = None,
+                        landing: Landing | None = None) -> None:
+        """Serve an arrived VM, unless `landing` says it is served already (landed at
+        the Commit, from inside the driver); then the landing's own work."""
         # No garbage collection while the VM lands and its held streams' first calls
-        # are served (collections_off): it runs after that, when it will.
-        collections_off.hold()
+        # are served (collections_off): it runs after that, when it will. (An early
+        # landing took its hold then.)
+        if landing is None:
+            collections_off.hold()
         try:
-            await self._land(vm, annex, migration_id, incoming)
+            if landing is None:
+                landing = self._land_now(vm, annex, migration_id, incoming)
+            await asyncio.sleep(HELD_STREAMS_FIRST_S)  # the held streams' calls go first
         finally:
             collections_off.release()
+        self._spawn(self._after_landing(landing.hosted, landing.came_back,
+                                        landing.old_migrations, migration_id, incoming))
 
-    async def _land(self, vm: VM, annex: dict[str, Any], migration_id: str | None,
-                    incoming: Incoming | None) -> None:
+    def _land_now(self, vm: VM, annex: dict[str, Any], migration_id: str | None,
+                  incoming: Incoming | None) -> Landing:
+        """Host the arrived VM and wake the streams held for it: nothing awaits here."""
         # A VM that comes back finds its old tombstone here. `activate` would unlink
         # its file on the loop, which on a busy disk stalls the VM's first calls for
-        # milliseconds: forgotten in memory now, its file removed off the loop below
+        # milliseconds: forgotten in memory now, its file removed off the loop later
         # (before the incoming rounds go: a restart in between restores it from them).
         where_before = self.host.tombstones.pop(vm.id)
         old_migrations = self.host.tombstones.migrations_of(vm.id) if where_before else []
         try:
-            hosted = self.host.activate(vm, annex.get(ANNEX_KEY), generation_of(annex))
+            hosted = self.host.activate(vm, annex.get(ANNEX_KEY), generation_of(annex),
+                                        prepared=incoming.prepared if incoming else None)
         except BaseException:
             if where_before is not None:
                 self.host.tombstones.where[vm.id] = where_before
@@ -514,9 +568,7 @@ class LiveMigrations:
         if isinstance(last_call, float) and last_call > 0:
             hosted.arrived_last_call_unix = last_call
         self.arrivals.landed(hosted.id, hosted)
-        await asyncio.sleep(HELD_STREAMS_FIRST_S)  # the held streams' calls go first
-        self._spawn(self._after_landing(hosted, where_before is not None, old_migrations,
-                                        migration_id, incoming))
+        return Landing(hosted, where_before is not None, old_migrations)
 
     async def _after_landing(self, hosted: HostedVM, came_back: bool,
                              old_migrations: list[str], migration_id: str | None,
@@ -717,6 +769,15 @@ class LiveMigrations:
         self._spawn(incoming.release_at_source())
 
 
+@dataclass(frozen=True)
+class Landing:
+    """An arrived VM just served here, and what its landing has left to do."""
+
+    hosted: HostedVM
+    came_back: bool  # it had left here before: its old tombstone's files go
+    old_migrations: list[str]
+
+
 class Incoming:
     """One arriving VM: where its rounds go on disk, and how to ask its source."""
 
@@ -728,6 +789,10 @@ class Incoming:
         # What arrived, for the chunk store afterwards.
         self.chunk_data: list[bytes | memoryview] = []
         self.final_round: Snapshot | None = None  # until written here (`keep_final`)
+        # Built while the source decides (`VMHost.prepare_activation`); and the
+        # landing done at the Commit, until `receive` takes it over.
+        self.prepared: HostedVM | None = None
+        self.landing: Landing | None = None
 
     @property
     def folder(self) -> Path:

@@ -285,10 +285,12 @@ class VMHost:
         return limits
 
     def _adopt(self, vm: VM) -> HostedVM:
-        hosted = HostedVM(vm, vm.owner or "",
-                          inline=vm.limits.deadline_ms <= self.config.inline_deadline_ms)
-        self.vms[vm.id] = hosted
+        hosted = self.vms[vm.id] = self._hosted(vm)
         return hosted
+
+    def _hosted(self, vm: VM) -> HostedVM:
+        return HostedVM(vm, vm.owner or "",
+                        inline=vm.limits.deadline_ms <= self.config.inline_deadline_ms)
 
     # --- calls ----------------------------------------------------------------------------
 
@@ -510,13 +512,25 @@ class VMHost:
     def moved_by_migration(self, migration_id: str) -> bool:
         return self.tombstones.moved_by_migration(migration_id)
 
-    def activate(self, vm: VM, replies_wire: Any, generation: int = 0) -> HostedVM:
-        """Serve a VM that arrived by live migration (already durable on disk)."""
-        if vm.id in self.vms:
-            raise BadCall(f"a VM {vm.id} is already here")
-        hosted = self._adopt(vm)
+    def prepare_activation(self, vm: VM, replies_wire: Any, generation: int = 0) -> HostedVM:
+        """What will serve a VM arriving by live migration, built but not hosted:
+        made while its source decides, so that `activate` at the commit only
+        registers it (parsing its reply log took a share of the downtime).
+        Nothing of it is seen until then; a move that does not commit drops it."""
+        hosted = self._hosted(vm)
         hosted.exactly_once = ExactlyOnce.from_wire(replies_wire)
         hosted.generation = generation
+        return hosted
+
+    def activate(self, vm: VM, replies_wire: Any, generation: int = 0,
+                 prepared: HostedVM | None = None) -> HostedVM:
+        """Serve a VM that arrived by live migration (already durable on disk), from
+        `prepared` (`prepare_activation` for this very VM) if given."""
+        if vm.id in self.vms:
+            raise BadCall(f"a VM {vm.id} is already here")
+        if prepared is None or prepared.vm is not vm:
+            prepared = self.prepare_activation(vm, replies_wire, generation)
+        hosted = self.vms[vm.id] = prepared
         # Its owner's quotas were checked when it was offered; committed now, it is
         # never dropped for them (docs/daemon.md).
         self._share_reply_room(hosted.owner)

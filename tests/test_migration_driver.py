@@ -206,10 +206,10 @@ def test_a_decision_that_cannot_be_written_aborts_both_ends_and_the_source_resum
     vm.call("hog_dirty", 1, 1)  # serving here again
 
 
-def test_the_hooks_hear_committed_once_the_commit_is_written(
+def test_the_hooks_hear_committed_once_the_decision_is_durable(
         store: ImageStore, workload: dict[str, Image]) -> None:
-    """`committed()` (the daemon tells the VM's clients then) comes after the decision
-    and after the `Commit` is on the channel, once."""
+    """`committed()` (the daemon tells the VM's clients then) comes after the decision,
+    before the `Commit` is on the channel, once."""
     order: list[str] = []
 
     class Recording(VMGate):
@@ -238,7 +238,7 @@ def test_the_hooks_hear_committed_once_the_commit_is_written(
 
     stats, got = asyncio.run(main())
     assert stats.outcome == got.outcome == "committed"
-    assert order == ["decided", "commit written", "clients told"]
+    assert order == ["decided", "clients told", "commit written"]
 
 
 def test_destination_silent_times_out_and_the_source_resumes(workload: dict[str, Image]) -> None:

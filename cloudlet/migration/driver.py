@@ -12,10 +12,17 @@ records durably that the VM moved, before the `Commit` goes out; `annex()` is th
 opaque state that travels with the VM (e.g. the reply cache); `throttle(s)`
 spaces calls at least `s` apart (auto-converge; 0 lifts it, as the driver does
 when the migration ends); `committed()`, if the hooks have it, is called once
-the `Commit` is written (to tell the VM's clients where it went);
+the decision is durable, before the `Commit` is written (to tell the VM's
+clients where it went);
 `keep_final(snapshot)`, if they have it, gets the final round while the
 destination takes it in (to write it ahead where the decision keeps it). `VMGate`
 is a ready-made gate for VMs called from the event loop's thread.
+
+Hooks, destination side (`run_destination`'s arguments): `persist(round)` makes a
+round durable; `resolve(id)` asks the source, in doubt, whether it committed;
+`ready(vm, annex)` and `activate(vm, annex)` let a daemon build the VM's hosting
+while the source decides, and serve it at the `Commit` without waiting for the
+driver to end.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from typing import Any, Protocol
 from cloudlet.errors import CloudletError, MigrationChannelLost, MigrationProtocolError, VMMoved
 from cloudlet.migration import collections_off
 from cloudlet.migration.chunkstore import ChunkStore
-from cloudlet.migration.destination import DestinationMigration, ImageSource
+from cloudlet.migration.destination import DestinationMigration, DestinationState, ImageSource
 from cloudlet.migration.events import (
     ActivateVM,
     BecomeTombstone,
@@ -47,7 +54,7 @@ from cloudlet.migration.events import (
     Send,
     Throttle,
 )
-from cloudlet.migration.messages import MAX_MESSAGE_BYTES, Commit, Offer
+from cloudlet.migration.messages import MAX_MESSAGE_BYTES, Offer
 from cloudlet.migration.pacing import CallPacer
 from cloudlet.migration.source import PreCopyPolicy, SourceMigration
 from cloudlet.migration.stats import MigrationStats
@@ -180,8 +187,6 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
                     if data is not None:
                         async with access():
                             mig.receive(data)
-                    elif isinstance(ev, Send) and isinstance(ev.message, Commit):
-                        _committed(hooks)
                 elif isinstance(ev, PauseVM):
                     if not holding:  # none inside the pause (collections_off)
                         collections_off.hold()
@@ -199,6 +204,8 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
                     hooks.keep_final(ev.final_round)
                 elif isinstance(ev, BecomeTombstone):
                     await _decide(mig, hooks, ev)
+                    if mig.outcome == "committed":
+                        _committed(hooks)
             except TimeoutError:
                 if mig.outcome == "committed":
                     return mig.stats  # the Commit may be late; the destination will ask
@@ -238,12 +245,29 @@ async def _decide(mig: SourceMigration, hooks: SourceHooks, ev: BecomeTombstone)
 
 
 def _committed(hooks: SourceHooks) -> None:
-    """The `Commit` is written: hooks that tell others the VM moved (its clients) do
-    it now, after it rather than at the decision, because the destination's path
-    (the `Commit`'s trip, the landing) is the longer of the two that follow."""
+    """The decision is durable: hooks that tell others the VM moved (its clients) do
+    it now, before the `Commit` is written. Of the two paths that follow, the
+    clients' switch to their standby streams and the `Commit`'s trip with the
+    landing, the destination's is the shorter since it lands at once
+    (`run_destination`'s `activate`), and the clients' needs a core of its own:
+    it goes first."""
     committed = getattr(hooks, "committed", None)  # optional, as `throttle`
     if committed is not None:
         committed()
+
+
+LandingHook = Callable[[VM, dict[str, Any]], None]
+
+
+def _landing_hook(hook: LandingHook | None, name: str, vm: VM, annex: dict[str, Any]) -> None:
+    """Call a destination's `ready` or `activate`: a failure there is the caller's
+    (it still gets the VM), never the migration's."""
+    if hook is None:
+        return
+    try:
+        hook(vm, annex)
+    except Exception:
+        log.exception("the destination's %s hook failed for VM %s", name, vm.id)
 
 
 def _free_later(mig: SourceMigration | DestinationMigration) -> None:
@@ -308,17 +332,26 @@ async def run_destination(channel: Channel, images: ImageSource, store: ChunkSto
                           admit: Callable[[Offer], None] | None = None,
                           max_memory_bytes: int | None = None,
                           deadline_s: float = DEFAULT_DEADLINE_S,
-                          clock: Callable[[], float] = time.monotonic) -> Received:
+                          clock: Callable[[], float] = time.monotonic,
+                          ready: LandingHook | None = None,
+                          activate: LandingHook | None = None) -> Received:
     """Receive one VM over `channel`. If the channel fails between `Ready` and
     `Commit`, `resolve(migration_id)` asks the source whether it committed; without
     it (or if it fails) the outcome is "in_doubt" and the held VM is in
-    `migration.vm` until someone calls `migration.resolve()`."""
+    `migration.vm` until someone calls `migration.resolve()`.
+
+    `ready(vm, annex)` is called once the VM is whole and held, while the source
+    decides (a daemon builds what will serve it then); `activate(vm, annex)` at the
+    `Commit`, from inside the driver (a daemon serves the VM from there, before
+    the driver's own ending). Both are synchronous, and what they raise is logged
+    and ignored: the VM is still returned, and the caller lands it the usual way."""
     kwargs: dict[str, Any] = {"clock": clock, "admit": admit}
     if max_memory_bytes is not None:
         kwargs["max_memory_bytes"] = max_memory_bytes
     mig = DestinationMigration(images, store, **kwargs)
     activated: ActivateVM | None = None
     holding = False  # collections held off from the final round on
+    readied = False
     try:
         while True:
             ev = mig.next_event()
@@ -335,6 +368,10 @@ async def run_destination(channel: Channel, images: ImageSource, store: ChunkSto
                                         mig.migration_id, exc)
                     break
                 if isinstance(ev, Send | NeedData):
+                    if (isinstance(ev, NeedData) and not readied and mig.vm is not None
+                            and mig.state is DestinationState.READY):
+                        readied = True  # the final round is in: waiting for the Commit
+                        _landing_hook(ready, "ready", mig.vm, mig.annex)
                     data = await _exchange(ev, channel, deadline_s)
                     if data is not None:
                         # Staging a round's chunks; the small final round stays inline.
@@ -358,6 +395,7 @@ async def run_destination(channel: Channel, images: ImageSource, store: ChunkSto
                 elif isinstance(ev, ActivateVM):
                     activated = ev
                     mig.stats.mark_resumed(clock())
+                    _landing_hook(activate, "activate", ev.vm, ev.annex)
                 elif isinstance(ev, DiscardVM):
                     pass  # the machine dropped everything already
             except TimeoutError:
