@@ -121,12 +121,19 @@ async def _notify(ws: web.WebSocketResponse, notice: bytes) -> None:
 
 
 async def _notify_and_close(ws: web.WebSocketResponse, notice: bytes | None) -> None:
-    """Send `notice` (None: it was written already), then close `ws`."""
+    """Send `notice` (None: it was written already), then close `ws` a little later
+    (`MOVED_CLOSE_DELAY_S`)."""
     with contextlib.suppress(ConnectionError, RuntimeError):
         if notice is not None:
             await ws.send_bytes(notice)
+        await asyncio.sleep(MOVED_CLOSE_DELAY_S)
         await ws.close(code=MOVED_CLOSE_CODE, message=b"vm moved")
 
+
+# A stream told its VM moved is closed this long after the notice: its client is
+# switching to the destination meanwhile, and reading a close frame (and this
+# cloudlet writing it) took a share of the cores that switch waited for.
+MOVED_CLOSE_DELAY_S = 0.005
 
 STREAMS = web.AppKey("streams", OpenStreams)
 MOVER = web.AppKey("mover", Mover)

@@ -241,6 +241,69 @@ def test_the_hooks_hear_committed_once_the_decision_is_durable(
     assert order == ["decided", "clients told", "commit written"]
 
 
+def test_the_destination_hooks_see_the_vm_held_then_at_the_commit(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """`ready` gets the VM once it is whole and held (the source has not decided:
+    nothing is committed yet), `activate` the same VM at the `Commit`, both before
+    the driver ends; the VM they saw is the one returned, in the source's state."""
+    seen: list[tuple[str, VM, bool]] = []
+
+    class Watching(MemoryChannel):
+        async def send(self, data: bytes) -> None:
+            if msgpack.unpackb(data).get("t") == "commit":
+                seen.append(("commit sent", vm, False))
+            await super().send(data)
+
+    vm = make_vm(workload["memhog"])
+    before = state(vm)
+
+    def ready(held: VM, annex: dict[str, Any]) -> None:
+        seen.append(("ready", held, isinstance(annex, dict)))
+
+    def activate(held: VM, annex: dict[str, Any]) -> None:
+        seen.append(("activate", held, isinstance(annex, dict)))
+
+    async def main() -> Received:
+        a, b = memory_channel_pair()
+        a.__class__ = Watching
+        _, got = await asyncio.gather(
+            run_source(vm, a, deadline_s=DEADLINE_S),
+            run_destination(b, store, ChunkStore(), deadline_s=DEADLINE_S,
+                            ready=ready, activate=activate))
+        return got
+
+    got = asyncio.run(main())
+    assert got.outcome == "committed" and got.vm is not None
+    assert [name for name, _, _ in seen] == ["ready", "commit sent", "activate"]
+    assert seen[0][1] is got.vm and seen[2][1] is got.vm and seen[0][2] and seen[2][2]
+    assert state(got.vm) == before
+
+
+def test_destination_hooks_that_fail_are_logged_and_the_vm_still_lands(
+        store: ImageStore, workload: dict[str, Image],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A daemon's hook failing is the daemon's problem, never the migration's: the
+    VM is committed and returned, for the caller to land the usual way."""
+    vm = make_vm(workload["memhog"])
+    before = state(vm)
+
+    def broken(held: VM, annex: dict[str, Any]) -> None:
+        raise RuntimeError("hook broke")
+
+    async def main() -> tuple[MigrationStats, Received]:
+        a, b = memory_channel_pair()
+        return await asyncio.gather(
+            run_source(vm, a, deadline_s=DEADLINE_S),
+            run_destination(b, store, ChunkStore(), deadline_s=DEADLINE_S,
+                            ready=broken, activate=broken))
+
+    stats, got = asyncio.run(main())
+    assert stats.outcome == got.outcome == "committed" and got.vm is not None
+    assert state(got.vm) == before
+    failures = [r.getMessage() for r in caplog.records if "hook failed" in r.getMessage()]
+    assert len(failures) == 2 and "ready" in failures[0] and "activate" in failures[1]
+
+
 def test_destination_silent_times_out_and_the_source_resumes(workload: dict[str, Image]) -> None:
     vm = make_vm(workload["memhog"])
     before = state(vm)
