@@ -417,34 +417,41 @@ class LiveMigrations:
                     try:
                         await asyncio.sleep(QUIET_AFTER_COMMIT_S)
                     finally:  # cancelled or not: the VM is the destination's
-                        try:
-                            retired = self.host.let_go(hosted, where)
-                        finally:
-                            hooks.release()  # waiting calls now learn where it went
-                    # The client's switch and the destination's first calls (a few ms)
-                    # come first: unmapping a large memory and deleting its checkpoint
-                    # keep a core busy, which a small host has few of. In the
-                    # background, so the move's answer does not wait. (The checkpoint
-                    # was renamed aside by `let_go`: if the VM comes back meanwhile,
-                    # its new checkpoint is not the file deleted here.)
-                    self._spawn(self._clean_up_moved(hosted, retired))
+                        self._hand_over(hosted, where, hooks)
                 return stats
         finally:
             try:
                 self._outgoing.pop(migration_id, None)
                 if announced and hooks.state != "committed":
                     self.on_moving(hosted.id, None)  # it stays: standby streams are dropped
-                elif announced and not committed:
+                elif hooks.state == "committed" and not committed:
                     # Decided, then stopped before the handover (cancelled while the
                     # Commit was being written): the VM is the destination's. Its
-                    # clients hear where it went, not that the move is off.
+                    # clients hear where it went, not that the move is off, and it
+                    # is let go here as after any commit.
                     hooks.committed()
+                    self._hand_over(hosted, where, hooks)
                 if not committed:
                     await hooks.discard_prepared()
             finally:
                 if hooks.holds_collections:
                     hooks.holds_collections = False
                     collections_off.release()
+
+    def _hand_over(self, hosted: HostedVM, where: Location, hooks: Outgoing) -> None:
+        """The move committed: the VM is no longer served here, the calls waiting for
+        it learn where it went, and its memory and checkpoint go a little later."""
+        try:
+            retired = self.host.let_go(hosted, where)
+        finally:
+            hooks.release()  # waiting calls now learn where it went
+        # The client's switch and the destination's first calls (a few ms) come
+        # first: unmapping a large memory and deleting its checkpoint keep a core
+        # busy, which a small host has few of. In the background, so the move's
+        # answer does not wait. (The checkpoint was renamed aside by `let_go`: if
+        # the VM comes back meanwhile, its new checkpoint is not the file deleted
+        # here.)
+        self._spawn(self._clean_up_moved(hosted, retired))
 
     async def _clean_up_moved(self, hosted: HostedVM, retired: Path | None) -> None:
         await asyncio.sleep(AFTER_MOVE_CLEANUP_S)
@@ -519,7 +526,7 @@ class LiveMigrations:
             else:
                 incoming.discard()
         finally:
-            if incoming.landing is not None:  # landed, then this task was cancelled
+            if incoming.landing is not None:  # never: nothing awaits between the two
                 incoming.landing = None
                 collections_off.release()
             if incoming.vm_id is not None and not settling:

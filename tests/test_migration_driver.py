@@ -214,8 +214,8 @@ def test_the_hooks_hear_committed_once_the_decision_is_durable(
 
     class Recording(VMGate):
         async def tombstone(self, event: BecomeTombstone) -> None:
-            order.append("decided")
             await super().tombstone(event)
+            order.append("decided")
 
         def committed(self) -> None:
             order.append("clients told")
@@ -241,42 +241,76 @@ def test_the_hooks_hear_committed_once_the_decision_is_durable(
     assert order == ["decided", "clients told", "commit written"]
 
 
+def test_a_committed_hook_that_fails_still_lets_the_commit_go(
+        store: ImageStore, workload: dict[str, Image],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The decision is durable before `committed()` runs, so its failure (a client's
+    socket, say) is logged and the `Commit` still goes: the destination lands the VM
+    at once, not after asking in doubt."""
+    vm = make_vm(workload["memhog"])
+    before = state(vm)
+
+    class Broken(VMGate):
+        def committed(self) -> None:
+            raise RuntimeError("telling the clients broke")
+
+    async def main() -> tuple[MigrationStats, Received]:
+        a, b = memory_channel_pair()
+        return await asyncio.gather(
+            run_source(vm, a, hooks=Broken(), deadline_s=DEADLINE_S),
+            run_destination(b, store, ChunkStore(), deadline_s=DEADLINE_S))
+
+    stats, got = asyncio.run(main())
+    assert stats.outcome == got.outcome == "committed" and got.vm is not None
+    assert state(got.vm) == before
+    assert any("committed hook failed" in r.getMessage() for r in caplog.records)
+
+
 def test_the_destination_hooks_see_the_vm_held_then_at_the_commit(
         store: ImageStore, workload: dict[str, Image]) -> None:
-    """`ready` gets the VM once it is whole and held (the source has not decided:
-    nothing is committed yet), `activate` the same VM at the `Commit`, both before
-    the driver ends; the VM they saw is the one returned, in the source's state."""
-    seen: list[tuple[str, VM, bool]] = []
+    """`ready` gets the VM whole and held, with the source's annex, before the source
+    decides; `activate` the same VM at the `Commit`; both before the driver ends.
+    The VM they saw is the one returned, in the source's state."""
+    seen: list[tuple[str, VM, dict[str, Any], tuple[Any, ...] | None]] = []
+    annex = {"replies": [[1, "a", {"ok": 2}]], "generation": 3}
 
     class Watching(MemoryChannel):
         async def send(self, data: bytes) -> None:
             if msgpack.unpackb(data).get("t") == "commit":
-                seen.append(("commit sent", vm, False))
+                seen.append(("commit sent", vm, {}, None))
             await super().send(data)
+
+    class Deciding(VMGate):
+        async def tombstone(self, event: BecomeTombstone) -> None:
+            await super().tombstone(event)
+            seen.append(("decided", vm, {}, None))
 
     vm = make_vm(workload["memhog"])
     before = state(vm)
 
-    def ready(held: VM, annex: dict[str, Any]) -> None:
-        seen.append(("ready", held, isinstance(annex, dict)))
+    def ready(held: VM, got_annex: dict[str, Any]) -> None:
+        seen.append(("ready", held, got_annex, state(held)))
 
-    def activate(held: VM, annex: dict[str, Any]) -> None:
-        seen.append(("activate", held, isinstance(annex, dict)))
+    def activate(held: VM, got_annex: dict[str, Any]) -> None:
+        seen.append(("activate", held, got_annex, None))
 
     async def main() -> Received:
         a, b = memory_channel_pair()
         a.__class__ = Watching
         _, got = await asyncio.gather(
-            run_source(vm, a, deadline_s=DEADLINE_S),
+            run_source(vm, a, hooks=Deciding(annex=annex), deadline_s=DEADLINE_S),
             run_destination(b, store, ChunkStore(), deadline_s=DEADLINE_S,
                             ready=ready, activate=activate))
         return got
 
     got = asyncio.run(main())
     assert got.outcome == "committed" and got.vm is not None
-    assert [name for name, _, _ in seen] == ["ready", "commit sent", "activate"]
-    assert seen[0][1] is got.vm and seen[2][1] is got.vm and seen[0][2] and seen[2][2]
-    assert state(got.vm) == before
+    assert [name for name, *_ in seen] == ["ready", "decided", "commit sent", "activate"]
+    (_, at_ready, annex_at_ready, state_at_ready), (_, at_commit, annex_at_commit, _) = (
+        seen[0], seen[3])
+    assert at_ready is got.vm and at_commit is got.vm
+    assert annex_at_ready == annex_at_commit == annex
+    assert state_at_ready == before and state(got.vm) == before
 
 
 def test_destination_hooks_that_fail_are_logged_and_the_vm_still_lands(

@@ -252,8 +252,12 @@ def _committed(hooks: SourceHooks) -> None:
     (`run_destination`'s `activate`), and the clients' needs a core of its own:
     it goes first."""
     committed = getattr(hooks, "committed", None)  # optional, as `throttle`
-    if committed is not None:
+    if committed is None:
+        return
+    try:
         committed()
+    except Exception:  # the decision stands: the Commit must still go
+        log.exception("the source's committed hook failed")
 
 
 LandingHook = Callable[[VM, dict[str, Any]], None]
