@@ -241,6 +241,60 @@ def test_the_hooks_hear_committed_once_the_decision_is_durable(
     assert order == ["decided", "clients told", "commit written"]
 
 
+class SlowDecision(VMGate):
+    """Source hooks whose decision takes a while (a large round written in a worker
+    thread), and then is written (`fails=False`) or refused."""
+
+    def __init__(self, fails: bool) -> None:
+        super().__init__()
+        self.fails = fails
+        self.deciding = asyncio.Event()
+        self.decided = False
+
+    async def tombstone(self, event: BecomeTombstone) -> None:
+        self.deciding.set()
+        await asyncio.sleep(0.05)
+        if self.fails:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await super().tombstone(event)
+        self.decided = True
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["written", "refused"])
+def test_a_driver_cancelled_while_it_decides_waits_and_follows_the_decision(
+        store: ImageStore, workload: dict[str, Image], fails: bool) -> None:
+    """Cancelled mid-decision, the source driver lets the decision finish, then
+    stops: a written decision leaves the VM moved (not resumed: the destination,
+    in doubt, will hear "committed"); a refused one resumes it here."""
+    vm = make_vm(workload["memhog"])
+    before = state(vm)
+    gate = SlowDecision(fails)
+
+    async def main() -> Received:
+        a, b = memory_channel_pair()
+        source = asyncio.ensure_future(run_source(vm, a, hooks=gate, deadline_s=DEADLINE_S))
+        destination = asyncio.ensure_future(
+            run_destination(b, store, ChunkStore(), deadline_s=DEADLINE_S))
+        await gate.deciding.wait()
+        source.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await source
+        if not fails:  # moved: a call here hears so, it does not run
+            with pytest.raises(VMMoved):
+                async with gate.call():
+                    pass
+        return await destination
+
+    got = asyncio.run(main())
+    assert gate.decided is not fails
+    assert got.outcome == "in_doubt"  # no Commit came: the destination asks the source
+    if fails:
+        assert not gate.paused and gate.tombstoned is None and state(vm) == before
+        vm.call("hog_dirty", 1, 1)  # serving here again
+    else:
+        assert gate.tombstoned is not None
+
+
 def test_a_committed_hook_that_fails_still_lets_the_commit_go(
         store: ImageStore, workload: dict[str, Image],
         caplog: pytest.LogCaptureFixture) -> None:

@@ -234,14 +234,29 @@ async def _decide(mig: SourceMigration, hooks: SourceHooks, ev: BecomeTombstone)
     the error (a full disk's is an OSError, like a lost channel's, but the channel is
     fine): the `Commit` must not go, and the VM serves here again. (Taken for a lost
     channel after the machine's commit, it returned "committed": the source dropped
-    the VM, the destination, never told, asked and heard "no": the VM was nowhere.)"""
+    the VM, the destination, never told, asked and heard "no": the VM was nowhere.)
+
+    Never cut short: the decision runs as its own task, and a cancellation of the
+    driver meanwhile waits for it, then propagates. What the driver does next
+    (resume the VM, or leave it moved) then follows what is on disk: a decision
+    written by a worker thread after its awaiter was cancelled used to count as
+    none, and one refused by a cancellation left the VM paused for good."""
+    decision = asyncio.ensure_future(hooks.tombstone(ev))
+    cancelled = False
+    while not decision.done():
+        try:
+            await asyncio.wait((decision,))
+        except asyncio.CancelledError:
+            cancelled = True
     try:
-        await hooks.tombstone(ev)
-    except Exception as exc:
+        decision.result()
+    except (Exception, asyncio.CancelledError) as exc:
         code = exc.code if isinstance(exc, CloudletError) else "migration_decision_failed"
         log.error("migration %s: the decision could not be made durable (%r); the VM "
                   "stays here", mig.migration_id, exc)
         mig.decision_failed(code, f"the decision could not be made durable: {exc!r}")
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _committed(hooks: SourceHooks) -> None:
