@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import edge_agent.arrivals as arrivals_module
 from cloudlet.errors import CapacityExceeded, Forbidden, QuotaExceeded
-from cloudlet.protocol import Location
-from cloudlet.vm import VM
 from edge_agent.arrivals import MAX_HELD_PER_VM, Arrivals
 from edge_agent.auth import Principal
 
@@ -120,37 +117,3 @@ def test_a_new_attempt_and_closing_settle_what_waited_before() -> None:
         assert await second.wait(1.0) is None and arrivals.get("vm-1") is None
 
     run(case())
-
-
-def test_an_arrival_prepared_while_its_source_decides_is_hosted_only_at_activation(
-        tmp_path: Path) -> None:
-    """`prepare_activation` builds what serves the VM (its reply log parsed) without
-    hosting it: nobody finds it until `activate`, which then serves that very object.
-    One prepared for another VM object is not used."""
-    from edge_agent.config import NodeConfig
-    from edge_agent.replies import ANNEX_KEY
-    from edge_agent.vm_host import VMHost
-    from tests.conftest import WORKLOADS
-
-    alice = Principal("alice", is_peer=False)
-
-    async def run() -> None:
-        async with VMHost(NodeConfig(state_dir=str(tmp_path))) as host:
-            image = await host.add_image(alice, (WORKLOADS / "kvstore.wasm").read_bytes(),
-                                         None)
-            hosted = await host.create(alice, image.digest, None)
-            snap = host.snapshot_with_annex(hosted, moving=True)
-            await host.free_moved(hosted, host.let_go(hosted, Location("west", "http://w")))
-            arrived = VM.restore(host.images.get(snap.image_digest), snap)
-            replies = snap.annex.get(ANNEX_KEY)
-            prepared = host.prepare_activation(arrived, replies, generation=3)
-            assert arrived.id not in host.vms and prepared.generation == 3
-            assert host.activate(arrived, replies, 3, prepared=prepared) is prepared
-            assert host.vms[arrived.id] is prepared
-
-            other = VM.restore(host.images.get(snap.image_digest), snap, vm_id="other")
-            stale = host.prepare_activation(arrived, replies)
-            fresh = host.activate(other, None, prepared=stale)
-            assert fresh is not stale and fresh.vm is other and host.vms["other"] is fresh
-
-    asyncio.run(run())

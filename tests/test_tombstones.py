@@ -3,6 +3,7 @@ and what a restart makes of each stage; the final round's file at the destinatio
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from pathlib import Path
@@ -13,6 +14,9 @@ from cloudlet.errors import MigrationProtocolError
 from cloudlet.protocol import Location
 from cloudlet.vm import VM, Image, Snapshot
 from edge_agent import tombstones
+from edge_agent.auth import Principal
+from edge_agent.config import NodeConfig
+from edge_agent.hosted import HostedVM
 from edge_agent.live_migration import (
     FINAL_ROUND,
     kept_round_onto,
@@ -20,10 +24,14 @@ from edge_agent.live_migration import (
     write_over,
     zero_fill,
 )
+from edge_agent.replies import ANNEX_KEY
 from edge_agent.tombstones import DECIDED, KEPT_AT, PREPARED, SUFFIX, UNDECIDED, Tombstones
+from edge_agent.vm_host import VMHost
+from tests.conftest import WORKLOADS
 
 WEST = Location("west", "http://127.0.0.1:1")
 EAST = Location("east", "http://127.0.0.1:2")
+ALICE = Principal("alice", is_peer=False)
 
 
 def restarted(vm_dir: Path) -> Tombstones:
@@ -292,26 +300,22 @@ def test_a_kept_round_is_taken_only_onto_the_round_it_follows(
             kept_round_onto(last, wrong)
 
 
+async def kvstore_vm_moving(host: VMHost) -> tuple[HostedVM, Snapshot]:
+    """A kvstore VM of alice's on `host`, and the snapshot a move of it carries."""
+    image = await host.add_image(ALICE, (WORKLOADS / "kvstore.wasm").read_bytes(), None)
+    hosted = await host.create(ALICE, image.digest, None)
+    return hosted, host.snapshot_with_annex(hosted, moving=True)
+
+
 def test_a_vm_that_comes_back_leaves_no_old_migration_in_the_hosts_map(
         tmp_path: Path) -> None:
     """On a real VMHost, the steps a live arrival takes (edge_agent/live_migration.py
     `_activate`): moved away live, then back, the VM's old migration is forgotten in
     memory as its files go (`forget_tombstone`)."""
-    import asyncio
-
-    from edge_agent.auth import Principal
-    from edge_agent.config import NodeConfig
-    from edge_agent.vm_host import VMHost
-    from tests.conftest import WORKLOADS
-
-    alice = Principal("alice", is_peer=False)
 
     async def run() -> None:
         async with VMHost(NodeConfig(state_dir=str(tmp_path))) as host:
-            image = await host.add_image(alice, (WORKLOADS / "kvstore.wasm").read_bytes(),
-                                         None)
-            hosted = await host.create(alice, image.digest, None)
-            snap = host.snapshot_with_annex(hosted, moving=True)
+            hosted, snap = await kvstore_vm_moving(host)
             stones = host.tombstones
             stones.decide(stones.prepare(hosted.id, WEST, "m1"), hosted.id, WEST, "m1")
             await host.free_moved(hosted, host.let_go(hosted, WEST))
@@ -324,5 +328,30 @@ def test_a_vm_that_comes_back_leaves_no_old_migration_in_the_hosts_map(
             assert not stones.moved_by_migration("m1")
             assert stones.migrations_of(hosted.id) == [] and hosted.id not in stones
             assert not any(".moved" in p.name for p in host.vm_dir.iterdir())
+
+    asyncio.run(run())
+
+
+def test_an_arrival_prepared_while_its_source_decides_is_hosted_only_at_activation(
+        tmp_path: Path) -> None:
+    """`prepare_activation` builds what serves the VM (its reply log parsed) without
+    hosting it: nobody finds it until `activate`, which then serves that very object.
+    One prepared for another VM object is not used."""
+
+    async def run() -> None:
+        async with VMHost(NodeConfig(state_dir=str(tmp_path))) as host:
+            hosted, snap = await kvstore_vm_moving(host)
+            await host.free_moved(hosted, host.let_go(hosted, WEST))
+            arrived = VM.restore(host.images.get(snap.image_digest), snap)
+            replies = snap.annex.get(ANNEX_KEY)
+            prepared = host.prepare_activation(arrived, replies, generation=3)
+            assert arrived.id not in host.vms and prepared.generation == 3
+            assert host.activate(arrived, replies, 3, prepared=prepared) is prepared
+            assert host.vms[arrived.id] is prepared
+
+            other = VM.restore(host.images.get(snap.image_digest), snap, vm_id="other")
+            stale = host.prepare_activation(arrived, replies)
+            fresh = host.activate(other, None, prepared=stale)
+            assert fresh is not stale and fresh.vm is other and host.vms["other"] is fresh
 
     asyncio.run(run())
