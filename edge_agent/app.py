@@ -468,9 +468,9 @@ async def stream_vm(request: web.Request) -> web.WebSocketResponse:
     hosted = await hosted_or_arrived(request, ws)
     if hosted is None:
         return ws  # held for a VM that did not arrive: closed
-    if not ws.prepared:
+    if not ws.prepared:  # (a held stream was opened, and set up, before its hold)
         await open_websocket(request, ws)
-    _keepalive(request)
+        _keepalive(request)
     streams = request.app[STREAMS]
     streams.add(hosted.id, ws)
     calls = StreamCalls(request.app[HOST], request.app[METRICS], hosted, cap_bytes)
@@ -519,6 +519,7 @@ async def hosted_or_arrived(request: web.Request,
     who = principal(request)
     with arrivals.hold(arrival, who):
         await open_websocket(request, ws)
+        _keepalive(request)  # now, not on the landing's path
         # Unread means unread: what the client writes while it is held waits in the
         # kernel's socket buffers, not in ours (aiohttp would read up to a whole
         # message, twice the request cap, before its own flow control stops it).

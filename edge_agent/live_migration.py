@@ -80,6 +80,7 @@ from cloudlet.protocol import Location
 from cloudlet.tasks import own
 from cloudlet.vm import VM, Snapshot
 from cloudlet.vm.chunks import CHUNK_BYTES
+from cloudlet.vm.machine import BIND_AHEAD_MAX
 from cloudlet.vm.snapshot import MAX_SNAPSHOT_BYTES, encoded_length
 from edge_agent.arrivals import Arrivals
 from edge_agent.peer_client import PeerClient
@@ -89,6 +90,9 @@ from edge_agent.vm_host import HostedVM, VMHost
 log = logging.getLogger(__name__)
 
 LAST_CALL_KEY = "last_call_unix"  # in the annex: when the source served its last call
+# In the annex: the exports the VM was called through at the source, which the
+# destination binds while the source decides (`VM.bind_ahead`).
+CALLED_KEY = "called"
 FINAL_ROUND = "final.snap"  # sorts after the numbered rounds, as it must when restored
 RESOLVE_RETRY_S = 1.0  # an in-doubt destination asks the source again this often
 RESOLVE_TIMEOUT_S = 5.0
@@ -330,7 +334,8 @@ class Outgoing:
 
     def annex(self) -> dict[str, Any]:
         return {ANNEX_KEY: self.hosted.replies.to_wire(), LAST_CALL_KEY: self.last_call_unix,
-                GENERATION_KEY: self.hosted.generation + 1}
+                GENERATION_KEY: self.hosted.generation + 1,
+                CALLED_KEY: list(self.hosted.vm.called[:BIND_AHEAD_MAX])}
 
     def throttle(self, call_interval_s: float) -> None:
         if call_interval_s:
@@ -493,6 +498,9 @@ class LiveMigrations:
         def ready(vm: VM, annex: dict[str, Any]) -> None:
             incoming.prepared = self.host.prepare_activation(vm, annex.get(ANNEX_KEY),
                                                              generation_of(annex))
+            called = annex.get(CALLED_KEY)
+            if isinstance(called, list):  # its first calls here skip the lookups
+                vm.bind_ahead(called)
 
         def activate(vm: VM, annex: dict[str, Any]) -> None:
             # At the Commit, inside the driver: the held streams are served from the

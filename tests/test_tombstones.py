@@ -18,7 +18,9 @@ from edge_agent.auth import Principal
 from edge_agent.config import NodeConfig
 from edge_agent.hosted import HostedVM
 from edge_agent.live_migration import (
+    CALLED_KEY,
     FINAL_ROUND,
+    Outgoing,
     kept_round_onto,
     read_final,
     write_over,
@@ -353,5 +355,19 @@ def test_an_arrival_prepared_while_its_source_decides_is_hosted_only_at_activati
             stale = host.prepare_activation(arrived, replies)
             fresh = host.activate(other, None, prepared=stale)
             assert fresh is not stale and fresh.vm is other and host.vms["other"] is fresh
+
+    asyncio.run(run())
+
+
+def test_the_annex_names_the_exports_the_vm_was_called_through(tmp_path: Path) -> None:
+    """A source's annex carries what its VM was called through (`CALLED_KEY`), which
+    the destination binds while the source decides."""
+
+    async def run() -> None:
+        async with VMHost(NodeConfig(state_dir=str(tmp_path))) as host:
+            hosted, _ = await kvstore_vm_moving(host)
+            hosted.vm.call("kv_put", 1, 2)
+            annex = Outgoing(host, hosted, WEST, "m1").annex()
+            assert annex[CALLED_KEY] == ["kv_put"]
 
     asyncio.run(run())

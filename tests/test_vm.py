@@ -47,6 +47,26 @@ def test_rejected_calls_do_not_advance_seq(workload: dict[str, Image]) -> None:
     assert vm.seq == 0
 
 
+def test_a_copy_binds_ahead_the_exports_its_original_was_called_through(
+        workload: dict[str, Image]) -> None:
+    """What a VM was called through travels with a live migration (`called`), and the
+    copy binds those exports before its first call (`bind_ahead`). The list comes
+    from a peer: names the image does not export as numeric functions, non-strings
+    and anything past the limit are skipped, and no call runs."""
+    original = VM.create(workload["kvstore"])
+    original.call("kv_put", 1, 10)
+    original.call("kv_get", 1)
+    assert original.called == ("kv_put", "kv_get")
+
+    copy = VM.restore(workload["kvstore"], original.snapshot())
+    assert copy.called == ()
+    hostile: list[object] = ["nope", 7, None, "memory", *original.called, "add"]
+    assert copy.bind_ahead(hostile, limit=6) == 2  # "add" is past the limit
+    assert copy.called == ("kv_put", "kv_get") and copy.seq == original.seq
+    assert copy.bind_ahead(original.called) == 0  # bound already
+    assert copy.call("kv_get", 1) == 10
+
+
 def test_bytes_abi(workload: dict[str, Image]) -> None:
     vm = VM.create(workload["kvstore"])
     assert vm.call_bytes("kv_set", b"k=v1") == b""

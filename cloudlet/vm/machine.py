@@ -17,8 +17,10 @@ captures into and restores from.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import secrets
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -58,6 +60,8 @@ from cloudlet.vm.snapshot import (
 INPUT_EXPORT = "cloudlet_input"  # bytes ABI: guest returns a buffer for `len` input bytes
 INITIALIZE_EXPORT = "_initialize"  # WASI reactor convention: run once at boot
 _BYTES_FUNC = FuncSig(("i32", "i32"), ("i64",))
+# Exports bound ahead at most (`VM.bind_ahead`): a VM is called through a handful.
+BIND_AHEAD_MAX = 64
 _INPUT_FUNC = FuncSig(("i32",), ("i32",))
 
 
@@ -186,6 +190,28 @@ class VM:
             if func is None:
                 raise BadCall(f"image has no function export {name!r}")
             bound = self._funcs[name] = BoundFunc(name, func, sig.params, sig.results)
+        return bound
+
+    @property
+    def called(self) -> tuple[str, ...]:
+        """The exports this VM has been called through since it booted or arrived: what
+        a copy of it elsewhere will most likely be called through first."""
+        return tuple(name for name in self._funcs if name != INITIALIZE_EXPORT)  # (run once)
+
+    def bind_ahead(self, names: Iterable[object], limit: int = BIND_AHEAD_MAX) -> int:
+        """Look up these exports now, so that the first call through each skips it (a
+        VM that just arrived by live migration: ~50 us of its first call, which the
+        client's downtime waits for). Up to `limit` names; anything the image does
+        not export as a callable function is skipped, not an error (the list comes
+        from the peer the VM came from). Returns how many were bound."""
+        bound = 0
+        for name in itertools.islice(names, limit):
+            if isinstance(name, str) and name in self.image.functions and name not in self._funcs:
+                try:
+                    self._bound(name)
+                except BadCall:
+                    continue
+                bound += 1
         return bound
 
     def call(self, name: str, *args: int | float) -> Any:
