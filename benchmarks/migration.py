@@ -77,13 +77,20 @@ move by itself (the `moving` notice opens its standby stream to the
 destination during pre-copy; `moved` switches onto it). Per move: the gap the
 client saw, from the last call answered at the source to the first answered at
 the destination (completion times in this process), beside the source's
-`paused_ms` and the destination's `arrival_downtime_ms`. Top-level
-`loopback_downtime_p50_ms`, `loopback_downtime_p99_ms` (nearest rank: with
-~24 moves, the worst one) and `loopback_downtime_n`; `series` holds every
-move. A VM that comes back to a cloudlet finds its chunks in that cloudlet's
-chunk store after the first round trip, so later moves send fewer bytes in
-pre-copy; the pause (the final round, the commit) and the switch are what the
-figures measure, and they do not depend on that. At the end the VM's sequence
+`paused_ms` and the destination's `arrival_downtime_ms`. The series is run
+`SERIES_RUNS` times (2 in `--quick`), each on a fresh pair of daemons, and the
+figures pool every move: top-level `loopback_downtime_p50_ms`,
+`loopback_downtime_p99_ms` (nearest rank: with ~72 moves, the worst one),
+`loopback_downtime_n` and each run's p50 (`loopback_downtime_run_p50s_ms`, the
+spread); `series` holds every move. Then the same runs again with the source
+daemon pinned to CPU 0 and the destination to CPU 1 (the client free on
+either), as two cloudlets would be two hosts: `loopback_downtime_pinned_p50_ms`
+and `..._p99_ms`, reported beside the unpinned figures, never instead (the
+targets are judged unpinned); `series_pinned` holds its moves. A VM that comes
+back to a cloudlet finds its chunks in that cloudlet's chunk store after the
+first round trip, so later moves send fewer bytes in pre-copy; the pause (the
+final round, the commit) and the switch are what the figures measure, and they
+do not depend on that. At the end the VM's sequence
 number must equal the client's last call, as in every run.
 
 Targets: downtime under 10 ms on loopback for 64 MiB at 1 MiB/s, and
@@ -184,6 +191,10 @@ TARGETS = {
     "loopback_downtime_p99_ms_max": 6.0,
 }
 SERIES_MOVES = 24  # at least 20 moves per run for the downtime distribution
+# Series per configuration (unpinned, then pinned), pooled: one series' p50 moves by
+# several tenths of a millisecond from run to run on this machine.
+SERIES_RUNS = 3
+SERIES_RUNS_QUICK = 2
 SERIES_CASE = (64, 1.0)  # MiB, dirty MiB/s
 SERIES_AFTER_S = 0.3  # calls served at a destination before the next move starts
 
@@ -517,12 +528,34 @@ async def series_moves(token: str, operator_tokens: dict[str, str], a: str, b: s
     return out
 
 
-def run_series(tmp: Path, moves: int) -> dict[str, Any]:
-    """The downtime series on a fresh pair of daemons (see the module docstring)."""
+def run_series_set(root: Path, runs: int, moves: int, pinned: bool) -> dict[str, Any]:
+    """`runs` downtime series, each on a fresh pair of daemons, pooled: the figures
+    are over every move of every run, and each run's p50 and p99 show the spread."""
+    done: list[dict[str, Any]] = []
+    for k in range(runs):
+        run_dir = root / f"{'pinned' if pinned else 'series'}{k}"
+        run_dir.mkdir()
+        done.append(run_series(run_dir, moves, pinned=pinned))
+    moves_all = [m for r in done for m in r["moves"]]
+    gaps = [m["client_gap_ms"] for m in moves_all]
+    paused = [m["paused_ms"] for m in moves_all]
+    return {"pinned": pinned, "runs": done, "n": len(gaps),
+            "client_gap_p50_ms": percentile(gaps, 0.50),
+            "client_gap_p99_ms": percentile(gaps, 0.99),
+            "client_gap_min_ms": min(gaps), "client_gap_max_ms": max(gaps),
+            "run_p50s_ms": [r["client_gap_p50_ms"] for r in done],
+            "run_p99s_ms": [r["client_gap_p99_ms"] for r in done],
+            "paused_p50_ms": percentile(paused, 0.50),
+            "standby_switches": sum(r["standby_switches"] for r in done)}
+
+
+def run_series(tmp: Path, moves: int, pinned: bool = False) -> dict[str, Any]:
+    """The downtime series on a fresh pair of daemons (see the module docstring);
+    `pinned`: each daemon on a core of its own."""
     children: list[daemon_bench.Server] = []
     index = 99
     try:
-        src, dst = start_pair(tmp, index, children)
+        src, dst = start_pair(tmp, index, children, pinned=pinned)
         token = cluster_tokens(tmp).issue("bench-series", 7200)
         operator = operator_identity(load_authority(tmp))
         operators = {src.url: peer_tokens.mint(operator, f"src{index}", ttl_s=3600),
@@ -550,14 +583,19 @@ def run_series(tmp: Path, moves: int) -> dict[str, Any]:
 # --- one case: processes, two runs ---------------------------------------------------------
 
 
-def start_pair(tmp: Path, index: int, children: list[daemon_bench.Server]
-               ) -> tuple[daemon_bench.Server, daemon_bench.Server]:
+def start_pair(tmp: Path, index: int, children: list[daemon_bench.Server],
+               pinned: bool = False) -> tuple[daemon_bench.Server, daemon_bench.Server]:
+    """Source and destination daemons; `pinned` puts the source on CPU 0 and the
+    destination on CPU 1 (the client stays free to run on either)."""
+    if pinned and (os.cpu_count() or 1) < 2:
+        raise BenchError("pinning the daemons needs two CPUs")
     secret = tmp / "cluster.key"
     servers = []
-    for role in ("src", "dst"):
+    for cpu, role in enumerate(("src", "dst")):
         d = make_daemon(tmp, f"{role}{index}", secret_path=secret, **DAEMON_SETTINGS)
         argv = [sys.executable, "-m", "cloudlet.cli", "agent", "--config", str(d.config_path)]
-        servers.append(daemon_bench.spawn(f"{role}{index}", argv, d.log_path, children, None))
+        servers.append(daemon_bench.spawn(f"{role}{index}", argv, d.log_path, children,
+                                          {cpu} if pinned else None))
     return servers[0], servers[1]
 
 
@@ -831,17 +869,24 @@ def main() -> int:
     runs: list[dict[str, Any]] = []
     case_s: list[float] = []
     series: dict[str, Any] | None = None
+    pinned: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory() as d:
         if not args.case:
-            t = time.perf_counter()
-            print(f"[series] {SERIES_MOVES} moves of 64 MiB at 1 MiB/s, loopback ...", end="",
-                  flush=True)
-            series_dir = Path(d) / "series"
-            series_dir.mkdir()
-            series = run_series(series_dir, SERIES_MOVES)
-            print(f" client gap p50 {series['client_gap_p50_ms']:.1f} ms, p99 "
-                  f"{series['client_gap_p99_ms']:.1f} ms ({time.perf_counter() - t:.0f} s)",
-                  flush=True)
+            series_runs = SERIES_RUNS_QUICK if args.quick else SERIES_RUNS
+            for pin in (False, True):
+                t = time.perf_counter()
+                what = "each daemon on its own core" if pin else "unpinned"
+                print(f"[series] {series_runs} x {SERIES_MOVES} moves of 64 MiB at 1 MiB/s, "
+                      f"loopback, {what} ...", end="", flush=True)
+                got = run_series_set(Path(d), series_runs, SERIES_MOVES, pinned=pin)
+                print(f" client gap p50 {got['client_gap_p50_ms']:.2f} ms (runs: "
+                      f"{', '.join(f'{x:.2f}' for x in got['run_p50s_ms'])}), p99 "
+                      f"{got['client_gap_p99_ms']:.2f} ms ({time.perf_counter() - t:.0f} s)",
+                      flush=True)
+                if pin:
+                    pinned = got
+                else:
+                    series = got
         for index, case in enumerate(todo):
             t = time.perf_counter()
             print(f"[{index + 1}/{len(todo)}] {case.label} ...", end="", flush=True)
@@ -869,7 +914,14 @@ def main() -> int:
         "loopback_downtime_p50_ms": p50,
         "loopback_downtime_p99_ms": p99,
         "loopback_downtime_n": None if series is None else series["n"],
+        "loopback_downtime_run_p50s_ms": None if series is None else series["run_p50s_ms"],
+        # Beside, not instead: the same series with each daemon on a core of its own.
+        "loopback_downtime_pinned_p50_ms": None if pinned is None
+        else pinned["client_gap_p50_ms"],
+        "loopback_downtime_pinned_p99_ms": None if pinned is None
+        else pinned["client_gap_p99_ms"],
         "series": series,
+        "series_pinned": pinned,
         "runs": runs,
         "targets": TARGETS,
         "meets": meets,
@@ -882,7 +934,7 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "aiohttp": aiohttp.__version__, "platform": platform.platform(),
                     "note": "client, both daemons and the link proxy share this machine, "
-                            "unpinned"},
+                            "unpinned (series_pinned: each daemon on a core of its own)"},
         "source": tree_at_start,
         "source_at_end": tree_at_end,
         "quick": args.quick,
@@ -893,9 +945,10 @@ def main() -> int:
     print_targets(meets, figures)
     if series is not None:
         word = {True: "yes", False: "MISS"}
-        gaps = sorted(m["client_gap_ms"] for m in series["moves"])
-        print(f"downtime as the client sees it, {series['n']} moves (64 MiB, 1 MiB/s, "
-              f"loopback): p50 {p50:.2f} ms (target <= "
+        gaps = sorted(m["client_gap_ms"] for r in series["runs"] for m in r["moves"])
+        print(f"downtime as the client sees it, {series['n']} moves in "
+              f"{len(series['runs'])} runs (64 MiB, 1 MiB/s, loopback, unpinned): "
+              f"p50 {p50:.2f} ms (target <= "
               f"{TARGETS['loopback_downtime_p50_ms_max']:g})  "
               f"{word[bool(meets['loopback_downtime_p50_ms'])]}; p99 {p99:.2f} ms (target <= "
               f"{TARGETS['loopback_downtime_p99_ms_max']:g})  "
@@ -903,6 +956,12 @@ def main() -> int:
               f"{series['paused_p50_ms']:.2f} ms; {series['standby_switches']} of "
               f"{series['n']} moves switched onto a standby stream")
         print("  every gap, ms: " + " ".join(f"{g:.1f}" for g in gaps))
+        print("  each run's p50, ms: " + " ".join(f"{x:.2f}" for x in series["run_p50s_ms"]))
+    if pinned is not None:
+        print(f"the same with each daemon on a core of its own ({pinned['n']} moves, not "
+              f"judged): p50 {pinned['client_gap_p50_ms']:.2f} ms (runs: "
+              + " ".join(f"{x:.2f}" for x in pinned["run_p50s_ms"])
+              + f"), p99 {pinned['client_gap_p99_ms']:.2f} ms")
     if extras:
         print(f"\nextras: {results['extras']}")
     med = statistics.median(case_s) if case_s else 0.0
