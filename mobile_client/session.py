@@ -223,7 +223,9 @@ class Session:
             self._runner = loop.create_task(self._run(), name=f"cloudlet-session-{self.vm_id}")
 
     async def close(self) -> None:
-        """Stop the connection task and close the stream. Calls still waiting fail."""
+        """Stop the connection task and close the stream. Calls still waiting fail.
+        A stream left because its VM moved is closed `MOVED_STREAM_CLOSE_DELAY_S`
+        after it was left, so closing right after a move waits up to that long."""
         runner, self._runner = self._runner, None
         if self._timer is not None:
             self._timer.cancel()
