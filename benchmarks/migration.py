@@ -44,7 +44,7 @@ then cross the link (~2.4 s), so the fixed costs of a migration (the checkpoint
 it starts with, capturing and digesting 256 MiB, restoring at the destination)
 show instead of hiding behind the transfer. Their rows say `fill: sparse`; the
 targets are judged on the matrix; the extras' figures are reported beside them
-(`target_figures.extras`), misses included. About 20 minutes in all.
+(`target_figures.extras`), misses included. About 25 minutes in all.
 `--no-extras` leaves the extras out; `--quick` runs the 64 MiB loopback cases
 (dense) only.
 
@@ -82,11 +82,13 @@ the destination (completion times in this process), beside the source's
 figures pool every move: top-level `loopback_downtime_p50_ms`,
 `loopback_downtime_p99_ms` (nearest rank: with ~72 moves, the worst one),
 `loopback_downtime_n` and each run's p50 (`loopback_downtime_run_p50s_ms`, the
-spread); `series` holds every move. Then the same runs again with the source
-daemon pinned to CPU 0 and the destination to CPU 1 (the client free on
-either), as two cloudlets would be two hosts: `loopback_downtime_pinned_p50_ms`
-and `..._p99_ms`, reported beside the unpinned figures, never instead (the
-targets are judged unpinned); `series_pinned` holds its moves. A VM that comes
+spread); `series.runs[k].moves` holds every move. Alternated with these runs,
+the same runs with the source daemon pinned to one CPU and the destination to
+another (the client free on either), as two cloudlets would be two hosts:
+`loopback_downtime_pinned_p50_ms` and `..._p99_ms`, reported beside the
+unpinned figures, never instead (the targets are judged unpinned);
+`series_pinned` holds its runs. With fewer than two CPUs there is no pinned
+set (the keys are null). A VM that comes
 back to a cloudlet finds its chunks in that cloudlet's chunk store after the
 first round trip, so later moves send fewer bytes in pre-copy; the pause (the
 final round, the commit) and the switch are what the figures measure, and they
@@ -528,14 +530,36 @@ async def series_moves(token: str, operator_tokens: dict[str, str], a: str, b: s
     return out
 
 
-def run_series_set(root: Path, runs: int, moves: int, pinned: bool) -> dict[str, Any]:
-    """`runs` downtime series, each on a fresh pair of daemons, pooled: the figures
-    are over every move of every run, and each run's p50 and p99 show the spread."""
-    done: list[dict[str, Any]] = []
+def run_series_sets(root: Path, runs: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """`runs` series unpinned and `runs` pinned, alternated (unpinned, pinned,
+    unpinned, ...) so that the host's drift over the minutes they take falls on both
+    alike; each set pooled. The pinned set is None on fewer than two CPUs."""
+    cpus = pinning_cpus()
+    if cpus is None:
+        print("[series] fewer than two CPUs: no pinned series", flush=True)
+    done: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     for k in range(runs):
-        run_dir = root / f"{'pinned' if pinned else 'series'}{k}"
-        run_dir.mkdir()
-        done.append(run_series(run_dir, moves, pinned=pinned))
+        for pin in (False, True) if cpus is not None else (False,):
+            t = time.perf_counter()
+            what = (f"source on CPU {cpus[0]}, destination on CPU {cpus[1]}"
+                    if pin and cpus is not None else "unpinned")
+            print(f"[series {k + 1}/{runs}] {SERIES_MOVES} moves of 64 MiB at 1 MiB/s, "
+                  f"loopback, {what} ...", end="", flush=True)
+            run_dir = root / f"{'pinned' if pin else 'series'}{k}"
+            run_dir.mkdir()
+            got = run_series(run_dir, SERIES_MOVES, pinned=cpus if pin else None)
+            done[pin].append(got)
+            print(f" client gap p50 {got['client_gap_p50_ms']:.2f} ms, p99 "
+                  f"{got['client_gap_p99_ms']:.2f} ms ({time.perf_counter() - t:.0f} s)",
+                  flush=True)
+    pinned = pool_series(done[True], pinned=True) if done[True] else None
+    return pool_series(done[False], pinned=False), pinned
+
+
+def pool_series(done: list[dict[str, Any]], pinned: bool) -> dict[str, Any]:
+    """Downtime series (`run_series`), each on a fresh pair of daemons, pooled: the
+    figures are over every move of every run, and each run's p50 and p99 show the
+    spread."""
     moves_all = [m for r in done for m in r["moves"]]
     gaps = [m["client_gap_ms"] for m in moves_all]
     paused = [m["paused_ms"] for m in moves_all]
@@ -545,13 +569,21 @@ def run_series_set(root: Path, runs: int, moves: int, pinned: bool) -> dict[str,
             "client_gap_min_ms": min(gaps), "client_gap_max_ms": max(gaps),
             "run_p50s_ms": [r["client_gap_p50_ms"] for r in done],
             "run_p99s_ms": [r["client_gap_p99_ms"] for r in done],
-            "paused_p50_ms": percentile(paused, 0.50),
+            "paused_p50_ms": percentile(paused, 0.50), "paused_max_ms": max(paused),
             "standby_switches": sum(r["standby_switches"] for r in done)}
 
 
-def run_series(tmp: Path, moves: int, pinned: bool = False) -> dict[str, Any]:
+def pinning_cpus() -> tuple[int, int] | None:
+    """Two CPUs this process may use, for the source and the destination of a pinned
+    series; None with fewer (the pinned series is then skipped, not failed)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+def run_series(tmp: Path, moves: int, pinned: tuple[int, int] | None = None
+               ) -> dict[str, Any]:
     """The downtime series on a fresh pair of daemons (see the module docstring);
-    `pinned`: each daemon on a core of its own."""
+    `pinned`: the source's CPU and the destination's."""
     children: list[daemon_bench.Server] = []
     index = 99
     try:
@@ -584,18 +616,17 @@ def run_series(tmp: Path, moves: int, pinned: bool = False) -> dict[str, Any]:
 
 
 def start_pair(tmp: Path, index: int, children: list[daemon_bench.Server],
-               pinned: bool = False) -> tuple[daemon_bench.Server, daemon_bench.Server]:
-    """Source and destination daemons; `pinned` puts the source on CPU 0 and the
-    destination on CPU 1 (the client stays free to run on either)."""
-    if pinned and (os.cpu_count() or 1) < 2:
-        raise BenchError("pinning the daemons needs two CPUs")
+               pinned: tuple[int, int] | None = None
+               ) -> tuple[daemon_bench.Server, daemon_bench.Server]:
+    """Source and destination daemons; `pinned` puts each on the CPU it names (the
+    client stays free to run on either)."""
     secret = tmp / "cluster.key"
     servers = []
-    for cpu, role in enumerate(("src", "dst")):
+    for k, role in enumerate(("src", "dst")):
         d = make_daemon(tmp, f"{role}{index}", secret_path=secret, **DAEMON_SETTINGS)
         argv = [sys.executable, "-m", "cloudlet.cli", "agent", "--config", str(d.config_path)]
         servers.append(daemon_bench.spawn(f"{role}{index}", argv, d.log_path, children,
-                                          {cpu} if pinned else None))
+                                          None if pinned is None else {pinned[k]}))
     return servers[0], servers[1]
 
 
@@ -841,7 +872,8 @@ def write_records(results: dict[str, Any], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="only the 64 MiB loopback cases (< 2 minutes)")
+                        help="only the 64 MiB loopback cases and two downtime series "
+                             "of each kind (~4 minutes)")
     parser.add_argument("--no-extras", action="store_true",
                         help="without the sparse 256 MiB cases over 25 Mbit/s")
     parser.add_argument("--case", action="append", default=[], metavar="MIB:RATE:LINK[:FILL]",
@@ -872,21 +904,8 @@ def main() -> int:
     pinned: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory() as d:
         if not args.case:
-            series_runs = SERIES_RUNS_QUICK if args.quick else SERIES_RUNS
-            for pin in (False, True):
-                t = time.perf_counter()
-                what = "each daemon on its own core" if pin else "unpinned"
-                print(f"[series] {series_runs} x {SERIES_MOVES} moves of 64 MiB at 1 MiB/s, "
-                      f"loopback, {what} ...", end="", flush=True)
-                got = run_series_set(Path(d), series_runs, SERIES_MOVES, pinned=pin)
-                print(f" client gap p50 {got['client_gap_p50_ms']:.2f} ms (runs: "
-                      f"{', '.join(f'{x:.2f}' for x in got['run_p50s_ms'])}), p99 "
-                      f"{got['client_gap_p99_ms']:.2f} ms ({time.perf_counter() - t:.0f} s)",
-                      flush=True)
-                if pin:
-                    pinned = got
-                else:
-                    series = got
+            series, pinned = run_series_sets(Path(d), SERIES_RUNS_QUICK if args.quick
+                                             else SERIES_RUNS)
         for index, case in enumerate(todo):
             t = time.perf_counter()
             print(f"[{index + 1}/{len(todo)}] {case.label} ...", end="", flush=True)

@@ -60,8 +60,9 @@ def test_a_copy_binds_ahead_the_exports_its_original_was_called_through(
 
     copy = VM.restore(workload["kvstore"], original.snapshot())
     assert copy.called == ()
-    hostile: list[object] = ["nope", 7, None, "memory", *original.called, "add"]
-    assert copy.bind_ahead(hostile, limit=6) == 2  # "add" is past the limit
+    memory_export = workload["kvstore"].memories[0].export  # an export, not a function
+    hostile: list[object] = ["nope", 7, None, memory_export, *original.called, "kv_put", "add"]
+    assert copy.bind_ahead(hostile, limit=7) == 2  # "add" is past the limit
     assert copy.called == ("kv_put", "kv_get") and copy.seq == original.seq
     assert copy.bind_ahead(original.called) == 0  # bound already
     assert copy.call("kv_get", 1) == 10

@@ -60,9 +60,10 @@ from cloudlet.vm.snapshot import (
 INPUT_EXPORT = "cloudlet_input"  # bytes ABI: guest returns a buffer for `len` input bytes
 INITIALIZE_EXPORT = "_initialize"  # WASI reactor convention: run once at boot
 _BYTES_FUNC = FuncSig(("i32", "i32"), ("i64",))
-# Exports bound ahead at most (`VM.bind_ahead`): a VM is called through a handful.
-BIND_AHEAD_MAX = 64
 _INPUT_FUNC = FuncSig(("i32",), ("i32",))
+# Exports bound ahead at most (`VM.bind_ahead`): a VM is called through a handful, and
+# each takes ~25 us of the destination's loop while its source decides.
+BIND_AHEAD_MAX = 16
 
 
 class VM:
@@ -194,8 +195,10 @@ class VM:
 
     @property
     def called(self) -> tuple[str, ...]:
-        """The exports this VM has been called through since it booted or arrived: what
-        a copy of it elsewhere will most likely be called through first."""
+        """The exports bound in this VM since it booted or arrived: those it was called
+        through (refused calls included), and those bound ahead (`bind_ahead`), so
+        the list carries over a chain of moves. What a copy of it elsewhere will
+        most likely be called through first; in first-bound order."""
         return tuple(name for name in self._funcs if name != INITIALIZE_EXPORT)  # (run once)
 
     def bind_ahead(self, names: Iterable[object], limit: int = BIND_AHEAD_MAX) -> int:
