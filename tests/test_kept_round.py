@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from cloudlet.protocol import Location
 from cloudlet.vm import VM, Image, Snapshot, VMLimits
@@ -58,18 +59,10 @@ async def source_answering(handler: Callable[[web.Request], Any],
                            tmp_path: Path) -> AsyncIterator[Incoming]:
     app = web.Application()
     app.router.add_get("/v1/peer/migrations/m1/final", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
-    try:
-        async with aiohttp.ClientSession() as http:
-            yield Incoming(Owner(tmp_path / "incoming"),  # type: ignore[arg-type]
-                           Location("east", f"http://127.0.0.1:{port}"),
-                           UnprovenPeers(http), migration_id="m1")  # type: ignore[arg-type]
-    finally:
-        await runner.cleanup()
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as http:
+        yield Incoming(Owner(tmp_path / "incoming"),  # type: ignore[arg-type]
+                       Location("east", f"http://127.0.0.1:{server.port}"),
+                       UnprovenPeers(http), migration_id="m1")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("dirty_pages", [16, 128, 1024])  # 64 KiB, 512 KiB, 4 MiB

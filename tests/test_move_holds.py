@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from cloudlet.migration import MigrationStats, collections_off
 from cloudlet.protocol import Location
@@ -72,17 +73,13 @@ async def two_cloudlets(tmp_path: Path) -> AsyncIterator[Pair]:
 
         app = web.Application()
         app.router.add_get("/migrate", migrate)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            yield Pair(source, destination, f"http://127.0.0.1:{port}/migrate", http, received)
-        finally:
-            await source.close()
-            await destination.close()
-            await runner.cleanup()
+        async with TestServer(app, host="127.0.0.1") as server:
+            try:
+                yield Pair(source, destination, str(server.make_url("/migrate")), http,
+                           received)
+            finally:
+                await source.close()
+                await destination.close()
 
 
 async def kvstore_with_data(host: VMHost) -> HostedVM:
