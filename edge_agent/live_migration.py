@@ -413,7 +413,7 @@ class LiveMigrations:
                 # settle: it aborts and resumes the VM, as for a failed decision.
                 stats = await run_source(
                     hosted.vm, AnnouncingChannel(ws, announce), hooks=hooks, keeps_final=True,
-                    vm_access=hooks.access,
+                    decides_at_final=True, vm_access=hooks.access,
                     policy=self.policy, migration_id=migration_id,
                     deadline_s=self.host.config.migration_deadline_s,
                     image_wasm=lambda: self.host.images.wasm_bytes(digest))
@@ -529,7 +529,8 @@ class LiveMigrations:
             elif got.outcome == "in_doubt" and got.migration is not None:
                 migration = got.migration
                 settling = True  # its held streams wait for the answer (bounded)
-                self._spawn(self._settle(incoming, migration.vm, migration.annex))
+                self._spawn(self._settle(incoming, migration.vm, migration.annex,
+                                         whole=migration.has_final))
                 migration.vm = None  # ours now: `_settle` activates or closes it
             else:
                 incoming.discard()
@@ -679,15 +680,29 @@ class LiveMigrations:
             return
         await self._drop_arrival(hosted.id, migration_id)
 
-    async def _settle(self, incoming: Incoming, vm: VM | None, annex: dict[str, Any]) -> None:
-        """In doubt: ask the source until it answers, then activate or discard."""
+    async def _settle(self, incoming: Incoming, vm: VM | None, annex: dict[str, Any], *,
+                      whole: bool = True) -> None:
+        """In doubt: ask the source until it answers, then activate or discard. Not
+        `whole` (the source decided as it sent the final round, which never arrived
+        here): if it committed, the VM is restored as after a restart, from the
+        rounds on disk and the final round the source kept."""
         while True:
             answer = await incoming.ask_source(incoming.migration_id or "")
             if answer is not None:
                 break
             await asyncio.sleep(RESOLVE_RETRY_S)
-        if answer and vm is not None:
+        if answer and vm is not None and whole:
             await self._activate(vm, annex, incoming.migration_id, incoming)
+        elif answer and incoming.vm_id is not None and incoming.migration_id:
+            if vm is not None:
+                vm.close()  # the rounds before the final one: restored again from disk
+            vm_id = incoming.vm_id
+            try:
+                await self._recover_one(incoming.folder, vm_id, incoming.source,
+                                        incoming.peers)
+            finally:
+                if self.host.vms.get(vm_id) is None:  # not restored: never kept waiting
+                    self.arrivals.not_coming(vm_id, incoming)
         else:
             if incoming.vm_id is not None:
                 self.arrivals.not_coming(incoming.vm_id, incoming)

@@ -4,8 +4,10 @@ The source reaches the destination's peer WebSocket through it. It parses the
 WebSocket frames going by (unmasking the client's), reads each migration
 message's type (`offer`, `chunks`, `round_end`, `final`, `ready`, `commit`,
 ...), and when the armed type goes by it acts, for real: SIGKILLs a daemon,
-resets the connection, or stalls it (forwards nothing more) so the migration's
-deadline has to expire. "before" acts with the message still unsent; "after"
+resets the connections, or stalls the migration's connection (forwards nothing
+more on it, both ways) so the migration's deadline has to expire; a client's
+stream through it (a standby stream follows the address the source was sent to)
+goes on, as it would over a path of its own. "before" acts with the message still unsent; "after"
 once it was forwarded.
 """
 
@@ -39,7 +41,6 @@ class MigrationProxy(LoopbackProxy):
         self.seen: list[str] = []  # message types, in order
         self.fired = False
         self._writers: set[asyncio.StreamWriter] = set()
-        self._stalled = asyncio.Event()
 
     def reset_all(self) -> None:
         for w in list(self._writers):
@@ -49,27 +50,28 @@ class MigrationProxy(LoopbackProxy):
     async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
         self._writers |= {writer, up_writer}
-        await until_either_ends(self._pipe(reader, up_writer, masked=True),
-                                self._pipe(up_reader, writer, masked=False))
+        stalled = asyncio.Event()  # this connection's, both ways
+        await until_either_ends(self._pipe(reader, up_writer, True, stalled),
+                                self._pipe(up_reader, writer, False, stalled))
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    masked: bool) -> None:
+                    masked: bool, stalled: asyncio.Event) -> None:
         frames = FrameReader(masked)
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
-                if self._stalled.is_set():
+                if stalled.is_set():
                     continue  # swallowed: the link is dead but not closed
                 types = frames.feed(data)
                 self.seen.extend(types)
                 trigger = self.trigger
                 hit = (trigger is not None and not self.fired and trigger.message in types)
                 if hit and trigger is not None and trigger.when == "before":
-                    self._act(trigger)
+                    self._act(trigger, stalled)
                     if trigger.kind == "stall":
                         continue  # swallowed, and everything after it
                     return  # the message (and what came with it) never arrives
                 if hit and trigger is not None and trigger.when == "on-the-way":
-                    self._act(trigger)
+                    self._act(trigger, stalled)
                 writer.write(data)
                 await writer.drain()
                 if hit and trigger is not None and trigger.when == "after":
@@ -78,16 +80,16 @@ class MigrationProxy(LoopbackProxy):
                     finally:
                         # Even if the connection ends meanwhile (the message was its
                         # last: a source closes the channel right after `commit`).
-                        self._act(trigger)
+                        self._act(trigger, stalled)
                     if trigger.kind == "drop":
                         return
 
-    def _act(self, trigger: Trigger) -> None:
+    def _act(self, trigger: Trigger, stalled: asyncio.Event) -> None:
         self.fired = True
         if trigger.kind == "drop":
             self.reset_all()
         elif trigger.kind == "stall":
-            self._stalled.set()
+            stalled.set()
         else:
             trigger.action()
 

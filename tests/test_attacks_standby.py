@@ -316,10 +316,12 @@ def sigkill(d: Daemon) -> None:
 def test_the_source_killed_after_moving_before_the_decision(
         pair: tuple[Daemon, Daemon]) -> None:
     """The session stands by at west; east, still serving the VM (its checkpoints
-    wait for the migration), is SIGKILLed before it decides. West lets the held
-    stream go, and east comes back from the checkpoint it made as the migration
-    began: the calls it answered since are replayed from the session's journal, so
-    every call is applied once, at east, and the VM is nowhere else."""
+    wait for the migration), is SIGKILLed before it decides. West holds a round
+    on disk and cannot know whether east decided as it sent the final round: it
+    keeps the held stream and asks east until east is back and says no, then lets
+    it go. East comes back from the checkpoint it made as the migration began: the
+    calls it answered since are replayed from the session's journal, so every
+    call is applied once, at east, and the VM is nowhere else."""
     east, west = pair
     token = east.token("bo")
 
@@ -334,8 +336,8 @@ def test_the_source_killed_after_moving_before_the_decision(
                 await caller.more()
                 sigkill(east)
                 await move
-                await async_wait_until(lambda: s.standby is None, 10, what="the standby dropped")
                 east.start()
+                await async_wait_until(lambda: s.standby is None, 10, what="the standby dropped")
                 await caller.more()
                 assert s.moves_followed == 0 and s.location.endpoint == east.endpoint
             assert homes([east, west], token, s.vm_id) == ["east"]

@@ -42,25 +42,30 @@ KVSTORE = WORKLOADS / "kvstore.wasm"
 SETTINGS: dict[str, Any] = {"migration_deadline_s": 1.5, "checkpoint_interval_s": 0.3}
 SETTLE_S = 20.0  # a restarted destination asks the source once a second
 
-# (message, before/after forwarding it, what breaks, where the VM must end up)
+# (message, before/after forwarding it, what breaks, where the VM must end up). The
+# source decides as it sends `final`, while the destination takes the round in:
+# from then on the VM is the destination's, which restores it from its rounds and
+# the source's kept copy if the final round never arrived. "decided": where the
+# source's record says when it died (its decision races the proxy's kill).
 CASES = [
     ("offer", "before", "kill-destination", "east"),
     ("chunks", "after", "kill-destination", "east"),
-    ("final", "before", "kill-destination", "east"),
-    ("ready", "before", "kill-destination", "east"),  # Ready never reached the source
-    ("ready", "after", "kill-destination", "west"),  # the source committed
+    ("final", "before", "kill-destination", "west"),  # decided; the round never arrived
+    ("ready", "before", "kill-destination", "west"),  # decided; Ready never came back
+    ("ready", "after", "kill-destination", "west"),
     ("chunks", "after", "kill-source", "east"),
-    ("final", "before", "kill-source", "east"),  # paused, never decided
+    ("final", "before", "kill-source", "decided"),  # killed while it decides, or before
+    ("ready", "before", "kill-source", "decided"),
     ("commit", "before", "kill-source", "west"),  # the tombstone was written
     ("commit", "after", "kill-source", "west"),
     ("chunks", "after", "drop", "east"),
-    ("ready", "before", "drop", "east"),
+    ("ready", "before", "drop", "west"),  # decided: the destination asks, and lands it
     ("commit", "before", "drop", "west"),
     ("chunks", "after", "stall", "east"),
-    ("final", "before", "stall", "east"),
+    ("final", "before", "stall", "west"),  # decided; the destination restores from disk
     # The source's decision cannot be made durable (its record is gone, as a full disk
     # would fail it): not committed; the destination is told to drop what it holds.
-    ("ready", "on-the-way", "lose-record", "east"),
+    ("round_end", "on-the-way", "lose-record", "east"),
 ]
 
 
@@ -113,7 +118,12 @@ def test_fault_at_each_phase(pair: tuple[Daemon, Daemon], message: str, when: st
         os.kill(d.proc.pid, signal.SIGKILL)
 
     def lose_record() -> None:
-        records = list((east.state_dir / "vms").glob(f"{vm_id}.moved.*.prepared"))
+        # Written ahead in a worker thread as the migration starts: waited for here,
+        # with the message held (this runs on the proxy's loop).
+        deadline = time.monotonic() + 5
+        while not (records := list((east.state_dir / "vms").glob(
+                f"{vm_id}.moved.*.prepared"))) and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert records, "no record written ahead of the decision"
         for record in records:
             record.unlink()
@@ -139,6 +149,7 @@ def test_fault_at_each_phase(pair: tuple[Daemon, Daemon], message: str, when: st
                     await asyncio.sleep(0.002)
 
             async def break_a_migration() -> None:
+                nonlocal home
                 await async_wait_until(lambda: len(calls) >= 20)  # calls under way
                 with contextlib.suppress(OSError):  # the source may die mid-request
                     await asyncio.to_thread(
@@ -151,6 +162,8 @@ def test_fault_at_each_phase(pair: tuple[Daemon, Daemon], message: str, when: st
                 if victim is not None:  # wait until it is dead, then bring it back
                     assert victim.proc is not None
                     assert victim.proc.wait(10) == -signal.SIGKILL
+                    if home == "decided":
+                        home = "west" if source_decided(east, vm_id) else "east"
                     victim.kill()
                     victim.start()
                 with contextlib.suppress(TimeoutError):
@@ -175,6 +188,17 @@ def test_fault_at_each_phase(pair: tuple[Daemon, Daemon], message: str, when: st
             assert status == 200 and info["seq"] == len(calls) + 2
 
     asyncio.run(run())
+
+
+def source_decided(source: Daemon, vm_id: str) -> bool:
+    """Whether the (dead) source's record of the move says decided: its first byte,
+    written after the kept round and before the flush (a killed process loses
+    neither; a restart reads it the same way)."""
+    for record in (source.state_dir / "vms").glob(f"{vm_id}.moved.*"):
+        with record.open("rb") as f:
+            if f.read(1) == b"!":
+                return True
+    return False
 
 
 def upload(d: Daemon, token: str) -> str:

@@ -14,6 +14,14 @@ to apply (checked, memory grown) it says `Ready`, then writes it into the VM
 `ActivateVM`. If the channel goes between the two, only the source knows whether
 it passed its commit point: the machine is then in doubt until the driver asks
 the source (its tombstone, or its lack of one) and calls `resolve()`.
+
+A source that `decides_at_final` (said in its `Offer`) may pass its commit
+point as it sends `Final`, before any `Ready`: from the first durable round on,
+every failure here (a lost channel, a timeout, a message that does not check
+out) puts the machine in doubt instead of discarding. In doubt without the
+final round (`has_final` false), a "committed" answer cannot be served from
+memory: the driver's caller restores the VM from the rounds it persisted and
+the final round the source kept with its decision.
 """
 
 from __future__ import annotations
@@ -85,7 +93,9 @@ class DestinationState(enum.Enum):
     WAITING = "waiting"  # for the offer
     RECEIVING = "receiving"  # rounds
     READY = "ready"  # VM restored and held, Ready sent, waiting for Commit
-    IN_DOUBT = "in_doubt"  # the channel went after Ready: ask the source, then resolve()
+    # The channel went after Ready (or, from a source that decides at `Final`, after
+    # a durable round): ask the source, then resolve().
+    IN_DOUBT = "in_doubt"
     COMMITTED = "committed"
     ABORTED = "aborted"
 
@@ -120,6 +130,7 @@ class DestinationMigration:
         self._staging_off = False
         # The final round, prepared and durable, to write into the VM after `Ready`.
         self._unapplied: Snapshot | None = None
+        self._has_final = False
 
     @property
     def staging_fell_back(self) -> bool:
@@ -129,6 +140,12 @@ class DestinationMigration:
     @property
     def outcome(self) -> str:
         return self.stats.outcome
+
+    @property
+    def has_final(self) -> bool:
+        """Whether the final round was taken in (checked, held in `vm`): an in-doubt
+        machine without it cannot activate, whatever the source answers."""
+        return self._has_final
 
     # --- driver API ---------------------------------------------------------------------
 
@@ -153,29 +170,42 @@ class DestinationMigration:
                 raise MigrationProtocolError("message for another migration")
             self._handle(msg)
         except CloudletError as exc:
-            self._abort(exc.code, exc.message)
+            self.abort(exc.code, exc.message)
 
     def abort(self, code: str, reason: str, *, tell_peer: bool = True) -> None:
-        """Give up (timeout, lost channel). After `Ready` this cannot discard: the
-        source may already have committed, so the machine goes in doubt instead."""
-        if self.state is DestinationState.READY:
-            self.state = DestinationState.IN_DOUBT
-            self.stats.outcome = "in_doubt"
-            return
-        if self.state in (DestinationState.WAITING, DestinationState.RECEIVING):
+        """Give up (timeout, lost channel, a message that does not check out). Once
+        the source may have passed its commit point (after `Ready`; after a durable
+        round from a source that decides at `Final`) this cannot discard: the source
+        is told (it resumes the VM if it had not decided) and the machine goes in
+        doubt."""
+        if self.state is DestinationState.READY or (
+                self.state is DestinationState.RECEIVING and self._source_may_decide()):
+            self._doubt(code, reason, tell_peer=tell_peer)
+        elif self.state in (DestinationState.WAITING, DestinationState.RECEIVING):
             self._abort(code, reason, tell_peer=tell_peer)
 
     def persist_failed(self, reason: str) -> None:
         """The driver could not make a round durable: this cloudlet cannot promise to
-        keep the VM, so the migration aborts (the source keeps serving it)."""
-        if self.state in (DestinationState.READY, DestinationState.RECEIVING):
+        keep the VM, so the migration aborts (the source keeps serving it: without
+        this round's acknowledgement it never sends `Final`). A final round that
+        fails to persist after a source that decides at `Final` may have decided
+        puts the machine in doubt instead."""
+        if self.state is DestinationState.READY and self._source_may_decide():
+            self._doubt("migration_aborted", f"the destination cannot persist: {reason}")
+        elif self.state in (DestinationState.READY, DestinationState.RECEIVING):
             self.state = DestinationState.RECEIVING  # Ready was queued, never sent
             self._abort("migration_aborted", f"the destination cannot persist: {reason}")
 
     def resolve(self, committed: bool) -> None:
-        """The source's answer for an in-doubt migration: activate or discard the VM."""
+        """The source's answer for an in-doubt migration: activate or discard the VM.
+        "Committed" without the final round (`has_final` false) is MigrationInDoubt:
+        the VM is restored from the rounds on disk and the source's kept copy."""
         if self.state not in (DestinationState.IN_DOUBT, DestinationState.READY):
             raise MigrationInDoubt(f"resolve() in state {self.state.value}")
+        if committed and not self._has_final:
+            raise MigrationInDoubt("the source committed, but its final round never "
+                                   "arrived here: restore from the rounds persisted and "
+                                   "the source's kept copy")
         if committed:
             self._activate()
         else:
@@ -185,6 +215,27 @@ class DestinationMigration:
 
     def _send(self, msg: Message) -> None:
         self._events.append(Send(encode(msg), msg))
+
+    def _source_may_decide(self) -> bool:
+        """A source that decides at `Final` can have decided once a round is durable
+        here (it sends `Final` only after every earlier round's acknowledgement,
+        which follows the round's persisting)."""
+        return (self.offer is not None and self.offer.decides_at_final
+                and self._next_round >= 1)
+
+    def _doubt(self, code: str, reason: str, *, tell_peer: bool = True) -> None:
+        """Stop taking messages and keep what arrived (the VM as restored so far, the
+        rounds the driver persisted): only the source knows whether it committed."""
+        self._events.clear()
+        if tell_peer and self.migration_id:
+            # A source that has not decided resumes the VM at once (and answers
+            # "not committed" when asked); one that has ignores it.
+            self._send(Abort(self.migration_id, code=code, reason=reason))
+        self._drop_staged()
+        self._parts.clear()
+        self._zeros.clear()
+        self.state = DestinationState.IN_DOUBT
+        self.stats.outcome = "in_doubt"
 
     def _abort(self, code: str, reason: str, *, tell_peer: bool = True) -> None:
         if self.state in (DestinationState.COMMITTED, DestinationState.ABORTED):
@@ -420,6 +471,7 @@ class DestinationMigration:
         if final:
             assert isinstance(msg, Final)
             self.annex = msg.annex
+            self._has_final = True
         self._events.append(PersistRound(self.migration_id, self.offer.vm_id, msg.round, snap,
                                          final, isinstance(msg, Final) and msg.source_keeps))
         if final:

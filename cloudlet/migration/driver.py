@@ -159,17 +159,21 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
                      image_wasm: bytes | Callable[[], bytes] | None = None,
                      migration_id: str | None = None, deadline_s: float = DEFAULT_DEADLINE_S,
                      clock: Callable[[], float] = time.monotonic,
-                     keeps_final: bool = False) -> MigrationStats:
+                     keeps_final: bool = False,
+                     decides_at_final: bool = False) -> MigrationStats:
     """Migrate `vm` out over `channel`. Returns the stats; `stats.outcome` is
     "committed" (the VM is the destination's now: drop it) or "aborted" (it
     serves here again, `hooks.resume()` was called). Never raises for a peer's
     or the channel's failure; a cancellation resumes the VM and propagates.
     `keeps_final`: `hooks.tombstone` keeps `event.final_round` durable with the
-    decision (so the destination need not flush it before `Ready`)."""
+    decision (so the destination need not flush it before `Ready`).
+    `decides_at_final` (with `keeps_final`): the decision is made as `Final` goes,
+    while the destination takes it in, not after its `Ready` (see
+    `cloudlet.migration.source`); the clients' `committed` hook runs then too."""
     hooks = hooks or VMGate()
     access = vm_access or _no_lock
     mig = SourceMigration(vm, migration_id=migration_id, policy=policy, image_wasm=image_wasm,
-                          keeps_final=keeps_final,
+                          keeps_final=keeps_final, decides_at_final=decides_at_final,
                           clock=clock)
     large = vm.memory_bytes >= OFF_LOOP_MEMORY_BYTES
     holding = False
@@ -357,7 +361,11 @@ async def run_destination(channel: Channel, images: ImageSource, store: ChunkSto
     """Receive one VM over `channel`. If the channel fails between `Ready` and
     `Commit`, `resolve(migration_id)` asks the source whether it committed; without
     it (or if it fails) the outcome is "in_doubt" and the held VM is in
-    `migration.vm` until someone calls `migration.resolve()`.
+    `migration.vm` until someone calls `migration.resolve()`. From a source that
+    decides at `Final`, a failure before the final round arrived is "in_doubt"
+    too, with `migration.has_final` false: the driver does not ask, and if the
+    source committed the caller restores the VM from the rounds `persist` wrote
+    and the final round the source kept.
 
     `ready(vm, annex)` is called once the VM is whole and held, while the source
     decides (a daemon builds what will serve it then); `activate(vm, annex)` at the
@@ -376,7 +384,10 @@ async def run_destination(channel: Channel, images: ImageSource, store: ChunkSto
             ev = mig.next_event()
             try:
                 if isinstance(ev, Done):
-                    if mig.state.value == "in_doubt" and resolve is not None:
+                    # In doubt without the final round, "committed" is the caller's to
+                    # act on (from the rounds it persisted and the source's copy).
+                    if (mig.state.value == "in_doubt" and resolve is not None
+                            and mig.has_final):
                         try:
                             async with asyncio.timeout(deadline_s):
                                 mig.resolve(await resolve(mig.migration_id))

@@ -60,6 +60,11 @@ class Offer(Message):
     memory_bytes: int  # the VM's memory size now (for the destination's admission)
     overlay_bytes: int  # the overlay's chunk data, before any dedup or compression
     digests: bytes  # DIGEST_BYTES each
+    # The source may pass its commit point as it sends `Final`, before `Ready` (its
+    # decision keeps the final round, and every earlier round is durable here by
+    # then): from the first round on, a destination that loses the source must ask
+    # it, never discard on its own. False from a source that decides at `Ready`.
+    decides_at_final: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,14 +160,17 @@ class Ready(Message):
 
 @dataclass(frozen=True)
 class Commit(Message):
-    """Source -> destination: the commit point has passed; serve the VM."""
+    """Source -> destination: the commit point has passed (at `Ready`, or already
+    at `Final` for a source that `decides_at_final`); serve the VM."""
 
     TYPE: ClassVar[str] = "commit"
 
 
 @dataclass(frozen=True)
 class Abort(Message):
-    """Either way, before the commit: stop; the VM stays (or resumes) at the source."""
+    """Either way, before the commit: stop; the VM stays (or resumes) at the source.
+    A destination whose source may have passed its commit point already says so
+    and asks the source instead of discarding; a source past it ignores one."""
 
     TYPE: ClassVar[str] = "abort"
     code: str

@@ -15,6 +15,12 @@ Pre-copy, then stop-and-copy:
 4. Then `PauseVM`: the driver stops calls and calls `paused(annex)`, which sends
    the last chunks and the rest of the state (`Final`). On the destination's
    `Ready` the source passes the commit point: `BecomeTombstone`, then `Commit`.
+   A source that `decides_at_final` passes it as `Final` goes out instead
+   (`BecomeTombstone` right after it; the `Commit` still waits for `Ready`): every
+   earlier round is durable at the destination by then, and the decision keeps
+   the final round, so the VM's whole state is durable on the two sides, and
+   the decision's flush overlaps the destination's work on the round instead of
+   following it.
 
 Any failure before that point (an `Abort` from the peer, a protocol error, the
 driver's `abort()` on a timeout or a lost channel) yields `ResumeVM`: the VM,
@@ -137,6 +143,7 @@ class SourceState(enum.Enum):
     PRECOPY = "precopy"  # sending rounds while the VM serves
     STOPPING = "stopping"  # PauseVM emitted, waiting for paused()
     FINAL = "final"  # final round sent, waiting for Ready
+    DECIDED = "decided"  # decided as the final round went (`decides_at_final`): Ready next
     COMMITTED = "committed"
     ABORTED = "aborted"
 
@@ -162,11 +169,18 @@ class SourceMigration:
                  image_wasm: bytes | Callable[[], bytes] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  cpu_clock: Callable[[], float] = time.perf_counter,
-                 keeps_final: bool = False) -> None:
+                 keeps_final: bool = False, decides_at_final: bool = False) -> None:
+        if decides_at_final and not keeps_final:
+            raise ValueError("decides_at_final needs keeps_final: the decision is what "
+                             "keeps the final round durable")
         self.vm = vm
         # The driver keeps the final round durable with its decision (`KeepFinal`,
         # `BecomeTombstone.final_round`), and says so in `Final`.
         self.keeps_final = keeps_final
+        # The commit point is `Final`'s sending, not `Ready` (see the module's
+        # docstring); said in the `Offer`, so the destination never discards on its
+        # own once a round is durable there.
+        self.decides_at_final = decides_at_final
         self.migration_id = migration_id or secrets.token_hex(8)
         self.policy = policy or PreCopyPolicy()
         self._image_wasm = image_wasm
@@ -217,7 +231,8 @@ class SourceMigration:
         self._dirtied = [set() for _ in snap.memories]
         self._send(Offer(self.migration_id, vm_id=self.vm.id, owner=self.vm.owner,
                          image_digest=self.vm.image.digest, memory_bytes=snap.memory_bytes,
-                         overlay_bytes=snap.overlay_bytes, digests=b"".join(unique)))
+                         overlay_bytes=snap.overlay_bytes, digests=b"".join(unique),
+                         decides_at_final=self.decides_at_final))
         self.state = SourceState.NEGOTIATING
 
     def next_event(self) -> Event:
@@ -226,6 +241,8 @@ class SourceMigration:
             return self._events.popleft()
         if self.state in (SourceState.COMMITTED, SourceState.ABORTED):
             return Done(self.stats.outcome)
+        if self.state is SourceState.DECIDED:
+            return NeedData()  # `Ready`, to send the Commit
         if self.state is SourceState.STOPPING:
             return PauseVM()
         if self.state in (SourceState.PRECOPY, SourceState.FINAL) and self._round is not None:
@@ -272,15 +289,16 @@ class SourceMigration:
         """The driver could not make the decision durable (its `BecomeTombstone`
         failed: a full disk, a record gone, a refusal): the migration did not commit
         after all. The queued `Commit` is withdrawn, the destination is told to abort
-        (it holds the VM, ready, not serving: it drops it), and the VM resumes here."""
-        if self.state is not SourceState.COMMITTED:
+        (it holds the VM, ready, not serving, or is still taking the final round
+        in: it drops it), and the VM resumes here."""
+        if self.state not in (SourceState.COMMITTED, SourceState.DECIDED):
             raise MigrationError(f"decision_failed() in state {self.state.value}")
         self.stats.committed_s = None
         self._abort(code, reason)
 
     def abort(self, code: str, reason: str, *, tell_peer: bool = True) -> None:
-        """Give up (timeout, lost channel, shutdown). A no-op once committed or aborted."""
-        if self.state in (SourceState.COMMITTED, SourceState.ABORTED):
+        """Give up (timeout, lost channel, shutdown). A no-op once decided or aborted."""
+        if self.state in (SourceState.COMMITTED, SourceState.DECIDED, SourceState.ABORTED):
             return
         self._abort(code, reason, tell_peer=tell_peer)
 
@@ -306,16 +324,23 @@ class SourceMigration:
 
     def _handle(self, msg: Message) -> None:
         if isinstance(msg, Abort):
-            if self.state not in (SourceState.COMMITTED, SourceState.ABORTED):
+            # Past the commit point an abort changes nothing: a destination that may
+            # be asked to land the VM asks the source (and hears "committed").
+            if self.state not in (SourceState.COMMITTED, SourceState.DECIDED,
+                                  SourceState.ABORTED):
                 self._abort(msg.code, f"destination aborted: {msg.reason}", tell_peer=False)
             return
         if isinstance(msg, Accept) and self.state is SourceState.NEGOTIATING:
             self._accepted(msg)
         elif isinstance(msg, Ack) and self.state in (SourceState.PRECOPY, SourceState.STOPPING,
-                                                     SourceState.FINAL):
+                                                     SourceState.FINAL, SourceState.DECIDED):
             self._acked(msg)
         elif isinstance(msg, Ready) and self.state is SourceState.FINAL and self._final_sent():
             self._commit()
+        elif isinstance(msg, Ready) and self.state is SourceState.DECIDED:
+            self.state = SourceState.COMMITTED
+            self.stats.ended_s = self.stats.rounds[-1].ended_s = self._clock()
+            self._send(Commit(self.migration_id))
         else:
             raise MigrationProtocolError(
                 f"unexpected {msg.TYPE!r} while the source is {self.state.value}")
@@ -362,6 +387,24 @@ class SourceMigration:
         self._events.append(BecomeTombstone(self.migration_id, self.vm.id,
                                             self._final_round(self._round.snap)))
         self._send(Commit(self.migration_id))
+
+    def _decides_now(self, rnd: _Round) -> bool:
+        """Whether the decision goes with `Final`: asked for, after at least one
+        pre-copy round (the destination holds durable rounds and asks the source if
+        it loses it), and only for a VM that did not grow past what the destination
+        admitted in the offer (its one refusal of a final round that is not a bug)."""
+        return (self.decides_at_final and rnd.number >= 1
+                and rnd.snap.memory_bytes <= self.stats.memory_bytes)
+
+    def _decide_at_final(self, snap: Snapshot) -> None:
+        """The commit point as `Final` goes: the driver makes the decision (with the
+        final round in it) durable while the destination checks and stages the
+        round; `Ready` then only lets the `Commit` go."""
+        self.state = SourceState.DECIDED
+        self.stats.outcome = "committed"
+        self.stats.committed_s = self._clock()
+        self._events.append(BecomeTombstone(self.migration_id, self.vm.id,
+                                            self._final_round(snap)))
 
     def _final_round(self, snap: Snapshot) -> Snapshot:
         """The final round as the destination restores it: the delta, with the annex
@@ -478,7 +521,9 @@ class SourceMigration:
         if self.state is SourceState.FINAL:
             self._send(Final(self.migration_id, annex=self._annex,
                              source_keeps=self.keeps_final, **fields), stats)
-            if self.keeps_final:
+            if self._decides_now(rnd):
+                self._decide_at_final(snap)
+            elif self.keeps_final:
                 self._events.append(KeepFinal(self._final_round(snap)))
         else:
             size = self._send(RoundEnd(self.migration_id, **fields), stats)

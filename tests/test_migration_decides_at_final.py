@@ -1,0 +1,227 @@
+"""A source that decides as it sends the final round, with real VMs, driven by hand.
+
+The source passes its commit point as `Final` goes (its decision keeps that
+round; every earlier round is durable at the destination), so the decision's
+flush overlaps the destination's work instead of following its `Ready`. These
+check the order of events on both sides, that nothing after the decision undoes
+it, and that a destination which may face a decided source never discards on its
+own once a round is durable there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cloudlet.errors import MigrationInDoubt
+from cloudlet.migration import (
+    ActivateVM,
+    BecomeTombstone,
+    ChunkStore,
+    DestinationMigration,
+    DiscardVM,
+    Done,
+    Event,
+    KeepFinal,
+    NeedData,
+    PauseVM,
+    PersistRound,
+    PreCopyPolicy,
+    ResumeVM,
+    Send,
+    SourceMigration,
+)
+from cloudlet.migration.messages import Abort, Commit, Final, Offer, Ready, RoundEnd, encode
+from cloudlet.vm import VM, Image, ImageStore
+from tests.test_migration import fingerprint, pair
+
+ANNEX: dict[str, Any] = {"replies": {}}
+
+
+def source(vm: VM, **kwargs: Any) -> SourceMigration:
+    return SourceMigration(vm, policy=PreCopyPolicy(stop_dirty_bytes=16 * 4096),
+                           keeps_final=True, decides_at_final=True, **kwargs)
+
+
+def until_final_arrives(src: SourceMigration, dst: DestinationMigration,
+                        between: Any = lambda: None) -> list[object]:
+    """Drive both until the destination has taken in `Final`; what the source did
+    not send yet stays queued. Returns the source's non-send events so far."""
+    src.start()
+    seen: list[object] = []
+    for _ in range(10_000):
+        ev = src.next_event()
+        if isinstance(ev, Send):
+            dst.receive(ev.data)
+            if isinstance(ev.message, Final):
+                return seen
+            if isinstance(ev.message, RoundEnd):
+                between()
+        elif isinstance(ev, PauseVM):
+            src.paused(ANNEX)
+        elif not isinstance(ev, NeedData):
+            seen.append(ev)
+        dev = dst.next_event()
+        while isinstance(dev, Send | PersistRound):
+            if isinstance(dev, Send):
+                src.receive(dev.data)
+            dev = dst.next_event()
+    raise AssertionError("the final round never went")
+
+
+def drain(machine: SourceMigration | DestinationMigration) -> list[Event]:
+    """The machine's queued events, up to its next wait."""
+    out: list[Event] = []
+    while not isinstance(ev := machine.next_event(), NeedData | Done):
+        out.append(ev)
+    return out
+
+
+def take_sends(machine: SourceMigration | DestinationMigration) -> list[Send]:
+    return [ev for ev in drain(machine) if isinstance(ev, Send)]
+
+
+def test_the_source_decides_as_the_final_round_goes_and_commits_at_ready(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    vm, twin = pair(workload["memhog"], [("hog_grow", (2,)), ("hog_dirty", (100, 1))])
+    src, dst = source(vm), DestinationMigration(store, ChunkStore())
+    until_final_arrives(src, dst, lambda: vm.call("hog_dirty", 4, 9))
+    twin.call("hog_dirty", 4, 9)
+    assert dst.offer is not None and dst.offer.decides_at_final
+    # Decided before any Ready: the decision carries the final round; nothing is
+    # written ahead of it (no KeepFinal), and no Commit goes yet.
+    ev = src.next_event()
+    assert isinstance(ev, BecomeTombstone) and ev.final_round is not None
+    assert ev.final_round.annex == ANNEX and ev.final_round.seq == vm.seq
+    assert src.outcome == "committed" and src.state.value == "decided"
+    assert isinstance(src.next_event(), NeedData)  # waiting for Ready, not sending Commit
+    # The destination checks the round, says Ready, and holds the VM.
+    ready = [s for s in take_sends(dst) if isinstance(s.message, Ready)]
+    assert len(ready) == 1 and dst.has_final
+    src.receive(ready[0].data)
+    commit = take_sends(src)
+    assert [type(s.message) for s in commit] == [Commit]
+    dst.receive(commit[0].data)
+    moved = dst.next_event()
+    assert isinstance(moved, ActivateVM) and fingerprint(moved.vm) == fingerprint(twin)
+    assert src.state.value == "committed" and dst.outcome == "committed"
+
+
+def test_an_abort_from_the_destination_after_the_decision_changes_nothing(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """Past its commit point the source keeps the VM moved: the destination asks
+    it (and hears "committed") rather than being obeyed."""
+    vm, _ = pair(workload["kvstore"], [("kv_put", (k, k)) for k in range(50)])
+    src, dst = source(vm), DestinationMigration(store, ChunkStore())
+    until_final_arrives(src, dst, lambda: vm.call("kv_put", 1, 2))
+    assert isinstance(src.next_event(), BecomeTombstone)
+    src.receive(encode(Abort(src.migration_id, code="migration_aborted", reason="late")))
+    assert src.outcome == "committed"
+    assert isinstance(src.next_event(), NeedData)  # no ResumeVM
+    src.abort("migration_timeout", "no Ready")  # the driver giving up: a no-op too
+    assert src.outcome == "committed"
+
+
+def test_a_decision_that_cannot_be_made_durable_resumes_and_drops_the_copy(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    vm, _ = pair(workload["kvstore"], [("kv_put", (k, k)) for k in range(50)])
+    src, dst = source(vm), DestinationMigration(store, ChunkStore())
+    until_final_arrives(src, dst, lambda: vm.call("kv_put", 1, 2))
+    assert isinstance(src.next_event(), BecomeTombstone)
+    src.decision_failed("storage_full", "no space")
+    events = drain(src)
+    assert [type(e) for e in events] == [Send, ResumeVM] and src.outcome == "aborted"
+    sent = events[0]
+    assert isinstance(sent, Send) and isinstance(sent.message, Abort)
+    take_sends(dst)  # its Ready, which the source no longer wants
+    dst.receive(sent.data)
+    assert isinstance(dst.next_event(), DiscardVM) and dst.outcome == "aborted"
+
+
+def test_a_vm_that_grew_past_the_offer_is_decided_at_ready(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """The destination admitted the offer's memory size: a final round larger than
+    that is one it may refuse, so the decision waits for its Ready."""
+    vm, _ = pair(workload["memhog"], [("hog_grow", (2,)), ("hog_dirty", (100, 1))])
+    src, dst = source(vm), DestinationMigration(store, ChunkStore())
+    until_final_arrives(src, dst, lambda: vm.call("hog_grow", 3))
+    assert src.stats.memory_bytes < vm.memory_bytes
+    assert isinstance(src.next_event(), KeepFinal)
+    assert src.outcome != "committed" and src.state.value == "final"
+    ready = [s for s in take_sends(dst) if isinstance(s.message, Ready)]
+    src.receive(ready[0].data)
+    assert isinstance(src.next_event(), BecomeTombstone) and src.outcome == "committed"
+
+
+def test_deciding_at_the_final_round_needs_the_source_to_keep_it(
+        workload: dict[str, Image]) -> None:
+    vm, _ = pair(workload["kvstore"], [])
+    with pytest.raises(ValueError, match="keeps_final"):
+        SourceMigration(vm, decides_at_final=True)
+
+
+@pytest.mark.parametrize("failure", ["channel_lost", "malformed_message"])
+def test_the_destination_doubts_instead_of_discarding_once_a_round_is_durable(
+        store: ImageStore, workload: dict[str, Image], failure: str) -> None:
+    """From a source that decides at `Final`, a failure after the first round end
+    (the final round may be decided and on its way) leaves the machine in doubt,
+    holding what arrived; the source is told if the channel still works. Without
+    the final round it cannot land the VM from memory, whatever the answer."""
+    vm, _ = pair(workload["kvstore"], [("kv_put", (k, k)) for k in range(50)])
+    src = source(vm, migration_id="m1")
+    dst = DestinationMigration(store, ChunkStore())
+    src.start()
+    # Everything up to round 0's end, whose acknowledgement the source never sees.
+    for _ in range(1000):
+        ev = src.next_event()
+        if isinstance(ev, NeedData):
+            for answer in take_sends(dst):  # the Accept, the batches' acks
+                src.receive(answer.data)
+            continue
+        assert isinstance(ev, Send)
+        dst.receive(ev.data)
+        if isinstance(ev.message, RoundEnd):
+            break
+    assert dst.state.value == "receiving"
+    if failure == "channel_lost":
+        dst.abort("migration_channel_lost", "reset", tell_peer=False)
+        told = take_sends(dst)
+    else:
+        dst.receive(b"\x81\xa1v\x01")  # a map without a type: a protocol error
+        told = take_sends(dst)
+    assert dst.outcome == "in_doubt" and not dst.has_final and dst.vm is not None
+    assert [type(s.message) for s in told] == ([] if failure == "channel_lost" else [Abort])
+    with pytest.raises(MigrationInDoubt, match="final round never arrived"):
+        dst.resolve(True)
+    dst.resolve(False)
+    assert isinstance(dst.next_event(), DiscardVM) and dst.outcome == "aborted"
+
+
+def test_before_any_durable_round_the_destination_still_discards_on_its_own(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    vm, _ = pair(workload["kvstore"], [])
+    src, dst = source(vm), DestinationMigration(store, ChunkStore())
+    src.start()
+    offer = src.next_event()
+    assert isinstance(offer, Send) and isinstance(offer.message, Offer)
+    dst.receive(offer.data)
+    take_sends(dst)
+    dst.abort("migration_channel_lost", "reset", tell_peer=False)
+    assert isinstance(dst.next_event(), DiscardVM) and dst.outcome == "aborted"
+
+
+def test_after_ready_a_message_that_does_not_check_out_puts_the_destination_in_doubt(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """Whatever the source's mode: after Ready it may have committed, so garbage in
+    place of the Commit is no reason to drop the VM."""
+    vm, _ = pair(workload["kvstore"], [("kv_put", (k, k)) for k in range(50)])
+    src = SourceMigration(vm, policy=PreCopyPolicy(stop_dirty_bytes=16 * 4096))
+    dst = DestinationMigration(store, ChunkStore())
+    until_final_arrives(src, dst, lambda: vm.call("kv_put", 1, 2))
+    assert any(isinstance(s.message, Ready) for s in take_sends(dst))
+    dst.receive(b"\xc1")  # not msgpack
+    assert dst.outcome == "in_doubt" and dst.has_final
+    assert [type(s.message) for s in take_sends(dst)] == [Abort]
+    dst.resolve(True)
+    assert isinstance(dst.next_event(), ActivateVM)
