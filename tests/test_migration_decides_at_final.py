@@ -90,22 +90,25 @@ def test_the_source_decides_as_the_final_round_goes_and_commits_at_ready(
     twin.call("hog_dirty", 4, 9)
     assert dst.offer is not None and dst.offer.decides_at_final
     # Decided before any Ready: the decision carries the final round; nothing is
-    # written ahead of it (no KeepFinal), and no Commit goes yet.
+    # written ahead of it (no KeepFinal), and the Commit follows the decision.
     ev = src.next_event()
     assert isinstance(ev, BecomeTombstone) and ev.final_round is not None
     assert ev.final_round.annex == ANNEX and ev.final_round.seq == vm.seq
     assert src.outcome == "committed" and src.state.value == "decided"
-    assert isinstance(src.next_event(), NeedData)  # waiting for Ready, not sending Commit
-    # The destination checks the round, says Ready, and holds the VM.
-    ready = [s for s in take_sends(dst) if isinstance(s.message, Ready)]
-    assert len(ready) == 1 and dst.has_final
-    src.receive(ready[0].data)
     commit = take_sends(src)
     assert [type(s.message) for s in commit] == [Commit]
+    # The destination checks the round, says Ready (read after Final: in order),
+    # then reads the Commit and activates.
+    ready = [s for s in take_sends(dst) if isinstance(s.message, Ready)]
+    assert len(ready) == 1 and dst.has_final
     dst.receive(commit[0].data)
     moved = dst.next_event()
     assert isinstance(moved, ActivateVM) and fingerprint(moved.vm) == fingerprint(twin)
-    assert src.state.value == "committed" and dst.outcome == "committed"
+    # The source waited for Ready only to end: the channel stayed open for it.
+    assert src.state.value == "decided" and isinstance(src.next_event(), NeedData)
+    src.receive(ready[0].data)
+    assert src.state.value == "committed" and take_sends(src) == []
+    assert dst.outcome == "committed"
 
 
 def test_an_abort_from_the_destination_after_the_decision_changes_nothing(
@@ -118,7 +121,8 @@ def test_an_abort_from_the_destination_after_the_decision_changes_nothing(
     assert isinstance(src.next_event(), BecomeTombstone)
     src.receive(encode(Abort(src.migration_id, code="migration_aborted", reason="late")))
     assert src.outcome == "committed"
-    assert isinstance(src.next_event(), NeedData)  # no ResumeVM
+    # The Commit still goes, and nothing resumes the VM here.
+    assert [type(e) for e in drain(src)] == [Send]
     src.abort("migration_timeout", "no Ready")  # the driver giving up: a no-op too
     assert src.outcome == "committed"
 

@@ -16,7 +16,7 @@ Pre-copy, then stop-and-copy:
    the last chunks and the rest of the state (`Final`). On the destination's
    `Ready` the source passes the commit point: `BecomeTombstone`, then `Commit`.
    A source that `decides_at_final` passes it as `Final` goes out instead
-   (`BecomeTombstone` right after it; the `Commit` still waits for `Ready`): every
+   (`BecomeTombstone` right after it, then the `Commit`; `Ready` only ends it): every
    earlier round is durable at the destination by then, and the decision keeps
    the final round, so the VM's whole state is durable on the two sides, and
    the decision's flush overlaps the destination's work on the round instead of
@@ -143,7 +143,9 @@ class SourceState(enum.Enum):
     PRECOPY = "precopy"  # sending rounds while the VM serves
     STOPPING = "stopping"  # PauseVM emitted, waiting for paused()
     FINAL = "final"  # final round sent, waiting for Ready
-    DECIDED = "decided"  # decided as the final round went (`decides_at_final`): Ready next
+    # Decided as the final round went (`decides_at_final`), Commit queued behind the
+    # decision: waiting for Ready, so the channel stays open until it is out.
+    DECIDED = "decided"
     COMMITTED = "committed"
     ABORTED = "aborted"
 
@@ -340,7 +342,6 @@ class SourceMigration:
         elif isinstance(msg, Ready) and self.state is SourceState.DECIDED:
             self.state = SourceState.COMMITTED
             self.stats.ended_s = self.stats.rounds[-1].ended_s = self._clock()
-            self._send(Commit(self.migration_id))
         else:
             raise MigrationProtocolError(
                 f"unexpected {msg.TYPE!r} while the source is {self.state.value}")
@@ -399,12 +400,16 @@ class SourceMigration:
     def _decide_at_final(self, snap: Snapshot) -> None:
         """The commit point as `Final` goes: the driver makes the decision (with the
         final round in it) durable while the destination checks and stages the
-        round; `Ready` then only lets the `Commit` go."""
+        round, and the `Commit` follows it at once, not after `Ready` (the
+        destination reads it after `Final`, in order, so it is ready by then; a
+        round trip less when its `Ready` would come after the decision). If the
+        decision fails, the queued `Commit` is withdrawn (`decision_failed`)."""
         self.state = SourceState.DECIDED
         self.stats.outcome = "committed"
         self.stats.committed_s = self._clock()
         self._events.append(BecomeTombstone(self.migration_id, self.vm.id,
                                             self._final_round(snap)))
+        self._send(Commit(self.migration_id))
 
     def _final_round(self, snap: Snapshot) -> Snapshot:
         """The final round as the destination restores it: the delta, with the annex
