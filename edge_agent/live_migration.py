@@ -5,8 +5,10 @@ atomic commit) is `cloudlet.migration`'s pure state machines; this module only
 connects them to the daemon: a peer WebSocket as the channel, the VM's locks as
 the pause, the daemon's disk for what must survive a crash.
 
-Who decides: the source, when it receives the destination's `Ready`. Before it
-sends `Commit` it makes the tombstone durable: the migration's record, written
+Who decides: the source, as it sends the final round (`decides_at_final`: every
+earlier round is durable at the destination by then; a VM that grew past its
+offer is decided at the destination's `Ready` instead). Before it sends
+`Commit` it makes the tombstone durable: the migration's record, written
 as pre-copy started (`STATE/vms/ID.moved.MIGRATION.prepared`), is marked decided
 in place (edge_agent/tombstones.py), and the final round is written into the
 same record, durable by the same flush. The destination makes every pre-copy
@@ -16,9 +18,11 @@ landing, over a zero-filled `final.snap`, off the downtime's path; a restart
 that finds no whole one there fetches the source's copy (`GET
 /v1/peer/migrations/ID/final`), and once its own is flushed it lets the source
 drop that (`DELETE`, same route). So once the source decides, a crash of either
-side cannot lose the VM. A destination that lost the
-channel after `Ready`, or restarted with an incoming VM on disk, asks the source
-(`GET /v1/peer/migrations/ID`); the source answers from its tombstones, and for
+side cannot lose the VM. A destination that fails once a round is durable there
+(a lost channel, a timeout, a bad message), or restarted with an incoming VM on
+disk, asks the source (`GET /v1/peer/migrations/ID`), and restores the VM from
+its rounds and the source's kept copy if the final round never arrived; the
+source answers from its tombstones, and for
 a migration still running that has not reached its decision it answers "no" and
 refuses to commit it later, so the two can never disagree. Never both, never
 neither.
@@ -515,12 +519,23 @@ class LiveMigrations:
 
         settling = False
         try:
-            got = await run_destination(
-                WebSocketChannel(ws), self.host.images, self.chunks,
-                resolve=incoming.must_ask_source, persist=incoming.persist,
-                max_memory_bytes=self.host.free_memory_bytes(),
-                deadline_s=self.host.config.migration_deadline_s, admit=admit,
-                ready=ready, activate=activate)
+            try:
+                got = await run_destination(
+                    WebSocketChannel(ws), self.host.images, self.chunks,
+                    resolve=incoming.must_ask_source, persist=incoming.persist,
+                    max_memory_bytes=self.host.free_memory_bytes(),
+                    deadline_s=self.host.config.migration_deadline_s, admit=admit,
+                    ready=ready, activate=activate)
+            except Exception:
+                # The driver failed (out of memory taking a round in, say) with rounds
+                # on disk that the source may have decided on: settled as a restart
+                # would, by asking it, not left for the next restart.
+                if incoming.vm_id is not None and incoming.migration_id \
+                        and incoming.folder.exists() \
+                        and self.host.vms.get(incoming.vm_id) is None:  # not landed
+                    self._spawn(self._recover_one(incoming.folder, incoming.vm_id,
+                                                  incoming.source, incoming.peers))
+                raise
             if got.outcome == "committed" and got.vm is not None:
                 landing, incoming.landing = incoming.landing, None
                 await self._activate(got.vm, got.annex, incoming.migration_id, incoming,
@@ -686,6 +701,9 @@ class LiveMigrations:
         `whole` (the source decided as it sent the final round, which never arrived
         here): if it committed, the VM is restored as after a restart, from the
         rounds on disk and the final round the source kept."""
+        if vm is not None and not whole:
+            vm.close()  # restored again from disk if it committed: not held meanwhile
+            vm = None
         while True:
             answer = await incoming.ask_source(incoming.migration_id or "")
             if answer is not None:
@@ -694,8 +712,6 @@ class LiveMigrations:
         if answer and vm is not None and whole:
             await self._activate(vm, annex, incoming.migration_id, incoming)
         elif answer and incoming.vm_id is not None and incoming.migration_id:
-            if vm is not None:
-                vm.close()  # the rounds before the final one: restored again from disk
             vm_id = incoming.vm_id
             try:
                 await self._recover_one(incoming.folder, vm_id, incoming.source,

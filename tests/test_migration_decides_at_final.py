@@ -10,11 +10,14 @@ own once a round is durable there.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from typing import Any
 
+import msgpack
 import pytest
 
-from cloudlet.errors import MigrationInDoubt
+from cloudlet.errors import MigrationChannelLost, MigrationInDoubt
 from cloudlet.migration import (
     ActivateVM,
     BecomeTombstone,
@@ -24,17 +27,25 @@ from cloudlet.migration import (
     Done,
     Event,
     KeepFinal,
+    MemoryChannel,
+    MigrationStats,
     NeedData,
     PauseVM,
     PersistRound,
     PreCopyPolicy,
+    Received,
     ResumeVM,
     Send,
     SourceMigration,
+    VMGate,
+    memory_channel_pair,
+    run_destination,
+    run_source,
 )
 from cloudlet.migration.messages import Abort, Commit, Final, Offer, Ready, RoundEnd, encode
 from cloudlet.vm import VM, Image, ImageStore
 from tests.test_migration import fingerprint, pair
+from tests.test_migration_driver import FaultyChannel
 
 ANNEX: dict[str, Any] = {"replies": {}}
 
@@ -119,10 +130,10 @@ def test_an_abort_from_the_destination_after_the_decision_changes_nothing(
     src, dst = source(vm), DestinationMigration(store, ChunkStore())
     until_final_arrives(src, dst, lambda: vm.call("kv_put", 1, 2))
     assert isinstance(src.next_event(), BecomeTombstone)
+    assert [type(e) for e in drain(src)] == [Send]  # the Commit, written
     src.receive(encode(Abort(src.migration_id, code="migration_aborted", reason="late")))
     assert src.outcome == "committed"
-    # The Commit still goes, and nothing resumes the VM here.
-    assert [type(e) for e in drain(src)] == [Send]
+    assert isinstance(src.next_event(), NeedData)  # nothing resumes the VM here
     src.abort("migration_timeout", "no Ready")  # the driver giving up: a no-op too
     assert src.outcome == "committed"
 
@@ -229,3 +240,97 @@ def test_after_ready_a_message_that_does_not_check_out_puts_the_destination_in_d
     assert [type(s.message) for s in take_sends(dst)] == [Abort]
     dst.resolve(True)
     assert isinstance(dst.next_event(), ActivateVM)
+
+
+# --- the drivers, over in-memory channels with faults -------------------------------------
+
+
+def test_a_bad_message_after_the_decision_does_not_undo_it(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """The source reads on after deciding (for `Ready`): garbage there is no reason
+    to resume a VM its tombstone says moved."""
+    vm, _ = pair(workload["kvstore"], [("kv_put", (k, k)) for k in range(50)])
+    src, dst = source(vm), DestinationMigration(store, ChunkStore())
+    until_final_arrives(src, dst, lambda: vm.call("kv_put", 1, 2))
+    assert isinstance(src.next_event(), BecomeTombstone)
+    src.receive(b"\xc1")  # not msgpack
+    assert src.outcome == "committed" and src.state.value == "decided"
+    assert [type(e) for e in drain(src)] == [Send]  # the Commit, no Abort, no ResumeVM
+
+
+@pytest.mark.parametrize("fault", ["close", "cancel"])
+def test_a_final_round_that_cannot_be_sent_resumes_the_vm_undecided(
+        store: ImageStore, workload: dict[str, Image], fault: str) -> None:
+    """The decision is queued behind `Final`: if `Final` cannot go (the channel
+    closes, or the driver is cancelled while it waits to write it), nothing was
+    decided and the VM serves on at the source."""
+    vm, _ = pair(workload["memhog"], [("hog_grow", (2,)), ("hog_dirty", (100, 1))])
+    before = fingerprint(vm)
+    gate = VMGate()
+    sent = asyncio.Event()
+
+    class FinalFails(MemoryChannel):
+        async def send(self, data: bytes) -> None:
+            if msgpack.unpackb(data, strict_map_key=False)["t"] == "final":
+                sent.set()
+                if fault == "close":
+                    self.close()
+                    raise MigrationChannelLost("dropped")
+                await asyncio.sleep(3600)  # a link that does not drain
+            await super().send(data)
+
+    async def main() -> tuple[MigrationStats | BaseException, Received]:
+        a, b = memory_channel_pair()
+        a.__class__ = FinalFails
+        src = asyncio.ensure_future(run_source(vm, a, hooks=gate, keeps_final=True,
+                                               decides_at_final=True, deadline_s=5,
+                                               policy=PreCopyPolicy(stop_dirty_bytes=16 * 4096)))
+        dst = asyncio.ensure_future(run_destination(b, store, ChunkStore(), deadline_s=0.5))
+        if fault == "cancel":
+            await sent.wait()
+            src.cancel()
+        stats = (await asyncio.gather(src, return_exceptions=True))[0]
+        if fault == "cancel":
+            b.close()
+        return stats, await dst
+
+    stats, got = asyncio.run(main())
+    if fault == "close":
+        assert isinstance(stats, MigrationStats) and stats.outcome == "aborted"
+        assert stats.committed_s is None
+    else:
+        assert isinstance(stats, asyncio.CancelledError)
+    assert gate.tombstoned is None and not gate.paused and fingerprint(vm) == before
+    vm.call("hog_dirty", 1, 1)  # serving here again
+    # The destination cannot know: it kept what it had, in doubt, without the round.
+    assert got.outcome == "in_doubt" and got.migration is not None
+    assert not got.migration.has_final
+
+
+def test_a_final_round_lost_on_the_way_lands_from_the_kept_copy(
+        store: ImageStore, workload: dict[str, Image]) -> None:
+    """`Final` sent, never delivered: the source decided (and kept the round), the
+    destination, reading the `Commit` where `Final` should be, is in doubt without
+    it. Its pre-copy copy plus the kept round is the VM as the source paused it."""
+    vm, _ = pair(workload["memhog"], [("hog_grow", (2,)), ("hog_dirty", (100, 1))])
+    gate = VMGate()
+
+    async def main() -> tuple[MigrationStats, Received]:
+        a, b = memory_channel_pair()
+        lossy = FaultyChannel(a, "final", "drop")
+        return await asyncio.gather(
+            run_source(vm, lossy, hooks=gate, keeps_final=True, decides_at_final=True,
+                       deadline_s=0.5, policy=PreCopyPolicy(stop_dirty_bytes=16 * 4096)),
+            run_destination(b, store, ChunkStore(), deadline_s=0.5))
+
+    stats, got = asyncio.run(main())
+    assert stats.outcome == "committed" and gate.tombstoned is not None
+    kept = gate.tombstoned.final_round
+    assert kept is not None
+    assert got.outcome == "in_doubt" and got.migration is not None
+    held = got.migration.vm
+    assert held is not None and not got.migration.has_final
+    # Rebased onto the copy's last round, as a daemon's recovery does with the
+    # rounds on its disk (`kept_round_onto`).
+    held.apply_delta(dataclasses.replace(kept, base_id=held.last_snapshot_id))
+    assert fingerprint(held) == fingerprint(vm)

@@ -59,6 +59,7 @@ CASES = [
     ("commit", "before", "kill-source", "west"),  # the tombstone was written
     ("commit", "after", "kill-source", "west"),
     ("chunks", "after", "drop", "east"),
+    ("round_end", "after", "drop", "east"),  # in doubt with a round on disk: asks, "no"
     ("ready", "before", "drop", "west"),  # decided: the destination asks, and lands it
     ("commit", "before", "drop", "west"),
     ("chunks", "after", "stall", "east"),

@@ -236,6 +236,7 @@ class DestinationMigration:
         self._zeros.clear()
         self.state = DestinationState.IN_DOUBT
         self.stats.outcome = "in_doubt"
+        self.stats.ended_s = self._clock()
 
     def _abort(self, code: str, reason: str, *, tell_peer: bool = True) -> None:
         if self.state in (DestinationState.COMMITTED, DestinationState.ABORTED):

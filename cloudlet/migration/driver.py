@@ -169,7 +169,10 @@ async def run_source(vm: VM, channel: Channel, *, hooks: SourceHooks | None = No
     decision (so the destination need not flush it before `Ready`).
     `decides_at_final` (with `keeps_final`): the decision is made as `Final` goes,
     while the destination takes it in, not after its `Ready` (see
-    `cloudlet.migration.source`); the clients' `committed` hook runs then too."""
+    `cloudlet.migration.source`); the clients' `committed` hook runs then too.
+    Only for a destination that persists its rounds and can fetch the kept final
+    round from these hooks (a daemon's `Outgoing` serves it to its peer): one whose
+    `Final` never arrives is in doubt without it, and lands the VM from those."""
     hooks = hooks or VMGate()
     access = vm_access or _no_lock
     mig = SourceMigration(vm, migration_id=migration_id, policy=policy, image_wasm=image_wasm,

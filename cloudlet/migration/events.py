@@ -86,8 +86,10 @@ class KeepFinal:
 @dataclass(frozen=True)
 class PersistRound:
     """Destination: a round was applied to the held VM. Make `snapshot` (the round's
-    overlay or delta, in order) durable before going on: the `Ready` after the final
-    one promises that a crash here loses nothing the source may commit. Unless
+    overlay or delta, in order) durable before going on: its acknowledgement (or
+    the `Ready` after the final one) promises that a crash here loses nothing the
+    source may commit (a source that decides at `Final` does so once every earlier
+    round is acknowledged). Unless
     `source_keeps` (a final round the source keeps durable with its decision): then
     it may be written after the landing, and fetched from the source if lost."""
 

@@ -193,6 +193,8 @@ class SourceMigration:
         self._round: _Round | None = None
         self._annex: dict[str, Any] = {}
         self._kept: tuple[Snapshot, Snapshot] | None = None  # the final round, as kept
+        self._deciding = False  # the decision at `Final` is queued (`_decide_at_final`)
+        self._ready_early = False  # and `Ready` came before the driver took it
         self._dest_has: set[bytes] = set()
         self._offered: list[bytes] = []
         self._in_flight: dict[tuple[int, int], int] = {}  # (round, batch) -> bytes
@@ -239,6 +241,17 @@ class SourceMigration:
 
     def next_event(self) -> Event:
         """What the driver must do next (call again after doing it)."""
+        ev = self._next_event()
+        if isinstance(ev, BecomeTombstone) and self.state is SourceState.FINAL:
+            # Decided at `Final`: the decision is the driver's from here (it never
+            # cuts one short, and says so if it fails). Not before: until `Final`
+            # was sent, a lost channel or a timeout must still resume the VM.
+            self.state = SourceState.COMMITTED if self._ready_early else SourceState.DECIDED
+            self.stats.outcome = "committed"
+            self.stats.committed_s = self._clock()
+        return ev
+
+    def _next_event(self) -> Event:
         if self._events:
             return self._events.popleft()
         if self.state in (SourceState.COMMITTED, SourceState.ABORTED):
@@ -270,7 +283,7 @@ class SourceMigration:
                 raise MigrationProtocolError("message for another migration")
             self._handle(msg)
         except MigrationProtocolError as exc:
-            self._abort(exc.code, exc.message)
+            self.abort(exc.code, exc.message)  # a no-op once decided: nothing undoes that
 
     def paused(self, annex: dict[str, Any] | None = None) -> None:
         """The driver has stopped calls (after `PauseVM`): capture and queue the final round."""
@@ -337,6 +350,8 @@ class SourceMigration:
         elif isinstance(msg, Ack) and self.state in (SourceState.PRECOPY, SourceState.STOPPING,
                                                      SourceState.FINAL, SourceState.DECIDED):
             self._acked(msg)
+        elif (isinstance(msg, Ready) and self.state is SourceState.FINAL and self._deciding):
+            self._ready_early = True  # before the driver took the decision: it ends there
         elif isinstance(msg, Ready) and self.state is SourceState.FINAL and self._final_sent():
             self._commit()
         elif isinstance(msg, Ready) and self.state is SourceState.DECIDED:
@@ -403,10 +418,11 @@ class SourceMigration:
         round, and the `Commit` follows it at once, not after `Ready` (the
         destination reads it after `Final`, in order, so it is ready by then; a
         round trip less when its `Ready` would come after the decision). If the
-        decision fails, the queued `Commit` is withdrawn (`decision_failed`)."""
-        self.state = SourceState.DECIDED
-        self.stats.outcome = "committed"
-        self.stats.committed_s = self._clock()
+        decision fails, the queued `Commit` is withdrawn (`decision_failed`).
+        Queued behind `Final`: the machine is decided once the driver takes the
+        `BecomeTombstone` (`next_event`), so that a `Final` that cannot be sent
+        still aborts (and drops both)."""
+        self._deciding = True
         self._events.append(BecomeTombstone(self.migration_id, self.vm.id,
                                             self._final_round(snap)))
         self._send(Commit(self.migration_id))
