@@ -223,17 +223,22 @@ class DestinationMigration:
         return (self.offer is not None and self.offer.decides_at_final
                 and self._next_round >= 1)
 
+    def _stop_receiving(self, code: str, reason: str, tell_peer: bool) -> None:
+        """Drop what is queued and what a round in progress holds, and tell the peer
+        why (a source that has not decided resumes the VM at once; one that has
+        ignores it): the common start of `_doubt` and `_abort`."""
+        self._events.clear()
+        if tell_peer and self.migration_id:
+            self._send(Abort(self.migration_id, code=code, reason=reason))
+        self._drop_staged()
+        self._local.clear()
+        self._parts.clear()
+        self._zeros.clear()
+
     def _doubt(self, code: str, reason: str, *, tell_peer: bool = True) -> None:
         """Stop taking messages and keep what arrived (the VM as restored so far, the
         rounds the driver persisted): only the source knows whether it committed."""
-        self._events.clear()
-        if tell_peer and self.migration_id:
-            # A source that has not decided resumes the VM at once (and answers
-            # "not committed" when asked); one that has ignores it.
-            self._send(Abort(self.migration_id, code=code, reason=reason))
-        self._drop_staged()
-        self._parts.clear()
-        self._zeros.clear()
+        self._stop_receiving(code, reason, tell_peer)
         self.state = DestinationState.IN_DOUBT
         self.stats.outcome = "in_doubt"
         self.stats.ended_s = self._clock()
@@ -241,17 +246,11 @@ class DestinationMigration:
     def _abort(self, code: str, reason: str, *, tell_peer: bool = True) -> None:
         if self.state in (DestinationState.COMMITTED, DestinationState.ABORTED):
             return
-        self._events.clear()
-        if tell_peer and self.migration_id:
-            self._send(Abort(self.migration_id, code=code, reason=reason))
+        self._stop_receiving(code, reason, tell_peer)
         if self.vm is not None:
             self.vm.close()
             self.vm = None
         self._unapplied = None
-        self._drop_staged()
-        self._local.clear()
-        self._parts.clear()
-        self._zeros.clear()
         self._events.append(DiscardVM(code, reason))
         self.state = DestinationState.ABORTED
         self.stats.outcome, self.stats.abort_code = "aborted", code

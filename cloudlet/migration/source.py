@@ -350,7 +350,7 @@ class SourceMigration:
         elif isinstance(msg, Ack) and self.state in (SourceState.PRECOPY, SourceState.STOPPING,
                                                      SourceState.FINAL, SourceState.DECIDED):
             self._acked(msg)
-        elif (isinstance(msg, Ready) and self.state is SourceState.FINAL and self._deciding):
+        elif isinstance(msg, Ready) and self.state is SourceState.FINAL and self._deciding:
             self._ready_early = True  # before the driver took the decision: it ends there
         elif isinstance(msg, Ready) and self.state is SourceState.FINAL and self._final_sent():
             self._commit()
@@ -405,11 +405,12 @@ class SourceMigration:
         self._send(Commit(self.migration_id))
 
     def _decides_now(self, rnd: _Round) -> bool:
-        """Whether the decision goes with `Final`: asked for, after at least one
-        pre-copy round (the destination holds durable rounds and asks the source if
-        it loses it), and only for a VM that did not grow past what the destination
-        admitted in the offer (its one refusal of a final round that is not a bug)."""
-        return (self.decides_at_final and rnd.number >= 1
+        """Whether the decision goes with `Final`: asked for, and only for a VM that
+        did not grow past what the destination admitted in the offer (its one
+        refusal of a final round that is not a bug). The final round always follows
+        round 0 (`paused` numbers it after the rounds sent), so the destination holds
+        durable rounds and asks the source if it loses it."""
+        return (self.decides_at_final
                 and rnd.snap.memory_bytes <= self.stats.memory_bytes)
 
     def _decide_at_final(self, snap: Snapshot) -> None:
