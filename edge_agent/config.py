@@ -118,6 +118,11 @@ class NodeConfig:
     # space its calls apart (down to 4 a second) until it can, instead of stopping
     # it for a long final round. Off: such a VM is paused for that round instead.
     migration_auto_converge: bool = True
+    # From a move's pause to its landing (a few ms), ask Linux for CPUs that wake at
+    # once (/dev/cpu_dma_latency = 0): idle CPUs poll instead of halting, which on a
+    # VM host saved ~0.5 ms of the client-seen downtime. Needs write access to the
+    # device; without it the daemon says so once and moves as before.
+    migration_low_wake_latency: bool = True
     # Persistence: every VM that changed is checkpointed this often; a kill -9
     # loses at most the calls applied since the last checkpoint.
     checkpoint_interval_s: float = 2.0

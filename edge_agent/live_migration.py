@@ -90,6 +90,7 @@ from edge_agent.arrivals import Arrivals
 from edge_agent.peer_client import PeerClient
 from edge_agent.replies import ANNEX_KEY, GENERATION_KEY, generation_of
 from edge_agent.vm_host import HostedVM, VMHost
+from edge_agent.wake_latency import Hold, WakeLatency
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,10 @@ HELD_STREAMS_FIRST_S = 0.002
 # call in the socket read that woke it (and the next poll's), for a client that
 # pipelines. The final round is captured after the wait, so nothing is missed.
 PAUSE_ON_ANSWER_WAIT_S = 0.02
+# A move's hold on low CPU wake-up latency (edge_agent/wake_latency.py) ends by this
+# deadline whatever happens to the move (normally it ends within milliseconds: at the
+# source's end, or once the destination served the held streams' first calls).
+WAKE_HOLD_MAX_S = 1.0
 
 
 class WebSocketChannel:
@@ -195,9 +200,12 @@ class Outgoing:
     """Source hooks for one migration of a hosted VM: its locks are the pause."""
 
     def __init__(self, host: VMHost, hosted: HostedVM, where: Location,
-                 migration_id: str) -> None:
+                 migration_id: str, wake: WakeLatency | None = None) -> None:
         self.host, self.hosted, self.where = host, hosted, where
         self.migration_id = migration_id
+        self.wake = wake or WakeLatency(enabled=False)
+        # From the pause on: the source's last steps (the decision's flush) wake fast.
+        self.wake_hold: Hold | None = None
         # Told once the move is decided (durably) and the Commit written: the VM's
         # clients may go at once.
         self.on_decided: Callable[[], None] = lambda: None
@@ -270,6 +278,8 @@ class Outgoing:
         a VM whose calls auto-converge spaces apart: its next call would carry
         a whole interval's dirtying into the final round (at 100 Mbit/s, 10
         MiB/s, calls 80 ms apart, the pause went from ~4 to ~19 ms)."""
+        if self.wake_hold is None:
+            self.wake_hold = self.wake.hold(WAKE_HOLD_MAX_S)
         hosted = self.hosted
         if hosted.inline and not hosted.pacer.active:
             waiter = hosted.answered = asyncio.get_running_loop().create_future()
@@ -281,6 +291,10 @@ class Outgoing:
         await hosted.lock.acquire()
         self.paused = True
         self.last_call_unix = time.time()
+
+    def end_wake_hold(self) -> None:
+        if self.wake_hold is not None:
+            self.wake_hold.release()
 
     async def resume(self) -> None:
         if self.paused and self.state != "committed":
@@ -375,6 +389,7 @@ class LiveMigrations:
             auto_converge=host.config.migration_auto_converge)
         self.chunks = chunk_store or ChunkStore()
         self.incoming_dir = host.config.state_path / "incoming"
+        self.wake_latency = WakeLatency(enabled=host.config.migration_low_wake_latency)
         self._outgoing: dict[str, Outgoing] = {}
         # VMs whose arrival's rounds are still on disk (until their first checkpoint
         # here replaces them): VM id -> that arrival's migration.
@@ -395,7 +410,7 @@ class LiveMigrations:
         # durable first: a source killed mid-migration restarts from here.
         await self.host.checkpoint(hosted)
         await self.supersede_arrival(hosted)
-        hooks = Outgoing(self.host, hosted, where, migration_id)
+        hooks = Outgoing(self.host, hosted, where, migration_id, self.wake_latency)
         hooks.on_decided = lambda: self.host.on_moved(hosted.id, where)
         self._outgoing[migration_id] = hooks
         digest = hosted.vm.image.digest
@@ -429,6 +444,9 @@ class LiveMigrations:
                         self._hand_over(hosted, where, hooks)
                 return stats
         finally:
+            # Held from the pause through the handover: the calls that waited out the
+            # pause here are told where the VM went by then.
+            hooks.end_wake_hold()
             try:
                 self._outgoing.pop(migration_id, None)
                 if announced and hooks.state != "committed":
@@ -540,6 +558,7 @@ class LiveMigrations:
                 landing, incoming.landing = incoming.landing, None
                 await self._activate(got.vm, got.annex, incoming.migration_id, incoming,
                                      landing)
+                incoming.end_wake_hold()  # the held streams' first calls are served
                 self._spawn(self._remember_chunks(incoming.chunk_data))
             elif got.outcome == "in_doubt" and got.migration is not None:
                 migration = got.migration
@@ -550,6 +569,7 @@ class LiveMigrations:
             else:
                 incoming.discard()
         finally:
+            incoming.end_wake_hold()
             if incoming.landing is not None:  # never: nothing awaits between the two
                 incoming.landing = None
                 collections_off.release()
@@ -730,6 +750,7 @@ class LiveMigrations:
         own(self._tasks, coro, "a migration's background step", log)  # `close()` cancels
 
     async def close(self) -> None:
+        self.wake_latency.close()
         self.arrivals.close()
         for task in list(self._tasks):
             task.cancel()
@@ -839,6 +860,11 @@ class Incoming:
         # landing done at the Commit, until `receive` takes it over.
         self.prepared: HostedVM | None = None
         self.landing: Landing | None = None
+        self.wake_hold: Hold | None = None  # from the final round to the first calls served
+
+    def end_wake_hold(self) -> None:
+        if self.wake_hold is not None:
+            self.wake_hold.release()
 
     @property
     def folder(self) -> Path:
@@ -846,6 +872,10 @@ class Incoming:
 
     async def persist(self, event: PersistRound) -> None:
         self.migration_id = event.migration_id
+        if event.final and self.wake_hold is None:
+            # The final round is in: the Commit's arrival, the landing and the held
+            # streams' first calls wake fast from here (edge_agent/wake_latency.py).
+            self.wake_hold = self.owner.wake_latency.hold(WAKE_HOLD_MAX_S)
         if event.source_keeps and event.round > 0:
             # Not written now: the source keeps the final round with its decision, in
             # the same flush, so this copy is written after the landing (`keep_final`),
