@@ -278,8 +278,6 @@ class Outgoing:
         a VM whose calls auto-converge spaces apart: its next call would carry
         a whole interval's dirtying into the final round (at 100 Mbit/s, 10
         MiB/s, calls 80 ms apart, the pause went from ~4 to ~19 ms)."""
-        if self.wake_hold is None:
-            self.wake_hold = self.wake.hold(WAKE_HOLD_MAX_S)
         hosted = self.hosted
         if hosted.inline and not hosted.pacer.active:
             waiter = hosted.answered = asyncio.get_running_loop().create_future()
@@ -291,6 +289,10 @@ class Outgoing:
         await hosted.lock.acquire()
         self.paused = True
         self.last_call_unix = time.time()
+        # Only once paused: a long call that the lock waits for must not keep the
+        # host's CPUs polling meanwhile (the hold starts the move's last steps).
+        if self.wake_hold is None:
+            self.wake_hold = self.wake.hold(WAKE_HOLD_MAX_S)
 
     def end_wake_hold(self) -> None:
         if self.wake_hold is not None:

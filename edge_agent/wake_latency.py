@@ -15,14 +15,18 @@ milliseconds per move, never longer than each hold's deadline.
 
 It is machine-wide, and needs write access to the device (root, or a udev rule
 granting the daemon's user): without it the daemon says so once and moves as
-before. Who can make a daemon hold it: only a migration it takes part in, which
-a peer starts with an operator-signed token, and each hold ends by its deadline
-whatever happens to the migration.
+before. Who can make a daemon hold it: whoever can start a move it takes part
+in (the VM's owner, or a peer with an operator-signed token), and only for the
+move's last steps: the source from the moment the VM is paused (not while the
+pause waits for a running call), the destination from the final round's arrival;
+each hold ends by its deadline whatever happens to the move, so a move costs at
+most that much polling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import struct
@@ -74,9 +78,12 @@ class WakeLatency:
         """Ask for the bound until the hold is released, or `max_s` seconds at most.
         Never raises: a device that cannot be opened leaves the request off (said
         once in the log), and the hold is then an empty one."""
-        if not self.enabled or not self._open():
+        if not self.enabled:
             return Hold(self._released, None)
-        hold = Hold(self._released, max_s)
+        hold = Hold(self._released, max_s)  # first: its deadline needs the running loop
+        if not self._open():
+            hold.release()
+            return hold
         self._holds.add(hold)
         return hold
 
@@ -106,7 +113,8 @@ class WakeLatency:
         return True
 
     def _cannot(self, exc: OSError) -> None:
-        self.enabled = False  # not retried on every move
+        if isinstance(exc, PermissionError | FileNotFoundError):
+            self.enabled = False  # not retried on every move (a full fd table is)
         if not self._said:
             self._said = True
             log.warning("cannot ask for low CPU wake-up latency during moves (%s: %s); "
@@ -122,4 +130,5 @@ class WakeLatency:
     def _close_fd(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
-            os.close(fd)
+            with contextlib.suppress(OSError):  # never in the way of a move's own end
+                os.close(fd)

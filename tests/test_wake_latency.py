@@ -21,7 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.live_migration import WAKE_HOLD_MAX_S
+from cloudlet.protocol import Location
+from edge_agent import live_migration
+from edge_agent.auth import Principal
+from edge_agent.config import NodeConfig
+from edge_agent.live_migration import WAKE_HOLD_MAX_S, Outgoing
+from edge_agent.vm_host import VMHost
 from edge_agent.wake_latency import DEVICE, WakeLatency
 from mobile_client import CloudletClient
 from tests.daemons import Daemon, daemon_pair
@@ -35,6 +40,9 @@ from tests.test_migration_standby import (
     migrate,
 )
 from tests.waiting import async_wait_until
+
+ALICE = Principal("alice", is_peer=False)
+THERE = Location("east", "http://127.0.0.1:1")
 
 writable = pytest.mark.skipif(not os.access(DEVICE, os.W_OK),
                               reason=f"{DEVICE} is not writable here (not root?)")
@@ -116,6 +124,40 @@ def test_a_disabled_request_never_opens_the_device(tmp_path: Path) -> None:
         wake = WakeLatency(enabled=False, device=device)
         hold = wake.hold(30)
         assert hold.released and not wake.active and device.read_bytes() == b""
+
+    asyncio.run(run())
+
+
+@writable
+def test_the_source_holds_it_only_once_paused_not_while_a_call_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pause waits for the running call (its lock): a long call, which the VM's
+    owner can make, must not keep the host's CPUs polling meanwhile."""
+    monkeypatch.setattr(live_migration, "PAUSE_ON_ANSWER_WAIT_S", 0.01)
+
+    async def run() -> None:
+        async with VMHost(NodeConfig(state_dir=str(tmp_path))) as host:
+            image = await host.add_image(ALICE, KVSTORE.read_bytes(), None)
+            hosted = await host.create(ALICE, image.digest, None)
+            wake = WakeLatency()
+            outgoing = Outgoing(host, hosted, THERE, "m1", wake)
+            await hosted.lock.acquire()  # a call running in a worker thread
+            pausing = asyncio.create_task(outgoing.pause())
+            try:
+                await asyncio.sleep(0.2)  # the answer wait is long over; the lock is not
+                waiting = not pausing.done()
+                held_while_waiting = wake.active or holds_device(os.getpid())
+            finally:
+                hosted.lock.release()  # the call ends: the VM pauses
+            try:
+                await asyncio.wait_for(pausing, 10)
+                assert waiting and not held_while_waiting
+                assert outgoing.paused and wake.active and machine_bound_us() == 0
+                outgoing.end_wake_hold()
+                assert not wake.active and not holds_device(os.getpid())
+            finally:
+                wake.close()
+                outgoing.release()  # the host's close waits for its VMs' locks
 
     asyncio.run(run())
 
