@@ -17,8 +17,10 @@ It is machine-wide, and needs write access to the device (root, or a udev rule
 granting the daemon's user): without it the daemon says so once and moves as
 before. Who can make a daemon hold it: whoever can start a move it takes part
 in (the VM's owner, or a peer with an operator-signed token), and only for the
-move's last steps: the source from the moment the VM is paused (not while the
-pause waits for a running call), the destination from the final round's arrival;
+move's last steps: the source from its pause (a VM whose calls may run long, in
+worker threads, only once paused, not while the pause waits for the running
+call; one with short inline calls from the start of that wait, at most its
+call deadline), the destination from the final round's arrival;
 each hold ends by its deadline whatever happens to the move, so a move costs at
 most that much polling.
 """

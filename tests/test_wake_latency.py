@@ -131,14 +131,17 @@ def test_a_disabled_request_never_opens_the_device(tmp_path: Path) -> None:
 @writable
 def test_the_source_holds_it_only_once_paused_not_while_a_call_runs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pause waits for the running call (its lock): a long call, which the VM's
-    owner can make, must not keep the host's CPUs polling meanwhile."""
+    """A pause waits for the running call (its lock): a long call in a worker
+    thread, which the VM's owner can make, must not keep the host's CPUs polling
+    meanwhile."""
     monkeypatch.setattr(live_migration, "PAUSE_ON_ANSWER_WAIT_S", 0.01)
 
     async def run() -> None:
         async with VMHost(NodeConfig(state_dir=str(tmp_path))) as host:
             image = await host.add_image(ALICE, KVSTORE.read_bytes(), None)
-            hosted = await host.create(ALICE, image.digest, None)
+            # Past the daemon's inline deadline: its calls run in worker threads.
+            hosted = await host.create(ALICE, image.digest, {"deadline_ms": 5000})
+            assert not hosted.inline
             wake = WakeLatency()
             outgoing = Outgoing(host, hosted, THERE, "m1", wake)
             await hosted.lock.acquire()  # a call running in a worker thread
