@@ -86,6 +86,7 @@ from cloudlet.vm import VM, Snapshot
 from cloudlet.vm.chunks import CHUNK_BYTES
 from cloudlet.vm.machine import BIND_AHEAD_MAX
 from cloudlet.vm.snapshot import MAX_SNAPSHOT_BYTES, encoded_length
+from edge_agent import wake_latency
 from edge_agent.arrivals import Arrivals
 from edge_agent.peer_client import PeerClient
 from edge_agent.replies import ANNEX_KEY, GENERATION_KEY, generation_of
@@ -303,10 +304,6 @@ class Outgoing:
         if self.wake_hold is None:
             self.wake_hold = self.wake.hold(WAKE_HOLD_MAX_S)
 
-    def end_wake_hold(self) -> None:
-        if self.wake_hold is not None:
-            self.wake_hold.release()
-
     async def resume(self) -> None:
         if self.paused and self.state != "committed":
             self.paused = False
@@ -457,7 +454,7 @@ class LiveMigrations:
         finally:
             # Held from the pause through the handover: the calls that waited out the
             # pause here are told where the VM went by then.
-            hooks.end_wake_hold()
+            wake_latency.release(hooks.wake_hold)
             try:
                 self._outgoing.pop(migration_id, None)
                 if announced and hooks.state != "committed":
@@ -569,7 +566,7 @@ class LiveMigrations:
                 landing, incoming.landing = incoming.landing, None
                 await self._activate(got.vm, got.annex, incoming.migration_id, incoming,
                                      landing)
-                incoming.end_wake_hold()  # the held streams' first calls are served
+                wake_latency.release(incoming.wake_hold)  # the first calls are served
                 self._spawn(self._remember_chunks(incoming.chunk_data))
             elif got.outcome == "in_doubt" and got.migration is not None:
                 migration = got.migration
@@ -580,7 +577,7 @@ class LiveMigrations:
             else:
                 incoming.discard()
         finally:
-            incoming.end_wake_hold()
+            wake_latency.release(incoming.wake_hold)
             if incoming.landing is not None:  # never: nothing awaits between the two
                 incoming.landing = None
                 collections_off.release()
@@ -872,10 +869,6 @@ class Incoming:
         self.prepared: HostedVM | None = None
         self.landing: Landing | None = None
         self.wake_hold: Hold | None = None  # from the final round to the first calls served
-
-    def end_wake_hold(self) -> None:
-        if self.wake_hold is not None:
-            self.wake_hold.release()
 
     @property
     def folder(self) -> Path:

@@ -61,6 +61,12 @@ class Hold:
         self._on_release(self)
 
 
+def release(hold: Hold | None) -> None:
+    """End `hold` if one was taken (a holder's field is None until it takes one)."""
+    if hold is not None:
+        hold.release()
+
+
 class WakeLatency:
     """The daemon's one request on the device, open while any `Hold` is held."""
 

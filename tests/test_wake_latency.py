@@ -27,7 +27,7 @@ from edge_agent.auth import Principal
 from edge_agent.config import NodeConfig
 from edge_agent.live_migration import WAKE_HOLD_MAX_S, Outgoing
 from edge_agent.vm_host import VMHost
-from edge_agent.wake_latency import DEVICE, WakeLatency
+from edge_agent.wake_latency import DEVICE, WakeLatency, release
 from mobile_client import CloudletClient
 from tests.daemons import Daemon, daemon_pair
 from tests.test_migration_standby import (
@@ -156,7 +156,7 @@ def test_the_source_holds_it_only_once_paused_not_while_a_call_runs(
                 await asyncio.wait_for(pausing, 10)
                 assert waiting and not held_while_waiting
                 assert outgoing.paused and wake.active and machine_bound_us() == 0
-                outgoing.end_wake_hold()
+                release(outgoing.wake_hold)
                 assert not wake.active and not holds_device(os.getpid())
             finally:
                 wake.close()

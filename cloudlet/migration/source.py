@@ -400,9 +400,7 @@ class SourceMigration:
         self.stats.committed_s = self.stats.ended_s = now
         self.stats.rounds[-1].ended_s = now
         assert self._round is not None  # the final round: `_final_sent()` said so
-        self._events.append(BecomeTombstone(self.migration_id, self.vm.id,
-                                            self._final_round(self._round.snap)))
-        self._send(Commit(self.migration_id))
+        self._queue_decision(self._round.snap)
 
     def _decides_now(self, rnd: _Round) -> bool:
         """Whether the decision goes with `Final`: asked for, and only for a VM that
@@ -424,6 +422,11 @@ class SourceMigration:
         `BecomeTombstone` (`next_event`), so that a `Final` that cannot be sent
         still aborts (and drops both)."""
         self._deciding = True
+        self._queue_decision(snap)
+
+    def _queue_decision(self, snap: Snapshot) -> None:
+        """The decision (the final round `snap` kept in it), then the `Commit` that
+        the driver withdraws if the decision fails (`decision_failed`)."""
         self._events.append(BecomeTombstone(self.migration_id, self.vm.id,
                                             self._final_round(snap)))
         self._send(Commit(self.migration_id))
